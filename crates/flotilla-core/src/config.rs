@@ -1,0 +1,286 @@
+//! TOML config for the long-running processes: every field documented, unknown keys
+//! rejected with file, line and key, then `validate()`.
+//!
+//! The order of precedence is: defaults, then the file, then command-line overrides
+//! (applied by the binary), then `validate()`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::{ConfigError, FieldError};
+
+/// Reads and parses a TOML file into `T`; errors name the file, and the line and key.
+pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_toml(path, &text)
+}
+
+/// Parses TOML text that came from `path` (used for errors only).
+pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().to_owned(),
+    })
+}
+
+/// Where the registry keeps its catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// redb file under the data dir.
+    Embedded,
+    /// An etcd v3 cluster, by client endpoints.
+    Etcd(Vec<String>),
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = FieldError;
+    fn from_str(s: &str) -> Result<Self, FieldError> {
+        if s == "embedded" {
+            return Ok(StoreUrl::Embedded);
+        }
+        let Some(rest) = s.strip_prefix("etcd://") else {
+            return Err(FieldError::new(
+                "store",
+                format!("{s:?}: expected \"embedded\" or \"etcd://host:port,host:port\""),
+            ));
+        };
+        let endpoints: Vec<String> = rest.split(',').map(|e| e.trim().to_owned()).collect();
+        for e in &endpoints {
+            let ok = e
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return Err(FieldError::new("store", format!("{e:?} is not host:port")));
+            }
+        }
+        Ok(StoreUrl::Etcd(endpoints))
+    }
+}
+
+/// `flotilla server` settings (file `[server]`-less: the whole file is this table).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// HTTP API address.
+    pub listen: SocketAddr,
+    /// Directory for the embedded store and, by default, the token file.
+    pub data_dir: PathBuf,
+    /// Bearer token file; created with a random token (mode 0600) if missing.
+    /// Default: `DATA_DIR/token`.
+    pub token_file: Option<PathBuf>,
+    /// `"embedded"` or `"etcd://host:port,host:port,..."`.
+    pub store: String,
+    /// DNS listener (UDP and TCP) for `NAME.service.DOMAIN`; empty string disables it.
+    pub dns_listen: String,
+    /// DNS domain served.
+    pub dns_domain: String,
+    /// Serve GET requests without a token (writes always need one).
+    pub open_reads: bool,
+    /// Leadership lease TTL (etcd store): how fast the checking duty moves on a crash.
+    #[serde(with = "humantime_serde")]
+    pub leader_ttl: Duration,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Longest `wait` a blocking query may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7700".parse().unwrap(),
+            data_dir: PathBuf::from("/var/lib/flotilla"),
+            token_file: None,
+            store: "embedded".into(),
+            dns_listen: "127.0.0.1:8600".into(),
+            dns_domain: "flotilla".into(),
+            open_reads: false,
+            leader_ttl: Duration::from_secs(3),
+            max_body_bytes: 64 * 1024,
+            max_wait: Duration::from_secs(300),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Checks values after file and overrides are applied.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        self.store.parse::<StoreUrl>()?;
+        if !self.dns_listen.is_empty() {
+            self.dns_listen.parse::<SocketAddr>().map_err(|_| {
+                FieldError::new(
+                    "dns_listen",
+                    format!("{:?} is not ip:port", self.dns_listen),
+                )
+            })?;
+        }
+        if self.dns_domain.is_empty()
+            || self.dns_domain.contains("..")
+            || self.dns_domain.starts_with('.')
+        {
+            return Err(FieldError::new(
+                "dns_domain",
+                format!("{:?} is not a domain", self.dns_domain),
+            ));
+        }
+        let ttl = self.leader_ttl.as_secs();
+        if !(1..=60).contains(&ttl) {
+            return Err(FieldError::new(
+                "leader_ttl",
+                "must be 1s..=60s (etcd leases have second resolution)",
+            ));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.max_body_bytes) {
+            return Err(FieldError::new("max_body_bytes", "must be 1 KiB..=16 MiB"));
+        }
+        Ok(())
+    }
+
+    /// Token file in force.
+    pub fn token_path(&self) -> PathBuf {
+        self.token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("token"))
+    }
+}
+
+/// `flotilla agent` settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Registry URL.
+    pub server: String,
+    /// File holding the bearer token.
+    pub token_file: Option<PathBuf>,
+    /// This host's node name (default: the hostname).
+    pub node: Option<String>,
+    /// Docker Engine endpoint: `unix:///path` or `tcp://host:port`.
+    pub docker: String,
+    /// Node lease TTL; the agent renews it several times per TTL.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Full resync against the engine this often (anti-entropy), besides on start.
+    #[serde(with = "humantime_serde")]
+    pub resync_interval: Duration,
+    /// Docker network whose address is registered when a container has no
+    /// `flotilla.network` label and sits on several networks.
+    pub default_network: Option<String>,
+    /// `/metrics` listener; empty disables it.
+    pub metrics_listen: String,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            server: "http://127.0.0.1:7700".into(),
+            token_file: None,
+            node: None,
+            docker: "unix:///var/run/docker.sock".into(),
+            lease_ttl: Duration::from_secs(3),
+            resync_interval: Duration::from_secs(30),
+            default_network: None,
+            metrics_listen: String::new(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Checks values after file and overrides are applied.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if !(self.server.starts_with("http://") || self.server.starts_with("https://")) {
+            return Err(FieldError::new(
+                "server",
+                format!("{:?} is not an http(s) URL", self.server),
+            ));
+        }
+        if let Some(n) = &self.node {
+            crate::validate_node_name("node", n)?;
+        }
+        if !(self.docker.starts_with("unix://")
+            || self.docker.starts_with("tcp://")
+            || self.docker.starts_with("http://"))
+        {
+            return Err(FieldError::new(
+                "docker",
+                format!(
+                    "{:?}: expected unix:///path or tcp://host:port",
+                    self.docker
+                ),
+            ));
+        }
+        if self.lease_ttl < Duration::from_millis(500) || self.lease_ttl > Duration::from_secs(600)
+        {
+            return Err(FieldError::new("lease_ttl", "must be 500ms..=10m"));
+        }
+        if self.resync_interval < Duration::from_secs(1) {
+            return Err(FieldError::new("resync_interval", "must be at least 1s"));
+        }
+        if !self.metrics_listen.is_empty() {
+            self.metrics_listen.parse::<SocketAddr>().map_err(|_| {
+                FieldError::new(
+                    "metrics_listen",
+                    format!("{:?} is not ip:port", self.metrics_listen),
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Turns a validation error into a config error naming the file.
+pub fn invalid(path: &Path, error: FieldError) -> ConfigError {
+    ConfigError::Invalid {
+        path: path.to_owned(),
+        error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = parse_toml::<ServerConfig>(
+            Path::new("/etc/flotilla.toml"),
+            "listen = \"127.0.0.1:1\"\n\nlisen = 3\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("/etc/flotilla.toml"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn store_urls() {
+        assert_eq!("embedded".parse::<StoreUrl>().unwrap(), StoreUrl::Embedded);
+        assert_eq!(
+            "etcd://127.0.0.1:2379,127.0.0.1:22379"
+                .parse::<StoreUrl>()
+                .unwrap(),
+            StoreUrl::Etcd(vec!["127.0.0.1:2379".into(), "127.0.0.1:22379".into()])
+        );
+        assert!("etcd://nohost".parse::<StoreUrl>().is_err());
+        assert!("redis://x:1".parse::<StoreUrl>().is_err());
+    }
+
+    #[test]
+    fn defaults_validate() {
+        ServerConfig::default().validate().unwrap();
+        AgentConfig::default().validate().unwrap();
+        let c = ServerConfig {
+            leader_ttl: Duration::from_millis(10),
+            ..Default::default()
+        };
+        assert_eq!(c.validate().unwrap_err().field, "leader_ttl");
+    }
+}

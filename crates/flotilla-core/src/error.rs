@@ -1,0 +1,52 @@
+//! Error kinds shared at crate edges.
+
+use std::path::PathBuf;
+
+/// A request or spec field that failed validation: names the field and what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("field `{field}`: {message}")]
+pub struct FieldError {
+    /// Dotted path of the offending field, e.g. `checks[0].interval`.
+    pub field: String,
+    /// What is wrong with its value.
+    pub message: String,
+}
+
+impl FieldError {
+    /// Builds an error for `field` with a message.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A config file that could not be loaded. Its `Display` names file, line and key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TOML syntax error or unknown/mistyped key; `message` carries line and column.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// The file parsed but a value is not acceptable.
+    #[error("{path}: {error}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The field and what is wrong.
+        error: FieldError,
+    },
+}

@@ -1,0 +1,98 @@
+//! Versioned records the registry persists and serves.
+//!
+//! Every persisted record carries `v` so a later release can read (and migrate) what an
+//! earlier one wrote.
+
+use serde::{Deserialize, Serialize};
+
+use crate::InstanceSpec;
+
+/// Current version of persisted records.
+pub const RECORD_VERSION: u32 = 1;
+
+/// A registered instance as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    /// Record format version.
+    pub v: u32,
+    /// Registry id.
+    pub id: String,
+    /// What was registered.
+    pub spec: InstanceSpec,
+    /// Wall-clock registration time, unix milliseconds.
+    pub registered_ms: u64,
+}
+
+/// Health as the checker last decided it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    /// Gets traffic.
+    Passing,
+    /// Gets no traffic.
+    Critical,
+}
+
+/// The checker's verdict for one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthRecord {
+    /// Record format version.
+    pub v: u32,
+    /// Verdict.
+    pub status: HealthStatus,
+    /// Last probe output (error text or HTTP status).
+    pub output: String,
+    /// Wall-clock time of the last transition, unix milliseconds.
+    pub since_ms: u64,
+}
+
+/// A node (one agent) and its lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Record format version.
+    pub v: u32,
+    /// Node name.
+    pub name: String,
+    /// Lease TTL in milliseconds.
+    pub ttl_ms: u64,
+    /// Address the agent reported (informational).
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Bumped on every renewal so each renewal is a visible store change.
+    pub renewals: u64,
+    /// Wall-clock time of the last renewal, unix milliseconds.
+    pub renewed_ms: u64,
+}
+
+/// An instance as the API serves it: spec, id and current health.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceView {
+    /// Registry id.
+    pub id: String,
+    /// Service name.
+    pub service: String,
+    /// Owning node, if any.
+    pub node: Option<String>,
+    /// Address.
+    pub address: std::net::IpAddr,
+    /// Port.
+    pub port: u16,
+    /// Static weight.
+    pub weight: u32,
+    /// Labels.
+    pub meta: std::collections::BTreeMap<String, String>,
+    /// Current health (critical until the first passing verdict).
+    pub health: HealthStatus,
+    /// Last probe output.
+    pub output: String,
+    /// Checks as registered.
+    pub checks: Vec<crate::CheckSpec>,
+}
+
+/// Milliseconds since the unix epoch, for informational timestamps only (never timers).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,247 @@
+//! The etcd v3 backend: several servers share one catalog, and leader election runs on
+//! an etcd lease so a crashed leader's duty moves within the lease TTL.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use futures::StreamExt;
+use tokio::sync::{oneshot, watch};
+
+use crate::{Entry, Event, EventStream, Leadership, Result, Snapshot, Store, StoreError};
+
+/// A store in an etcd v3 cluster, with every key under `namespace`.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    namespace: String,
+}
+
+fn unavailable(e: etcd_client::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl EtcdStore {
+    /// Connects to the cluster (any reachable member will do) and keeps every key under
+    /// `namespace` so several flotilla clusters (or test runs) can share one etcd.
+    pub async fn connect(endpoints: &[String], namespace: &str) -> Result<Self> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(unavailable)?;
+        Ok(EtcdStore {
+            client,
+            namespace: namespace.to_owned(),
+        })
+    }
+
+    fn full(&self, key: &str) -> String {
+        format!("{}{}", self.namespace, key)
+    }
+
+    fn strip(&self, raw: &[u8]) -> Result<String> {
+        let s = std::str::from_utf8(raw)
+            .map_err(|_| StoreError::Invalid("non-UTF-8 key in etcd".into()))?;
+        Ok(s.strip_prefix(&self.namespace).unwrap_or(s).to_owned())
+    }
+
+    fn entry(&self, kv: &etcd_client::KeyValue) -> Result<Entry> {
+        Ok(Entry {
+            key: self.strip(kv.key())?,
+            value: kv.value().to_vec(),
+            revision: kv.mod_revision() as u64,
+        })
+    }
+
+    async fn list_at(&self, prefix: &str) -> Result<Snapshot> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(self.full(prefix), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(unavailable)?;
+        let revision = resp.header().map(|h| h.revision() as u64).unwrap_or(0);
+        let entries = resp
+            .kvs()
+            .iter()
+            .map(|kv| self.entry(kv))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Snapshot { entries, revision })
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<Entry>> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(self.full(key), None)
+            .await
+            .map_err(unavailable)?;
+        resp.kvs().first().map(|kv| self.entry(kv)).transpose()
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64> {
+        let resp = self
+            .client
+            .kv_client()
+            .put(self.full(key), value, None)
+            .await
+            .map_err(unavailable)?;
+        Ok(resp.header().map(|h| h.revision() as u64).unwrap_or(0))
+    }
+
+    async fn delete(&self, key: &str) -> Result<Option<u64>> {
+        let resp = self
+            .client
+            .kv_client()
+            .delete(self.full(key), None)
+            .await
+            .map_err(unavailable)?;
+        Ok((resp.deleted() > 0).then(|| resp.header().map(|h| h.revision() as u64).unwrap_or(0)))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Snapshot> {
+        self.list_at(prefix).await
+    }
+
+    async fn snapshot_and_watch(&self, prefix: &str) -> Result<(Snapshot, EventStream)> {
+        let snapshot = self.list_at(prefix).await?;
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(snapshot.revision as i64 + 1);
+        let (watcher, stream) = self
+            .client
+            .watch_client()
+            .watch(self.full(prefix), Some(options))
+            .await
+            .map_err(unavailable)?;
+        let this = self.clone();
+        let events = stream
+            .map(move |msg| -> Vec<Result<Event>> {
+                // Holding the watcher keeps the server-side watch open for the stream's life.
+                let _keep = &watcher;
+                match msg {
+                    Err(e) => vec![Err(unavailable(e))],
+                    Ok(resp) if resp.canceled() => {
+                        vec![Err(StoreError::Unavailable(format!(
+                            "watch canceled: {}",
+                            resp.cancel_reason()
+                        )))]
+                    }
+                    Ok(resp) => resp
+                        .events()
+                        .iter()
+                        .filter_map(|ev| {
+                            let kv = ev.kv()?;
+                            Some(match ev.event_type() {
+                                EventType::Put => this.entry(kv).map(Event::Put),
+                                EventType::Delete => {
+                                    this.strip(kv.key()).map(|key| Event::Delete {
+                                        key,
+                                        revision: kv.mod_revision() as u64,
+                                    })
+                                }
+                            })
+                        })
+                        .collect(),
+                }
+            })
+            .flat_map(futures::stream::iter)
+            .chain(futures::stream::once(async {
+                Err(StoreError::Unavailable("watch stream ended".into()))
+            }))
+            .boxed();
+        Ok((snapshot, events))
+    }
+
+    async fn campaign(&self, election: &str, candidate: &str, ttl: Duration) -> Result<Leadership> {
+        let ttl_secs = ttl.as_secs().max(1) as i64;
+        let mut lease_client = self.client.lease_client();
+        let lease = lease_client
+            .grant(ttl_secs, None)
+            .await
+            .map_err(unavailable)?
+            .id();
+        let (mut keeper, mut responses) =
+            lease_client.keep_alive(lease).await.map_err(unavailable)?;
+        let (held_tx, held) = watch::channel(false);
+        let (resign_tx, mut resign_rx) = oneshot::channel::<()>();
+        let period = Duration::from_millis((ttl_secs as u64 * 1000) / 4);
+
+        // The lease must be kept alive while we wait in the campaign, and after. A broken
+        // keep-alive stream (its etcd member died) is reopened on another member; the
+        // leadership counts as lost only when no renewal succeeded for a whole TTL.
+        let alive = {
+            let held_tx = held_tx.clone();
+            let mut lease_client = self.client.lease_client();
+            let ttl = Duration::from_secs(ttl_secs as u64);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(period);
+                let mut last_ok = tokio::time::Instant::now();
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            let ok = match keeper.keep_alive().await {
+                                Ok(()) => matches!(
+                                    tokio::time::timeout(period, responses.message()).await,
+                                    Ok(Ok(Some(r))) if r.ttl() > 0
+                                ),
+                                Err(_) => false,
+                            };
+                            if ok {
+                                last_ok = tokio::time::Instant::now();
+                                continue;
+                            }
+                            if last_ok.elapsed() + Duration::from_millis(200) >= ttl {
+                                tracing::warn!(lease, "leadership lease lost");
+                                break;
+                            }
+                            if let Ok(Ok((k, r))) = tokio::time::timeout(period, lease_client.keep_alive(lease)).await {
+                                keeper = k;
+                                responses = r;
+                            }
+                        }
+                        _ = &mut resign_rx => {
+                            let _ = lease_client.revoke(lease).await;
+                            break;
+                        }
+                    }
+                }
+                let _ = held_tx.send(false);
+            })
+        };
+
+        let mut election_client = self.client.election_client();
+        let key = self.full(election);
+        let won = tokio::select! {
+            r = election_client.campaign(key, candidate, lease) => r.map_err(unavailable),
+            _ = wait_finished(&alive) => Err(StoreError::Unavailable("lease lost during campaign".into())),
+        };
+        if let Err(e) = won {
+            alive.abort();
+            let _ = self.client.lease_client().revoke(lease).await;
+            return Err(e);
+        }
+        let _ = held_tx.send(true);
+        Ok(Leadership {
+            held,
+            resign: Some(resign_tx),
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "etcd"
+    }
+}
+
+async fn wait_finished(task: &tokio::task::JoinHandle<()>) {
+    while !task.is_finished() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

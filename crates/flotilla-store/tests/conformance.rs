@@ -1,0 +1,169 @@
+//! One conformance suite, run against every `Store` backend: the embedded redb file and a
+//! real three-member etcd cluster.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_store::{EmbeddedStore, EtcdStore, Event, Store};
+use flotilla_testkit::{unique, EtcdCluster};
+use futures::StreamExt;
+
+async fn next_event(stream: &mut flotilla_store::EventStream) -> Event {
+    tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("event within 5s")
+        .expect("stream open")
+        .expect("no error")
+}
+
+async fn conformance(store: Arc<dyn Store>) {
+    // Absent keys.
+    assert_eq!(store.get("a/missing").await.unwrap(), None);
+    assert_eq!(store.delete("a/missing").await.unwrap(), None);
+
+    // Revisions grow with every write and are reported on reads.
+    let r1 = store.put("a/1", b"one".to_vec()).await.unwrap();
+    let r2 = store.put("a/2", b"two".to_vec()).await.unwrap();
+    let r3 = store.put("b/1", b"other".to_vec()).await.unwrap();
+    assert!(r1 < r2 && r2 < r3, "{r1} {r2} {r3}");
+    let e = store.get("a/1").await.unwrap().unwrap();
+    assert_eq!(
+        (e.key.as_str(), e.value.as_slice(), e.revision),
+        ("a/1", &b"one"[..], r1)
+    );
+
+    // Overwrite moves the key's revision.
+    let r4 = store.put("a/1", b"uno".to_vec()).await.unwrap();
+    assert!(r4 > r3);
+    assert_eq!(store.get("a/1").await.unwrap().unwrap().revision, r4);
+
+    // Prefix listing returns only that prefix, sorted, with the current revision.
+    let snap = store.list("a/").await.unwrap();
+    let keys: Vec<_> = snap.entries.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, ["a/1", "a/2"]);
+    assert!(snap.revision >= r4);
+
+    // Snapshot + watch: the snapshot holds the state, the stream every later change under
+    // the prefix in order, and nothing from other prefixes.
+    let (snap, mut events) = store.snapshot_and_watch("a/").await.unwrap();
+    assert_eq!(snap.entries.len(), 2);
+    let p = store.put("a/3", b"three".to_vec()).await.unwrap();
+    store.put("b/2", b"ignored".to_vec()).await.unwrap();
+    let d = store.delete("a/2").await.unwrap().expect("a/2 existed");
+    assert!(d > p);
+    match next_event(&mut events).await {
+        Event::Put(e) => assert_eq!(
+            (e.key.as_str(), e.value.as_slice(), e.revision),
+            ("a/3", &b"three"[..], p)
+        ),
+        other => panic!("expected put, got {other:?}"),
+    }
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Delete {
+            key: "a/2".into(),
+            revision: d
+        }
+    );
+    assert_eq!(store.get("a/2").await.unwrap(), None);
+
+    // Many writes arrive complete and ordered.
+    let mut last = d;
+    for i in 0..200 {
+        store
+            .put(&format!("a/bulk/{i:03}"), vec![i as u8])
+            .await
+            .unwrap();
+    }
+    for i in 0..200 {
+        match next_event(&mut events).await {
+            Event::Put(e) => {
+                assert_eq!(e.key, format!("a/bulk/{i:03}"));
+                assert!(e.revision > last);
+                last = e.revision;
+            }
+            other => panic!("expected put, got {other:?}"),
+        }
+    }
+
+    // Campaign: this candidate becomes leader.
+    let leadership = store
+        .campaign("election/test", "me", Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(*leadership.held.borrow());
+}
+
+#[tokio::test]
+async fn embedded_store_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance(Arc::new(EmbeddedStore::open(dir.path()).unwrap())).await;
+}
+
+#[tokio::test]
+async fn embedded_store_keeps_data_across_reopen_and_locks_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let rev = {
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert!(
+            EmbeddedStore::open(dir.path()).is_err(),
+            "a second opener must be refused"
+        );
+        store.put("k", b"v".to_vec()).await.unwrap()
+    };
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let e = store.get("k").await.unwrap().unwrap();
+    assert_eq!((e.value.as_slice(), e.revision), (&b"v"[..], rev));
+    assert!(
+        store.put("k2", vec![]).await.unwrap() > rev,
+        "revision continues after reopen"
+    );
+}
+
+#[tokio::test]
+async fn etcd_store_conforms() {
+    let cluster = EtcdCluster::start(3).unwrap();
+    let store = EtcdStore::connect(&cluster.endpoints(), &format!("/{}/", unique("conf")))
+        .await
+        .unwrap();
+    conformance(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn etcd_leadership_moves_on_resign_and_survives_member_loss() {
+    let mut cluster = EtcdCluster::start(3).unwrap();
+    let ns = format!("/{}/", unique("elect"));
+    let a = EtcdStore::connect(&cluster.endpoints(), &ns).await.unwrap();
+    let b = EtcdStore::connect(&cluster.endpoints(), &ns).await.unwrap();
+    let lead_a = a
+        .campaign("duty", "a", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let b_task = tokio::spawn(async move { b.campaign("duty", "b", Duration::from_secs(2)).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!b_task.is_finished(), "b must wait while a leads");
+    lead_a.resign();
+    let lead_b = tokio::time::timeout(Duration::from_secs(3), b_task)
+        .await
+        .expect("b elected")
+        .unwrap()
+        .unwrap();
+    assert!(*lead_b.held.borrow());
+
+    // One member killed: the store keeps working and b keeps its leadership.
+    cluster.members[0].kill();
+    let store = EtcdStore::connect(&cluster.endpoints()[1..], &ns)
+        .await
+        .unwrap();
+    let mut ok = false;
+    for _ in 0..50 {
+        if store.put("after-kill", b"x".to_vec()).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "writes continue with 2 of 3 members");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(*lead_b.held.borrow(), "leadership survives a member loss");
+}

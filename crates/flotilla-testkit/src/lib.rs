@@ -1,0 +1,279 @@
+//! Real peers for flotilla's tests.
+//!
+//! Tests run against the real things: an etcd cluster started from Debian's
+//! `etcd-server`, the Docker Engine with images built locally from Debian's
+//! `busybox-static` (no registry can be reached), and Docker networks inside
+//! 198.18.0.0/15. Everything started here is torn down on drop.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Name of the local busybox image tests run as service nodes.
+pub const BUSYBOX_IMAGE: &str = "flotilla-test/busybox:latest";
+
+/// A free loopback TCP port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_for_port(addr: SocketAddr, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing listening on {addr} after {within:?}")
+}
+
+/// A unique suffix for names of containers and networks a test creates.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// One etcd member process.
+pub struct EtcdMember {
+    /// Member name.
+    pub name: String,
+    /// Client endpoint, `127.0.0.1:port`.
+    pub client: String,
+    child: Option<Child>,
+}
+
+impl EtcdMember {
+    /// SIGKILLs the member.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for EtcdMember {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A real etcd v3 cluster on loopback, in a temporary directory.
+pub struct EtcdCluster {
+    /// The members, in start order.
+    pub members: Vec<EtcdMember>,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until the cluster answers.
+    pub fn start(n: usize) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let token = unique("flotilla-etcd");
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let initial = initial.join(",");
+        let mut members = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let data: PathBuf = dir.path().join(format!("m{i}"));
+            let log = std::fs::File::create(dir.path().join(format!("m{i}.log")))?;
+            let child = Command::new("etcd")
+                .args(["--name", &format!("m{i}")])
+                .arg("--data-dir")
+                .arg(&data)
+                .args([
+                    "--listen-client-urls",
+                    &format!("http://127.0.0.1:{client}"),
+                ])
+                .args([
+                    "--advertise-client-urls",
+                    &format!("http://127.0.0.1:{client}"),
+                ])
+                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                .args([
+                    "--initial-advertise-peer-urls",
+                    &format!("http://127.0.0.1:{peer}"),
+                ])
+                .args(["--initial-cluster", &initial])
+                .args(["--initial-cluster-token", &token])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("starting etcd (install Debian's etcd-server)")?;
+            members.push(EtcdMember {
+                name: format!("m{i}"),
+                client: format!("127.0.0.1:{client}"),
+                child: Some(child),
+            });
+        }
+        for m in &members {
+            wait_for_port(m.client.parse()?, Duration::from_secs(20))?;
+        }
+        // Wait for a leader: a write through etcdctl succeeds only then.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = Command::new("etcdctl")
+                .args([
+                    "--endpoints",
+                    &members[0].client,
+                    "put",
+                    "/flotilla-testkit/ready",
+                    "1",
+                ])
+                .env("ETCDCTL_API", "3")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("etcd cluster elected no leader in 20s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(EtcdCluster { members, _dir: dir })
+    }
+
+    /// Client endpoints of every member.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client.clone()).collect()
+    }
+
+    /// `etcd://a,b,c` for `flotilla server --store`.
+    pub fn store_url(&self) -> String {
+        format!("etcd://{}", self.endpoints().join(","))
+    }
+}
+
+/// Runs `docker ARGS`, returning trimmed stdout or the error with stderr.
+pub fn docker(args: &[&str]) -> Result<String> {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .context("running docker")?;
+    if !out.status.success() {
+        bail!(
+            "docker {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Builds (once per machine) a `FROM scratch` image holding Debian's static busybox, so
+/// tests have a shell, `httpd` and `nc` without pulling anything.
+pub fn busybox_image() -> Result<&'static str> {
+    static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut built = BUILT.lock().unwrap();
+    if *built || docker(&["image", "inspect", BUSYBOX_IMAGE]).is_ok() {
+        *built = true;
+        return Ok(BUSYBOX_IMAGE);
+    }
+    let dir = tempfile::tempdir()?;
+    std::fs::copy("/bin/busybox", dir.path().join("busybox"))
+        .context("copying /bin/busybox (install busybox-static)")?;
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n\
+         RUN mkdir -p /www /tmp && echo ok > /www/index.html && echo ok > /www/health\nENV PATH=/bin\n",
+    )?;
+    let out = Command::new("docker")
+        .args(["build", "-q", "-t", BUSYBOX_IMAGE])
+        .arg(dir.path())
+        .output()?;
+    if !out.status.success() {
+        bail!("docker build: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    *built = true;
+    Ok(BUSYBOX_IMAGE)
+}
+
+/// A user-defined Docker bridge network in 198.18.0.0/15, removed on drop.
+pub struct DockerNetwork {
+    /// Network name.
+    pub name: String,
+}
+
+impl DockerNetwork {
+    /// Creates a network with subnet `198.18.N.0/24`, picking a free N.
+    pub fn create(prefix: &str) -> Result<Self> {
+        let name = unique(prefix);
+        let mut last = String::new();
+        for _ in 0..20 {
+            let n = 1 + (std::process::id() as u64 * 7 + now_nanos() % 250) % 250;
+            match docker(&[
+                "network",
+                "create",
+                "--subnet",
+                &format!("198.18.{n}.0/24"),
+                &name,
+            ]) {
+                Ok(_) => return Ok(DockerNetwork { name }),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        bail!("could not create a docker network: {last}")
+    }
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
+}
+
+impl Drop for DockerNetwork {
+    fn drop(&mut self) {
+        let _ = docker(&["network", "rm", &self.name]);
+    }
+}
+
+/// A container removed (forcibly) on drop.
+pub struct Container {
+    /// Container name.
+    pub name: String,
+}
+
+impl Container {
+    /// `docker run -d --name NAME ARGS...`
+    pub fn run(name: &str, args: &[&str]) -> Result<Self> {
+        let mut full = vec!["run", "-d", "--name", name];
+        full.extend_from_slice(args);
+        docker(&full)?;
+        Ok(Container {
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", &self.name]);
+    }
+}
