@@ -1,0 +1,380 @@
+//! The in-memory catalog: a materialised view of the store, rebuilt from a snapshot
+//! and kept current by the store's event stream. Every server (leader or not) keeps one,
+//! so reads, blocking queries and DNS never touch the store.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use flotilla_core::record::unix_ms;
+use flotilla_core::{HealthRecord, HealthStatus, InstanceRecord, InstanceView, NodeRecord};
+use flotilla_store::{Entry, Event, Snapshot};
+use serde::{Deserialize, Serialize};
+
+use crate::keys;
+
+/// A pushed check result: a TTL renewal or an exec check the agent ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckinRecord {
+    /// Record format version.
+    pub v: u32,
+    /// Whether the pushed result passes.
+    pub passing: bool,
+    /// Output to show.
+    #[serde(default)]
+    pub output: String,
+    /// Wall-clock time, unix milliseconds (informational).
+    pub at_ms: u64,
+}
+
+/// Summary of one service for `GET /v1/services`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    /// Service name.
+    pub name: String,
+    /// Registered instances.
+    pub instances: usize,
+    /// Of which passing.
+    pub passing: usize,
+    /// Index of the last change to this service.
+    pub index: u64,
+}
+
+/// A node as served by `GET /v1/nodes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    /// Node name.
+    pub name: String,
+    /// Agent-reported address.
+    pub address: Option<String>,
+    /// Lease TTL in milliseconds.
+    pub ttl_ms: u64,
+    /// Wall-clock time of the last renewal (unix ms).
+    pub renewed_ms: u64,
+    /// Instances the node owns.
+    pub instances: usize,
+}
+
+/// The materialised catalog.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    instances: HashMap<String, InstanceRecord>,
+    health: HashMap<String, HealthRecord>,
+    nodes: BTreeMap<String, NodeRecord>,
+    checkins: HashMap<String, (CheckinRecord, u64)>,
+    by_service: BTreeMap<String, BTreeSet<String>>,
+    service_index: HashMap<String, u64>,
+    nodes_index: u64,
+    index: u64,
+    /// Records that could not be decoded, by key (a newer writer, or corruption).
+    pub undecodable: BTreeSet<String>,
+}
+
+/// What one applied event changed, for notifications.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// Services whose instance set or health changed.
+    pub services: BTreeSet<String>,
+    /// Whether the node set or a node changed.
+    pub nodes: bool,
+    /// Whether a check-in arrived.
+    pub checkins: bool,
+}
+
+impl Catalog {
+    /// Builds a catalog from a full snapshot.
+    pub fn from_snapshot(snapshot: &Snapshot) -> Self {
+        let mut c = Catalog::default();
+        for e in &snapshot.entries {
+            c.apply(&Event::Put(e.clone()));
+        }
+        c.index = snapshot.revision;
+        for idx in c.service_index.values_mut() {
+            *idx = snapshot.revision;
+        }
+        c.nodes_index = snapshot.revision;
+        c
+    }
+
+    /// Index of the last applied change (the store revision).
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// Index of the last change to `service` (0 if never seen).
+    pub fn service_index(&self, service: &str) -> u64 {
+        self.service_index.get(service).copied().unwrap_or(0)
+    }
+
+    /// Index of the last change to any node.
+    pub fn nodes_index(&self) -> u64 {
+        self.nodes_index
+    }
+
+    /// Applies one store event and says what it changed.
+    pub fn apply(&mut self, event: &Event) -> Changes {
+        let mut changes = Changes::default();
+        let revision = event.revision();
+        self.index = self.index.max(revision);
+        let (key, entry) = match event {
+            Event::Put(e) => (e.key.as_str(), Some(e)),
+            Event::Delete { key, .. } => (key.as_str(), None),
+        };
+        if let Some(id) = key.strip_prefix(keys::INSTANCES) {
+            if let Some(old) = self.instances.remove(id) {
+                self.unindex(&old);
+                changes.services.insert(old.spec.service.clone());
+            }
+            if let Some(rec) = entry.and_then(|e| self.decode::<InstanceRecord>(e)) {
+                self.by_service.entry(rec.spec.service.clone()).or_default().insert(id.to_owned());
+                changes.services.insert(rec.spec.service.clone());
+                self.instances.insert(id.to_owned(), rec);
+            }
+        } else if let Some(id) = key.strip_prefix(keys::HEALTH) {
+            match entry.and_then(|e| self.decode::<HealthRecord>(e)) {
+                Some(rec) => self.health.insert(id.to_owned(), rec),
+                None => self.health.remove(id),
+            };
+            if let Some(inst) = self.instances.get(id) {
+                changes.services.insert(inst.spec.service.clone());
+            }
+        } else if let Some(name) = key.strip_prefix(keys::NODES) {
+            match entry.and_then(|e| self.decode::<NodeRecord>(e)) {
+                Some(rec) => self.nodes.insert(name.to_owned(), rec),
+                None => self.nodes.remove(name),
+            };
+            changes.nodes = true;
+            self.nodes_index = revision;
+        } else if let Some(id) = key.strip_prefix(keys::CHECKINS) {
+            match entry.and_then(|e| self.decode::<CheckinRecord>(e)) {
+                Some(rec) => self.checkins.insert(id.to_owned(), (rec, revision)),
+                None => self.checkins.remove(id),
+            };
+            changes.checkins = true;
+        }
+        for s in &changes.services {
+            self.service_index.insert(s.clone(), revision);
+        }
+        changes
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&mut self, e: &Entry) -> Option<T> {
+        match serde_json::from_slice(&e.value) {
+            Ok(v) => {
+                self.undecodable.remove(&e.key);
+                Some(v)
+            }
+            Err(err) => {
+                tracing::error!(key = %e.key, error = %err, "undecodable record ignored");
+                self.undecodable.insert(e.key.clone());
+                None
+            }
+        }
+    }
+
+    fn unindex(&mut self, rec: &InstanceRecord) {
+        if let Some(set) = self.by_service.get_mut(&rec.spec.service) {
+            set.remove(&rec.id);
+            if set.is_empty() {
+                self.by_service.remove(&rec.spec.service);
+            }
+        }
+    }
+
+    /// One instance by id.
+    pub fn instance(&self, id: &str) -> Option<&InstanceRecord> {
+        self.instances.get(id)
+    }
+
+    /// Resolves an id or a container name (meta `container_name`) to an instance id.
+    pub fn resolve(&self, id_or_name: &str) -> Option<String> {
+        if self.instances.contains_key(id_or_name) {
+            return Some(id_or_name.to_owned());
+        }
+        let mut found = self
+            .instances
+            .values()
+            .filter(|r| r.spec.meta.get("container_name").is_some_and(|n| n == id_or_name));
+        let first = found.next()?;
+        // An ambiguous name resolves to nothing rather than to an arbitrary instance.
+        found.next().is_none().then(|| first.id.clone())
+    }
+
+    /// All instances.
+    pub fn instances(&self) -> impl Iterator<Item = &InstanceRecord> {
+        self.instances.values()
+    }
+
+    /// Instance health: no checks means passing; otherwise critical until a verdict says so.
+    pub fn health_of(&self, rec: &InstanceRecord) -> (HealthStatus, String) {
+        if rec.spec.checks.is_empty() {
+            return (HealthStatus::Passing, "no checks".into());
+        }
+        match self.health.get(&rec.id) {
+            Some(h) => (h.status, h.output.clone()),
+            None => (HealthStatus::Critical, "not yet checked".into()),
+        }
+    }
+
+    /// The stored verdict of an instance, if any.
+    pub fn health_record(&self, id: &str) -> Option<&HealthRecord> {
+        self.health.get(id)
+    }
+
+    /// The latest check-in of an instance and the revision it arrived at.
+    pub fn checkin(&self, id: &str) -> Option<&(CheckinRecord, u64)> {
+        self.checkins.get(id)
+    }
+
+    /// The API view of one instance.
+    pub fn view(&self, rec: &InstanceRecord) -> InstanceView {
+        let (health, output) = self.health_of(rec);
+        InstanceView {
+            id: rec.id.clone(),
+            service: rec.spec.service.clone(),
+            node: rec.spec.node.clone(),
+            address: rec.spec.address,
+            port: rec.spec.port,
+            weight: rec.spec.weight,
+            meta: rec.spec.meta.clone(),
+            health,
+            output,
+            checks: rec.spec.checks.clone(),
+        }
+    }
+
+    /// A service's instances, sorted by id; only passing ones if `passing_only`.
+    pub fn service(&self, name: &str, passing_only: bool) -> Vec<InstanceView> {
+        let Some(ids) = self.by_service.get(name) else { return Vec::new() };
+        ids.iter()
+            .filter_map(|id| self.instances.get(id))
+            .map(|r| self.view(r))
+            .filter(|v| !passing_only || v.health == HealthStatus::Passing)
+            .collect()
+    }
+
+    /// Every service with counts.
+    pub fn services(&self) -> Vec<ServiceSummary> {
+        self.by_service
+            .iter()
+            .map(|(name, ids)| {
+                let passing = ids
+                    .iter()
+                    .filter_map(|id| self.instances.get(id))
+                    .filter(|r| self.health_of(r).0 == HealthStatus::Passing)
+                    .count();
+                ServiceSummary { name: name.clone(), instances: ids.len(), passing, index: self.service_index(name) }
+            })
+            .collect()
+    }
+
+    /// Every node with its instance count.
+    pub fn nodes(&self) -> Vec<NodeView> {
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for r in self.instances.values() {
+            if let Some(n) = &r.spec.node {
+                *counts.entry(n.as_str()).or_default() += 1;
+            }
+        }
+        self.nodes
+            .values()
+            .map(|n| NodeView {
+                name: n.name.clone(),
+                address: n.address.clone(),
+                ttl_ms: n.ttl_ms,
+                renewed_ms: n.renewed_ms,
+                instances: counts.get(n.name.as_str()).copied().unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// One node record.
+    pub fn node(&self, name: &str) -> Option<&NodeRecord> {
+        self.nodes.get(name)
+    }
+
+    /// Ids of the instances a node owns.
+    pub fn instances_of_node(&self, name: &str) -> Vec<String> {
+        self.instances.values().filter(|r| r.spec.node.as_deref() == Some(name)).map(|r| r.id.clone()).collect()
+    }
+
+    /// Count of instances and passing instances, for metrics.
+    pub fn counts(&self) -> (usize, usize) {
+        let passing = self.instances.values().filter(|r| self.health_of(r).0 == HealthStatus::Passing).count();
+        (self.instances.len(), passing)
+    }
+}
+
+/// A new health record.
+pub fn health_record(status: HealthStatus, output: String) -> HealthRecord {
+    HealthRecord { v: flotilla_core::RECORD_VERSION, status, output, since_ms: unix_ms() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_core::{CheckKind, CheckSpec, InstanceSpec};
+
+    fn put(key: &str, value: impl Serialize, revision: u64) -> Event {
+        Event::Put(Entry { key: key.into(), value: serde_json::to_vec(&value).unwrap(), revision })
+    }
+
+    fn instance(id: &str, service: &str, checks: bool) -> InstanceRecord {
+        InstanceRecord {
+            v: 1,
+            id: id.into(),
+            spec: InstanceSpec {
+                service: service.into(),
+                node: Some("n1".into()),
+                address: "198.18.0.2".parse().unwrap(),
+                port: 80,
+                weight: 100,
+                meta: [("container_name".to_string(), format!("c-{id}"))].into(),
+                checks: if checks { vec![CheckSpec::new(CheckKind::Tcp { port: None })] } else { vec![] },
+            },
+            registered_ms: 0,
+        }
+    }
+
+    #[test]
+    fn new_checked_instance_is_critical_until_verdict() {
+        let mut c = Catalog::default();
+        let ch = c.apply(&put("instances/a", instance("a", "web", true), 5));
+        assert_eq!(ch.services, BTreeSet::from(["web".to_string()]));
+        assert_eq!(c.service_index("web"), 5);
+        assert!(c.service("web", true).is_empty());
+        assert_eq!(c.service("web", false)[0].health, HealthStatus::Critical);
+        c.apply(&put("health/a", health_record(HealthStatus::Passing, "ok".into()), 6));
+        assert_eq!(c.service("web", true).len(), 1);
+        assert_eq!(c.service_index("web"), 6);
+    }
+
+    #[test]
+    fn moving_an_instance_between_services_touches_both() {
+        let mut c = Catalog::default();
+        c.apply(&put("instances/a", instance("a", "web", false), 1));
+        let ch = c.apply(&put("instances/a", instance("a", "api", false), 2));
+        assert_eq!(ch.services.len(), 2);
+        assert!(c.service("web", false).is_empty());
+        assert_eq!(c.service("api", false).len(), 1);
+        let ch = c.apply(&Event::Delete { key: "instances/a".into(), revision: 3 });
+        assert!(ch.services.contains("api"));
+        assert!(c.services().is_empty());
+        assert_eq!(c.service_index("api"), 3, "index survives the service's removal");
+    }
+
+    #[test]
+    fn resolves_container_names_unambiguously() {
+        let mut c = Catalog::default();
+        c.apply(&put("instances/a", instance("a", "web", false), 1));
+        assert_eq!(c.resolve("a").as_deref(), Some("a"));
+        assert_eq!(c.resolve("c-a").as_deref(), Some("a"));
+        assert_eq!(c.resolve("nope"), None);
+    }
+
+    #[test]
+    fn undecodable_records_are_noted_not_fatal() {
+        let mut c = Catalog::default();
+        c.apply(&Event::Put(Entry { key: "instances/x".into(), value: b"{bad".to_vec(), revision: 1 }));
+        assert!(c.instance("x").is_none());
+        assert!(c.undecodable.contains("instances/x"));
+    }
+}

@@ -1,0 +1,30 @@
+//! The key layout of the catalog in the store. One place, so the layout can be
+//! versioned and migrated as a whole.
+
+/// `instances/{id}` → [`flotilla_core::InstanceRecord`]
+pub const INSTANCES: &str = "instances/";
+/// `health/{id}` → [`flotilla_core::HealthRecord`]
+pub const HEALTH: &str = "health/";
+/// `nodes/{name}` → [`flotilla_core::NodeRecord`]
+pub const NODES: &str = "nodes/";
+/// `checkins/{id}` → [`crate::catalog::CheckinRecord`] (TTL renewals, exec results)
+pub const CHECKINS: &str = "checkins/";
+/// Election name for the checking duty.
+pub const DUTY_ELECTION: &str = "election/duty";
+
+/// Key of an instance.
+pub fn instance(id: &str) -> String {
+    format!("{INSTANCES}{id}")
+}
+/// Key of an instance's health verdict.
+pub fn health(id: &str) -> String {
+    format!("{HEALTH}{id}")
+}
+/// Key of a node.
+pub fn node(name: &str) -> String {
+    format!("{NODES}{name}")
+}
+/// Key of an instance's latest check-in.
+pub fn checkin(id: &str) -> String {
+    format!("{CHECKINS}{id}")
+}

@@ -1,0 +1,105 @@
+//! Prometheus metrics of the registry.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Labels of HTTP request counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// HTTP method.
+    pub method: String,
+    /// Status code.
+    pub status: u16,
+}
+
+/// Labels of probe counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    /// Check type.
+    pub kind: String,
+    /// "ok" or "fail".
+    pub outcome: String,
+}
+
+/// All registry metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// HTTP requests by method and status.
+    pub http_requests: Family<HttpLabels, Counter>,
+    /// Registered instances.
+    pub instances: Gauge,
+    /// Passing instances.
+    pub passing: Gauge,
+    /// Known nodes.
+    pub nodes: Gauge,
+    /// 1 while this server holds the checking duty.
+    pub leader: Gauge,
+    /// Catalog index (store revision) applied.
+    pub catalog_index: Gauge,
+    /// Health probes run.
+    pub probes: Family<ProbeLabels, Counter>,
+    /// Health transitions written.
+    pub transitions: Counter,
+    /// Nodes expired for lease silence.
+    pub node_expirations: Counter,
+    /// Instances removed by `deregister_after` or as orphans.
+    pub reaped: Counter,
+    /// Blocking queries currently waiting.
+    pub waiting: Gauge,
+    /// Store errors seen.
+    pub store_errors: Counter,
+    /// Catalog resyncs from a fresh snapshot.
+    pub resyncs: Counter,
+    /// DNS queries answered.
+    pub dns_queries: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("flotilla_registry");
+        let m = Metrics {
+            http_requests: Family::default(),
+            instances: Gauge::default(),
+            passing: Gauge::default(),
+            nodes: Gauge::default(),
+            leader: Gauge::default(),
+            catalog_index: Gauge::default(),
+            probes: Family::default(),
+            transitions: Counter::default(),
+            node_expirations: Counter::default(),
+            reaped: Counter::default(),
+            waiting: Gauge::default(),
+            store_errors: Counter::default(),
+            resyncs: Counter::default(),
+            dns_queries: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("http_requests", "HTTP requests served", m.http_requests.clone());
+        registry.register("instances", "Registered instances", m.instances.clone());
+        registry.register("passing_instances", "Instances passing their checks", m.passing.clone());
+        registry.register("nodes", "Nodes holding a lease", m.nodes.clone());
+        registry.register("leader", "1 while this server runs the checking duty", m.leader.clone());
+        registry.register("catalog_index", "Store revision applied to the catalog", m.catalog_index.clone());
+        registry.register("probes", "Health probes run", m.probes.clone());
+        registry.register("health_transitions", "Health verdict changes written", m.transitions.clone());
+        registry.register("node_expirations", "Nodes expired for lease silence", m.node_expirations.clone());
+        registry.register("reaped_instances", "Instances removed by deregister_after or as orphans", m.reaped.clone());
+        registry.register("blocking_waiters", "Blocking queries waiting", m.waiting.clone());
+        registry.register("store_errors", "Store operations that failed", m.store_errors.clone());
+        registry.register("catalog_resyncs", "Catalog rebuilds from a fresh snapshot", m.resyncs.clone());
+        registry.register("dns_queries", "DNS queries answered", m.dns_queries.clone());
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,119 @@
+//! Starting a registry server: token, store, catalog sync, duty, HTTP and DNS.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use flotilla_core::config::{ServerConfig, StoreUrl};
+use flotilla_store::{EmbeddedStore, EtcdStore, Store};
+use rand::RngCore;
+use tokio::task::JoinHandle;
+
+use crate::state::Shared;
+
+/// A running registry.
+pub struct RunningServer {
+    /// Shared state (for embedding and tests).
+    pub shared: Arc<Shared>,
+    /// Bound HTTP address.
+    pub http_addr: SocketAddr,
+    /// Bound DNS address, if DNS is on.
+    pub dns_addr: Option<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Resolves when any part of the server stops (which only happens on a fatal error).
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        let (res, _, _) = futures::future::select_all(self.tasks.iter_mut()).await;
+        res.context("server task panicked")?;
+        anyhow::bail!("a server task ended unexpectedly")
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Reads the token file, or creates it (mode 0600) with 32 random bytes in hex.
+pub fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => {
+            let t = t.trim().to_owned();
+            anyhow::ensure!(t.len() >= 16, "{}: token is shorter than 16 characters", path.display());
+            Ok(t)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let mut bytes = [0u8; 32];
+            rand::thread_rng().fill_bytes(&mut bytes);
+            let token = hex::encode(bytes);
+            write_private(path, &token).with_context(|| format!("writing {}", path.display()))?;
+            tracing::info!(path = %path.display(), "created a new API token");
+            Ok(token)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.write_all(b"\n")
+}
+
+/// Opens the configured store. With etcd every key lives under `/flotilla/`.
+pub async fn open_store(config: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
+    let url: StoreUrl = config.store.parse()?;
+    Ok(match url {
+        StoreUrl::Embedded => Arc::new(EmbeddedStore::open(&config.data_dir).with_context(|| {
+            format!("opening the embedded store in {} (is another server using it?)", config.data_dir.display())
+        })?),
+        StoreUrl::Etcd(endpoints) => {
+            Arc::new(EtcdStore::connect(&endpoints, "/flotilla/").await.context("connecting to etcd")?)
+        }
+    })
+}
+
+/// Starts a server on an already-open store. `config` must be validated.
+pub async fn start(config: ServerConfig, store: Arc<dyn Store>) -> anyhow::Result<RunningServer> {
+    let token = load_or_create_token(&config.token_path())?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let http_addr = listener.local_addr()?;
+    let shared = Shared::new(store, config.clone(), token);
+    let mut tasks = vec![tokio::spawn(shared.clone().run_catalog_sync())];
+    let candidate = format!("{}@{}", http_addr, hostname());
+    tasks.push(tokio::spawn(crate::duty::run(shared.clone(), candidate)));
+    let app = crate::api::router(shared.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    }));
+    let mut dns_addr = None;
+    if !config.dns_listen.is_empty() {
+        let addr: SocketAddr = config.dns_listen.parse()?;
+        let mut dns = crate::dns::serve(shared.clone(), addr, &config.dns_domain).await.with_context(|| format!("binding DNS on {addr}"))?;
+        dns_addr = Some(addr);
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = dns.block_until_done().await {
+                tracing::error!(error = %e, "DNS server failed");
+            }
+        }));
+    }
+    tracing::info!(%http_addr, ?dns_addr, store = shared.store.kind(), "registry serving");
+    Ok(RunningServer { shared, http_addr, dns_addr, tasks })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "unknown".into())
+}

@@ -1,0 +1,178 @@
+//! State shared by the API, the DNS server, the catalog sync and the duty loop.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::Duration;
+
+use flotilla_core::config::ServerConfig;
+use flotilla_core::InstanceView;
+use flotilla_store::{Store, StoreError};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+
+use crate::catalog::{Catalog, Changes};
+use crate::metrics::Metrics;
+
+/// A change notification for SSE subscribers (the lb and the dashboard).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceEvent {
+    /// Service that changed.
+    pub service: String,
+    /// Index of the change.
+    pub index: u64,
+    /// The service's instances after the change (all, with health).
+    pub instances: Vec<InstanceView>,
+}
+
+/// Everything the registry's tasks share.
+pub struct Shared {
+    /// The durable store.
+    pub store: Arc<dyn Store>,
+    catalog: RwLock<Catalog>,
+    index_tx: watch::Sender<u64>,
+    events: broadcast::Sender<ServiceEvent>,
+    /// Bearer token for writes (and reads unless open).
+    pub token: String,
+    /// Settings.
+    pub config: ServerConfig,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    leader: AtomicBool,
+    synced: AtomicBool,
+    /// HTTP client for health probes.
+    pub http: reqwest::Client,
+}
+
+impl Shared {
+    /// New shared state over `store`.
+    pub fn new(store: Arc<dyn Store>, config: ServerConfig, token: String) -> Arc<Self> {
+        let (index_tx, _) = watch::channel(0);
+        let (events, _) = broadcast::channel(4096);
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("flotilla-health/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("HTTP client");
+        Arc::new(Shared {
+            store,
+            catalog: RwLock::new(Catalog::default()),
+            index_tx,
+            events,
+            token,
+            config,
+            metrics: Metrics::default(),
+            leader: AtomicBool::new(false),
+            synced: AtomicBool::new(false),
+            http,
+        })
+    }
+
+    /// Read access to the catalog (never held across an await).
+    pub fn catalog(&self) -> RwLockReadGuard<'_, Catalog> {
+        self.catalog.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this server currently runs the checking duty.
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_leader(&self, on: bool) {
+        self.leader.store(on, Ordering::Relaxed);
+        self.metrics.leader.set(on as i64);
+    }
+
+    /// Whether the catalog has loaded its first snapshot.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    /// Subscribes to service change events.
+    pub fn subscribe(&self) -> broadcast::Receiver<ServiceEvent> {
+        self.events.subscribe()
+    }
+
+    /// Subscribes to the catalog index.
+    pub fn index_watch(&self) -> watch::Receiver<u64> {
+        self.index_tx.subscribe()
+    }
+
+    /// Waits until the catalog has applied `index` (read-your-writes after a store write).
+    pub async fn wait_applied(&self, index: u64, within: Duration) -> bool {
+        let mut rx = self.index_tx.subscribe();
+        tokio::time::timeout(within, rx.wait_for(|applied| *applied >= index)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    fn publish(&self, changes: &Changes) {
+        let catalog = self.catalog();
+        let index = catalog.index();
+        if self.events.receiver_count() > 0 {
+            for service in &changes.services {
+                let _ = self.events.send(ServiceEvent {
+                    service: service.clone(),
+                    index: catalog.service_index(service),
+                    instances: catalog.service(service, false),
+                });
+            }
+        }
+        let (instances, passing) = catalog.counts();
+        self.metrics.instances.set(instances as i64);
+        self.metrics.passing.set(passing as i64);
+        self.metrics.nodes.set(catalog.nodes().len() as i64);
+        self.metrics.catalog_index.set(index as i64);
+        drop(catalog);
+        self.index_tx.send_replace(index);
+    }
+
+    /// Keeps the catalog a faithful copy of the store, forever: snapshot, then events;
+    /// on any stream error, a fresh snapshot (so nothing is missed or stale).
+    pub async fn run_catalog_sync(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let (snapshot, mut stream) = match self.store.snapshot_and_watch("").await {
+                Ok(s) => s,
+                Err(e) => {
+                    self.note_store_error(&e, "catalog snapshot");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            let fresh = Catalog::from_snapshot(&snapshot);
+            let mut changes = Changes::default();
+            {
+                let mut catalog = self.catalog.write().unwrap_or_else(|p| p.into_inner());
+                for s in catalog.services().into_iter().chain(fresh.services()) {
+                    changes.services.insert(s.name);
+                }
+                *catalog = fresh;
+            }
+            if self.synced.swap(true, Ordering::Relaxed) {
+                self.metrics.resyncs.inc();
+            }
+            self.publish(&changes);
+            tracing::info!(index = snapshot.revision, entries = snapshot.entries.len(), "catalog loaded");
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(event) => {
+                        let changes = self.catalog.write().unwrap_or_else(|p| p.into_inner()).apply(&event);
+                        self.publish(&changes);
+                    }
+                    Err(e) => {
+                        self.note_store_error(&e, "catalog watch");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts and logs a store error.
+    pub fn note_store_error(&self, e: &StoreError, during: &str) {
+        self.metrics.store_errors.inc();
+        tracing::warn!(error = %e, during, "store error");
+    }
+}
