@@ -98,7 +98,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         if let Some(rest) = inner.strip_prefix("missing field `") {
             let name = rest.split('`').next().unwrap_or_default();
             field = if field == "." { name.to_owned() } else { format!("{field}.{name}") };
-        } else if field == "." {
+        } else if field == "." || field == "?" {
             field = "body".into();
         }
         ApiError::field(StatusCode::BAD_REQUEST, field, inner)
