@@ -1,1 +1,14 @@
-//! placeholder
+//! The flotilla agent: one per Docker host.
+//!
+//! It turns the engine's view into the registry's: labelled containers are registered
+//! the moment they start and deregistered the moment they die, a node lease proves the
+//! host is alive, and a full resync (anti-entropy) on start and periodically guarantees
+//! that no registration survives that the engine does not back — whatever crashed, in
+//! whatever order. Exec health checks run here, inside the containers, and are reported.
+
+pub mod agent;
+pub mod docker;
+pub mod labels;
+pub mod metrics;
+
+pub use agent::{Agent, AgentHandle};

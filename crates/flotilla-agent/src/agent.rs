@@ -1,0 +1,339 @@
+//! The agent's loops: node lease, Docker events, anti-entropy resync, exec checks.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bollard::system::EventsOptions;
+use bollard::Docker;
+use flotilla_client::Client;
+use flotilla_core::config::AgentConfig;
+use flotilla_core::{CheckKind, InstanceSpec};
+use futures::StreamExt;
+use tokio::sync::{Mutex, Notify};
+use tokio::task::JoinHandle;
+
+use crate::docker;
+use crate::labels::{self, instance_id, SERVICE};
+use crate::metrics::Metrics;
+
+/// A configured agent, ready to run.
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    docker: Docker,
+    client: Client,
+    config: AgentConfig,
+    node: String,
+    metrics: Metrics,
+    /// Serialises event handling and resyncs so their decisions never interleave.
+    state: Mutex<State>,
+    resync_now: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    /// Instances this agent registered: id → spec.
+    registered: HashMap<String, InstanceSpec>,
+    /// Running exec-check loops by instance id.
+    exec_checks: HashMap<String, JoinHandle<()>>,
+}
+
+/// A running agent's tasks.
+pub struct AgentHandle {
+    inner: Arc<Inner>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl AgentHandle {
+    /// Stops the loops and leaves the cluster: the node and its instances are removed
+    /// from the registry at once instead of waiting for the lease to expire.
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for (_, t) in self.inner.state.lock().await.exec_checks.drain() {
+            t.abort();
+        }
+        match self.inner.client.leave_node(&self.inner.node).await {
+            Ok(_) => tracing::info!(node = self.inner.node, "left the cluster"),
+            Err(e) => tracing::warn!(error = %e, "could not leave cleanly; the lease will expire"),
+        }
+    }
+
+    /// Prometheus text of the agent's metrics.
+    pub fn metrics(&self) -> String {
+        self.inner.metrics.encode()
+    }
+}
+
+impl Agent {
+    /// Connects to the engine; `config` must be validated and carry a node name.
+    pub async fn connect(config: AgentConfig, token: String) -> anyhow::Result<Self> {
+        let node = config.node.clone().context("agent needs a node name")?;
+        let docker = docker::connect(&config.docker).await?;
+        let client = Client::new(&config.server, Some(token));
+        Ok(Agent {
+            inner: Arc::new(Inner {
+                docker,
+                client,
+                config,
+                node,
+                metrics: Metrics::default(),
+                state: Mutex::new(State::default()),
+                resync_now: Notify::new(),
+            }),
+        })
+    }
+
+    /// Registers the node, then starts the lease, event and resync loops.
+    pub async fn start(self) -> anyhow::Result<AgentHandle> {
+        let inner = self.inner;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match inner.register_node().await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "registry not reachable yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        let mut tasks = vec![tokio::spawn(inner.clone().lease_loop())];
+        // Subscribe to events before the first resync, so nothing between them is lost.
+        let events = inner.subscribe_events();
+        tasks.push(tokio::spawn(inner.clone().event_loop(events)));
+        inner.resync().await;
+        tasks.push(tokio::spawn(inner.clone().resync_loop()));
+        tracing::info!(node = inner.node, server = inner.client.base(), "agent running");
+        Ok(AgentHandle { inner, tasks })
+    }
+
+    /// Runs until `shutdown` resolves, then leaves the cluster.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let handle = self.start().await?;
+        shutdown.await;
+        handle.shutdown().await;
+        Ok(())
+    }
+}
+
+type EventStream = futures::stream::BoxStream<'static, Result<bollard::models::EventMessage, bollard::errors::Error>>;
+
+impl Inner {
+    async fn register_node(&self) -> anyhow::Result<()> {
+        let address = std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_owned());
+        self.client.register_node(&self.node, self.config.lease_ttl, address.as_deref()).await?;
+        Ok(())
+    }
+
+    /// Renews the node lease several times per TTL; re-registers and resyncs if the
+    /// registry forgot us (our lease expired while we were away).
+    async fn lease_loop(self: Arc<Self>) {
+        let period = self.config.lease_ttl / 3;
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match self.client.renew_node(&self.node, period).await {
+                Ok(_) => {
+                    self.metrics.renewals.inc();
+                }
+                Err(e) if e.status() == Some(404) => {
+                    tracing::warn!(node = self.node, "lease had expired: registering again and resyncing");
+                    if self.register_node().await.is_ok() {
+                        self.resync_now.notify_one();
+                    }
+                }
+                Err(e) => {
+                    self.metrics.renewal_failures.inc();
+                    tracing::warn!(error = %e, "lease renewal failed");
+                }
+            }
+        }
+    }
+
+    fn subscribe_events(&self) -> EventStream {
+        let mut filters = HashMap::new();
+        filters.insert("type".to_owned(), vec!["container".to_owned()]);
+        filters.insert("label".to_owned(), vec![SERVICE.to_owned()]);
+        filters.insert(
+            "event".to_owned(),
+            ["start", "die", "pause", "unpause", "destroy"].iter().map(|s| s.to_string()).collect(),
+        );
+        self.docker.events(Some(EventsOptions::<String> { filters, ..Default::default() })).boxed()
+    }
+
+    async fn event_loop(self: Arc<Self>, mut events: EventStream) {
+        loop {
+            while let Some(item) = events.next().await {
+                match item {
+                    Ok(ev) => {
+                        self.metrics.docker_events.inc();
+                        let id = ev.actor.and_then(|a| a.id).unwrap_or_default();
+                        match ev.action.as_deref().unwrap_or_default() {
+                            "start" | "unpause" => self.register_container(&id).await,
+                            "die" | "pause" | "destroy" => self.deregister_container(&id).await,
+                            _ => {}
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Docker event stream failed");
+                        break;
+                    }
+                }
+            }
+            // Events may have been missed while the stream was down: resubscribe, resync.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            events = self.subscribe_events();
+            self.resync_now.notify_one();
+        }
+    }
+
+    async fn resync_loop(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.resync_interval) => {}
+                _ = self.resync_now.notified() => {}
+            }
+            self.resync().await;
+        }
+    }
+
+    /// The spec for a running labelled container, or `None` (not ours, gone, or bad
+    /// labels — which are logged with the label named).
+    async fn desired(&self, container: &str) -> Option<InstanceSpec> {
+        let facts = match docker::inspect(&self.docker, container).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(container, error = %e, "inspect failed");
+                return None;
+            }
+        };
+        match labels::spec_from_container(&self.node, &facts, self.config.default_network.as_deref()) {
+            Ok(spec) => spec,
+            Err(e) => {
+                self.metrics.label_errors.inc();
+                tracing::error!(container = facts.name, error = %e, "container not registered: bad label");
+                None
+            }
+        }
+    }
+
+    async fn register_container(self: &Arc<Self>, container: &str) {
+        let Some(spec) = self.desired(container).await else { return };
+        let id = instance_id(&self.node, container);
+        let mut state = self.state.lock().await;
+        self.register(&mut state, &id, spec).await;
+    }
+
+    async fn register(self: &Arc<Self>, state: &mut State, id: &str, spec: InstanceSpec) {
+        let mut result = self.client.register(id, &spec).await;
+        if result.as_ref().err().and_then(|e| e.status()) == Some(409) {
+            // Our node lease lapsed: take it again, then register.
+            if self.register_node().await.is_ok() {
+                result = self.client.register(id, &spec).await;
+            }
+        }
+        match result {
+            Ok(_) => {
+                tracing::info!(id, service = spec.service, address = %spec.address, port = spec.port, "registered");
+                self.metrics.registrations.inc();
+                self.start_exec_checks(state, id, &spec);
+                state.registered.insert(id.to_owned(), spec);
+                self.metrics.instances.set(state.registered.len() as i64);
+            }
+            Err(e) => tracing::warn!(id, error = %e, "registration failed; the next resync retries"),
+        }
+    }
+
+    async fn deregister_container(&self, container: &str) {
+        let id = instance_id(&self.node, container);
+        let mut state = self.state.lock().await;
+        self.deregister(&mut state, &id).await;
+    }
+
+    async fn deregister(&self, state: &mut State, id: &str) {
+        if let Some(t) = state.exec_checks.remove(id) {
+            t.abort();
+        }
+        state.registered.remove(id);
+        self.metrics.instances.set(state.registered.len() as i64);
+        match self.client.deregister(id).await {
+            Ok(_) => {
+                tracing::info!(id, "deregistered");
+                self.metrics.deregistrations.inc();
+            }
+            Err(e) if e.status() == Some(404) => {}
+            Err(e) => tracing::warn!(id, error = %e, "deregistration failed; the next resync retries"),
+        }
+    }
+
+    /// Anti-entropy: make the registry's view of this node exactly the engine's.
+    async fn resync(self: &Arc<Self>) {
+        let containers = match docker::labelled_running(&self.docker).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "resync: cannot list containers");
+                return;
+            }
+        };
+        let mut desired = HashMap::new();
+        for c in containers {
+            if let Some(spec) = self.desired(&c).await {
+                desired.insert(instance_id(&self.node, &c), spec);
+            }
+        }
+        let registered = match self.client.instances_of_node(&self.node).await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(error = %e, "resync: cannot list the registry");
+                return;
+            }
+        };
+        let mut state = self.state.lock().await;
+        for view in &registered {
+            if !desired.contains_key(&view.id) {
+                tracing::info!(id = view.id, "resync: not backed by a running container");
+                self.deregister(&mut state, &view.id).await;
+            }
+        }
+        state.registered.retain(|id, _| desired.contains_key(id));
+        for (id, spec) in desired {
+            // Registration is idempotent on the server: unchanged specs cost no write.
+            self.register(&mut state, &id, spec).await;
+        }
+        self.metrics.resyncs.inc();
+    }
+
+    fn start_exec_checks(self: &Arc<Self>, state: &mut State, id: &str, spec: &InstanceSpec) {
+        if state.registered.get(id) == Some(spec) && state.exec_checks.get(id).is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        if let Some(t) = state.exec_checks.remove(id) {
+            t.abort();
+        }
+        let Some(check) = spec.checks.iter().find(|c| matches!(c.kind, CheckKind::Exec { .. })).cloned() else { return };
+        let CheckKind::Exec { command } = check.kind.clone() else { return };
+        let container = spec.meta.get("container_id").cloned().unwrap_or_default();
+        let this = self.clone();
+        let id_owned = id.to_owned();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(check.interval);
+            loop {
+                tick.tick().await;
+                let (ok, output) = docker::exec_check(&this.docker, &container, &command, check.effective_timeout()).await;
+                if let Err(e) = this.client.check_in(&id_owned, ok, &output).await {
+                    tracing::debug!(id = id_owned, error = %e, "exec check report failed");
+                }
+            }
+        });
+        state.exec_checks.insert(id.to_owned(), task);
+    }
+}

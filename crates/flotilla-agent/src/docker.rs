@@ -1,0 +1,93 @@
+//! The Docker Engine side: connecting, inspecting containers, running exec checks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use anyhow::Context;
+use bollard::container::{InspectContainerOptions, ListContainersOptions};
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::Docker;
+use futures::StreamExt;
+
+use crate::labels::{ContainerFacts, SERVICE};
+
+/// Connects to `unix:///path`, `tcp://host:port` or `http://host:port` and negotiates
+/// the API version, so older engines work too.
+pub async fn connect(endpoint: &str) -> anyhow::Result<Docker> {
+    let docker = if let Some(path) = endpoint.strip_prefix("unix://") {
+        Docker::connect_with_unix(path, 30, bollard::API_DEFAULT_VERSION)
+    } else {
+        let url = endpoint.replacen("tcp://", "http://", 1);
+        Docker::connect_with_http(&url, 30, bollard::API_DEFAULT_VERSION)
+    }
+    .with_context(|| format!("connecting to the Docker Engine at {endpoint}"))?;
+    docker.negotiate_version().await.with_context(|| format!("talking to the Docker Engine at {endpoint}"))
+}
+
+/// Facts about a running container, `None` if it is gone or not running.
+pub async fn inspect(docker: &Docker, id: &str) -> anyhow::Result<Option<ContainerFacts>> {
+    let info = match docker.inspect_container(id, None::<InspectContainerOptions>).await {
+        Ok(i) => i,
+        Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let state = info.state.unwrap_or_default();
+    if !state.running.unwrap_or(false) || state.paused.unwrap_or(false) {
+        return Ok(None);
+    }
+    let config = info.config.unwrap_or_default();
+    let networks: BTreeMap<_, _> = info
+        .network_settings
+        .and_then(|n| n.networks)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, ep)| {
+            let ip = ep.ip_address.filter(|s| !s.is_empty()).and_then(|s| s.parse().ok());
+            (name, ip)
+        })
+        .collect();
+    Ok(Some(ContainerFacts {
+        id: info.id.unwrap_or_else(|| id.to_owned()),
+        name: info.name.unwrap_or_default().trim_start_matches('/').to_owned(),
+        image: config.image.unwrap_or_default(),
+        labels: config.labels.unwrap_or_default(),
+        networks,
+    }))
+}
+
+/// Ids of the running containers that carry the service label.
+pub async fn labelled_running(docker: &Docker) -> anyhow::Result<Vec<String>> {
+    let mut filters = HashMap::new();
+    filters.insert("label".to_owned(), vec![SERVICE.to_owned()]);
+    filters.insert("status".to_owned(), vec!["running".to_owned()]);
+    let list = docker.list_containers(Some(ListContainersOptions { all: false, filters, ..Default::default() })).await?;
+    Ok(list.into_iter().filter_map(|c| c.id).collect())
+}
+
+/// Runs `command` inside the container; passing iff it exits 0 within `timeout`.
+pub async fn exec_check(docker: &Docker, container: &str, command: &[String], timeout: Duration) -> (bool, String) {
+    let run = async {
+        let exec = docker
+            .create_exec(
+                container,
+                CreateExecOptions { cmd: Some(command.to_vec()), attach_stdout: Some(true), attach_stderr: Some(true), ..Default::default() },
+            )
+            .await?;
+        let mut output = String::new();
+        if let StartExecResults::Attached { output: mut stream, .. } = docker.start_exec(&exec.id, None).await? {
+            while let Some(chunk) = stream.next().await {
+                if output.len() < 1024 {
+                    output.push_str(&chunk?.to_string());
+                }
+            }
+        }
+        let code = docker.inspect_exec(&exec.id).await?.exit_code.unwrap_or(-1);
+        Ok::<_, bollard::errors::Error>((code, output))
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok(Ok((0, out))) => (true, out.trim().chars().take(512).collect()),
+        Ok(Ok((code, out))) => (false, format!("exit {code}: {}", out.trim().chars().take(512).collect::<String>())),
+        Ok(Err(e)) => (false, format!("exec failed: {e}")),
+        Err(_) => (false, format!("exec timed out after {timeout:?}")),
+    }
+}

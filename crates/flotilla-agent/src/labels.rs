@@ -1,0 +1,234 @@
+//! Docker labels → instance spec. Pure: what the engine says about a container in, the
+//! registration (or a precise complaint naming the label) out.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use flotilla_core::{CheckKind, CheckSpec, FieldError, InstanceSpec};
+
+/// Label naming the service; a container without it is not ours.
+pub const SERVICE: &str = "flotilla.service";
+/// Label: port the service listens on inside the container's network.
+pub const PORT: &str = "flotilla.port";
+/// Label: which Docker network's address to register.
+pub const NETWORK: &str = "flotilla.network";
+/// Label: static weight.
+pub const WEIGHT: &str = "flotilla.weight";
+/// Label prefix of check settings (`flotilla.check.http`, `.tcp`, `.exec`, `.ttl`,
+/// `.interval`, `.timeout`, `.rise`, `.fall`, `.deregister_after`).
+pub const CHECK: &str = "flotilla.check.";
+/// Label prefix copied into instance metadata (`flotilla.meta.version=1.2`).
+pub const META: &str = "flotilla.meta.";
+
+/// What the agent knows about a container, from `docker inspect`.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerFacts {
+    /// Full container id.
+    pub id: String,
+    /// Name without the leading '/'.
+    pub name: String,
+    /// Image reference.
+    pub image: String,
+    /// Labels.
+    pub labels: HashMap<String, String>,
+    /// Networks and the container's address on each.
+    pub networks: BTreeMap<String, Option<IpAddr>>,
+}
+
+/// Registry id of a container's instance on `node`: stable for the container's life.
+pub fn instance_id(node: &str, container_id: &str) -> String {
+    format!("{node}-{}", &container_id[..container_id.len().min(12)])
+}
+
+fn label_err(label: &str, value: &str, why: impl std::fmt::Display) -> FieldError {
+    FieldError::new(format!("label {label}"), format!("{value:?}: {why}"))
+}
+
+fn parse_duration(labels: &HashMap<String, String>, key: &str) -> Result<Option<Duration>, FieldError> {
+    labels
+        .get(key)
+        .map(|v| humantime::parse_duration(v).map_err(|e| label_err(key, v, e)))
+        .transpose()
+}
+
+fn parse_num<T: std::str::FromStr>(labels: &HashMap<String, String>, key: &str) -> Result<Option<T>, FieldError>
+where
+    T::Err: std::fmt::Display,
+{
+    labels.get(key).map(|v| v.trim().parse::<T>().map_err(|e| label_err(key, v, e))).transpose()
+}
+
+/// Builds the registration for a container, `Ok(None)` if it carries no
+/// `flotilla.service` label. Errors name the label and its value.
+pub fn spec_from_container(
+    node: &str,
+    c: &ContainerFacts,
+    default_network: Option<&str>,
+) -> Result<Option<InstanceSpec>, FieldError> {
+    let Some(service) = c.labels.get(SERVICE) else { return Ok(None) };
+    let port: u16 = parse_num(&c.labels, PORT)?.ok_or_else(|| FieldError::new(format!("label {PORT}"), "missing: the port the service listens on"))?;
+    let network = match c.labels.get(NETWORK).map(String::as_str) {
+        Some(n) => n.to_owned(),
+        None => match default_network.filter(|d| c.networks.contains_key(*d)) {
+            Some(d) => d.to_owned(),
+            None if c.networks.len() == 1 => c.networks.keys().next().cloned().unwrap_or_default(),
+            None => {
+                let names: Vec<_> = c.networks.keys().cloned().collect();
+                return Err(FieldError::new(
+                    format!("label {NETWORK}"),
+                    format!("missing, and the container is on {} networks ({}): say which address to register", names.len(), names.join(", ")),
+                ));
+            }
+        },
+    };
+    let address = match c.networks.get(&network) {
+        Some(Some(ip)) => *ip,
+        Some(None) => return Err(label_err(NETWORK, &network, "the container has no address on this network")),
+        None => return Err(label_err(NETWORK, &network, "the container is not attached to this network")),
+    };
+    let weight = parse_num(&c.labels, WEIGHT)?.unwrap_or(100);
+
+    let check = |k: &str| c.labels.get(&format!("{CHECK}{k}"));
+    let mut kinds = Vec::new();
+    if let Some(path) = check("http") {
+        let path = if path.is_empty() { "/".to_owned() } else { path.clone() };
+        kinds.push(CheckKind::Http { path, port: None });
+    }
+    if let Some(v) = check("tcp") {
+        let port = match v.as_str() {
+            "" | "true" | "yes" | "1" => None,
+            p => Some(p.parse::<u16>().map_err(|e| label_err("flotilla.check.tcp", p, e))?),
+        };
+        kinds.push(CheckKind::Tcp { port });
+    }
+    if let Some(cmd) = check("exec") {
+        kinds.push(CheckKind::Exec { command: vec!["/bin/sh".into(), "-c".into(), cmd.clone()] });
+    }
+    if check("ttl").is_some() {
+        let ttl = parse_duration(&c.labels, "flotilla.check.ttl")?.unwrap_or_default();
+        kinds.push(CheckKind::Ttl { ttl });
+    }
+    if kinds.is_empty() && check("none").is_none() {
+        // A port with no stated check: at least make sure something accepts connections.
+        kinds.push(CheckKind::Tcp { port: None });
+    }
+    let interval = parse_duration(&c.labels, "flotilla.check.interval")?;
+    let timeout = parse_duration(&c.labels, "flotilla.check.timeout")?;
+    let rise = parse_num(&c.labels, "flotilla.check.rise")?;
+    let fall = parse_num(&c.labels, "flotilla.check.fall")?;
+    let deregister_after = parse_duration(&c.labels, "flotilla.check.deregister_after")?;
+    let checks = kinds
+        .into_iter()
+        .map(|kind| {
+            let mut spec = CheckSpec::new(kind);
+            if let Some(i) = interval {
+                spec.interval = i;
+            }
+            spec.timeout = timeout;
+            spec.rise = rise.unwrap_or(spec.rise);
+            spec.fall = fall.unwrap_or(spec.fall);
+            spec.deregister_after = deregister_after;
+            spec
+        })
+        .collect();
+
+    let mut meta = BTreeMap::new();
+    meta.insert("container_name".to_owned(), c.name.clone());
+    meta.insert("container_id".to_owned(), c.id.clone());
+    meta.insert("image".to_owned(), c.image.clone());
+    meta.insert("network".to_owned(), network);
+    for (k, v) in &c.labels {
+        if let Some(key) = k.strip_prefix(META) {
+            meta.insert(key.to_owned(), v.clone());
+        }
+    }
+    let spec = InstanceSpec { service: service.clone(), node: Some(node.to_owned()), address, port, weight, meta, checks };
+    spec.validate().map_err(|e| {
+        let label = match e.field.split(['.', '[']).next().unwrap_or_default() {
+            "service" => SERVICE.to_owned(),
+            "port" => PORT.to_owned(),
+            "weight" => WEIGHT.to_owned(),
+            "checks" => format!("{CHECK}*"),
+            other => other.to_owned(),
+        };
+        FieldError::new(format!("label {label}"), e.message)
+    })?;
+    Ok(Some(spec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(labels: &[(&str, &str)]) -> ContainerFacts {
+        ContainerFacts {
+            id: "0123456789abcdef0123".into(),
+            name: "web-1".into(),
+            image: "busybox".into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            networks: [("front".to_string(), Some("198.18.5.2".parse().unwrap()))].into(),
+        }
+    }
+
+    #[test]
+    fn unlabelled_is_ignored() {
+        assert_eq!(spec_from_container("n", &facts(&[]), None).unwrap(), None);
+    }
+
+    #[test]
+    fn full_labels() {
+        let f = facts(&[
+            ("flotilla.service", "web"),
+            ("flotilla.port", "8080"),
+            ("flotilla.weight", "300"),
+            ("flotilla.check.http", "/health"),
+            ("flotilla.check.interval", "500ms"),
+            ("flotilla.meta.version", "1.2"),
+        ]);
+        let s = spec_from_container("n1", &f, None).unwrap().unwrap();
+        assert_eq!((s.service.as_str(), s.port, s.weight), ("web", 8080, 300));
+        assert_eq!(s.address.to_string(), "198.18.5.2");
+        assert_eq!(s.checks.len(), 1);
+        assert_eq!(s.checks[0].kind, CheckKind::Http { path: "/health".into(), port: None });
+        assert_eq!(s.checks[0].interval, Duration::from_millis(500));
+        assert_eq!(s.meta["version"], "1.2");
+        assert_eq!(s.meta["container_name"], "web-1");
+        assert_eq!(instance_id("n1", &f.id), "n1-0123456789ab");
+    }
+
+    #[test]
+    fn default_check_is_tcp() {
+        let s = spec_from_container("n", &facts(&[("flotilla.service", "web"), ("flotilla.port", "80")]), None).unwrap().unwrap();
+        assert_eq!(s.checks[0].kind, CheckKind::Tcp { port: None });
+    }
+
+    #[test]
+    fn errors_name_the_label() {
+        let e = spec_from_container("n", &facts(&[("flotilla.service", "web")]), None).unwrap_err();
+        assert_eq!(e.field, "label flotilla.port");
+        let e = spec_from_container("n", &facts(&[("flotilla.service", "web"), ("flotilla.port", "http")]), None).unwrap_err();
+        assert_eq!(e.field, "label flotilla.port");
+        let e = spec_from_container("n", &facts(&[("flotilla.service", "Web!"), ("flotilla.port", "80")]), None).unwrap_err();
+        assert_eq!(e.field, "label flotilla.service");
+        let e = spec_from_container("n", &facts(&[("flotilla.service", "web"), ("flotilla.port", "80"), ("flotilla.network", "back")]), None)
+            .unwrap_err();
+        assert_eq!(e.field, "label flotilla.network");
+        let e = spec_from_container(
+            "n",
+            &facts(&[("flotilla.service", "web"), ("flotilla.port", "80"), ("flotilla.check.interval", "soon")]),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "label flotilla.check.interval");
+    }
+
+    #[test]
+    fn several_networks_need_a_choice() {
+        let mut f = facts(&[("flotilla.service", "web"), ("flotilla.port", "80")]);
+        f.networks.insert("back".into(), Some("198.18.6.2".parse().unwrap()));
+        assert_eq!(spec_from_container("n", &f, None).unwrap_err().field, "label flotilla.network");
+        let s = spec_from_container("n", &f, Some("back")).unwrap().unwrap();
+        assert_eq!(s.address.to_string(), "198.18.6.2");
+    }
+}

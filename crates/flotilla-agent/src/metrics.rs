@@ -1,0 +1,61 @@
+//! Prometheus metrics of the agent.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Agent metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Instances registered (including re-registrations on resync).
+    pub registrations: Counter,
+    /// Instances deregistered.
+    pub deregistrations: Counter,
+    /// Full resyncs run.
+    pub resyncs: Counter,
+    /// Docker events handled.
+    pub docker_events: Counter,
+    /// Lease renewals that succeeded.
+    pub renewals: Counter,
+    /// Lease renewals that failed.
+    pub renewal_failures: Counter,
+    /// Containers with labels that could not be turned into a registration.
+    pub label_errors: Counter,
+    /// Instances this agent currently has registered.
+    pub instances: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("flotilla_agent");
+        let m = Metrics {
+            registry: Registry::default(),
+            registrations: Counter::default(),
+            deregistrations: Counter::default(),
+            resyncs: Counter::default(),
+            docker_events: Counter::default(),
+            renewals: Counter::default(),
+            renewal_failures: Counter::default(),
+            label_errors: Counter::default(),
+            instances: Gauge::default(),
+        };
+        registry.register("registrations", "Instances registered", m.registrations.clone());
+        registry.register("deregistrations", "Instances deregistered", m.deregistrations.clone());
+        registry.register("resyncs", "Full resyncs against the engine", m.resyncs.clone());
+        registry.register("docker_events", "Docker events handled", m.docker_events.clone());
+        registry.register("lease_renewals", "Node lease renewals", m.renewals.clone());
+        registry.register("lease_renewal_failures", "Failed node lease renewals", m.renewal_failures.clone());
+        registry.register("label_errors", "Containers whose labels were rejected", m.label_errors.clone());
+        registry.register("instances", "Instances registered by this agent", m.instances.clone());
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,234 @@
+//! A typed client of the registry's `/v1/` API.
+//!
+//! The agent, the CLI, the load balancer and the benchmarks all talk to the server the
+//! same way; keeping that in one place keeps auth, error decoding and URLs consistent.
+
+use std::path::Path;
+use std::time::Duration;
+
+use flotilla_core::{InstanceSpec, InstanceView};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+/// Default server URL when neither `--server` nor `FLOTILLA_SERVER` says otherwise.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7700";
+
+/// What went wrong calling the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached or the connection failed; retryable.
+    #[error("registry unreachable at {url}: {message}")]
+    Unreachable {
+        /// The URL called.
+        url: String,
+        /// The transport error.
+        message: String,
+    },
+    /// The server answered with an error status.
+    #[error("registry answered {status}: {message}")]
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// The server's error message (names the field when a field was wrong).
+        message: String,
+    },
+    /// A token file could not be read.
+    #[error("token file {path}: {message}")]
+    Token {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl ClientError {
+    /// HTTP status, if the server answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Result of a client call.
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// A registry service listing, as returned by `GET /v1/services/{name}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceInstances {
+    /// Service name.
+    pub service: String,
+    /// Index of the service's last change.
+    pub index: u64,
+    /// Instances.
+    pub instances: Vec<InstanceView>,
+}
+
+/// Summary row of `GET /v1/services`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    /// Service name.
+    pub name: String,
+    /// Registered instances.
+    pub instances: usize,
+    /// Passing instances.
+    pub passing: usize,
+    /// Last change index.
+    pub index: u64,
+}
+
+/// Row of `GET /v1/nodes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeView {
+    /// Node name.
+    pub name: String,
+    /// Agent-reported address.
+    pub address: Option<String>,
+    /// Lease TTL (ms).
+    pub ttl_ms: u64,
+    /// Last renewal (unix ms).
+    pub renewed_ms: u64,
+    /// Instances owned.
+    pub instances: usize,
+}
+
+/// Reads a token file, trimming whitespace.
+pub fn read_token(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path)
+        .map(|t| t.trim().to_owned())
+        .map_err(|e| ClientError::Token { path: path.display().to_string(), message: e.to_string() })
+}
+
+/// A registry client.
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client of the server at `base` (e.g. `http://127.0.0.1:7700`).
+    pub fn new(base: &str, token: Option<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .expect("HTTP client");
+        Client { base: base.trim_end_matches('/').to_owned(), token, http }
+    }
+
+    /// Base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str, timeout: Duration) -> reqwest::RequestBuilder {
+        let mut req = self.http.request(method, format!("{}{}", self.base, path)).timeout(timeout);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        req
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
+        let req = req.build().map_err(|e| ClientError::Unreachable { url: self.base.clone(), message: e.to_string() })?;
+        let url = req.url().to_string();
+        let resp = self
+            .http
+            .execute(req)
+            .await
+            .map_err(|e| ClientError::Unreachable { url: url.clone(), message: chain(&e) })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable { url, message: chain(&e) })?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_owned());
+            return Err(ClientError::Status { status: status.as_u16(), message });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Status { status: status.as_u16(), message: format!("undecodable response: {e}") })
+    }
+
+    const SHORT: Duration = Duration::from_secs(10);
+
+    /// `PUT /v1/nodes/{name}`: registers (or renews) a node lease.
+    pub async fn register_node(&self, name: &str, ttl: Duration, address: Option<&str>) -> Result<serde_json::Value> {
+        let body = json!({ "ttl": format!("{}ms", ttl.as_millis()), "address": address });
+        self.send(self.request(reqwest::Method::PUT, &format!("/v1/nodes/{name}"), Self::SHORT).json(&body)).await
+    }
+
+    /// `PUT /v1/nodes/{name}/renew`; a 404 means the lease expired: register again.
+    pub async fn renew_node(&self, name: &str, timeout: Duration) -> Result<serde_json::Value> {
+        self.send(self.request(reqwest::Method::PUT, &format!("/v1/nodes/{name}/renew"), timeout)).await
+    }
+
+    /// `DELETE /v1/nodes/{name}`: leaves gracefully, removing the node's instances.
+    pub async fn leave_node(&self, name: &str) -> Result<serde_json::Value> {
+        self.send(self.request(reqwest::Method::DELETE, &format!("/v1/nodes/{name}"), Self::SHORT)).await
+    }
+
+    /// `GET /v1/nodes`.
+    pub async fn nodes(&self) -> Result<Vec<NodeView>> {
+        self.send(self.request(reqwest::Method::GET, "/v1/nodes", Self::SHORT)).await
+    }
+
+    /// `PUT /v1/instances/{id}`.
+    pub async fn register(&self, id: &str, spec: &InstanceSpec) -> Result<serde_json::Value> {
+        self.send(self.request(reqwest::Method::PUT, &format!("/v1/instances/{id}"), Self::SHORT).json(spec)).await
+    }
+
+    /// `DELETE /v1/instances/{id}` (id or container name).
+    pub async fn deregister(&self, id: &str) -> Result<serde_json::Value> {
+        self.send(self.request(reqwest::Method::DELETE, &format!("/v1/instances/{id}"), Self::SHORT)).await
+    }
+
+    /// `PUT /v1/instances/{id}/renew` with a pushed check result.
+    pub async fn check_in(&self, id: &str, passing: bool, output: &str) -> Result<serde_json::Value> {
+        let body = json!({ "status": if passing { "passing" } else { "critical" }, "output": output });
+        self.send(self.request(reqwest::Method::PUT, &format!("/v1/instances/{id}/renew"), Self::SHORT).json(&body)).await
+    }
+
+    /// `GET /v1/instances?node=NODE`.
+    pub async fn instances_of_node(&self, node: &str) -> Result<Vec<InstanceView>> {
+        self.send(self.request(reqwest::Method::GET, "/v1/instances", Self::SHORT).query(&[("node", node)])).await
+    }
+
+    /// `GET /v1/instances`.
+    pub async fn instances(&self) -> Result<Vec<InstanceView>> {
+        self.send(self.request(reqwest::Method::GET, "/v1/instances", Self::SHORT)).await
+    }
+
+    /// `GET /v1/services`.
+    pub async fn services(&self) -> Result<Vec<ServiceSummary>> {
+        self.send(self.request(reqwest::Method::GET, "/v1/services", Self::SHORT)).await
+    }
+
+    /// `GET /v1/services/{name}`, blocking while the service's index is still `index`
+    /// (at most `wait`). `index = 0` answers at once.
+    pub async fn service(&self, name: &str, index: u64, wait: Duration, passing_only: bool) -> Result<ServiceInstances> {
+        let query = [
+            ("index", index.to_string()),
+            ("wait", format!("{}ms", wait.as_millis())),
+            ("passing", passing_only.to_string()),
+        ];
+        let req = self.request(reqwest::Method::GET, &format!("/v1/services/{name}"), wait + Duration::from_secs(10)).query(&query);
+        self.send(req).await
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

@@ -1,0 +1,162 @@
+//! Command-line surface. Every flag is documented here; `--help` prints it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// flotilla — a lightweight-virtualization high-availability cluster.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log level when RUST_LOG is not set (error, warn, info, debug, trace).
+    #[arg(long, global = true, env = "FLOTILLA_LOG")]
+    pub log_level: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the registry server: catalog, health checks, leases, HTTP API, DNS, metrics.
+    Server(ServerArgs),
+    /// Run the per-host agent: registers labelled containers, holds the node lease.
+    Agent(AgentArgs),
+    /// Run server and agent on this machine with the embedded store (single-host
+    /// deployment and demo), and write the server URL and token where the CLI finds them.
+    Up(UpArgs),
+    /// List instances with their health, address and weight.
+    Ps(PsArgs),
+    /// List services with instance and passing counts.
+    Services(ClientArgs),
+    /// List nodes and their leases.
+    Nodes(ClientArgs),
+    /// Remove an instance (by registry id or container name).
+    Deregister(DeregisterArgs),
+    /// Follow a service: print its passing instances every time they change.
+    Watch(WatchArgs),
+}
+
+/// Flags of `flotilla server`.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// TOML config file (see docs/config.md); flags below override it.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// HTTP API address [default: 127.0.0.1:7700].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Data directory (embedded store, default token file) [default: /var/lib/flotilla].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Bearer token file; created with a random token (mode 0600) if missing
+    /// [default: DATA_DIR/token].
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Store: "embedded" or "etcd://host:port,host:port,..." [default: embedded].
+    #[arg(long)]
+    pub store: Option<String>,
+    /// DNS listener for NAME.service.flotilla; "" disables [default: 127.0.0.1:8600].
+    #[arg(long)]
+    pub dns_listen: Option<String>,
+    /// Serve reads (GET) without a token.
+    #[arg(long)]
+    pub open_reads: bool,
+}
+
+/// Flags of `flotilla agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// TOML config file (see docs/config.md); flags below override it.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Registry URL [default: http://127.0.0.1:7700].
+    #[arg(long, env = "FLOTILLA_SERVER")]
+    pub server: Option<String>,
+    /// File holding the registry's bearer token.
+    #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// This host's node name [default: the hostname].
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Docker Engine endpoint [default: unix:///var/run/docker.sock].
+    #[arg(long)]
+    pub docker: Option<String>,
+    /// Node lease TTL, e.g. "3s" [default: 3s].
+    #[arg(long)]
+    pub lease_ttl: Option<humantime::Duration>,
+    /// Network whose address to register for containers on several networks.
+    #[arg(long)]
+    pub default_network: Option<String>,
+    /// Address for the agent's /metrics; "" disables [default: disabled].
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+}
+
+/// Flags of `flotilla up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Data directory [default: $FLOTILLA_HOME or ~/.flotilla].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// HTTP API address.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    /// DNS address; "" disables.
+    #[arg(long, default_value = "127.0.0.1:8600")]
+    pub dns_listen: String,
+    /// Docker Engine endpoint.
+    #[arg(long, default_value = "unix:///var/run/docker.sock")]
+    pub docker: String,
+    /// Run the server only (no Docker needed).
+    #[arg(long)]
+    pub no_agent: bool,
+}
+
+/// How the CLI finds the server.
+#[derive(Debug, Args, Clone)]
+pub struct ClientArgs {
+    /// Server URL [env: FLOTILLA_SERVER; default: the one `flotilla up` wrote, else
+    /// http://127.0.0.1:7700].
+    #[arg(long, env = "FLOTILLA_SERVER")]
+    pub server: Option<String>,
+    /// Token file [env: FLOTILLA_TOKEN_FILE; default: ~/.flotilla/token]. The token
+    /// itself may be given in FLOTILLA_TOKEN instead.
+    #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `flotilla ps`.
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Only this service.
+    #[arg(long, short)]
+    pub service: Option<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Flags of `flotilla deregister`.
+#[derive(Debug, Args)]
+pub struct DeregisterArgs {
+    /// Registry id or container name.
+    pub instance: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Flags of `flotilla watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Service to follow.
+    pub service: String,
+    /// Stop after this many changes (0 = forever).
+    #[arg(long, default_value_t = 0)]
+    pub count: u64,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}

@@ -1,0 +1,220 @@
+//! The long-running commands: `server`, `agent`, `up`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use flotilla_core::config::{self, AgentConfig, ServerConfig};
+use flotilla_core::ConfigError;
+
+use crate::cli::{AgentArgs, Cli, Command, ServerArgs, UpArgs};
+use crate::UsageError;
+
+/// Runs the chosen subcommand.
+pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Server(args) => server(args).await,
+        Command::Agent(args) => agent(args).await,
+        Command::Up(args) => up(args).await,
+        Command::Ps(args) => crate::ops::ps(args).await,
+        Command::Services(args) => crate::ops::services(args).await,
+        Command::Nodes(args) => crate::ops::nodes(args).await,
+        Command::Deregister(args) => crate::ops::deregister(args).await,
+        Command::Watch(args) => crate::ops::watch(args).await,
+    }
+}
+
+fn usage(e: impl std::fmt::Display) -> anyhow::Error {
+    UsageError(e.to_string()).into()
+}
+
+fn load<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> anyhow::Result<T> {
+    match path {
+        Some(p) => config::load_toml(p).map_err(usage),
+        None => Ok(T::default()),
+    }
+}
+
+fn checked<T>(path: Option<&Path>, result: Result<T, flotilla_core::FieldError>) -> anyhow::Result<T> {
+    result.map_err(|e| match path {
+        Some(p) => usage(ConfigError::Invalid { path: p.to_owned(), error: e }),
+        None => usage(e),
+    })
+}
+
+/// Server config: defaults, then file, then flags, then validation.
+pub fn server_config(args: &ServerArgs) -> anyhow::Result<ServerConfig> {
+    let mut c: ServerConfig = load(args.config.as_deref())?;
+    if let Some(v) = args.listen {
+        c.listen = v;
+    }
+    if let Some(v) = &args.data_dir {
+        c.data_dir = v.clone();
+    }
+    if let Some(v) = &args.token_file {
+        c.token_file = Some(v.clone());
+    }
+    if let Some(v) = &args.store {
+        c.store = v.clone();
+    }
+    if let Some(v) = &args.dns_listen {
+        c.dns_listen = v.clone();
+    }
+    c.open_reads |= args.open_reads;
+    checked(args.config.as_deref(), c.validate())?;
+    Ok(c)
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+async fn server(args: ServerArgs) -> anyhow::Result<()> {
+    let config = server_config(&args)?;
+    let store = flotilla_registry::open_store(&config).await?;
+    let mut running = flotilla_registry::start(config, store).await?;
+    tokio::select! {
+        r = running.wait() => r,
+        _ = shutdown_signal() => Ok(()),
+    }
+}
+
+/// The token for a client: `FLOTILLA_TOKEN`, else the token file.
+pub fn token_from(file: Option<&Path>) -> anyhow::Result<Option<String>> {
+    if let Ok(t) = std::env::var("FLOTILLA_TOKEN") {
+        if !t.trim().is_empty() {
+            return Ok(Some(t.trim().to_owned()));
+        }
+    }
+    match file {
+        Some(f) => Ok(Some(flotilla_client::read_token(f).map_err(usage)?)),
+        None => Ok(None),
+    }
+}
+
+/// Agent config: defaults, then file, then flags, then validation.
+pub fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
+    let mut c: AgentConfig = load(args.config.as_deref())?;
+    if let Some(v) = &args.server {
+        c.server = v.clone();
+    }
+    if let Some(v) = &args.token_file {
+        c.token_file = Some(v.clone());
+    }
+    if let Some(v) = &args.node {
+        c.node = Some(v.clone());
+    }
+    if let Some(v) = &args.docker {
+        c.docker = v.clone();
+    }
+    if let Some(v) = args.lease_ttl {
+        c.lease_ttl = v.into();
+    }
+    if let Some(v) = &args.default_network {
+        c.default_network = Some(v.clone());
+    }
+    if let Some(v) = &args.metrics_listen {
+        c.metrics_listen = v.clone();
+    }
+    if c.node.is_none() {
+        c.node = Some(hostname());
+    }
+    checked(args.config.as_deref(), c.validate())?;
+    Ok(c)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "localhost".into())
+}
+
+async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    let config = agent_config(&args)?;
+    let token = token_from(config.token_file.as_deref())?
+        .ok_or_else(|| usage("the agent needs a token: --token-file FILE, FLOTILLA_TOKEN_FILE or FLOTILLA_TOKEN"))?;
+    let metrics_listen = config.metrics_listen.clone();
+    let agent = flotilla_agent::Agent::connect(config, token).await?;
+    let handle = agent.start().await?;
+    let handle = std::sync::Arc::new(tokio::sync::Mutex::new(Some(handle)));
+    if !metrics_listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&metrics_listen).await.with_context(|| format!("binding {metrics_listen}"))?;
+        let h = handle.clone();
+        let app = axum_metrics_router(h);
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+    }
+    shutdown_signal().await;
+    if let Some(h) = handle.lock().await.take() {
+        h.shutdown().await;
+    }
+    Ok(())
+}
+
+fn axum_metrics_router(handle: std::sync::Arc<tokio::sync::Mutex<Option<flotilla_agent::AgentHandle>>>) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move { handle.lock().await.as_ref().map(|h| h.metrics()).unwrap_or_default() }
+        }),
+    )
+}
+
+/// `~/.flotilla` (or `$FLOTILLA_HOME`): where `up` keeps its data and the CLI looks.
+pub fn flotilla_home() -> PathBuf {
+    if let Some(h) = std::env::var_os("FLOTILLA_HOME") {
+        return PathBuf::from(h);
+    }
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib")).join(".flotilla")
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let home = args.data_dir.clone().unwrap_or_else(flotilla_home);
+    let config = ServerConfig {
+        listen: args.listen,
+        data_dir: home.clone(),
+        token_file: Some(home.join("token")),
+        dns_listen: args.dns_listen.clone(),
+        ..ServerConfig::default()
+    };
+    checked(None, config.validate())?;
+    let store = flotilla_registry::open_store(&config).await?;
+    let mut running = flotilla_registry::start(config.clone(), store).await?;
+    let url = format!("http://{}", running.http_addr);
+    std::fs::write(home.join("server"), format!("{url}\n")).context("writing the server URL file")?;
+    let agent = if args.no_agent {
+        None
+    } else {
+        let agent_config = AgentConfig {
+            server: url.clone(),
+            token_file: Some(home.join("token")),
+            node: Some(hostname()),
+            docker: args.docker.clone(),
+            ..AgentConfig::default()
+        };
+        let agent = flotilla_agent::Agent::connect(agent_config, running.shared.token.clone())
+            .await
+            .context("starting the agent (use --no-agent to run without Docker)")?;
+        Some(agent.start().await?)
+    };
+    println!("flotilla is up");
+    println!("  registry API   {url}   (token in {})", home.join("token").display());
+    if let Some(dns) = running.dns_addr {
+        println!("  DNS            {dns}   (dig @{} -p {} web.service.flotilla SRV)", dns.ip(), dns.port());
+    }
+    println!("  metrics        {url}/metrics");
+    println!("  agent          {}", if agent.is_some() { "watching Docker for containers labelled flotilla.service=NAME" } else { "off" });
+    println!("  try            flotilla ps");
+    let result = tokio::select! {
+        r = running.wait() => r,
+        _ = shutdown_signal() => Ok(()),
+    };
+    if let Some(a) = agent {
+        a.shutdown().await;
+    }
+    result
+}
