@@ -110,7 +110,11 @@ impl Agent {
         tasks.push(tokio::spawn(inner.clone().event_loop(events)));
         inner.resync().await;
         tasks.push(tokio::spawn(inner.clone().resync_loop()));
-        tracing::info!(node = inner.node, server = inner.client.base(), "agent running");
+        tracing::info!(
+            node = inner.node,
+            server = inner.client.base(),
+            "agent running"
+        );
         Ok(AgentHandle { inner, tasks })
     }
 
@@ -123,12 +127,19 @@ impl Agent {
     }
 }
 
-type EventStream = futures::stream::BoxStream<'static, Result<bollard::models::EventMessage, bollard::errors::Error>>;
+type EventStream = futures::stream::BoxStream<
+    'static,
+    Result<bollard::models::EventMessage, bollard::errors::Error>,
+>;
 
 impl Inner {
     async fn register_node(&self) -> anyhow::Result<()> {
-        let address = std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_owned());
-        self.client.register_node(&self.node, self.config.lease_ttl, address.as_deref()).await?;
+        let address = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned());
+        self.client
+            .register_node(&self.node, self.config.lease_ttl, address.as_deref())
+            .await?;
         Ok(())
     }
 
@@ -145,7 +156,10 @@ impl Inner {
                     self.metrics.renewals.inc();
                 }
                 Err(e) if e.status() == Some(404) => {
-                    tracing::warn!(node = self.node, "lease had expired: registering again and resyncing");
+                    tracing::warn!(
+                        node = self.node,
+                        "lease had expired: registering again and resyncing"
+                    );
                     if self.register_node().await.is_ok() {
                         self.resync_now.notify_one();
                     }
@@ -164,9 +178,17 @@ impl Inner {
         filters.insert("label".to_owned(), vec![SERVICE.to_owned()]);
         filters.insert(
             "event".to_owned(),
-            ["start", "die", "pause", "unpause", "destroy"].iter().map(|s| s.to_string()).collect(),
+            ["start", "die", "pause", "unpause", "destroy"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         );
-        self.docker.events(Some(EventsOptions::<String> { filters, ..Default::default() })).boxed()
+        self.docker
+            .events(Some(EventsOptions::<String> {
+                filters,
+                ..Default::default()
+            }))
+            .boxed()
     }
 
     async fn event_loop(self: Arc<Self>, mut events: EventStream) {
@@ -216,7 +238,11 @@ impl Inner {
                 return None;
             }
         };
-        match labels::spec_from_container(&self.node, &facts, self.config.default_network.as_deref()) {
+        match labels::spec_from_container(
+            &self.node,
+            &facts,
+            self.config.default_network.as_deref(),
+        ) {
             Ok(spec) => spec,
             Err(e) => {
                 self.metrics.label_errors.inc();
@@ -227,7 +253,9 @@ impl Inner {
     }
 
     async fn register_container(self: &Arc<Self>, container: &str) {
-        let Some(spec) = self.desired(container).await else { return };
+        let Some(spec) = self.desired(container).await else {
+            return;
+        };
         let id = instance_id(&self.node, container);
         let mut state = self.state.lock().await;
         self.register(&mut state, &id, spec).await;
@@ -249,7 +277,9 @@ impl Inner {
                 state.registered.insert(id.to_owned(), spec);
                 self.metrics.instances.set(state.registered.len() as i64);
             }
-            Err(e) => tracing::warn!(id, error = %e, "registration failed; the next resync retries"),
+            Err(e) => {
+                tracing::warn!(id, error = %e, "registration failed; the next resync retries")
+            }
         }
     }
 
@@ -271,7 +301,9 @@ impl Inner {
                 self.metrics.deregistrations.inc();
             }
             Err(e) if e.status() == Some(404) => {}
-            Err(e) => tracing::warn!(id, error = %e, "deregistration failed; the next resync retries"),
+            Err(e) => {
+                tracing::warn!(id, error = %e, "deregistration failed; the next resync retries")
+            }
         }
     }
 
@@ -313,14 +345,25 @@ impl Inner {
     }
 
     fn start_exec_checks(self: &Arc<Self>, state: &mut State, id: &str, spec: &InstanceSpec) {
-        if state.registered.get(id) == Some(spec) && state.exec_checks.get(id).is_some_and(|t| !t.is_finished()) {
+        if state.registered.get(id) == Some(spec)
+            && state.exec_checks.get(id).is_some_and(|t| !t.is_finished())
+        {
             return;
         }
         if let Some(t) = state.exec_checks.remove(id) {
             t.abort();
         }
-        let Some(check) = spec.checks.iter().find(|c| matches!(c.kind, CheckKind::Exec { .. })).cloned() else { return };
-        let CheckKind::Exec { command } = check.kind.clone() else { return };
+        let Some(check) = spec
+            .checks
+            .iter()
+            .find(|c| matches!(c.kind, CheckKind::Exec { .. }))
+            .cloned()
+        else {
+            return;
+        };
+        let CheckKind::Exec { command } = check.kind.clone() else {
+            return;
+        };
         let container = spec.meta.get("container_id").cloned().unwrap_or_default();
         let this = self.clone();
         let id_owned = id.to_owned();
@@ -328,7 +371,13 @@ impl Inner {
             let mut tick = tokio::time::interval(check.interval);
             loop {
                 tick.tick().await;
-                let (ok, output) = docker::exec_check(&this.docker, &container, &command, check.effective_timeout()).await;
+                let (ok, output) = docker::exec_check(
+                    &this.docker,
+                    &container,
+                    &command,
+                    check.effective_timeout(),
+                )
+                .await;
                 if let Err(e) = this.client.check_in(&id_owned, ok, &output).await {
                     tracing::debug!(id = id_owned, error = %e, "exec check report failed");
                 }

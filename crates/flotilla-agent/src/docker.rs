@@ -21,14 +21,22 @@ pub async fn connect(endpoint: &str) -> anyhow::Result<Docker> {
         Docker::connect_with_http(&url, 30, bollard::API_DEFAULT_VERSION)
     }
     .with_context(|| format!("connecting to the Docker Engine at {endpoint}"))?;
-    docker.negotiate_version().await.with_context(|| format!("talking to the Docker Engine at {endpoint}"))
+    docker
+        .negotiate_version()
+        .await
+        .with_context(|| format!("talking to the Docker Engine at {endpoint}"))
 }
 
 /// Facts about a running container, `None` if it is gone or not running.
 pub async fn inspect(docker: &Docker, id: &str) -> anyhow::Result<Option<ContainerFacts>> {
-    let info = match docker.inspect_container(id, None::<InspectContainerOptions>).await {
+    let info = match docker
+        .inspect_container(id, None::<InspectContainerOptions>)
+        .await
+    {
         Ok(i) => i,
-        Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => return Ok(None),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     let state = info.state.unwrap_or_default();
@@ -42,13 +50,20 @@ pub async fn inspect(docker: &Docker, id: &str) -> anyhow::Result<Option<Contain
         .unwrap_or_default()
         .into_iter()
         .map(|(name, ep)| {
-            let ip = ep.ip_address.filter(|s| !s.is_empty()).and_then(|s| s.parse().ok());
+            let ip = ep
+                .ip_address
+                .filter(|s| !s.is_empty())
+                .and_then(|s| s.parse().ok());
             (name, ip)
         })
         .collect();
     Ok(Some(ContainerFacts {
         id: info.id.unwrap_or_else(|| id.to_owned()),
-        name: info.name.unwrap_or_default().trim_start_matches('/').to_owned(),
+        name: info
+            .name
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_owned(),
         image: config.image.unwrap_or_default(),
         labels: config.labels.unwrap_or_default(),
         networks,
@@ -60,21 +75,40 @@ pub async fn labelled_running(docker: &Docker) -> anyhow::Result<Vec<String>> {
     let mut filters = HashMap::new();
     filters.insert("label".to_owned(), vec![SERVICE.to_owned()]);
     filters.insert("status".to_owned(), vec!["running".to_owned()]);
-    let list = docker.list_containers(Some(ListContainersOptions { all: false, filters, ..Default::default() })).await?;
+    let list = docker
+        .list_containers(Some(ListContainersOptions {
+            all: false,
+            filters,
+            ..Default::default()
+        }))
+        .await?;
     Ok(list.into_iter().filter_map(|c| c.id).collect())
 }
 
 /// Runs `command` inside the container; passing iff it exits 0 within `timeout`.
-pub async fn exec_check(docker: &Docker, container: &str, command: &[String], timeout: Duration) -> (bool, String) {
+pub async fn exec_check(
+    docker: &Docker,
+    container: &str,
+    command: &[String],
+    timeout: Duration,
+) -> (bool, String) {
     let run = async {
         let exec = docker
             .create_exec(
                 container,
-                CreateExecOptions { cmd: Some(command.to_vec()), attach_stdout: Some(true), attach_stderr: Some(true), ..Default::default() },
+                CreateExecOptions {
+                    cmd: Some(command.to_vec()),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    ..Default::default()
+                },
             )
             .await?;
         let mut output = String::new();
-        if let StartExecResults::Attached { output: mut stream, .. } = docker.start_exec(&exec.id, None).await? {
+        if let StartExecResults::Attached {
+            output: mut stream, ..
+        } = docker.start_exec(&exec.id, None).await?
+        {
             while let Some(chunk) = stream.next().await {
                 if output.len() < 1024 {
                     output.push_str(&chunk?.to_string());
@@ -86,7 +120,13 @@ pub async fn exec_check(docker: &Docker, container: &str, command: &[String], ti
     };
     match tokio::time::timeout(timeout, run).await {
         Ok(Ok((0, out))) => (true, out.trim().chars().take(512).collect()),
-        Ok(Ok((code, out))) => (false, format!("exit {code}: {}", out.trim().chars().take(512).collect::<String>())),
+        Ok(Ok((code, out))) => (
+            false,
+            format!(
+                "exit {code}: {}",
+                out.trim().chars().take(512).collect::<String>()
+            ),
+        ),
         Ok(Err(e)) => (false, format!("exec failed: {e}")),
         Err(_) => (false, format!("exec timed out after {timeout:?}")),
     }

@@ -45,18 +45,27 @@ fn label_err(label: &str, value: &str, why: impl std::fmt::Display) -> FieldErro
     FieldError::new(format!("label {label}"), format!("{value:?}: {why}"))
 }
 
-fn parse_duration(labels: &HashMap<String, String>, key: &str) -> Result<Option<Duration>, FieldError> {
+fn parse_duration(
+    labels: &HashMap<String, String>,
+    key: &str,
+) -> Result<Option<Duration>, FieldError> {
     labels
         .get(key)
         .map(|v| humantime::parse_duration(v).map_err(|e| label_err(key, v, e)))
         .transpose()
 }
 
-fn parse_num<T: std::str::FromStr>(labels: &HashMap<String, String>, key: &str) -> Result<Option<T>, FieldError>
+fn parse_num<T: std::str::FromStr>(
+    labels: &HashMap<String, String>,
+    key: &str,
+) -> Result<Option<T>, FieldError>
 where
     T::Err: std::fmt::Display,
 {
-    labels.get(key).map(|v| v.trim().parse::<T>().map_err(|e| label_err(key, v, e))).transpose()
+    labels
+        .get(key)
+        .map(|v| v.trim().parse::<T>().map_err(|e| label_err(key, v, e)))
+        .transpose()
 }
 
 /// Builds the registration for a container, `Ok(None)` if it carries no
@@ -66,8 +75,15 @@ pub fn spec_from_container(
     c: &ContainerFacts,
     default_network: Option<&str>,
 ) -> Result<Option<InstanceSpec>, FieldError> {
-    let Some(service) = c.labels.get(SERVICE) else { return Ok(None) };
-    let port: u16 = parse_num(&c.labels, PORT)?.ok_or_else(|| FieldError::new(format!("label {PORT}"), "missing: the port the service listens on"))?;
+    let Some(service) = c.labels.get(SERVICE) else {
+        return Ok(None);
+    };
+    let port: u16 = parse_num(&c.labels, PORT)?.ok_or_else(|| {
+        FieldError::new(
+            format!("label {PORT}"),
+            "missing: the port the service listens on",
+        )
+    })?;
     let network = match c.labels.get(NETWORK).map(String::as_str) {
         Some(n) => n.to_owned(),
         None => match default_network.filter(|d| c.networks.contains_key(*d)) {
@@ -84,26 +100,47 @@ pub fn spec_from_container(
     };
     let address = match c.networks.get(&network) {
         Some(Some(ip)) => *ip,
-        Some(None) => return Err(label_err(NETWORK, &network, "the container has no address on this network")),
-        None => return Err(label_err(NETWORK, &network, "the container is not attached to this network")),
+        Some(None) => {
+            return Err(label_err(
+                NETWORK,
+                &network,
+                "the container has no address on this network",
+            ))
+        }
+        None => {
+            return Err(label_err(
+                NETWORK,
+                &network,
+                "the container is not attached to this network",
+            ))
+        }
     };
     let weight = parse_num(&c.labels, WEIGHT)?.unwrap_or(100);
 
     let check = |k: &str| c.labels.get(&format!("{CHECK}{k}"));
     let mut kinds = Vec::new();
     if let Some(path) = check("http") {
-        let path = if path.is_empty() { "/".to_owned() } else { path.clone() };
+        let path = if path.is_empty() {
+            "/".to_owned()
+        } else {
+            path.clone()
+        };
         kinds.push(CheckKind::Http { path, port: None });
     }
     if let Some(v) = check("tcp") {
         let port = match v.as_str() {
             "" | "true" | "yes" | "1" => None,
-            p => Some(p.parse::<u16>().map_err(|e| label_err("flotilla.check.tcp", p, e))?),
+            p => Some(
+                p.parse::<u16>()
+                    .map_err(|e| label_err("flotilla.check.tcp", p, e))?,
+            ),
         };
         kinds.push(CheckKind::Tcp { port });
     }
     if let Some(cmd) = check("exec") {
-        kinds.push(CheckKind::Exec { command: vec!["/bin/sh".into(), "-c".into(), cmd.clone()] });
+        kinds.push(CheckKind::Exec {
+            command: vec!["/bin/sh".into(), "-c".into(), cmd.clone()],
+        });
     }
     if check("ttl").is_some() {
         let ttl = parse_duration(&c.labels, "flotilla.check.ttl")?.unwrap_or_default();
@@ -143,7 +180,15 @@ pub fn spec_from_container(
             meta.insert(key.to_owned(), v.clone());
         }
     }
-    let spec = InstanceSpec { service: service.clone(), node: Some(node.to_owned()), address, port, weight, meta, checks };
+    let spec = InstanceSpec {
+        service: service.clone(),
+        node: Some(node.to_owned()),
+        address,
+        port,
+        weight,
+        meta,
+        checks,
+    };
     spec.validate().map_err(|e| {
         let label = match e.field.split(['.', '[']).next().unwrap_or_default() {
             "service" => SERVICE.to_owned(),
@@ -166,7 +211,10 @@ mod tests {
             id: "0123456789abcdef0123".into(),
             name: "web-1".into(),
             image: "busybox".into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             networks: [("front".to_string(), Some("198.18.5.2".parse().unwrap()))].into(),
         }
     }
@@ -190,7 +238,13 @@ mod tests {
         assert_eq!((s.service.as_str(), s.port, s.weight), ("web", 8080, 300));
         assert_eq!(s.address.to_string(), "198.18.5.2");
         assert_eq!(s.checks.len(), 1);
-        assert_eq!(s.checks[0].kind, CheckKind::Http { path: "/health".into(), port: None });
+        assert_eq!(
+            s.checks[0].kind,
+            CheckKind::Http {
+                path: "/health".into(),
+                port: None
+            }
+        );
         assert_eq!(s.checks[0].interval, Duration::from_millis(500));
         assert_eq!(s.meta["version"], "1.2");
         assert_eq!(s.meta["container_name"], "web-1");
@@ -199,7 +253,13 @@ mod tests {
 
     #[test]
     fn default_check_is_tcp() {
-        let s = spec_from_container("n", &facts(&[("flotilla.service", "web"), ("flotilla.port", "80")]), None).unwrap().unwrap();
+        let s = spec_from_container(
+            "n",
+            &facts(&[("flotilla.service", "web"), ("flotilla.port", "80")]),
+            None,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(s.checks[0].kind, CheckKind::Tcp { port: None });
     }
 
@@ -207,16 +267,38 @@ mod tests {
     fn errors_name_the_label() {
         let e = spec_from_container("n", &facts(&[("flotilla.service", "web")]), None).unwrap_err();
         assert_eq!(e.field, "label flotilla.port");
-        let e = spec_from_container("n", &facts(&[("flotilla.service", "web"), ("flotilla.port", "http")]), None).unwrap_err();
+        let e = spec_from_container(
+            "n",
+            &facts(&[("flotilla.service", "web"), ("flotilla.port", "http")]),
+            None,
+        )
+        .unwrap_err();
         assert_eq!(e.field, "label flotilla.port");
-        let e = spec_from_container("n", &facts(&[("flotilla.service", "Web!"), ("flotilla.port", "80")]), None).unwrap_err();
+        let e = spec_from_container(
+            "n",
+            &facts(&[("flotilla.service", "Web!"), ("flotilla.port", "80")]),
+            None,
+        )
+        .unwrap_err();
         assert_eq!(e.field, "label flotilla.service");
-        let e = spec_from_container("n", &facts(&[("flotilla.service", "web"), ("flotilla.port", "80"), ("flotilla.network", "back")]), None)
-            .unwrap_err();
+        let e = spec_from_container(
+            "n",
+            &facts(&[
+                ("flotilla.service", "web"),
+                ("flotilla.port", "80"),
+                ("flotilla.network", "back"),
+            ]),
+            None,
+        )
+        .unwrap_err();
         assert_eq!(e.field, "label flotilla.network");
         let e = spec_from_container(
             "n",
-            &facts(&[("flotilla.service", "web"), ("flotilla.port", "80"), ("flotilla.check.interval", "soon")]),
+            &facts(&[
+                ("flotilla.service", "web"),
+                ("flotilla.port", "80"),
+                ("flotilla.check.interval", "soon"),
+            ]),
             None,
         )
         .unwrap_err();
@@ -226,8 +308,12 @@ mod tests {
     #[test]
     fn several_networks_need_a_choice() {
         let mut f = facts(&[("flotilla.service", "web"), ("flotilla.port", "80")]);
-        f.networks.insert("back".into(), Some("198.18.6.2".parse().unwrap()));
-        assert_eq!(spec_from_container("n", &f, None).unwrap_err().field, "label flotilla.network");
+        f.networks
+            .insert("back".into(), Some("198.18.6.2".parse().unwrap()));
+        assert_eq!(
+            spec_from_container("n", &f, None).unwrap_err().field,
+            "label flotilla.network"
+        );
         let s = spec_from_container("n", &f, Some("back")).unwrap().unwrap();
         assert_eq!(s.address.to_string(), "198.18.6.2");
     }

@@ -39,14 +39,42 @@ impl Default for Metrics {
             label_errors: Counter::default(),
             instances: Gauge::default(),
         };
-        registry.register("registrations", "Instances registered", m.registrations.clone());
-        registry.register("deregistrations", "Instances deregistered", m.deregistrations.clone());
-        registry.register("resyncs", "Full resyncs against the engine", m.resyncs.clone());
-        registry.register("docker_events", "Docker events handled", m.docker_events.clone());
+        registry.register(
+            "registrations",
+            "Instances registered",
+            m.registrations.clone(),
+        );
+        registry.register(
+            "deregistrations",
+            "Instances deregistered",
+            m.deregistrations.clone(),
+        );
+        registry.register(
+            "resyncs",
+            "Full resyncs against the engine",
+            m.resyncs.clone(),
+        );
+        registry.register(
+            "docker_events",
+            "Docker events handled",
+            m.docker_events.clone(),
+        );
         registry.register("lease_renewals", "Node lease renewals", m.renewals.clone());
-        registry.register("lease_renewal_failures", "Failed node lease renewals", m.renewal_failures.clone());
-        registry.register("label_errors", "Containers whose labels were rejected", m.label_errors.clone());
-        registry.register("instances", "Instances registered by this agent", m.instances.clone());
+        registry.register(
+            "lease_renewal_failures",
+            "Failed node lease renewals",
+            m.renewal_failures.clone(),
+        );
+        registry.register(
+            "label_errors",
+            "Containers whose labels were rejected",
+            m.label_errors.clone(),
+        );
+        registry.register(
+            "instances",
+            "Instances registered by this agent",
+            m.instances.clone(),
+        );
         Metrics { registry, ..m }
     }
 }

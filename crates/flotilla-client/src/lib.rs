@@ -99,7 +99,10 @@ pub struct NodeView {
 pub fn read_token(path: &Path) -> Result<String> {
     std::fs::read_to_string(path)
         .map(|t| t.trim().to_owned())
-        .map_err(|e| ClientError::Token { path: path.display().to_string(), message: e.to_string() })
+        .map_err(|e| ClientError::Token {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
 }
 
 /// A registry client.
@@ -119,7 +122,11 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .expect("HTTP client");
-        Client { base: base.trim_end_matches('/').to_owned(), token, http }
+        Client {
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            http,
+        }
     }
 
     /// Base URL.
@@ -127,8 +134,16 @@ impl Client {
         &self.base
     }
 
-    fn request(&self, method: reqwest::Method, path: &str, timeout: Duration) -> reqwest::RequestBuilder {
-        let mut req = self.http.request(method, format!("{}{}", self.base, path)).timeout(timeout);
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        timeout: Duration,
+    ) -> reqwest::RequestBuilder {
+        let mut req = self
+            .http
+            .request(method, format!("{}{}", self.base, path))
+            .timeout(timeout);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
@@ -136,88 +151,172 @@ impl Client {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
-        let req = req.build().map_err(|e| ClientError::Unreachable { url: self.base.clone(), message: e.to_string() })?;
+        let req = req.build().map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            message: e.to_string(),
+        })?;
         let url = req.url().to_string();
         let resp = self
             .http
             .execute(req)
             .await
-            .map_err(|e| ClientError::Unreachable { url: url.clone(), message: chain(&e) })?;
+            .map_err(|e| ClientError::Unreachable {
+                url: url.clone(),
+                message: chain(&e),
+            })?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable { url, message: chain(&e) })?;
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
+            url,
+            message: chain(&e),
+        })?;
         if !status.is_success() {
             let message = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()
                 .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
                 .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_owned());
-            return Err(ClientError::Status { status: status.as_u16(), message });
+            return Err(ClientError::Status {
+                status: status.as_u16(),
+                message,
+            });
         }
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Status { status: status.as_u16(), message: format!("undecodable response: {e}") })
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Status {
+            status: status.as_u16(),
+            message: format!("undecodable response: {e}"),
+        })
     }
 
     const SHORT: Duration = Duration::from_secs(10);
 
     /// `PUT /v1/nodes/{name}`: registers (or renews) a node lease.
-    pub async fn register_node(&self, name: &str, ttl: Duration, address: Option<&str>) -> Result<serde_json::Value> {
+    pub async fn register_node(
+        &self,
+        name: &str,
+        ttl: Duration,
+        address: Option<&str>,
+    ) -> Result<serde_json::Value> {
         let body = json!({ "ttl": format!("{}ms", ttl.as_millis()), "address": address });
-        self.send(self.request(reqwest::Method::PUT, &format!("/v1/nodes/{name}"), Self::SHORT).json(&body)).await
+        self.send(
+            self.request(
+                reqwest::Method::PUT,
+                &format!("/v1/nodes/{name}"),
+                Self::SHORT,
+            )
+            .json(&body),
+        )
+        .await
     }
 
     /// `PUT /v1/nodes/{name}/renew`; a 404 means the lease expired: register again.
     pub async fn renew_node(&self, name: &str, timeout: Duration) -> Result<serde_json::Value> {
-        self.send(self.request(reqwest::Method::PUT, &format!("/v1/nodes/{name}/renew"), timeout)).await
+        self.send(self.request(
+            reqwest::Method::PUT,
+            &format!("/v1/nodes/{name}/renew"),
+            timeout,
+        ))
+        .await
     }
 
     /// `DELETE /v1/nodes/{name}`: leaves gracefully, removing the node's instances.
     pub async fn leave_node(&self, name: &str) -> Result<serde_json::Value> {
-        self.send(self.request(reqwest::Method::DELETE, &format!("/v1/nodes/{name}"), Self::SHORT)).await
+        self.send(self.request(
+            reqwest::Method::DELETE,
+            &format!("/v1/nodes/{name}"),
+            Self::SHORT,
+        ))
+        .await
     }
 
     /// `GET /v1/nodes`.
     pub async fn nodes(&self) -> Result<Vec<NodeView>> {
-        self.send(self.request(reqwest::Method::GET, "/v1/nodes", Self::SHORT)).await
+        self.send(self.request(reqwest::Method::GET, "/v1/nodes", Self::SHORT))
+            .await
     }
 
     /// `PUT /v1/instances/{id}`.
     pub async fn register(&self, id: &str, spec: &InstanceSpec) -> Result<serde_json::Value> {
-        self.send(self.request(reqwest::Method::PUT, &format!("/v1/instances/{id}"), Self::SHORT).json(spec)).await
+        self.send(
+            self.request(
+                reqwest::Method::PUT,
+                &format!("/v1/instances/{id}"),
+                Self::SHORT,
+            )
+            .json(spec),
+        )
+        .await
     }
 
     /// `DELETE /v1/instances/{id}` (id or container name).
     pub async fn deregister(&self, id: &str) -> Result<serde_json::Value> {
-        self.send(self.request(reqwest::Method::DELETE, &format!("/v1/instances/{id}"), Self::SHORT)).await
+        self.send(self.request(
+            reqwest::Method::DELETE,
+            &format!("/v1/instances/{id}"),
+            Self::SHORT,
+        ))
+        .await
     }
 
     /// `PUT /v1/instances/{id}/renew` with a pushed check result.
-    pub async fn check_in(&self, id: &str, passing: bool, output: &str) -> Result<serde_json::Value> {
-        let body = json!({ "status": if passing { "passing" } else { "critical" }, "output": output });
-        self.send(self.request(reqwest::Method::PUT, &format!("/v1/instances/{id}/renew"), Self::SHORT).json(&body)).await
+    pub async fn check_in(
+        &self,
+        id: &str,
+        passing: bool,
+        output: &str,
+    ) -> Result<serde_json::Value> {
+        let body =
+            json!({ "status": if passing { "passing" } else { "critical" }, "output": output });
+        self.send(
+            self.request(
+                reqwest::Method::PUT,
+                &format!("/v1/instances/{id}/renew"),
+                Self::SHORT,
+            )
+            .json(&body),
+        )
+        .await
     }
 
     /// `GET /v1/instances?node=NODE`.
     pub async fn instances_of_node(&self, node: &str) -> Result<Vec<InstanceView>> {
-        self.send(self.request(reqwest::Method::GET, "/v1/instances", Self::SHORT).query(&[("node", node)])).await
+        self.send(
+            self.request(reqwest::Method::GET, "/v1/instances", Self::SHORT)
+                .query(&[("node", node)]),
+        )
+        .await
     }
 
     /// `GET /v1/instances`.
     pub async fn instances(&self) -> Result<Vec<InstanceView>> {
-        self.send(self.request(reqwest::Method::GET, "/v1/instances", Self::SHORT)).await
+        self.send(self.request(reqwest::Method::GET, "/v1/instances", Self::SHORT))
+            .await
     }
 
     /// `GET /v1/services`.
     pub async fn services(&self) -> Result<Vec<ServiceSummary>> {
-        self.send(self.request(reqwest::Method::GET, "/v1/services", Self::SHORT)).await
+        self.send(self.request(reqwest::Method::GET, "/v1/services", Self::SHORT))
+            .await
     }
 
     /// `GET /v1/services/{name}`, blocking while the service's index is still `index`
     /// (at most `wait`). `index = 0` answers at once.
-    pub async fn service(&self, name: &str, index: u64, wait: Duration, passing_only: bool) -> Result<ServiceInstances> {
+    pub async fn service(
+        &self,
+        name: &str,
+        index: u64,
+        wait: Duration,
+        passing_only: bool,
+    ) -> Result<ServiceInstances> {
         let query = [
             ("index", index.to_string()),
             ("wait", format!("{}ms", wait.as_millis())),
             ("passing", passing_only.to_string()),
         ];
-        let req = self.request(reqwest::Method::GET, &format!("/v1/services/{name}"), wait + Duration::from_secs(10)).query(&query);
+        let req = self
+            .request(
+                reqwest::Method::GET,
+                &format!("/v1/services/{name}"),
+                wait + Duration::from_secs(10),
+            )
+            .query(&query);
         self.send(req).await
     }
 }

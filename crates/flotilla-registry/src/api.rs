@@ -13,7 +13,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use flotilla_core::record::unix_ms;
-use flotilla_core::{validate_instance_id, validate_node_name, validate_service_name, FieldError, InstanceRecord, InstanceSpec, NodeRecord, RECORD_VERSION};
+use flotilla_core::{
+    validate_instance_id, validate_node_name, validate_service_name, FieldError, InstanceRecord,
+    InstanceSpec, NodeRecord, RECORD_VERSION,
+};
 use futures::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -41,10 +44,18 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), field: None }
+        ApiError {
+            status,
+            message: message.into(),
+            field: None,
+        }
     }
     fn field(status: StatusCode, field: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), field: Some(field.into()) }
+        ApiError {
+            status,
+            message: message.into(),
+            field: Some(field.into()),
+        }
     }
     fn not_found(what: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, format!("{what} not found"))
@@ -79,7 +90,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::field(StatusCode::PAYLOAD_TOO_LARGE, "body", "request body exceeds the size limit")
+                ApiError::field(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body",
+                    "request body exceeds the size limit",
+                )
             } else {
                 ApiError::field(StatusCode::BAD_REQUEST, "body", e.body_text())
             }
@@ -93,11 +108,22 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let inner = e.inner().to_string();
+        if e.inner().is_syntax() || e.inner().is_eof() {
+            return ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "body",
+                format!("malformed JSON: {inner}"),
+            );
+        }
         let mut field = e.path().to_string();
         // serde_path_to_error already puts an unknown field in the path, not a missing one.
         if let Some(rest) = inner.strip_prefix("missing field `") {
             let name = rest.split('`').next().unwrap_or_default();
-            field = if field == "." { name.to_owned() } else { format!("{field}.{name}") };
+            field = if field == "." {
+                name.to_owned()
+            } else {
+                format!("{field}.{name}")
+            };
         } else if field == "." || field == "?" {
             field = "body".into();
         }
@@ -109,36 +135,62 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 pub fn router(shared: Arc<Shared>) -> Router {
     let v1 = Router::new()
         .route("/v1/instances", get(list_instances))
-        .route("/v1/instances/{id}", put(put_instance).get(get_instance).delete(delete_instance))
+        .route(
+            "/v1/instances/{id}",
+            put(put_instance).get(get_instance).delete(delete_instance),
+        )
         .route("/v1/instances/{id}/renew", put(renew_instance))
         .route("/v1/services", get(list_services))
         .route("/v1/services/{name}", get(get_service))
         .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{name}", put(put_node).get(get_node).delete(delete_node))
+        .route(
+            "/v1/nodes/{name}",
+            put(put_node).get(get_node).delete(delete_node),
+        )
         .route("/v1/nodes/{name}/renew", put(renew_node))
         .route("/v1/events", get(events))
         .route("/v1/status", get(status))
-        .layer(axum::middleware::from_fn_with_state(shared.clone(), authorize));
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            authorize,
+        ));
     Router::new()
         .merge(v1)
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
-        .layer(axum::extract::DefaultBodyLimit::max(shared.config.max_body_bytes))
-        .layer(axum::middleware::from_fn_with_state(shared.clone(), count_requests))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            shared.config.max_body_bytes,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            count_requests,
+        ))
         .with_state(shared)
 }
 
 async fn count_requests(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let method = req.method().to_string();
     let resp = next.run(req).await;
-    shared.metrics.http_requests.get_or_create(&HttpLabels { method, status: resp.status().as_u16() }).inc();
+    shared
+        .metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            method,
+            status: resp.status().as_u16(),
+        })
+        .inc();
     resp
 }
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte from timing.
 fn token_matches(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 async fn authorize(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
@@ -155,13 +207,18 @@ async fn authorize(State(shared): State<Arc<Shared>>, req: Request, next: Next) 
     match given {
         Some(t) if token_matches(t.as_bytes(), shared.token.as_bytes()) => next.run(req).await,
         Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "wrong bearer token").into_response(),
-        None => ApiError::new(StatusCode::UNAUTHORIZED, "missing `Authorization: Bearer <token>`").into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing `Authorization: Bearer <token>`",
+        )
+        .into_response(),
     }
 }
 
 fn with_index<T: Serialize>(index: u64, body: T) -> Response {
     let mut resp = Json(body).into_response();
-    resp.headers_mut().insert(INDEX_HEADER, HeaderValue::from(index));
+    resp.headers_mut()
+        .insert(INDEX_HEADER, HeaderValue::from(index));
     resp
 }
 
@@ -170,7 +227,10 @@ async fn applied(shared: &Shared, revision: u64) -> Result<u64, ApiError> {
     if shared.wait_applied(revision, APPLY_WAIT).await {
         Ok(revision)
     } else {
-        Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "write stored but not yet visible on this server"))
+        Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "write stored but not yet visible on this server",
+        ))
     }
 }
 
@@ -188,7 +248,9 @@ async fn put_instance(
                 return Err(ApiError::field(
                     StatusCode::CONFLICT,
                     "node",
-                    format!("node {node:?} holds no lease; register it with PUT /v1/nodes/{node} first"),
+                    format!(
+                        "node {node:?} holds no lease; register it with PUT /v1/nodes/{node} first"
+                    ),
                 ));
             }
         }
@@ -197,33 +259,60 @@ async fn put_instance(
     if let Some(existing) = existing.filter(|e| e.spec == spec) {
         // Idempotent re-registration (agent resync): no write, no watcher wake-up.
         let index = shared.catalog().service_index(&existing.spec.service);
-        return Ok(with_index(index, json!({ "id": id, "index": index, "changed": false })));
+        return Ok(with_index(
+            index,
+            json!({ "id": id, "index": index, "changed": false }),
+        ));
     }
-    let rec = InstanceRecord { v: RECORD_VERSION, id: id.clone(), spec, registered_ms: unix_ms() };
+    let rec = InstanceRecord {
+        v: RECORD_VERSION,
+        id: id.clone(),
+        spec,
+        registered_ms: unix_ms(),
+    };
     let revision = shared
         .store
-        .put(&keys::instance(&id), serde_json::to_vec(&rec).expect("serialisable"))
+        .put(
+            &keys::instance(&id),
+            serde_json::to_vec(&rec).expect("serialisable"),
+        )
         .await
         .map_err(ApiError::store)?;
     let index = applied(&shared, revision).await?;
     tracing::info!(id, service = rec.spec.service, address = %rec.spec.address, port = rec.spec.port, "registered");
-    Ok(with_index(index, json!({ "id": id, "index": index, "changed": true })))
+    Ok(with_index(
+        index,
+        json!({ "id": id, "index": index, "changed": true }),
+    ))
 }
 
 fn resolve(shared: &Shared, id_or_name: &str) -> Result<String, ApiError> {
-    shared.catalog().resolve(id_or_name).ok_or_else(|| ApiError::not_found(&format!("instance {id_or_name:?}")))
+    shared
+        .catalog()
+        .resolve(id_or_name)
+        .ok_or_else(|| ApiError::not_found(&format!("instance {id_or_name:?}")))
 }
 
-async fn get_instance(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_instance(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = resolve(&shared, &id)?;
     let catalog = shared.catalog();
-    let rec = catalog.instance(&id).ok_or_else(|| ApiError::not_found("instance"))?;
+    let rec = catalog
+        .instance(&id)
+        .ok_or_else(|| ApiError::not_found("instance"))?;
     Ok(with_index(catalog.index(), catalog.view(rec)))
 }
 
-async fn delete_instance(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn delete_instance(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = resolve(&shared, &id)?;
-    let revision = remove_instance(&shared, &id).await.map_err(ApiError::store)?;
+    let revision = remove_instance(&shared, &id)
+        .await
+        .map_err(ApiError::store)?;
     let index = match revision {
         Some(r) => applied(&shared, r).await?,
         None => shared.catalog().index(),
@@ -246,19 +335,52 @@ fn passing() -> String {
     "passing".into()
 }
 
-async fn renew_instance(State(shared): State<Arc<Shared>>, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+async fn renew_instance(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let id = resolve(&shared, &id)?;
-    let body: RenewBody = if body.is_empty() { RenewBody { status: passing(), output: String::new() } } else { parse_json(&body)? };
+    let body: RenewBody = if body.is_empty() {
+        RenewBody {
+            status: passing(),
+            output: String::new(),
+        }
+    } else {
+        parse_json(&body)?
+    };
     let passing = match body.status.as_str() {
         "passing" => true,
         "critical" => false,
-        other => return Err(ApiError::field(StatusCode::BAD_REQUEST, "status", format!("{other:?}: expected \"passing\" or \"critical\""))),
+        other => {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "status",
+                format!("{other:?}: expected \"passing\" or \"critical\""),
+            ))
+        }
     };
     if body.output.len() > 4096 {
-        return Err(ApiError::field(StatusCode::BAD_REQUEST, "output", "at most 4096 bytes"));
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "output",
+            "at most 4096 bytes",
+        ));
     }
-    let rec = CheckinRecord { v: RECORD_VERSION, passing, output: body.output, at_ms: unix_ms() };
-    let revision = shared.store.put(&keys::checkin(&id), serde_json::to_vec(&rec).expect("serialisable")).await.map_err(ApiError::store)?;
+    let rec = CheckinRecord {
+        v: RECORD_VERSION,
+        passing,
+        output: body.output,
+        at_ms: unix_ms(),
+    };
+    let revision = shared
+        .store
+        .put(
+            &keys::checkin(&id),
+            serde_json::to_vec(&rec).expect("serialisable"),
+        )
+        .await
+        .map_err(ApiError::store)?;
     Ok(with_index(revision, json!({ "id": id, "index": revision })))
 }
 
@@ -269,11 +391,18 @@ struct InstanceFilter {
     service: Option<String>,
 }
 
-async fn list_instances(State(shared): State<Arc<Shared>>, Query(f): Query<InstanceFilter>) -> Response {
+async fn list_instances(
+    State(shared): State<Arc<Shared>>,
+    Query(f): Query<InstanceFilter>,
+) -> Response {
     let catalog = shared.catalog();
     let mut views: Vec<_> = catalog
         .instances()
-        .filter(|r| f.node.as_ref().is_none_or(|n| r.spec.node.as_ref() == Some(n)))
+        .filter(|r| {
+            f.node
+                .as_ref()
+                .is_none_or(|n| r.spec.node.as_ref() == Some(n))
+        })
         .filter(|r| f.service.as_ref().is_none_or(|s| &r.spec.service == s))
         .map(|r| catalog.view(r))
         .collect();
@@ -296,16 +425,24 @@ impl Blocking {
             None => Ok(Duration::from_secs(60).min(max)),
             Some(w) => humantime::parse_duration(w)
                 .map(|d| d.min(max))
-                .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, "wait", format!("{w:?}: {e}"))),
+                .map_err(|e| {
+                    ApiError::field(StatusCode::BAD_REQUEST, "wait", format!("{w:?}: {e}"))
+                }),
         }
     }
 }
 
 /// Blocks until `current()` moves past `index`, the wait ends, or the index went
 /// backwards (a client from another catalog: answer at once so it resyncs).
-async fn block_until(shared: &Shared, q: &Blocking, current: impl Fn(&Shared) -> u64) -> Result<(), ApiError> {
+async fn block_until(
+    shared: &Shared,
+    q: &Blocking,
+    current: impl Fn(&Shared) -> u64,
+) -> Result<(), ApiError> {
     let wait = q.wait(shared.config.max_wait)?;
-    let Some(index) = q.index.filter(|i| *i > 0) else { return Ok(()) };
+    let Some(index) = q.index.filter(|i| *i > 0) else {
+        return Ok(());
+    };
     let mut rx = shared.index_watch();
     let deadline = tokio::time::Instant::now() + wait;
     shared.metrics.waiting.inc();
@@ -334,7 +471,10 @@ fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
     Guard(f)
 }
 
-async fn list_services(State(shared): State<Arc<Shared>>, Query(q): Query<Blocking>) -> Result<Response, ApiError> {
+async fn list_services(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<Blocking>,
+) -> Result<Response, ApiError> {
     block_until(&shared, &q, |s| s.catalog().index()).await?;
     let catalog = shared.catalog();
     Ok(with_index(catalog.index(), catalog.services()))
@@ -361,7 +501,14 @@ async fn get_service(
     let catalog = shared.catalog();
     let index = catalog.service_index(&name);
     let instances = catalog.service(&name, q.passing.unwrap_or(false));
-    Ok(with_index(index, ServiceResponse { service: name, index, instances }))
+    Ok(with_index(
+        index,
+        ServiceResponse {
+            service: name,
+            index,
+            instances,
+        },
+    ))
 }
 
 /// Body of `PUT /v1/nodes/{name}`.
@@ -378,41 +525,97 @@ fn default_node_ttl() -> String {
     "3s".into()
 }
 
-async fn write_node(shared: &Shared, name: &str, ttl_ms: u64, address: Option<String>) -> Result<u64, ApiError> {
-    let renewals = shared.catalog().node(name).map(|n| n.renewals + 1).unwrap_or(0);
-    let rec = NodeRecord { v: RECORD_VERSION, name: name.to_owned(), ttl_ms, address, renewals, renewed_ms: unix_ms() };
-    let revision = shared.store.put(&keys::node(name), serde_json::to_vec(&rec).expect("serialisable")).await.map_err(ApiError::store)?;
+async fn write_node(
+    shared: &Shared,
+    name: &str,
+    ttl_ms: u64,
+    address: Option<String>,
+) -> Result<u64, ApiError> {
+    let renewals = shared
+        .catalog()
+        .node(name)
+        .map(|n| n.renewals + 1)
+        .unwrap_or(0);
+    let rec = NodeRecord {
+        v: RECORD_VERSION,
+        name: name.to_owned(),
+        ttl_ms,
+        address,
+        renewals,
+        renewed_ms: unix_ms(),
+    };
+    let revision = shared
+        .store
+        .put(
+            &keys::node(name),
+            serde_json::to_vec(&rec).expect("serialisable"),
+        )
+        .await
+        .map_err(ApiError::store)?;
     applied(shared, revision).await
 }
 
-async fn put_node(State(shared): State<Arc<Shared>>, Path(name): Path<String>, JsonBody(body): JsonBody<NodeBody>) -> Result<Response, ApiError> {
+async fn put_node(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<NodeBody>,
+) -> Result<Response, ApiError> {
     validate_node_name("name", &name)?;
-    let ttl = humantime::parse_duration(&body.ttl).map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, "ttl", format!("{:?}: {e}", body.ttl)))?;
+    let ttl = humantime::parse_duration(&body.ttl).map_err(|e| {
+        ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "ttl",
+            format!("{:?}: {e}", body.ttl),
+        )
+    })?;
     if ttl < Duration::from_millis(500) || ttl > Duration::from_secs(600) {
-        return Err(ApiError::field(StatusCode::BAD_REQUEST, "ttl", "must be 500ms..=10m"));
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "ttl",
+            "must be 500ms..=10m",
+        ));
     }
     if body.address.as_ref().is_some_and(|a| a.len() > 256) {
-        return Err(ApiError::field(StatusCode::BAD_REQUEST, "address", "at most 256 bytes"));
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "address",
+            "at most 256 bytes",
+        ));
     }
     let index = write_node(&shared, &name, ttl.as_millis() as u64, body.address).await?;
     Ok(with_index(index, json!({ "node": name, "index": index })))
 }
 
-async fn renew_node(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn renew_node(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     let Some(rec) = shared.catalog().node(&name).cloned() else {
-        return Err(ApiError::not_found(&format!("node {name:?} (lease expired or never registered)")));
+        return Err(ApiError::not_found(&format!(
+            "node {name:?} (lease expired or never registered)"
+        )));
     };
     let index = write_node(&shared, &name, rec.ttl_ms, rec.address).await?;
     Ok(with_index(index, json!({ "node": name, "index": index })))
 }
 
-async fn get_node(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn get_node(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     let catalog = shared.catalog();
-    let node = catalog.nodes().into_iter().find(|n| n.name == name).ok_or_else(|| ApiError::not_found("node"))?;
+    let node = catalog
+        .nodes()
+        .into_iter()
+        .find(|n| n.name == name)
+        .ok_or_else(|| ApiError::not_found("node"))?;
     Ok(with_index(catalog.nodes_index(), node))
 }
 
-async fn delete_node(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn delete_node(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     if shared.catalog().node(&name).is_none() {
         return Err(ApiError::not_found("node"));
     }
@@ -438,7 +641,10 @@ struct EventFilter {
 
 /// Server-sent events: one `service` event per change, with the service's instances.
 /// A client that falls behind gets a `resync` event and should re-read the services.
-async fn events(State(shared): State<Arc<Shared>>, Query(f): Query<EventFilter>) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+async fn events(
+    State(shared): State<Arc<Shared>>,
+    Query(f): Query<EventFilter>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let rx = shared.subscribe();
     let stream = BroadcastStream::new(rx).filter_map(move |item| {
         let keep = match &item {
@@ -447,7 +653,11 @@ async fn events(State(shared): State<Arc<Shared>>, Query(f): Query<EventFilter>)
         };
         let out = keep.then(|| {
             Ok(match item {
-                Ok(ev) => SseEvent::default().event("service").id(ev.index.to_string()).json_data(&ev).unwrap_or_default(),
+                Ok(ev) => SseEvent::default()
+                    .event("service")
+                    .id(ev.index.to_string())
+                    .json_data(&ev)
+                    .unwrap_or_default(),
                 Err(_) => SseEvent::default().event("resync").data("lagged"),
             })
         });
@@ -478,7 +688,10 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let mut headers = HeaderMap::new();
-    headers.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"));
+    headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
     (headers, shared.metrics.encode())
 }
 
@@ -495,13 +708,22 @@ mod tests {
 
     #[test]
     fn json_errors_name_the_field() {
-        let e = parse_json::<InstanceSpec>(br#"{"service":"web","address":"198.18.0.1","port":"eighty"}"#).unwrap_err();
+        let e = parse_json::<InstanceSpec>(
+            br#"{"service":"web","address":"198.18.0.1","port":"eighty"}"#,
+        )
+        .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("port"));
         let e = parse_json::<InstanceSpec>(br#"{"service":"web","address":"198.18.0.1","port":1,"checks":[{"type":"http","path":"/","interval":"fast"}]}"#).unwrap_err();
-        assert!(e.field.as_deref().unwrap().starts_with("checks[0]"), "{e:?}");
+        assert!(
+            e.field.as_deref().unwrap().starts_with("checks[0]"),
+            "{e:?}"
+        );
         let e = parse_json::<InstanceSpec>(br#"{"service":"web","port":1}"#).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("address"));
-        let e = parse_json::<InstanceSpec>(br#"{"service":"web","address":"198.18.0.1","port":1,"bogus":1}"#).unwrap_err();
+        let e = parse_json::<InstanceSpec>(
+            br#"{"service":"web","address":"198.18.0.1","port":1,"bogus":1}"#,
+        )
+        .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("bogus"));
         let e = parse_json::<InstanceSpec>(b"{not json").unwrap_err();
         assert_eq!(e.field.as_deref(), Some("body"));

@@ -124,7 +124,10 @@ impl Catalog {
                 changes.services.insert(old.spec.service.clone());
             }
             if let Some(rec) = entry.and_then(|e| self.decode::<InstanceRecord>(e)) {
-                self.by_service.entry(rec.spec.service.clone()).or_default().insert(id.to_owned());
+                self.by_service
+                    .entry(rec.spec.service.clone())
+                    .or_default()
+                    .insert(id.to_owned());
                 changes.services.insert(rec.spec.service.clone());
                 self.instances.insert(id.to_owned(), rec);
             }
@@ -189,10 +192,12 @@ impl Catalog {
         if self.instances.contains_key(id_or_name) {
             return Some(id_or_name.to_owned());
         }
-        let mut found = self
-            .instances
-            .values()
-            .filter(|r| r.spec.meta.get("container_name").is_some_and(|n| n == id_or_name));
+        let mut found = self.instances.values().filter(|r| {
+            r.spec
+                .meta
+                .get("container_name")
+                .is_some_and(|n| n == id_or_name)
+        });
         let first = found.next()?;
         // An ambiguous name resolves to nothing rather than to an arbitrary instance.
         found.next().is_none().then(|| first.id.clone())
@@ -243,7 +248,9 @@ impl Catalog {
 
     /// A service's instances, sorted by id; only passing ones if `passing_only`.
     pub fn service(&self, name: &str, passing_only: bool) -> Vec<InstanceView> {
-        let Some(ids) = self.by_service.get(name) else { return Vec::new() };
+        let Some(ids) = self.by_service.get(name) else {
+            return Vec::new();
+        };
         ids.iter()
             .filter_map(|id| self.instances.get(id))
             .map(|r| self.view(r))
@@ -261,7 +268,12 @@ impl Catalog {
                     .filter_map(|id| self.instances.get(id))
                     .filter(|r| self.health_of(r).0 == HealthStatus::Passing)
                     .count();
-                ServiceSummary { name: name.clone(), instances: ids.len(), passing, index: self.service_index(name) }
+                ServiceSummary {
+                    name: name.clone(),
+                    instances: ids.len(),
+                    passing,
+                    index: self.service_index(name),
+                }
             })
             .collect()
     }
@@ -293,19 +305,32 @@ impl Catalog {
 
     /// Ids of the instances a node owns.
     pub fn instances_of_node(&self, name: &str) -> Vec<String> {
-        self.instances.values().filter(|r| r.spec.node.as_deref() == Some(name)).map(|r| r.id.clone()).collect()
+        self.instances
+            .values()
+            .filter(|r| r.spec.node.as_deref() == Some(name))
+            .map(|r| r.id.clone())
+            .collect()
     }
 
     /// Count of instances and passing instances, for metrics.
     pub fn counts(&self) -> (usize, usize) {
-        let passing = self.instances.values().filter(|r| self.health_of(r).0 == HealthStatus::Passing).count();
+        let passing = self
+            .instances
+            .values()
+            .filter(|r| self.health_of(r).0 == HealthStatus::Passing)
+            .count();
         (self.instances.len(), passing)
     }
 }
 
 /// A new health record.
 pub fn health_record(status: HealthStatus, output: String) -> HealthRecord {
-    HealthRecord { v: flotilla_core::RECORD_VERSION, status, output, since_ms: unix_ms() }
+    HealthRecord {
+        v: flotilla_core::RECORD_VERSION,
+        status,
+        output,
+        since_ms: unix_ms(),
+    }
 }
 
 #[cfg(test)]
@@ -314,7 +339,11 @@ mod tests {
     use flotilla_core::{CheckKind, CheckSpec, InstanceSpec};
 
     fn put(key: &str, value: impl Serialize, revision: u64) -> Event {
-        Event::Put(Entry { key: key.into(), value: serde_json::to_vec(&value).unwrap(), revision })
+        Event::Put(Entry {
+            key: key.into(),
+            value: serde_json::to_vec(&value).unwrap(),
+            revision,
+        })
     }
 
     fn instance(id: &str, service: &str, checks: bool) -> InstanceRecord {
@@ -328,7 +357,11 @@ mod tests {
                 port: 80,
                 weight: 100,
                 meta: [("container_name".to_string(), format!("c-{id}"))].into(),
-                checks: if checks { vec![CheckSpec::new(CheckKind::Tcp { port: None })] } else { vec![] },
+                checks: if checks {
+                    vec![CheckSpec::new(CheckKind::Tcp { port: None })]
+                } else {
+                    vec![]
+                },
             },
             registered_ms: 0,
         }
@@ -342,7 +375,11 @@ mod tests {
         assert_eq!(c.service_index("web"), 5);
         assert!(c.service("web", true).is_empty());
         assert_eq!(c.service("web", false)[0].health, HealthStatus::Critical);
-        c.apply(&put("health/a", health_record(HealthStatus::Passing, "ok".into()), 6));
+        c.apply(&put(
+            "health/a",
+            health_record(HealthStatus::Passing, "ok".into()),
+            6,
+        ));
         assert_eq!(c.service("web", true).len(), 1);
         assert_eq!(c.service_index("web"), 6);
     }
@@ -355,10 +392,17 @@ mod tests {
         assert_eq!(ch.services.len(), 2);
         assert!(c.service("web", false).is_empty());
         assert_eq!(c.service("api", false).len(), 1);
-        let ch = c.apply(&Event::Delete { key: "instances/a".into(), revision: 3 });
+        let ch = c.apply(&Event::Delete {
+            key: "instances/a".into(),
+            revision: 3,
+        });
         assert!(ch.services.contains("api"));
         assert!(c.services().is_empty());
-        assert_eq!(c.service_index("api"), 3, "index survives the service's removal");
+        assert_eq!(
+            c.service_index("api"),
+            3,
+            "index survives the service's removal"
+        );
     }
 
     #[test]
@@ -373,7 +417,11 @@ mod tests {
     #[test]
     fn undecodable_records_are_noted_not_fatal() {
         let mut c = Catalog::default();
-        c.apply(&Event::Put(Entry { key: "instances/x".into(), value: b"{bad".to_vec(), revision: 1 }));
+        c.apply(&Event::Put(Entry {
+            key: "instances/x".into(),
+            value: b"{bad".to_vec(),
+            revision: 1,
+        }));
         assert!(c.instance("x").is_none());
         assert!(c.undecodable.contains("instances/x"));
     }

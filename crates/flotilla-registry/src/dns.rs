@@ -29,7 +29,11 @@ impl DnsHandler {
     /// A handler for `domain` (e.g. `flotilla`).
     pub fn new(shared: Arc<Shared>, domain: &str) -> Self {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-        DnsHandler { shared, service_suffix: format!(".service.{domain}."), addr_suffix: format!(".addr.{domain}.") }
+        DnsHandler {
+            shared,
+            service_suffix: format!(".service.{domain}."),
+            addr_suffix: format!(".addr.{domain}."),
+        }
     }
 
     /// Records answering `qname`/`qtype`; `None` for a name we do not know (NXDOMAIN).
@@ -47,13 +51,26 @@ impl DnsHandler {
             for inst in &instances {
                 match qtype {
                     RecordType::SRV => {
-                        let target = Name::from_str(&format!("{}{}", hex_label(&inst.address), self.addr_suffix)).ok()?;
+                        let target = Name::from_str(&format!(
+                            "{}{}",
+                            hex_label(&inst.address),
+                            self.addr_suffix
+                        ))
+                        .ok()?;
                         let weight = inst.weight.min(u16::MAX as u32) as u16;
-                        answers.push(Record::from_rdata(name.clone(), 0, RData::SRV(SRV::new(1, weight, inst.port, target.clone()))));
+                        answers.push(Record::from_rdata(
+                            name.clone(),
+                            0,
+                            RData::SRV(SRV::new(1, weight, inst.port, target.clone())),
+                        ));
                         additionals.push(address_record(target, inst.address));
                     }
-                    RecordType::A if inst.address.is_ipv4() => answers.push(address_record(name.clone(), inst.address)),
-                    RecordType::AAAA if inst.address.is_ipv6() => answers.push(address_record(name.clone(), inst.address)),
+                    RecordType::A if inst.address.is_ipv4() => {
+                        answers.push(address_record(name.clone(), inst.address))
+                    }
+                    RecordType::AAAA if inst.address.is_ipv6() => {
+                        answers.push(address_record(name.clone(), inst.address))
+                    }
                     _ => {}
                 }
             }
@@ -61,8 +78,18 @@ impl DnsHandler {
         }
         if let Some(label) = qname.strip_suffix(&self.addr_suffix) {
             let ip = parse_hex_label(label)?;
-            let fits = matches!((qtype, ip), (RecordType::A, IpAddr::V4(_)) | (RecordType::AAAA, IpAddr::V6(_)));
-            return Some((if fits { vec![address_record(name, ip)] } else { vec![] }, vec![]));
+            let fits = matches!(
+                (qtype, ip),
+                (RecordType::A, IpAddr::V4(_)) | (RecordType::AAAA, IpAddr::V6(_))
+            );
+            return Some((
+                if fits {
+                    vec![address_record(name, ip)]
+                } else {
+                    vec![]
+                },
+                vec![],
+            ));
         }
         None
     }
@@ -95,7 +122,11 @@ fn address_record(name: Name, ip: IpAddr) -> Record {
 
 #[async_trait::async_trait]
 impl RequestHandler for DnsHandler {
-    async fn handle_request<R: ResponseHandler>(&self, request: &Request, mut response: R) -> ResponseInfo {
+    async fn handle_request<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        mut response: R,
+    ) -> ResponseInfo {
         self.shared.metrics.dns_queries.inc();
         let builder = MessageResponseBuilder::from_message_request(request);
         let mut header = Header::response_from_request(request.header());
@@ -103,28 +134,50 @@ impl RequestHandler for DnsHandler {
         header.set_authoritative(true);
         if request.op_code() != OpCode::Query || request.message_type() != MessageType::Query {
             let resp = builder.error_msg(request.header(), ResponseCode::NotImp);
-            return response.send_response(resp).await.unwrap_or_else(|_| header.into());
+            return response
+                .send_response(resp)
+                .await
+                .unwrap_or_else(|_| header.into());
         }
         let query = request.query();
         let qname = query.name().to_string();
         match self.answer(&qname, query.query_type()) {
             Some((answers, additionals)) => {
-                let resp = builder.build(header, answers.iter(), [].iter(), [].iter(), additionals.iter());
-                response.send_response(resp).await.unwrap_or_else(|_| header.into())
+                let resp = builder.build(
+                    header,
+                    answers.iter(),
+                    [].iter(),
+                    [].iter(),
+                    additionals.iter(),
+                );
+                response
+                    .send_response(resp)
+                    .await
+                    .unwrap_or_else(|_| header.into())
             }
             None => {
                 header.set_response_code(ResponseCode::NXDomain);
                 let resp = builder.build_no_records(header);
-                response.send_response(resp).await.unwrap_or_else(|_| header.into())
+                response
+                    .send_response(resp)
+                    .await
+                    .unwrap_or_else(|_| header.into())
             }
         }
     }
 }
 
 /// Binds UDP and TCP on `addr` and serves until the process ends.
-pub async fn serve(shared: Arc<Shared>, addr: SocketAddr, domain: &str) -> std::io::Result<ServerFuture<DnsHandler>> {
+pub async fn serve(
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    domain: &str,
+) -> std::io::Result<ServerFuture<DnsHandler>> {
     let mut server = ServerFuture::new(DnsHandler::new(shared, domain));
     server.register_socket(tokio::net::UdpSocket::bind(addr).await?);
-    server.register_listener(tokio::net::TcpListener::bind(addr).await?, Duration::from_secs(5));
+    server.register_listener(
+        tokio::net::TcpListener::bind(addr).await?,
+        Duration::from_secs(5),
+    );
     Ok(server)
 }

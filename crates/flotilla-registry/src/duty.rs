@@ -24,7 +24,11 @@ const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 /// Campaigns for the duty forever; runs it while elected.
 pub async fn run(shared: Arc<Shared>, candidate: String) {
     loop {
-        let mut leadership = match shared.store.campaign(keys::DUTY_ELECTION, &candidate, shared.config.leader_ttl).await {
+        let mut leadership = match shared
+            .store
+            .campaign(keys::DUTY_ELECTION, &candidate, shared.config.leader_ttl)
+            .await
+        {
             Ok(l) => l,
             Err(e) => {
                 shared.note_store_error(&e, "campaign");
@@ -67,7 +71,13 @@ impl Drop for Duty {
 
 impl Duty {
     fn new(shared: Arc<Shared>) -> Self {
-        Duty { shared, checkers: HashMap::new(), leases: LeaseTable::default(), orphans: HashMap::new(), seen_index: 0 }
+        Duty {
+            shared,
+            checkers: HashMap::new(),
+            leases: LeaseTable::default(),
+            orphans: HashMap::new(),
+            seen_index: 0,
+        }
     }
 
     async fn run(&mut self) {
@@ -104,9 +114,18 @@ impl Duty {
             if rec.spec.checks.is_empty() || self.checkers.contains_key(&rec.id) {
                 continue;
             }
-            let initial = catalog.health_record(&rec.id).map(|h| h.status).unwrap_or(HealthStatus::Critical);
+            let initial = catalog
+                .health_record(&rec.id)
+                .map(|h| h.status)
+                .unwrap_or(HealthStatus::Critical);
             let task = tokio::spawn(check_instance(self.shared.clone(), rec.clone(), initial));
-            self.checkers.insert(rec.id.clone(), Checker { spec: rec.clone(), task });
+            self.checkers.insert(
+                rec.id.clone(),
+                Checker {
+                    spec: rec.clone(),
+                    task,
+                },
+            );
         }
     }
 
@@ -116,14 +135,22 @@ impl Duty {
             let nodes = catalog.nodes();
             for n in &nodes {
                 if let Some(rec) = catalog.node(&n.name) {
-                    self.leases.observe(&n.name, Duration::from_millis(rec.ttl_ms), rec.renewals, now);
+                    self.leases.observe(
+                        &n.name,
+                        Duration::from_millis(rec.ttl_ms),
+                        rec.renewals,
+                        now,
+                    );
                 }
             }
             self.leases.retain(&|name| catalog.node(name).is_some());
             self.leases.expired(now)
         };
         for node in expired {
-            tracing::warn!(node, "node lease expired: removing the node and its instances");
+            tracing::warn!(
+                node,
+                "node lease expired: removing the node and its instances"
+            );
             if remove_node(&self.shared, &node).await.is_ok() {
                 self.leases.remove(&node);
                 self.shared.metrics.node_expirations.inc();
@@ -136,7 +163,12 @@ impl Duty {
             let catalog = self.shared.catalog();
             catalog
                 .instances()
-                .filter(|r| r.spec.node.as_deref().is_some_and(|n| catalog.node(n).is_none()))
+                .filter(|r| {
+                    r.spec
+                        .node
+                        .as_deref()
+                        .is_some_and(|n| catalog.node(n).is_none())
+                })
                 .map(|r| r.id.clone())
                 .collect()
         };
@@ -155,7 +187,10 @@ impl Duty {
 }
 
 /// Deletes an instance with its health and check-in records; returns the last revision.
-pub async fn remove_instance(shared: &Shared, id: &str) -> Result<Option<u64>, flotilla_store::StoreError> {
+pub async fn remove_instance(
+    shared: &Shared,
+    id: &str,
+) -> Result<Option<u64>, flotilla_store::StoreError> {
     let mut last = None;
     for key in [keys::instance(id), keys::health(id), keys::checkin(id)] {
         match shared.store.delete(&key).await {
@@ -171,7 +206,10 @@ pub async fn remove_instance(shared: &Shared, id: &str) -> Result<Option<u64>, f
 }
 
 /// Deletes a node and every instance it owns; returns the last revision.
-pub async fn remove_node(shared: &Shared, node: &str) -> Result<Option<u64>, flotilla_store::StoreError> {
+pub async fn remove_node(
+    shared: &Shared,
+    node: &str,
+) -> Result<Option<u64>, flotilla_store::StoreError> {
     let ids = shared.catalog().instances_of_node(node);
     let mut last = None;
     for id in ids {
@@ -211,26 +249,45 @@ async fn check_instance(shared: Arc<Shared>, rec: InstanceRecord, initial: Healt
         .collect();
     let mut written = initial;
     loop {
-        let due = runs.iter().map(|r| r.next).min().expect("at least one check");
+        let due = runs
+            .iter()
+            .map(|r| r.next)
+            .min()
+            .expect("at least one check");
         tokio::time::sleep_until(due).await;
         let now = tokio::time::Instant::now();
         let mut output = String::new();
         for run in runs.iter_mut().filter(|r| r.next <= now) {
             run.next = now + run.spec.interval;
             let (ok, out) = probe(&shared, &rec, run, now.into_std()).await;
-            shared.metrics.probes.get_or_create(&ProbeLabels { kind: kind_name(&run.spec.kind).into(), outcome: if ok { "ok" } else { "fail" }.into() }).inc();
-            run.hysteresis.observe(ok, tokio::time::Instant::now().into_std());
+            shared
+                .metrics
+                .probes
+                .get_or_create(&ProbeLabels {
+                    kind: kind_name(&run.spec.kind).into(),
+                    outcome: if ok { "ok" } else { "fail" }.into(),
+                })
+                .inc();
+            run.hysteresis
+                .observe(ok, tokio::time::Instant::now().into_std());
             if !ok || output.is_empty() {
                 output = out;
             }
         }
-        let status = if runs.iter().all(|r| r.hysteresis.status() == HealthStatus::Passing) {
+        let status = if runs
+            .iter()
+            .all(|r| r.hysteresis.status() == HealthStatus::Passing)
+        {
             HealthStatus::Passing
         } else {
             HealthStatus::Critical
         };
         let now_std = tokio::time::Instant::now().into_std();
-        let reap = runs.iter().any(|r| r.spec.deregister_after.is_some_and(|after| r.hysteresis.critical_for(after, now_std)));
+        let reap = runs.iter().any(|r| {
+            r.spec
+                .deregister_after
+                .is_some_and(|after| r.hysteresis.critical_for(after, now_std))
+        });
         if reap {
             tracing::warn!(id = rec.id, "critical past deregister_after: removing");
             if remove_instance(&shared, &rec.id).await.is_ok() {
@@ -240,11 +297,18 @@ async fn check_instance(shared: Arc<Shared>, rec: InstanceRecord, initial: Healt
         }
         let stored = shared.catalog().health_record(&rec.id).map(|h| h.status);
         if status != written || stored.is_none() {
-            let value = serde_json::to_vec(&health_record(status, output.clone())).expect("serialisable");
+            let value =
+                serde_json::to_vec(&health_record(status, output.clone())).expect("serialisable");
             match shared.store.put(&keys::health(&rec.id), value).await {
                 Ok(_) => {
                     if status != written {
-                        tracing::info!(id = rec.id, service = rec.spec.service, ?status, output, "health changed");
+                        tracing::info!(
+                            id = rec.id,
+                            service = rec.spec.service,
+                            ?status,
+                            output,
+                            "health changed"
+                        );
                         shared.metrics.transitions.inc();
                     }
                     written = status;
@@ -264,14 +328,22 @@ fn kind_name(kind: &CheckKind) -> &'static str {
     }
 }
 
-async fn probe(shared: &Shared, rec: &InstanceRecord, run: &mut CheckRun, now: Instant) -> (bool, String) {
+async fn probe(
+    shared: &Shared,
+    rec: &InstanceRecord,
+    run: &mut CheckRun,
+    now: Instant,
+) -> (bool, String) {
     let timeout = run.spec.effective_timeout();
-    let target = |port: Option<u16>| SocketAddr::new(rec.spec.address, port.unwrap_or(rec.spec.port));
+    let target =
+        |port: Option<u16>| SocketAddr::new(rec.spec.address, port.unwrap_or(rec.spec.port));
     match &run.spec.kind {
         CheckKind::Http { path, port } => {
             let url = format!("http://{}{}", target(*port), path);
             match shared.http.get(&url).timeout(timeout).send().await {
-                Ok(resp) if resp.status().is_success() => (true, format!("HTTP {}", resp.status().as_u16())),
+                Ok(resp) if resp.status().is_success() => {
+                    (true, format!("HTTP {}", resp.status().as_u16()))
+                }
                 Ok(resp) => (false, format!("HTTP {} from {url}", resp.status().as_u16())),
                 Err(e) => (false, format!("GET {url}: {}", error_chain(&e))),
             }
@@ -281,7 +353,10 @@ async fn probe(shared: &Shared, rec: &InstanceRecord, run: &mut CheckRun, now: I
             match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
                 Ok(Ok(_)) => (true, format!("TCP connect {addr} ok")),
                 Ok(Err(e)) => (false, format!("TCP connect {addr}: {e}")),
-                Err(_) => (false, format!("TCP connect {addr}: timed out after {timeout:?}")),
+                Err(_) => (
+                    false,
+                    format!("TCP connect {addr}: timed out after {timeout:?}"),
+                ),
             }
         }
         CheckKind::Ttl { ttl } => pushed(shared, rec, run, *ttl, now),
@@ -293,7 +368,13 @@ async fn probe(shared: &Shared, rec: &InstanceRecord, run: &mut CheckRun, now: I
 }
 
 /// A pushed result passes while it is passing and was seen within `fresh`.
-fn pushed(shared: &Shared, rec: &InstanceRecord, run: &mut CheckRun, fresh: Duration, now: Instant) -> (bool, String) {
+fn pushed(
+    shared: &Shared,
+    rec: &InstanceRecord,
+    run: &mut CheckRun,
+    fresh: Duration,
+    now: Instant,
+) -> (bool, String) {
     let catalog = shared.catalog();
     let Some((checkin, revision)) = catalog.checkin(&rec.id) else {
         return (false, "no check-in yet".into());
@@ -307,9 +388,22 @@ fn pushed(shared: &Shared, rec: &InstanceRecord, run: &mut CheckRun, fresh: Dura
     };
     let age = now.saturating_duration_since(seen);
     if age > fresh {
-        (false, format!("no check-in for {}", humantime::format_duration(Duration::from_millis(age.as_millis() as u64))))
+        (
+            false,
+            format!(
+                "no check-in for {}",
+                humantime::format_duration(Duration::from_millis(age.as_millis() as u64))
+            ),
+        )
     } else if checkin.passing {
-        (true, if checkin.output.is_empty() { "checked in".into() } else { checkin.output.clone() })
+        (
+            true,
+            if checkin.output.is_empty() {
+                "checked in".into()
+            } else {
+                checkin.output.clone()
+            },
+        )
     } else {
         (false, checkin.output.clone())
     }

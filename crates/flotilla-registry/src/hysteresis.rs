@@ -56,7 +56,8 @@ impl Hysteresis {
 
     /// Whether the check has been critical for at least `after`.
     pub fn critical_for(&self, after: Duration, now: Instant) -> bool {
-        self.critical_since.is_some_and(|since| now.saturating_duration_since(since) >= after)
+        self.critical_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= after)
     }
 }
 

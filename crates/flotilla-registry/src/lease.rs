@@ -26,9 +26,22 @@ impl LeaseTable {
     pub fn observe(&mut self, node: &str, ttl: Duration, renewals: u64, now: Instant) {
         match self.leases.get_mut(node) {
             Some(l) if l.renewals == renewals => l.ttl = ttl,
-            Some(l) => *l = Lease { ttl, renewals, seen: now },
+            Some(l) => {
+                *l = Lease {
+                    ttl,
+                    renewals,
+                    seen: now,
+                }
+            }
             None => {
-                self.leases.insert(node.to_owned(), Lease { ttl, renewals, seen: now });
+                self.leases.insert(
+                    node.to_owned(),
+                    Lease {
+                        ttl,
+                        renewals,
+                        seen: now,
+                    },
+                );
             }
         }
     }

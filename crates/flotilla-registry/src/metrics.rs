@@ -77,19 +77,59 @@ impl Default for Metrics {
             dns_queries: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("http_requests", "HTTP requests served", m.http_requests.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests served",
+            m.http_requests.clone(),
+        );
         registry.register("instances", "Registered instances", m.instances.clone());
-        registry.register("passing_instances", "Instances passing their checks", m.passing.clone());
+        registry.register(
+            "passing_instances",
+            "Instances passing their checks",
+            m.passing.clone(),
+        );
         registry.register("nodes", "Nodes holding a lease", m.nodes.clone());
-        registry.register("leader", "1 while this server runs the checking duty", m.leader.clone());
-        registry.register("catalog_index", "Store revision applied to the catalog", m.catalog_index.clone());
+        registry.register(
+            "leader",
+            "1 while this server runs the checking duty",
+            m.leader.clone(),
+        );
+        registry.register(
+            "catalog_index",
+            "Store revision applied to the catalog",
+            m.catalog_index.clone(),
+        );
         registry.register("probes", "Health probes run", m.probes.clone());
-        registry.register("health_transitions", "Health verdict changes written", m.transitions.clone());
-        registry.register("node_expirations", "Nodes expired for lease silence", m.node_expirations.clone());
-        registry.register("reaped_instances", "Instances removed by deregister_after or as orphans", m.reaped.clone());
-        registry.register("blocking_waiters", "Blocking queries waiting", m.waiting.clone());
-        registry.register("store_errors", "Store operations that failed", m.store_errors.clone());
-        registry.register("catalog_resyncs", "Catalog rebuilds from a fresh snapshot", m.resyncs.clone());
+        registry.register(
+            "health_transitions",
+            "Health verdict changes written",
+            m.transitions.clone(),
+        );
+        registry.register(
+            "node_expirations",
+            "Nodes expired for lease silence",
+            m.node_expirations.clone(),
+        );
+        registry.register(
+            "reaped_instances",
+            "Instances removed by deregister_after or as orphans",
+            m.reaped.clone(),
+        );
+        registry.register(
+            "blocking_waiters",
+            "Blocking queries waiting",
+            m.waiting.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Store operations that failed",
+            m.store_errors.clone(),
+        );
+        registry.register(
+            "catalog_resyncs",
+            "Catalog rebuilds from a fresh snapshot",
+            m.resyncs.clone(),
+        );
         registry.register("dns_queries", "DNS queries answered", m.dns_queries.clone());
         Metrics { registry, ..m }
     }

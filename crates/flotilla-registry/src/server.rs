@@ -45,12 +45,17 @@ pub fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
     match std::fs::read_to_string(path) {
         Ok(t) => {
             let t = t.trim().to_owned();
-            anyhow::ensure!(t.len() >= 16, "{}: token is shorter than 16 characters", path.display());
+            anyhow::ensure!(
+                t.len() >= 16,
+                "{}: token is shorter than 16 characters",
+                path.display()
+            );
             Ok(t)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
             }
             let mut bytes = [0u8; 32];
             rand::thread_rng().fill_bytes(&mut bytes);
@@ -66,7 +71,11 @@ pub fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(contents.as_bytes())?;
     f.write_all(b"\n")
 }
@@ -75,19 +84,28 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 pub async fn open_store(config: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
     let url: StoreUrl = config.store.parse()?;
     Ok(match url {
-        StoreUrl::Embedded => Arc::new(EmbeddedStore::open(&config.data_dir).with_context(|| {
-            format!("opening the embedded store in {} (is another server using it?)", config.data_dir.display())
-        })?),
-        StoreUrl::Etcd(endpoints) => {
-            Arc::new(EtcdStore::connect(&endpoints, "/flotilla/").await.context("connecting to etcd")?)
+        StoreUrl::Embedded => {
+            Arc::new(EmbeddedStore::open(&config.data_dir).with_context(|| {
+                format!(
+                    "opening the embedded store in {} (is another server using it?)",
+                    config.data_dir.display()
+                )
+            })?)
         }
+        StoreUrl::Etcd(endpoints) => Arc::new(
+            EtcdStore::connect(&endpoints, "/flotilla/")
+                .await
+                .context("connecting to etcd")?,
+        ),
     })
 }
 
 /// Starts a server on an already-open store. `config` must be validated.
 pub async fn start(config: ServerConfig, store: Arc<dyn Store>) -> anyhow::Result<RunningServer> {
     let token = load_or_create_token(&config.token_path())?;
-    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
     let http_addr = listener.local_addr()?;
     let shared = Shared::new(store, config.clone(), token);
     let mut tasks = vec![tokio::spawn(shared.clone().run_catalog_sync())];
@@ -102,7 +120,9 @@ pub async fn start(config: ServerConfig, store: Arc<dyn Store>) -> anyhow::Resul
     let mut dns_addr = None;
     if !config.dns_listen.is_empty() {
         let addr: SocketAddr = config.dns_listen.parse()?;
-        let mut dns = crate::dns::serve(shared.clone(), addr, &config.dns_domain).await.with_context(|| format!("binding DNS on {addr}"))?;
+        let mut dns = crate::dns::serve(shared.clone(), addr, &config.dns_domain)
+            .await
+            .with_context(|| format!("binding DNS on {addr}"))?;
         dns_addr = Some(addr);
         tasks.push(tokio::spawn(async move {
             if let Err(e) = dns.block_until_done().await {
@@ -111,9 +131,16 @@ pub async fn start(config: ServerConfig, store: Arc<dyn Store>) -> anyhow::Resul
         }));
     }
     tracing::info!(%http_addr, ?dns_addr, store = shared.store.kind(), "registry serving");
-    Ok(RunningServer { shared, http_addr, dns_addr, tasks })
+    Ok(RunningServer {
+        shared,
+        http_addr,
+        dns_addr,
+        tasks,
+    })
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "unknown".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
 }

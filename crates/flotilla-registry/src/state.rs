@@ -102,7 +102,9 @@ impl Shared {
     /// Waits until the catalog has applied `index` (read-your-writes after a store write).
     pub async fn wait_applied(&self, index: u64, within: Duration) -> bool {
         let mut rx = self.index_tx.subscribe();
-        tokio::time::timeout(within, rx.wait_for(|applied| *applied >= index)).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(within, rx.wait_for(|applied| *applied >= index))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     fn publish(&self, changes: &Changes) {
@@ -154,11 +156,19 @@ impl Shared {
                 self.metrics.resyncs.inc();
             }
             self.publish(&changes);
-            tracing::info!(index = snapshot.revision, entries = snapshot.entries.len(), "catalog loaded");
+            tracing::info!(
+                index = snapshot.revision,
+                entries = snapshot.entries.len(),
+                "catalog loaded"
+            );
             while let Some(item) = stream.next().await {
                 match item {
                     Ok(event) => {
-                        let changes = self.catalog.write().unwrap_or_else(|p| p.into_inner()).apply(&event);
+                        let changes = self
+                            .catalog
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .apply(&event);
                         self.publish(&changes);
                     }
                     Err(e) => {

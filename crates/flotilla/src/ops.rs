@@ -14,10 +14,17 @@ pub fn client(args: &ClientArgs) -> anyhow::Result<Client> {
     let server = args
         .server
         .clone()
-        .or_else(|| std::fs::read_to_string(home.join("server")).ok().map(|s| s.trim().to_owned()))
+        .or_else(|| {
+            std::fs::read_to_string(home.join("server"))
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
         .unwrap_or_else(|| flotilla_client::DEFAULT_SERVER.to_owned());
     let default_token = home.join("token");
-    let file = args.token_file.clone().or_else(|| default_token.exists().then_some(default_token));
+    let file = args
+        .token_file
+        .clone()
+        .or_else(|| default_token.exists().then_some(default_token));
     Ok(Client::new(&server, token_from(file.as_deref())?))
 }
 
@@ -36,12 +43,18 @@ pub async fn ps(args: PsArgs) -> anyhow::Result<()> {
     if args.client.json {
         return print_json(&list);
     }
-    println!("{:<24} {:<14} {:<22} {:<10} {:>6}  {:<16} OUTPUT", "ID", "SERVICE", "ADDRESS", "HEALTH", "WEIGHT", "CONTAINER");
+    println!(
+        "{:<24} {:<14} {:<22} {:<10} {:>6}  {:<16} OUTPUT",
+        "ID", "SERVICE", "ADDRESS", "HEALTH", "WEIGHT", "CONTAINER"
+    );
     for i in list {
         let addr = std::net::SocketAddr::new(i.address, i.port).to_string();
         let health = format!("{:?}", i.health).to_lowercase();
         let container = i.meta.get("container_name").cloned().unwrap_or_default();
-        println!("{:<24} {:<14} {:<22} {:<10} {:>6}  {:<16} {}", i.id, i.service, addr, health, i.weight, container, i.output);
+        println!(
+            "{:<24} {:<14} {:<22} {:<10} {:>6}  {:<16} {}",
+            i.id, i.service, addr, health, i.weight, container, i.output
+        );
     }
     Ok(())
 }
@@ -52,9 +65,15 @@ pub async fn services(args: ClientArgs) -> anyhow::Result<()> {
     if args.json {
         return print_json(&list);
     }
-    println!("{:<24} {:>9} {:>8} {:>10}", "SERVICE", "INSTANCES", "PASSING", "INDEX");
+    println!(
+        "{:<24} {:>9} {:>8} {:>10}",
+        "SERVICE", "INSTANCES", "PASSING", "INDEX"
+    );
     for s in list {
-        println!("{:<24} {:>9} {:>8} {:>10}", s.name, s.instances, s.passing, s.index);
+        println!(
+            "{:<24} {:>9} {:>8} {:>10}",
+            s.name, s.instances, s.passing, s.index
+        );
     }
     Ok(())
 }
@@ -65,9 +84,18 @@ pub async fn nodes(args: ClientArgs) -> anyhow::Result<()> {
     if args.json {
         return print_json(&list);
     }
-    println!("{:<24} {:<20} {:>8} {:>9}", "NODE", "ADDRESS", "TTL", "INSTANCES");
+    println!(
+        "{:<24} {:<20} {:>8} {:>9}",
+        "NODE", "ADDRESS", "TTL", "INSTANCES"
+    );
     for n in list {
-        println!("{:<24} {:<20} {:>7}ms {:>9}", n.name, n.address.unwrap_or_default(), n.ttl_ms, n.instances);
+        println!(
+            "{:<24} {:<20} {:>7}ms {:>9}",
+            n.name,
+            n.address.unwrap_or_default(),
+            n.ttl_ms,
+            n.instances
+        );
     }
     Ok(())
 }
@@ -75,7 +103,12 @@ pub async fn nodes(args: ClientArgs) -> anyhow::Result<()> {
 /// `flotilla deregister`.
 pub async fn deregister(args: DeregisterArgs) -> anyhow::Result<()> {
     let v = client(&args.client)?.deregister(&args.instance).await?;
-    println!("deregistered {}", v.get("id").and_then(|i| i.as_str()).unwrap_or(&args.instance));
+    println!(
+        "deregistered {}",
+        v.get("id")
+            .and_then(|i| i.as_str())
+            .unwrap_or(&args.instance)
+    );
     Ok(())
 }
 
@@ -85,11 +118,24 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     let mut index = 0;
     let mut seen = 0;
     loop {
-        let s = c.service(&args.service, index, Duration::from_secs(60), true).await.context("watching")?;
+        let s = c
+            .service(&args.service, index, Duration::from_secs(60), true)
+            .await
+            .context("watching")?;
         if s.index != index {
             index = s.index;
-            let addrs: Vec<String> = s.instances.iter().map(|i| std::net::SocketAddr::new(i.address, i.port).to_string()).collect();
-            println!("{} index={} passing={} [{}]", args.service, s.index, s.instances.len(), addrs.join(", "));
+            let addrs: Vec<String> = s
+                .instances
+                .iter()
+                .map(|i| std::net::SocketAddr::new(i.address, i.port).to_string())
+                .collect();
+            println!(
+                "{} index={} passing={} [{}]",
+                args.service,
+                s.index,
+                s.instances.len(),
+                addrs.join(", ")
+            );
             seen += 1;
             if args.count > 0 && seen >= args.count {
                 return Ok(());

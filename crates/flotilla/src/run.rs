@@ -34,9 +34,15 @@ fn load<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> anyhow
     }
 }
 
-fn checked<T>(path: Option<&Path>, result: Result<T, flotilla_core::FieldError>) -> anyhow::Result<T> {
+fn checked<T>(
+    path: Option<&Path>,
+    result: Result<T, flotilla_core::FieldError>,
+) -> anyhow::Result<T> {
     result.map_err(|e| match path {
-        Some(p) => usage(ConfigError::Invalid { path: p.to_owned(), error: e }),
+        Some(p) => usage(ConfigError::Invalid {
+            path: p.to_owned(),
+            error: e,
+        }),
         None => usage(e),
     })
 }
@@ -65,7 +71,8 @@ pub fn server_config(args: &ServerArgs) -> anyhow::Result<ServerConfig> {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -128,19 +135,24 @@ pub fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "localhost".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let config = agent_config(&args)?;
-    let token = token_from(config.token_file.as_deref())?
-        .ok_or_else(|| usage("the agent needs a token: --token-file FILE, FLOTILLA_TOKEN_FILE or FLOTILLA_TOKEN"))?;
+    let token = token_from(config.token_file.as_deref())?.ok_or_else(|| {
+        usage("the agent needs a token: --token-file FILE, FLOTILLA_TOKEN_FILE or FLOTILLA_TOKEN")
+    })?;
     let metrics_listen = config.metrics_listen.clone();
     let agent = flotilla_agent::Agent::connect(config, token).await?;
     let handle = agent.start().await?;
     let handle = std::sync::Arc::new(tokio::sync::Mutex::new(Some(handle)));
     if !metrics_listen.is_empty() {
-        let listener = tokio::net::TcpListener::bind(&metrics_listen).await.with_context(|| format!("binding {metrics_listen}"))?;
+        let listener = tokio::net::TcpListener::bind(&metrics_listen)
+            .await
+            .with_context(|| format!("binding {metrics_listen}"))?;
         let h = handle.clone();
         let app = axum_metrics_router(h);
         tokio::spawn(async move {
@@ -154,12 +166,21 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn axum_metrics_router(handle: std::sync::Arc<tokio::sync::Mutex<Option<flotilla_agent::AgentHandle>>>) -> axum::Router {
+fn axum_metrics_router(
+    handle: std::sync::Arc<tokio::sync::Mutex<Option<flotilla_agent::AgentHandle>>>,
+) -> axum::Router {
     axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
             let handle = handle.clone();
-            async move { handle.lock().await.as_ref().map(|h| h.metrics()).unwrap_or_default() }
+            async move {
+                handle
+                    .lock()
+                    .await
+                    .as_ref()
+                    .map(|h| h.metrics())
+                    .unwrap_or_default()
+            }
         }),
     )
 }
@@ -169,7 +190,10 @@ pub fn flotilla_home() -> PathBuf {
     if let Some(h) = std::env::var_os("FLOTILLA_HOME") {
         return PathBuf::from(h);
     }
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib")).join(".flotilla")
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib"))
+        .join(".flotilla")
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
@@ -185,7 +209,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let store = flotilla_registry::open_store(&config).await?;
     let mut running = flotilla_registry::start(config.clone(), store).await?;
     let url = format!("http://{}", running.http_addr);
-    std::fs::write(home.join("server"), format!("{url}\n")).context("writing the server URL file")?;
+    std::fs::write(home.join("server"), format!("{url}\n"))
+        .context("writing the server URL file")?;
     let agent = if args.no_agent {
         None
     } else {
@@ -202,12 +227,26 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         Some(agent.start().await?)
     };
     println!("flotilla is up");
-    println!("  registry API   {url}   (token in {})", home.join("token").display());
+    println!(
+        "  registry API   {url}   (token in {})",
+        home.join("token").display()
+    );
     if let Some(dns) = running.dns_addr {
-        println!("  DNS            {dns}   (dig @{} -p {} web.service.flotilla SRV)", dns.ip(), dns.port());
+        println!(
+            "  DNS            {dns}   (dig @{} -p {} web.service.flotilla SRV)",
+            dns.ip(),
+            dns.port()
+        );
     }
     println!("  metrics        {url}/metrics");
-    println!("  agent          {}", if agent.is_some() { "watching Docker for containers labelled flotilla.service=NAME" } else { "off" });
+    println!(
+        "  agent          {}",
+        if agent.is_some() {
+            "watching Docker for containers labelled flotilla.service=NAME"
+        } else {
+            "off"
+        }
+    );
     println!("  try            flotilla ps");
     let result = tokio::select! {
         r = running.wait() => r,

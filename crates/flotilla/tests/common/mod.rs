@@ -1,0 +1,242 @@
+//! Harness for the end-to-end tests: real `flotilla` processes (so they can be
+//! SIGKILLed), a real Docker engine, real etcd.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla_client::Client;
+use flotilla_testkit::{free_port, wait_for_port};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+
+/// A `flotilla` child process, killed on drop.
+pub struct Proc {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str], log: PathBuf) -> Proc {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("FLOTILLA_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn flotilla");
+        Proc {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// SIGKILL: no goodbye, as if the host died.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a graceful stop.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe_kill(c.id(), 15);
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A registry server process.
+pub struct Server {
+    pub proc: Proc,
+    pub url: String,
+    pub port: u16,
+    pub dns_port: u16,
+    pub token_file: PathBuf,
+    pub data_dir: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Server {
+    /// Starts a server in `dir` with extra flags, waiting until it answers /healthz.
+    pub fn start(dir: &Path, name: &str, extra: &[&str]) -> Server {
+        let port = free_port();
+        let dns_port = free_port();
+        let data_dir = dir.join(name);
+        let token_file = dir.join("token");
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let proc = Self::spawn(dir, name, port, dns_port, &data_dir, &token_file, &extra);
+        let s = Server {
+            proc,
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            dns_port,
+            token_file,
+            data_dir,
+            extra,
+        };
+        s.wait_ready();
+        s
+    }
+
+    fn spawn(
+        dir: &Path,
+        name: &str,
+        port: u16,
+        dns_port: u16,
+        data_dir: &Path,
+        token_file: &Path,
+        extra: &[String],
+    ) -> Proc {
+        let mut args = vec![
+            "server".to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--dns-listen".into(),
+            format!("127.0.0.1:{dns_port}"),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--token-file".into(),
+            token_file.display().to_string(),
+        ];
+        args.extend(extra.iter().cloned());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::spawn(&argv, dir.join(format!("{name}.log")))
+    }
+
+    /// Starts the same server again (same port, data dir and flags).
+    pub fn restart(&mut self, dir: &Path, name: &str) {
+        self.proc.kill();
+        self.proc = Self::spawn(
+            dir,
+            name,
+            self.port,
+            self.dns_port,
+            &self.data_dir,
+            &self.token_file,
+            &self.extra,
+        );
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        wait_for_port(
+            format!("127.0.0.1:{}", self.port).parse().unwrap(),
+            Duration::from_secs(20),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.proc.log_text()));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(r) = raw::blocking_get(&format!("{}/healthz", self.url)) {
+                if r == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("server not healthy\n{}", self.proc.log_text());
+    }
+
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(&self.token_file)
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.url, Some(self.token()))
+    }
+}
+
+/// Minimal blocking GET returning the status, for readiness polling without a runtime.
+pub mod raw {
+    pub fn blocking_get(url: &str) -> std::io::Result<u16> {
+        use std::io::{Read, Write};
+        let rest = url.strip_prefix("http://").unwrap();
+        let (host, path) = rest
+            .split_once('/')
+            .map(|(h, p)| (h, format!("/{p}")))
+            .unwrap_or((rest, "/".into()));
+        let mut s = std::net::TcpStream::connect(host)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf)?;
+        Ok(buf
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0))
+    }
+}
+
+/// An agent process for `server`, as node `node`.
+pub fn agent(dir: &Path, server: &Server, node: &str, network: Option<&str>) -> Proc {
+    let token = server.token_file.display().to_string();
+    let mut args = vec![
+        "agent",
+        "--server",
+        &server.url,
+        "--token-file",
+        &token,
+        "--node",
+        node,
+    ];
+    if let Some(n) = network {
+        args.extend(["--default-network", n]);
+    }
+    Proc::spawn(&args, dir.join(format!("agent-{node}.log")))
+}
+
+/// Polls `f` every 20 ms until it returns true or `within` passes; returns the elapsed time.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if f().await {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out after {within:?} waiting for: {what}");
+}
+
+/// Passing instances of `service`.
+pub async fn passing(client: &Client, service: &str) -> Vec<flotilla_core::InstanceView> {
+    client
+        .service(service, 0, Duration::ZERO, true)
+        .await
+        .map(|s| s.instances)
+        .unwrap_or_default()
+}

@@ -1,0 +1,533 @@
+//! The registry's API on a real server process: auth, validation, blocking queries,
+//! DNS, TTL checks, persistence across restarts.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{eventually, passing, Server};
+use serde_json::{json, Value};
+
+async fn raw(
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .request(method, url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.header("content-type", "application/json").body(b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn spec(port: u16) -> Value {
+    json!({ "service": "api", "address": "127.0.0.1", "port": port })
+}
+
+#[tokio::test]
+async fn writes_need_the_token_and_bad_input_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let token = server.token();
+    let meta = std::fs::metadata(&server.token_file).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600,
+        "token file is private"
+    );
+    let url = format!("{}/v1/instances/a1", server.url);
+    let body = serde_json::to_vec(&spec(1)).unwrap();
+
+    let (s, _) = raw(reqwest::Method::PUT, &url, None, Some(body.clone())).await;
+    assert_eq!(s, 401);
+    let (s, _) = raw(
+        reqwest::Method::PUT,
+        &url,
+        Some("not-the-token"),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(s, 401);
+    let (s, _) = raw(
+        reqwest::Method::GET,
+        &format!("{}/v1/services", server.url),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, 401, "reads need the token unless open_reads");
+
+    let (s, v) = raw(
+        reqwest::Method::PUT,
+        &url,
+        Some(&token),
+        Some(b"{\"service\": ".to_vec()),
+    )
+    .await;
+    assert_eq!((s, v["field"].as_str()), (400, Some("body")), "{v}");
+    let (s, v) = raw(
+        reqwest::Method::PUT,
+        &url,
+        Some(&token),
+        Some(br#"{"service":"api","address":"127.0.0.1","port":70000}"#.to_vec()),
+    )
+    .await;
+    assert_eq!((s, v["field"].as_str()), (400, Some("port")), "{v}");
+    let (s, v) = raw(
+        reqwest::Method::PUT,
+        &url,
+        Some(&token),
+        Some(br#"{"service":"API!","address":"127.0.0.1","port":7}"#.to_vec()),
+    )
+    .await;
+    assert_eq!((s, v["field"].as_str()), (400, Some("service")), "{v}");
+    let bad_check = json!({"service":"api","address":"127.0.0.1","port":7,"checks":[{"type":"http","path":"/","fall":0}]});
+    let (s, v) = raw(
+        reqwest::Method::PUT,
+        &url,
+        Some(&token),
+        Some(serde_json::to_vec(&bad_check).unwrap()),
+    )
+    .await;
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (400, Some("checks[0].fall")),
+        "{v}"
+    );
+    let (s, v) = raw(
+        reqwest::Method::PUT,
+        &url,
+        Some(&token),
+        Some(br#"{"service":"api","address":"127.0.0.1","port":7,"colour":"red"}"#.to_vec()),
+    )
+    .await;
+    assert_eq!((s, v["field"].as_str()), (400, Some("colour")), "{v}");
+    let big =
+        json!({"service":"api","address":"127.0.0.1","port":7,"meta":{"x":"y".repeat(100_000)}});
+    let (s, v) = raw(
+        reqwest::Method::PUT,
+        &url,
+        Some(&token),
+        Some(serde_json::to_vec(&big).unwrap()),
+    )
+    .await;
+    assert_eq!((s, v["field"].as_str()), (413, Some("body")), "{v}");
+    let (s, v) = raw(
+        reqwest::Method::PUT,
+        &format!("{}/v1/instances/..%2Fetc", server.url),
+        Some(&token),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!((s, v["field"].as_str()), (400, Some("id")), "{v}");
+    let with_node = json!({"service":"api","address":"127.0.0.1","port":7,"node":"ghost"});
+    let (s, v) = raw(
+        reqwest::Method::PUT,
+        &url,
+        Some(&token),
+        Some(serde_json::to_vec(&with_node).unwrap()),
+    )
+    .await;
+    assert_eq!((s, v["field"].as_str()), (409, Some("node")), "{v}");
+
+    // Nothing above changed the catalog.
+    let (s, v) = raw(
+        reqwest::Method::GET,
+        &format!("{}/v1/instances", server.url),
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!((s, v), (200, json!([])));
+    let (_, status) = raw(
+        reqwest::Method::GET,
+        &format!("{}/v1/status", server.url),
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(status["index"], 0, "no write reached the store: {status}");
+
+    // And the valid request works.
+    let (s, v) = raw(reqwest::Method::PUT, &url, Some(&token), Some(body)).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _) = raw(
+        reqwest::Method::GET,
+        &format!("{}/metrics", server.url),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+}
+
+#[tokio::test]
+async fn blocking_query_wakes_on_change_and_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    client
+        .register("a1", &serde_json::from_value(spec(1)).unwrap())
+        .await
+        .unwrap();
+    let index = client
+        .service("api", 0, Duration::ZERO, false)
+        .await
+        .unwrap()
+        .index;
+    assert!(index > 0);
+
+    // Nothing changes: the query returns after the wait with the same index.
+    let t = Instant::now();
+    let same = client
+        .service("api", index, Duration::from_millis(700), false)
+        .await
+        .unwrap();
+    let waited = t.elapsed();
+    assert_eq!(same.index, index);
+    assert!(
+        waited >= Duration::from_millis(650) && waited < Duration::from_secs(3),
+        "waited {waited:?}"
+    );
+
+    // A change to another service does not wake it; a change to this one does, at once.
+    let c2 = client.clone();
+    let watcher = tokio::spawn(async move {
+        let t = Instant::now();
+        let r = c2
+            .service("api", index, Duration::from_secs(20), false)
+            .await
+            .unwrap();
+        (r, t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let other = serde_json::json!({"service":"other","address":"127.0.0.1","port":2});
+    client
+        .register("o1", &serde_json::from_value(other).unwrap())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !watcher.is_finished(),
+        "a change to another service must not wake the watcher"
+    );
+    let changed = Instant::now();
+    client
+        .register("a2", &serde_json::from_value(spec(2)).unwrap())
+        .await
+        .unwrap();
+    let (r, _) = watcher.await.unwrap();
+    let latency = changed.elapsed();
+    assert!(r.index > index);
+    assert_eq!(r.instances.len(), 2);
+    assert!(latency < Duration::from_secs(1), "woke after {latency:?}");
+    eprintln!("blocking watcher woke {latency:?} after the change was sent");
+}
+
+fn dig(port: u16, name: &str, qtype: &str) -> String {
+    let out = Command::new("dig")
+        .args([
+            "@127.0.0.1",
+            "-p",
+            &port.to_string(),
+            name,
+            qtype,
+            "+short",
+            "+tries=3",
+            "+time=2",
+        ])
+        .output()
+        .expect("dig (install dnsutils)");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[tokio::test]
+async fn dns_answers_a_and_srv_for_passing_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let a = json!({"service":"web","address":"198.18.1.10","port":8080,"weight":300});
+    let b = json!({"service":"web","address":"198.18.1.11","port":8081});
+    // A TTL-checked instance that never checks in stays critical and out of DNS.
+    let c = json!({"service":"web","address":"198.18.1.12","port":8082,"checks":[{"type":"ttl","ttl":"5s"}]});
+    client
+        .register("a", &serde_json::from_value(a).unwrap())
+        .await
+        .unwrap();
+    client
+        .register("b", &serde_json::from_value(b).unwrap())
+        .await
+        .unwrap();
+    client
+        .register("c", &serde_json::from_value(c).unwrap())
+        .await
+        .unwrap();
+
+    let a_records = dig(server.dns_port, "web.service.flotilla", "A");
+    let mut lines: Vec<&str> = a_records.lines().collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        ["198.18.1.10", "198.18.1.11"],
+        "dig output: {a_records}"
+    );
+
+    let srv = dig(server.dns_port, "web.service.flotilla", "SRV");
+    assert!(srv.contains("1 300 8080 c612010a.addr.flotilla."), "{srv}");
+    assert!(srv.contains("1 100 8081 c612010b.addr.flotilla."), "{srv}");
+    assert!(
+        !srv.contains("8082"),
+        "critical instance must not be served: {srv}"
+    );
+    assert_eq!(
+        dig(server.dns_port, "c612010a.addr.flotilla", "A").trim(),
+        "198.18.1.10"
+    );
+
+    let out = Command::new("dig")
+        .args([
+            "@127.0.0.1",
+            "-p",
+            &server.dns_port.to_string(),
+            "nothing.service.flotilla",
+            "A",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("NXDOMAIN"));
+
+    // Renewing the TTL check brings c in.
+    client.check_in("c", true, "alive").await.unwrap();
+    eventually(Duration::from_secs(5), "c passing", || async {
+        passing(&client, "web").await.len() == 3
+    })
+    .await;
+    assert!(dig(server.dns_port, "web.service.flotilla", "SRV").contains("8082"));
+}
+
+#[tokio::test]
+async fn ttl_check_goes_critical_when_renewals_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let c = json!({"service":"job","address":"127.0.0.1","port":1,
+                   "checks":[{"type":"ttl","ttl":"1s","interval":"200ms","fall":1}]});
+    client
+        .register("t1", &serde_json::from_value(c).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        passing(&client, "job").await.is_empty(),
+        "new instance starts critical"
+    );
+    client.check_in("t1", true, "").await.unwrap();
+    eventually(Duration::from_secs(3), "passing after check-in", || async {
+        passing(&client, "job").await.len() == 1
+    })
+    .await;
+    let stopped = Instant::now();
+    eventually(Duration::from_secs(4), "critical after silence", || async {
+        passing(&client, "job").await.is_empty()
+    })
+    .await;
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(800),
+        "went critical before the TTL ran out"
+    );
+    // A critical check-in is critical at once.
+    client.check_in("t1", true, "").await.unwrap();
+    eventually(Duration::from_secs(3), "passing again", || async {
+        passing(&client, "job").await.len() == 1
+    })
+    .await;
+    client.check_in("t1", false, "disk full").await.unwrap();
+    eventually(
+        Duration::from_secs(3),
+        "critical on a failing report",
+        || async { passing(&client, "job").await.is_empty() },
+    )
+    .await;
+    let view = client
+        .service("job", 0, Duration::ZERO, false)
+        .await
+        .unwrap();
+    assert_eq!(view.instances[0].output, "disk full");
+}
+
+#[tokio::test]
+async fn http_check_hysteresis_and_deregister_after_on_a_real_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    // A real HTTP endpoint whose answer the test flips.
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let h = healthy.clone();
+    let app = axum::Router::new().route(
+        "/health",
+        axum::routing::get(move || {
+            let h = h.clone();
+            async move {
+                if h.load(std::sync::atomic::Ordering::Relaxed) {
+                    (axum::http::StatusCode::OK, "ok")
+                } else {
+                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "no")
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let s = json!({"service":"web","address":"127.0.0.1","port":port,
+                   "checks":[{"type":"http","path":"/health","interval":"200ms","rise":2,"fall":2,"deregister_after":"1500ms"}]});
+    client
+        .register("h1", &serde_json::from_value(s).unwrap())
+        .await
+        .unwrap();
+    let up = eventually(Duration::from_secs(3), "passing", || async {
+        passing(&client, "web").await.len() == 1
+    })
+    .await;
+    assert!(
+        up >= Duration::from_millis(150),
+        "rise 2 needs two probes, got passing after {up:?}"
+    );
+    healthy.store(false, std::sync::atomic::Ordering::Relaxed);
+    eventually(Duration::from_secs(3), "critical", || async {
+        passing(&client, "web").await.is_empty()
+    })
+    .await;
+    let view = client
+        .service("web", 0, Duration::ZERO, false)
+        .await
+        .unwrap();
+    assert!(
+        view.instances[0].output.contains("503"),
+        "{:?}",
+        view.instances[0].output
+    );
+    eventually(
+        Duration::from_secs(5),
+        "deregistered after 1.5s critical",
+        || async {
+            client
+                .service("web", 0, Duration::ZERO, false)
+                .await
+                .unwrap()
+                .instances
+                .is_empty()
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn embedded_catalog_survives_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    client
+        .register("keep", &serde_json::from_value(spec(9)).unwrap())
+        .await
+        .unwrap();
+    let before = client
+        .service("api", 0, Duration::ZERO, false)
+        .await
+        .unwrap();
+    server.restart(dir.path(), "s");
+    let client = server.client();
+    let after = client
+        .service("api", 0, Duration::ZERO, false)
+        .await
+        .unwrap();
+    assert_eq!(after.instances.len(), 1);
+    assert_eq!(after.instances[0].id, "keep");
+    assert_eq!(after.index, before.index, "the index survives too");
+    client
+        .register("more", &serde_json::from_value(spec(10)).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        client
+            .service("api", 0, Duration::ZERO, false)
+            .await
+            .unwrap()
+            .index
+            > before.index
+    );
+}
+
+#[tokio::test]
+async fn bad_config_exits_2_naming_file_line_and_key_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = flotilla_testkit::free_port();
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!("listen = \"127.0.0.1:{port}\"\nstore = \"embedded\"\nlisen = 1\n"),
+    )
+    .unwrap();
+    let out = Command::new(common::BIN)
+        .args(["server", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("server.toml") && err.contains("line 3") && err.contains("lisen"),
+        "{err}"
+    );
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+        "port must not have been bound"
+    );
+
+    std::fs::write(&cfg, "store = \"redis://x:1\"\n").unwrap();
+    let out = Command::new(common::BIN)
+        .args(["server", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("store") && err.contains("redis://x:1"),
+        "{err}"
+    );
+
+    let out = Command::new(common::BIN)
+        .args(["server", "--listen", "not-an-address"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(common::BIN)
+        .args([
+            "agent",
+            "--server",
+            "ftp://x",
+            "--token-file",
+            "/nonexistent",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
