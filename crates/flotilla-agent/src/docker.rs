@@ -93,6 +93,15 @@ pub async fn exec_check(
     timeout: Duration,
 ) -> (bool, String) {
     let run = async {
+        // Never exec into a paused container: runc would block in the frozen cgroup.
+        let state = docker
+            .inspect_container(container, None::<InspectContainerOptions>)
+            .await?
+            .state
+            .unwrap_or_default();
+        if state.paused.unwrap_or(false) || !state.running.unwrap_or(false) {
+            return Ok((-1, "container is not running".to_owned()));
+        }
         let exec = docker
             .create_exec(
                 container,

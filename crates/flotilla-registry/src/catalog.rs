@@ -99,9 +99,19 @@ impl Catalog {
         self.index
     }
 
-    /// Index of the last change to `service` (0 if never seen).
+    /// Index of the last change to `service`. A service never seen answers with the
+    /// catalog index, so a blocking query on it waits for its first registration (and
+    /// may wake early, harmlessly, on other changes).
     pub fn service_index(&self, service: &str) -> u64 {
-        self.service_index.get(service).copied().unwrap_or(0)
+        self.service_index
+            .get(service)
+            .copied()
+            .unwrap_or(self.index)
+    }
+
+    /// Whether `service` has (or had) instances.
+    pub fn knows_service(&self, service: &str) -> bool {
+        self.service_index.contains_key(service)
     }
 
     /// Index of the last change to any node.

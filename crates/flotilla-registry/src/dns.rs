@@ -42,7 +42,7 @@ impl DnsHandler {
         let name = Name::from_str(&qname).ok()?;
         if let Some(service) = qname.strip_suffix(&self.service_suffix) {
             let catalog = self.shared.catalog();
-            if catalog.service_index(service) == 0 && catalog.service(service, false).is_empty() {
+            if !catalog.knows_service(service) {
                 return None;
             }
             let instances = catalog.service(service, true);
