@@ -1,1 +1,31 @@
-fn main() {}
+//! flotilla's benchmark and experiment harnesses.
+//!
+//! Each subcommand drives real processes (the release `flotilla` binary, etcd) and
+//! reports figures with the machine they ran on, as Markdown and optionally JSON.
+
+mod registry;
+
+use clap::{Parser, Subcommand};
+
+/// Benchmarks for flotilla.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla-bench", about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Registry under load: many instances, many blocking watchers, a steady change rate;
+    /// change-to-watcher latency and server memory, on the embedded store and on etcd.
+    Registry(registry::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Cmd::Registry(args) => rt.block_on(registry::run(args)),
+    }
+}
