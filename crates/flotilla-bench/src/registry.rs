@@ -37,6 +37,10 @@ pub struct Args {
     /// Shorter run (5 s, 2,000 instances) for a quick look.
     #[arg(long)]
     quick: bool,
+    /// Directory for etcd's data (default: a temp dir on the system disk). Pointing it at
+    /// a tmpfs such as /dev/shm shows how much of etcd's latency is its fsync.
+    #[arg(long)]
+    etcd_dir: Option<PathBuf>,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -249,8 +253,13 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
         outcomes.push(one_run(&args, "embedded (redb)", "embedded").await?);
     }
     if matches!(args.store.as_str(), "etcd" | "both") {
-        let etcd = tokio::task::spawn_blocking(|| flotilla_testkit::EtcdCluster::start(3)).await??;
-        outcomes.push(one_run(&args, "etcd (3 members)", &etcd.store_url()).await?);
+        let dir = args.etcd_dir.clone();
+        let etcd = tokio::task::spawn_blocking(move || flotilla_testkit::EtcdCluster::start_in(3, dir.as_deref())).await??;
+        let label = match &args.etcd_dir {
+            Some(d) => format!("etcd (3 members, data in {})", d.display()),
+            None => "etcd (3 members)".to_owned(),
+        };
+        outcomes.push(one_run(&args, &label, &etcd.store_url()).await?);
     }
     println!(
         "\n| store | instances | watchers | rate/s | sent | failed | observed | p50 ms | p99 ms | p99.9 ms | max ms | write p99 ms | server peak RSS MB |"

@@ -82,7 +82,16 @@ pub struct EtcdCluster {
 impl EtcdCluster {
     /// Starts `n` members and waits until the cluster answers.
     pub fn start(n: usize) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
+        Self::start_in(n, None)
+    }
+
+    /// Like [`EtcdCluster::start`], with the members' data under `base` (e.g. a tmpfs,
+    /// to separate etcd's fsync cost from flotilla's in a benchmark).
+    pub fn start_in(n: usize, base: Option<&std::path::Path>) -> Result<Self> {
+        let dir = match base {
+            Some(b) => tempfile::tempdir_in(b)?,
+            None => tempfile::tempdir()?,
+        };
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let token = unique("flotilla-etcd");
         let initial: Vec<String> = ports

@@ -531,3 +531,37 @@ async fn bad_config_exits_2_naming_file_line_and_key_before_binding() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn sse_stream_reports_each_service_change_with_its_instances() {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{}/v1/events?service=api", server.url))
+        .bearer_auth(server.token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    client.register("skip", &serde_json::from_value(json!({"service":"other","address":"127.0.0.1","port":1})).unwrap()).await.unwrap();
+    client.register("e1", &serde_json::from_value(spec(5)).unwrap()).await.unwrap();
+    let mut text = String::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !text.contains("\n\n") && Instant::now() < deadline {
+        if let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_secs(1), body.next()).await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+    assert!(text.contains("event: service"), "{text}");
+    let data = text.lines().find_map(|l| l.strip_prefix("data: ")).expect("a data line");
+    let ev: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(ev["service"], "api", "filtered to the service asked for");
+    assert_eq!(ev["instances"][0]["id"], "e1");
+    assert_eq!(ev["instances"][0]["health"], "passing");
+}
