@@ -3,6 +3,7 @@
 //! Each subcommand drives real processes (the release `flotilla` binary, etcd) and
 //! reports figures with the machine they ran on, as Markdown and optionally JSON.
 
+mod discovery;
 mod registry;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +21,8 @@ enum Cmd {
     /// Registry under load: many instances, many blocking watchers, a steady change rate;
     /// change-to-watcher latency and server memory, on the embedded store and on etcd.
     Registry(registry::Args),
+    /// Join / leave / host-loss detection times on the real Docker engine.
+    Discovery(discovery::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -27,5 +30,6 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Cmd::Registry(args) => rt.block_on(registry::run(args)),
+        Cmd::Discovery(args) => rt.block_on(discovery::run(args)),
     }
 }
