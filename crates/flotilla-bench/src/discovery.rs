@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use flotilla_client::Client;
-use flotilla_testkit::{busybox_image, docker, free_port, unique, wait_for_port, Container, DockerNetwork};
+use flotilla_testkit::{
+    busybox_image, docker, free_port, unique, wait_for_port, Container, DockerNetwork,
+};
 use serde::Serialize;
 
 /// Flags of the discovery benchmark.
@@ -37,9 +39,23 @@ impl Drop for Proc {
 }
 
 fn spawn(args: &[&str]) -> anyhow::Result<Proc> {
-    let bin = std::env::current_exe()?.parent().context("exe dir")?.join("flotilla");
-    anyhow::ensure!(bin.exists(), "{} not found: run `cargo build --release -p flotilla` first", bin.display());
-    Ok(Proc(Command::new(bin).args(args).env("RUST_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::null()).spawn()?))
+    let bin = std::env::current_exe()?
+        .parent()
+        .context("exe dir")?
+        .join("flotilla");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} not found: run `cargo build --release -p flotilla` first",
+        bin.display()
+    );
+    Ok(Proc(
+        Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()?,
+    ))
 }
 
 #[derive(Debug, Serialize)]
@@ -54,15 +70,27 @@ struct Summary {
 fn summary(what: &str, mut xs: Vec<f64>) -> Summary {
     xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let at = |p: f64| xs[((xs.len() as f64 - 1.0) * p).round() as usize];
-    Summary { what: what.to_owned(), runs: xs.len(), median_ms: at(0.5), p90_ms: at(0.9), max_ms: *xs.last().unwrap() }
+    Summary {
+        what: what.to_owned(),
+        runs: xs.len(),
+        median_ms: at(0.5),
+        p90_ms: at(0.9),
+        max_ms: *xs.last().unwrap(),
+    }
 }
 
 /// Blocks on the service until `pred(passing count)` holds; returns when it did.
-async fn wait_until(client: &Client, service: &str, pred: impl Fn(usize) -> bool) -> anyhow::Result<Instant> {
+async fn wait_until(
+    client: &Client,
+    service: &str,
+    pred: impl Fn(usize) -> bool,
+) -> anyhow::Result<Instant> {
     let mut index = 0;
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        let s = client.service(service, index, Duration::from_secs(5), true).await?;
+        let s = client
+            .service(service, index, Duration::from_secs(5), true)
+            .await?;
         if pred(s.instances.len()) {
             return Ok(Instant::now());
         }
@@ -79,13 +107,31 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let data = dir.path().join("data");
     let url = format!("http://127.0.0.1:{port}");
     let _server = spawn(&[
-        "server", "--listen", &format!("127.0.0.1:{port}"), "--dns-listen", "",
-        "--data-dir", data.to_str().unwrap(), "--token-file", token.to_str().unwrap(),
+        "server",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--dns-listen",
+        "",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--token-file",
+        token.to_str().unwrap(),
     ])?;
-    wait_for_port(format!("127.0.0.1:{port}").parse()?, Duration::from_secs(20))?;
+    wait_for_port(
+        format!("127.0.0.1:{port}").parse()?,
+        Duration::from_secs(20),
+    )?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let client = Client::new(&url, Some(flotilla_client::read_token(&token)?));
-    let agent_args = ["agent", "--server", url.as_str(), "--token-file", token.to_str().unwrap(), "--node", "bench-host"];
+    let agent_args = [
+        "agent",
+        "--server",
+        url.as_str(),
+        "--token-file",
+        token.to_str().unwrap(),
+        "--node",
+        "bench-host",
+    ];
     let mut agent = Some(spawn(&agent_args)?);
     let image = busybox_image()?;
     let net = DockerNetwork::create("flotilla-bench")?;
@@ -101,7 +147,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let t = Instant::now();
         let service_label = format!("flotilla.service={service}");
-        let c = Container::run(&name, &["--network", &net.name, "-l", &service_label, "-l", "flotilla.port=80", "-l", "flotilla.check.http=/health", image, "httpd", "-f", "-p", "80", "-h", "/www"])?;
+        let c = Container::run(
+            &name,
+            &[
+                "--network",
+                &net.name,
+                "-l",
+                &service_label,
+                "-l",
+                "flotilla.port=80",
+                "-l",
+                "flotilla.check.http=/health",
+                image,
+                "httpd",
+                "-f",
+                "-p",
+                "80",
+                "-h",
+                "/www",
+            ],
+        )?;
         let seen = watcher.await??;
         joins.push((seen - t).as_secs_f64() * 1000.0);
         let watcher = {
@@ -118,7 +183,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for i in 0..args.host_runs {
         let service = format!("bench-host-{i}");
         let service_label = format!("flotilla.service={service}");
-        let c = Container::run(&unique("flotilla-bench"), &["--network", &net.name, "-l", &service_label, "-l", "flotilla.port=80", image, "httpd", "-f", "-p", "80", "-h", "/www"])?;
+        let c = Container::run(
+            &unique("flotilla-bench"),
+            &[
+                "--network",
+                &net.name,
+                "-l",
+                &service_label,
+                "-l",
+                "flotilla.port=80",
+                image,
+                "httpd",
+                "-f",
+                "-p",
+                "80",
+                "-h",
+                "/www",
+            ],
+        )?;
         wait_until(&client, &service, |n| n == 1).await?;
         // Kill at a random point of the renewal cycle.
         tokio::time::sleep(Duration::from_millis(137 * (i as u64 + 1) % 1000)).await;
@@ -138,11 +220,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let rows = vec![
         summary("join: docker run → passing at a blocking watcher", joins),
         summary("leave: docker kill → out of the passing set", leaves),
-        summary("host loss: agent SIGKILL → instances out (lease TTL 3 s)", hosts),
+        summary(
+            "host loss: agent SIGKILL → instances out (lease TTL 3 s)",
+            hosts,
+        ),
     ];
     println!("\n| event | runs | median ms | p90 ms | max ms |\n|---|---|---|---|---|");
     for r in &rows {
-        println!("| {} | {} | {:.0} | {:.0} | {:.0} |", r.what, r.runs, r.median_ms, r.p90_ms, r.max_ms);
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.0} |",
+            r.what, r.runs, r.median_ms, r.p90_ms, r.max_ms
+        );
     }
     if let Some(p) = &args.json {
         std::fs::write(p, serde_json::to_string_pretty(&rows)?)?;

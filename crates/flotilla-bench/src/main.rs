@@ -27,7 +27,9 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
         Cmd::Registry(args) => rt.block_on(registry::run(args)),
         Cmd::Discovery(args) => rt.block_on(discovery::run(args)),

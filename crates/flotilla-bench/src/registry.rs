@@ -77,7 +77,10 @@ fn flotilla_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe.parent().context("exe dir")?.join("flotilla");
     if !bin.exists() {
-        bail!("{} not found: build it first with `cargo build --release -p flotilla`", bin.display());
+        bail!(
+            "{} not found: build it first with `cargo build --release -p flotilla`",
+            bin.display()
+        );
     }
     Ok(bin)
 }
@@ -85,8 +88,16 @@ fn flotilla_binary() -> anyhow::Result<PathBuf> {
 fn peak_rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_owned()))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l.to_owned())
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
 }
@@ -116,7 +127,13 @@ async fn one_run(args: &Args, store_name: &str, store_url: &str) -> anyhow::Resu
     let port = flotilla_testkit::free_port();
     let token_file = dir.path().join("token");
     let child = Command::new(flotilla_binary()?)
-        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--dns-listen", ""])
+        .args([
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--dns-listen",
+            "",
+        ])
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .arg("--token-file")
@@ -128,7 +145,10 @@ async fn one_run(args: &Args, store_name: &str, store_url: &str) -> anyhow::Resu
         .stderr(Stdio::inherit())
         .spawn()?;
     let server = ServerProc(child);
-    flotilla_testkit::wait_for_port(format!("127.0.0.1:{port}").parse()?, Duration::from_secs(20))?;
+    flotilla_testkit::wait_for_port(
+        format!("127.0.0.1:{port}").parse()?,
+        Duration::from_secs(20),
+    )?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let token = flotilla_client::read_token(&token_file)?;
     let client = Client::new(&format!("http://127.0.0.1:{port}"), Some(token));
@@ -141,7 +161,9 @@ async fn one_run(args: &Args, store_name: &str, store_url: &str) -> anyhow::Resu
         let (client, sem) = (client.clone(), sem.clone());
         tasks.push(tokio::spawn(async move {
             let _p = sem.acquire().await;
-            client.register(&format!("i{n}"), &spec(n % services, n, 0)).await
+            client
+                .register(&format!("i{n}"), &spec(n % services, n, 0))
+                .await
         }));
     }
     for t in tasks {
@@ -158,12 +180,23 @@ async fn one_run(args: &Args, store_name: &str, store_url: &str) -> anyhow::Resu
         let (client, latencies, stop) = (client.clone(), latencies.clone(), stop.clone());
         watchers.push(tokio::spawn(async move {
             let name = format!("svc-{s}");
-            let first = client.service(&name, 0, Duration::ZERO, false).await.expect("initial read");
-            let mut seen: std::collections::HashMap<String, u64> =
-                first.instances.iter().map(|i| (i.id.clone(), i.meta["t"].parse().unwrap_or(0))).collect();
+            let first = client
+                .service(&name, 0, Duration::ZERO, false)
+                .await
+                .expect("initial read");
+            let mut seen: std::collections::HashMap<String, u64> = first
+                .instances
+                .iter()
+                .map(|i| (i.id.clone(), i.meta["t"].parse().unwrap_or(0)))
+                .collect();
             let mut index = first.index;
             while !stop.load(Ordering::Relaxed) {
-                let Ok(r) = client.service(&name, index, Duration::from_secs(2), false).await else { continue };
+                let Ok(r) = client
+                    .service(&name, index, Duration::from_secs(2), false)
+                    .await
+                else {
+                    continue;
+                };
                 let now_us = start.elapsed().as_micros() as u64;
                 index = r.index;
                 let mut got = Vec::new();
@@ -194,14 +227,26 @@ async fn one_run(args: &Args, store_name: &str, store_url: &str) -> anyhow::Resu
         tokio::time::sleep_until(due.into()).await;
         let stamp = due.duration_since(start).as_micros() as u64;
         let n = (k as usize * 7919) % instances;
-        let (client, sent, failed, writes, inflight) = (client.clone(), sent.clone(), failed.clone(), writes.clone(), inflight.clone());
+        let (client, sent, failed, writes, inflight) = (
+            client.clone(),
+            sent.clone(),
+            failed.clone(),
+            writes.clone(),
+            inflight.clone(),
+        );
         jobs.push(tokio::spawn(async move {
             let _p = inflight.acquire().await;
             let t = Instant::now();
-            match client.register(&format!("i{n}"), &spec(n % services, n, stamp)).await {
+            match client
+                .register(&format!("i{n}"), &spec(n % services, n, stamp))
+                .await
+            {
                 Ok(_) => {
                     sent.fetch_add(1, Ordering::Relaxed);
-                    writes.lock().unwrap().push(t.elapsed().as_secs_f64() * 1000.0);
+                    writes
+                        .lock()
+                        .unwrap()
+                        .push(t.elapsed().as_secs_f64() * 1000.0);
                 }
                 Err(_) => {
                     failed.fetch_add(1, Ordering::Relaxed);
@@ -254,7 +299,10 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     }
     if matches!(args.store.as_str(), "etcd" | "both") {
         let dir = args.etcd_dir.clone();
-        let etcd = tokio::task::spawn_blocking(move || flotilla_testkit::EtcdCluster::start_in(3, dir.as_deref())).await??;
+        let etcd = tokio::task::spawn_blocking(move || {
+            flotilla_testkit::EtcdCluster::start_in(3, dir.as_deref())
+        })
+        .await??;
         let label = match &args.etcd_dir {
             Some(d) => format!("etcd (3 members, data in {})", d.display()),
             None => "etcd (3 members)".to_owned(),
@@ -268,11 +316,28 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     for o in &outcomes {
         println!(
             "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} |",
-            o.store, o.instances, o.watchers, o.rate, o.changes_sent, o.changes_failed, o.observed, o.latency_ms_p50, o.latency_ms_p99,
-            o.latency_ms_p999, o.latency_ms_max, o.write_ms_p99, o.server_peak_rss_mb
+            o.store,
+            o.instances,
+            o.watchers,
+            o.rate,
+            o.changes_sent,
+            o.changes_failed,
+            o.observed,
+            o.latency_ms_p50,
+            o.latency_ms_p99,
+            o.latency_ms_p999,
+            o.latency_ms_max,
+            o.write_ms_p99,
+            o.server_peak_rss_mb
         );
     }
-    println!("\nmachine: {} cores, {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), kernel());
+    println!(
+        "\nmachine: {} cores, {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        kernel()
+    );
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&outcomes)?)?;
     }
@@ -280,5 +345,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
 }
 
 fn kernel() -> String {
-    std::fs::read_to_string("/proc/version").map(|v| v.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+    std::fs::read_to_string("/proc/version")
+        .map(|v| v.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }

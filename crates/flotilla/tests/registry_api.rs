@@ -549,17 +549,31 @@ async fn sse_stream_reports_each_service_change_with_its_instances() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let mut body = resp.bytes_stream();
-    client.register("skip", &serde_json::from_value(json!({"service":"other","address":"127.0.0.1","port":1})).unwrap()).await.unwrap();
-    client.register("e1", &serde_json::from_value(spec(5)).unwrap()).await.unwrap();
+    client
+        .register(
+            "skip",
+            &serde_json::from_value(json!({"service":"other","address":"127.0.0.1","port":1}))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    client
+        .register("e1", &serde_json::from_value(spec(5)).unwrap())
+        .await
+        .unwrap();
     let mut text = String::new();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !text.contains("\n\n") && Instant::now() < deadline {
-        if let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_secs(1), body.next()).await {
+        if let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_secs(1), body.next()).await
+        {
             text.push_str(&String::from_utf8_lossy(&chunk));
         }
     }
     assert!(text.contains("event: service"), "{text}");
-    let data = text.lines().find_map(|l| l.strip_prefix("data: ")).expect("a data line");
+    let data = text
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .expect("a data line");
     let ev: Value = serde_json::from_str(data).unwrap();
     assert_eq!(ev["service"], "api", "filtered to the service asked for");
     assert_eq!(ev["instances"][0]["id"], "e1");
