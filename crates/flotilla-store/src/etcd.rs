@@ -17,6 +17,23 @@ pub struct EtcdStore {
     namespace: String,
 }
 
+/// Retries of one call before giving up (20 ms doubling: ~1.2 s in all).
+const RETRIES: u32 = 6;
+
+fn is_transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+                | tonic::Code::Aborted
+        ),
+        _ => false,
+    }
+}
+
 fn unavailable(e: etcd_client::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
@@ -39,6 +56,29 @@ impl EtcdStore {
         })
     }
 
+    /// Runs one etcd call, retrying transport failures: the client balances over all
+    /// endpoints, and a call that landed on a dead member succeeds on a live one.
+    async fn retry<T, F, Fut>(&self, mut call: F) -> Result<T>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut delay = Duration::from_millis(20);
+        let mut attempt = 0;
+        loop {
+            match call(self.client.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(e) if attempt < RETRIES && is_transient(&e) => {
+                    tracing::debug!(error = %e, attempt, "etcd call failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+    }
+
     fn full(&self, key: &str) -> String {
         format!("{}{}", self.namespace, key)
     }
@@ -58,12 +98,17 @@ impl EtcdStore {
     }
 
     async fn list_at(&self, prefix: &str) -> Result<Snapshot> {
+        let key = self.full(prefix);
         let resp = self
-            .client
-            .kv_client()
-            .get(self.full(prefix), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(unavailable)?;
+            .retry(|c| {
+                let key = key.clone();
+                async move {
+                    c.kv_client()
+                        .get(key, Some(GetOptions::new().with_prefix()))
+                        .await
+                }
+            })
+            .await?;
         let revision = resp.header().map(|h| h.revision() as u64).unwrap_or(0);
         let entries = resp
             .kvs()
@@ -77,32 +122,35 @@ impl EtcdStore {
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<Entry>> {
+        let key = self.full(key);
         let resp = self
-            .client
-            .kv_client()
-            .get(self.full(key), None)
-            .await
-            .map_err(unavailable)?;
+            .retry(|c| {
+                let key = key.clone();
+                async move { c.kv_client().get(key, None).await }
+            })
+            .await?;
         resp.kvs().first().map(|kv| self.entry(kv)).transpose()
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64> {
+        let key = self.full(key);
         let resp = self
-            .client
-            .kv_client()
-            .put(self.full(key), value, None)
-            .await
-            .map_err(unavailable)?;
+            .retry(|c| {
+                let (key, value) = (key.clone(), value.clone());
+                async move { c.kv_client().put(key, value, None).await }
+            })
+            .await?;
         Ok(resp.header().map(|h| h.revision() as u64).unwrap_or(0))
     }
 
     async fn delete(&self, key: &str) -> Result<Option<u64>> {
+        let key = self.full(key);
         let resp = self
-            .client
-            .kv_client()
-            .delete(self.full(key), None)
-            .await
-            .map_err(unavailable)?;
+            .retry(|c| {
+                let key = key.clone();
+                async move { c.kv_client().delete(key, None).await }
+            })
+            .await?;
         Ok((resp.deleted() > 0).then(|| resp.header().map(|h| h.revision() as u64).unwrap_or(0)))
     }
 
@@ -115,12 +163,13 @@ impl Store for EtcdStore {
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(snapshot.revision as i64 + 1);
+        let key = self.full(prefix);
         let (watcher, stream) = self
-            .client
-            .watch_client()
-            .watch(self.full(prefix), Some(options))
-            .await
-            .map_err(unavailable)?;
+            .retry(|c| {
+                let (key, options) = (key.clone(), options.clone());
+                async move { c.watch_client().watch(key, Some(options)).await }
+            })
+            .await?;
         let this = self.clone();
         let events = stream
             .map(move |msg| -> Vec<Result<Event>> {
