@@ -6,9 +6,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use flotilla_core::{InstanceSpec, InstanceView};
+pub use flotilla_core::{InstanceSpec, InstanceView, NodeView, ServiceInstances, ServiceSummary};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 /// Default server URL when neither `--server` nor `FLOTILLA_SERVER` says otherwise.
@@ -55,45 +54,6 @@ impl ClientError {
 
 /// Result of a client call.
 pub type Result<T> = std::result::Result<T, ClientError>;
-
-/// A registry service listing, as returned by `GET /v1/services/{name}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ServiceInstances {
-    /// Service name.
-    pub service: String,
-    /// Index of the service's last change.
-    pub index: u64,
-    /// Instances.
-    pub instances: Vec<InstanceView>,
-}
-
-/// Summary row of `GET /v1/services`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ServiceSummary {
-    /// Service name.
-    pub name: String,
-    /// Registered instances.
-    pub instances: usize,
-    /// Passing instances.
-    pub passing: usize,
-    /// Last change index.
-    pub index: u64,
-}
-
-/// Row of `GET /v1/nodes`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeView {
-    /// Node name.
-    pub name: String,
-    /// Agent-reported address.
-    pub address: Option<String>,
-    /// Lease TTL (ms).
-    pub ttl_ms: u64,
-    /// Last renewal (unix ms).
-    pub renewed_ms: u64,
-    /// Instances owned.
-    pub instances: usize,
-}
 
 /// Reads a token file, trimming whitespace.
 pub fn read_token(path: &Path) -> Result<String> {
@@ -162,12 +122,12 @@ impl Client {
             .await
             .map_err(|e| ClientError::Unreachable {
                 url: url.clone(),
-                message: chain(&e),
+                message: flotilla_core::error::chain(&e),
             })?;
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
             url,
-            message: chain(&e),
+            message: flotilla_core::error::chain(&e),
         })?;
         if !status.is_success() {
             let message = serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -319,15 +279,4 @@ impl Client {
             .query(&query);
         self.send(req).await
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }

@@ -50,3 +50,16 @@ pub enum ConfigError {
         error: FieldError,
     },
 }
+
+/// An error with all its sources, `outer: inner: innermost` — transport errors hide the
+/// useful part (connection refused, timed out) in their sources.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

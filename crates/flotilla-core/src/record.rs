@@ -89,6 +89,45 @@ pub struct InstanceView {
     pub checks: Vec<crate::CheckSpec>,
 }
 
+/// Summary of one service, as `GET /v1/services` serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    /// Service name.
+    pub name: String,
+    /// Registered instances.
+    pub instances: usize,
+    /// Of which passing.
+    pub passing: usize,
+    /// Index of the last change to this service.
+    pub index: u64,
+}
+
+/// One service's instances, as `GET /v1/services/{name}` serves it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceInstances {
+    /// Service name.
+    pub service: String,
+    /// Index of the service's last change.
+    pub index: u64,
+    /// Instances (only passing ones with `?passing=true`).
+    pub instances: Vec<InstanceView>,
+}
+
+/// A node as `GET /v1/nodes` serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    /// Node name.
+    pub name: String,
+    /// Agent-reported address.
+    pub address: Option<String>,
+    /// Lease TTL in milliseconds.
+    pub ttl_ms: u64,
+    /// Wall-clock time of the last renewal (unix ms).
+    pub renewed_ms: u64,
+    /// Instances the node owns.
+    pub instances: usize,
+}
+
 /// Milliseconds since the unix epoch, for informational timestamps only (never timers).
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()

@@ -480,17 +480,6 @@ async fn list_services(
     Ok(with_index(catalog.index(), catalog.services()))
 }
 
-/// `GET /v1/services/{name}` response.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ServiceResponse {
-    /// Service name.
-    pub service: String,
-    /// Index of the service's last change.
-    pub index: u64,
-    /// Instances (only passing ones with `?passing=true`).
-    pub instances: Vec<flotilla_core::InstanceView>,
-}
-
 async fn get_service(
     State(shared): State<Arc<Shared>>,
     Path(name): Path<String>,
@@ -503,7 +492,7 @@ async fn get_service(
     let instances = catalog.service(&name, q.passing.unwrap_or(false));
     Ok(with_index(
         index,
-        ServiceResponse {
+        flotilla_core::ServiceInstances {
             service: name,
             index,
             instances,

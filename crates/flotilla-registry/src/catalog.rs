@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use flotilla_core::record::unix_ms;
-use flotilla_core::{HealthRecord, HealthStatus, InstanceRecord, InstanceView, NodeRecord};
+use flotilla_core::{
+    HealthRecord, HealthStatus, InstanceRecord, InstanceView, NodeRecord, NodeView, ServiceSummary,
+};
 use flotilla_store::{Entry, Event, Snapshot};
 use serde::{Deserialize, Serialize};
 
@@ -23,34 +25,6 @@ pub struct CheckinRecord {
     pub output: String,
     /// Wall-clock time, unix milliseconds (informational).
     pub at_ms: u64,
-}
-
-/// Summary of one service for `GET /v1/services`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceSummary {
-    /// Service name.
-    pub name: String,
-    /// Registered instances.
-    pub instances: usize,
-    /// Of which passing.
-    pub passing: usize,
-    /// Index of the last change to this service.
-    pub index: u64,
-}
-
-/// A node as served by `GET /v1/nodes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeView {
-    /// Node name.
-    pub name: String,
-    /// Agent-reported address.
-    pub address: Option<String>,
-    /// Lease TTL in milliseconds.
-    pub ttl_ms: u64,
-    /// Wall-clock time of the last renewal (unix ms).
-    pub renewed_ms: u64,
-    /// Instances the node owns.
-    pub instances: usize,
 }
 
 /// The materialised catalog.

@@ -345,7 +345,10 @@ async fn probe(
                     (true, format!("HTTP {}", resp.status().as_u16()))
                 }
                 Ok(resp) => (false, format!("HTTP {} from {url}", resp.status().as_u16())),
-                Err(e) => (false, format!("GET {url}: {}", error_chain(&e))),
+                Err(e) => (
+                    false,
+                    format!("GET {url}: {}", flotilla_core::error::chain(&e)),
+                ),
             }
         }
         CheckKind::Tcp { port } => {
@@ -407,15 +410,4 @@ fn pushed(
     } else {
         (false, checkin.output.clone())
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
