@@ -1,0 +1,409 @@
+//! A backend and the state that must survive backend-set updates: in-flight count,
+//! latency estimate, outlier state, slow-start clock, smooth-WRR credit.
+//!
+//! The estimators here are pure and take `now` as an argument, so they are tested with
+//! an injected clock.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::OutlierConfig;
+
+/// Peak-sensitive EWMA of response latency (as in Finagle and linkerd): a slower sample
+/// is taken at once, faster ones are averaged in with time constant `tau`, so a backend
+/// that turns slow loses traffic immediately and earns it back gradually.
+#[derive(Debug, Clone)]
+pub struct PeakEwma {
+    value_ns: f64,
+    stamp: Instant,
+    tau_ns: f64,
+}
+
+impl PeakEwma {
+    /// Starts at `initial` at time `now`.
+    pub fn new(initial: Duration, tau: Duration, now: Instant) -> Self {
+        PeakEwma {
+            value_ns: initial.as_nanos() as f64,
+            stamp: now,
+            tau_ns: tau.as_nanos().max(1) as f64,
+        }
+    }
+
+    /// Folds in one observed latency.
+    pub fn observe(&mut self, rtt: Duration, now: Instant) {
+        let rtt = rtt.as_nanos() as f64;
+        if rtt > self.value_ns {
+            self.value_ns = rtt;
+        } else {
+            let elapsed = now.saturating_duration_since(self.stamp).as_nanos() as f64;
+            let w = (-elapsed / self.tau_ns).exp();
+            self.value_ns = self.value_ns * w + rtt * (1.0 - w);
+        }
+        self.stamp = self.stamp.max(now);
+    }
+
+    /// Current estimate in nanoseconds.
+    pub fn get(&self) -> f64 {
+        self.value_ns
+    }
+}
+
+/// Passive-health state of one backend. Pure: results and `now` in, decisions out.
+#[derive(Debug, Clone, Default)]
+pub struct Outlier {
+    consecutive: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+    probation: bool,
+}
+
+/// What a result did to the outlier state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutlierEvent {
+    /// Ejected until the given time.
+    Ejected(Instant),
+    /// Would have been ejected, but it is the last available backend.
+    KeptAsLast,
+    /// Came back after a successful trial.
+    Restored,
+}
+
+impl Outlier {
+    /// Whether new requests may go to this backend at `now`. After an ejection ends,
+    /// the backend is on probation: it gets traffic, and one failure re-ejects it.
+    pub fn available(&self, now: Instant) -> bool {
+        self.ejected_until.is_none_or(|until| now >= until)
+    }
+
+    /// Whether currently ejected.
+    pub fn ejected(&self, now: Instant) -> bool {
+        !self.available(now)
+    }
+
+    /// Records a request outcome. `others_available`: how many *other* backends could
+    /// take traffic now — the last one is never ejected into an empty set.
+    pub fn record(
+        &mut self,
+        ok: bool,
+        now: Instant,
+        others_available: usize,
+        cfg: &OutlierConfig,
+    ) -> Option<OutlierEvent> {
+        if cfg.consecutive_failures == 0 {
+            return None;
+        }
+        if ok {
+            self.consecutive = 0;
+            if self.probation && self.available(now) {
+                self.probation = false;
+                self.ejections = 0;
+                self.ejected_until = None;
+                return Some(OutlierEvent::Restored);
+            }
+            return None;
+        }
+        if !self.available(now) {
+            return None; // a late result from before the ejection
+        }
+        self.consecutive += 1;
+        let threshold = if self.probation {
+            1
+        } else {
+            cfg.consecutive_failures
+        };
+        if self.consecutive < threshold {
+            return None;
+        }
+        if others_available == 0 {
+            return Some(OutlierEvent::KeptAsLast);
+        }
+        let factor = 2u32.saturating_pow(self.ejections.min(20));
+        let length = cfg
+            .base_ejection
+            .saturating_mul(factor)
+            .min(cfg.max_ejection);
+        let until = now + length;
+        self.ejections += 1;
+        self.consecutive = 0;
+        self.probation = true;
+        self.ejected_until = Some(until);
+        Some(OutlierEvent::Ejected(until))
+    }
+}
+
+/// One backend of a listener.
+#[derive(Debug)]
+pub struct Backend {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    base_weight: AtomicU32,
+    added_at: Instant,
+    slow_start: Duration,
+    in_flight: AtomicU64,
+    ewma: Mutex<PeakEwma>,
+    outlier: Mutex<Outlier>,
+    /// Smooth weighted round-robin credit (scheduler-owned).
+    pub(crate) swrr_credit: AtomicI64,
+    /// Requests sent.
+    pub requests: AtomicU64,
+    /// Requests that failed (connect error, 5xx, timeout).
+    pub failures: AtomicU64,
+    /// Times ejected.
+    pub ejections: AtomicU64,
+}
+
+/// Latency estimate of a backend before its first response.
+pub const DEFAULT_RTT: Duration = Duration::from_millis(1);
+/// Time constant of the latency EWMA.
+pub const EWMA_TAU: Duration = Duration::from_secs(2);
+
+impl Backend {
+    /// A backend first seen at `now`; it ramps up over `slow_start`.
+    pub fn new(addr: SocketAddr, weight: u32, slow_start: Duration, now: Instant) -> Arc<Self> {
+        Arc::new(Backend {
+            addr,
+            base_weight: AtomicU32::new(weight.max(1)),
+            added_at: now,
+            slow_start,
+            in_flight: AtomicU64::new(0),
+            ewma: Mutex::new(PeakEwma::new(DEFAULT_RTT, EWMA_TAU, now)),
+            outlier: Mutex::new(Outlier::default()),
+            swrr_credit: AtomicI64::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+        })
+    }
+
+    /// Static weight (from config or registry; later from the feedback controller).
+    pub fn base_weight(&self) -> u32 {
+        self.base_weight.load(Ordering::Relaxed)
+    }
+
+    /// Changes the static weight (registry update).
+    pub fn set_base_weight(&self, w: u32) {
+        self.base_weight.store(w.max(1), Ordering::Relaxed);
+    }
+
+    /// Slow-start factor in (0, 1]: linear ramp from 5 % over `slow_start`.
+    pub fn ramp(&self, now: Instant) -> f64 {
+        if self.slow_start.is_zero() {
+            return 1.0;
+        }
+        let f = now.saturating_duration_since(self.added_at).as_secs_f64()
+            / self.slow_start.as_secs_f64();
+        f.clamp(0.05, 1.0)
+    }
+
+    /// Whether the backend is still ramping at `now`.
+    pub fn ramping(&self, now: Instant) -> bool {
+        !self.slow_start.is_zero() && now.saturating_duration_since(self.added_at) < self.slow_start
+    }
+
+    /// Weight in force: static weight × slow-start ramp.
+    pub fn effective_weight(&self, now: Instant) -> f64 {
+        self.base_weight() as f64 * self.ramp(now)
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Current latency estimate, nanoseconds.
+    pub fn ewma_ns(&self) -> f64 {
+        self.ewma.lock().unwrap_or_else(|p| p.into_inner()).get()
+    }
+
+    /// Whether new requests may go here at `now`.
+    pub fn available(&self, now: Instant) -> bool {
+        self.outlier
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .available(now)
+    }
+
+    /// Marks a request started; the guard ends it.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            backend: self.clone(),
+        }
+    }
+
+    /// Records the latency of a response (time to headers).
+    pub fn observe_latency(&self, rtt: Duration, now: Instant) {
+        self.ewma
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(rtt, now);
+    }
+
+    /// Records an outcome for outlier detection.
+    pub fn record(
+        &self,
+        ok: bool,
+        now: Instant,
+        others_available: usize,
+        cfg: &OutlierConfig,
+    ) -> Option<OutlierEvent> {
+        if !ok {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        let ev = self
+            .outlier
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(ok, now, others_available, cfg);
+        match ev {
+            Some(OutlierEvent::Ejected(until)) => {
+                self.ejections.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(backend = %self.addr, for_ms = until.saturating_duration_since(now).as_millis() as u64, "backend ejected");
+            }
+            Some(OutlierEvent::Restored) => {
+                tracing::info!(backend = %self.addr, "backend restored after a successful trial")
+            }
+            Some(OutlierEvent::KeptAsLast) => {
+                tracing::warn!(backend = %self.addr, "failing, but kept: it is the last available backend")
+            }
+            None => {}
+        }
+        ev
+    }
+
+    /// Whether ejected at `now`.
+    pub fn ejected(&self, now: Instant) -> bool {
+        !self.available(now)
+    }
+}
+
+/// Decrements the in-flight count when dropped (request finished, failed or abandoned).
+#[derive(Debug)]
+pub struct InFlight {
+    backend: Arc<Backend>,
+}
+
+impl InFlight {
+    /// The backend.
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> OutlierConfig {
+        OutlierConfig {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(1),
+            max_ejection: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn peak_ewma_takes_peaks_and_decays_slowly() {
+        let t0 = Instant::now();
+        let mut e = PeakEwma::new(Duration::from_millis(1), Duration::from_secs(1), t0);
+        e.observe(Duration::from_millis(50), t0);
+        assert_eq!(e.get(), 50e6, "a peak is taken at once");
+        e.observe(Duration::from_millis(10), t0 + Duration::from_millis(100));
+        assert!(
+            e.get() > 40e6,
+            "one fast sample barely moves it: {}",
+            e.get()
+        );
+        e.observe(Duration::from_millis(10), t0 + Duration::from_secs(10));
+        assert!(
+            (e.get() - 10e6).abs() < 1e5,
+            "after many taus it converges: {}",
+            e.get()
+        );
+    }
+
+    #[test]
+    fn ejection_grows_and_trial_restores() {
+        let c = cfg();
+        let t0 = Instant::now();
+        let mut o = Outlier::default();
+        assert_eq!(o.record(false, t0, 2, &c), None);
+        assert_eq!(o.record(false, t0, 2, &c), None);
+        assert_eq!(
+            o.record(true, t0, 2, &c),
+            None,
+            "a success resets the streak"
+        );
+        for _ in 0..2 {
+            o.record(false, t0, 2, &c);
+        }
+        assert_eq!(
+            o.record(false, t0, 2, &c),
+            Some(OutlierEvent::Ejected(t0 + Duration::from_secs(1)))
+        );
+        assert!(!o.available(t0 + Duration::from_millis(999)));
+        // Probation: one failure re-ejects, twice as long.
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(o.available(t1));
+        assert_eq!(
+            o.record(false, t1, 2, &c),
+            Some(OutlierEvent::Ejected(t1 + Duration::from_secs(2)))
+        );
+        let t2 = t1 + Duration::from_secs(2);
+        assert_eq!(o.record(true, t2, 2, &c), Some(OutlierEvent::Restored));
+        // Fully restored: back to needing 3 failures and the base length.
+        assert_eq!(o.record(false, t2, 2, &c), None);
+    }
+
+    #[test]
+    fn ejection_is_capped_and_last_backend_is_kept() {
+        let c = cfg();
+        let mut now = Instant::now();
+        let mut o = Outlier::default();
+        for _ in 0..3 {
+            o.record(false, now, 1, &c);
+        }
+        for _ in 0..10 {
+            now += Duration::from_secs(60);
+            match o.record(false, now, 1, &c) {
+                Some(OutlierEvent::Ejected(until)) => {
+                    assert!(until - now <= Duration::from_secs(5))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut last = Outlier::default();
+        for _ in 0..2 {
+            last.record(false, now, 0, &c);
+        }
+        assert_eq!(
+            last.record(false, now, 0, &c),
+            Some(OutlierEvent::KeptAsLast)
+        );
+        assert!(last.available(now));
+    }
+
+    #[test]
+    fn slow_start_ramps_linearly_from_five_percent() {
+        let t0 = Instant::now();
+        let b = Backend::new(
+            "127.0.0.1:1".parse().unwrap(),
+            200,
+            Duration::from_secs(10),
+            t0,
+        );
+        assert_eq!(b.effective_weight(t0), 10.0);
+        assert_eq!(b.effective_weight(t0 + Duration::from_secs(5)), 100.0);
+        assert_eq!(b.effective_weight(t0 + Duration::from_secs(20)), 200.0);
+        assert!(b.ramping(t0 + Duration::from_secs(9)) && !b.ramping(t0 + Duration::from_secs(10)));
+    }
+}

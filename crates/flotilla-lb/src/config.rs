@@ -1,0 +1,428 @@
+//! `flotilla lb --config FILE`: listeners, schedulers, registry, admin. Every field is
+//! documented in docs/lb.md; unknown keys are rejected naming file, line and key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flotilla_core::{ConfigError, FieldError};
+use serde::{Deserialize, Serialize};
+
+/// The whole lb config file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LbConfig {
+    /// Runtime settings.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    /// Where live backends come from (needed by listeners with `service`).
+    #[serde(default)]
+    pub registry: Option<RegistryConfig>,
+    /// Admin listener: `/metrics` and `/status`.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// The listeners.
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+}
+
+/// `[runtime]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads (default: number of cores).
+    pub worker_threads: Option<usize>,
+}
+
+/// `[registry]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Registry URL.
+    pub url: String,
+    /// Token file.
+    pub token_file: Option<PathBuf>,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin HTTP listener; "" disables it.
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9901".into(),
+        }
+    }
+}
+
+/// L7 or L4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 and HTTP/2 from clients, HTTP/1.1 to backends.
+    Http,
+    /// TCP stream proxy.
+    Tcp,
+}
+
+/// Scheduler names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SchedulerKind {
+    /// Rotation, ignoring weights (but honouring slow start).
+    RoundRobin,
+    /// Smooth weighted round robin.
+    Weighted,
+    /// Fewest in-flight requests.
+    LeastConn,
+    /// Fewest in-flight requests per unit of weight.
+    WeightedLeastConn,
+    /// Power of two choices on in-flight / weight.
+    P2c,
+    /// Power of two choices on peak-EWMA latency × (in-flight + 1) / weight.
+    P2cEwma,
+    /// Consistent (weighted rendezvous) hashing on source IP or a header.
+    Hash,
+}
+
+/// `[listener.outlier]`: passive health.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierConfig {
+    /// Consecutive connect errors or 5xx that eject a backend (0 disables).
+    pub consecutive_failures: u32,
+    /// First ejection length; doubles with each ejection in a row.
+    #[serde(with = "humantime_serde")]
+    pub base_ejection: Duration,
+    /// Longest ejection.
+    #[serde(with = "humantime_serde")]
+    pub max_ejection: Duration,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(2),
+            max_ejection: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[[listener]]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Name (metrics label).
+    pub name: String,
+    /// Address to listen on.
+    pub bind: SocketAddr,
+    /// `http` or `tcp`.
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    /// Scheduler (default round-robin).
+    #[serde(default = "default_scheduler")]
+    pub scheduler: SchedulerKind,
+    /// Registry service to follow (live backends).
+    pub service: Option<String>,
+    /// Static backends: `"ip:port"` or `"ip:port weight=N"`.
+    #[serde(default)]
+    pub backends: Vec<String>,
+    /// Hash key for `scheduler = "hash"`: `"source-ip"` or `"header:NAME"`.
+    #[serde(default = "default_hash_key")]
+    pub hash_key: String,
+    /// Backend connect timeout.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed for a backend to send response headers.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Idle client keep-alive connections are closed after this.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// New backends ramp their weight from ~0 to full over this (0 = off).
+    #[serde(default = "default_slow_start", with = "humantime_serde")]
+    pub slow_start: Duration,
+    /// Extra attempts on another backend after a connect failure (and, for idempotent
+    /// requests without a body, after a reset before the response).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Passive health.
+    #[serde(default)]
+    pub outlier: OutlierConfig,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Http
+}
+fn default_scheduler() -> SchedulerKind {
+    SchedulerKind::RoundRobin
+}
+fn default_hash_key() -> String {
+    "source-ip".into()
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_slow_start() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_retries() -> u32 {
+    2
+}
+
+/// A parsed static backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaticBackend {
+    /// Address.
+    pub addr: SocketAddr,
+    /// Weight.
+    pub weight: u32,
+}
+
+/// Parses `"ip:port"` or `"ip:port weight=N"`.
+pub fn parse_backend(s: &str) -> Result<StaticBackend, String> {
+    let mut parts = s.split_whitespace();
+    let addr = parts.next().ok_or("empty backend")?;
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not ip:port"))?;
+    let mut weight = 100;
+    for p in parts {
+        match p.split_once('=') {
+            Some(("weight", w)) => {
+                weight = w
+                    .parse()
+                    .ok()
+                    .filter(|w| (1..=10_000).contains(w))
+                    .ok_or(format!("weight {w:?} is not 1..=10000"))?
+            }
+            _ => return Err(format!("unknown backend option {p:?} (expected weight=N)")),
+        }
+    }
+    Ok(StaticBackend { addr, weight })
+}
+
+/// The hash key in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// Client IP.
+    SourceIp,
+    /// A request header (HTTP only); falls back to the source IP when absent.
+    Header(String),
+}
+
+impl ListenerConfig {
+    /// Parsed static backends.
+    pub fn static_backends(&self) -> Vec<StaticBackend> {
+        self.backends
+            .iter()
+            .filter_map(|b| parse_backend(b).ok())
+            .collect()
+    }
+
+    /// Parsed hash key.
+    pub fn hash_key(&self) -> HashKey {
+        match self.hash_key.strip_prefix("header:") {
+            Some(h) => HashKey::Header(h.to_ascii_lowercase()),
+            None => HashKey::SourceIp,
+        }
+    }
+
+    fn validate(&self, i: usize) -> Result<(), FieldError> {
+        let f = |k: &str| format!("listener[{i}].{k}");
+        if self.name.is_empty() || self.name.len() > 64 {
+            return Err(FieldError::new(f("name"), "1-64 characters"));
+        }
+        if self.service.is_some() && !self.backends.is_empty() {
+            return Err(FieldError::new(
+                f("backends"),
+                "give either `service` or `backends`, not both",
+            ));
+        }
+        if self.service.is_none() && self.backends.is_empty() {
+            return Err(FieldError::new(
+                f("service"),
+                "give `service` (live from the registry) or `backends`",
+            ));
+        }
+        if let Some(s) = &self.service {
+            flotilla_core::validate_service_name(&f("service"), s)?;
+        }
+        for (j, b) in self.backends.iter().enumerate() {
+            parse_backend(b)
+                .map_err(|e| FieldError::new(format!("listener[{i}].backends[{j}]"), e))?;
+        }
+        if !(self.hash_key == "source-ip"
+            || self
+                .hash_key
+                .strip_prefix("header:")
+                .is_some_and(|h| !h.is_empty()))
+        {
+            return Err(FieldError::new(
+                f("hash_key"),
+                format!(
+                    "{:?}: expected \"source-ip\" or \"header:NAME\"",
+                    self.hash_key
+                ),
+            ));
+        }
+        if self.protocol == Protocol::Tcp && matches!(self.hash_key(), HashKey::Header(_)) {
+            return Err(FieldError::new(
+                f("hash_key"),
+                "a tcp listener can only hash on source-ip",
+            ));
+        }
+        for (k, d) in [
+            ("connect_timeout", self.connect_timeout),
+            ("request_timeout", self.request_timeout),
+            ("idle_timeout", self.idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(FieldError::new(f(k), "must be positive"));
+            }
+        }
+        if self.retries > 10 {
+            return Err(FieldError::new(f("retries"), "at most 10"));
+        }
+        if self.outlier.base_ejection.is_zero()
+            || self.outlier.max_ejection < self.outlier.base_ejection
+        {
+            return Err(FieldError::new(
+                f("outlier.max_ejection"),
+                "base_ejection must be positive and ≤ max_ejection",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl LbConfig {
+    /// Loads and validates a config file; errors name file, line/field and value.
+    pub fn load(path: &Path) -> Result<LbConfig, ConfigError> {
+        let c: LbConfig = flotilla_core::config::load_toml(path)?;
+        c.validate()
+            .map_err(|e| flotilla_core::config::invalid(path, e))?;
+        Ok(c)
+    }
+
+    /// Checks the whole config.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.listeners.is_empty() {
+            return Err(FieldError::new(
+                "listener",
+                "at least one [[listener]] is needed",
+            ));
+        }
+        if self.runtime.worker_threads == Some(0)
+            || self.runtime.worker_threads.is_some_and(|n| n > 1024)
+        {
+            return Err(FieldError::new("runtime.worker_threads", "1..=1024"));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut binds = std::collections::HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            l.validate(i)?;
+            if !names.insert(&l.name) {
+                return Err(FieldError::new(
+                    format!("listener[{i}].name"),
+                    format!("{:?} is used twice", l.name),
+                ));
+            }
+            if !binds.insert(l.bind) {
+                return Err(FieldError::new(
+                    format!("listener[{i}].bind"),
+                    format!("{} is used twice", l.bind),
+                ));
+            }
+            if l.service.is_some() && self.registry.is_none() {
+                return Err(FieldError::new(
+                    format!("listener[{i}].service"),
+                    "needs a [registry] section",
+                ));
+            }
+        }
+        if !self.admin.listen.is_empty() {
+            self.admin.listen.parse::<SocketAddr>().map_err(|_| {
+                FieldError::new(
+                    "admin.listen",
+                    format!("{:?} is not ip:port", self.admin.listen),
+                )
+            })?;
+        }
+        if let Some(r) = &self.registry {
+            if !r.url.starts_with("http://") && !r.url.starts_with("https://") {
+                return Err(FieldError::new(
+                    "registry.url",
+                    format!("{:?} is not an http(s) URL", r.url),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<LbConfig, String> {
+        let c: LbConfig = flotilla_core::config::parse_toml(Path::new("lb.toml"), text)
+            .map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn example_parses() {
+        let c = parse(
+            r#"
+[runtime]
+worker_threads = 1
+[registry]
+url = "http://127.0.0.1:7700"
+token_file = "/var/lib/flotilla/token"
+[[listener]]
+name = "web"
+bind = "127.0.0.1:8080"
+protocol = "http"
+scheduler = "round-robin"
+service = "web"
+[[listener]]
+name = "db"
+bind = "127.0.0.1:5432"
+protocol = "tcp"
+scheduler = "least-conn"
+backends = ["127.0.0.1:9001", "127.0.0.1:9002 weight=3"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(c.listeners[1].static_backends()[1].weight, 3);
+        assert_eq!(c.listeners[0].slow_start, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn errors_name_line_or_field() {
+        let e = parse("[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nschedular = \"p2c\"\nbackends=[\"127.0.0.1:2\"]\n").unwrap_err();
+        assert!(e.contains("line 4") && e.contains("schedular"), "{e}");
+        let e = parse("[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nscheduler = \"random\"\nbackends=[\"127.0.0.1:2\"]\n").unwrap_err();
+        assert!(e.contains("line 4") && e.contains("random"), "{e}");
+        let e = parse("[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nbackends=[\"127.0.0.1:2 weight=0\"]\n").unwrap_err();
+        assert!(e.contains("listener[0].backends[0]"), "{e}");
+        let e = parse("[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nservice = \"web\"\n")
+            .unwrap_err();
+        assert!(e.contains("registry"), "{e}");
+    }
+}

@@ -1,0 +1,10 @@
+//! The flotilla data plane.
+//!
+//! `flotilla lb` proxies HTTP (L7) and TCP (L4) to the healthy instances of a service:
+//! schedulers behind one trait, backend sets swapped atomically as the registry changes
+//! (removed backends drain, new ones ramp up), passive outlier ejection, retries on
+//! another backend, and metrics on an admin listener.
+
+pub mod backend;
+pub mod config;
+pub mod scheduler;

@@ -1,0 +1,561 @@
+//! Schedulers: which backend gets the next request.
+//!
+//! Every scheduler sees the same backend slice and skips backends that are ejected or
+//! already tried for this request. Per-backend state (in-flight counts, latency EWMA,
+//! smooth-WRR credit) lives in the `Backend`, so it survives backend-set updates.
+
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use rand::Rng;
+
+use crate::backend::Backend;
+use crate::config::SchedulerKind;
+
+/// What a scheduler may look at besides the backends.
+#[derive(Debug, Clone, Copy)]
+pub struct PickContext<'a> {
+    /// Now (slow start, ejections).
+    pub now: Instant,
+    /// Hash of the request's key (source IP or header) for `hash`.
+    pub key: u64,
+    /// Indexes already tried for this request (retries go elsewhere).
+    pub skip: &'a [usize],
+}
+
+impl PickContext<'_> {
+    fn eligible(&self, backends: &[Arc<Backend>], i: usize) -> bool {
+        !self.skip.contains(&i) && backends[i].available(self.now)
+    }
+}
+
+/// Picks a backend index, or `None` if no backend is eligible.
+pub trait Scheduler: Send + Sync {
+    /// The choice for one request.
+    fn pick(&self, backends: &[Arc<Backend>], ctx: &PickContext) -> Option<usize>;
+    /// Config name.
+    fn name(&self) -> &'static str;
+}
+
+/// Builds the scheduler named in the config.
+pub fn build(kind: SchedulerKind) -> Box<dyn Scheduler> {
+    match kind {
+        SchedulerKind::RoundRobin => Box::new(RoundRobin::default()),
+        SchedulerKind::Weighted => Box::new(SmoothWeighted::default()),
+        SchedulerKind::LeastConn => Box::new(LeastConn {
+            weighted: false,
+            next: AtomicUsize::new(0),
+        }),
+        SchedulerKind::WeightedLeastConn => Box::new(LeastConn {
+            weighted: true,
+            next: AtomicUsize::new(0),
+        }),
+        SchedulerKind::P2c => Box::new(P2c { ewma: false }),
+        SchedulerKind::P2cEwma => Box::new(P2c { ewma: true }),
+        SchedulerKind::Hash => Box::new(RendezvousHash),
+    }
+}
+
+/// Smooth weighted round robin (Nginx's): each pick adds every eligible backend's
+/// weight to its credit, takes the highest, and charges it the total. Spreads a 5:1:1
+/// split as a,a,b,a,c,a,a rather than a,a,a,a,a,b,c.
+#[derive(Default)]
+pub struct SmoothWeighted {
+    lock: Mutex<()>,
+}
+
+impl SmoothWeighted {
+    fn pick_with(
+        &self,
+        backends: &[Arc<Backend>],
+        ctx: &PickContext,
+        weight: impl Fn(&Backend) -> i64,
+    ) -> Option<usize> {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut total = 0i64;
+        let mut best: Option<(usize, i64)> = None;
+        for (i, b) in backends.iter().enumerate() {
+            if !ctx.eligible(backends, i) {
+                continue;
+            }
+            let w = weight(b).max(1);
+            total += w;
+            let credit = b.swrr_credit.fetch_add(w, Ordering::Relaxed) + w;
+            if best.is_none_or(|(_, c)| credit > c) {
+                best = Some((i, credit));
+            }
+        }
+        let (i, _) = best?;
+        backends[i].swrr_credit.fetch_sub(total, Ordering::Relaxed);
+        Some(i)
+    }
+}
+
+impl Scheduler for SmoothWeighted {
+    fn pick(&self, backends: &[Arc<Backend>], ctx: &PickContext) -> Option<usize> {
+        // Weights are scaled by 100 so a slow-start ramp keeps its resolution.
+        self.pick_with(backends, ctx, |b| {
+            (b.effective_weight(ctx.now) * 100.0) as i64
+        })
+    }
+    fn name(&self) -> &'static str {
+        "weighted"
+    }
+}
+
+/// Plain rotation, ignoring weights; while a backend ramps up (slow start) it rotates
+/// by the ramp instead, so a new backend is not hit with a full share at once.
+#[derive(Default)]
+pub struct RoundRobin {
+    next: AtomicUsize,
+    ramping: SmoothWeighted,
+}
+
+impl Scheduler for RoundRobin {
+    fn pick(&self, backends: &[Arc<Backend>], ctx: &PickContext) -> Option<usize> {
+        if backends.iter().any(|b| b.ramping(ctx.now)) {
+            return self
+                .ramping
+                .pick_with(backends, ctx, |b| (b.ramp(ctx.now) * 10_000.0) as i64);
+        }
+        let n = backends.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| ctx.eligible(backends, i))
+    }
+    fn name(&self) -> &'static str {
+        "round-robin"
+    }
+}
+
+/// Fewest in-flight requests (per unit of weight when `weighted`). The scan starts at a
+/// rotating offset so ties do not all land on the first backend.
+pub struct LeastConn {
+    weighted: bool,
+    next: AtomicUsize,
+}
+
+impl Scheduler for LeastConn {
+    fn pick(&self, backends: &[Arc<Backend>], ctx: &PickContext) -> Option<usize> {
+        let n = backends.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut best: Option<(usize, f64)> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if !ctx.eligible(backends, i) {
+                continue;
+            }
+            let b = &backends[i];
+            let load = if self.weighted {
+                (b.in_flight() + 1) as f64 / b.effective_weight(ctx.now)
+            } else {
+                // Unweighted, but a ramping backend counts as proportionally busier.
+                (b.in_flight() + 1) as f64 / b.ramp(ctx.now)
+            };
+            if best.is_none_or(|(_, l)| load < l) {
+                best = Some((i, load));
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+    fn name(&self) -> &'static str {
+        if self.weighted {
+            "weighted-least-conn"
+        } else {
+            "least-conn"
+        }
+    }
+}
+
+/// Power of two choices: two random eligible backends, the less loaded wins. Load is
+/// in-flight / weight, or with `ewma` peak-EWMA latency × (in-flight + 1) / weight.
+/// Randomness avoids the herding that a global minimum causes when many balancers (or
+/// stale counts) all pick the same "best" backend.
+pub struct P2c {
+    ewma: bool,
+}
+
+impl P2c {
+    fn cost(&self, b: &Backend, now: Instant) -> f64 {
+        let w = b.effective_weight(now);
+        if self.ewma {
+            b.ewma_ns() * (b.in_flight() + 1) as f64 / w
+        } else {
+            (b.in_flight() + 1) as f64 / w
+        }
+    }
+}
+
+impl Scheduler for P2c {
+    fn pick(&self, backends: &[Arc<Backend>], ctx: &PickContext) -> Option<usize> {
+        let n = backends.len();
+        if n == 0 {
+            return None;
+        }
+        let mut rng = rand::thread_rng();
+        let mut sample = || -> Option<usize> {
+            // A few random draws, then a scan: cheap when most backends are eligible,
+            // still correct when few are.
+            for _ in 0..4 {
+                let i = rng.gen_range(0..n);
+                if ctx.eligible(backends, i) {
+                    return Some(i);
+                }
+            }
+            let start = rng.gen_range(0..n);
+            (0..n)
+                .map(|k| (start + k) % n)
+                .find(|&i| ctx.eligible(backends, i))
+        };
+        let a = sample()?;
+        let mut b = sample()?;
+        if a == b {
+            // Second draw collided: take any other eligible backend, if there is one.
+            let start = rand::thread_rng().gen_range(0..n);
+            if let Some(other) = (0..n)
+                .map(|k| (start + k) % n)
+                .find(|&i| i != a && ctx.eligible(backends, i))
+            {
+                b = other;
+            }
+        }
+        let (ca, cb) = (
+            self.cost(&backends[a], ctx.now),
+            self.cost(&backends[b], ctx.now),
+        );
+        Some(if cb < ca { b } else { a })
+    }
+    fn name(&self) -> &'static str {
+        if self.ewma {
+            "p2c-ewma"
+        } else {
+            "p2c"
+        }
+    }
+}
+
+/// Weighted rendezvous (highest-random-weight) hashing: each backend scores
+/// `weight / -ln(u)` with `u` a hash of (key, backend) in (0, 1); the top score wins.
+/// Removing a backend moves only the keys it owned; adding one takes only its share.
+pub struct RendezvousHash;
+
+/// Hash of a key for [`PickContext::key`].
+pub fn hash_key(bytes: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+fn mix(key: u64, addr: &std::net::SocketAddr) -> f64 {
+    // DefaultHasher's keys are fixed (SipHash with zero keys), so this is stable across
+    // processes: two lbs map a key to the same backend.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    addr.hash(&mut h);
+    let x = h.finish();
+    // Map to (0, 1), never 0 or 1.
+    ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+}
+
+impl Scheduler for RendezvousHash {
+    fn pick(&self, backends: &[Arc<Backend>], ctx: &PickContext) -> Option<usize> {
+        let mut best: Option<(usize, f64)> = None;
+        for (i, b) in backends.iter().enumerate() {
+            if !ctx.eligible(backends, i) {
+                continue;
+            }
+            // Hashing uses the static weight: slow start must not move keys around.
+            let score = b.base_weight() as f64 / -mix(ctx.key, &b.addr).ln();
+            if best.is_none_or(|(_, s)| score > s) {
+                best = Some((i, score));
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+    fn name(&self) -> &'static str {
+        "hash"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OutlierConfig;
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    fn backends(weights: &[u32], now: Instant) -> Vec<Arc<Backend>> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                Backend::new(
+                    format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
+                    *w,
+                    Duration::ZERO,
+                    now,
+                )
+            })
+            .collect()
+    }
+
+    fn counts(s: &dyn Scheduler, bs: &[Arc<Backend>], n: usize, now: Instant) -> Vec<usize> {
+        let mut c = vec![0; bs.len()];
+        for k in 0..n {
+            let ctx = PickContext {
+                now,
+                key: hash_key(&k.to_le_bytes()),
+                skip: &[],
+            };
+            c[s.pick(bs, &ctx).unwrap()] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn smooth_weighted_interleaves() {
+        let now = Instant::now();
+        let bs = backends(&[5, 1, 1], now);
+        let s = SmoothWeighted::default();
+        let seq: Vec<usize> = (0..7)
+            .map(|_| {
+                s.pick(
+                    &bs,
+                    &PickContext {
+                        now,
+                        key: 0,
+                        skip: &[],
+                    },
+                )
+                .unwrap()
+            })
+            .collect();
+        assert_eq!(seq, [0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn round_robin_rotates_and_skips() {
+        let now = Instant::now();
+        let bs = backends(&[1, 1, 1], now);
+        let s = RoundRobin::default();
+        assert_eq!(counts(&s, &bs, 300, now), [100, 100, 100]);
+        let ctx = PickContext {
+            now,
+            key: 0,
+            skip: &[0, 1],
+        };
+        for _ in 0..5 {
+            assert_eq!(s.pick(&bs, &ctx), Some(2));
+        }
+        let none = PickContext {
+            now,
+            key: 0,
+            skip: &[0, 1, 2],
+        };
+        assert_eq!(s.pick(&bs, &none), None);
+    }
+
+    #[test]
+    fn least_conn_prefers_idle_and_spreads_ties() {
+        let now = Instant::now();
+        let bs = backends(&[1, 1, 1], now);
+        let _busy = [bs[0].start(), bs[0].start(), bs[1].start()];
+        let s = LeastConn {
+            weighted: false,
+            next: AtomicUsize::new(0),
+        };
+        assert_eq!(
+            s.pick(
+                &bs,
+                &PickContext {
+                    now,
+                    key: 0,
+                    skip: &[]
+                }
+            ),
+            Some(2)
+        );
+        let idle = backends(&[1, 1, 1], now);
+        assert_eq!(counts(&s, &idle, 300, now), [100, 100, 100], "ties rotate");
+    }
+
+    #[test]
+    fn weighted_least_conn_divides_by_weight() {
+        let now = Instant::now();
+        let bs = backends(&[300, 100], now);
+        let _g = [bs[0].start(), bs[0].start()]; // 3/300 vs 1/100 → tie-ish; add one more
+        let _h = bs[1].start(); // (2+1)/300=0.01 vs (1+1)/100=0.02
+        let s = LeastConn {
+            weighted: true,
+            next: AtomicUsize::new(0),
+        };
+        assert_eq!(
+            s.pick(
+                &bs,
+                &PickContext {
+                    now,
+                    key: 0,
+                    skip: &[]
+                }
+            ),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn p2c_ewma_avoids_a_slow_backend() {
+        let now = Instant::now();
+        let bs = backends(&[1, 1, 1, 1], now);
+        bs[3].observe_latency(Duration::from_millis(50), now);
+        for b in &bs[..3] {
+            b.observe_latency(Duration::from_millis(1), now);
+        }
+        let c = counts(&P2c { ewma: true }, &bs, 4000, now);
+        assert!(c[3] < 100, "slow backend still got {c:?}");
+    }
+
+    #[test]
+    fn hash_is_stable_and_moves_only_the_removed_share() {
+        let now = Instant::now();
+        let bs = backends(&[100; 5], now);
+        let s = RendezvousHash;
+        let before: Vec<usize> = (0..2000u64)
+            .map(|k| {
+                s.pick(
+                    &bs,
+                    &PickContext {
+                        now,
+                        key: k,
+                        skip: &[],
+                    },
+                )
+                .unwrap()
+            })
+            .collect();
+        let again: Vec<usize> = (0..2000u64)
+            .map(|k| {
+                s.pick(
+                    &bs,
+                    &PickContext {
+                        now,
+                        key: k,
+                        skip: &[],
+                    },
+                )
+                .unwrap()
+            })
+            .collect();
+        assert_eq!(before, again);
+        // Remove backend 2: only its keys move.
+        let fewer: Vec<Arc<Backend>> = bs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 2)
+            .map(|(_, b)| b.clone())
+            .collect();
+        for (k, &owner) in before.iter().enumerate() {
+            let now_owner = fewer[s
+                .pick(
+                    &fewer,
+                    &PickContext {
+                        now,
+                        key: k as u64,
+                        skip: &[],
+                    },
+                )
+                .unwrap()]
+            .addr;
+            if owner != 2 {
+                assert_eq!(now_owner, bs[owner].addr, "key {k} moved needlessly");
+            }
+        }
+    }
+
+    #[test]
+    fn ejected_backends_get_nothing() {
+        let now = Instant::now();
+        let bs = backends(&[1, 1], now);
+        let cfg = OutlierConfig {
+            consecutive_failures: 1,
+            ..Default::default()
+        };
+        bs[0].record(false, now, 1, &cfg);
+        for kind in ALL {
+            let s = build(kind);
+            let c = counts(s.as_ref(), &bs, 50, now);
+            assert_eq!(c[0], 0, "{} sent to an ejected backend", s.name());
+        }
+    }
+
+    const ALL: [SchedulerKind; 7] = [
+        SchedulerKind::RoundRobin,
+        SchedulerKind::Weighted,
+        SchedulerKind::LeastConn,
+        SchedulerKind::WeightedLeastConn,
+        SchedulerKind::P2c,
+        SchedulerKind::P2cEwma,
+        SchedulerKind::Hash,
+    ];
+
+    proptest! {
+        /// Every scheduler returns an eligible index whenever one exists, and None
+        /// exactly when none does.
+        #[test]
+        fn picks_are_always_eligible(weights in proptest::collection::vec(1u32..1000, 0..12), skip_mask in any::<u16>(), key in any::<u64>()) {
+            let now = Instant::now();
+            let bs = backends(&weights, now);
+            let skip: Vec<usize> = (0..bs.len()).filter(|i| skip_mask & (1 << i) != 0).collect();
+            let ctx = PickContext { now, key, skip: &skip };
+            for kind in ALL {
+                let s = build(kind);
+                match s.pick(&bs, &ctx) {
+                    Some(i) => { prop_assert!(i < bs.len()); prop_assert!(!skip.contains(&i)); }
+                    None => prop_assert_eq!(skip.len(), bs.len()),
+                }
+            }
+        }
+
+        /// Smooth WRR gives each backend exactly its share over one full cycle.
+        #[test]
+        fn smooth_weighted_is_exact_per_cycle(weights in proptest::collection::vec(1u32..20, 1..8)) {
+            let now = Instant::now();
+            let bs = backends(&weights, now);
+            let total: u32 = weights.iter().sum();
+            let c = counts(&SmoothWeighted::default(), &bs, total as usize, now);
+            for (i, w) in weights.iter().enumerate() {
+                prop_assert_eq!(c[i], *w as usize);
+            }
+        }
+
+        /// Rendezvous hashing: adding a backend only moves keys to the new backend.
+        #[test]
+        fn hash_adding_moves_keys_only_to_the_newcomer(n in 1usize..8, keys in proptest::collection::vec(any::<u64>(), 1..200)) {
+            let now = Instant::now();
+            let bs = backends(&vec![100; n + 1], now);
+            let old = &bs[..n];
+            for k in keys {
+                let ctx = PickContext { now, key: k, skip: &[] };
+                let before = RendezvousHash.pick(old, &ctx).unwrap();
+                let after = RendezvousHash.pick(&bs, &ctx).unwrap();
+                prop_assert!(after == before || after == n);
+            }
+        }
+
+        /// Weighted schedulers converge on the weight ratio.
+        #[test]
+        fn weighted_shares_follow_weights(w in proptest::collection::vec(1u32..10, 2..5)) {
+            let now = Instant::now();
+            let bs = backends(&w, now);
+            let total: u32 = w.iter().sum();
+            let n = 20_000usize;
+            let c = counts(&RendezvousHash, &bs, n, now);
+            for (i, wi) in w.iter().enumerate() {
+                let expect = n as f64 * *wi as f64 / total as f64;
+                prop_assert!((c[i] as f64 - expect).abs() < expect * 0.2 + 60.0, "hash share {} vs {}", c[i], expect);
+            }
+        }
+    }
+}
