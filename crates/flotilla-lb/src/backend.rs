@@ -152,6 +152,54 @@ pub struct Backend {
     pub failures: AtomicU64,
     /// Times ejected.
     pub ejections: AtomicU64,
+    /// Response-time histogram (time to response headers).
+    pub latency: Histogram,
+    /// Idle upstream HTTP connections.
+    pub(crate) pool: crate::pool::Pool,
+}
+
+/// Upper bounds of the latency histogram buckets, in seconds.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A lock-free fixed-bucket histogram.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one sample.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Cumulative bucket counts, total count and sum in seconds.
+    pub fn snapshot(&self) -> (Vec<u64>, u64, f64) {
+        let mut acc = 0;
+        let cumulative = self
+            .buckets
+            .iter()
+            .map(|b| {
+                acc += b.load(Ordering::Relaxed);
+                acc
+            })
+            .collect();
+        (
+            cumulative,
+            self.count.load(Ordering::Relaxed),
+            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+        )
+    }
 }
 
 /// Latency estimate of a backend before its first response.
@@ -174,6 +222,8 @@ impl Backend {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
+            latency: Histogram::default(),
+            pool: crate::pool::Pool::default(),
         })
     }
 
@@ -236,6 +286,7 @@ impl Backend {
 
     /// Records the latency of a response (time to headers).
     pub fn observe_latency(&self, rtt: Duration, now: Instant) {
+        self.latency.observe(rtt);
         self.ewma
             .lock()
             .unwrap_or_else(|p| p.into_inner())

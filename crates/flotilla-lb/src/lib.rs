@@ -5,6 +5,15 @@
 //! (removed backends drain, new ones ramp up), passive outlier ejection, retries on
 //! another backend, and metrics on an admin listener.
 
+pub mod admin;
 pub mod backend;
 pub mod config;
+pub mod discovery;
+pub mod http;
+pub mod listener;
+pub mod pool;
+pub mod run;
 pub mod scheduler;
+pub mod tcp;
+
+pub use run::{start, RunningLb};

@@ -26,6 +26,8 @@ pub enum Command {
     /// Run server and agent on this machine with the embedded store (single-host
     /// deployment and demo), and write the server URL and token where the CLI finds them.
     Up(UpArgs),
+    /// Run the load balancer (HTTP and TCP proxy) from a TOML config.
+    Lb(LbArgs),
     /// List instances with their health, address and weight.
     Ps(PsArgs),
     /// List services with instance and passing counts.
@@ -159,4 +161,15 @@ pub struct WatchArgs {
     pub count: u64,
     #[command(flatten)]
     pub client: ClientArgs,
+}
+
+/// Flags of `flotilla lb`.
+#[derive(Debug, Args)]
+pub struct LbArgs {
+    /// TOML config (see docs/lb.md).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Check the config and exit (0 if valid, 2 if not).
+    #[arg(long)]
+    pub check: bool,
 }

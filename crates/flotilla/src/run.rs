@@ -6,7 +6,7 @@ use anyhow::Context;
 use flotilla_core::config::{self, AgentConfig, ServerConfig};
 use flotilla_core::ConfigError;
 
-use crate::cli::{AgentArgs, Cli, Command, ServerArgs, UpArgs};
+use crate::cli::{AgentArgs, Cli, Command, LbArgs, ServerArgs, UpArgs};
 use crate::UsageError;
 
 /// Runs the chosen subcommand.
@@ -15,6 +15,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Server(args) => server(args).await,
         Command::Agent(args) => agent(args).await,
         Command::Up(args) => up(args).await,
+        Command::Lb(args) => lb(args).await,
         Command::Ps(args) => crate::ops::ps(args).await,
         Command::Services(args) => crate::ops::services(args).await,
         Command::Nodes(args) => crate::ops::nodes(args).await,
@@ -256,4 +257,23 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         a.shutdown().await;
     }
     result
+}
+
+async fn lb(args: LbArgs) -> anyhow::Result<()> {
+    let config = flotilla_lb::config::LbConfig::load(&args.config).map_err(usage)?;
+    if args.check {
+        println!(
+            "{}: ok ({} listeners)",
+            args.config.display(),
+            config.listeners.len()
+        );
+        return Ok(());
+    }
+    let running = flotilla_lb::start(config).await?;
+    if let Some(a) = running.admin_addr {
+        tracing::info!(admin = %a, "admin listener: /metrics /status");
+    }
+    shutdown_signal().await;
+    drop(running);
+    Ok(())
 }

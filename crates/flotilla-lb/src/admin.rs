@@ -1,0 +1,218 @@
+//! The admin listener: Prometheus `/metrics` and a JSON `/status` for the dashboard.
+
+use std::fmt::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::{Backend, LATENCY_BUCKETS};
+use crate::listener::Listener;
+
+/// Status of one backend.
+#[derive(Debug, Serialize)]
+pub struct BackendStatus {
+    /// Address.
+    pub addr: String,
+    /// Static weight.
+    pub weight: u32,
+    /// Weight in force (slow start applied).
+    pub effective_weight: f64,
+    /// Requests in flight.
+    pub in_flight: u64,
+    /// Requests sent.
+    pub requests: u64,
+    /// Failed requests.
+    pub failures: u64,
+    /// Times ejected.
+    pub ejections: u64,
+    /// Ejected right now.
+    pub ejected: bool,
+    /// Removed from the set, finishing its requests.
+    pub draining: bool,
+    /// Latency estimate (peak EWMA), ms.
+    pub ewma_ms: f64,
+}
+
+/// Status of one listener.
+#[derive(Debug, Serialize)]
+pub struct ListenerStatus {
+    /// Name.
+    pub name: String,
+    /// Bind address.
+    pub bind: String,
+    /// http or tcp.
+    pub protocol: String,
+    /// Scheduler name.
+    pub scheduler: String,
+    /// Followed service.
+    pub service: Option<String>,
+    /// Backends (current and draining).
+    pub backends: Vec<BackendStatus>,
+}
+
+fn backend_status(b: &Backend, now: Instant, draining: bool) -> BackendStatus {
+    BackendStatus {
+        addr: b.addr.to_string(),
+        weight: b.base_weight(),
+        effective_weight: b.effective_weight(now),
+        in_flight: b.in_flight(),
+        requests: b.requests.load(std::sync::atomic::Ordering::Relaxed),
+        failures: b.failures.load(std::sync::atomic::Ordering::Relaxed),
+        ejections: b.ejections.load(std::sync::atomic::Ordering::Relaxed),
+        ejected: b.ejected(now),
+        draining,
+        ewma_ms: b.ewma_ns() / 1e6,
+    }
+}
+
+/// Status of every listener.
+pub fn status(listeners: &[Arc<Listener>]) -> Vec<ListenerStatus> {
+    let now = Instant::now();
+    listeners
+        .iter()
+        .map(|l| {
+            let mut backends: Vec<BackendStatus> = l
+                .backends()
+                .iter()
+                .map(|b| backend_status(b, now, false))
+                .collect();
+            backends.extend(l.draining().iter().map(|b| backend_status(b, now, true)));
+            ListenerStatus {
+                name: l.cfg.name.clone(),
+                bind: l.cfg.bind.to_string(),
+                protocol: format!("{:?}", l.cfg.protocol).to_lowercase(),
+                scheduler: l.scheduler.name().to_owned(),
+                service: l.cfg.service.clone(),
+                backends,
+            }
+        })
+        .collect()
+}
+
+/// Prometheus text exposition of every listener's backends.
+pub fn metrics(listeners: &[Arc<Listener>]) -> String {
+    let now = Instant::now();
+    let mut out = String::new();
+    let families: [(&str, &str, &str); 7] = [
+        (
+            "flotilla_lb_requests_total",
+            "counter",
+            "Requests sent to the backend",
+        ),
+        (
+            "flotilla_lb_failures_total",
+            "counter",
+            "Requests that failed (connect error, 5xx, timeout)",
+        ),
+        (
+            "flotilla_lb_ejections_total",
+            "counter",
+            "Outlier ejections of the backend",
+        ),
+        ("flotilla_lb_in_flight", "gauge", "Requests in flight"),
+        (
+            "flotilla_lb_weight",
+            "gauge",
+            "Weight in force (slow start applied)",
+        ),
+        (
+            "flotilla_lb_ejected",
+            "gauge",
+            "1 while the backend is ejected",
+        ),
+        (
+            "flotilla_lb_latency_ewma_seconds",
+            "gauge",
+            "Peak-EWMA latency estimate",
+        ),
+    ];
+    for (name, kind, help) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for l in listeners {
+            for b in l.backends().iter() {
+                let v = match name {
+                    "flotilla_lb_requests_total" => {
+                        b.requests.load(std::sync::atomic::Ordering::Relaxed) as f64
+                    }
+                    "flotilla_lb_failures_total" => {
+                        b.failures.load(std::sync::atomic::Ordering::Relaxed) as f64
+                    }
+                    "flotilla_lb_ejections_total" => {
+                        b.ejections.load(std::sync::atomic::Ordering::Relaxed) as f64
+                    }
+                    "flotilla_lb_in_flight" => b.in_flight() as f64,
+                    "flotilla_lb_weight" => b.effective_weight(now),
+                    "flotilla_lb_ejected" => b.ejected(now) as u8 as f64,
+                    _ => b.ewma_ns() / 1e9,
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{{listener=\"{}\",backend=\"{}\"}} {v}",
+                    l.cfg.name, b.addr
+                );
+            }
+        }
+    }
+    let name = "flotilla_lb_latency_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time to response headers\n# TYPE {name} histogram"
+    );
+    for l in listeners {
+        for b in l.backends().iter() {
+            let (cumulative, count, sum) = b.latency.snapshot();
+            let labels = format!("listener=\"{}\",backend=\"{}\"", l.cfg.name, b.addr);
+            for (le, c) in LATENCY_BUCKETS.iter().zip(cumulative) {
+                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {c}");
+            }
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}\n{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {count}");
+        }
+    }
+    out
+}
+
+/// Serves `/metrics` and `/status` on `listener`.
+pub async fn serve(tcp: tokio::net::TcpListener, listeners: Arc<Vec<Arc<Listener>>>) {
+    use http_body_util::Full;
+    use hyper::{Response, StatusCode};
+    loop {
+        let Ok((stream, _)) = tcp.accept().await else {
+            continue;
+        };
+        let listeners = listeners.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let listeners = listeners.clone();
+                    async move {
+                        let (status, ctype, body) = match req.uri().path() {
+                            "/metrics" => (
+                                StatusCode::OK,
+                                "text/plain; version=0.0.4",
+                                metrics(&listeners),
+                            ),
+                            "/status" => (
+                                StatusCode::OK,
+                                "application/json",
+                                serde_json::to_string_pretty(&status(&listeners))
+                                    .unwrap_or_default(),
+                            ),
+                            "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
+                            _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+                        };
+                        Ok::<_, std::convert::Infallible>(
+                            Response::builder()
+                                .status(status)
+                                .header("content-type", ctype)
+                                .body(Full::new(bytes::Bytes::from(body)))
+                                .unwrap(),
+                        )
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,116 @@
+//! Upstream HTTP/1.1 connections, kept alive and reused per backend.
+//!
+//! Checking a connection out *before* touching the request body is what makes retrying
+//! on another backend safe after a connect failure: nothing of the body has been read.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+
+use crate::http::ProxyBody;
+
+/// Most idle connections kept per backend.
+const MAX_IDLE: usize = 256;
+
+/// Idle connections of one backend.
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<Vec<http1::SendRequest<ProxyBody>>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Pool({} idle)",
+            self.idle.lock().map(|v| v.len()).unwrap_or(0)
+        )
+    }
+}
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP connect failed.
+    #[error("connect: {0}")]
+    Io(#[from] std::io::Error),
+    /// TCP connect took too long.
+    #[error("connect timed out after {0:?}")]
+    Timeout(Duration),
+    /// HTTP/1 handshake failed.
+    #[error("handshake: {0}")]
+    Handshake(#[from] hyper::Error),
+}
+
+impl Pool {
+    /// Number of idle connections.
+    pub fn idle(&self) -> usize {
+        self.idle.lock().map(|v| v.len()).unwrap_or(0)
+    }
+
+    fn take_idle(&self) -> Option<http1::SendRequest<ProxyBody>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(s) = idle.pop() {
+            if !s.is_closed() && s.is_ready() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// A ready connection: an idle one, or a new one within `timeout`.
+    pub async fn checkout(
+        &self,
+        addr: std::net::SocketAddr,
+        timeout: Duration,
+    ) -> Result<http1::SendRequest<ProxyBody>, ConnectError> {
+        if let Some(s) = self.take_idle() {
+            return Ok(s);
+        }
+        let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| ConnectError::Timeout(timeout))??;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    pub(crate) fn push(&self, sender: http1::SendRequest<ProxyBody>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(sender);
+        }
+    }
+}
+
+/// Returns `sender` to `backend`'s pool, waiting (off the request path) for it to be
+/// ready if the dispatcher has not yet seen the end of the previous response.
+pub fn release(
+    backend: std::sync::Arc<crate::backend::Backend>,
+    mut sender: http1::SendRequest<ProxyBody>,
+) {
+    if sender.is_closed() {
+        return;
+    }
+    if sender.is_ready() {
+        backend.pool.push(sender);
+        return;
+    }
+    tokio::spawn(async move {
+        if tokio::time::timeout(Duration::from_secs(1), sender.ready())
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            backend.pool.push(sender);
+        }
+    });
+}

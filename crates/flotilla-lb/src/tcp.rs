@@ -1,0 +1,67 @@
+//! The L4 proxy: bidirectional copy with half-close, connect retry on another backend.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpStream;
+
+use crate::listener::Listener;
+use crate::scheduler::hash_key;
+
+/// Proxies one accepted TCP connection.
+pub async fn serve_connection(listener: Arc<Listener>, mut client: TcpStream, peer: SocketAddr) {
+    let cfg = &listener.cfg;
+    let _ = client.set_nodelay(true);
+    let key = match peer.ip() {
+        std::net::IpAddr::V4(v4) => hash_key(&v4.octets()),
+        std::net::IpAddr::V6(v6) => hash_key(&v6.octets()),
+    };
+    let mut tried = Vec::new();
+    for _ in 0..=cfg.retries {
+        let Some((backend, _)) = listener.pick(key, &tried) else {
+            break;
+        };
+        tried.push(backend.addr);
+        let connect =
+            tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(backend.addr)).await;
+        let mut upstream = match connect {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                backend.record(
+                    false,
+                    Instant::now(),
+                    listener.others_available(backend.addr),
+                    &cfg.outlier,
+                );
+                tracing::debug!(backend = %backend.addr, error = %e, "connect failed; trying another backend");
+                continue;
+            }
+            Err(_) => {
+                backend.record(
+                    false,
+                    Instant::now(),
+                    listener.others_available(backend.addr),
+                    &cfg.outlier,
+                );
+                continue;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        backend.record(true, Instant::now(), 0, &cfg.outlier);
+        let _guard = backend.start();
+        let started = Instant::now();
+        // copy_bidirectional forwards EOF as a write shutdown in each direction
+        // independently: a half-closed client can still read the backend's answer.
+        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            Ok((up, down)) => {
+                tracing::debug!(backend = %backend.addr, up, down, secs = started.elapsed().as_secs_f64(), "tcp session done")
+            }
+            Err(e) => {
+                tracing::debug!(backend = %backend.addr, error = %e, "tcp session ended with an error")
+            }
+        }
+        return;
+    }
+    tracing::warn!(listener = cfg.name, %peer, reason = listener.unavailable_reason(), "no backend for tcp connection");
+}

@@ -1,0 +1,391 @@
+//! The lb on real sockets against real backends (the test service, each on its own
+//! runtime so killing it closes its sockets like a crashed process).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_lb::config::LbConfig;
+use flotilla_testsvc::Running;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn lb(listener: &str) -> (flotilla_lb::RunningLb, String) {
+    let text = format!(
+        "[admin]\nlisten = \"\"\n[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\n{listener}\n"
+    );
+    let config: LbConfig =
+        flotilla_core::config::parse_toml(std::path::Path::new("test.toml"), &text).unwrap();
+    config.validate().unwrap();
+    let running = flotilla_lb::start(config).await.unwrap();
+    let url = format!("http://{}", running.addrs[0]);
+    (running, url)
+}
+
+fn backends_line(addrs: &[String]) -> String {
+    format!(
+        "backends = [{}]",
+        addrs
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap()
+}
+
+async fn get(c: &reqwest::Client, url: &str) -> (u16, String) {
+    let r = c.get(url).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedulers_spread_real_traffic_as_configured() {
+    let a = Running::start("a", |_| {}).unwrap();
+    let b = Running::start("b", |_| {}).unwrap();
+    let c = client();
+    let (_lb, url) = lb(&format!(
+        "scheduler = \"round-robin\"\n{}",
+        backends_line(&[a.addr.to_string(), b.addr.to_string()])
+    ))
+    .await;
+    let mut seq = Vec::new();
+    for _ in 0..6 {
+        seq.push(get(&c, &url).await.1.trim().to_owned());
+    }
+    assert!(
+        seq.windows(2).all(|w| w[0] != w[1]),
+        "round robin alternates: {seq:?}"
+    );
+
+    let (_lb2, url2) = lb(&format!(
+        "scheduler = \"weighted\"\n{}",
+        backends_line(&[format!("{} weight=300", a.addr), b.addr.to_string()])
+    ))
+    .await;
+    let mut n_a = 0;
+    for _ in 0..400 {
+        if get(&c, &url2).await.1.trim() == "a" {
+            n_a += 1;
+        }
+    }
+    assert_eq!(n_a, 300, "weighted 3:1 over full cycles");
+
+    let (_lb3, url3) = lb(&format!(
+        "scheduler = \"hash\"\nhash_key = \"header:x-user\"\n{}",
+        backends_line(&[a.addr.to_string(), b.addr.to_string()])
+    ))
+    .await;
+    for user in ["alice", "bob", "carol", "dave"] {
+        let first = c
+            .get(&url3)
+            .header("x-user", user)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for _ in 0..5 {
+            let again = c
+                .get(&url3)
+                .header("x-user", user)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            assert_eq!(again, first, "user {user} is sticky");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_headers_and_strips_hop_by_hop() {
+    let a = Running::start("a", |_| {}).unwrap();
+    let (_lb, url) = lb(&backends_line(&[a.addr.to_string()])).await;
+    let r = client()
+        .get(format!("{url}/headers"))
+        .header("x-forwarded-for", "198.18.9.9")
+        .header("connection", "keep-alive, x-secret")
+        .header("x-secret", "hop")
+        .header("keep-alive", "timeout=5")
+        .send()
+        .await
+        .unwrap();
+    assert!(r
+        .headers()
+        .get("via")
+        .is_some_and(|v| v.to_str().unwrap().contains("flotilla")));
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("x-forwarded-for: 198.18.9.9, 127.0.0.1"),
+        "{body}"
+    );
+    assert!(body.contains("x-forwarded-proto: http"), "{body}");
+    assert!(body.contains("via: 1.1 flotilla"), "{body}");
+    assert!(
+        !body.contains("x-secret"),
+        "header named in Connection must not pass: {body}"
+    );
+    assert!(!body.contains("keep-alive: timeout"), "{body}");
+    assert!(body.contains("host: 127.0.0.1"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_say_what_happened() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (_lb, url) = lb(&format!(
+        "retries = 1\n{}",
+        backends_line(&[dead.to_string()])
+    ))
+    .await;
+    let (status, body) = get(&client(), &url).await;
+    assert_eq!(status, 502);
+    assert!(
+        body.contains(&dead.to_string()) && body.contains("connect"),
+        "{body}"
+    );
+
+    let slow = Running::start("slow", |a| a.latency_ms = 2000).unwrap();
+    let (_lb2, url2) = lb(&format!(
+        "request_timeout = \"300ms\"\n{}",
+        backends_line(&[slow.addr.to_string()])
+    ))
+    .await;
+    let (status, body) = get(&client(), &url2).await;
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("300ms"), "{body}");
+
+    // Malformed requests never reach a backend.
+    let a = Running::start("a", |_| {}).unwrap();
+    let (lb3, _) = lb(&backends_line(&[a.addr.to_string()])).await;
+    let mut s = tokio::net::TcpStream::connect(lb3.addrs[0]).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nthis is not a header\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let st = flotilla_lb::admin::status(&lb3.listeners);
+    assert_eq!(
+        st[0].backends[0].requests, 0,
+        "the bad request reached no backend"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gib_streams_through_without_buffering() {
+    let a = Running::start("a", |_| {}).unwrap();
+    let (_lb, url) = lb(&backends_line(&[a.addr.to_string()])).await;
+    const GIB: u64 = 1 << 30;
+    let before = rss_kb();
+    let chunk = bytes::Bytes::from(vec![7u8; 256 * 1024]);
+    let stream = futures::stream::iter(
+        (0..GIB / chunk.len() as u64).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+    );
+    let started = Instant::now();
+    let r = client()
+        .post(format!("{url}/upload"))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    assert_eq!(
+        text.trim(),
+        GIB.to_string(),
+        "the backend received every byte"
+    );
+    let up = started.elapsed();
+    // And down: 1 GiB streamed from the backend.
+    let mut resp = client()
+        .get(format!("{url}/big?bytes={GIB}"))
+        .send()
+        .await
+        .unwrap();
+    let mut got = 0u64;
+    while let Some(c) = resp.chunk().await.unwrap() {
+        got += c.len() as u64;
+    }
+    assert_eq!(got, GIB);
+    let growth_mb = (rss_kb().saturating_sub(before)) / 1024;
+    eprintln!(
+        "1 GiB up in {up:?}, down total {:?}; RSS growth {growth_mb} MB",
+        started.elapsed()
+    );
+    assert!(
+        growth_mb < 64,
+        "memory grew {growth_mb} MB: bodies are being buffered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_style_upgrade_tunnels_both_ways() {
+    let a = Running::start("a", |_| {}).unwrap();
+    let (lb, _) = lb(&backends_line(&[a.addr.to_string()])).await;
+    let mut s = tokio::net::TcpStream::connect(lb.addrs[0]).await.unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
+    let mut buf = vec![0; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for msg in [&b"hello"[..], b"\x81\x05world", &[0u8; 5000][..]] {
+        s.write_all(msg).await.unwrap();
+        let mut got = vec![0; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, msg);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_mode_keeps_half_close_and_retries_connects() {
+    let echo = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let _svc = Running::start("tcp", |a| a.tcp = Some(echo)).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (lb, _) = lb(&format!(
+        "protocol = \"tcp\"\nscheduler = \"round-robin\"\n{}",
+        backends_line(&[dead.to_string(), echo.to_string()])
+    ))
+    .await;
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(lb.addrs[0]).await.unwrap();
+        let payload = vec![42u8; 300_000];
+        s.write_all(&payload).await.unwrap();
+        s.shutdown().await.unwrap(); // half-close: we are done writing, still reading
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            back.len(),
+            payload.len(),
+            "every byte echoed after our half-close"
+        );
+    }
+}
+
+/// Drives `concurrency` request loops for `dur`; returns (ok, failed).
+async fn load(url: String, concurrency: usize, dur: Duration) -> (u64, u64) {
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + dur;
+    let c = client();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (ok, failed, c, url) = (ok.clone(), failed.clone(), c.clone(), url.clone());
+            tokio::spawn(async move {
+                while Instant::now() < end {
+                    let good = match c.get(&url).send().await {
+                        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                        Err(_) => false,
+                    };
+                    if good {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_under_load_costs_only_its_in_flight_requests() {
+    let a = Running::start("a", |a| a.latency_ms = 5).unwrap();
+    let mut b = Running::start("b", |a| a.latency_ms = 5).unwrap();
+    let (lb, url) = lb(&format!(
+        "scheduler = \"least-conn\"\n{}",
+        backends_line(&[a.addr.to_string(), b.addr.to_string()])
+    ))
+    .await;
+    let concurrency = 16;
+    let loader = tokio::spawn(load(url, concurrency, Duration::from_secs(3)));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b.kill();
+    let (ok, failed) = loader.await.unwrap();
+    eprintln!("killed a backend under load: {ok} ok, {failed} failed");
+    assert!(ok > 500, "{ok}");
+    assert!(
+        failed as usize <= concurrency,
+        "only requests in flight on the dead backend may fail: {failed}"
+    );
+    let st = flotilla_lb::admin::status(&lb.listeners);
+    assert!(
+        st[0]
+            .backends
+            .iter()
+            .any(|x| x.addr == b.addr.to_string() && x.ejected),
+        "dead backend ejected"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_backend_is_ejected_and_503_explains_an_empty_set() {
+    let good = Running::start("good", |_| {}).unwrap();
+    let bad = Running::start("bad", |a| a.fail_rate = 1.0).unwrap();
+    let (_lb, url) = lb(&format!(
+        "outlier = {{ consecutive_failures = 3, base_ejection = \"10s\" }}\nscheduler = \"round-robin\"\nbackends = [\"{}\", \"{}\"]",
+        good.addr, bad.addr
+    ))
+    .await;
+    let c = client();
+    let mut failures = 0;
+    for _ in 0..60 {
+        if get(&c, &url).await.0 != 200 {
+            failures += 1;
+        }
+    }
+    assert_eq!(
+        failures, 3,
+        "exactly `consecutive_failures` 5xx reach clients before ejection"
+    );
+
+    let (_lb2, url2) = lb("service = \"nothing\"\n[registry]\nurl = \"http://127.0.0.1:1\"").await;
+    let (status, body) = get(&c, &url2).await;
+    assert_eq!(status, 503);
+    assert!(
+        body.contains("no passing instance of service \"nothing\""),
+        "{body}"
+    );
+}
