@@ -114,6 +114,15 @@ pub struct UpArgs {
     /// Run the server only (no Docker needed).
     #[arg(long)]
     pub no_agent: bool,
+    /// Where the lb serves service `--lb-service` (HTTP); "" disables the lb.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub lb_listen: String,
+    /// Service the lb fronts.
+    #[arg(long, default_value = "web")]
+    pub lb_service: String,
+    /// lb admin listener (/metrics, /status).
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    pub lb_admin: String,
 }
 
 /// How the CLI finds the server.

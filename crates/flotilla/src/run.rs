@@ -227,6 +227,23 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             .context("starting the agent (use --no-agent to run without Docker)")?;
         Some(agent.start().await?)
     };
+    let lb = if args.lb_listen.is_empty() {
+        None
+    } else {
+        let text = format!(
+            "[admin]\nlisten = {:?}\n[registry]\nurl = {:?}\ntoken_file = {:?}\n[[listener]]\nname = {:?}\nbind = {:?}\nprotocol = \"http\"\nscheduler = \"p2c-ewma\"\nservice = {:?}\n",
+            args.lb_admin,
+            url,
+            home.join("token").display().to_string(),
+            args.lb_service,
+            args.lb_listen,
+            args.lb_service
+        );
+        let lb_config: flotilla_lb::config::LbConfig =
+            config::parse_toml(Path::new("flotilla up"), &text).map_err(usage)?;
+        checked(None, lb_config.validate())?;
+        Some(flotilla_lb::start(lb_config).await?)
+    };
     println!("flotilla is up");
     println!(
         "  registry API   {url}   (token in {})",
@@ -240,6 +257,15 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         );
     }
     println!("  metrics        {url}/metrics");
+    if let Some(lb) = &lb {
+        println!(
+            "  lb             http://{}   -> service {:?} (p2c-ewma)",
+            lb.addrs[0], args.lb_service
+        );
+        if let Some(a) = lb.admin_addr {
+            println!("  lb admin       http://{a}/status  http://{a}/metrics");
+        }
+    }
     println!(
         "  agent          {}",
         if agent.is_some() {
@@ -253,6 +279,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         r = running.wait() => r,
         _ = shutdown_signal() => Ok(()),
     };
+    drop(lb);
     if let Some(a) = agent {
         a.shutdown().await;
     }
