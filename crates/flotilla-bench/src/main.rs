@@ -4,6 +4,7 @@
 //! reports figures with the machine they ran on, as Markdown and optionally JSON.
 
 mod discovery;
+mod proxy;
 mod registry;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +24,8 @@ enum Cmd {
     Registry(registry::Args),
     /// Join / leave / host-loss detection times on the real Docker engine.
     Discovery(discovery::Args),
+    /// flotilla lb vs HAProxy vs Nginx: HTTP keep-alive, TCP bulk, idle-connection memory.
+    Proxy(proxy::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Registry(args) => rt.block_on(registry::run(args)),
         Cmd::Discovery(args) => rt.block_on(discovery::run(args)),
+        Cmd::Proxy(args) => rt.block_on(proxy::run(args)),
     }
 }

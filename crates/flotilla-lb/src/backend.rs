@@ -144,6 +144,11 @@ pub struct Backend {
     in_flight: AtomicU64,
     ewma: Mutex<PeakEwma>,
     outlier: Mutex<Outlier>,
+    /// Mirror of the outlier state for the hot path: ejected-until as nanoseconds since
+    /// `added_at` (0 = not ejected), and whether any failure is pending (streak or
+    /// probation), so successes and picks take no lock in the common case.
+    ejected_until_ns: AtomicU64,
+    outlier_dirty: std::sync::atomic::AtomicBool,
     /// Smooth weighted round-robin credit (scheduler-owned).
     pub(crate) swrr_credit: AtomicI64,
     /// Requests sent.
@@ -218,6 +223,8 @@ impl Backend {
             in_flight: AtomicU64::new(0),
             ewma: Mutex::new(PeakEwma::new(DEFAULT_RTT, EWMA_TAU, now)),
             outlier: Mutex::new(Outlier::default()),
+            ejected_until_ns: AtomicU64::new(0),
+            outlier_dirty: std::sync::atomic::AtomicBool::new(false),
             swrr_credit: AtomicI64::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -269,10 +276,9 @@ impl Backend {
 
     /// Whether new requests may go here at `now`.
     pub fn available(&self, now: Instant) -> bool {
-        self.outlier
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .available(now)
+        // Lock-free mirror of the outlier state: picks happen on every request.
+        let until = self.ejected_until_ns.load(Ordering::Relaxed);
+        until == 0 || now.saturating_duration_since(self.added_at).as_nanos() as u64 >= until
     }
 
     /// Marks a request started; the guard ends it.
@@ -293,6 +299,13 @@ impl Backend {
             .observe(rtt, now);
     }
 
+    /// Records a success; free unless a failure streak or probation is pending.
+    pub fn record_success(&self, now: Instant, cfg: &OutlierConfig) {
+        if self.outlier_dirty.load(Ordering::Relaxed) {
+            self.record(true, now, 0, cfg);
+        }
+    }
+
     /// Records an outcome for outlier detection.
     pub fn record(
         &self,
@@ -304,11 +317,18 @@ impl Backend {
         if !ok {
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
-        let ev = self
-            .outlier
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .record(ok, now, others_available, cfg);
+        let ev = {
+            let mut o = self.outlier.lock().unwrap_or_else(|p| p.into_inner());
+            let ev = o.record(ok, now, others_available, cfg);
+            let until = o
+                .ejected_until
+                .map(|u| u.saturating_duration_since(self.added_at).as_nanos().max(1) as u64)
+                .unwrap_or(0);
+            self.ejected_until_ns.store(until, Ordering::Relaxed);
+            self.outlier_dirty
+                .store(o.consecutive > 0 || o.probation, Ordering::Relaxed);
+            ev
+        };
         match ev {
             Some(OutlierEvent::Ejected(until)) => {
                 self.ejections.fetch_add(1, Ordering::Relaxed);

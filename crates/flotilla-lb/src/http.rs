@@ -101,6 +101,14 @@ fn replayable(req: &Request<Incoming>) -> bool {
     idempotent && req.body().is_end_stream()
 }
 
+/// Hash key of a client address.
+pub fn ip_key(peer: SocketAddr) -> u64 {
+    match peer.ip() {
+        std::net::IpAddr::V4(v4) => hash_key(&v4.octets()),
+        std::net::IpAddr::V6(v6) => hash_key(&v6.octets()),
+    }
+}
+
 /// Serves one accepted client connection.
 pub async fn serve_connection(
     listener: Arc<Listener>,
@@ -142,17 +150,16 @@ pub async fn proxy(
     let upgrade = wants_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let replay = replayable(&req);
-    let key = match cfg.hash_key() {
-        HashKey::Header(h) => req
+    // Only the hash scheduler needs a key; skip hashing for the others.
+    let key = match &listener.hash {
+        None => 0,
+        Some(HashKey::Header(h)) => req
             .headers()
             .get(h.as_str())
-            .map(|v| hash_key(v.as_bytes())),
-        HashKey::SourceIp => None,
-    }
-    .unwrap_or_else(|| match peer.ip() {
-        std::net::IpAddr::V4(v4) => hash_key(&v4.octets()),
-        std::net::IpAddr::V6(v6) => hash_key(&v6.octets()),
-    });
+            .map(|v| hash_key(v.as_bytes()))
+            .unwrap_or_else(|| ip_key(peer)),
+        Some(HashKey::SourceIp) => ip_key(peer),
+    };
 
     let (mut parts, body) = req.into_parts();
     let host = parts.headers.get(header::HOST).cloned().or_else(|| {
@@ -195,13 +202,16 @@ pub async fn proxy(
         .unwrap_or_else(|| "/".into());
 
     let mut body = Some(body.boxed_unsync());
-    let mut tried: Vec<SocketAddr> = Vec::new();
+    // Retries are capped at 10 by config validation: a fixed array, no allocation.
+    let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); 11];
+    let mut n_tried = 0;
     let mut last_error: Option<Response<ProxyBody>> = None;
     for _attempt in 0..=cfg.retries {
-        let Some((backend, _others)) = listener.pick(key, &tried) else {
+        let Some(backend) = listener.pick(key, &tried[..n_tried]) else {
             break;
         };
-        tried.push(backend.addr);
+        tried[n_tried] = backend.addr;
+        n_tried += 1;
         let sender = match backend
             .pool
             .checkout(backend.addr, cfg.connect_timeout)
@@ -315,13 +325,16 @@ async fn send(
         }
         Ok(Ok(resp)) => {
             backend.observe_latency(now - started, now);
-            let ok = !resp.status().is_server_error();
-            backend.record(
-                ok,
-                now,
-                listener.others_available(backend.addr),
-                &cfg.outlier,
-            );
+            if resp.status().is_server_error() {
+                backend.record(
+                    false,
+                    now,
+                    listener.others_available(backend.addr),
+                    &cfg.outlier,
+                );
+            } else {
+                backend.record_success(now, &cfg.outlier);
+            }
             let (mut parts, body) = resp.into_parts();
             let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS;
             strip_hop_by_hop(&mut parts.headers, upgraded);
@@ -348,6 +361,16 @@ struct Tracked {
     guard: Option<InFlight>,
 }
 
+impl Tracked {
+    /// The response is complete: the connection can serve the next request.
+    fn finish(&mut self) {
+        if let Some(s) = self.sender.take() {
+            crate::pool::release(self.backend.clone(), s);
+        }
+        self.guard.take();
+    }
+}
+
 impl Body for Tracked {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -359,12 +382,10 @@ impl Body for Tracked {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
-            Poll::Ready(None) => {
-                if let Some(s) = this.sender.take() {
-                    crate::pool::release(this.backend.clone(), s);
-                }
-                this.guard.take();
-            }
+            // With a known length the server stops polling after the last byte, so the
+            // end is detected from `is_end_stream` as well as from `None`.
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
             Poll::Ready(Some(Err(_))) => {
                 this.sender.take();
                 this.guard.take();
@@ -380,6 +401,15 @@ impl Body for Tracked {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // An empty body (HEAD, 204, 304) may never be polled; a complete one is reusable.
+        if self.inner.is_end_stream() {
+            self.finish();
+        }
     }
 }
 

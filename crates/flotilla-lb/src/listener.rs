@@ -20,6 +20,8 @@ pub struct Listener {
     pub cfg: ListenerConfig,
     /// Its scheduler.
     pub scheduler: Box<dyn Scheduler>,
+    /// The hash key, when the scheduler hashes (parsed once, not per request).
+    pub hash: Option<crate::config::HashKey>,
     backends: ArcSwap<Vec<Arc<Backend>>>,
     /// Backends removed from the set that still had requests in flight, for status.
     draining: std::sync::Mutex<Vec<Arc<Backend>>>,
@@ -37,6 +39,7 @@ impl Listener {
             .collect();
         Arc::new(Listener {
             scheduler: scheduler::build(cfg.scheduler),
+            hash: (cfg.scheduler == crate::config::SchedulerKind::Hash).then(|| cfg.hash_key()),
             cfg,
             backends: ArcSwap::from_pointee(initial),
             draining: Default::default(),
@@ -103,30 +106,29 @@ impl Listener {
     }
 
     /// Picks a backend for a request, skipping those already tried.
-    pub fn pick(&self, key: u64, skip: &[SocketAddr]) -> Option<(Arc<Backend>, usize)> {
+    pub fn pick(&self, key: u64, skip: &[SocketAddr]) -> Option<Arc<Backend>> {
         let set = self.backends.load();
         let now = Instant::now();
-        let skip_idx: Vec<usize> = if skip.is_empty() {
-            Vec::new()
-        } else {
-            set.iter()
-                .enumerate()
-                .filter(|(_, b)| skip.contains(&b.addr))
-                .map(|(i, _)| i)
-                .collect()
-        };
+        if skip.is_empty() {
+            let ctx = PickContext {
+                now,
+                key,
+                skip: &[],
+            };
+            return self.scheduler.pick(&set, &ctx).map(|i| set[i].clone());
+        }
+        let skip_idx: Vec<usize> = set
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| skip.contains(&b.addr))
+            .map(|(i, _)| i)
+            .collect();
         let ctx = PickContext {
             now,
             key,
             skip: &skip_idx,
         };
-        let i = self.scheduler.pick(&set, &ctx)?;
-        let others = set
-            .iter()
-            .enumerate()
-            .filter(|(j, b)| *j != i && b.available(now))
-            .count();
-        Some((set[i].clone(), others))
+        self.scheduler.pick(&set, &ctx).map(|i| set[i].clone())
     }
 
     /// Why nothing could be picked, for the 503 body.

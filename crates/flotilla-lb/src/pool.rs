@@ -53,7 +53,7 @@ impl Pool {
     fn take_idle(&self) -> Option<http1::SendRequest<ProxyBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(s) = idle.pop() {
-            if !s.is_closed() && s.is_ready() {
+            if !s.is_closed() {
                 return Some(s);
             }
         }
@@ -66,8 +66,16 @@ impl Pool {
         addr: std::net::SocketAddr,
         timeout: Duration,
     ) -> Result<http1::SendRequest<ProxyBody>, ConnectError> {
-        if let Some(s) = self.take_idle() {
-            return Ok(s);
+        // A connection is returned the moment its response ends; its dispatcher may
+        // need one more turn to be ready, so wait briefly instead of spawning a task
+        // per request to watch for it.
+        while let Some(mut s) = self.take_idle() {
+            if s.is_ready() {
+                return Ok(s);
+            }
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(100), s.ready()).await {
+                return Ok(s);
+            }
         }
         let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
             .await
@@ -92,25 +100,12 @@ impl Pool {
     }
 }
 
-/// Returns `sender` to `backend`'s pool, waiting (off the request path) for it to be
-/// ready if the dispatcher has not yet seen the end of the previous response.
+/// Returns `sender` to `backend`'s pool once its response has ended.
 pub fn release(
     backend: std::sync::Arc<crate::backend::Backend>,
-    mut sender: http1::SendRequest<ProxyBody>,
+    sender: http1::SendRequest<ProxyBody>,
 ) {
-    if sender.is_closed() {
-        return;
-    }
-    if sender.is_ready() {
+    if !sender.is_closed() {
         backend.pool.push(sender);
-        return;
     }
-    tokio::spawn(async move {
-        if tokio::time::timeout(Duration::from_secs(1), sender.ready())
-            .await
-            .is_ok_and(|r| r.is_ok())
-        {
-            backend.pool.push(sender);
-        }
-    });
 }

@@ -7,19 +7,19 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 
 use crate::listener::Listener;
-use crate::scheduler::hash_key;
 
 /// Proxies one accepted TCP connection.
 pub async fn serve_connection(listener: Arc<Listener>, mut client: TcpStream, peer: SocketAddr) {
     let cfg = &listener.cfg;
     let _ = client.set_nodelay(true);
-    let key = match peer.ip() {
-        std::net::IpAddr::V4(v4) => hash_key(&v4.octets()),
-        std::net::IpAddr::V6(v6) => hash_key(&v6.octets()),
+    let key = if listener.hash.is_some() {
+        crate::http::ip_key(peer)
+    } else {
+        0
     };
     let mut tried = Vec::new();
     for _ in 0..=cfg.retries {
-        let Some((backend, _)) = listener.pick(key, &tried) else {
+        let Some(backend) = listener.pick(key, &tried) else {
             break;
         };
         tried.push(backend.addr);
@@ -48,7 +48,7 @@ pub async fn serve_connection(listener: Arc<Listener>, mut client: TcpStream, pe
             }
         };
         let _ = upstream.set_nodelay(true);
-        backend.record(true, Instant::now(), 0, &cfg.outlier);
+        backend.record_success(Instant::now(), &cfg.outlier);
         let _guard = backend.start();
         let started = Instant::now();
         // copy_bidirectional forwards EOF as a write shutdown in each direction

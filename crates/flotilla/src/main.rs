@@ -28,10 +28,25 @@ impl std::error::Error for UsageError {}
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     init_tracing(cli.log_level.as_deref());
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let cli::Command::Lb(args) = &cli.command {
+        // The lb's config decides the runtime's size, so it is read (and checked) first.
+        match flotilla_lb::config::LbConfig::load(&args.config) {
+            Ok(c) => match c.runtime.worker_threads {
+                // One thread: the single-threaded scheduler, without work-stealing costs.
+                Some(1) => builder = tokio::runtime::Builder::new_current_thread(),
+                Some(n) => {
+                    builder.worker_threads(n);
+                }
+                None => {}
+            },
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        }
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
