@@ -14,6 +14,7 @@ pub mod listener;
 pub mod pool;
 pub mod run;
 pub mod scheduler;
+pub mod splice;
 pub mod tcp;
 
 pub use run::{start, RunningLb};

@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 use crate::listener::Listener;
 
 /// Proxies one accepted TCP connection.
-pub async fn serve_connection(listener: Arc<Listener>, mut client: TcpStream, peer: SocketAddr) {
+pub async fn serve_connection(listener: Arc<Listener>, client: TcpStream, peer: SocketAddr) {
     let cfg = &listener.cfg;
     let _ = client.set_nodelay(true);
     let key = if listener.hash.is_some() {
@@ -25,7 +25,7 @@ pub async fn serve_connection(listener: Arc<Listener>, mut client: TcpStream, pe
         tried.push(backend.addr);
         let connect =
             tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(backend.addr)).await;
-        let mut upstream = match connect {
+        let upstream = match connect {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 backend.record(
@@ -51,9 +51,9 @@ pub async fn serve_connection(listener: Arc<Listener>, mut client: TcpStream, pe
         backend.record_success(Instant::now(), &cfg.outlier);
         let _guard = backend.start();
         let started = Instant::now();
-        // copy_bidirectional forwards EOF as a write shutdown in each direction
-        // independently: a half-closed client can still read the backend's answer.
-        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        // splice(2) moves the bytes inside the kernel; each direction forwards EOF as a
+        // write shutdown on its own, so a half-closed client still reads the answer.
+        match crate::splice::relay(&client, &upstream).await {
             Ok((up, down)) => {
                 tracing::debug!(backend = %backend.addr, up, down, secs = started.elapsed().as_secs_f64(), "tcp session done")
             }
