@@ -204,14 +204,12 @@ pub async fn proxy(
     let mut body = Some(body.boxed_unsync());
     // Retries are capped at 10 by config validation: a fixed array, no allocation.
     let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); 11];
-    let mut n_tried = 0;
     let mut last_error: Option<Response<ProxyBody>> = None;
-    for _attempt in 0..=cfg.retries {
+    for n_tried in 0..=cfg.retries as usize {
         let Some(backend) = listener.pick(key, &tried[..n_tried]) else {
             break;
         };
         tried[n_tried] = backend.addr;
-        n_tried += 1;
         let sender = match backend
             .pool
             .checkout(backend.addr, cfg.connect_timeout)

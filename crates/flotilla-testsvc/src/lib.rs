@@ -9,6 +9,7 @@
 //! - `POST /upload` → consumes the body as a stream, answers its length
 //! - a request with `Upgrade:` → 101, then echoes raw bytes (WebSocket-style tunnel)
 //! - `--tcp ADDR` also runs a TCP echo listener (half-close aware).
+//!
 //! Command-line knobs set defaults for every request (`--latency-ms`, `--cpu-us`,
 //! `--fail-rate`).
 
