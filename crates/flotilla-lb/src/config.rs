@@ -155,6 +155,31 @@ pub struct ListenerConfig {
     /// Passive health.
     #[serde(default)]
     pub outlier: OutlierConfig,
+    /// TLS termination (HTTP listeners only).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[listener.tls]`: certificates served by SNI; the first is the default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificates (PEM chain + PEM key), reloaded on SIGHUP.
+    #[serde(rename = "certificate")]
+    pub certificates: Vec<CertificateConfig>,
+}
+
+/// One certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// SNI names this certificate answers (exact, or `*.example.com`).
+    #[serde(default)]
+    pub names: Vec<String>,
 }
 
 fn default_protocol() -> Protocol {
@@ -291,6 +316,20 @@ impl ListenerConfig {
         ] {
             if d.is_zero() {
                 return Err(FieldError::new(f(k), "must be positive"));
+            }
+        }
+        if let Some(tls) = &self.tls {
+            if self.protocol != Protocol::Http {
+                return Err(FieldError::new(
+                    f("tls"),
+                    "TLS termination is for http listeners",
+                ));
+            }
+            if tls.certificates.is_empty() {
+                return Err(FieldError::new(
+                    f("tls.certificate"),
+                    "at least one certificate",
+                ));
             }
         }
         if self.retries > 10 {

@@ -110,16 +110,14 @@ pub fn ip_key(peer: SocketAddr) -> u64 {
 }
 
 /// Serves one accepted client connection.
-pub async fn serve_connection(
-    listener: Arc<Listener>,
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-) {
-    let _ = stream.set_nodelay(true);
+pub async fn serve_connection<IO>(listener: Arc<Listener>, stream: IO, peer: SocketAddr, tls: bool)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let idle = listener.cfg.idle_timeout;
     let svc = hyper::service::service_fn(move |req| {
         let listener = listener.clone();
-        async move { Ok::<_, std::convert::Infallible>(proxy(listener, peer, req).await) }
+        async move { Ok::<_, std::convert::Infallible>(proxy(listener, peer, tls, req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -144,6 +142,7 @@ pub async fn serve_connection(
 pub async fn proxy(
     listener: Arc<Listener>,
     peer: SocketAddr,
+    tls: bool,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let cfg = &listener.cfg;
@@ -184,9 +183,10 @@ pub async fn proxy(
         "x-forwarded-for",
         HeaderValue::from_str(&xff).expect("ip is a valid header"),
     );
-    parts
-        .headers
-        .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    parts.headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
     let via = if parts.version == Version::HTTP_2 {
         "2 flotilla"
     } else {

@@ -16,5 +16,6 @@ pub mod run;
 pub mod scheduler;
 pub mod splice;
 pub mod tcp;
+pub mod tls;
 
 pub use run::{start, RunningLb};

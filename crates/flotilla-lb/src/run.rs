@@ -1,13 +1,16 @@
-//! Starting an lb: bind every listener first (so a bad bind fails before anything
-//! serves), then accept loops, registry watches and the admin listener.
+//! Starting an lb: load certificates and bind every listener first (so a bad file or
+//! a bad bind fails before anything serves), then accept loops, registry watches, the
+//! admin listener and the SIGHUP certificate reload.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::config::{LbConfig, Protocol};
 use crate::listener::Listener;
+use crate::tls::Resolver;
 
 /// A running lb.
 pub struct RunningLb {
@@ -18,6 +21,7 @@ pub struct RunningLb {
     /// Admin address, if enabled.
     pub admin_addr: Option<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    resolvers: Arc<Vec<Arc<Resolver>>>,
 }
 
 impl Drop for RunningLb {
@@ -26,6 +30,51 @@ impl Drop for RunningLb {
             t.abort();
         }
     }
+}
+
+impl RunningLb {
+    /// Re-reads every TLS listener's certificates (what SIGHUP does). A listener whose
+    /// files are bad keeps its old certificates; returns how many reloaded.
+    pub fn reload_tls(&self) -> usize {
+        reload(&self.resolvers)
+    }
+}
+
+fn reload(resolvers: &[Arc<Resolver>]) -> usize {
+    let mut ok = 0;
+    for r in resolvers {
+        match r.reload() {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "TLS reload failed; keeping the old certificates")
+            }
+        }
+    }
+    tracing::info!(
+        reloaded = ok,
+        of = resolvers.len(),
+        "TLS certificates reloaded"
+    );
+    ok
+}
+
+/// Loads every listener's TLS certificates (done by `start` before binding; exposed so
+/// the CLI can treat a bad certificate as a config error).
+pub fn load_tls(
+    config: &LbConfig,
+) -> anyhow::Result<Vec<Option<(tokio_rustls::TlsAcceptor, Arc<Resolver>)>>> {
+    config
+        .listeners
+        .iter()
+        .map(|l| {
+            l.tls
+                .as_ref()
+                .map(|t| {
+                    crate::tls::acceptor(t).with_context(|| format!("listener {:?}: TLS", l.name))
+                })
+                .transpose()
+        })
+        .collect()
 }
 
 /// Starts the lb on the current runtime. `config` must be validated.
@@ -40,6 +89,9 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
         }
         None => None,
     };
+    let tls = load_tls(&config)?;
+    let resolvers: Arc<Vec<Arc<Resolver>>> =
+        Arc::new(tls.iter().flatten().map(|(_, r)| r.clone()).collect());
     let mut sockets = Vec::new();
     for l in &config.listeners {
         let socket = tokio::net::TcpListener::bind(l.bind)
@@ -57,7 +109,7 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
     );
     let mut tasks = Vec::new();
     let mut addrs = Vec::new();
-    for (socket, listener) in sockets.into_iter().zip(listeners.iter().cloned()) {
+    for ((socket, listener), tls) in sockets.into_iter().zip(listeners.iter().cloned()).zip(tls) {
         addrs.push(socket.local_addr()?);
         if let (Some(service), Some(client)) = (listener.cfg.service.clone(), client.clone()) {
             tasks.push(tokio::spawn(crate::discovery::follow(
@@ -66,8 +118,12 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
                 listener.clone(),
             )));
         }
-        tracing::info!(listener = listener.cfg.name, bind = %listener.cfg.bind, protocol = ?listener.cfg.protocol, scheduler = listener.scheduler.name(), "listening");
-        tasks.push(tokio::spawn(accept_loop(socket, listener)));
+        tracing::info!(listener = listener.cfg.name, bind = %listener.cfg.bind, protocol = ?listener.cfg.protocol, tls = tls.is_some(), scheduler = listener.scheduler.name(), "listening");
+        tasks.push(tokio::spawn(accept_loop(
+            socket,
+            listener,
+            tls.map(|(a, _)| a),
+        )));
     }
     let mut admin_addr = None;
     if !config.admin.listen.is_empty() {
@@ -77,24 +133,57 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
         admin_addr = Some(tcp.local_addr()?);
         tasks.push(tokio::spawn(crate::admin::serve(tcp, listeners.clone())));
     }
+    if !resolvers.is_empty() {
+        let r = resolvers.clone();
+        tasks.push(tokio::spawn(async move {
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                reload(&r);
+            }
+        }));
+    }
     Ok(RunningLb {
         listeners,
         addrs,
         admin_addr,
         tasks,
+        resolvers,
     })
 }
 
-async fn accept_loop(socket: tokio::net::TcpListener, listener: Arc<Listener>) {
+async fn accept_loop(
+    socket: tokio::net::TcpListener,
+    listener: Arc<Listener>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         match socket.accept().await {
             Ok((stream, peer)) => {
                 let listener = listener.clone();
-                match listener.cfg.protocol {
-                    Protocol::Http => {
-                        tokio::spawn(crate::http::serve_connection(listener, stream, peer))
+                let _ = stream.set_nodelay(true);
+                match (listener.cfg.protocol, tls.clone()) {
+                    (Protocol::Http, None) => {
+                        tokio::spawn(crate::http::serve_connection(listener, stream, peer, false))
                     }
-                    Protocol::Tcp => {
+                    (Protocol::Http, Some(acceptor)) => tokio::spawn(async move {
+                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(tls_stream)) => {
+                                crate::http::serve_connection(listener, tls_stream, peer, true)
+                                    .await
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                    }),
+                    (Protocol::Tcp, _) => {
                         tokio::spawn(crate::tcp::serve_connection(listener, stream, peer))
                     }
                 };
@@ -102,7 +191,7 @@ async fn accept_loop(socket: tokio::net::TcpListener, listener: Arc<Listener>) {
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }

@@ -288,6 +288,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
 
 async fn lb(args: LbArgs) -> anyhow::Result<()> {
     let config = flotilla_lb::config::LbConfig::load(&args.config).map_err(usage)?;
+    // Unreadable certificates are a config error too: exit 2 before binding anything.
+    flotilla_lb::run::load_tls(&config)
+        .map_err(|e| usage(format!("{}: {e:#}", args.config.display())))?;
     if args.check {
         println!(
             "{}: ok ({} listeners)",
