@@ -347,7 +347,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
         args.seconds = 3;
         args.rounds = 1;
         args.bulk_mib = 512;
-        args.idle = 2000;
+        args.idle = args.idle.min(2000);
     }
     raise_fd_limit();
     tokio::task::spawn_blocking(move || run_blocking(args)).await?

@@ -120,11 +120,13 @@ where
         async move { Ok::<_, std::convert::Infallible>(proxy(listener, peer, tls, req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Flattened writes: small responses go out in one plain write, not a writev.
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(idle)
-        .keep_alive(true);
+        .keep_alive(true)
+        .writev(false);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -195,11 +197,11 @@ pub async fn proxy(
     parts
         .headers
         .append(header::VIA, HeaderValue::from_static(via));
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
+    // Origin-form for the upstream HTTP/1.1 request; PathAndQuery clones are cheap.
+    let path: hyper::Uri = match parts.uri.path_and_query() {
+        Some(pq) => hyper::Uri::from(pq.clone()),
+        None => hyper::Uri::from_static("/"),
+    };
 
     let mut body = Some(body.boxed_unsync());
     // Retries are capped at 10 by config validation: a fixed array, no allocation.
@@ -237,12 +239,17 @@ pub async fn proxy(
             None if replay => empty(),
             None => break,
         };
-        let mut upstream = Request::builder()
-            .method(parts.method.clone())
-            .uri(path.as_str())
-            .version(Version::HTTP_11);
-        *upstream.headers_mut().expect("builder") = parts.headers.clone();
-        let upstream = upstream.body(req_body).expect("valid request parts");
+        // Headers are moved, not copied, unless a replay may need them again.
+        let headers = if replay && n_tried < cfg.retries as usize {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+        let mut upstream = Request::new(req_body);
+        *upstream.method_mut() = parts.method.clone();
+        *upstream.uri_mut() = path.clone();
+        *upstream.version_mut() = Version::HTTP_11;
+        *upstream.headers_mut() = headers;
         let guard = backend.start();
         match send(&listener, &backend, sender, upstream, guard).await {
             Ok(mut resp) => {

@@ -82,6 +82,7 @@ impl Pool {
             .map_err(|_| ConnectError::Timeout(timeout))??;
         let _ = stream.set_nodelay(true);
         let (sender, conn) = http1::Builder::new()
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await?;
         tokio::spawn(async move {
