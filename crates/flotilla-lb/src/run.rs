@@ -58,11 +58,14 @@ fn reload(resolvers: &[Arc<Resolver>]) -> usize {
     ok
 }
 
+/// A TLS listener's acceptor and the resolver that reloads its certificates.
+pub type ListenerTls = (tokio_rustls::TlsAcceptor, Arc<Resolver>);
+
 /// Loads every listener's TLS certificates (done by `start` before binding; exposed so
 /// the CLI can treat a bad certificate as a config error).
 pub fn load_tls(
     config: &LbConfig,
-) -> anyhow::Result<Vec<Option<(tokio_rustls::TlsAcceptor, Arc<Resolver>)>>> {
+) -> anyhow::Result<Vec<Option<ListenerTls>>> {
     config
         .listeners
         .iter()

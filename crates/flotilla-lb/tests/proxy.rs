@@ -389,3 +389,41 @@ async fn failing_backend_is_ejected_and_503_explains_an_empty_set() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_are_served_over_http1_backends() {
+    use http_body_util::BodyExt;
+    let a = Running::start("a", |_| {}).unwrap();
+    let (lb, _) = lb(&backends_line(&[a.addr.to_string()])).await;
+    let tcp = tokio::net::TcpStream::connect(lb.addrs[0]).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = hyper::Request::builder()
+            .uri(format!("http://{}/headers", lb.addrs[0]))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), hyper::Version::HTTP_2);
+        let body = String::from_utf8(
+            resp.into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
+        .unwrap();
+        assert!(body.contains("via: 2 flotilla"), "{body}");
+        assert!(
+            body.contains(&format!("host: {}", lb.addrs[0])),
+            "h2 :authority becomes Host: {body}"
+        );
+    }
+}
