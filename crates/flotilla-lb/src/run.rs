@@ -63,9 +63,7 @@ pub type ListenerTls = (tokio_rustls::TlsAcceptor, Arc<Resolver>);
 
 /// Loads every listener's TLS certificates (done by `start` before binding; exposed so
 /// the CLI can treat a bad certificate as a config error).
-pub fn load_tls(
-    config: &LbConfig,
-) -> anyhow::Result<Vec<Option<ListenerTls>>> {
+pub fn load_tls(config: &LbConfig) -> anyhow::Result<Vec<Option<ListenerTls>>> {
     config
         .listeners
         .iter()
