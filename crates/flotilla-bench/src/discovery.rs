@@ -6,15 +6,15 @@
 //! - leave: `docker kill` → out of the passing set at that watcher;
 //! - host loss: the agent SIGKILLed → its instances out of the passing set.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use flotilla_client::Client;
 use flotilla_testkit::{
     busybox_image, docker, free_port, unique, wait_for_port, Container, DockerNetwork,
 };
 use serde::Serialize;
+
+use crate::procs::flotilla;
 
 /// Flags of the discovery benchmark.
 #[derive(Debug, clap::Args)]
@@ -28,34 +28,6 @@ pub struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str]) -> anyhow::Result<Proc> {
-    let bin = std::env::current_exe()?
-        .parent()
-        .context("exe dir")?
-        .join("flotilla");
-    anyhow::ensure!(
-        bin.exists(),
-        "{} not found: run `cargo build --release -p flotilla` first",
-        bin.display()
-    );
-    Ok(Proc(
-        Command::new(bin)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()?,
-    ))
 }
 
 #[derive(Debug, Serialize)]
@@ -106,7 +78,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let token = dir.path().join("token");
     let data = dir.path().join("data");
     let url = format!("http://127.0.0.1:{port}");
-    let _server = spawn(&[
+    let _server = flotilla(&[
         "server",
         "--listen",
         &format!("127.0.0.1:{port}"),
@@ -132,7 +104,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "--node",
         "bench-host",
     ];
-    let mut agent = Some(spawn(&agent_args)?);
+    let mut agent = Some(flotilla(&agent_args)?);
     let image = busybox_image()?;
     let net = DockerNetwork::create("flotilla-bench")?;
 
@@ -214,7 +186,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let seen = watcher.await??;
         hosts.push((seen - t).as_secs_f64() * 1000.0);
         drop(c);
-        agent = Some(spawn(&agent_args)?);
+        agent = Some(flotilla(&agent_args)?);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let rows = vec![

@@ -4,6 +4,7 @@
 //! reports figures with the machine they ran on, as Markdown and optionally JSON.
 
 mod discovery;
+mod procs;
 mod proxy;
 mod registry;
 

@@ -10,11 +10,13 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use flotilla_testkit::{free_port, wait_for_port};
+
+use crate::procs::{flotilla_binary, spawn, Proc};
 use serde::Serialize;
 
 /// Flags of the proxy benchmark.
@@ -43,32 +45,6 @@ pub struct Args {
     json: Option<PathBuf>,
 }
 
-struct Proc {
-    child: Child,
-    name: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(name: &str, cmd: &mut Command) -> anyhow::Result<Proc> {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    Ok(Proc {
-        child,
-        name: name.to_owned(),
-    })
-}
-
-/// utime + stime of a process and all its descendants, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let mut total = 0.0;
@@ -176,19 +152,6 @@ fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-fn flotilla_bin() -> anyhow::Result<PathBuf> {
-    let bin = std::env::current_exe()?
-        .parent()
-        .context("exe dir")?
-        .join("flotilla");
-    anyhow::ensure!(
-        bin.exists(),
-        "{} not found: run `cargo build --release -p flotilla` first",
-        bin.display()
-    );
-    Ok(bin)
-}
-
 fn start_proxy(
     kind: &str,
     dir: &Path,
@@ -211,7 +174,7 @@ fn start_proxy(
             let path = write(dir, &format!("flotilla-{port}.toml"), &cfg)?;
             spawn(
                 "flotilla",
-                Command::new(flotilla_bin()?)
+                Command::new(flotilla_binary()?)
                     .args(["lb", "--config"])
                     .arg(&path)
                     .env("RUST_LOG", "error"),

@@ -6,12 +6,11 @@
 //! *scheduled* time of the change (open loop), so a slow server cannot hide its delay.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
 use flotilla_client::Client;
 use flotilla_core::InstanceSpec;
 use serde::Serialize;
@@ -65,26 +64,6 @@ struct Outcome {
     setup_seconds: f64,
 }
 
-struct ServerProc(Child);
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn flotilla_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("exe dir")?.join("flotilla");
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it first with `cargo build --release -p flotilla`",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
 fn peak_rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -126,7 +105,7 @@ async fn one_run(args: &Args, store_name: &str, store_url: &str) -> anyhow::Resu
     let dir = tempfile::tempdir()?;
     let port = flotilla_testkit::free_port();
     let token_file = dir.path().join("token");
-    let child = Command::new(flotilla_binary()?)
+    let child = Command::new(crate::procs::flotilla_binary()?)
         .args([
             "server",
             "--listen",
@@ -144,7 +123,10 @@ async fn one_run(args: &Args, store_name: &str, store_url: &str) -> anyhow::Resu
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()?;
-    let server = ServerProc(child);
+    let server = crate::procs::Proc {
+        child,
+        name: "flotilla server".into(),
+    };
     flotilla_testkit::wait_for_port(
         format!("127.0.0.1:{port}").parse()?,
         Duration::from_secs(20),
@@ -263,7 +245,7 @@ async fn one_run(args: &Args, store_name: &str, store_url: &str) -> anyhow::Resu
     for w in watchers {
         let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
     }
-    let rss = peak_rss_mb(server.0.id());
+    let rss = peak_rss_mb(server.child.id());
     let mut lat = latencies.lock().unwrap().clone();
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let mut w = writes.lock().unwrap().clone();
