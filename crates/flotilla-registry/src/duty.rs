@@ -17,7 +17,10 @@ use crate::metrics::ProbeLabels;
 use crate::state::Shared;
 
 /// How often the duty looks at leases and the catalog.
-const TICK: Duration = Duration::from_millis(100);
+/// How often the duty looks at leases: it bounds how late past its TTL a node expires.
+const TICK: Duration = Duration::from_millis(25);
+/// How often instances are scanned for orphans (a scan is O(instances)).
+const ORPHAN_SCAN: Duration = Duration::from_millis(500);
 /// How long an instance may point at an unknown node before it is reaped.
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 
@@ -59,6 +62,7 @@ struct Duty {
     leases: LeaseTable,
     orphans: HashMap<String, Instant>,
     seen_index: u64,
+    last_orphan_scan: Option<Instant>,
 }
 
 impl Drop for Duty {
@@ -77,6 +81,7 @@ impl Duty {
             leases: LeaseTable::default(),
             orphans: HashMap::new(),
             seen_index: 0,
+            last_orphan_scan: None,
         }
     }
 
@@ -96,7 +101,13 @@ impl Duty {
                 self.reconcile_checkers();
             }
             self.expire_leases(now).await;
-            self.reap_orphans(now).await;
+            if self
+                .last_orphan_scan
+                .is_none_or(|t| now.saturating_duration_since(t) >= ORPHAN_SCAN)
+            {
+                self.last_orphan_scan = Some(now);
+                self.reap_orphans(now).await;
+            }
         }
     }
 
