@@ -18,6 +18,8 @@ pub struct BackendStatus {
     pub weight: u32,
     /// Weight in force (slow start applied).
     pub effective_weight: f64,
+    /// Weight set by the feedback controller, if any.
+    pub feedback_weight: Option<f64>,
     /// Requests in flight.
     pub in_flight: u64,
     /// Requests sent.
@@ -56,6 +58,7 @@ fn backend_status(b: &Backend, now: Instant, draining: bool) -> BackendStatus {
         addr: b.addr.to_string(),
         weight: b.base_weight(),
         effective_weight: b.effective_weight(now),
+        feedback_weight: b.dynamic_weight(),
         in_flight: b.in_flight(),
         requests: b.requests.load(std::sync::atomic::Ordering::Relaxed),
         failures: b.failures.load(std::sync::atomic::Ordering::Relaxed),

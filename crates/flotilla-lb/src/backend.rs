@@ -149,6 +149,8 @@ pub struct Backend {
     /// probation), so successes and picks take no lock in the common case.
     ejected_until_ns: AtomicU64,
     outlier_dirty: std::sync::atomic::AtomicBool,
+    /// Weight set by the feedback controller, as f64 bits (0 = none yet).
+    dynamic_weight: AtomicU64,
     /// Smooth weighted round-robin credit (scheduler-owned).
     pub(crate) swrr_credit: AtomicI64,
     /// Requests sent.
@@ -226,6 +228,7 @@ impl Backend {
             ejected_until_ns: AtomicU64::new(0),
             outlier_dirty: std::sync::atomic::AtomicBool::new(false),
             swrr_credit: AtomicI64::new(0),
+            dynamic_weight: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
@@ -242,6 +245,19 @@ impl Backend {
     /// Changes the static weight (registry update).
     pub fn set_base_weight(&self, w: u32) {
         self.base_weight.store(w.max(1), Ordering::Relaxed);
+    }
+
+    /// The feedback controller's weight, if it has set one.
+    pub fn dynamic_weight(&self) -> Option<f64> {
+        let bits = self.dynamic_weight.load(Ordering::Relaxed);
+        (bits != 0).then(|| f64::from_bits(bits))
+    }
+
+    /// Sets the feedback weight (positive).
+    pub fn set_dynamic_weight(&self, w: f64) {
+        if w.is_finite() && w > 0.0 {
+            self.dynamic_weight.store(w.to_bits(), Ordering::Relaxed);
+        }
     }
 
     /// Slow-start factor in (0, 1]: linear ramp from 5 % over `slow_start`.

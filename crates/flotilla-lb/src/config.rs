@@ -88,6 +88,9 @@ pub enum SchedulerKind {
     P2cEwma,
     /// Consistent (weighted rendezvous) hashing on source IP or a header.
     Hash,
+    /// Power of two choices on in-flight / weight, with weights set every period by the
+    /// dynamic-feedback controller (docs/feedback.md).
+    Feedback,
 }
 
 /// `[listener.outlier]`: passive health.
@@ -158,6 +161,9 @@ pub struct ListenerConfig {
     /// TLS termination (HTTP listeners only).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Dynamic-feedback controller parameters (`scheduler = "feedback"`).
+    #[serde(default)]
+    pub feedback: crate::feedback::FeedbackConfig,
 }
 
 /// `[listener.tls]`: certificates served by SNI; the first is the default.
@@ -331,6 +337,27 @@ impl ListenerConfig {
                     "at least one certificate",
                 ));
             }
+        }
+        let fb = &self.feedback;
+        if fb.period < Duration::from_millis(100) || fb.period > Duration::from_secs(60) {
+            return Err(FieldError::new(f("feedback.period"), "100ms..=60s"));
+        }
+        let gain_ok = fb.gain > 0.0 && fb.gain <= 2.0;
+        let step_ok = fb.max_step > 0.0 && fb.max_step <= 1.0;
+        if !(gain_ok && step_ok) {
+            return Err(FieldError::new(
+                f("feedback.gain"),
+                "gain in (0, 2] and max_step in (0, 1]",
+            ));
+        }
+        if !(fb.min_fraction > 0.0 && fb.min_fraction <= 1.0)
+            || fb.scale < 1.0
+            || !(0.0..1.0).contains(&fb.smoothing)
+        {
+            return Err(FieldError::new(
+                f("feedback.scale"),
+                "min_fraction in (0, 1], scale ≥ 1, smoothing in [0, 1)",
+            ));
         }
         if self.retries > 10 {
             return Err(FieldError::new(f("retries"), "at most 10"));

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod backend;
 pub mod config;
 pub mod discovery;
+pub mod feedback;
 pub mod http;
 pub mod listener;
 pub mod pool;

@@ -112,6 +112,9 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
     let mut addrs = Vec::new();
     for ((socket, listener), tls) in sockets.into_iter().zip(listeners.iter().cloned()).zip(tls) {
         addrs.push(socket.local_addr()?);
+        if listener.cfg.scheduler == crate::config::SchedulerKind::Feedback {
+            tasks.push(tokio::spawn(feedback_loop(listener.clone())));
+        }
         if let (Some(service), Some(client)) = (listener.cfg.service.clone(), client.clone()) {
             tasks.push(tokio::spawn(crate::discovery::follow(
                 client,
@@ -194,6 +197,53 @@ async fn accept_loop(
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// Runs the listener's feedback controller every period on what the lb observes of each
+/// backend (latency estimate, requests and failures in the period). Agent load reports
+/// join these inputs through [`crate::feedback::Observation::report`] once the registry
+/// serves them.
+async fn feedback_loop(listener: Arc<Listener>) {
+    let cfg = listener.cfg.feedback.clone();
+    let mut controller = crate::feedback::Controller::new(cfg.clone());
+    let mut last: std::collections::HashMap<SocketAddr, (u64, u64)> = Default::default();
+    let mut tick = tokio::time::interval(cfg.period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let set = listener.backends();
+        let mut observations = std::collections::HashMap::new();
+        for b in set.iter() {
+            let requests = b.requests.load(std::sync::atomic::Ordering::Relaxed);
+            let failures = b.failures.load(std::sync::atomic::Ordering::Relaxed);
+            let (r0, f0) = last
+                .insert(b.addr, (requests, failures))
+                .unwrap_or((requests, failures));
+            observations.insert(
+                b.addr,
+                crate::feedback::Observation {
+                    base_weight: b.base_weight(),
+                    latency_ns: b.ewma_ns(),
+                    requests: requests.saturating_sub(r0),
+                    errors: failures.saturating_sub(f0),
+                    report: None,
+                },
+            );
+        }
+        last.retain(|a, _| observations.contains_key(a));
+        if let Some(weights) = controller.step(std::time::Instant::now(), &observations) {
+            for b in set.iter() {
+                if let Some(w) = weights.get(&b.addr) {
+                    b.set_dynamic_weight(*w);
+                }
+            }
+            tracing::debug!(
+                listener = listener.cfg.name,
+                ?weights,
+                "feedback weights published"
+            );
         }
     }
 }

@@ -52,9 +52,19 @@ pub fn build(kind: SchedulerKind) -> Box<dyn Scheduler> {
             weighted: true,
             next: AtomicUsize::new(0),
         }),
-        SchedulerKind::P2c => Box::new(P2c { ewma: false }),
-        SchedulerKind::P2cEwma => Box::new(P2c { ewma: true }),
+        SchedulerKind::P2c => Box::new(P2c {
+            ewma: false,
+            feedback: false,
+        }),
+        SchedulerKind::P2cEwma => Box::new(P2c {
+            ewma: true,
+            feedback: false,
+        }),
         SchedulerKind::Hash => Box::new(RendezvousHash),
+        SchedulerKind::Feedback => Box::new(P2c {
+            ewma: false,
+            feedback: true,
+        }),
     }
 }
 
@@ -176,11 +186,18 @@ impl Scheduler for LeastConn {
 /// stale counts) all pick the same "best" backend.
 pub struct P2c {
     ewma: bool,
+    /// Use the feedback controller's weight (static weight until it has set one).
+    feedback: bool,
 }
 
 impl P2c {
     fn cost(&self, b: &Backend, now: Instant) -> f64 {
-        let w = b.effective_weight(now);
+        let w = match (self.feedback, b.dynamic_weight()) {
+            // Per-request in-flight counts on top of per-period weights: the weights
+            // carry what the controller learned, in-flight reacts within a request.
+            (true, Some(d)) => d * b.ramp(now),
+            _ => b.effective_weight(now),
+        };
         if self.ewma {
             b.ewma_ns() * (b.in_flight() + 1) as f64 / w
         } else {
@@ -229,10 +246,10 @@ impl Scheduler for P2c {
         Some(if cb < ca { b } else { a })
     }
     fn name(&self) -> &'static str {
-        if self.ewma {
-            "p2c-ewma"
-        } else {
-            "p2c"
+        match (self.ewma, self.feedback) {
+            (_, true) => "feedback",
+            (true, _) => "p2c-ewma",
+            _ => "p2c",
         }
     }
 }
@@ -413,7 +430,15 @@ mod tests {
         for b in &bs[..3] {
             b.observe_latency(Duration::from_millis(1), now);
         }
-        let c = counts(&P2c { ewma: true }, &bs, 4000, now);
+        let c = counts(
+            &P2c {
+                ewma: true,
+                feedback: false,
+            },
+            &bs,
+            4000,
+            now,
+        );
         assert!(c[3] < 100, "slow backend still got {c:?}");
     }
 
@@ -490,7 +515,8 @@ mod tests {
         }
     }
 
-    const ALL: [SchedulerKind; 7] = [
+    const ALL: [SchedulerKind; 8] = [
+        SchedulerKind::Feedback,
         SchedulerKind::RoundRobin,
         SchedulerKind::Weighted,
         SchedulerKind::LeastConn,

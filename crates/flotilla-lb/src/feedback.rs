@@ -1,0 +1,472 @@
+//! The dynamic-feedback controller: turns what is known about each backend's load into
+//! weights, once per period. Pure and deterministic: observations and `now` in, weights
+//! out — tested with an injected clock (see docs/feedback.md for the algorithm, its
+//! parameters and the stability argument).
+//!
+//! Per backend *i* and period:
+//! 1. Load `Lᵢ` (1.0 = the cluster average): a weighted sum of the agent's report
+//!    (CPU share of quota, memory share of limit) when fresh, and the lb's own view —
+//!    latency relative to the weighted mean, and the error rate. Inputs are smoothed
+//!    with an EWMA so one noisy period cannot swing a weight.
+//! 2. The LVS rule moved to the log domain: `wᵢ ← wᵢ · exp(A · −ln Lᵢ)` (target
+//!    `T = 1`), with a dead band around `T`, the step bounded to ±`max_step`, and `wᵢ`
+//!    clamped to `[min_fraction · base, scale · base]` (never zero or negative). The
+//!    classic `A·∛(T − L)` has unbounded slope at the set point and dithered around it.
+//! 3. Weights are published only when some weight moved by more than `threshold`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// `[listener.feedback]` parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedbackConfig {
+    /// Control period.
+    #[serde(with = "humantime_serde")]
+    pub period: Duration,
+    /// Gain `A` of the LVS rule.
+    pub gain: f64,
+    /// Largest relative weight change per period (damping).
+    pub max_step: f64,
+    /// No change while |T − L| is below this (dead band against dithering).
+    pub dead_band: f64,
+    /// Upper clamp, as a multiple of the static weight.
+    pub scale: f64,
+    /// Lower clamp, as a fraction of the static weight (> 0: a backend is never starved
+    /// of the traffic that would show it recovered).
+    pub min_fraction: f64,
+    /// Smoothing of the inputs (0 = no memory, 1 = never changes).
+    pub smoothing: f64,
+    /// Reports older than this many periods are ignored.
+    pub stale_periods: u32,
+    /// Coefficients of the aggregate load.
+    pub coefficients: Coefficients,
+    /// Publish only when a weight changed by more than this fraction.
+    pub threshold: f64,
+}
+
+/// Coefficients of the aggregate load `L = Σ cᵢ·loadᵢ` (normalised to sum 1 over the
+/// inputs present).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Coefficients {
+    /// CPU share of the container's quota (agent report).
+    pub cpu: f64,
+    /// Memory share of the limit (agent report).
+    pub memory: f64,
+    /// Latency relative to the cluster mean (lb observation).
+    pub latency: f64,
+    /// Error rate (lb observation), counted as extra load.
+    pub errors: f64,
+}
+
+impl Default for Coefficients {
+    fn default() -> Self {
+        Coefficients {
+            cpu: 0.4,
+            memory: 0.1,
+            latency: 0.5,
+            errors: 2.0,
+        }
+    }
+}
+
+impl Default for FeedbackConfig {
+    fn default() -> Self {
+        FeedbackConfig {
+            period: Duration::from_secs(1),
+            gain: 0.15,
+            max_step: 0.25,
+            dead_band: 0.05,
+            scale: 10.0,
+            min_fraction: 0.05,
+            smoothing: 0.3,
+            stale_periods: 3,
+            coefficients: Coefficients::default(),
+            threshold: 0.02,
+        }
+    }
+}
+
+/// An agent's load report for one instance.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadReport {
+    /// CPU use as a share of the quota, 0..=1 (may exceed 1 briefly).
+    pub cpu: f64,
+    /// Memory use as a share of the limit, 0..=1.
+    pub memory: f64,
+    /// When it was taken (the controller's clock).
+    pub at: Instant,
+}
+
+/// What the controller knows about one backend this period.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observation {
+    /// Static weight (config or registry).
+    pub base_weight: u32,
+    /// The lb's latency estimate, ns (0 = none yet).
+    pub latency_ns: f64,
+    /// Requests completed in the period.
+    pub requests: u64,
+    /// Of which failed.
+    pub errors: u64,
+    /// The agent's latest report, if any.
+    pub report: Option<LoadReport>,
+}
+
+#[derive(Debug, Clone)]
+struct State {
+    weight: f64,
+    load: Option<f64>,
+    published: f64,
+}
+
+/// The controller of one listener.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    cfg: FeedbackConfig,
+    state: HashMap<SocketAddr, State>,
+}
+
+impl Controller {
+    /// A controller with parameters `cfg`.
+    pub fn new(cfg: FeedbackConfig) -> Self {
+        Controller {
+            cfg,
+            state: HashMap::new(),
+        }
+    }
+
+    /// One control step at `now`. Returns the new weights when they changed by more than
+    /// the threshold (otherwise `None`: keep the published ones). Backends not in
+    /// `observations` are forgotten; new ones start at their static weight.
+    pub fn step(
+        &mut self,
+        now: Instant,
+        observations: &HashMap<SocketAddr, Observation>,
+    ) -> Option<HashMap<SocketAddr, f64>> {
+        let cfg = &self.cfg;
+        self.state.retain(|addr, _| observations.contains_key(addr));
+        for (addr, o) in observations {
+            self.state.entry(*addr).or_insert_with(|| State {
+                weight: o.base_weight as f64,
+                load: None,
+                published: o.base_weight as f64,
+            });
+        }
+        // The lb's reference latency: traffic-weighted mean over backends that served.
+        let (sum, n) = observations
+            .values()
+            .filter(|o| o.requests > 0 && o.latency_ns > 0.0)
+            .fold((0.0, 0u64), |(s, n), o| {
+                (s + o.latency_ns * o.requests as f64, n + o.requests)
+            });
+        let mean_latency = if n > 0 { sum / n as f64 } else { 0.0 };
+        let stale = cfg.period * cfg.stale_periods;
+
+        for (addr, o) in observations {
+            let st = self.state.get_mut(addr).expect("inserted above");
+            let c = &cfg.coefficients;
+            let mut parts = Vec::with_capacity(3);
+            if let Some(r) = o
+                .report
+                .filter(|r| now.saturating_duration_since(r.at) <= stale)
+            {
+                // Utilisation 0..1 is mapped so that the cluster target (T = 1) sits at 80 %.
+                parts.push((c.cpu, r.cpu / 0.8));
+                parts.push((c.memory, r.memory / 0.8));
+            }
+            if mean_latency > 0.0 && o.requests > 0 && o.latency_ns > 0.0 {
+                parts.push((c.latency, o.latency_ns / mean_latency));
+            }
+            let total: f64 = parts.iter().map(|(k, _)| k).sum();
+            let mut load = if total > 0.0 {
+                parts.iter().map(|(k, v)| k * v).sum::<f64>() / total
+            } else {
+                1.0
+            };
+            if o.requests > 0 {
+                load += c.errors * (o.errors as f64 / o.requests as f64);
+            }
+            // No information at all (idle, no report): treat as on target — no change.
+            let load = if parts.is_empty() && o.errors == 0 {
+                1.0
+            } else {
+                load
+            };
+            let smoothed = match st.load {
+                Some(prev) => cfg.smoothing * prev + (1.0 - cfg.smoothing) * load,
+                None => load,
+            };
+            st.load = Some(smoothed);
+            // Log-domain error: L = 2 and L = 0.5 are equally far from the target, and the
+            // step is proportional near the target (∛ has unbounded slope at zero, which
+            // made the classic rule dither around its set point in the tests).
+            let error = -(smoothed.max(1e-3)).ln();
+            if error.abs() > cfg.dead_band {
+                let step = (cfg.gain * error).clamp(-cfg.max_step, cfg.max_step);
+                st.weight *= step.exp();
+            }
+            let base = o.base_weight.max(1) as f64;
+            st.weight = st
+                .weight
+                .clamp((base * cfg.min_fraction).max(1.0), base * cfg.scale);
+        }
+        let moved = self
+            .state
+            .values()
+            .any(|s| (s.weight - s.published).abs() > cfg.threshold * s.published.max(1.0));
+        if !moved {
+            return None;
+        }
+        for s in self.state.values_mut() {
+            s.published = s.weight;
+        }
+        Some(self.state.iter().map(|(a, s)| (*a, s.weight)).collect())
+    }
+
+    /// Current (unpublished) weights, for status.
+    pub fn weights(&self) -> HashMap<SocketAddr, f64> {
+        self.state.iter().map(|(a, s)| (*a, s.weight)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn addr(i: usize) -> SocketAddr {
+        format!("127.0.0.1:{}", 1000 + i).parse().unwrap()
+    }
+
+    /// A cluster of M/M/1-like backends: latency = 1 / (capacity − arrival rate), with
+    /// traffic split by weight. Returns observations for one period.
+    fn observe(
+        capacities: &[f64],
+        weights: &HashMap<SocketAddr, f64>,
+        rate: f64,
+    ) -> HashMap<SocketAddr, Observation> {
+        let total: f64 = (0..capacities.len())
+            .map(|i| weights.get(&addr(i)).copied().unwrap_or(100.0))
+            .sum();
+        capacities
+            .iter()
+            .enumerate()
+            .map(|(i, cap)| {
+                let share = weights.get(&addr(i)).copied().unwrap_or(100.0) / total;
+                let lambda = rate * share;
+                let latency_s = if lambda < cap * 0.99 {
+                    1.0 / (cap - lambda)
+                } else {
+                    100.0 / cap
+                };
+                (
+                    addr(i),
+                    Observation {
+                        base_weight: 100,
+                        latency_ns: latency_s * 1e9,
+                        requests: lambda.max(1.0) as u64,
+                        errors: 0,
+                        report: None,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn run(
+        c: &mut Controller,
+        caps: &[f64],
+        rate: f64,
+        periods: usize,
+        t: &mut Instant,
+    ) -> Vec<HashMap<SocketAddr, f64>> {
+        let mut history = Vec::new();
+        let mut weights = c.weights();
+        for _ in 0..periods {
+            *t += Duration::from_secs(1);
+            let obs = observe(caps, &weights, rate);
+            if let Some(w) = c.step(*t, &obs) {
+                weights = w;
+            }
+            history.push(weights.clone());
+        }
+        history
+    }
+
+    fn ratio(w: &HashMap<SocketAddr, f64>, a: usize, b: usize) -> f64 {
+        w[&addr(a)] / w[&addr(b)]
+    }
+
+    #[test]
+    fn converges_on_heterogeneous_capacity() {
+        let mut c = Controller::new(FeedbackConfig::default());
+        let mut t = Instant::now();
+        // Capacities 250 / 500 / 1000 req/s at 85 % of the total (1,487 req/s).
+        let h = run(&mut c, &[250.0, 500.0, 1000.0], 1487.0, 40, &mut t);
+        let w = h.last().unwrap();
+        let r = ratio(w, 2, 0);
+        assert!(
+            r > 2.5,
+            "fast backend should get far more weight than the slow one: {r} ({w:?})"
+        );
+        // Latencies end up close: the point of the controller.
+        let obs = observe(&[250.0, 500.0, 1000.0], w, 1487.0);
+        let lat: Vec<f64> = (0..3).map(|i| obs[&addr(i)].latency_ns).collect();
+        let spread = lat.iter().cloned().fold(f64::MIN, f64::max)
+            / lat.iter().cloned().fold(f64::MAX, f64::min);
+        assert!(
+            spread < 1.6,
+            "latencies should be near each other, got {lat:?}"
+        );
+    }
+
+    #[test]
+    fn does_not_oscillate_under_constant_load() {
+        let mut c = Controller::new(FeedbackConfig::default());
+        let mut t = Instant::now();
+        let h = run(&mut c, &[250.0, 500.0, 1000.0], 1400.0, 60, &mut t);
+        // After settling, each weight moves by < 5 % peak to peak over 20 periods.
+        for i in 0..3 {
+            let tail: Vec<f64> = h[40..].iter().map(|w| w[&addr(i)]).collect();
+            let (lo, hi) = tail
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(*x), h.max(*x)));
+            assert!((hi - lo) / hi < 0.05, "backend {i} oscillates: {tail:?}");
+        }
+    }
+
+    #[test]
+    fn equal_backends_keep_equal_weights() {
+        let mut c = Controller::new(FeedbackConfig::default());
+        let mut t = Instant::now();
+        run(&mut c, &[500.0, 500.0, 500.0], 1200.0, 20, &mut t);
+        let w = c.weights();
+        for i in 0..3 {
+            assert!((w[&addr(i)] - 100.0).abs() < 1e-9, "{w:?}");
+        }
+    }
+
+    #[test]
+    fn reacts_to_a_step_within_five_periods() {
+        let mut c = Controller::new(FeedbackConfig::default());
+        let mut t = Instant::now();
+        let caps = [500.0, 500.0, 500.0];
+        run(&mut c, &caps, 1200.0, 20, &mut t);
+        // Backend 0 loses 60 % of its capacity (an antagonist arrives).
+        let h = run(&mut c, &[200.0, 500.0, 500.0], 1200.0, 5, &mut t);
+        let r = ratio(h.last().unwrap(), 1, 0);
+        assert!(
+            r > 1.8,
+            "after 5 periods the hurt backend should have well under half the weight: {r}"
+        );
+    }
+
+    #[test]
+    fn stale_reports_are_ignored_and_fresh_ones_used() {
+        let cfg = FeedbackConfig {
+            coefficients: Coefficients {
+                cpu: 1.0,
+                memory: 0.0,
+                latency: 0.0,
+                errors: 0.0,
+            },
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let hot = |at| Observation {
+            base_weight: 100,
+            latency_ns: 0.0,
+            requests: 0,
+            errors: 0,
+            report: Some(LoadReport {
+                cpu: 1.0,
+                memory: 0.0,
+                at,
+            }),
+        };
+        let mut c = Controller::new(cfg.clone());
+        let now = t0 + Duration::from_secs(10);
+        let obs: HashMap<_, _> = [(addr(0), hot(t0))].into();
+        assert_eq!(
+            c.step(now, &obs),
+            None,
+            "a 10 s old report (3 periods allowed) must not move the weight"
+        );
+        let obs: HashMap<_, _> = [(addr(0), hot(now))].into();
+        let w = c
+            .step(now, &obs)
+            .expect("a fresh report at 100 % CPU lowers the weight");
+        assert!(w[&addr(0)] < 100.0);
+    }
+
+    #[test]
+    fn errors_count_as_load() {
+        let mut c = Controller::new(FeedbackConfig::default());
+        let t = Instant::now() + Duration::from_secs(1);
+        let ok = Observation {
+            base_weight: 100,
+            latency_ns: 1e6,
+            requests: 100,
+            errors: 0,
+            report: None,
+        };
+        let failing = Observation { errors: 30, ..ok };
+        let obs: HashMap<_, _> = [(addr(0), ok), (addr(1), failing)].into();
+        let w = c.step(t, &obs).unwrap();
+        assert!(w[&addr(1)] < w[&addr(0)], "{w:?}");
+    }
+
+    #[test]
+    fn backends_join_and_leave() {
+        let mut c = Controller::new(FeedbackConfig::default());
+        let mut t = Instant::now();
+        run(&mut c, &[250.0, 1000.0], 1000.0, 20, &mut t);
+        // A third joins: starts at its static weight; one leaves: forgotten.
+        let h = run(&mut c, &[250.0, 1000.0, 500.0], 1200.0, 1, &mut t);
+        assert!(h[0].contains_key(&addr(2)));
+        let obs: HashMap<_, _> = [(
+            addr(1),
+            Observation {
+                base_weight: 100,
+                latency_ns: 1e6,
+                requests: 10,
+                errors: 0,
+                report: None,
+            },
+        )]
+        .into();
+        t += Duration::from_secs(1);
+        c.step(t, &obs);
+        assert_eq!(c.weights().len(), 1);
+    }
+
+    proptest! {
+        /// Whatever the inputs, weights stay within [max(1, min_fraction·base), scale·base].
+        #[test]
+        fn weights_stay_positive_and_clamped(
+            steps in proptest::collection::vec(proptest::collection::vec((0.0f64..1e9, 0u64..1000, 0u64..1000, 1u32..1000), 1..6), 1..30)
+        ) {
+            let cfg = FeedbackConfig::default();
+            let mut c = Controller::new(cfg.clone());
+            let mut t = Instant::now();
+            for step in steps {
+                t += Duration::from_secs(1);
+                let obs: HashMap<_, _> = step.iter().enumerate().map(|(i, (lat, req, err, base))| {
+                    (addr(i), Observation { base_weight: *base, latency_ns: *lat, requests: *req, errors: (*err).min(*req), report: None })
+                }).collect();
+                c.step(t, &obs);
+                for (a, w) in c.weights() {
+                    let base = obs[&a].base_weight as f64;
+                    prop_assert!(w >= (base * cfg.min_fraction).max(1.0) - 1e-9, "{} below floor", w);
+                    prop_assert!(w <= base * cfg.scale + 1e-9, "{} above ceiling", w);
+                    prop_assert!(w.is_finite());
+                }
+            }
+        }
+    }
+}
