@@ -235,6 +235,25 @@ impl Client {
         .await
     }
 
+    /// `PUT /v1/services/{name}/weights`: publishes feedback weights by `ip:port`.
+    pub async fn publish_weights(
+        &self,
+        service: &str,
+        from: &str,
+        weights: &std::collections::BTreeMap<String, f64>,
+    ) -> Result<serde_json::Value> {
+        let body = json!({ "weights": weights, "from": from });
+        self.send(
+            self.request(
+                reqwest::Method::PUT,
+                &format!("/v1/services/{service}/weights"),
+                Self::SHORT,
+            )
+            .json(&body),
+        )
+        .await
+    }
+
     /// `GET /v1/instances?node=NODE`.
     pub async fn instances_of_node(&self, node: &str) -> Result<Vec<InstanceView>> {
         self.send(

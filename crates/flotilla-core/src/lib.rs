@@ -15,6 +15,6 @@ pub use error::{ConfigError, FieldError};
 pub use id::{validate_instance_id, validate_node_name, validate_service_name};
 pub use record::{
     HealthRecord, HealthStatus, InstanceRecord, InstanceView, NodeRecord, NodeView,
-    ServiceInstances, ServiceSummary, RECORD_VERSION,
+    ServiceInstances, ServiceSummary, WeightsRecord, RECORD_VERSION,
 };
 pub use spec::{CheckKind, CheckSpec, InstanceSpec};

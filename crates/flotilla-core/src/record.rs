@@ -87,6 +87,24 @@ pub struct InstanceView {
     pub output: String,
     /// Checks as registered.
     pub checks: Vec<crate::CheckSpec>,
+    /// Weight the active load balancer's feedback controller published, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feedback_weight: Option<f64>,
+}
+
+/// Feedback weights of one service as the active lb published them, keyed by
+/// `address:port`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeightsRecord {
+    /// Record format version.
+    pub v: u32,
+    /// Weights by `ip:port`.
+    pub weights: std::collections::BTreeMap<String, f64>,
+    /// Which lb published them.
+    #[serde(default)]
+    pub from: String,
+    /// Wall-clock time of publication (unix ms).
+    pub at_ms: u64,
 }
 
 /// Summary of one service, as `GET /v1/services` serves it.

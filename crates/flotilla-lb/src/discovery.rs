@@ -37,6 +37,19 @@ pub async fn follow(client: Client, service: String, listener: Arc<Listener>) {
                     })
                     .collect();
                 let (added, removed) = listener.update(&wanted, initial);
+                // Warm start: weights the active lb published seed this lb's controller.
+                for b in listener.backends().iter() {
+                    if b.dynamic_weight().is_none() {
+                        if let Some(w) = s
+                            .instances
+                            .iter()
+                            .find(|i| std::net::SocketAddr::new(i.address, i.port) == b.addr)
+                            .and_then(|i| i.feedback_weight)
+                        {
+                            b.set_dynamic_weight(w);
+                        }
+                    }
+                }
                 tracing::info!(
                     listener = listener.cfg.name,
                     service,

@@ -115,6 +115,9 @@ pub struct Observation {
     pub errors: u64,
     /// The agent's latest report, if any.
     pub report: Option<LoadReport>,
+    /// Weight already in force for a backend new to this controller (published by
+    /// another lb): the controller starts from it instead of the static weight.
+    pub current_weight: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -272,6 +275,7 @@ mod tests {
                         requests: lambda.max(1.0) as u64,
                         errors: 0,
                         report: None,
+                        current_weight: None,
                     },
                 )
             })
@@ -388,6 +392,7 @@ mod tests {
                 memory: 0.0,
                 at,
             }),
+            current_weight: None,
         };
         let mut c = Controller::new(cfg.clone());
         let now = t0 + Duration::from_secs(10);
@@ -414,6 +419,7 @@ mod tests {
             requests: 100,
             errors: 0,
             report: None,
+            current_weight: None,
         };
         let failing = Observation { errors: 30, ..ok };
         let obs: HashMap<_, _> = [(addr(0), ok), (addr(1), failing)].into();
@@ -437,6 +443,7 @@ mod tests {
                 requests: 10,
                 errors: 0,
                 report: None,
+                current_weight: None,
             },
         )]
         .into();
@@ -457,7 +464,7 @@ mod tests {
             for step in steps {
                 t += Duration::from_secs(1);
                 let obs: HashMap<_, _> = step.iter().enumerate().map(|(i, (lat, req, err, base))| {
-                    (addr(i), Observation { base_weight: *base, latency_ns: *lat, requests: *req, errors: (*err).min(*req), report: None })
+                    (addr(i), Observation { base_weight: *base, latency_ns: *lat, requests: *req, errors: (*err).min(*req), report: None, current_weight: None })
                 }).collect();
                 c.step(t, &obs);
                 for (a, w) in c.weights() {

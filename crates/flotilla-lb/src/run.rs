@@ -113,7 +113,10 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
     for ((socket, listener), tls) in sockets.into_iter().zip(listeners.iter().cloned()).zip(tls) {
         addrs.push(socket.local_addr()?);
         if listener.cfg.scheduler == crate::config::SchedulerKind::Feedback {
-            tasks.push(tokio::spawn(feedback_loop(listener.clone())));
+            tasks.push(tokio::spawn(feedback_loop(
+                listener.clone(),
+                client.clone(),
+            )));
         }
         if let (Some(service), Some(client)) = (listener.cfg.service.clone(), client.clone()) {
             tasks.push(tokio::spawn(crate::discovery::follow(
@@ -205,7 +208,7 @@ async fn accept_loop(
 /// backend (latency estimate, requests and failures in the period). Agent load reports
 /// join these inputs through [`crate::feedback::Observation::report`] once the registry
 /// serves them.
-async fn feedback_loop(listener: Arc<Listener>) {
+async fn feedback_loop(listener: Arc<Listener>, registry: Option<flotilla_client::Client>) {
     let cfg = listener.cfg.feedback.clone();
     let mut controller = crate::feedback::Controller::new(cfg.clone());
     let mut last: std::collections::HashMap<SocketAddr, (u64, u64)> = Default::default();
@@ -229,6 +232,7 @@ async fn feedback_loop(listener: Arc<Listener>) {
                     requests: requests.saturating_sub(r0),
                     errors: failures.saturating_sub(f0),
                     report: None,
+                    current_weight: b.dynamic_weight(),
                 },
             );
         }
@@ -244,6 +248,17 @@ async fn feedback_loop(listener: Arc<Listener>) {
                 ?weights,
                 "feedback weights published"
             );
+            // Publish to the registry: a standby lb starts warm, `flotilla ps` shows them.
+            if let (Some(client), Some(service)) = (&registry, &listener.cfg.service) {
+                let by_addr: std::collections::BTreeMap<String, f64> =
+                    weights.iter().map(|(a, w)| (a.to_string(), *w)).collect();
+                if let Err(e) = client
+                    .publish_weights(service, &listener.cfg.name, &by_addr)
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not publish feedback weights");
+                }
+            }
         }
     }
 }

@@ -233,3 +233,64 @@ async fn registry_outage_keeps_the_last_known_backends() {
         assert_eq!(r.status(), 200);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_weights_are_published_and_warm_a_standby() {
+    let reg = registry().await;
+    let fast = Running::start("fast", |_| {}).unwrap();
+    let slow = Running::start("slow", |x| x.latency_ms = 15).unwrap();
+    reg.client.register("fast", &spec(fast.addr)).await.unwrap();
+    reg.client.register("slow", &spec(slow.addr)).await.unwrap();
+    let active = lb(
+        &reg,
+        "scheduler = \"feedback\"\nfeedback = { period = \"200ms\" }",
+    )
+    .await;
+    wait_backends(&active, 2).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (_, failed, tasks) = load(format!("http://{}/", active.addrs[0]), 8, stop.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    let view = reg
+        .client
+        .service("web", 0, Duration::ZERO, false)
+        .await
+        .unwrap();
+    let published = |id: &str| {
+        view.instances
+            .iter()
+            .find(|i| i.id == id)
+            .and_then(|i| i.feedback_weight)
+            .expect("published weight")
+    };
+    let (wf, ws) = (published("fast"), published("slow"));
+    assert!(
+        wf > ws * 1.5,
+        "registry shows the controller's weights: fast {wf}, slow {ws}"
+    );
+
+    // A standby lb starts warm: its backends take the published weights before it has
+    // seen a single request.
+    let standby = lb(
+        &reg,
+        "scheduler = \"feedback\"\nfeedback = { period = \"200ms\" }",
+    )
+    .await;
+    wait_backends(&standby, 2).await;
+    let st = &flotilla_lb::admin::status(&standby.listeners)[0];
+    let seeded = |addr: std::net::SocketAddr| {
+        st.backends
+            .iter()
+            .find(|b| b.addr == addr.to_string())
+            .and_then(|b| b.feedback_weight)
+            .expect("seeded")
+    };
+    assert!(
+        seeded(fast.addr) > seeded(slow.addr) * 1.5,
+        "standby starts with the active lb's weights"
+    );
+}

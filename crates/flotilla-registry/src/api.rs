@@ -142,6 +142,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/instances/{id}/renew", put(renew_instance))
         .route("/v1/services", get(list_services))
         .route("/v1/services/{name}", get(get_service))
+        .route("/v1/services/{name}/weights", put(put_weights))
         .route("/v1/nodes", get(list_nodes))
         .route(
             "/v1/nodes/{name}",
@@ -478,6 +479,69 @@ async fn list_services(
     block_until(&shared, &q, |s| s.catalog().index()).await?;
     let catalog = shared.catalog();
     Ok(with_index(catalog.index(), catalog.services()))
+}
+
+/// Body of `PUT /v1/services/{name}/weights`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightsBody {
+    /// Weights by `ip:port`.
+    weights: std::collections::BTreeMap<String, f64>,
+    /// Publisher (lb name), informational.
+    #[serde(default)]
+    from: String,
+}
+
+/// The active lb publishes its feedback weights so a standby starts warm and
+/// `flotilla ps` and the dashboard show them.
+async fn put_weights(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<WeightsBody>,
+) -> Result<Response, ApiError> {
+    validate_service_name("name", &name)?;
+    if body.weights.len() > 4096 {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "weights",
+            "at most 4096 entries",
+        ));
+    }
+    for (addr, w) in &body.weights {
+        if addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                format!("weights.{addr}"),
+                "key is not ip:port",
+            ));
+        }
+        if !w.is_finite() || *w <= 0.0 || *w > 1e6 {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                format!("weights.{addr}"),
+                format!("{w} is not a weight in (0, 1e6]"),
+            ));
+        }
+    }
+    let rec = flotilla_core::WeightsRecord {
+        v: RECORD_VERSION,
+        weights: body.weights,
+        from: body.from.chars().take(128).collect(),
+        at_ms: unix_ms(),
+    };
+    let revision = shared
+        .store
+        .put(
+            &keys::weights(&name),
+            serde_json::to_vec(&rec).expect("serialisable"),
+        )
+        .await
+        .map_err(ApiError::store)?;
+    let index = applied(&shared, revision).await?;
+    Ok(with_index(
+        index,
+        json!({ "service": name, "index": index }),
+    ))
 }
 
 async fn get_service(

@@ -34,6 +34,7 @@ pub struct Catalog {
     health: HashMap<String, HealthRecord>,
     nodes: BTreeMap<String, NodeRecord>,
     checkins: HashMap<String, (CheckinRecord, u64)>,
+    weights: HashMap<String, flotilla_core::WeightsRecord>,
     by_service: BTreeMap<String, BTreeSet<String>>,
     service_index: HashMap<String, u64>,
     nodes_index: u64,
@@ -130,6 +131,12 @@ impl Catalog {
             };
             changes.nodes = true;
             self.nodes_index = revision;
+        } else if let Some(service) = key.strip_prefix(keys::WEIGHTS) {
+            match entry.and_then(|e| self.decode::<flotilla_core::WeightsRecord>(e)) {
+                Some(rec) => self.weights.insert(service.to_owned(), rec),
+                None => self.weights.remove(service),
+            };
+            changes.services.insert(service.to_owned());
         } else if let Some(id) = key.strip_prefix(keys::CHECKINS) {
             match entry.and_then(|e| self.decode::<CheckinRecord>(e)) {
                 Some(rec) => self.checkins.insert(id.to_owned(), (rec, revision)),
@@ -227,6 +234,15 @@ impl Catalog {
             health,
             output,
             checks: rec.spec.checks.clone(),
+            feedback_weight: self
+                .weights
+                .get(&rec.spec.service)
+                .and_then(|w| {
+                    w.weights.get(
+                        &std::net::SocketAddr::new(rec.spec.address, rec.spec.port).to_string(),
+                    )
+                })
+                .copied(),
         }
     }
 

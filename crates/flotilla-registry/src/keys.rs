@@ -9,6 +9,8 @@ pub const HEALTH: &str = "health/";
 pub const NODES: &str = "nodes/";
 /// `checkins/{id}` → [`crate::catalog::CheckinRecord`] (TTL renewals, exec results)
 pub const CHECKINS: &str = "checkins/";
+/// `weights/{service}` → [`flotilla_core::WeightsRecord`] (published by the active lb)
+pub const WEIGHTS: &str = "weights/";
 /// Election name for the checking duty.
 pub const DUTY_ELECTION: &str = "election/duty";
 
@@ -27,4 +29,8 @@ pub fn node(name: &str) -> String {
 /// Key of an instance's latest check-in.
 pub fn checkin(id: &str) -> String {
     format!("{CHECKINS}{id}")
+}
+/// Key of a service's published feedback weights.
+pub fn weights(service: &str) -> String {
+    format!("{WEIGHTS}{service}")
 }

@@ -44,16 +44,21 @@ pub async fn ps(args: PsArgs) -> anyhow::Result<()> {
         return print_json(&list);
     }
     println!(
-        "{:<24} {:<14} {:<22} {:<10} {:>6}  {:<16} OUTPUT",
+        "{:<24} {:<14} {:<22} {:<10} {:>9}  {:<16} OUTPUT",
         "ID", "SERVICE", "ADDRESS", "HEALTH", "WEIGHT", "CONTAINER"
     );
     for i in list {
         let addr = std::net::SocketAddr::new(i.address, i.port).to_string();
         let health = format!("{:?}", i.health).to_lowercase();
         let container = i.meta.get("container_name").cloned().unwrap_or_default();
+        // The feedback weight the active lb published, next to the static one.
+        let weight = match i.feedback_weight {
+            Some(w) => format!("{}→{w:.0}", i.weight),
+            None => i.weight.to_string(),
+        };
         println!(
-            "{:<24} {:<14} {:<22} {:<10} {:>6}  {:<16} {}",
-            i.id, i.service, addr, health, i.weight, container, i.output
+            "{:<24} {:<14} {:<22} {:<10} {:>9}  {:<16} {}",
+            i.id, i.service, addr, health, weight, container, i.output
         );
     }
     Ok(())

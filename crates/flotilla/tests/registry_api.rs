@@ -579,3 +579,64 @@ async fn sse_stream_reports_each_service_change_with_its_instances() {
     assert_eq!(ev["instances"][0]["id"], "e1");
     assert_eq!(ev["instances"][0]["health"], "passing");
 }
+
+#[tokio::test]
+async fn published_weights_are_validated_and_served_per_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    client
+        .register("a1", &serde_json::from_value(spec(81)).unwrap())
+        .await
+        .unwrap();
+    let url = format!("{}/v1/services/api/weights", server.url);
+    let token = server.token();
+    let (s, v) = raw(
+        reqwest::Method::PUT,
+        &url,
+        Some(&token),
+        Some(br#"{"weights":{"nonsense":5}}"#.to_vec()),
+    )
+    .await;
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (400, Some("weights.nonsense")),
+        "{v}"
+    );
+    let (s, v) = raw(
+        reqwest::Method::PUT,
+        &url,
+        Some(&token),
+        Some(br#"{"weights":{"127.0.0.1:81":-1}}"#.to_vec()),
+    )
+    .await;
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (400, Some("weights.127.0.0.1:81")),
+        "{v}"
+    );
+    let (s, _) = raw(
+        reqwest::Method::PUT,
+        &url,
+        None,
+        Some(br#"{"weights":{"127.0.0.1:81":5}}"#.to_vec()),
+    )
+    .await;
+    assert_eq!(s, 401);
+    assert_eq!(
+        client
+            .service("api", 0, Duration::ZERO, false)
+            .await
+            .unwrap()
+            .instances[0]
+            .feedback_weight,
+        None
+    );
+    let w = [("127.0.0.1:81".to_string(), 137.5)].into_iter().collect();
+    client.publish_weights("api", "lb-1", &w).await.unwrap();
+    let view = client
+        .service("api", 0, Duration::ZERO, false)
+        .await
+        .unwrap();
+    assert_eq!(view.instances[0].feedback_weight, Some(137.5));
+}
