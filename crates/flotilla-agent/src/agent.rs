@@ -110,6 +110,7 @@ impl Agent {
         tasks.push(tokio::spawn(inner.clone().event_loop(events)));
         inner.resync().await;
         tasks.push(tokio::spawn(inner.clone().resync_loop()));
+        tasks.push(tokio::spawn(inner.clone().load_loop()));
         tracing::info!(
             node = inner.node,
             server = inner.client.base(),
@@ -214,6 +215,41 @@ impl Inner {
             tokio::time::sleep(Duration::from_millis(500)).await;
             events = self.subscribe_events();
             self.resync_now.notify_one();
+        }
+    }
+
+    /// Samples every registered container's load each period and reports it.
+    async fn load_loop(self: Arc<Self>) {
+        let mut tracker = crate::load::LoadTracker::default();
+        let mut tick = tokio::time::interval(self.config.load_period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let registered: Vec<(String, String)> = {
+                let state = self.state.lock().await;
+                state
+                    .registered
+                    .iter()
+                    .filter_map(|(id, spec)| {
+                        Some((id.clone(), spec.meta.get("container_id")?.clone()))
+                    })
+                    .collect()
+            };
+            tracker.retain(|c| registered.iter().any(|(_, rc)| rc == c));
+            for (id, container) in registered {
+                match docker::sample(&self.docker, &container).await {
+                    Ok(sample) => {
+                        if let Some(load) = tracker.observe(&container, sample) {
+                            if let Err(e) =
+                                self.client.report_load(&id, load.cpu, load.memory).await
+                            {
+                                tracing::debug!(id, error = %e, "load report failed");
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!(id, error = %e, "load sample failed"),
+                }
+            }
         }
     }
 

@@ -140,3 +140,43 @@ pub async fn exec_check(
         Err(_) => (false, format!("exec timed out after {timeout:?}")),
     }
 }
+
+/// One load sample of a container: CPU time, memory, and its CPU/memory limits.
+pub async fn sample(docker: &Docker, container: &str) -> anyhow::Result<crate::load::Sample> {
+    use bollard::container::StatsOptions;
+    let info = docker
+        .inspect_container(container, None::<InspectContainerOptions>)
+        .await?;
+    let host = info.host_config.unwrap_or_default();
+    let quota = match (host.nano_cpus, host.cpu_quota, host.cpu_period) {
+        (Some(n), _, _) if n > 0 => Some(n as f64 / 1e9),
+        (_, Some(q), Some(p)) if q > 0 && p > 0 => Some(q as f64 / p as f64),
+        (_, Some(q), _) if q > 0 => Some(q as f64 / 100_000.0),
+        _ => None,
+    };
+    let mut stream = docker.stats(
+        container,
+        Some(StatsOptions {
+            stream: false,
+            one_shot: true,
+        }),
+    );
+    let stats = stream.next().await.context("no stats")??;
+    let online = stats
+        .cpu_stats
+        .online_cpus
+        .filter(|n| *n > 0)
+        .map(|n| n as f64)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() as f64)
+                .unwrap_or(1.0)
+        });
+    Ok(crate::load::Sample {
+        cpu_total_ns: stats.cpu_stats.cpu_usage.total_usage,
+        memory_usage: stats.memory_stats.usage.unwrap_or(0),
+        memory_limit: stats.memory_stats.limit.unwrap_or(0),
+        cpu_limit: quota.unwrap_or(online),
+        at: std::time::Instant::now(),
+    })
+}

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod docker;
 pub mod labels;
+pub mod load;
 pub mod metrics;
 
 pub use agent::{Agent, AgentHandle};

@@ -254,6 +254,20 @@ impl Client {
         .await
     }
 
+    /// `PUT /v1/instances/{id}/load`: an agent's load report.
+    pub async fn report_load(&self, id: &str, cpu: f64, memory: f64) -> Result<serde_json::Value> {
+        let body = json!({ "cpu": cpu, "memory": memory });
+        self.send(
+            self.request(
+                reqwest::Method::PUT,
+                &format!("/v1/instances/{id}/load"),
+                Self::SHORT,
+            )
+            .json(&body),
+        )
+        .await
+    }
+
     /// `GET /v1/instances?node=NODE`.
     pub async fn instances_of_node(&self, node: &str) -> Result<Vec<InstanceView>> {
         self.send(

@@ -175,6 +175,10 @@ pub struct AgentConfig {
     pub default_network: Option<String>,
     /// `/metrics` listener; empty disables it.
     pub metrics_listen: String,
+    /// Load reports (CPU share of quota, memory share of limit) for every registered
+    /// container, this often.
+    #[serde(with = "humantime_serde")]
+    pub load_period: Duration,
 }
 
 impl Default for AgentConfig {
@@ -188,6 +192,7 @@ impl Default for AgentConfig {
             resync_interval: Duration::from_secs(30),
             default_network: None,
             metrics_listen: String::new(),
+            load_period: Duration::from_secs(1),
         }
     }
 }
@@ -219,6 +224,11 @@ impl AgentConfig {
         if self.lease_ttl < Duration::from_millis(500) || self.lease_ttl > Duration::from_secs(600)
         {
             return Err(FieldError::new("lease_ttl", "must be 500ms..=10m"));
+        }
+        if self.load_period < Duration::from_millis(200)
+            || self.load_period > Duration::from_secs(60)
+        {
+            return Err(FieldError::new("load_period", "must be 200ms..=60s"));
         }
         if self.resync_interval < Duration::from_secs(1) {
             return Err(FieldError::new("resync_interval", "must be at least 1s"));

@@ -14,7 +14,7 @@ pub mod spec;
 pub use error::{ConfigError, FieldError};
 pub use id::{validate_instance_id, validate_node_name, validate_service_name};
 pub use record::{
-    HealthRecord, HealthStatus, InstanceRecord, InstanceView, NodeRecord, NodeView,
-    ServiceInstances, ServiceSummary, WeightsRecord, RECORD_VERSION,
+    HealthRecord, HealthStatus, InstanceLoad, InstanceRecord, InstanceView, LoadRecord, NodeRecord,
+    NodeView, ServiceInstances, ServiceSummary, WeightsRecord, RECORD_VERSION,
 };
 pub use spec::{CheckKind, CheckSpec, InstanceSpec};

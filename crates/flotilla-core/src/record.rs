@@ -90,6 +90,33 @@ pub struct InstanceView {
     /// Weight the active load balancer's feedback controller published, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feedback_weight: Option<f64>,
+    /// The agent's latest load report, while fresh (soft state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<InstanceLoad>,
+}
+
+/// An instance's load as its agent last reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct InstanceLoad {
+    /// CPU use as a share of the container's quota.
+    pub cpu: f64,
+    /// Memory use as a share of its limit.
+    pub memory: f64,
+    /// How old the report is, ms (as this server saw it arrive).
+    pub age_ms: u64,
+}
+
+/// A load report as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadRecord {
+    /// Record format version.
+    pub v: u32,
+    /// CPU share of the quota.
+    pub cpu: f64,
+    /// Memory share of the limit.
+    pub memory: f64,
+    /// Wall-clock time (unix ms), informational.
+    pub at_ms: u64,
 }
 
 /// Feedback weights of one service as the active lb published them, keyed by

@@ -205,9 +205,8 @@ async fn accept_loop(
 }
 
 /// Runs the listener's feedback controller every period on what the lb observes of each
-/// backend (latency estimate, requests and failures in the period). Agent load reports
-/// join these inputs through [`crate::feedback::Observation::report`] once the registry
-/// serves them.
+/// backend (latency estimate, requests and failures in the period) and, for registry-fed
+/// listeners, the agents' load reports; publishes the weights back to the registry.
 async fn feedback_loop(listener: Arc<Listener>, registry: Option<flotilla_client::Client>) {
     let cfg = listener.cfg.feedback.clone();
     let mut controller = crate::feedback::Controller::new(cfg.clone());
@@ -216,6 +215,28 @@ async fn feedback_loop(listener: Arc<Listener>, registry: Option<flotilla_client
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // The agents' load reports, by backend address (a plain read, not a blocking one).
+        let now = std::time::Instant::now();
+        let mut reports = std::collections::HashMap::new();
+        if let (Some(client), Some(service)) = (&registry, &listener.cfg.service) {
+            if let Ok(s) = client.service(service, 0, Duration::ZERO, false).await {
+                for i in s.instances {
+                    if let Some(l) = i.load {
+                        let at = now
+                            .checked_sub(Duration::from_millis(l.age_ms))
+                            .unwrap_or(now);
+                        reports.insert(
+                            SocketAddr::new(i.address, i.port),
+                            crate::feedback::LoadReport {
+                                cpu: l.cpu,
+                                memory: l.memory,
+                                at,
+                            },
+                        );
+                    }
+                }
+            }
+        }
         let set = listener.backends();
         let mut observations = std::collections::HashMap::new();
         for b in set.iter() {
@@ -231,7 +252,7 @@ async fn feedback_loop(listener: Arc<Listener>, registry: Option<flotilla_client
                     latency_ns: b.ewma_ns(),
                     requests: requests.saturating_sub(r0),
                     errors: failures.saturating_sub(f0),
-                    report: None,
+                    report: reports.get(&b.addr).copied(),
                     current_weight: b.dynamic_weight(),
                 },
             );

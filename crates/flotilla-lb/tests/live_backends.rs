@@ -294,3 +294,46 @@ async fn feedback_weights_are_published_and_warm_a_standby() {
         "standby starts with the active lb's weights"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_load_reports_steer_the_feedback_weights() {
+    let reg = registry().await;
+    let hot = Running::start("hot", |_| {}).unwrap();
+    let cool = Running::start("cool", |_| {}).unwrap();
+    reg.client.register("hot", &spec(hot.addr)).await.unwrap();
+    reg.client.register("cool", &spec(cool.addr)).await.unwrap();
+    let lb = lb(
+        &reg,
+        "scheduler = \"feedback\"\nfeedback = { period = \"200ms\" }",
+    )
+    .await;
+    wait_backends(&lb, 2).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (_, failed, tasks) = load(format!("http://{}/", lb.addrs[0]), 4, stop.clone());
+    // What two agents would report: one container at its CPU quota, one mostly idle.
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        reg.client.report_load("hot", 1.0, 0.1).await.unwrap();
+        reg.client.report_load("cool", 0.2, 0.1).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    let st = &flotilla_lb::admin::status(&lb.listeners)[0];
+    let w = |addr: std::net::SocketAddr| {
+        st.backends
+            .iter()
+            .find(|b| b.addr == addr.to_string())
+            .and_then(|b| b.feedback_weight)
+            .unwrap_or(100.0)
+    };
+    let (wh, wc) = (w(hot.addr), w(cool.addr));
+    eprintln!("feedback weights from load reports: hot {wh:.1}, cool {wc:.1}");
+    assert!(
+        wc > wh * 1.2,
+        "the idle backend should outweigh the saturated one: hot {wh}, cool {wc}"
+    );
+}

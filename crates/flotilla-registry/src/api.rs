@@ -140,6 +140,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             put(put_instance).get(get_instance).delete(delete_instance),
         )
         .route("/v1/instances/{id}/renew", put(renew_instance))
+        .route("/v1/instances/{id}/load", put(put_load))
         .route("/v1/services", get(list_services))
         .route("/v1/services/{name}", get(get_service))
         .route("/v1/services/{name}/weights", put(put_weights))
@@ -378,6 +379,52 @@ async fn renew_instance(
         .store
         .put(
             &keys::checkin(&id),
+            serde_json::to_vec(&rec).expect("serialisable"),
+        )
+        .await
+        .map_err(ApiError::store)?;
+    Ok(with_index(revision, json!({ "id": id, "index": revision })))
+}
+
+/// Body of `PUT /v1/instances/{id}/load`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadBody {
+    cpu: f64,
+    memory: f64,
+}
+
+/// An agent's load report for an instance (soft state: served for 10 s, wakes no one).
+async fn put_load(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<LoadBody>,
+) -> Result<Response, ApiError> {
+    let id = resolve(&shared, &id)?;
+    if !body.cpu.is_finite() || !(0.0..=1000.0).contains(&body.cpu) {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "cpu",
+            format!("{} is not a share in [0, 1000]", body.cpu),
+        ));
+    }
+    if !body.memory.is_finite() || !(0.0..=100.0).contains(&body.memory) {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "memory",
+            format!("{} is not a share in [0, 100]", body.memory),
+        ));
+    }
+    let rec = flotilla_core::LoadRecord {
+        v: RECORD_VERSION,
+        cpu: body.cpu,
+        memory: body.memory,
+        at_ms: unix_ms(),
+    };
+    let revision = shared
+        .store
+        .put(
+            &keys::load(&id),
             serde_json::to_vec(&rec).expect("serialisable"),
         )
         .await

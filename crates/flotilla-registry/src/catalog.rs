@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::keys;
 
+/// Load reports older than this are not served (the agent reports every second).
+pub const LOAD_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A pushed check result: a TTL renewal or an exec check the agent ran.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckinRecord {
@@ -35,6 +38,7 @@ pub struct Catalog {
     nodes: BTreeMap<String, NodeRecord>,
     checkins: HashMap<String, (CheckinRecord, u64)>,
     weights: HashMap<String, flotilla_core::WeightsRecord>,
+    loads: HashMap<String, (flotilla_core::LoadRecord, std::time::Instant)>,
     by_service: BTreeMap<String, BTreeSet<String>>,
     service_index: HashMap<String, u64>,
     nodes_index: u64,
@@ -131,6 +135,14 @@ impl Catalog {
             };
             changes.nodes = true;
             self.nodes_index = revision;
+        } else if let Some(id) = key.strip_prefix(keys::LOADS) {
+            // Load reports change every period: kept, served, but they wake no watcher.
+            match entry.and_then(|e| self.decode::<flotilla_core::LoadRecord>(e)) {
+                Some(rec) => self
+                    .loads
+                    .insert(id.to_owned(), (rec, std::time::Instant::now())),
+                None => self.loads.remove(id),
+            };
         } else if let Some(service) = key.strip_prefix(keys::WEIGHTS) {
             match entry.and_then(|e| self.decode::<flotilla_core::WeightsRecord>(e)) {
                 Some(rec) => self.weights.insert(service.to_owned(), rec),
@@ -243,6 +255,14 @@ impl Catalog {
                     )
                 })
                 .copied(),
+            load: self.loads.get(&rec.id).and_then(|(l, seen)| {
+                let age = seen.elapsed();
+                (age <= LOAD_TTL).then_some(flotilla_core::InstanceLoad {
+                    cpu: l.cpu,
+                    memory: l.memory,
+                    age_ms: age.as_millis() as u64,
+                })
+            }),
         }
     }
 

@@ -203,7 +203,12 @@ pub async fn remove_instance(
     id: &str,
 ) -> Result<Option<u64>, flotilla_store::StoreError> {
     let mut last = None;
-    for key in [keys::instance(id), keys::health(id), keys::checkin(id)] {
+    for key in [
+        keys::load(id),
+        keys::checkin(id),
+        keys::health(id),
+        keys::instance(id),
+    ] {
         match shared.store.delete(&key).await {
             Ok(Some(r)) => last = Some(r),
             Ok(None) => {}

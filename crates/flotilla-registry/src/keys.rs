@@ -11,6 +11,8 @@ pub const NODES: &str = "nodes/";
 pub const CHECKINS: &str = "checkins/";
 /// `weights/{service}` → [`flotilla_core::WeightsRecord`] (published by the active lb)
 pub const WEIGHTS: &str = "weights/";
+/// `loads/{id}` → [`flotilla_core::LoadRecord`] (agent load reports; soft state)
+pub const LOADS: &str = "loads/";
 /// Election name for the checking duty.
 pub const DUTY_ELECTION: &str = "election/duty";
 
@@ -33,4 +35,8 @@ pub fn checkin(id: &str) -> String {
 /// Key of a service's published feedback weights.
 pub fn weights(service: &str) -> String {
     format!("{WEIGHTS}{service}")
+}
+/// Key of an instance's latest load report.
+pub fn load(id: &str) -> String {
+    format!("{LOADS}{id}")
 }

@@ -309,3 +309,58 @@ async fn bad_labels_are_refused_and_named_in_the_log() {
         .iter()
         .all(|i| i.service != "bad"));
 }
+
+#[tokio::test]
+async fn agent_reports_cpu_share_of_the_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let net = DockerNetwork::create("flotilla-disc").unwrap();
+    let _agent = agent(dir.path(), &server, "host-load", None);
+    let image = busybox_image().unwrap();
+    let labels = [
+        "-l",
+        "flotilla.service=load",
+        "-l",
+        "flotilla.port=80",
+        "-l",
+        "flotilla.check.none=1",
+    ];
+    let mut burn_args = vec!["--network", net.name.as_str(), "--cpus", "0.5"];
+    burn_args.extend(labels);
+    burn_args.extend([image, "sh", "-c", "while :; do :; done"]);
+    let burner = Container::run(&unique("flotilla-burn"), &burn_args).unwrap();
+    let mut idle_args = vec!["--network", net.name.as_str(), "--cpus", "0.5"];
+    idle_args.extend(labels);
+    idle_args.extend([image, "sleep", "600"]);
+    let idle = Container::run(&unique("flotilla-idle"), &idle_args).unwrap();
+    let load_of = |list: &[flotilla_core::InstanceView], name: &str| {
+        list.iter()
+            .find(|i| i.meta["container_name"] == name)
+            .and_then(|i| i.load)
+    };
+    eventually(Duration::from_secs(15), "load reports for both", || async {
+        let s = client
+            .service("load", 0, Duration::ZERO, false)
+            .await
+            .unwrap();
+        load_of(&s.instances, &burner.name).is_some() && load_of(&s.instances, &idle.name).is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = client
+        .service("load", 0, Duration::ZERO, false)
+        .await
+        .unwrap();
+    let (b, i) = (
+        load_of(&s.instances, &burner.name).unwrap(),
+        load_of(&s.instances, &idle.name).unwrap(),
+    );
+    eprintln!("burner {b:?}, idle {i:?}");
+    assert!(
+        b.cpu > 0.7 && b.cpu < 1.3,
+        "a busy loop under a 0.5-CPU quota uses ~100 % of it: {b:?}"
+    );
+    assert!(i.cpu < 0.2, "{i:?}");
+    assert!(b.age_ms < 5_000);
+}
