@@ -286,3 +286,54 @@ impl Drop for Container {
         let _ = docker(&["rm", "-f", &self.name]);
     }
 }
+
+/// Builds an image holding the `flotilla-testsvc` binary at `bin` (dynamically linked:
+/// its shared libraries are copied in at their paths, so no static toolchain is needed)
+/// plus busybox, and returns its name.
+pub fn testsvc_image(bin: &std::path::Path) -> Result<String> {
+    let name = "flotilla-test/testsvc:latest".to_owned();
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("rootfs");
+    let copy = |from: &std::path::Path| -> Result<()> {
+        let to = root.join(from.strip_prefix("/").unwrap_or(from));
+        std::fs::create_dir_all(to.parent().unwrap())?;
+        std::fs::copy(from, &to).with_context(|| format!("copying {}", from.display()))?;
+        Ok(())
+    };
+    std::fs::create_dir_all(root.join("bin"))?;
+    std::fs::copy(bin, root.join("bin/flotilla-testsvc"))?;
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .context("copying /bin/busybox (install busybox-static)")?;
+    let ldd = Command::new("ldd")
+        .arg(bin)
+        .output()
+        .context("running ldd")?;
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = line
+            .split("=>")
+            .last()
+            .unwrap_or("")
+            .split_whitespace()
+            .next()
+            .unwrap_or("");
+        if path.starts_with('/') {
+            copy(std::path::Path::new(path))?;
+        }
+    }
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM scratch\nCOPY rootfs/ /\nENV PATH=/bin\nENTRYPOINT [\"/bin/flotilla-testsvc\"]\n",
+    )?;
+    let out = Command::new("docker")
+        .args(["build", "-q", "-t", &name])
+        .arg(dir.path())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "docker build testsvc: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(name)
+}
