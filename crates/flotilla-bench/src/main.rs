@@ -7,6 +7,7 @@ mod discovery;
 mod procs;
 mod proxy;
 mod registry;
+mod schedulers;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,8 @@ enum Cmd {
     Discovery(discovery::Args),
     /// flotilla lb vs HAProxy vs Nginx: HTTP keep-alive, TCP bulk, idle-connection memory.
     Proxy(proxy::Args),
+    /// The dynamic-feedback experiment: schedulers on CPU-quota'd containers.
+    Schedulers(schedulers::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,5 +41,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Registry(args) => rt.block_on(registry::run(args)),
         Cmd::Discovery(args) => rt.block_on(discovery::run(args)),
         Cmd::Proxy(args) => rt.block_on(proxy::run(args)),
+        Cmd::Schedulers(args) => rt.block_on(schedulers::run(args)),
     }
 }

@@ -61,6 +61,8 @@ pub fn build(kind: SchedulerKind) -> Box<dyn Scheduler> {
             feedback: false,
         }),
         SchedulerKind::Hash => Box::new(RendezvousHash),
+        // P2C on the controller's weights. (Weighted least-request on the same weights
+        // was tried in the experiment and lost in 3 of 4 scenarios; BENCHMARKS.md.)
         SchedulerKind::Feedback => Box::new(P2c {
             ewma: false,
             feedback: true,

@@ -1,0 +1,522 @@
+//! `flotilla-bench schedulers`: the dynamic-feedback experiment.
+//!
+//! Real containers of the test service (CPU per request, Docker CPU quotas) registered by
+//! a real agent, behind flotilla lb with each scheduler and behind HAProxy
+//! (`leastconn`, `roundrobin`), under open-loop constant-rate load: each request has an
+//! intended send time and its latency is measured from it, so a stalled backend cannot
+//! hide queueing (no coordinated omission). Reports throughput, success rate and
+//! p50/p99/p99.9 per scenario and scheduler, as Markdown, JSON and SVG plots.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flotilla_client::Client;
+use flotilla_testkit::{
+    docker, free_port, testsvc_image, unique, wait_for_port, Container, DockerNetwork,
+};
+use serde::Serialize;
+
+use crate::procs::{flotilla, flotilla_binary, spawn, Proc};
+
+/// Flags of the experiment.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Seconds of load per scheduler and scenario.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// Short run (5 s each) for a quick look.
+    #[arg(long)]
+    quick: bool,
+    /// Write results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Directory for the SVG plots.
+    #[arg(long, default_value = "bench-results")]
+    plots: PathBuf,
+}
+
+/// CPU each request burns in the test service (µs): capacity = quota / this.
+const CPU_US: u64 = 2000;
+/// Requests slower than this count as failed.
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+struct Scenario {
+    name: &'static str,
+    /// (CPU quota in cores, extra latency ms) per backend.
+    backends: Vec<(f64, u64)>,
+    /// Share of total capacity offered, per third of the run.
+    load: [f64; 3],
+    /// Start a CPU burner in backend 0 at half time.
+    antagonist: bool,
+}
+
+fn scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "heterogeneous",
+            backends: vec![(0.1, 0), (0.2, 0), (0.4, 0)],
+            load: [0.85; 3],
+            antagonist: false,
+        },
+        Scenario {
+            name: "antagonist",
+            backends: vec![(0.2, 0), (0.2, 0), (0.2, 0)],
+            load: [0.8; 3],
+            antagonist: true,
+        },
+        Scenario {
+            name: "slow-backend",
+            backends: vec![(0.2, 5), (0.2, 0), (0.2, 0), (0.2, 0)],
+            load: [0.6; 3],
+            antagonist: false,
+        },
+        Scenario {
+            name: "load-steps",
+            backends: vec![(0.2, 0), (0.2, 0), (0.2, 0)],
+            load: [0.3, 0.9, 0.3],
+            antagonist: false,
+        },
+    ]
+}
+
+const SCHEDULERS: [&str; 8] = [
+    "round-robin",
+    "weighted",
+    "least-conn",
+    "p2c",
+    "p2c-ewma",
+    "feedback",
+    "haproxy-leastconn",
+    "haproxy-roundrobin",
+];
+
+#[derive(Debug, Clone, Serialize)]
+struct RunResult {
+    scenario: String,
+    scheduler: String,
+    offered_rps: f64,
+    throughput_rps: f64,
+    success: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    /// (seconds since start, backend, weight) samples (flotilla only).
+    weights: Vec<(f64, String, f64)>,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
+
+/// Open-loop load: request k is due at its intended time whatever happened before.
+async fn drive(
+    url: &str,
+    capacity: f64,
+    load: [f64; 3],
+    secs: u64,
+    on_half: impl FnOnce(),
+) -> (Vec<f64>, u64, u64, f64) {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(256)
+        .timeout(TIMEOUT)
+        .build()
+        .unwrap();
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let start = Instant::now();
+    let third = secs as f64 / 3.0;
+    let mut t = 0.0f64;
+    let mut tasks = Vec::new();
+    let mut on_half = Some(on_half);
+    let mut sent = 0u64;
+    while t < secs as f64 {
+        let rate = capacity * load[((t / third) as usize).min(2)];
+        let due = start + Duration::from_secs_f64(t);
+        tokio::time::sleep_until(due.into()).await;
+        if t >= secs as f64 / 2.0 {
+            if let Some(f) = on_half.take() {
+                f();
+            }
+        }
+        let (client, url, results) = (client.clone(), url.to_owned(), results.clone());
+        sent += 1;
+        tasks.push(tokio::spawn(async move {
+            let ok = match client.get(&url).send().await {
+                Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                Err(_) => false,
+            };
+            // Latency from the intended send time: queueing anywhere counts.
+            let latency = due.elapsed().as_secs_f64() * 1000.0;
+            results.lock().unwrap().push((ok, latency));
+        }));
+        t += 1.0 / rate;
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let results = results.lock().unwrap().clone();
+    let ok = results.iter().filter(|r| r.0).count() as u64;
+    let mut lat: Vec<f64> = results
+        .iter()
+        .map(|(ok, l)| {
+            if *ok {
+                *l
+            } else {
+                l.max(TIMEOUT.as_secs_f64() * 1000.0)
+            }
+        })
+        .collect();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (lat, ok, sent, elapsed)
+}
+
+fn haproxy(
+    dir: &std::path::Path,
+    port: u16,
+    balance: &str,
+    backends: &[SocketAddr],
+) -> anyhow::Result<Proc> {
+    let servers: String = backends
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("    server s{i} {a}\n"))
+        .collect();
+    let cfg = format!(
+        "global\n    nbthread 1\n    maxconn 9500\ndefaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n    http-reuse always\n    option http-keep-alive\nfrontend f\n    bind 127.0.0.1:{port}\n    default_backend b\nbackend b\n    balance {balance}\n{servers}"
+    );
+    let path = dir.join(format!("haproxy-{port}.cfg"));
+    std::fs::write(&path, cfg)?;
+    let p = spawn(
+        "haproxy",
+        Command::new("haproxy").arg("-f").arg(&path).arg("-db"),
+    )?;
+    wait_for_port(
+        format!("127.0.0.1:{port}").parse()?,
+        Duration::from_secs(10),
+    )?;
+    Ok(p)
+}
+
+/// Runs the experiment.
+pub async fn run(mut args: Args) -> anyhow::Result<()> {
+    if args.quick {
+        args.seconds = 5;
+    }
+    let testsvc = flotilla_binary()?.with_file_name("flotilla-testsvc");
+    anyhow::ensure!(
+        testsvc.exists(),
+        "{} not found: `cargo build --release -p flotilla-testsvc` first",
+        testsvc.display()
+    );
+    let image = tokio::task::spawn_blocking(move || testsvc_image(&testsvc)).await??;
+    let dir = tempfile::tempdir()?;
+    let port = free_port();
+    let token = dir.path().join("token");
+    let url = format!("http://127.0.0.1:{port}");
+    let _server = flotilla(&[
+        "server",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--dns-listen",
+        "",
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+        "--token-file",
+        token.to_str().unwrap(),
+    ])?;
+    wait_for_port(
+        format!("127.0.0.1:{port}").parse()?,
+        Duration::from_secs(20),
+    )?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = Client::new(&url, Some(flotilla_client::read_token(&token)?));
+    let _agent = flotilla(&[
+        "agent",
+        "--server",
+        &url,
+        "--token-file",
+        token.to_str().unwrap(),
+        "--node",
+        "bench",
+    ])?;
+    let net = DockerNetwork::create("flotilla-sched")?;
+    std::fs::create_dir_all(&args.plots)?;
+
+    let mut all = Vec::new();
+    for sc in scenarios() {
+        let service = format!("exp-{}", sc.name);
+        let mut containers = Vec::new();
+        for (i, (cpus, latency)) in sc.backends.iter().enumerate() {
+            let name = unique(&format!("flotilla-exp-{}-{i}", sc.name));
+            let label = format!("flotilla.service={service}");
+            let backend_name = format!("b{i}");
+            let (cpus, cpu_us, latency) =
+                (cpus.to_string(), CPU_US.to_string(), latency.to_string());
+            containers.push(Container::run(
+                &name,
+                &[
+                    "--network",
+                    &net.name,
+                    "--cpus",
+                    &cpus,
+                    "-l",
+                    &label,
+                    "-l",
+                    "flotilla.port=8080",
+                    "-l",
+                    "flotilla.check.http=/health",
+                    &image,
+                    "--listen",
+                    "0.0.0.0:8080",
+                    "--name",
+                    &backend_name,
+                    "--cpu-us",
+                    &cpu_us,
+                    "--latency-ms",
+                    &latency,
+                ],
+            )?);
+        }
+        let n = containers.len();
+        let start = Instant::now();
+        let addrs: Vec<SocketAddr> = loop {
+            let s = client.service(&service, 0, Duration::ZERO, true).await?;
+            if s.instances.len() == n {
+                break s
+                    .instances
+                    .iter()
+                    .map(|i| SocketAddr::new(i.address, i.port))
+                    .collect();
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(30),
+                "{service}: backends not passing"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let capacity: f64 = sc
+            .backends
+            .iter()
+            .map(|(c, _)| c * 1e6 / CPU_US as f64)
+            .sum();
+        for sched in SCHEDULERS {
+            let weights_log = Arc::new(Mutex::new(Vec::new()));
+            let (lb_url, _keep): (String, Box<dyn std::any::Any + Send>) = if let Some(balance) =
+                sched.strip_prefix("haproxy-")
+            {
+                let p = free_port();
+                (
+                    format!("http://127.0.0.1:{p}/"),
+                    Box::new(haproxy(dir.path(), p, balance, &addrs)?),
+                )
+            } else {
+                let text = format!(
+                    "[admin]\nlisten = \"\"\n[registry]\nurl = \"{url}\"\ntoken_file = \"{}\"\n[[listener]]\nname = \"exp\"\nbind = \"127.0.0.1:0\"\nscheduler = \"{sched}\"\nservice = \"{service}\"\nslow_start = \"0s\"\n",
+                    token.display()
+                );
+                let config: flotilla_lb::config::LbConfig =
+                    flotilla_core::config::parse_toml(std::path::Path::new("exp.toml"), &text)?;
+                let lb = flotilla_lb::start(config).await?;
+                while lb.listeners[0].backends().len() < n {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                // Static weights for `weighted`: what an operator would configure (equal).
+                let url = format!("http://{}/", lb.addrs[0]);
+                let listeners = lb.listeners.clone();
+                let log = weights_log.clone();
+                let t0 = Instant::now();
+                let sampler = tokio::spawn(async move {
+                    loop {
+                        for b in listeners[0].backends().iter() {
+                            let w = b
+                                .dynamic_weight()
+                                .unwrap_or_else(|| b.effective_weight(Instant::now()));
+                            log.lock().unwrap().push((
+                                t0.elapsed().as_secs_f64(),
+                                b.addr.to_string(),
+                                w,
+                            ));
+                        }
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                });
+                (url, Box::new((lb, AbortOnDrop(sampler))))
+            };
+            let antagonist = sc.antagonist.then(|| containers[0].name.clone());
+            let secs = args.seconds;
+            let (lat, ok, sent, elapsed) = drive(&lb_url, capacity, sc.load, secs, move || {
+                if let Some(c) = antagonist {
+                    // A CPU-burning neighbour inside backend 0's quota, for the rest of the run.
+                    let _ = docker(&[
+                        "exec",
+                        "-d",
+                        &c,
+                        "/bin/busybox",
+                        "timeout",
+                        &(secs / 2 + 1).to_string(),
+                        "/bin/busybox",
+                        "sh",
+                        "-c",
+                        "while :; do :; done",
+                    ]);
+                }
+            })
+            .await;
+            drop(_keep);
+            let weights = std::mem::take(&mut *weights_log.lock().unwrap());
+            let offered = sent as f64 / elapsed;
+            let r = RunResult {
+                scenario: sc.name.into(),
+                scheduler: sched.into(),
+                offered_rps: offered,
+                throughput_rps: ok as f64 / elapsed,
+                success: ok as f64 / sent.max(1) as f64,
+                p50_ms: percentile(&lat, 0.5),
+                p99_ms: percentile(&lat, 0.99),
+                p999_ms: percentile(&lat, 0.999),
+                weights,
+            };
+            eprintln!(
+                "{:>14} {:>19}: {:.0}/{:.0} req/s ok, success {:.1} %, p50 {:.1} ms, p99 {:.1} ms",
+                r.scenario,
+                r.scheduler,
+                r.throughput_rps,
+                r.offered_rps,
+                r.success * 100.0,
+                r.p50_ms,
+                r.p99_ms
+            );
+            all.push(r);
+            // Let queues drain before the next scheduler.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        drop(containers);
+    }
+
+    println!("\n### Scheduler experiment ({} s per run, capacity from Docker CPU quotas at {} µs CPU per request)\n", args.seconds, CPU_US);
+    for sc in scenarios() {
+        println!("\n#### {}\n\n| scheduler | offered req/s | throughput req/s | success % | p50 ms | p99 ms | p99.9 ms |\n|---|---|---|---|---|---|---|", sc.name);
+        for r in all.iter().filter(|r| r.scenario == sc.name) {
+            println!(
+                "| {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                r.scheduler,
+                r.offered_rps,
+                r.throughput_rps,
+                r.success * 100.0,
+                r.p50_ms,
+                r.p99_ms,
+                r.p999_ms
+            );
+        }
+        plot(&args.plots, sc.name, &all)?;
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&all)?)?;
+    }
+    println!(
+        "\nplots: {}/<scenario>-p99.svg and <scenario>-feedback-weights.svg",
+        args.plots.display()
+    );
+    Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Two SVG figures per scenario: p50/p99 per scheduler, and the feedback weights over time.
+fn plot(dir: &std::path::Path, scenario: &str, all: &[RunResult]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let runs: Vec<&RunResult> = all.iter().filter(|r| r.scenario == scenario).collect();
+    let path = dir.join(format!("{scenario}-p99.svg"));
+    {
+        let root = SVGBackend::new(&path, (900, 420)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let max = runs.iter().map(|r| r.p99_ms).fold(1.0, f64::max) * 1.1;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!("{scenario}: latency per scheduler (p50 light, p99 dark), ms"),
+                ("sans-serif", 18),
+            )
+            .margin(10)
+            .x_label_area_size(60)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..runs.len() as f64, 0f64..max)?;
+        let names: Vec<String> = runs.iter().map(|r| r.scheduler.clone()).collect();
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(runs.len() * 2)
+            .x_label_formatter(&|x| {
+                names
+                    .get(*x as usize)
+                    .filter(|_| x.fract() == 0.0)
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .y_desc("ms")
+            .draw()?;
+        for (i, r) in runs.iter().enumerate() {
+            let x = i as f64;
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [(x + 0.1, 0.0), (x + 0.9, r.p99_ms)],
+                BLUE.mix(0.8).filled(),
+            )))?;
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [(x + 0.3, 0.0), (x + 0.7, r.p50_ms)],
+                BLUE.mix(0.3).filled(),
+            )))?;
+        }
+        root.present()?;
+    }
+    if let Some(fb) = runs.iter().find(|r| r.scheduler == "feedback") {
+        let path = dir.join(format!("{scenario}-feedback-weights.svg"));
+        let root = SVGBackend::new(&path, (900, 420)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+        for (t, b, w) in &fb.weights {
+            series.entry(b.clone()).or_default().push((*t, *w));
+        }
+        let tmax = fb.weights.iter().map(|w| w.0).fold(1.0, f64::max);
+        let wmax = fb.weights.iter().map(|w| w.2).fold(1.0, f64::max) * 1.1;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!("{scenario}: feedback weights over time"),
+                ("sans-serif", 18),
+            )
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..tmax, 0f64..wmax)?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds")
+            .y_desc("weight")
+            .draw()?;
+        for (i, (backend, pts)) in series.into_iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+                .label(backend)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+    }
+    Ok(())
+}
