@@ -9,12 +9,10 @@
 use std::time::{Duration, Instant};
 
 use flotilla_client::Client;
-use flotilla_testkit::{
-    busybox_image, docker, free_port, unique, wait_for_port, Container, DockerNetwork,
-};
+use flotilla_testkit::{busybox_image, docker, unique, Container, DockerNetwork};
 use serde::Serialize;
 
-use crate::procs::flotilla;
+use crate::procs::ServerProc;
 
 /// Flags of the discovery benchmark.
 #[derive(Debug, clap::Args)]
@@ -73,38 +71,9 @@ async fn wait_until(
 
 /// Runs the benchmark and prints a Markdown table.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let port = free_port();
-    let token = dir.path().join("token");
-    let data = dir.path().join("data");
-    let url = format!("http://127.0.0.1:{port}");
-    let _server = flotilla(&[
-        "server",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--dns-listen",
-        "",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--token-file",
-        token.to_str().unwrap(),
-    ])?;
-    wait_for_port(
-        format!("127.0.0.1:{port}").parse()?,
-        Duration::from_secs(20),
-    )?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let client = Client::new(&url, Some(flotilla_client::read_token(&token)?));
-    let agent_args = [
-        "agent",
-        "--server",
-        url.as_str(),
-        "--token-file",
-        token.to_str().unwrap(),
-        "--node",
-        "bench-host",
-    ];
-    let mut agent = Some(flotilla(&agent_args)?);
+    let server = ServerProc::start().await?;
+    let client = server.client.clone();
+    let mut agent = Some(server.agent("bench-host")?);
     let image = busybox_image()?;
     let net = DockerNetwork::create("flotilla-bench")?;
 
@@ -186,7 +155,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let seen = watcher.await??;
         hosts.push((seen - t).as_secs_f64() * 1000.0);
         drop(c);
-        agent = Some(flotilla(&agent_args)?);
+        agent = Some(server.agent("bench-host")?);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let rows = vec![

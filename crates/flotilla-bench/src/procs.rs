@@ -58,3 +58,67 @@ pub fn flotilla(args: &[&str]) -> anyhow::Result<Proc> {
             .env("RUST_LOG", "warn"),
     )
 }
+
+/// A registry server process on a free loopback port, in a temporary directory.
+pub struct ServerProc {
+    /// The process (killed when this is dropped).
+    _proc: Proc,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Its token file.
+    pub token_file: PathBuf,
+    /// A client holding the token.
+    pub client: flotilla_client::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl ServerProc {
+    /// Starts `flotilla server` (embedded store, no DNS) and waits until it answers.
+    pub async fn start() -> anyhow::Result<ServerProc> {
+        let dir = tempfile::tempdir()?;
+        let port = flotilla_testkit::free_port();
+        let token_file = dir.path().join("token");
+        let data = dir.path().join("data");
+        let listen = format!("127.0.0.1:{port}");
+        let proc = flotilla(&[
+            "server",
+            "--listen",
+            &listen,
+            "--dns-listen",
+            "",
+            "--data-dir",
+            path_str(&data)?,
+            "--token-file",
+            path_str(&token_file)?,
+        ])?;
+        flotilla_testkit::wait_for_port(listen.parse()?, std::time::Duration::from_secs(20))?;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let url = format!("http://{listen}");
+        let client =
+            flotilla_client::Client::new(&url, Some(flotilla_client::read_token(&token_file)?));
+        Ok(ServerProc {
+            _proc: proc,
+            url,
+            token_file,
+            client,
+            _dir: dir,
+        })
+    }
+
+    /// Starts `flotilla agent --node NODE` against this server.
+    pub fn agent(&self, node: &str) -> anyhow::Result<Proc> {
+        flotilla(&[
+            "agent",
+            "--server",
+            &self.url,
+            "--token-file",
+            path_str(&self.token_file)?,
+            "--node",
+            node,
+        ])
+    }
+}
+
+fn path_str(p: &std::path::Path) -> anyhow::Result<&str> {
+    p.to_str().context("non-UTF-8 temporary path")
+}

@@ -14,13 +14,12 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flotilla_client::Client;
 use flotilla_testkit::{
     docker, free_port, testsvc_image, unique, wait_for_port, Container, DockerNetwork,
 };
 use serde::Serialize;
 
-use crate::procs::{flotilla, flotilla_binary, spawn, Proc};
+use crate::procs::{flotilla_binary, spawn, Proc, ServerProc};
 
 /// Flags of the experiment.
 #[derive(Debug, clap::Args)]
@@ -218,35 +217,13 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     );
     let image = tokio::task::spawn_blocking(move || testsvc_image(&testsvc)).await??;
     let dir = tempfile::tempdir()?;
-    let port = free_port();
-    let token = dir.path().join("token");
-    let url = format!("http://127.0.0.1:{port}");
-    let _server = flotilla(&[
-        "server",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--dns-listen",
-        "",
-        "--data-dir",
-        dir.path().join("data").to_str().unwrap(),
-        "--token-file",
-        token.to_str().unwrap(),
-    ])?;
-    wait_for_port(
-        format!("127.0.0.1:{port}").parse()?,
-        Duration::from_secs(20),
-    )?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let client = Client::new(&url, Some(flotilla_client::read_token(&token)?));
-    let _agent = flotilla(&[
-        "agent",
-        "--server",
-        &url,
-        "--token-file",
-        token.to_str().unwrap(),
-        "--node",
-        "bench",
-    ])?;
+    let server = ServerProc::start().await?;
+    let (client, url, token) = (
+        server.client.clone(),
+        server.url.clone(),
+        server.token_file.clone(),
+    );
+    let _agent = server.agent("bench")?;
     let net = DockerNetwork::create("flotilla-sched")?;
     std::fs::create_dir_all(&args.plots)?;
 

@@ -224,6 +224,15 @@ fn with_index<T: Serialize>(index: u64, body: T) -> Response {
     resp
 }
 
+/// Writes one versioned record to the store; returns the store revision.
+async fn put_record<T: Serialize>(shared: &Shared, key: &str, rec: &T) -> Result<u64, ApiError> {
+    shared
+        .store
+        .put(key, serde_json::to_vec(rec).expect("records serialise"))
+        .await
+        .map_err(ApiError::store)
+}
+
 /// Waits for a write to be applied locally, so the caller's next read sees it.
 async fn applied(shared: &Shared, revision: u64) -> Result<u64, ApiError> {
     if shared.wait_applied(revision, APPLY_WAIT).await {
@@ -272,14 +281,7 @@ async fn put_instance(
         spec,
         registered_ms: unix_ms(),
     };
-    let revision = shared
-        .store
-        .put(
-            &keys::instance(&id),
-            serde_json::to_vec(&rec).expect("serialisable"),
-        )
-        .await
-        .map_err(ApiError::store)?;
+    let revision = put_record(&shared, &keys::instance(&id), &rec).await?;
     let index = applied(&shared, revision).await?;
     tracing::info!(id, service = rec.spec.service, address = %rec.spec.address, port = rec.spec.port, "registered");
     Ok(with_index(
@@ -375,14 +377,7 @@ async fn renew_instance(
         output: body.output,
         at_ms: unix_ms(),
     };
-    let revision = shared
-        .store
-        .put(
-            &keys::checkin(&id),
-            serde_json::to_vec(&rec).expect("serialisable"),
-        )
-        .await
-        .map_err(ApiError::store)?;
+    let revision = put_record(&shared, &keys::checkin(&id), &rec).await?;
     Ok(with_index(revision, json!({ "id": id, "index": revision })))
 }
 
@@ -421,14 +416,7 @@ async fn put_load(
         memory: body.memory,
         at_ms: unix_ms(),
     };
-    let revision = shared
-        .store
-        .put(
-            &keys::load(&id),
-            serde_json::to_vec(&rec).expect("serialisable"),
-        )
-        .await
-        .map_err(ApiError::store)?;
+    let revision = put_record(&shared, &keys::load(&id), &rec).await?;
     Ok(with_index(revision, json!({ "id": id, "index": revision })))
 }
 
@@ -576,14 +564,7 @@ async fn put_weights(
         from: body.from.chars().take(128).collect(),
         at_ms: unix_ms(),
     };
-    let revision = shared
-        .store
-        .put(
-            &keys::weights(&name),
-            serde_json::to_vec(&rec).expect("serialisable"),
-        )
-        .await
-        .map_err(ApiError::store)?;
+    let revision = put_record(&shared, &keys::weights(&name), &rec).await?;
     let index = applied(&shared, revision).await?;
     Ok(with_index(
         index,
@@ -644,14 +625,7 @@ async fn write_node(
         renewals,
         renewed_ms: unix_ms(),
     };
-    let revision = shared
-        .store
-        .put(
-            &keys::node(name),
-            serde_json::to_vec(&rec).expect("serialisable"),
-        )
-        .await
-        .map_err(ApiError::store)?;
+    let revision = put_record(shared, &keys::node(name), &rec).await?;
     applied(shared, revision).await
 }
 
