@@ -222,13 +222,6 @@ pub struct StaticBackend {
     pub weight: u32,
 }
 
-impl StaticBackend {
-    /// A backend with a static weight.
-    pub fn new(addr: SocketAddr, weight: u32) -> Self {
-        StaticBackend { addr, weight }
-    }
-}
-
 /// Parses `"ip:port"` or `"ip:port weight=N"`.
 pub fn parse_backend(s: &str) -> Result<StaticBackend, String> {
     let mut parts = s.split_whitespace();
