@@ -70,10 +70,22 @@ async fn lb(server: &Server, scheduler: &str) -> flotilla_lb::RunningLb {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cpu_throttled_container_gets_less_traffic_under_feedback() {
+    // Cargo builds only this package's binaries for its tests: build the test service
+    // (same profile, same target dir) when a clean `cargo nextest run` has not.
     let testsvc = std::path::Path::new(common::BIN).with_file_name("flotilla-testsvc");
+    if !testsvc.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let status = std::process::Command::new(cargo)
+            .args(["build", "-p", "flotilla-testsvc"])
+            .current_dir(&workspace)
+            .status()
+            .unwrap();
+        assert!(status.success(), "building flotilla-testsvc");
+    }
     assert!(
         testsvc.exists(),
-        "{} is built with the workspace",
+        "{} missing after the build",
         testsvc.display()
     );
     let image = testsvc_image(&testsvc).unwrap();
