@@ -221,6 +221,7 @@ impl Inner {
     /// Samples every registered container's load each period and reports it.
     async fn load_loop(self: Arc<Self>) {
         let mut tracker = crate::load::LoadTracker::default();
+        let mut quotas: std::collections::HashMap<String, Option<f64>> = Default::default();
         let mut tick = tokio::time::interval(self.config.load_period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -236,8 +237,19 @@ impl Inner {
                     .collect()
             };
             tracker.retain(|c| registered.iter().any(|(_, rc)| rc == c));
+            quotas.retain(|c, _| registered.iter().any(|(_, rc)| rc == c));
             for (id, container) in registered {
-                match docker::sample(&self.docker, &container).await {
+                let quota = match quotas.get(&container) {
+                    Some(q) => *q,
+                    None => match docker::cpu_quota(&self.docker, &container).await {
+                        Ok(q) => *quotas.entry(container.clone()).or_insert(q),
+                        Err(e) => {
+                            tracing::debug!(id, error = %e, "inspect for the CPU quota failed");
+                            continue;
+                        }
+                    },
+                };
+                match docker::sample(&self.docker, &container, quota).await {
                     Ok(sample) => {
                         if let Some(load) = tracker.observe(&container, sample) {
                             if let Err(e) =

@@ -141,19 +141,28 @@ pub async fn exec_check(
     }
 }
 
-/// One load sample of a container: CPU time, memory, and its CPU/memory limits.
-pub async fn sample(docker: &Docker, container: &str) -> anyhow::Result<crate::load::Sample> {
-    use bollard::container::StatsOptions;
+/// The container's CPU quota in cores, `None` when it has none. Read once per
+/// container by the load loop (a quota changes only with `docker update`).
+pub async fn cpu_quota(docker: &Docker, container: &str) -> anyhow::Result<Option<f64>> {
     let info = docker
         .inspect_container(container, None::<InspectContainerOptions>)
         .await?;
     let host = info.host_config.unwrap_or_default();
-    let quota = match (host.nano_cpus, host.cpu_quota, host.cpu_period) {
+    Ok(match (host.nano_cpus, host.cpu_quota, host.cpu_period) {
         (Some(n), _, _) if n > 0 => Some(n as f64 / 1e9),
         (_, Some(q), Some(p)) if q > 0 && p > 0 => Some(q as f64 / p as f64),
         (_, Some(q), _) if q > 0 => Some(q as f64 / 100_000.0),
         _ => None,
-    };
+    })
+}
+
+/// One load sample of a container, given its quota (else the host's CPUs count).
+pub async fn sample(
+    docker: &Docker,
+    container: &str,
+    quota: Option<f64>,
+) -> anyhow::Result<crate::load::Sample> {
+    use bollard::container::StatsOptions;
     let mut stream = docker.stats(
         container,
         Some(StatsOptions {
