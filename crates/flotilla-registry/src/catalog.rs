@@ -70,6 +70,20 @@ impl Catalog {
             *idx = snapshot.revision;
         }
         c.nodes_index = snapshot.revision;
+        // Loads from a snapshot were not just seen arriving: age them by their wall-clock
+        // stamp, so a resync does not make stale reports look fresh for another TTL.
+        let now_ms = unix_ms();
+        let now = std::time::Instant::now();
+        c.loads.retain(|_, (rec, seen)| {
+            let age = std::time::Duration::from_millis(now_ms.saturating_sub(rec.at_ms));
+            match now.checked_sub(age) {
+                Some(t) if age <= LOAD_TTL => {
+                    *seen = t;
+                    true
+                }
+                _ => false,
+            }
+        });
         c
     }
 
