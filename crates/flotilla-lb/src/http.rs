@@ -2,15 +2,13 @@
 //! streaming bodies both ways, Upgrade/WebSocket tunnels, retries, clear errors.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -19,9 +17,10 @@ use crate::backend::{Backend, InFlight};
 use crate::config::HashKey;
 use crate::listener::Listener;
 use crate::scheduler::hash_key;
+use crate::upstream::{BoxError, ExchangeError, UpstreamBody};
 
 /// Body type used both ways through the proxy.
-pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
 fn text(status: StatusCode, msg: String) -> Response<ProxyBody> {
     Response::builder()
@@ -206,27 +205,33 @@ pub async fn proxy(
     parts
         .headers
         .append(header::VIA, HeaderValue::from_static(via));
-    // Origin-form for the upstream HTTP/1.1 request; PathAndQuery clones are cheap.
-    let path: hyper::Uri = match parts.uri.path_and_query() {
-        Some(pq) => hyper::Uri::from(pq.clone()),
-        None => hyper::Uri::from_static("/"),
-    };
+    // Origin-form for the upstream HTTP/1.1 request.
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/");
 
-    let mut body = Some(body.boxed_unsync());
+    let mut body = Some(body);
     // Retries are capped at 10 by config validation: a fixed array, no allocation.
     let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); 11];
     let mut last_error: Option<Response<ProxyBody>> = None;
-    for n_tried in 0..=cfg.retries as usize {
-        let Some(backend) = listener.pick(key, &tried[..n_tried]) else {
+    let mut attempt = 0;
+    let mut resend = false;
+    while attempt <= cfg.retries as usize {
+        let Some(backend) = listener.pick(key, &tried[..attempt]) else {
             break;
         };
-        tried[n_tried] = backend.addr;
-        let sender = match backend
+        tried[attempt] = backend.addr;
+        attempt += 1;
+        // A request that must not be sent twice gets a connection known to be open, and
+        // so does one retried after a stale connection (its neighbours are likely stale).
+        let mut conn = match backend
             .pool
-            .checkout(backend.addr, cfg.connect_timeout)
+            .checkout(backend.addr, cfg.connect_timeout, !replay || resend)
             .await
         {
-            Ok(s) => s,
+            Ok(c) => c,
             Err(e) => {
                 // Nothing of the request was sent: always safe to try another backend.
                 backend.record(
@@ -243,34 +248,41 @@ pub async fn proxy(
                 continue;
             }
         };
-        let req_body = match body.take() {
-            Some(b) => b,
-            None if replay => empty(),
-            None => break,
-        };
-        // Headers are moved, not copied, unless a replay may need them again.
-        let headers = if replay && n_tried < cfg.retries as usize {
-            parts.headers.clone()
-        } else {
-            std::mem::take(&mut parts.headers)
-        };
-        let mut upstream = Request::new(req_body);
-        *upstream.method_mut() = parts.method.clone();
-        *upstream.uri_mut() = path.clone();
-        *upstream.version_mut() = Version::HTTP_11;
-        *upstream.headers_mut() = headers;
+        // The body can be sent once; a replayable request has none, and a stale
+        // connection proves nothing was sent.
+        let req_body = body.take();
+        if req_body.is_none() && !replay && !resend {
+            break;
+        }
+        resend = false;
         let guard = backend.start();
-        match send(&listener, &backend, sender, upstream, guard).await {
-            Ok(mut resp) => {
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    if let Some(client_up) = client_upgrade {
-                        tunnel(client_up, hyper::upgrade::on(&mut resp));
-                    }
-                    return resp;
+        let started = Instant::now();
+        let exchanged = tokio::time::timeout(
+            cfg.request_timeout,
+            crate::upstream::exchange(&mut conn, &parts.method, path, &parts.headers, req_body),
+        )
+        .await;
+        let now = Instant::now();
+        let failed = |backend: &Arc<Backend>| {
+            backend.record(
+                false,
+                now,
+                listener.others_available(backend.addr),
+                &cfg.outlier,
+            )
+        };
+        match exchanged {
+            Ok(Ok(head)) => {
+                backend.observe_latency(now - started, now);
+                if head.status.is_server_error() {
+                    failed(&backend);
+                } else {
+                    backend.record_success(now, &cfg.outlier);
                 }
-                return resp;
+                return respond(head, conn, backend, guard, client_upgrade);
             }
-            Err(SendError::Timeout) => {
+            Err(_) => {
+                failed(&backend);
                 return text(
                     StatusCode::GATEWAY_TIMEOUT,
                     format!(
@@ -279,7 +291,17 @@ pub async fn proxy(
                     ),
                 );
             }
-            Err(SendError::Failed(e)) => {
+            Ok(Err(ExchangeError::Stale(e))) => {
+                // The backend closed an idle connection as we reused it: not the
+                // backend's fault, and the request never reached it. Try again on a
+                // fresh connection without counting an attempt.
+                tracing::debug!(backend = %backend.addr, error = %e, "stale pooled connection");
+                attempt -= 1;
+                tried[attempt] = SocketAddr::from(([0, 0, 0, 0], 0));
+                resend = true;
+            }
+            Ok(Err(ExchangeError::Failed(e))) => {
+                failed(&backend);
                 last_error = Some(text(
                     StatusCode::BAD_GATEWAY,
                     format!("502 bad gateway: backend {}: {e}", backend.addr),
@@ -302,146 +324,31 @@ pub async fn proxy(
     })
 }
 
-enum SendError {
-    Timeout,
-    Failed(String),
-}
-
-async fn send(
-    listener: &Listener,
-    backend: &Arc<Backend>,
-    mut sender: hyper::client::conn::http1::SendRequest<ProxyBody>,
-    req: Request<ProxyBody>,
-    guard: InFlight,
-) -> Result<Response<ProxyBody>, SendError> {
-    let cfg = &listener.cfg;
-    let started = Instant::now();
-    let result = tokio::time::timeout(cfg.request_timeout, sender.send_request(req)).await;
-    let now = Instant::now();
-    match result {
-        Err(_) => {
-            backend.record(
-                false,
-                now,
-                listener.others_available(backend.addr),
-                &cfg.outlier,
-            );
-            Err(SendError::Timeout)
-        }
-        Ok(Err(e)) => {
-            backend.record(
-                false,
-                now,
-                listener.others_available(backend.addr),
-                &cfg.outlier,
-            );
-            Err(SendError::Failed(flotilla_core::error::chain(&e)))
-        }
-        Ok(Ok(resp)) => {
-            backend.observe_latency(now - started, now);
-            if resp.status().is_server_error() {
-                backend.record(
-                    false,
-                    now,
-                    listener.others_available(backend.addr),
-                    &cfg.outlier,
-                );
-            } else {
-                backend.record_success(now, &cfg.outlier);
-            }
-            let (mut parts, body) = resp.into_parts();
-            let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-            strip_hop_by_hop(&mut parts.headers, upgraded);
-            parts
-                .headers
-                .append(header::VIA, HeaderValue::from_static("1.1 flotilla"));
-            let body = Tracked {
-                inner: body,
-                sender: (!upgraded).then_some(sender),
-                backend: backend.clone(),
-                guard: Some(guard),
-            };
-            Ok(Response::from_parts(parts, body.boxed_unsync()))
-        }
-    }
-}
-
-/// A response body that, when it ends, returns the upstream connection to the pool and
-/// ends the backend's in-flight count (also when the client goes away early).
-struct Tracked {
-    inner: Incoming,
-    sender: Option<hyper::client::conn::http1::SendRequest<ProxyBody>>,
+/// Turns a backend's response head into the client's response; on 101 the two
+/// connections are joined into a tunnel.
+fn respond(
+    head: crate::upstream::ResponseHead,
+    conn: crate::pool::Conn,
     backend: Arc<Backend>,
-    guard: Option<InFlight>,
-}
-
-impl Tracked {
-    /// The response is complete: the connection can serve the next request.
-    fn finish(&mut self) {
-        if let Some(s) = self.sender.take() {
-            crate::pool::release(self.backend.clone(), s);
+    guard: InFlight,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ProxyBody> {
+    let upgraded = head.status == StatusCode::SWITCHING_PROTOCOLS;
+    let body = if upgraded {
+        match client_upgrade {
+            Some(client) => crate::upstream::tunnel(client, conn),
+            None => drop(conn),
         }
-        self.guard.take();
-    }
-}
-
-impl Body for Tracked {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            // With a known length the server stops polling after the last byte, so the
-            // end is detected from `is_end_stream` as well as from `None`.
-            Poll::Ready(None) => this.finish(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
-            Poll::Ready(Some(Err(_))) => {
-                this.sender.take();
-                this.guard.take();
-            }
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        // An empty body (HEAD, 204, 304) may never be polled; a complete one is reusable.
-        if self.inner.is_end_stream() {
-            self.finish();
-        }
-    }
-}
-
-/// Joins the client's and the backend's upgraded connections.
-fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
-    tokio::spawn(async move {
-        match (client.await, backend.await) {
-            (Ok(c), Ok(b)) => {
-                let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
-                if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut b).await {
-                    tracing::debug!(error = %e, "upgraded tunnel ended");
-                }
-            }
-            (c, b) => tracing::debug!(
-                client_ok = c.is_ok(),
-                backend_ok = b.is_ok(),
-                "upgrade failed"
-            ),
-        }
-    });
+        drop(guard);
+        empty()
+    } else {
+        UpstreamBody::new(conn, &head, backend, guard).boxed_unsync()
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = head.status;
+    *resp.headers_mut() = head.headers;
+    strip_hop_by_hop(resp.headers_mut(), upgraded);
+    resp.headers_mut()
+        .append(header::VIA, HeaderValue::from_static("1.1 flotilla"));
+    resp
 }

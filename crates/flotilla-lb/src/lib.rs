@@ -18,5 +18,6 @@ pub mod scheduler;
 pub mod splice;
 pub mod tcp;
 pub mod tls;
+pub mod upstream;
 
 pub use run::{start, RunningLb};

@@ -6,27 +6,55 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-
-use crate::http::ProxyBody;
+use bytes::BytesMut;
+use tokio::net::TcpStream;
 
 /// Most idle connections kept per backend.
 const MAX_IDLE: usize = 256;
 
+/// Read buffer of an upstream connection; grows for large bodies.
+const READ_BUFFER: usize = 8 * 1024;
+
+/// One HTTP/1.1 connection to a backend, driven by whichever client task holds it.
+#[derive(Debug)]
+pub struct Conn {
+    /// The socket.
+    pub(crate) io: TcpStream,
+    /// Bytes read from the backend that are not consumed yet.
+    pub(crate) buf: BytesMut,
+    /// Scratch space for encoding a request head; kept to avoid an allocation per request.
+    pub(crate) head: Vec<u8>,
+    /// Has carried a request before: a failure before the first response byte may be
+    /// the backend closing an idle keep-alive connection, not a fault of the request.
+    pub(crate) reused: bool,
+}
+
+impl Conn {
+    fn new(io: TcpStream) -> Self {
+        Conn {
+            io,
+            buf: BytesMut::with_capacity(READ_BUFFER),
+            head: Vec::with_capacity(512),
+            reused: false,
+        }
+    }
+
+    /// True if the backend has not closed this idle connection (costs one syscall).
+    pub(crate) fn still_open(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
 /// Idle connections of one backend.
 #[derive(Default)]
 pub struct Pool {
-    idle: Mutex<Vec<http1::SendRequest<ProxyBody>>>,
+    idle: Mutex<Vec<Conn>>,
 }
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Pool({} idle)",
-            self.idle.lock().map(|v| v.len()).unwrap_or(0)
-        )
+        write!(f, "Pool({} idle)", self.idle())
     }
 }
 
@@ -39,9 +67,6 @@ pub enum ConnectError {
     /// TCP connect took too long.
     #[error("connect timed out after {0:?}")]
     Timeout(Duration),
-    /// HTTP/1 handshake failed.
-    #[error("handshake: {0}")]
-    Handshake(#[from] hyper::Error),
 }
 
 impl Pool {
@@ -50,63 +75,35 @@ impl Pool {
         self.idle.lock().map(|v| v.len()).unwrap_or(0)
     }
 
-    fn take_idle(&self) -> Option<http1::SendRequest<ProxyBody>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(s) = idle.pop() {
-            if !s.is_closed() {
-                return Some(s);
-            }
-        }
-        None
-    }
-
-    /// A ready connection: an idle one, or a new one within `timeout`.
+    /// A connection: an idle one, or a new one within `timeout`. With `verify`, idle
+    /// connections are probed first, for requests that must not be sent twice.
     pub async fn checkout(
         &self,
         addr: std::net::SocketAddr,
         timeout: Duration,
-    ) -> Result<http1::SendRequest<ProxyBody>, ConnectError> {
-        // A connection is returned the moment its response ends; its dispatcher may
-        // need one more turn to be ready, so wait briefly instead of spawning a task
-        // per request to watch for it.
-        while let Some(mut s) = self.take_idle() {
-            if s.is_ready() {
-                return Ok(s);
-            }
-            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(100), s.ready()).await {
-                return Ok(s);
+        verify: bool,
+    ) -> Result<Conn, ConnectError> {
+        loop {
+            let conn = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            match conn {
+                Some(c) if !verify || c.still_open() => return Ok(c),
+                Some(_) => continue,
+                None => break,
             }
         }
-        let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| ConnectError::Timeout(timeout))??;
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::Builder::new()
-            .writev(false)
-            .handshake(TokioIo::new(stream))
-            .await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        });
-        Ok(sender)
+        Ok(Conn::new(stream))
     }
 
-    pub(crate) fn push(&self, sender: http1::SendRequest<ProxyBody>) {
+    /// Returns a connection whose last response ended cleanly.
+    pub(crate) fn push(&self, mut conn: Conn) {
+        conn.reused = true;
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
-            idle.push(sender);
+            idle.push(conn);
         }
-    }
-}
-
-/// Returns `sender` to `backend`'s pool once its response has ended.
-pub fn release(
-    backend: std::sync::Arc<crate::backend::Backend>,
-    sender: http1::SendRequest<ProxyBody>,
-) {
-    if !sender.is_closed() {
-        backend.pool.push(sender);
     }
 }

@@ -173,9 +173,29 @@ async fn accept_loop(
                 let listener = listener.clone();
                 let _ = stream.set_nodelay(true);
                 match (listener.cfg.protocol, tls.clone()) {
-                    (Protocol::Http, None) => {
-                        tokio::spawn(crate::http::serve_connection(listener, stream, peer, false))
-                    }
+                    (Protocol::Http, None) => tokio::spawn(async move {
+                        // Until its first byte an idle connection holds only this small
+                        // future; the HTTP server's state (~2 KB) is boxed when needed.
+                        // Ten thousand idle clients cost ~20 MB less this way.
+                        let idle = listener.cfg.idle_timeout;
+                        // `peek`, not `readable`: a fresh socket reads as ready at once.
+                        let mut first = [0u8; 1];
+                        match tokio::time::timeout(idle, stream.peek(&mut first)).await {
+                            Ok(Ok(1..)) => {
+                                Box::pin(crate::http::serve_connection(
+                                    listener, stream, peer, false,
+                                ))
+                                .await
+                            }
+                            Ok(Ok(0)) => {}
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "client connection failed")
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "client sent nothing within the idle timeout")
+                            }
+                        }
+                    }),
                     (Protocol::Http, Some(acceptor)) => tokio::spawn(async move {
                         match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
                             .await

@@ -427,3 +427,164 @@ async fn http2_clients_are_served_over_http1_backends() {
         );
     }
 }
+
+/// A raw HTTP/1.1 backend whose answers are scripted per request path; counts the
+/// requests and connections it saw. With `close_idle`, it closes each connection that
+/// long after answering, without saying so (the keep-alive race every proxy meets).
+async fn scripted_backend(
+    close_idle: Option<Duration>,
+) -> (std::net::SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let requests = Arc::new(AtomicU64::new(0));
+    let conns = Arc::new(AtomicU64::new(0));
+    let (r, c) = (requests.clone(), conns.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            c.fetch_add(1, Ordering::SeqCst);
+            let r = r.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    let n = match close_idle {
+                        Some(d) if buf.is_empty() => {
+                            match tokio::time::timeout(d, s.read(&mut chunk)).await {
+                                Ok(r) => r.unwrap_or(0),
+                                Err(_) => return, // idle: close without a word
+                            }
+                        }
+                        _ => s.read(&mut chunk).await.unwrap_or(0),
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    r.fetch_add(1, Ordering::SeqCst);
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    let reply: &[u8] = match path.as_str() {
+                        "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: t\r\n\r\n",
+                        "/close" => b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil the end",
+                        "/empty" => b"HTTP/1.1 204 No Content\r\n\r\n",
+                        "/interim" => b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal",
+                        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                    };
+                    if s.write_all(reply).await.is_err() || path == "/close" {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, requests, conns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_messages_are_framed_by_length_chunks_or_close() {
+    let (addr, requests, conns) = scripted_backend(None).await;
+    let (_lb, url) = lb(&backends_line(&[addr.to_string()])).await;
+    let c = client();
+    for _ in 0..2 {
+        assert_eq!(
+            get(&c, &format!("{url}/chunked")).await,
+            (200, "hello world".into())
+        );
+    }
+    assert_eq!(
+        get(&c, &format!("{url}/interim")).await,
+        (200, "final".into())
+    );
+    let r = c.get(format!("{url}/empty")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    assert_eq!(get(&c, &format!("{url}/")).await, (200, "ok".into()));
+    // Chunked, interim and empty responses all left the connection reusable.
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        1,
+        "one upstream connection carried all"
+    );
+    assert_eq!(
+        get(&c, &format!("{url}/close")).await,
+        (200, "until the end".into())
+    );
+    assert_eq!(get(&c, &format!("{url}/")).await, (200, "ok".into()));
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        2,
+        "a closed connection is not reused"
+    );
+    assert_eq!(requests.load(Ordering::SeqCst), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_pooled_connections_are_retried_without_sending_twice() {
+    let (addr, requests, conns) = scripted_backend(Some(Duration::from_millis(100))).await;
+    let (_lb, url) = lb(&format!(
+        "retries = 0\n{}",
+        backends_line(&[addr.to_string()])
+    ))
+    .await;
+    let c = client();
+    assert_eq!(get(&c, &url).await, (200, "ok".into()));
+    // The backend has now closed the pooled connection behind the lb's back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        get(&c, &url).await,
+        (200, "ok".into()),
+        "GET after a silent close"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = c.post(&url).body("").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "POST after a silent close");
+    assert_eq!(
+        requests.load(Ordering::SeqCst),
+        3,
+        "each request reached the backend once"
+    );
+    assert_eq!(conns.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_are_closed_after_the_idle_timeout() {
+    let (addr, _, _) = scripted_backend(None).await;
+    let (lb, _url) = lb(&format!(
+        "idle_timeout = \"300ms\"\n{}",
+        backends_line(&[addr.to_string()])
+    ))
+    .await;
+    // Silent from the start.
+    let mut silent = tokio::net::TcpStream::connect(lb.addrs[0]).await.unwrap();
+    let t = Instant::now();
+    let mut b = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut b))
+        .await
+        .expect("closed within 5 s")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "not before the timeout"
+    );
+    // Half a request head, then silence.
+    let mut slow = tokio::net::TcpStream::connect(lb.addrs[0]).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut got))
+        .await
+        .expect("closed within 5 s")
+        .ok();
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "not before the timeout"
+    );
+    assert!(!String::from_utf8_lossy(&got).contains("200 OK"));
+}
