@@ -16,6 +16,9 @@ pub struct Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // The whole process group: Nginx's workers outlive a killed master otherwise.
+        let pgid = self.child.id() as libc::pid_t;
+        unsafe { libc::killpg(pgid, libc::SIGKILL) };
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -23,7 +26,9 @@ impl Drop for Proc {
 
 /// Starts `cmd` with its standard streams detached.
 pub fn spawn(name: &str, cmd: &mut Command) -> anyhow::Result<Proc> {
+    use std::os::unix::process::CommandExt;
     let child = cmd
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

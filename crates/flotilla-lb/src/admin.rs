@@ -175,8 +175,34 @@ pub fn metrics(listeners: &[Arc<Listener>]) -> String {
     out
 }
 
+/// The VRRP router's part of `/metrics`.
+pub fn ha_metrics(ha: Option<&flotilla_ha::router::Status>) -> String {
+    let Some(s) = ha else {
+        return String::new();
+    };
+    let mut out = String::new();
+    out.push_str("# HELP flotilla_ha_state VRRP state (1 for the current one).\n# TYPE flotilla_ha_state gauge\n");
+    for st in ["init", "backup", "master"] {
+        let v = u8::from(s.state.name() == st);
+        let _ = writeln!(out, "flotilla_ha_state{{state=\"{st}\"}} {v}");
+    }
+    let _ = writeln!(out, "# HELP flotilla_ha_priority Effective VRRP priority.\n# TYPE flotilla_ha_priority gauge\nflotilla_ha_priority {}", s.priority);
+    let _ = writeln!(out, "# HELP flotilla_ha_transitions_total VRRP state changes.\n# TYPE flotilla_ha_transitions_total counter\nflotilla_ha_transitions_total {}", s.transitions);
+    let _ = writeln!(out, "# HELP flotilla_ha_adverts_sent_total Adverts sent.\n# TYPE flotilla_ha_adverts_sent_total counter\nflotilla_ha_adverts_sent_total {}", s.adverts_sent);
+    let _ = writeln!(out, "# HELP flotilla_ha_adverts_received_total Valid adverts received.\n# TYPE flotilla_ha_adverts_received_total counter\nflotilla_ha_adverts_received_total {}", s.adverts_received);
+    out.push_str("# HELP flotilla_ha_dropped_total Packets dropped, by reason.\n# TYPE flotilla_ha_dropped_total counter\n");
+    for (reason, n) in &s.dropped {
+        let _ = writeln!(out, "flotilla_ha_dropped_total{{reason=\"{reason}\"}} {n}");
+    }
+    out
+}
+
 /// Serves `/metrics` and `/status` on `listener`.
-pub async fn serve(tcp: tokio::net::TcpListener, listeners: Arc<Vec<Arc<Listener>>>) {
+pub async fn serve(
+    tcp: tokio::net::TcpListener,
+    listeners: Arc<Vec<Arc<Listener>>>,
+    ha: Option<Arc<flotilla_ha::router::Router>>,
+) {
     use http_body_util::Full;
     use hyper::{Response, StatusCode};
     loop {
@@ -184,22 +210,27 @@ pub async fn serve(tcp: tokio::net::TcpListener, listeners: Arc<Vec<Arc<Listener
             continue;
         };
         let listeners = listeners.clone();
+        let ha = ha.clone();
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let listeners = listeners.clone();
+                    let ha = ha.as_ref().map(|r| r.status());
                     async move {
                         let (status, ctype, body) = match req.uri().path() {
                             "/metrics" => (
                                 StatusCode::OK,
                                 "text/plain; version=0.0.4",
-                                metrics(&listeners),
+                                metrics(&listeners) + &ha_metrics(ha.as_ref()),
                             ),
                             "/status" => (
                                 StatusCode::OK,
                                 "application/json",
-                                serde_json::to_string_pretty(&status(&listeners))
-                                    .unwrap_or_default(),
+                                serde_json::to_string_pretty(&serde_json::json!({
+                                    "listeners": status(&listeners),
+                                    "ha": ha,
+                                }))
+                                .unwrap_or_default(),
                             ),
                             "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
                             _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),

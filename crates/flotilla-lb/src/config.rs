@@ -24,6 +24,9 @@ pub struct LbConfig {
     /// The listeners.
     #[serde(default, rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
+    /// Optional VRRPv3 pairing with a peer lb (or Keepalived) over a virtual IP.
+    #[serde(default)]
+    pub ha: Option<flotilla_ha::config::HaConfig>,
 }
 
 /// `[runtime]`
@@ -390,6 +393,9 @@ impl LbConfig {
                 "listener",
                 "at least one [[listener]] is needed",
             ));
+        }
+        if let Some(ha) = &self.ha {
+            ha.validate()?;
         }
         if self.runtime.worker_threads == Some(0)
             || self.runtime.worker_threads.is_some_and(|n| n > 1024)

@@ -152,6 +152,16 @@ impl Listener {
         }
     }
 
+    /// The number of available (not ejected) backends.
+    pub fn available(&self) -> usize {
+        let now = Instant::now();
+        self.backends
+            .load()
+            .iter()
+            .filter(|b| b.available(now))
+            .count()
+    }
+
     /// The number of available (not ejected) backends other than `except`.
     pub fn others_available(&self, except: SocketAddr) -> usize {
         let now = Instant::now();

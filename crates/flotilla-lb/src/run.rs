@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
@@ -22,10 +22,15 @@ pub struct RunningLb {
     pub admin_addr: Option<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     resolvers: Arc<Vec<Arc<Resolver>>>,
+    /// The VRRP router, if `[ha]` is configured; dropping the lb hands over gracefully.
+    pub ha: Option<Arc<flotilla_ha::router::Router>>,
 }
 
 impl Drop for RunningLb {
     fn drop(&mut self) {
+        if let Some(ha) = &self.ha {
+            ha.shutdown();
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -33,6 +38,15 @@ impl Drop for RunningLb {
 }
 
 impl RunningLb {
+    /// Stops gracefully: with `[ha]`, hands the VIP to the peer first, serving until
+    /// the peer has taken over; then stops every task.
+    pub async fn shutdown(self) {
+        if let Some(ha) = self.ha.clone() {
+            let _ = tokio::task::spawn_blocking(move || ha.shutdown()).await;
+        }
+        drop(self);
+    }
+
     /// Re-reads every TLS listener's certificates (what SIGHUP does). A listener whose
     /// files are bad keeps its old certificates; returns how many reloaded.
     pub fn reload_tls(&self) -> usize {
@@ -95,8 +109,7 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
         Arc::new(tls.iter().flatten().map(|(_, r)| r.clone()).collect());
     let mut sockets = Vec::new();
     for l in &config.listeners {
-        let socket = tokio::net::TcpListener::bind(l.bind)
-            .await
+        let socket = bind_listener(l.bind)
             .with_context(|| format!("listener {:?}: binding {}", l.name, l.bind))?;
         sockets.push(socket);
     }
@@ -132,13 +145,33 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
             tls.map(|(a, _)| a),
         )));
     }
+    let ha = match &config.ha {
+        Some(h) => {
+            let router = Arc::new(
+                flotilla_ha::router::Router::start(h.clone())
+                    .with_context(|| format!("ha: starting VRRP on interface {:?}", h.interface))?,
+            );
+            tasks.push(tokio::spawn(track_health(
+                Arc::downgrade(&router),
+                listeners.clone(),
+                h.track.clone(),
+                h.advert_interval,
+            )));
+            Some(router)
+        }
+        None => None,
+    };
     let mut admin_addr = None;
     if !config.admin.listen.is_empty() {
         let tcp = tokio::net::TcpListener::bind(&config.admin.listen)
             .await
             .with_context(|| format!("binding admin {}", config.admin.listen))?;
         admin_addr = Some(tcp.local_addr()?);
-        tasks.push(tokio::spawn(crate::admin::serve(tcp, listeners.clone())));
+        tasks.push(tokio::spawn(crate::admin::serve(
+            tcp,
+            listeners.clone(),
+            ha.clone(),
+        )));
     }
     if !resolvers.is_empty() {
         let r = resolvers.clone();
@@ -159,7 +192,68 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
         admin_addr,
         tasks,
         resolvers,
+        ha,
     })
+}
+
+/// Binds a listening socket with IP_FREEBIND, so a listener on the virtual IP is
+/// ready before the VIP arrives and serves the moment it does.
+fn bind_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv4() {
+        socket.set_freebind_v4(true)?;
+    } else {
+        socket.set_freebind_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}
+
+/// Tells the VRRP router whether this lb is fit to be master: every listener has at
+/// least `min_healthy_backends` available backends.
+async fn track_health(
+    router: std::sync::Weak<flotilla_ha::router::Router>,
+    listeners: Arc<Vec<Arc<Listener>>>,
+    track: flotilla_ha::config::TrackConfig,
+    every: Duration,
+) {
+    // Passive health alone cannot say a backend is back (no traffic reaches a
+    // backup's backends), so each backend also gets a TCP connect probe.
+    let probe_every = every.max(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(probe_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if router.strong_count() == 0 {
+            return;
+        }
+        let mut healthy = true;
+        if track.listeners {
+            for l in listeners.iter() {
+                let now = Instant::now();
+                let set = l.backends();
+                let probes = set.iter().filter(|b| b.available(now)).map(|b| {
+                    tokio::time::timeout(probe_every, tokio::net::TcpStream::connect(b.addr))
+                });
+                let up = futures::future::join_all(probes)
+                    .await
+                    .into_iter()
+                    .filter(|r| matches!(r, Ok(Ok(_))))
+                    .count();
+                if up < track.min_healthy_backends {
+                    healthy = false;
+                }
+            }
+        }
+        let Some(router) = router.upgrade() else {
+            return;
+        };
+        router.set_healthy(healthy);
+    }
 }
 
 async fn accept_loop(

@@ -5,6 +5,8 @@
 //! `busybox-static` (no registry can be reached), and Docker networks inside
 //! 198.18.0.0/15. Everything started here is torn down on drop.
 
+pub mod netns;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -304,6 +304,6 @@ async fn lb(args: LbArgs) -> anyhow::Result<()> {
         tracing::info!(admin = %a, "admin listener: /metrics /status");
     }
     shutdown_signal().await;
-    drop(running);
+    running.shutdown().await;
     Ok(())
 }

@@ -1,0 +1,61 @@
+//! Adding and removing the virtual addresses through rtnetlink.
+
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+
+use crate::config::Vip;
+
+/// A netlink handle bound to one interface.
+#[derive(Clone)]
+pub struct VipControl {
+    handle: rtnetlink::Handle,
+    index: u32,
+}
+
+impl VipControl {
+    /// Opens a netlink connection (its reader runs on the current runtime).
+    pub fn open(index: u32) -> std::io::Result<VipControl> {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        Ok(VipControl { handle, index })
+    }
+
+    /// Adds `vip` (replacing an identical entry, so a restart after a crash is fine).
+    pub async fn add(&self, vip: Vip) -> Result<(), rtnetlink::Error> {
+        self.handle
+            .address()
+            .add(self.index, IpAddr::V4(vip.addr), vip.prefix)
+            .replace()
+            .execute()
+            .await
+    }
+
+    /// Removes `vip` if present.
+    pub async fn remove(&self, vip: Vip) -> Result<(), rtnetlink::Error> {
+        let mut found = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(self.index)
+            .set_address_filter(IpAddr::V4(vip.addr))
+            .set_prefix_length_filter(vip.prefix)
+            .execute();
+        while let Some(msg) = found.try_next().await? {
+            self.handle.address().del(msg).execute().await?;
+        }
+        Ok(())
+    }
+
+    /// True if `vip` is on the interface.
+    pub async fn present(&self, vip: Vip) -> Result<bool, rtnetlink::Error> {
+        let mut found = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(self.index)
+            .set_address_filter(IpAddr::V4(vip.addr))
+            .execute();
+        Ok(found.try_next().await?.is_some())
+    }
+}

@@ -1,0 +1,188 @@
+//! A test LAN of network namespaces: one namespace per node, each with an `eth0` on a
+//! shared bridge (in a hub namespace of its own) in 198.18.N.0/24. Links can be cut
+//! and healed (node loss, partition). Everything is deleted on drop.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Runs `ip ARGS`, failing with its stderr.
+pub fn ip(args: &[&str]) -> Result<String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The LAN.
+pub struct Lan {
+    hub: String,
+    nodes: Vec<(String, String)>,
+    subnet: u8,
+}
+
+impl Lan {
+    /// Creates namespaces for `nodes` on subnet 198.18.`subnet`.0/24; node `i` gets
+    /// address `.i+1`.
+    pub fn create(nodes: &[&str], subnet: u8) -> Result<Lan> {
+        let tag = crate::unique("fl");
+        let hub = format!("{tag}-hub");
+        ip(&["netns", "add", &hub])?;
+        let mut lan = Lan {
+            hub,
+            nodes: Vec::new(),
+            subnet,
+        };
+        lan.in_ns(&lan.hub.clone(), &["link", "add", "br0", "type", "bridge"])?;
+        lan.in_ns(&lan.hub.clone(), &["link", "set", "br0", "up"])?;
+        for (i, n) in nodes.iter().enumerate() {
+            let ns = format!("{tag}-{n}");
+            ip(&["netns", "add", &ns])?;
+            lan.nodes.push((n.to_string(), ns.clone()));
+            let port = format!("p{i}");
+            ip(&[
+                "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port,
+                "netns", &lan.hub,
+            ])?;
+            let hub = lan.hub.clone();
+            lan.in_ns(&hub, &["link", "set", &port, "master", "br0"])?;
+            lan.in_ns(&hub, &["link", "set", &port, "up"])?;
+            let addr = format!("{}/24", lan.addr(n));
+            lan.in_ns(&ns, &["addr", "add", &addr, "dev", "eth0"])?;
+            lan.in_ns(&ns, &["link", "set", "eth0", "up"])?;
+            lan.in_ns(&ns, &["link", "set", "lo", "up"])?;
+        }
+        Ok(lan)
+    }
+
+    fn in_ns(&self, ns: &str, args: &[&str]) -> Result<String> {
+        let mut all = vec!["-n", ns];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// Namespace name of `node`.
+    pub fn ns(&self, node: &str) -> &str {
+        &self
+            .nodes
+            .iter()
+            .find(|(n, _)| n == node)
+            .unwrap_or_else(|| panic!("no node {node}"))
+            .1
+    }
+
+    fn index(&self, node: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|(n, _)| n == node)
+            .unwrap_or_else(|| panic!("no node {node}"))
+    }
+
+    /// `node`'s address.
+    pub fn addr(&self, node: &str) -> Ipv4Addr {
+        let i = self.nodes.iter().position(|(n, _)| n == node);
+        // During create the node is the last one pushed.
+        let i = i.unwrap_or(self.nodes.len().saturating_sub(1));
+        Ipv4Addr::new(198, 18, self.subnet, i as u8 + 1)
+    }
+
+    /// An address in the subnet that no node has (for a VIP).
+    pub fn spare(&self, last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, self.subnet, last)
+    }
+
+    /// Runs `ip ARGS` inside `node`'s namespace.
+    pub fn ip(&self, node: &str, args: &[&str]) -> Result<String> {
+        self.in_ns(self.ns(node), args)
+    }
+
+    /// A command that runs inside `node`'s namespace.
+    pub fn command(&self, node: &str, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", self.ns(node), program]);
+        c
+    }
+
+    /// `node`'s MAC address on eth0.
+    pub fn mac(&self, node: &str) -> Result<String> {
+        let out = self.ip(node, &["-o", "link", "show", "eth0"])?;
+        out.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .map(str::to_owned)
+            .context("no MAC on eth0")
+    }
+
+    /// True if `addr` is configured on `node`'s eth0.
+    pub fn has_addr(&self, node: &str, addr: Ipv4Addr) -> Result<bool> {
+        let out = self.ip(node, &["-o", "-4", "addr", "show", "dev", "eth0"])?;
+        Ok(out.contains(&format!(" {addr}/")))
+    }
+
+    /// The MAC `node`'s neighbour table holds for `addr`, if any.
+    pub fn neighbour(&self, node: &str, addr: Ipv4Addr) -> Result<Option<String>> {
+        let out = self.ip(node, &["neigh", "show", &addr.to_string()])?;
+        Ok(out
+            .split_whitespace()
+            .skip_while(|w| *w != "lladdr")
+            .nth(1)
+            .map(str::to_owned))
+    }
+
+    /// Takes `node`'s link down on the bridge side: it keeps running, alone.
+    pub fn cut(&self, node: &str) -> Result<()> {
+        let port = format!("p{}", self.index(node));
+        self.in_ns(&self.hub, &["link", "set", &port, "down"])
+            .map(|_| ())
+    }
+
+    /// Brings `node`'s link back.
+    pub fn heal(&self, node: &str) -> Result<()> {
+        let port = format!("p{}", self.index(node));
+        self.in_ns(&self.hub, &["link", "set", &port, "up"])
+            .map(|_| ())
+    }
+
+    /// Runs `f` on a thread that lives in `node`'s namespace (sockets it opens are
+    /// that node's).
+    pub fn run_in<T: Send + 'static>(
+        &self,
+        node: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.ns(node));
+        std::thread::spawn(move || {
+            enter(&path).expect("entering the namespace");
+            f()
+        })
+    }
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+pub fn enter(path: &str) -> Result<()> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {path}"))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns on a valid namespace fd affects only the calling thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {path}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for (_, ns) in &self.nodes {
+            let _ = ip(&["netns", "del", ns]);
+        }
+        let _ = ip(&["netns", "del", &self.hub]);
+    }
+}
