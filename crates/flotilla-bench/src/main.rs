@@ -4,6 +4,7 @@
 //! reports figures with the machine they ran on, as Markdown and optionally JSON.
 
 mod discovery;
+mod failover;
 mod procs;
 mod proxy;
 mod registry;
@@ -30,6 +31,8 @@ enum Cmd {
     Proxy(proxy::Args),
     /// The dynamic-feedback experiment: schedulers on CPU-quota'd containers.
     Schedulers(schedulers::Args),
+    /// lb pair failover vs Keepalived + HAProxy, on network namespaces.
+    Failover(failover::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,5 +45,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Discovery(args) => rt.block_on(discovery::run(args)),
         Cmd::Proxy(args) => rt.block_on(proxy::run(args)),
         Cmd::Schedulers(args) => rt.block_on(schedulers::run(args)),
+        Cmd::Failover(args) => rt.block_on(failover::run(args)),
     }
 }

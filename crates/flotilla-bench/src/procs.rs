@@ -127,3 +127,19 @@ impl ServerProc {
 fn path_str(p: &std::path::Path) -> anyhow::Result<&str> {
     p.to_str().context("non-UTF-8 temporary path")
 }
+
+/// "N cores; Linux version X" for the report.
+pub fn machine() -> String {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!(
+        "{cores} cores; {}",
+        std::fs::read_to_string("/proc/version")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}

@@ -457,15 +457,7 @@ fn run_blocking(args: Args) -> anyhow::Result<()> {
     println!("| haproxy ({hp_idle} connections) | {hp_base:.1} | {hp_held:.1} |");
     drop(conns);
     drop(hp_conns);
-    println!(
-        "\nmachine: {cores} cores; {}",
-        std::fs::read_to_string("/proc/version")
-            .unwrap_or_default()
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    println!("\nmachine: {}", crate::procs::machine());
     if let Some(path) = &args.json {
         let json = serde_json::json!({
             "http": best,

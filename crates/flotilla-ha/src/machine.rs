@@ -15,6 +15,8 @@ pub enum State {
     Backup,
     /// Owns the virtual addresses and advertises.
     Master,
+    /// The interface is down: holds nothing, sends nothing, until it comes back.
+    Fault,
 }
 
 impl State {
@@ -24,6 +26,7 @@ impl State {
             State::Init => "init",
             State::Backup => "backup",
             State::Master => "master",
+            State::Fault => "fault",
         }
     }
 }
@@ -67,6 +70,11 @@ pub enum Input {
     Tick,
     /// Tracked health changed our effective priority.
     SetPriority(u8),
+    /// The interface lost its link: a router that cannot be heard must not claim the
+    /// VIP (it would come back as a second master).
+    LinkDown,
+    /// The link is back: start over as backup.
+    LinkUp,
 }
 
 /// What the driver must do, in order.
@@ -193,6 +201,27 @@ impl Machine {
                 self.master = None;
             }
             Input::Tick => self.tick(now, &mut out),
+            Input::LinkDown if matches!(self.state, State::Backup | State::Master) => {
+                if self.state == State::Master {
+                    out.push(Action::ReleaseVip);
+                }
+                out.push(Action::Transition {
+                    from: self.state,
+                    to: State::Fault,
+                    reason: "link down",
+                });
+                self.state = State::Fault;
+                self.master_down_at = None;
+                self.advert_at = None;
+                self.garp_at = None;
+                self.master = None;
+            }
+            Input::LinkDown => {}
+            Input::LinkUp if self.state == State::Fault => {
+                self.master_interval = self.params.interval;
+                self.become_backup(now, "link up", &mut out);
+            }
+            Input::LinkUp => {}
             Input::SetPriority(p) => {
                 let p = p.max(1);
                 if p != self.priority {
@@ -243,7 +272,7 @@ impl Machine {
         out: &mut Vec<Action>,
     ) {
         match self.state {
-            State::Init => {}
+            State::Init | State::Fault => {}
             State::Backup => {
                 if priority == 0 {
                     // The master is stepping down: take over after the skew only.
@@ -526,6 +555,20 @@ mod tests {
         );
         assert_eq!(m.priority(), 1);
         assert!(m.handle(Input::SetPriority(1), t0).is_empty());
+    }
+
+    #[test]
+    fn a_lost_link_releases_the_vip_and_a_restored_one_starts_as_backup() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(params(255, 1));
+        m.handle(Input::Startup, t0);
+        let a = m.handle(Input::LinkDown, t0 + MS);
+        assert_eq!(a[0], Action::ReleaseVip);
+        assert_eq!(m.state(), State::Fault);
+        assert_eq!(m.deadline(), None, "no adverts, no takeover while down");
+        assert!(m.handle(advert(10), t0 + 2 * MS).is_empty());
+        assert!(became(&m.handle(Input::LinkUp, t0 + 3 * MS), State::Backup));
+        assert!(m.deadline().is_some());
     }
 
     /// Two routers on a link that can be cut; adverts arrive at once while it is up.

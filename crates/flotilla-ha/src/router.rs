@@ -162,6 +162,13 @@ impl Drop for Router {
     }
 }
 
+/// True if `iface` has carrier (reading fails for an interface that is down).
+fn carrier(iface: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/carrier"))
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false)
+}
+
 fn raise_to_realtime() {
     let param = libc::sched_param { sched_priority: 10 };
     // SAFETY: plain syscall on the calling thread with a valid parameter.
@@ -209,6 +216,11 @@ impl Driver {
         let acts = machine.handle(Input::Startup, Instant::now());
         self.carry_out(&machine, acts).await;
         let mut buf = vec![0u8; 2048];
+        // The link is polled (a sysfs read) at twice the advert rate: cheap, and a
+        // link loss is acted on well within the peer's master-down interval.
+        let mut link_check = tokio::time::interval(self.cfg.advert_interval / 2);
+        link_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut link_up = true;
         loop {
             let deadline = machine.deadline();
             let sleep = async {
@@ -275,6 +287,17 @@ impl Driver {
                     machine.handle(Input::SetPriority(p), Instant::now())
                 }
                 _ = sleep => machine.handle(Input::Tick, Instant::now()),
+                _ = link_check.tick() => {
+                    let up = carrier(&self.iface.name);
+                    if up == link_up {
+                        Vec::new()
+                    } else {
+                        link_up = up;
+                        tracing::warn!(interface = %self.iface.name, up, "link state changed");
+                        let input = if up { Input::LinkUp } else { Input::LinkDown };
+                        machine.handle(input, Instant::now())
+                    }
+                }
             };
             self.carry_out(&machine, acts).await;
         }

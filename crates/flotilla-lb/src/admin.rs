@@ -182,7 +182,7 @@ pub fn ha_metrics(ha: Option<&flotilla_ha::router::Status>) -> String {
     };
     let mut out = String::new();
     out.push_str("# HELP flotilla_ha_state VRRP state (1 for the current one).\n# TYPE flotilla_ha_state gauge\n");
-    for st in ["init", "backup", "master"] {
+    for st in ["init", "backup", "master", "fault"] {
         let v = u8::from(s.state.name() == st);
         let _ = writeln!(out, "flotilla_ha_state{{state=\"{st}\"}} {v}");
     }

@@ -152,6 +152,30 @@ impl Lan {
             .map(|_| ())
     }
 
+    /// Drops every incoming packet of IP protocol `proto` at `node` (iptables in its
+    /// namespace): with VRRP (112) on both lbs, a partition of the pair alone while
+    /// clients still reach both.
+    pub fn block(&self, node: &str, proto: u8) -> Result<()> {
+        self.iptables(node, "-A", proto)
+    }
+
+    /// Undoes [`Lan::block`].
+    pub fn unblock(&self, node: &str, proto: u8) -> Result<()> {
+        self.iptables(node, "-D", proto)
+    }
+
+    fn iptables(&self, node: &str, op: &str, proto: u8) -> Result<()> {
+        let out = self
+            .command(node, "iptables")
+            .args([op, "INPUT", "-p", &proto.to_string(), "-j", "DROP"])
+            .output()
+            .context("running iptables")?;
+        if !out.status.success() {
+            bail!("iptables: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+
     /// Runs `f` on a thread that lives in `node`'s namespace (sockets it opens are
     /// that node's).
     pub fn run_in<T: Send + 'static>(

@@ -395,17 +395,40 @@ fn a_partition_heals_to_exactly_one_master() {
     let _lb2 = p.start_lb("lb2", 100, "");
     p.wait_for_answer("lb1", Duration::from_secs(5));
     p.wait_state("lb2", "backup", Duration::from_secs(5));
-    p.lan.cut("lb2").unwrap();
-    // Cut off, lb2 cannot hear lb1 and becomes master too: the dual-master window.
+    // The pair cannot hear each other, the client still reaches both: lb2 becomes a
+    // second master (the split brain no protocol can avoid while it lasts).
+    for n in ["lb1", "lb2"] {
+        p.lan.block(n, 112).unwrap();
+    }
     p.wait_state("lb2", "master", Duration::from_secs(2));
     assert!(p.holds_vip("lb1") && p.holds_vip("lb2"));
-    p.lan.heal("lb2").unwrap();
+    for n in ["lb1", "lb2"] {
+        p.lan.unblock(n, 112).unwrap();
+    }
     let healed = Instant::now();
     p.wait_state("lb2", "backup", Duration::from_secs(2));
     eprintln!("split brain ended {:?} after heal", healed.elapsed());
     assert_eq!(p.state("lb1"), "master");
     assert!(!p.holds_vip("lb2"));
     assert_eq!(p.ask().as_deref(), Some("lb1"));
+}
+
+#[test]
+fn a_lost_link_is_a_fault_not_a_second_master() {
+    let p = Pair::new(69);
+    let _lb1 = p.start_lb("lb1", 150, "");
+    let _lb2 = p.start_lb("lb2", 100, "");
+    p.wait_for_answer("lb1", Duration::from_secs(5));
+    p.wait_state("lb2", "backup", Duration::from_secs(5));
+    // The master loses its link: it lets go, the backup takes over.
+    p.lan.cut("lb1").unwrap();
+    p.wait_for_answer("lb2", Duration::from_secs(3));
+    p.wait_state("lb1", "fault", Duration::from_secs(1));
+    assert!(!p.holds_vip("lb1"), "a node without a link holds no VIP");
+    p.lan.heal("lb1").unwrap();
+    // Back as backup, then preempts with its higher priority: never two masters.
+    p.wait_for_answer("lb1", Duration::from_secs(5));
+    p.wait_state("lb2", "backup", Duration::from_secs(2));
 }
 
 #[test]
