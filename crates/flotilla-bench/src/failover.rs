@@ -259,7 +259,8 @@ fn get(addr: SocketAddr) -> Option<String> {
     if !text.starts_with("HTTP/1.1 200") && !text.starts_with("HTTP/1.0 200") {
         return None;
     }
-    text.split_once("\r\n\r\n").map(|(_, b)| b.trim().to_owned())
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim().to_owned())
 }
 
 /// Open-loop client: a request every `1/rate` s for `dur`, each on its own thread of
@@ -281,7 +282,9 @@ fn client_load(lab: &Lab, rate: u32, dur: Duration) -> std::thread::JoinHandle<V
                 tokio::time::sleep_until(at).await;
                 let addr = SocketAddr::from((vip, 8080));
                 let sent = (at - start).as_secs_f64();
-                tasks.push(tokio::task::spawn_blocking(move || (sent, get(addr).is_some())));
+                tasks.push(tokio::task::spawn_blocking(move || {
+                    (sent, get(addr).is_some())
+                }));
                 n += 1;
             }
             let mut out = Vec::new();
@@ -306,9 +309,11 @@ fn sample_vip(lab: &Lab, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<(
             let held: Vec<bool> = lan_ns
                 .iter()
                 .map(|ns| {
-                    flotilla_testkit::netns::ip(&["-n", ns, "-o", "-4", "addr", "show", "dev", "eth0"])
-                        .map(|o| o.contains(&format!(" {vip}/")))
-                        .unwrap_or(false)
+                    flotilla_testkit::netns::ip(&[
+                        "-n", ns, "-o", "-4", "addr", "show", "dev", "eth0",
+                    ])
+                    .map(|o| o.contains(&format!(" {vip}/")))
+                    .unwrap_or(false)
                 })
                 .collect();
             out.push((start.elapsed().as_secs_f64(), held[0], held[1]));
@@ -392,7 +397,9 @@ fn starvation(lab: &mut Lab, secs: u64) -> Result<(usize, f64)> {
     lab.settle(Duration::from_secs(15))?;
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = sample_vip(lab, stop.clone());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     let until = Instant::now() + Duration::from_secs(secs);
     let spinners: Vec<_> = (0..cores * 2)
         .map(|_| {
@@ -438,9 +445,13 @@ fn run_blocking(args: Args) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut all = Vec::new();
     let mut starving = Vec::new();
-    for (k, kind) in [Kind::Flotilla, Kind::KeepalivedFast, Kind::KeepalivedDefault]
-        .into_iter()
-        .enumerate()
+    for (k, kind) in [
+        Kind::Flotilla,
+        Kind::KeepalivedFast,
+        Kind::KeepalivedDefault,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let sub = dir.path().join(format!("{kind:?}"));
         std::fs::create_dir_all(&sub)?;
@@ -448,7 +459,12 @@ fn run_blocking(args: Args) -> Result<()> {
         lab.start(0)?;
         std::thread::sleep(Duration::from_millis(200));
         lab.start(1)?;
-        for fault in [Fault::Graceful, Fault::Crash, Fault::NodeLoss, Fault::Partition] {
+        for fault in [
+            Fault::Graceful,
+            Fault::Crash,
+            Fault::NodeLoss,
+            Fault::Partition,
+        ] {
             for _ in 0..runs {
                 let r = measure(&mut lab, fault, args.rate)?;
                 eprintln!(
@@ -475,8 +491,17 @@ fn run_blocking(args: Args) -> Result<()> {
         args.rate
     );
     println!("| pair | fault | failover gap ms | failed / sent | dual master after restore ms | one master after heal ms |\n|---|---|---|---|---|---|");
-    for kind in [Kind::Flotilla, Kind::KeepalivedFast, Kind::KeepalivedDefault] {
-        for fault in [Fault::Graceful, Fault::Crash, Fault::NodeLoss, Fault::Partition] {
+    for kind in [
+        Kind::Flotilla,
+        Kind::KeepalivedFast,
+        Kind::KeepalivedDefault,
+    ] {
+        for fault in [
+            Fault::Graceful,
+            Fault::Crash,
+            Fault::NodeLoss,
+            Fault::Partition,
+        ] {
             let mut rs: Vec<&Run> = all
                 .iter()
                 .filter(|r| r.kind == kind && r.fault == fault)

@@ -291,15 +291,24 @@ impl Machine {
             }
             State::Master => {
                 if priority == 0 {
+                    // Another master is letting go (stopping, or stepping down after a
+                    // split brain): answer at once, and announce the VIP again for
+                    // the clients that followed it.
                     out.push(Action::Send {
                         priority: self.priority,
                     });
+                    out.push(Action::Garp);
                     self.advert_at = Some(now + self.params.interval);
+                    self.garps_left = self.params.garp_repeat.saturating_sub(1);
+                    self.garp_at = (self.garps_left > 0).then(|| now + self.params.garp_interval);
                 } else if priority > self.priority
                     || (priority == self.priority && src > self.params.addr)
                 {
                     self.master_interval = interval;
                     out.push(Action::ReleaseVip);
+                    // Say we let go: the winner may never have heard us (it spoke
+                    // first) and must re-announce the VIP to our clients.
+                    out.push(Action::Send { priority: 0 });
                     self.state = State::Backup;
                     self.advert_at = None;
                     self.garp_at = None;
@@ -500,6 +509,7 @@ mod tests {
         assert!(m.handle(advert(99), t0).is_empty(), "lower: ignored");
         let a = m.handle(advert(100), t0); // tie, sender 198.18.0.9 > 198.18.0.1
         assert_eq!(a[0], Action::ReleaseVip);
+        assert_eq!(a[1], Action::Send { priority: 0 }, "tells the winner");
         assert_eq!(m.state(), State::Backup);
 
         let mut m = Machine::new(params(255, 10));
@@ -540,7 +550,7 @@ mod tests {
         m.handle(Input::Startup, t0);
         assert_eq!(
             m.handle(advert(0), t0 + 10 * MS),
-            vec![Action::Send { priority: 255 }]
+            vec![Action::Send { priority: 255 }, Action::Garp]
         );
     }
 

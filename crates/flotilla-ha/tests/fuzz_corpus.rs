@@ -22,10 +22,18 @@ fn every_corpus_input_is_decoded_or_refused_without_panicking() {
         }
         match name.as_str() {
             "valid-pseudo" | "valid-three-vips" | "priority-zero" => {
-                assert_eq!(verdict.unwrap().checksum, ChecksumMode::PseudoHeader, "{name}")
+                assert_eq!(
+                    verdict.unwrap().checksum,
+                    ChecksumMode::PseudoHeader,
+                    "{name}"
+                )
             }
             "valid-message-only" => {
-                assert_eq!(verdict.unwrap().checksum, ChecksumMode::MessageOnly, "{name}")
+                assert_eq!(
+                    verdict.unwrap().checksum,
+                    ChecksumMode::MessageOnly,
+                    "{name}"
+                )
             }
             "ttl-64" => assert_eq!(verdict, Err(DropReason::Ttl(64)), "{name}"),
             "version-2" => assert_eq!(verdict, Err(DropReason::Version(2)), "{name}"),

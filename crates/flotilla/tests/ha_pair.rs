@@ -402,6 +402,8 @@ fn a_partition_heals_to_exactly_one_master() {
     }
     p.wait_state("lb2", "master", Duration::from_secs(2));
     assert!(p.holds_vip("lb1") && p.holds_vip("lb2"));
+    // The client followed lb2's gratuitous ARP.
+    p.wait_for_answer("lb2", Duration::from_secs(2));
     for n in ["lb1", "lb2"] {
         p.lan.unblock(n, 112).unwrap();
     }
@@ -410,7 +412,13 @@ fn a_partition_heals_to_exactly_one_master() {
     eprintln!("split brain ended {:?} after heal", healed.elapsed());
     assert_eq!(p.state("lb1"), "master");
     assert!(!p.holds_vip("lb2"));
+    // lb1 announced the VIP again, so the client is back without waiting for its
+    // ARP entry to expire.
     assert_eq!(p.ask().as_deref(), Some("lb1"));
+    assert_eq!(
+        p.lan.neighbour("client", p.vip()).unwrap(),
+        Some(p.lan.mac("lb1").unwrap())
+    );
 }
 
 #[test]
