@@ -98,7 +98,7 @@ pub struct Lab {
 
 /// The VIP's last octet.
 const VIP: u8 = 100;
-const NODES: [&str; 2] = ["lb1", "lb2"];
+pub(crate) const NODES: [&str; 2] = ["lb1", "lb2"];
 
 impl Lab {
     /// Builds the LAN (lb1, lb2, client) with a busybox backend in each lb namespace.
@@ -245,7 +245,7 @@ impl Lab {
 }
 
 /// One GET on a new connection; the body if it was a 200.
-fn get(addr: SocketAddr) -> Option<String> {
+pub(crate) fn get(addr: SocketAddr) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_millis(1000))).ok()?;
@@ -265,9 +265,13 @@ fn get(addr: SocketAddr) -> Option<String> {
 
 /// Open-loop client: a request every `1/rate` s for `dur`, each on its own thread of
 /// a small pool so a slow one never delays the next; `(intended send time, ok)`.
-fn client_load(lab: &Lab, rate: u32, dur: Duration) -> std::thread::JoinHandle<Vec<(f64, bool)>> {
-    let vip = lab.vip();
-    lab.lan.run_in("client", move || {
+pub(crate) fn client_load(
+    lan: &Lan,
+    vip: Ipv4Addr,
+    rate: u32,
+    dur: Duration,
+) -> std::thread::JoinHandle<Vec<(f64, bool)>> {
+    lan.run_in("client", move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -299,9 +303,12 @@ fn client_load(lab: &Lab, rate: u32, dur: Duration) -> std::thread::JoinHandle<V
 }
 
 /// Samples both nodes' VIP ownership every 10 ms until `stop`: `(secs, lb1, lb2)`.
-fn sample_vip(lab: &Lab, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<(f64, bool, bool)>> {
-    let lan_ns: Vec<String> = NODES.iter().map(|n| lab.lan.ns(n).to_owned()).collect();
-    let vip = lab.vip();
+pub(crate) fn sample_vip(
+    lan: &Lan,
+    vip: Ipv4Addr,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<(f64, bool, bool)>> {
+    let lan_ns: Vec<String> = NODES.iter().map(|n| lan.ns(n).to_owned()).collect();
     std::thread::spawn(move || {
         let start = Instant::now();
         let mut out = Vec::new();
@@ -326,7 +333,7 @@ fn sample_vip(lab: &Lab, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<(
 fn measure(lab: &mut Lab, fault: Fault, rate: u32) -> Result<Run> {
     lab.settle(Duration::from_secs(15))?;
     let stop = Arc::new(AtomicBool::new(false));
-    let sampler = sample_vip(lab, stop.clone());
+    let sampler = sample_vip(&lab.lan, lab.vip(), stop.clone());
     // Long enough for the slowest pair to fail over and back.
     let (dur, restore_after) = if lab.kind == Kind::KeepalivedDefault {
         (Duration::from_secs(12), Duration::from_secs(6))
@@ -334,7 +341,7 @@ fn measure(lab: &mut Lab, fault: Fault, rate: u32) -> Result<Run> {
         (Duration::from_secs(5), Duration::from_secs(2))
     };
     let fault_at = Duration::from_secs(1);
-    let load = client_load(lab, rate, dur);
+    let load = client_load(&lab.lan, lab.vip(), rate, dur);
     std::thread::sleep(fault_at);
     match fault {
         Fault::Graceful => lab.terminate(0),
@@ -396,7 +403,7 @@ fn measure(lab: &mut Lab, fault: Fault, rate: u32) -> Result<Run> {
 fn starvation(lab: &mut Lab, secs: u64) -> Result<(usize, f64)> {
     lab.settle(Duration::from_secs(15))?;
     let stop = Arc::new(AtomicBool::new(false));
-    let sampler = sample_vip(lab, stop.clone());
+    let sampler = sample_vip(&lab.lan, lab.vip(), stop.clone());
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);

@@ -9,6 +9,7 @@ mod procs;
 mod proxy;
 mod registry;
 mod schedulers;
+mod soak;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +34,8 @@ enum Cmd {
     Schedulers(schedulers::Args),
     /// lb pair failover vs Keepalived + HAProxy, on network namespaces.
     Failover(failover::Args),
+    /// The long-run HA simulation: the whole cluster under load and seeded faults.
+    Soak(soak::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,5 +49,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Proxy(args) => rt.block_on(proxy::run(args)),
         Cmd::Schedulers(args) => rt.block_on(schedulers::run(args)),
         Cmd::Failover(args) => rt.block_on(failover::run(args)),
+        Cmd::Soak(args) => rt.block_on(soak::run(args)),
     }
 }

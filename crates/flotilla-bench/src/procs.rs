@@ -80,11 +80,17 @@ pub struct ServerProc {
 impl ServerProc {
     /// Starts `flotilla server` (embedded store, no DNS) and waits until it answers.
     pub async fn start() -> anyhow::Result<ServerProc> {
+        Self::start_on("127.0.0.1").await
+    }
+
+    /// Like [`ServerProc::start`], listening on `ip` (e.g. a Docker bridge's address,
+    /// for clients in other namespaces).
+    pub async fn start_on(ip: &str) -> anyhow::Result<ServerProc> {
         let dir = tempfile::tempdir()?;
         let port = flotilla_testkit::free_port();
         let token_file = dir.path().join("token");
         let data = dir.path().join("data");
-        let listen = format!("127.0.0.1:{port}");
+        let listen = format!("{ip}:{port}");
         let proc = flotilla(&[
             "server",
             "--listen",

@@ -228,9 +228,18 @@ pub fn busybox_image() -> Result<&'static str> {
 pub struct DockerNetwork {
     /// Network name.
     pub name: String,
+    /// N of its subnet 198.18.N.0/24 (the host side, the bridge, is 198.18.N.1).
+    pub subnet: u8,
+    /// Docker's id of the network.
+    pub id: String,
 }
 
 impl DockerNetwork {
+    /// The Linux bridge Docker made for it, in the host's namespace.
+    pub fn bridge(&self) -> String {
+        format!("br-{}", &self.id[..12.min(self.id.len())])
+    }
+
     /// Creates a network with subnet `198.18.N.0/24`, picking a free N.
     pub fn create(prefix: &str) -> Result<Self> {
         let name = unique(prefix);
@@ -244,7 +253,13 @@ impl DockerNetwork {
                 &format!("198.18.{n}.0/24"),
                 &name,
             ]) {
-                Ok(_) => return Ok(DockerNetwork { name }),
+                Ok(id) => {
+                    return Ok(DockerNetwork {
+                        name,
+                        subnet: n as u8,
+                        id: id.trim().to_owned(),
+                    })
+                }
                 Err(e) => last = e.to_string(),
             }
         }

@@ -25,9 +25,13 @@ pub fn ip(args: &[&str]) -> Result<String> {
 
 /// The LAN.
 pub struct Lan {
-    hub: String,
+    /// Namespace holding the bridge; `None`: an existing bridge in the host namespace.
+    hub: Option<String>,
     nodes: Vec<(String, String)>,
+    /// Bridge-side port of each node.
+    ports: Vec<String>,
     subnet: u8,
+    first_host: u8,
 }
 
 impl Lan {
@@ -38,36 +42,78 @@ impl Lan {
         let hub = format!("{tag}-hub");
         ip(&["netns", "add", &hub])?;
         let mut lan = Lan {
-            hub,
+            hub: Some(hub),
             nodes: Vec::new(),
+            ports: Vec::new(),
             subnet,
+            first_host: 1,
         };
-        lan.in_ns(&lan.hub.clone(), &["link", "add", "br0", "type", "bridge"])?;
-        lan.in_ns(&lan.hub.clone(), &["link", "set", "br0", "up"])?;
-        for (i, n) in nodes.iter().enumerate() {
+        lan.hub_ip(&["link", "add", "br0", "type", "bridge"])?;
+        lan.hub_ip(&["link", "set", "br0", "up"])?;
+        lan.add_nodes(&tag, nodes, "br0")?;
+        Ok(lan)
+    }
+
+    /// Namespaces for `nodes` plugged into `bridge`, an existing bridge in the host
+    /// namespace (a Docker network's), on its subnet 198.18.`subnet`.0/24 from host
+    /// number `first_host` on — so they share a LAN with that network's containers.
+    pub fn attach(bridge: &str, nodes: &[&str], subnet: u8, first_host: u8) -> Result<Lan> {
+        let tag = crate::unique("fl");
+        let mut lan = Lan {
+            hub: None,
+            nodes: Vec::new(),
+            ports: Vec::new(),
+            subnet,
+            first_host,
+        };
+        lan.add_nodes(&tag, nodes, bridge)?;
+        Ok(lan)
+    }
+
+    fn add_nodes(&mut self, tag: &str, nodes: &[&str], bridge: &str) -> Result<()> {
+        static PORT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        for n in nodes {
             let ns = format!("{tag}-{n}");
             ip(&["netns", "add", &ns])?;
-            lan.nodes.push((n.to_string(), ns.clone()));
-            let port = format!("p{i}");
-            ip(&[
+            self.nodes.push((n.to_string(), ns.clone()));
+            // Host-namespace names must be unique across processes; ≤ 15 characters.
+            let port = match &self.hub {
+                Some(_) => format!("p{}", self.ports.len()),
+                None => format!(
+                    "flv{}x{}",
+                    std::process::id() % 100_000,
+                    PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                ),
+            };
+            let mut add = vec![
                 "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port,
-                "netns", &lan.hub,
-            ])?;
-            let hub = lan.hub.clone();
-            lan.in_ns(&hub, &["link", "set", &port, "master", "br0"])?;
-            lan.in_ns(&hub, &["link", "set", &port, "up"])?;
-            let addr = format!("{}/24", lan.addr(n));
-            lan.in_ns(&ns, &["addr", "add", &addr, "dev", "eth0"])?;
-            lan.in_ns(&ns, &["link", "set", "eth0", "up"])?;
-            lan.in_ns(&ns, &["link", "set", "lo", "up"])?;
+            ];
+            if let Some(h) = &self.hub {
+                add.extend_from_slice(&["netns", h]);
+            }
+            ip(&add)?;
+            self.hub_ip(&["link", "set", &port, "master", bridge])?;
+            self.hub_ip(&["link", "set", &port, "up"])?;
+            self.ports.push(port);
+            let addr = format!("{}/24", self.addr(n));
+            self.in_ns(&ns, &["addr", "add", &addr, "dev", "eth0"])?;
+            self.in_ns(&ns, &["link", "set", "eth0", "up"])?;
+            self.in_ns(&ns, &["link", "set", "lo", "up"])?;
         }
-        Ok(lan)
+        Ok(())
     }
 
     fn in_ns(&self, ns: &str, args: &[&str]) -> Result<String> {
         let mut all = vec!["-n", ns];
         all.extend_from_slice(args);
         ip(&all)
+    }
+
+    fn hub_ip(&self, args: &[&str]) -> Result<String> {
+        match &self.hub {
+            Some(h) => self.in_ns(h, args),
+            None => ip(args),
+        }
     }
 
     /// Namespace name of `node`.
@@ -92,7 +138,7 @@ impl Lan {
         let i = self.nodes.iter().position(|(n, _)| n == node);
         // During create the node is the last one pushed.
         let i = i.unwrap_or(self.nodes.len().saturating_sub(1));
-        Ipv4Addr::new(198, 18, self.subnet, i as u8 + 1)
+        Ipv4Addr::new(198, 18, self.subnet, i as u8 + self.first_host)
     }
 
     /// An address in the subnet that no node has (for a VIP).
@@ -140,16 +186,14 @@ impl Lan {
 
     /// Takes `node`'s link down on the bridge side: it keeps running, alone.
     pub fn cut(&self, node: &str) -> Result<()> {
-        let port = format!("p{}", self.index(node));
-        self.in_ns(&self.hub, &["link", "set", &port, "down"])
-            .map(|_| ())
+        let port = self.ports[self.index(node)].clone();
+        self.hub_ip(&["link", "set", &port, "down"]).map(|_| ())
     }
 
     /// Brings `node`'s link back.
     pub fn heal(&self, node: &str) -> Result<()> {
-        let port = format!("p{}", self.index(node));
-        self.in_ns(&self.hub, &["link", "set", &port, "up"])
-            .map(|_| ())
+        let port = self.ports[self.index(node)].clone();
+        self.hub_ip(&["link", "set", &port, "up"]).map(|_| ())
     }
 
     /// Drops every incoming packet of IP protocol `proto` at `node` (iptables in its
@@ -204,9 +248,12 @@ pub fn enter(path: &str) -> Result<()> {
 
 impl Drop for Lan {
     fn drop(&mut self) {
+        // Deleting a namespace deletes its veth end, and with it the bridge-side one.
         for (_, ns) in &self.nodes {
             let _ = ip(&["netns", "del", ns]);
         }
-        let _ = ip(&["netns", "del", &self.hub]);
+        if let Some(h) = &self.hub {
+            let _ = ip(&["netns", "del", h]);
+        }
     }
 }
