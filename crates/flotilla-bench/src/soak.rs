@@ -102,10 +102,10 @@ pub async fn run(args: Args) -> Result<()> {
     let lan = Lan::attach(&net.bridge(), &["lb1", "lb2", "client"], net.subnet, 201)?;
     let vip = lan.spare(200);
     let dir = tempfile::tempdir()?;
-    let mut lbs: [Option<Proc>; 2] = [None, None];
-    for i in 0..2 {
-        lbs[i] = Some(start_lb(&lan, i, &server, service, vip, dir.path())?);
-    }
+    let mut lbs: [Option<Proc>; 2] = [
+        Some(start_lb(&lan, 0, &server, service, vip, dir.path())?),
+        Some(start_lb(&lan, 1, &server, service, vip, dir.path())?),
+    ];
     // Everything registered and a master serving before the clock starts.
     wait_serving(&lan, vip, Duration::from_secs(30)).await?;
 
@@ -177,11 +177,7 @@ pub async fn run(args: Args) -> Result<()> {
             }
         };
         eprintln!("{at_s:7.1} s  {kind:?}: {detail}");
-        faults.push(FaultLog {
-            at_s,
-            kind,
-            detail,
-        });
+        faults.push(FaultLog { at_s, kind, detail });
     }
     let results = tokio::task::spawn_blocking(move || load.join())
         .await?
@@ -311,12 +307,7 @@ pub async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn start_container(
-    net: &DockerNetwork,
-    image: &str,
-    service: &str,
-    i: usize,
-) -> Result<Container> {
+fn start_container(net: &DockerNetwork, image: &str, service: &str, i: usize) -> Result<Container> {
     let name = unique(&format!("flotilla-soak-{i}"));
     Container::run(
         &name,
