@@ -57,6 +57,10 @@ pub struct HaConfig {
     /// adverts into a false failover. Falls back to a normal thread if not allowed.
     #[serde(default = "yes")]
     pub realtime: bool,
+    /// Start a crash guard (`flotilla ha-guard`) that hands the VIP over at once if the
+    /// lb process dies while master.
+    #[serde(default = "yes")]
+    pub guard: bool,
 }
 
 /// `track = { ... }`

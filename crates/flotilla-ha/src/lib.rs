@@ -9,6 +9,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod guard;
 pub mod machine;
 pub mod net;
 pub mod router;

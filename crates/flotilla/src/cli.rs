@@ -38,6 +38,9 @@ pub enum Command {
     Deregister(DeregisterArgs),
     /// Follow a service: print its passing instances every time they change.
     Watch(WatchArgs),
+    /// Internal: the lb's crash guard (started by `flotilla lb` when `[ha]` is set).
+    #[command(hide = true)]
+    HaGuard,
 }
 
 /// Flags of `flotilla server`.

@@ -21,6 +21,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Nodes(args) => crate::ops::nodes(args).await,
         Command::Deregister(args) => crate::ops::deregister(args).await,
         Command::Watch(args) => crate::ops::watch(args).await,
+        Command::HaGuard => tokio::task::spawn_blocking(flotilla_ha::guard::run)
+            .await?
+            .map_err(anyhow::Error::msg),
     }
 }
 
@@ -299,11 +302,30 @@ async fn lb(args: LbArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let running = flotilla_lb::start(config).await?;
+    // The guard first, so a crash during start-up is covered too.
+    let guard = match &config.ha {
+        Some(h) if h.guard => Some(
+            flotilla_ha::guard::spawn(h, &std::env::current_exe()?)
+                .context("starting the HA crash guard")?,
+        ),
+        _ => None,
+    };
+    let running = match flotilla_lb::start(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(g) = guard {
+                g.disarm();
+            }
+            return Err(e);
+        }
+    };
     if let Some(a) = running.admin_addr {
         tracing::info!(admin = %a, "admin listener: /metrics /status");
     }
     shutdown_signal().await;
     running.shutdown().await;
+    if let Some(g) = guard {
+        g.disarm();
+    }
     Ok(())
 }

@@ -303,8 +303,9 @@ fn the_pair_elects_by_priority_fails_over_on_a_crash_and_preempts_back() {
     let p = Pair::new(61);
     let _lb2 = p.start_lb("lb2", 100, "");
     p.wait_state("lb2", "master", Duration::from_secs(5));
-    // The higher priority joins later and preempts.
-    let mut lb1 = p.start_lb("lb1", 150, "");
+    // The higher priority joins later and preempts. Without its crash guard, so the
+    // backup must notice the silence (the master-down interval).
+    let mut lb1 = p.start_lb("lb1", 150, "guard = false");
     p.wait_for_answer("lb1", Duration::from_secs(5));
     p.wait_state("lb2", "backup", Duration::from_secs(2));
     assert!(p.holds_vip("lb1") && !p.holds_vip("lb2"));
@@ -343,6 +344,36 @@ fn the_pair_elects_by_priority_fails_over_on_a_crash_and_preempts_back() {
     p.wait_for_answer("lb1", Duration::from_secs(5));
     p.wait_state("lb2", "backup", Duration::from_secs(2));
     assert!(!p.holds_vip("lb2"));
+}
+
+#[test]
+fn the_crash_guard_hands_over_a_killed_master_at_once() {
+    let p = Pair::new(70);
+    let mut lb1 = p.start_lb("lb1", 150, "");
+    let _lb2 = p.start_lb("lb2", 100, "");
+    p.wait_for_answer("lb1", Duration::from_secs(5));
+    p.wait_state("lb2", "backup", Duration::from_secs(5));
+    // SIGKILL of the lb process alone: its guard survives and speaks for it.
+    let results = p.load(
+        Duration::from_millis(10),
+        Duration::from_secs(2),
+        Duration::from_millis(500),
+        || lb1.kill(),
+    );
+    let (worst, failed) = gap(&results);
+    eprintln!(
+        "guarded crash: gap {worst:?}, {failed} failed of {}",
+        results.len()
+    );
+    assert!(
+        worst < Duration::from_millis(250),
+        "the backup took over after its skew, not the master-down interval: {worst:?}"
+    );
+    assert!(
+        !p.holds_vip("lb1"),
+        "the guard released the dead master's VIP"
+    );
+    assert_eq!(p.state("lb2"), "master");
 }
 
 #[test]
