@@ -1,4 +1,4 @@
-//! VRRPv3 advertisements on the wire (RFC 9568 §5), IPv4.
+//! VRRPv3 advertisements on the wire (RFC 9568 §5), IPv4 and IPv6.
 //!
 //! ```text
 //! | Version | Type | VRID | Priority | Count IPvX | rsvd | Max Adver Int | Checksum | addresses…
@@ -12,12 +12,22 @@
 //! senders (Keepalived's `v3_checksum_as_v2`) leave the pseudo-header out. The
 //! receiver here accepts any of them when told to, and says which one matched.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// IP protocol number of VRRP.
 pub const PROTO_VRRP: u8 = 112;
 /// The IPv4 multicast group of VRRP.
 pub const MULTICAST_V4: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 18);
+/// The IPv6 multicast group of VRRP.
+pub const MULTICAST_V6: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x12);
+
+/// The VRRP group of `addr`'s family.
+pub fn group_of(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => IpAddr::V4(MULTICAST_V4),
+        IpAddr::V6(_) => IpAddr::V6(MULTICAST_V6),
+    }
+}
 /// Adverts must arrive with this TTL (RFC 9568 §7.1): proof they were not routed.
 pub const REQUIRED_TTL: u8 = 255;
 
@@ -32,8 +42,8 @@ pub struct Advert {
     pub priority: u8,
     /// Sender's advert interval in centiseconds (12 bits).
     pub interval_cs: u16,
-    /// The virtual addresses.
-    pub addrs: Vec<Ipv4Addr>,
+    /// The virtual addresses (all of the packet's family).
+    pub addrs: Vec<IpAddr>,
 }
 
 /// Which checksum convention to write, and to accept.
@@ -42,7 +52,7 @@ pub struct Advert {
 pub enum ChecksumMode {
     /// RFC 9568: with the IPv4 pseudo-header.
     PseudoHeader,
-    /// The pseudo-header with 224.0.0.18 as destination whatever the real one
+    /// The pseudo-header with the VRRP group as destination whatever the real one
     /// (Keepalived's `old_unicast_checksum`).
     PseudoHeaderGroup,
     /// The VRRP message alone (VRRPv2 style).
@@ -67,7 +77,7 @@ pub enum DropReason {
     /// Not IP protocol 112.
     #[error("not VRRP (IP protocol {0})")]
     NotVrrp(u8),
-    /// TTL other than 255: the packet crossed a router.
+    /// TTL (hop limit) other than 255: the packet crossed a router.
     #[error("TTL {0}, not 255")]
     Ttl(u8),
     /// VRRP version other than 3.
@@ -106,10 +116,10 @@ impl DropReason {
 /// A received advert with what the IP header said.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {
-    /// IPv4 source: the sender's primary address.
-    pub src: Ipv4Addr,
-    /// IPv4 destination (the group or our unicast address).
-    pub dst: Ipv4Addr,
+    /// Source: the sender's primary (IPv4) or link-local (IPv6) address.
+    pub src: IpAddr,
+    /// Destination (the group or our unicast address).
+    pub dst: IpAddr,
     /// The advert.
     pub advert: Advert,
     /// The checksum convention the sender used.
@@ -135,51 +145,84 @@ fn fold(mut acc: u32) -> u16 {
 }
 
 /// The checksum of `msg` (its checksum field zeroed or not: callers decide).
-pub fn checksum(msg: &[u8], src: Ipv4Addr, dst: Ipv4Addr, mode: ChecksumMode) -> u16 {
+pub fn checksum(msg: &[u8], src: IpAddr, dst: IpAddr, mode: ChecksumMode) -> u16 {
     let acc = match mode {
         ChecksumMode::MessageOnly => 0,
         ChecksumMode::PseudoHeader | ChecksumMode::PseudoHeaderGroup => {
             let dst = if mode == ChecksumMode::PseudoHeaderGroup {
-                MULTICAST_V4
+                group_of(dst)
             } else {
                 dst
             };
-            let mut pseudo = [0u8; 12];
-            pseudo[..4].copy_from_slice(&src.octets());
-            pseudo[4..8].copy_from_slice(&dst.octets());
-            pseudo[9] = PROTO_VRRP;
-            pseudo[10..12].copy_from_slice(&(msg.len() as u16).to_be_bytes());
-            sum16(&pseudo, 0)
+            match (src, dst) {
+                (IpAddr::V6(s), IpAddr::V6(d)) => {
+                    // RFC 8200 §8.1: source, destination, upper-layer length (32 bits),
+                    // three zero bytes, next header.
+                    let mut pseudo = [0u8; 40];
+                    pseudo[..16].copy_from_slice(&s.octets());
+                    pseudo[16..32].copy_from_slice(&d.octets());
+                    pseudo[32..36].copy_from_slice(&(msg.len() as u32).to_be_bytes());
+                    pseudo[39] = PROTO_VRRP;
+                    sum16(&pseudo, 0)
+                }
+                (s, d) => {
+                    let (s, d) = (v4_of(s), v4_of(d));
+                    let mut pseudo = [0u8; 12];
+                    pseudo[..4].copy_from_slice(&s.octets());
+                    pseudo[4..8].copy_from_slice(&d.octets());
+                    pseudo[9] = PROTO_VRRP;
+                    pseudo[10..12].copy_from_slice(&(msg.len() as u16).to_be_bytes());
+                    sum16(&pseudo, 0)
+                }
+            }
         }
     };
     fold(sum16(msg, acc))
 }
 
+fn v4_of(a: IpAddr) -> Ipv4Addr {
+    match a {
+        IpAddr::V4(v) => v,
+        IpAddr::V6(v) => v.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
+    }
+}
+
 impl Advert {
-    /// The VRRP message (no IP header), checksummed for `src` → `dst`.
-    pub fn encode(&self, src: Ipv4Addr, dst: Ipv4Addr, mode: ChecksumMode) -> Vec<u8> {
-        let count = self.addrs.len().min(255);
-        let mut m = Vec::with_capacity(HEADER + 4 * count);
+    /// The VRRP message (no IP header), checksummed for `src` → `dst`. Addresses of
+    /// the other family than `src` are left out.
+    pub fn encode(&self, src: IpAddr, dst: IpAddr, mode: ChecksumMode) -> Vec<u8> {
+        let addrs: Vec<&IpAddr> = self
+            .addrs
+            .iter()
+            .filter(|a| a.is_ipv4() == src.is_ipv4())
+            .take(255)
+            .collect();
+        let count = addrs.len();
+        let mut m = Vec::with_capacity(HEADER + 16 * count);
         m.push(0x31); // version 3, type 1
         m.push(self.vrid);
         m.push(self.priority);
         m.push(count as u8);
         m.extend_from_slice(&(self.interval_cs & 0x0fff).to_be_bytes());
         m.extend_from_slice(&[0, 0]);
-        for a in self.addrs.iter().take(count) {
-            m.extend_from_slice(&a.octets());
+        for a in addrs {
+            match a {
+                IpAddr::V4(v) => m.extend_from_slice(&v.octets()),
+                IpAddr::V6(v) => m.extend_from_slice(&v.octets()),
+            }
         }
         let c = checksum(&m, src, dst, mode);
         m[6..8].copy_from_slice(&c.to_be_bytes());
         m
     }
 
-    /// Decodes a VRRP message (no IP header) sent `src` → `dst`. `accept` is the
-    /// checksum convention to accept, or `None` for either (auto-detect).
+    /// Decodes a VRRP message (no IP header) sent `src` → `dst` (whose family says
+    /// the address size). `accept` is the checksum convention to accept, or `None` for
+    /// any (auto-detect).
     pub fn decode(
         msg: &[u8],
-        src: Ipv4Addr,
-        dst: Ipv4Addr,
+        src: IpAddr,
+        dst: IpAddr,
         accept: Option<ChecksumMode>,
     ) -> Result<(Advert, ChecksumMode), DropReason> {
         if msg.len() < HEADER {
@@ -194,7 +237,8 @@ impl Advert {
             return Err(DropReason::Type(kind));
         }
         let count = usize::from(msg[3]);
-        let len = HEADER + 4 * count;
+        let size = if src.is_ipv4() { 4 } else { 16 };
+        let len = HEADER + size * count;
         if msg.len() < len {
             return Err(DropReason::Truncated(msg.len()));
         }
@@ -220,8 +264,11 @@ impl Advert {
             return Err(DropReason::Interval);
         }
         let addrs = msg[HEADER..]
-            .chunks_exact(4)
-            .map(|c| Ipv4Addr::new(c[0], c[1], c[2], c[3]))
+            .chunks_exact(size)
+            .map(|c| match <[u8; 16]>::try_from(c) {
+                Ok(v6) => IpAddr::V6(Ipv6Addr::from(v6)),
+                Err(_) => IpAddr::V4(Ipv4Addr::new(c[0], c[1], c[2], c[3])),
+            })
             .collect();
         Ok((
             Advert {
@@ -257,9 +304,39 @@ pub fn decode_ipv4(
     }
     let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
     let end = total.clamp(ihl, packet.len());
-    let src = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
-    let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+    let src = IpAddr::V4(Ipv4Addr::new(
+        packet[12], packet[13], packet[14], packet[15],
+    ));
+    let dst = IpAddr::V4(Ipv4Addr::new(
+        packet[16], packet[17], packet[18], packet[19],
+    ));
     let (advert, checksum) = Advert::decode(&packet[ihl..end], src, dst, accept)?;
+    if advert.vrid != vrid {
+        return Err(DropReason::Vrid(advert.vrid));
+    }
+    Ok(Received {
+        src,
+        dst,
+        advert,
+        checksum,
+    })
+}
+
+/// Decodes a VRRP message that an IPv6 raw socket returned (no IP header there: the
+/// kernel reports source, destination and hop limit beside it).
+pub fn decode_ipv6(
+    msg: &[u8],
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    hop_limit: u8,
+    vrid: u8,
+    accept: Option<ChecksumMode>,
+) -> Result<Received, DropReason> {
+    if hop_limit != REQUIRED_TTL {
+        return Err(DropReason::Ttl(hop_limit));
+    }
+    let (src, dst) = (IpAddr::V6(src), IpAddr::V6(dst));
+    let (advert, checksum) = Advert::decode(msg, src, dst, accept)?;
     if advert.vrid != vrid {
         return Err(DropReason::Vrid(advert.vrid));
     }
@@ -276,21 +353,23 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const SRC: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    const SRC4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    const SRC: IpAddr = IpAddr::V4(SRC4);
+    const GROUP: IpAddr = IpAddr::V4(MULTICAST_V4);
 
     fn advert() -> Advert {
         Advert {
             vrid: 51,
             priority: 150,
             interval_cs: 10,
-            addrs: vec![Ipv4Addr::new(198, 18, 0, 100)],
+            addrs: vec![Ipv4Addr::new(198, 18, 0, 100).into()],
         }
     }
 
     fn ip_packet(ttl: u8, msg: &[u8]) -> Vec<u8> {
         let mut p = vec![0x45, 0, 0, 0, 0, 0, 0, 0, ttl, PROTO_VRRP, 0, 0];
         p[2..4].copy_from_slice(&((20 + msg.len()) as u16).to_be_bytes());
-        p.extend_from_slice(&SRC.octets());
+        p.extend_from_slice(&SRC4.octets());
         p.extend_from_slice(&MULTICAST_V4.octets());
         p.extend_from_slice(msg);
         p
@@ -300,20 +379,17 @@ mod tests {
     fn known_bytes() {
         // Written out by hand from RFC 9568 §5.2: version 3, type 1, VRID 51 (0x33),
         // priority 150 (0x96), one address, interval 10 cs.
-        let m = advert().encode(SRC, MULTICAST_V4, ChecksumMode::PseudoHeader);
+        let m = advert().encode(SRC, GROUP, ChecksumMode::PseudoHeader);
         assert_eq!(&m[..6], &[0x31, 0x33, 0x96, 0x01, 0x00, 0x0a]);
         assert_eq!(&m[8..], &[198, 18, 0, 100]);
         // Pseudo-header sum + message sum (checksum included) folds to zero.
-        assert_eq!(
-            checksum(&m, SRC, MULTICAST_V4, ChecksumMode::PseudoHeader),
-            0
-        );
+        assert_eq!(checksum(&m, SRC, GROUP, ChecksumMode::PseudoHeader), 0);
     }
 
     #[test]
     fn every_checksum_convention_round_trips_and_is_told_apart() {
         // Unicast, so the group convention differs from the RFC's.
-        let peer = Ipv4Addr::new(198, 18, 0, 2);
+        let peer = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
         for mode in ChecksumMode::ALL {
             let m = advert().encode(SRC, peer, mode);
             let (a, got) = Advert::decode(&m, SRC, peer, None).unwrap();
@@ -321,16 +397,51 @@ mod tests {
             assert_eq!(got, mode);
             assert!(Advert::decode(&m, SRC, peer, Some(mode)).is_ok());
         }
-        let m = advert().encode(SRC, MULTICAST_V4, ChecksumMode::MessageOnly);
+        let m = advert().encode(SRC, GROUP, ChecksumMode::MessageOnly);
         assert_eq!(
-            Advert::decode(&m, SRC, MULTICAST_V4, Some(ChecksumMode::PseudoHeader)),
+            Advert::decode(&m, SRC, GROUP, Some(ChecksumMode::PseudoHeader)),
             Err(DropReason::Checksum)
         );
     }
 
     #[test]
+    fn ipv6_adverts_round_trip_with_the_ipv6_pseudo_header() {
+        let src: Ipv6Addr = "fe80::1".parse().unwrap();
+        let a = Advert {
+            vrid: 7,
+            priority: 100,
+            interval_cs: 10,
+            addrs: vec![
+                "fd00:198:18::100".parse().unwrap(),
+                "fd00:198:18::101".parse().unwrap(),
+            ],
+        };
+        // Unicast, so that the group convention differs from the RFC's.
+        let peer: Ipv6Addr = "fe80::2".parse().unwrap();
+        for mode in ChecksumMode::ALL {
+            let m = a.encode(src.into(), peer.into(), mode);
+            assert_eq!(m.len(), 8 + 32);
+            let rx = decode_ipv6(&m, src, peer, 255, 7, None).unwrap();
+            assert_eq!(rx.advert, a);
+            assert_eq!(rx.checksum, mode);
+        }
+        let m = a.encode(src.into(), MULTICAST_V6.into(), ChecksumMode::PseudoHeader);
+        assert_eq!(
+            decode_ipv6(&m, src, MULTICAST_V6, 64, 7, None),
+            Err(DropReason::Ttl(64))
+        );
+        assert_eq!(
+            decode_ipv6(&m, src, MULTICAST_V6, 255, 8, None),
+            Err(DropReason::Vrid(7))
+        );
+        // The IPv4 pseudo-header does not verify an IPv6 message.
+        let v4 = a.encode(SRC, GROUP, ChecksumMode::PseudoHeader);
+        assert_eq!(v4.len(), 8, "IPv6 addresses are left out of an IPv4 advert");
+    }
+
+    #[test]
     fn bad_packets_are_dropped_with_their_reason() {
-        let m = advert().encode(SRC, MULTICAST_V4, ChecksumMode::PseudoHeader);
+        let m = advert().encode(SRC, GROUP, ChecksumMode::PseudoHeader);
         assert!(decode_ipv4(&ip_packet(255, &m), 51, None).is_ok());
         assert_eq!(
             decode_ipv4(&ip_packet(64, &m), 51, None),
@@ -371,25 +482,25 @@ mod tests {
                                      addrs in proptest::collection::vec(any::<u32>(), 0..20),
                                      pseudo: bool) {
             let a = Advert { vrid, priority, interval_cs,
-                addrs: addrs.into_iter().map(Ipv4Addr::from).collect() };
+                addrs: addrs.into_iter().map(|a| IpAddr::V4(Ipv4Addr::from(a))).collect() };
             let mode = if pseudo { ChecksumMode::PseudoHeader } else { ChecksumMode::MessageOnly };
-            let m = a.encode(SRC, MULTICAST_V4, mode);
-            let (b, _) = Advert::decode(&m, SRC, MULTICAST_V4, Some(mode)).unwrap();
+            let m = a.encode(SRC, GROUP, mode);
+            let (b, _) = Advert::decode(&m, SRC, GROUP, Some(mode)).unwrap();
             prop_assert_eq!(a, b);
         }
 
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200), vrid: u8) {
             let _ = decode_ipv4(&bytes, vrid, None);
-            let _ = Advert::decode(&bytes, SRC, MULTICAST_V4, None);
+            let _ = Advert::decode(&bytes, SRC, GROUP, None);
         }
 
         #[test]
         fn any_single_bit_flip_is_caught(bit in 0usize..96) {
-            let m = advert().encode(SRC, MULTICAST_V4, ChecksumMode::PseudoHeader);
+            let m = advert().encode(SRC, GROUP, ChecksumMode::PseudoHeader);
             let mut bad = m.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
-            prop_assert!(Advert::decode(&bad, SRC, MULTICAST_V4, Some(ChecksumMode::PseudoHeader)).is_err());
+            prop_assert!(Advert::decode(&bad, SRC, GROUP, Some(ChecksumMode::PseudoHeader)).is_err());
         }
     }
 }

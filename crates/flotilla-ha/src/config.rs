@@ -1,6 +1,6 @@
 //! `[ha]` in the lb config: one VRRPv3 virtual router.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -23,7 +23,8 @@ pub struct HaConfig {
     /// Advert interval; centisecond resolution, 10 ms to 40.95 s.
     #[serde(default = "default_interval", with = "humantime_serde")]
     pub advert_interval: Duration,
-    /// Virtual addresses with their prefix, e.g. `198.18.0.100/24`.
+    /// Virtual addresses with their prefix, e.g. `198.18.0.100/24`; all IPv4 or all
+    /// IPv6 (one virtual router per address family, as RFC 9568 has it).
     pub virtual_ips: Vec<String>,
     /// Take over from a lower-priority master.
     #[serde(default = "yes")]
@@ -31,9 +32,9 @@ pub struct HaConfig {
     /// After start, wait this long before preempting.
     #[serde(default, with = "humantime_serde")]
     pub preempt_delay: Duration,
-    /// Peers to send adverts to by unicast; empty: multicast to 224.0.0.18.
+    /// Peers to send adverts to by unicast; empty: multicast to 224.0.0.18 (ff02::12).
     #[serde(default)]
-    pub unicast_peers: Vec<Ipv4Addr>,
+    pub unicast_peers: Vec<IpAddr>,
     /// Checksum convention of the adverts we send. Received adverts are accepted in
     /// either convention unless `strict_checksum`.
     #[serde(default = "default_checksum")]
@@ -108,7 +109,7 @@ fn default_garp_interval() -> Duration {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Vip {
     /// The address.
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     /// Its prefix length.
     pub prefix: u8,
 }
@@ -144,8 +145,24 @@ impl HaConfig {
         if self.virtual_ips.is_empty() {
             return Err(FieldError::new("ha.virtual_ips", "at least one is needed"));
         }
+        let mut v6 = None;
         for (i, v) in self.virtual_ips.iter().enumerate() {
-            parse_vip(v).map_err(|m| FieldError::new(format!("ha.virtual_ips[{i}]"), m))?;
+            let field = format!("ha.virtual_ips[{i}]");
+            let vip = parse_vip(v).map_err(|m| FieldError::new(&field, m))?;
+            if *v6.get_or_insert(vip.addr.is_ipv6()) != vip.addr.is_ipv6() {
+                return Err(FieldError::new(
+                    field,
+                    format!("{v:?}: IPv4 and IPv6 VIPs need two virtual routers (two lbs' [ha] on different ids are not supported in one config yet)"),
+                ));
+            }
+        }
+        for (i, p) in self.unicast_peers.iter().enumerate() {
+            if Some(p.is_ipv6()) != v6 {
+                return Err(FieldError::new(
+                    format!("ha.unicast_peers[{i}]"),
+                    format!("{p} is not of the VIPs' address family"),
+                ));
+            }
         }
         if self.garp_repeat == 0 || self.garp_repeat > 100 {
             return Err(FieldError::new("ha.garp_repeat", "must be 1..=100"));
@@ -161,29 +178,42 @@ impl HaConfig {
             .collect()
     }
 
+    /// True if the VIPs are IPv6.
+    pub fn is_ipv6(&self) -> bool {
+        self.vips().first().is_some_and(|v| v.addr.is_ipv6())
+    }
+
     /// The advert interval in centiseconds.
     pub fn interval_cs(&self) -> u16 {
         (self.advert_interval.as_millis() / 10) as u16
     }
 }
 
-/// Parses `a.b.c.d/len` (a bare address means /32).
+/// Parses `ADDRESS/len` (a bare address means /32 or /128).
 pub fn parse_vip(s: &str) -> Result<Vip, String> {
-    let (a, p) = s.split_once('/').unwrap_or((s, "32"));
-    let addr: Ipv4Addr = a
+    let (a, p) = match s.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (s, None),
+    };
+    let addr: IpAddr = a
         .parse()
-        .map_err(|_| format!("{s:?}: {a:?} is not an IPv4 address"))?;
-    let prefix: u8 = p
-        .parse()
-        .ok()
-        .filter(|p| *p <= 32)
-        .ok_or_else(|| format!("{s:?}: prefix {p:?} is not 0..=32"))?;
+        .map_err(|_| format!("{s:?}: {a:?} is not an IP address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix: u8 = match p {
+        None => max,
+        Some(p) => p
+            .parse()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("{s:?}: prefix {p:?} is not 0..={max}"))?,
+    };
     Ok(Vip { addr, prefix })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn base() -> HaConfig {
         serde_json::from_value(serde_json::json!({
@@ -203,7 +233,7 @@ mod tests {
         assert_eq!(
             c.vips(),
             vec![Vip {
-                addr: Ipv4Addr::new(198, 18, 0, 100),
+                addr: Ipv4Addr::new(198, 18, 0, 100).into(),
                 prefix: 24
             }]
         );
@@ -215,6 +245,17 @@ mod tests {
         let e = c.validate().unwrap_err();
         assert_eq!(e.field, "ha.virtual_ips[1]");
         assert!(e.message.contains("nope"));
+        let mut c = base();
+        c.virtual_ips = vec!["198.18.0.1/24".into(), "fd00::1/64".into()];
+        assert_eq!(c.validate().unwrap_err().field, "ha.virtual_ips[1]");
+        let mut c = base();
+        c.virtual_ips = vec!["fd00::1/129".into()];
+        assert!(c.validate().unwrap_err().message.contains("0..=128"));
+        let mut c = base();
+        c.virtual_ips = vec!["fd00::1".into()];
+        c.validate().unwrap();
+        assert!(c.is_ipv6());
+        assert_eq!(c.vips()[0].prefix, 128);
         let mut c = base();
         c.priority = 0;
         assert_eq!(c.validate().unwrap_err().field, "ha.priority");

@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 
-use crate::codec::{Advert, MULTICAST_V4};
+use crate::codec::{group_of, Advert};
 use crate::config::HaConfig;
 use crate::net::{Interface, VrrpSocket};
 use crate::vip::VipControl;
@@ -63,7 +63,7 @@ pub fn run() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
         // Everything is opened up front: when the lb dies there is no time to lose.
-        let iface = Interface::lookup(&cfg.interface).map_err(|e| e.to_string())?;
+        let iface = Interface::lookup(&cfg.interface, cfg.is_ipv6()).map_err(|e| e.to_string())?;
         let sock = VrrpSocket::open(&iface).map_err(|e| e.to_string())?;
         let vip = VipControl::open(iface.index).map_err(|e| e.to_string())?;
         let goodbye = tokio::task::spawn_blocking(|| {
@@ -90,7 +90,7 @@ pub fn run() -> Result<(), String> {
             addrs: vips.iter().map(|v| v.addr).collect(),
         };
         let dsts = if cfg.unicast_peers.is_empty() {
-            vec![MULTICAST_V4]
+            vec![group_of(iface.addr)]
         } else {
             cfg.unicast_peers.clone()
         };

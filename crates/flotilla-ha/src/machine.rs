@@ -2,7 +2,7 @@
 //! out. No clock, no socket, no address is touched here, so every transition is tested
 //! with injected instants and a two-router simulation runs thousands of schedules.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 /// Where the router stands.
@@ -43,7 +43,7 @@ pub struct Params {
     /// After start, wait this long before preempting.
     pub preempt_delay: Duration,
     /// Our primary address: breaks ties between equal priorities.
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     /// Gratuitous ARP bursts after taking over (the first included).
     pub garp_repeat: u32,
     /// Time between those bursts.
@@ -60,7 +60,7 @@ pub enum Input {
     /// A valid advert for our virtual router arrived.
     Advert {
         /// Sender's primary address.
-        src: Ipv4Addr,
+        src: IpAddr,
         /// Sender's priority.
         priority: u8,
         /// Sender's advert interval.
@@ -114,7 +114,7 @@ pub struct Machine {
     garp_at: Option<Instant>,
     garps_left: u32,
     started_at: Option<Instant>,
-    master: Option<Ipv4Addr>,
+    master: Option<IpAddr>,
 }
 
 impl Machine {
@@ -145,7 +145,7 @@ impl Machine {
     }
 
     /// The master we last heard (or ourselves).
-    pub fn master(&self) -> Option<Ipv4Addr> {
+    pub fn master(&self) -> Option<IpAddr> {
         self.master
     }
 
@@ -265,7 +265,7 @@ impl Machine {
 
     fn advert(
         &mut self,
-        src: Ipv4Addr,
+        src: IpAddr,
         priority: u8,
         interval: Duration,
         now: Instant,
@@ -360,6 +360,7 @@ impl Machine {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::net::Ipv4Addr;
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -369,7 +370,7 @@ mod tests {
             interval: 100 * MS,
             preempt: true,
             preempt_delay: Duration::ZERO,
-            addr: Ipv4Addr::new(198, 18, 0, last_octet),
+            addr: Ipv4Addr::new(198, 18, 0, last_octet).into(),
             garp_repeat: 3,
             garp_interval: 100 * MS,
         }
@@ -377,7 +378,7 @@ mod tests {
 
     fn advert(priority: u8) -> Input {
         Input::Advert {
-            src: Ipv4Addr::new(198, 18, 0, 9),
+            src: Ipv4Addr::new(198, 18, 0, 9).into(),
             priority,
             interval: 100 * MS,
         }

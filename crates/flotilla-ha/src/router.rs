@@ -6,16 +6,16 @@
 //! into a false failover (Keepalived's "timer expired" flapping under load).
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::{oneshot, watch};
 
-use crate::codec::{decode_ipv4, Advert, MULTICAST_V4};
+use crate::codec::{group_of, Advert};
 use crate::config::{HaConfig, Vip};
 use crate::machine::{Action, Input, Machine, Params, State};
-use crate::net::{gratuitous_arp, Interface, VrrpSocket};
+use crate::net::{gratuitous_arp, unsolicited_na, Interface, VrrpSocket};
 use crate::vip::VipControl;
 
 /// What the router is doing, for `/status` and `/metrics`.
@@ -26,9 +26,9 @@ pub struct Status {
     /// Effective priority.
     pub priority: u8,
     /// Master we last heard (or ourselves).
-    pub master: Option<Ipv4Addr>,
+    pub master: Option<IpAddr>,
     /// Our address on the interface.
-    pub addr: Option<Ipv4Addr>,
+    pub addr: Option<IpAddr>,
     /// State changes so far.
     pub transitions: u64,
     /// Adverts sent.
@@ -89,7 +89,7 @@ impl Router {
                 };
                 rt.block_on(async move {
                     let setup = (|| {
-                        let iface = Interface::lookup(&cfg.interface)?;
+                        let iface = Interface::lookup(&cfg.interface, cfg.is_ipv6())?;
                         let sock = VrrpSocket::open(&iface)?;
                         let vip = VipControl::open(iface.index)?;
                         Ok::<_, std::io::Error>((iface, sock, vip))
@@ -247,8 +247,8 @@ impl Driver {
                     tracing::info!("VRRP router stopped");
                     return;
                 }
-                r = self.sock.recv(&mut buf) => match r {
-                    Ok(n) => match decode_ipv4(&buf[..n], self.cfg.virtual_router_id, accept) {
+                r = self.sock.recv_advert(&mut buf, self.cfg.virtual_router_id, accept) => match r {
+                    Ok(decoded) => match decoded {
                         Ok(rx) if rx.src == self.iface.addr => Vec::new(),
                         Ok(rx) => {
                             self.with_status(|s| s.adverts_received += 1);
@@ -312,12 +312,17 @@ impl Driver {
     ) {
         let until = tokio::time::Instant::now() + self.cfg.advert_interval * 4;
         loop {
-            let r = tokio::time::timeout_at(until, self.sock.recv(buf)).await;
-            let Ok(Ok(n)) = r else {
+            let r = tokio::time::timeout_at(
+                until,
+                self.sock
+                    .recv_advert(buf, self.cfg.virtual_router_id, accept),
+            )
+            .await;
+            let Ok(Ok(decoded)) = r else {
                 tracing::info!("no new master heard; releasing the VIP anyway");
                 return;
             };
-            if let Ok(rx) = decode_ipv4(&buf[..n], self.cfg.virtual_router_id, accept) {
+            if let Ok(rx) = decoded {
                 if rx.src != self.iface.addr && rx.advert.priority > 0 {
                     tracing::info!(master = %rx.src, "handed over");
                     return;
@@ -351,8 +356,12 @@ impl Driver {
                 Action::Garp => {
                     let mut r = Ok(());
                     for v in &self.vips {
-                        if let Err(e) = gratuitous_arp(&self.iface, v.addr) {
-                            r = Err(format!("gratuitous ARP for {}: {e}", v.addr));
+                        let sent = match v.addr {
+                            IpAddr::V4(a) => gratuitous_arp(&self.iface, a),
+                            IpAddr::V6(a) => unsolicited_na(&self.iface, a),
+                        };
+                        if let Err(e) = sent {
+                            r = Err(format!("announcing {}: {e}", v.addr));
                         }
                     }
                     r
@@ -392,7 +401,7 @@ impl Driver {
             addrs: self.vips.iter().map(|v| v.addr).collect(),
         };
         let dsts = if self.cfg.unicast_peers.is_empty() {
-            vec![MULTICAST_V4]
+            vec![group_of(self.iface.addr)]
         } else {
             self.cfg.unicast_peers.clone()
         };

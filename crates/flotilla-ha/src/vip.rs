@@ -1,7 +1,5 @@
 //! Adding and removing the virtual addresses through rtnetlink.
 
-use std::net::IpAddr;
-
 use futures::TryStreamExt;
 
 use crate::config::Vip;
@@ -23,12 +21,18 @@ impl VipControl {
 
     /// Adds `vip` (replacing an identical entry, so a restart after a crash is fine).
     pub async fn add(&self, vip: Vip) -> Result<(), rtnetlink::Error> {
-        self.handle
+        let mut req = self
+            .handle
             .address()
-            .add(self.index, IpAddr::V4(vip.addr), vip.prefix)
-            .replace()
-            .execute()
-            .await
+            .add(self.index, vip.addr, vip.prefix)
+            .replace();
+        if vip.addr.is_ipv6() {
+            // No duplicate address detection: the address moves between peers by
+            // design, and DAD would hold it unusable for a second after takeover.
+            use rtnetlink::packet_route::address::AddressHeaderFlags;
+            req.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+        }
+        req.execute().await
     }
 
     /// Removes `vip` if present.
@@ -38,7 +42,7 @@ impl VipControl {
             .address()
             .get()
             .set_link_index_filter(self.index)
-            .set_address_filter(IpAddr::V4(vip.addr))
+            .set_address_filter(vip.addr)
             .set_prefix_length_filter(vip.prefix)
             .execute();
         while let Some(msg) = found.try_next().await? {
@@ -54,7 +58,7 @@ impl VipControl {
             .address()
             .get()
             .set_link_index_filter(self.index)
-            .set_address_filter(IpAddr::V4(vip.addr))
+            .set_address_filter(vip.addr)
             .execute();
         Ok(found.try_next().await?.is_some())
     }

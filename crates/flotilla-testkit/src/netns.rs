@@ -2,7 +2,7 @@
 //! shared bridge (in a hub namespace of its own) in 198.18.N.0/24. Links can be cut
 //! and healed (node loss, partition). Everything is deleted on drop.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -75,6 +75,15 @@ impl Lan {
         for n in nodes {
             let ns = format!("{tag}-{n}");
             ip(&["netns", "add", &ns])?;
+            // No duplicate address detection: addresses (and moved VIPs) are usable at
+            // once, as on a LAN whose addresses a test hands out itself.
+            let _ = Command::new("ip")
+                .args(["netns", "exec", &ns, "sysctl", "-qw"])
+                .args([
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0",
+                ])
+                .status();
             self.nodes.push((n.to_string(), ns.clone()));
             // Host-namespace names must be unique across processes; ≤ 15 characters.
             let port = match &self.hub {
@@ -97,6 +106,8 @@ impl Lan {
             self.ports.push(port);
             let addr = format!("{}/24", self.addr(n));
             self.in_ns(&ns, &["addr", "add", &addr, "dev", "eth0"])?;
+            let addr6 = format!("{}/64", self.addr6(n));
+            self.in_ns(&ns, &["-6", "addr", "add", &addr6, "dev", "eth0", "nodad"])?;
             self.in_ns(&ns, &["link", "set", "eth0", "up"])?;
             self.in_ns(&ns, &["link", "set", "lo", "up"])?;
         }
@@ -146,6 +157,30 @@ impl Lan {
         Ipv4Addr::new(198, 18, self.subnet, last)
     }
 
+    /// `node`'s IPv6 address: `fd00:198:18:N::H` (a ULA prefix of the test's own).
+    pub fn addr6(&self, node: &str) -> Ipv6Addr {
+        let v4 = self.addr(node).octets();
+        Self::ula(self.subnet, v4[3])
+    }
+
+    /// An IPv6 address in the LAN's prefix that no node has (for a VIP).
+    pub fn spare6(&self, last: u8) -> Ipv6Addr {
+        Self::ula(self.subnet, last)
+    }
+
+    fn ula(subnet: u8, host: u8) -> Ipv6Addr {
+        Ipv6Addr::new(
+            0xfd00,
+            0x198,
+            0x18,
+            u16::from(subnet),
+            0,
+            0,
+            0,
+            u16::from(host),
+        )
+    }
+
     /// Runs `ip ARGS` inside `node`'s namespace.
     pub fn ip(&self, node: &str, args: &[&str]) -> Result<String> {
         self.in_ns(self.ns(node), args)
@@ -169,13 +204,16 @@ impl Lan {
     }
 
     /// True if `addr` is configured on `node`'s eth0.
-    pub fn has_addr(&self, node: &str, addr: Ipv4Addr) -> Result<bool> {
-        let out = self.ip(node, &["-o", "-4", "addr", "show", "dev", "eth0"])?;
+    pub fn has_addr(&self, node: &str, addr: impl Into<IpAddr>) -> Result<bool> {
+        let addr = addr.into();
+        let family = if addr.is_ipv4() { "-4" } else { "-6" };
+        let out = self.ip(node, &["-o", family, "addr", "show", "dev", "eth0"])?;
         Ok(out.contains(&format!(" {addr}/")))
     }
 
     /// The MAC `node`'s neighbour table holds for `addr`, if any.
-    pub fn neighbour(&self, node: &str, addr: Ipv4Addr) -> Result<Option<String>> {
+    pub fn neighbour(&self, node: &str, addr: impl Into<IpAddr>) -> Result<Option<String>> {
+        let addr = addr.into();
         let out = self.ip(node, &["neigh", "show", &addr.to_string()])?;
         Ok(out
             .split_whitespace()

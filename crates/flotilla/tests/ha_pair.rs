@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ const VIP_LAST: u8 = 100;
 
 struct Pair {
     lan: Lan,
+    vip: IpAddr,
     dir: tempfile::TempDir,
     backends: Vec<(String, Child)>,
 }
@@ -57,10 +58,20 @@ impl Drop for Lb {
 
 impl Pair {
     fn new(subnet: u8) -> Pair {
+        Self::with_family(subnet, false)
+    }
+
+    fn with_family(subnet: u8, v6: bool) -> Pair {
         let lan = Lan::create(&["lb1", "lb2", "client"], subnet).expect("network namespaces");
         let dir = tempfile::tempdir().unwrap();
+        let vip = if v6 {
+            IpAddr::V6(lan.spare6(VIP_LAST))
+        } else {
+            IpAddr::V4(lan.spare(VIP_LAST))
+        };
         let mut p = Pair {
             lan,
+            vip,
             dir,
             backends: Vec::new(),
         };
@@ -70,8 +81,8 @@ impl Pair {
         p
     }
 
-    fn vip(&self) -> Ipv4Addr {
-        self.lan.spare(VIP_LAST)
+    fn vip(&self) -> IpAddr {
+        self.vip
     }
 
     fn start_backend(&mut self, node: &str) {
@@ -111,17 +122,19 @@ worker_threads = 1
 listen = "127.0.0.1:9901"
 [[listener]]
 name = "web"
-bind = "{vip}:8080"
+bind = "{bind}"
 backends = ["127.0.0.1:9000"]
 [ha]
 interface = "eth0"
 virtual_router_id = 51
 priority = {priority}
 advert_interval = "100ms"
-virtual_ips = ["{vip}/24"]
+virtual_ips = ["{vip}/{prefix}"]
 {extra}
 "#,
-            vip = self.vip()
+            vip = self.vip(),
+            bind = SocketAddr::from((self.vip(), 8080)),
+            prefix = if self.vip().is_ipv6() { 64 } else { 24 },
         );
         let path = self.dir.path().join(format!("{node}.toml"));
         std::fs::write(&path, cfg).unwrap();
@@ -377,6 +390,32 @@ fn the_crash_guard_hands_over_a_killed_master_at_once() {
 }
 
 #[test]
+fn an_ipv6_pair_fails_over_and_moves_the_neighbour_entry() {
+    let p = Pair::with_family(71, true);
+    let mut lb1 = p.start_lb("lb1", 150, "guard = false");
+    let _lb2 = p.start_lb("lb2", 100, "");
+    p.wait_for_answer("lb1", Duration::from_secs(5));
+    p.wait_state("lb2", "backup", Duration::from_secs(5));
+    assert!(p.holds_vip("lb1") && !p.holds_vip("lb2"));
+    assert_eq!(
+        p.lan.neighbour("client", p.vip()).unwrap(),
+        Some(p.lan.mac("lb1").unwrap())
+    );
+    lb1.kill();
+    p.wait_for_answer("lb2", Duration::from_secs(3));
+    // The unsolicited neighbour advertisement moved the client's entry.
+    assert_eq!(
+        p.lan.neighbour("client", p.vip()).unwrap(),
+        Some(p.lan.mac("lb2").unwrap())
+    );
+    let s = p.status("lb2");
+    assert!(
+        s["ha"]["addr"].as_str().unwrap().starts_with("fe80::"),
+        "{s}"
+    );
+}
+
+#[test]
 fn a_graceful_stop_hands_over_without_a_failed_request() {
     let p = Pair::new(62);
     let mut lb1 = p.start_lb("lb1", 150, "");
@@ -509,7 +548,7 @@ fn forged_and_malformed_adverts_are_dropped_and_counted() {
                 interval_cs: 10,
                 addrs: vec![vip],
             };
-            let ok = good(51).encode(me, MULTICAST_V4, ChecksumMode::PseudoHeader);
+            let ok = good(51).encode(me.into(), MULTICAST_V4.into(), ChecksumMode::PseudoHeader);
             for _ in 0..20 {
                 s.set_multicast_ttl_v4(64).unwrap(); // routed: wrong TTL
                 s.send_to(&ok, &to).unwrap();
@@ -517,7 +556,8 @@ fn forged_and_malformed_adverts_are_dropped_and_counted() {
                 let mut bad = ok.clone();
                 bad[7] ^= 0x55; // bad checksum
                 s.send_to(&bad, &to).unwrap();
-                let other = good(52).encode(me, MULTICAST_V4, ChecksumMode::PseudoHeader);
+                let other =
+                    good(52).encode(me.into(), MULTICAST_V4.into(), ChecksumMode::PseudoHeader);
                 s.send_to(&other, &to).unwrap(); // another router
                 s.send_to(&ok[..6], &to).unwrap(); // truncated
                 std::thread::sleep(Duration::from_millis(20));
