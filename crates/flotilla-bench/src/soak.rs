@@ -247,13 +247,20 @@ pub async fn run(args: Args) -> Result<()> {
     }
     let sent = results.len();
     let ok = results.iter().filter(|(_, ok)| *ok).count();
-    // Split brain after heal: both hold the VIP later than 1 s after a heal.
+    // Split brain after heal: both hold the VIP later than 1 s after a heal, up to
+    // the next fault (which may be another partition) or 10 s.
     let split_after_heal: f64 = heals
         .iter()
         .map(|h| {
+            let until = faults
+                .iter()
+                .map(|f| f.at_s)
+                .find(|t| t > h)
+                .unwrap_or(f64::INFINITY)
+                .min(h + 10.0);
             samples
                 .iter()
-                .filter(|(t, a, b)| *t > h + 1.0 && *t < h + 10.0 && *a && *b)
+                .filter(|(t, a, b)| *t > h + 1.0 && *t < until && *a && *b)
                 .count() as f64
                 * 0.010
         })
