@@ -645,6 +645,14 @@ mod tests {
     }
 
     #[test]
+    fn equal_priorities_started_together_end_with_one_master() {
+        // Both time out at the same instant; the one that speaks first is followed.
+        let (r, masters) = simulate(90, 90, true, 0, (0, 0), 2000);
+        assert_eq!(masters.last().unwrap().1, 1);
+        assert_eq!(r.iter().filter(|m| m.state() == State::Master).count(), 1);
+    }
+
+    #[test]
     fn two_routers_settle_on_the_higher_priority() {
         let (r, _) = simulate(100, 200, true, 50, (0, 0), 2000);
         assert_eq!(r[0].state(), State::Backup);
@@ -667,9 +675,11 @@ mod tests {
                     prop_assert_eq!(*n, 1, "at {} ms", ms);
                 }
             }
-            if preempt {
-                // On a tie the higher address (router 2) wins.
-                let winner = usize::from(p2 >= p1);
+            // With preemption the higher priority wins. (On equal priorities a backup
+            // follows whoever spoke first, as RFC 9568 says; the address breaks ties
+            // between two masters only, so either may end up master.)
+            if preempt && p1 != p2 {
+                let winner = usize::from(p2 > p1);
                 prop_assert_eq!(r[winner].state(), State::Master);
             }
         }
