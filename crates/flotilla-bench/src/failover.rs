@@ -400,10 +400,24 @@ fn measure(lab: &mut Lab, fault: Fault, rate: u32) -> Result<Run> {
 }
 
 /// Both cores busy for `secs` (bounded spinners); counts VIP moves in the meantime.
-fn starvation(lab: &mut Lab, secs: u64) -> Result<(usize, f64)> {
+/// What the starvation check saw.
+#[derive(Debug, Clone, Serialize)]
+struct Starved {
+    kind: Kind,
+    vip_moves: usize,
+    dual_ms: f64,
+    gap_ms: f64,
+    failed: usize,
+    sent: usize,
+}
+
+fn starvation(lab: &mut Lab, secs: u64, rate: u32) -> Result<Starved> {
     lab.settle(Duration::from_secs(15))?;
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = sample_vip(&lab.lan, lab.vip(), stop.clone());
+    // The client keeps sending through the starvation (it is starved too, so slow
+    // answers count as failures only past its 1 s timeout).
+    let load = client_load(&lab.lan, lab.vip(), rate, Duration::from_secs(secs));
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
@@ -424,6 +438,7 @@ fn starvation(lab: &mut Lab, secs: u64) -> Result<(usize, f64)> {
     for s in spinners {
         let _ = s.join();
     }
+    let results = load.join().map_err(|_| anyhow::anyhow!("client thread"))?;
     stop.store(true, Ordering::Relaxed);
     let samples = sampler.join().map_err(|_| anyhow::anyhow!("sampler"))?;
     // A false failover shows as lb2 taking the VIP while lb1 is fine.
@@ -436,7 +451,17 @@ fn starvation(lab: &mut Lab, secs: u64) -> Result<(usize, f64)> {
         prev = *b;
     }
     let dual = samples.iter().filter(|(_, a, b)| *a && *b).count() as f64 * 10.0;
-    Ok((moves, dual))
+    let mut oks: Vec<f64> = results.iter().filter(|(_, ok)| *ok).map(|(t, _)| *t).collect();
+    oks.sort_by(f64::total_cmp);
+    let gap = oks.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+    Ok(Starved {
+        kind: lab.kind,
+        vip_moves: moves,
+        dual_ms: dual,
+        gap_ms: gap * 1000.0,
+        failed: results.iter().filter(|(_, ok)| !ok).count(),
+        sent: results.len(),
+    })
 }
 
 /// Runs the benchmark.
@@ -489,9 +514,16 @@ fn run_blocking(args: Args) -> Result<()> {
                 all.push(r);
             }
         }
-        let (moves, dual) = starvation(&mut lab, starve)?;
-        eprintln!("{} starvation {starve} s: {moves} VIP moves", kind.label());
-        starving.push((kind, moves, dual));
+        let st = starvation(&mut lab, starve, args.rate)?;
+        eprintln!(
+            "{} starvation {starve} s: {} VIP moves, gap {:.0} ms, {} failed of {}",
+            kind.label(),
+            st.vip_moves,
+            st.gap_ms,
+            st.failed,
+            st.sent
+        );
+        starving.push(st);
     }
     println!(
         "\n### Failover, client at {} req/s to the VIP, median of {runs} run(s)\n",
@@ -531,10 +563,18 @@ fn run_blocking(args: Args) -> Result<()> {
             );
         }
     }
-    println!("\n### False failovers with every core saturated for {starve} s\n");
-    println!("| pair | VIP moves to the backup | dual-master ms |\n|---|---|---|");
-    for (kind, moves, dual) in &starving {
-        println!("| {} | {moves} | {dual:.0} |", kind.label());
+    println!("\n### Every core saturated for {starve} s (CPU starvation of the master)\n");
+    println!("| pair | VIP moves to the backup (false failovers) | dual-master ms | longest gap ms | failed / sent |\n|---|---|---|---|---|");
+    for st in &starving {
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {} / {} |",
+            st.kind.label(),
+            st.vip_moves,
+            st.dual_ms,
+            st.gap_ms,
+            st.failed,
+            st.sent
+        );
     }
     println!("\nmachine: {}", crate::procs::machine());
     if let Some(path) = args.json {
@@ -543,7 +583,7 @@ fn run_blocking(args: Args) -> Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "rate": args.rate,
                 "runs": all,
-                "starvation": starving.iter().map(|(k, m, d)| serde_json::json!({"kind": k, "moves": m, "dual_ms": d})).collect::<Vec<_>>(),
+                "starvation": starving,
             }))?,
         )?;
     }
