@@ -451,7 +451,11 @@ fn starvation(lab: &mut Lab, secs: u64, rate: u32) -> Result<Starved> {
         prev = *b;
     }
     let dual = samples.iter().filter(|(_, a, b)| *a && *b).count() as f64 * 10.0;
-    let mut oks: Vec<f64> = results.iter().filter(|(_, ok)| *ok).map(|(t, _)| *t).collect();
+    let mut oks: Vec<f64> = results
+        .iter()
+        .filter(|(_, ok)| *ok)
+        .map(|(t, _)| *t)
+        .collect();
     oks.sort_by(f64::total_cmp);
     let gap = oks.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
     Ok(Starved {
