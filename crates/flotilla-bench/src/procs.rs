@@ -149,3 +149,15 @@ pub fn machine() -> String {
             .join(" ")
     )
 }
+
+/// The test-service image, built locally from the release `flotilla-testsvc` binary
+/// that sits next to this benchmark.
+pub async fn testsvc_image() -> anyhow::Result<String> {
+    let testsvc = flotilla_binary()?.with_file_name("flotilla-testsvc");
+    anyhow::ensure!(
+        testsvc.exists(),
+        "{} not found: `cargo build --release -p flotilla-testsvc` first",
+        testsvc.display()
+    );
+    tokio::task::spawn_blocking(move || flotilla_testkit::testsvc_image(&testsvc)).await?
+}

@@ -14,12 +14,10 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flotilla_testkit::{
-    docker, free_port, testsvc_image, unique, wait_for_port, Container, DockerNetwork,
-};
+use flotilla_testkit::{docker, free_port, unique, wait_for_port, Container, DockerNetwork};
 use serde::Serialize;
 
-use crate::procs::{flotilla_binary, spawn, Proc, ServerProc};
+use crate::procs::{spawn, Proc, ServerProc};
 
 /// Flags of the experiment.
 #[derive(Debug, clap::Args)]
@@ -209,13 +207,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     if args.quick {
         args.seconds = 5;
     }
-    let testsvc = flotilla_binary()?.with_file_name("flotilla-testsvc");
-    anyhow::ensure!(
-        testsvc.exists(),
-        "{} not found: `cargo build --release -p flotilla-testsvc` first",
-        testsvc.display()
-    );
-    let image = tokio::task::spawn_blocking(move || testsvc_image(&testsvc)).await??;
+    let image = crate::procs::testsvc_image().await?;
     let dir = tempfile::tempdir()?;
     let server = ServerProc::start().await?;
     let (client, url, token) = (

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use flotilla_testkit::netns::Lan;
-use flotilla_testkit::{docker, testsvc_image, unique, Container, DockerNetwork};
+use flotilla_testkit::{docker, unique, Container, DockerNetwork};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
@@ -83,13 +83,7 @@ pub async fn run(args: Args) -> Result<()> {
     } else {
         args.duration.min(Duration::from_secs(3600))
     };
-    let testsvc = flotilla_binary()?.with_file_name("flotilla-testsvc");
-    anyhow::ensure!(
-        testsvc.exists(),
-        "{} not found: `cargo build --release -p flotilla-testsvc` first",
-        testsvc.display()
-    );
-    let image = tokio::task::spawn_blocking(move || testsvc_image(&testsvc)).await??;
+    let image = crate::procs::testsvc_image().await?;
     let net = DockerNetwork::create("flotilla-soak")?;
     let gateway = format!("198.18.{}.1", net.subnet);
     let server = ServerProc::start_on(&gateway).await?;

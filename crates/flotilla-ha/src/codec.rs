@@ -310,7 +310,18 @@ pub fn decode_ipv4(
     let dst = IpAddr::V4(Ipv4Addr::new(
         packet[16], packet[17], packet[18], packet[19],
     ));
-    let (advert, checksum) = Advert::decode(&packet[ihl..end], src, dst, accept)?;
+    received(&packet[ihl..end], src, dst, vrid, accept)
+}
+
+/// Decodes the VRRP message and checks it is for virtual router `vrid`.
+fn received(
+    msg: &[u8],
+    src: IpAddr,
+    dst: IpAddr,
+    vrid: u8,
+    accept: Option<ChecksumMode>,
+) -> Result<Received, DropReason> {
+    let (advert, checksum) = Advert::decode(msg, src, dst, accept)?;
     if advert.vrid != vrid {
         return Err(DropReason::Vrid(advert.vrid));
     }
@@ -335,17 +346,7 @@ pub fn decode_ipv6(
     if hop_limit != REQUIRED_TTL {
         return Err(DropReason::Ttl(hop_limit));
     }
-    let (src, dst) = (IpAddr::V6(src), IpAddr::V6(dst));
-    let (advert, checksum) = Advert::decode(msg, src, dst, accept)?;
-    if advert.vrid != vrid {
-        return Err(DropReason::Vrid(advert.vrid));
-    }
-    Ok(Received {
-        src,
-        dst,
-        advert,
-        checksum,
-    })
+    received(msg, IpAddr::V6(src), IpAddr::V6(dst), vrid, accept)
 }
 
 #[cfg(test)]

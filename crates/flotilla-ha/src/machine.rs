@@ -326,11 +326,13 @@ impl Machine {
     }
 
     fn become_master(&mut self, now: Instant, reason: &'static str, out: &mut Vec<Action>) {
+        // The VIP is up and announced before the peer hears us: a master handing over
+        // gracefully lets go when it hears us, and clients must already be coming.
+        out.push(Action::TakeVip);
+        out.push(Action::Garp);
         out.push(Action::Send {
             priority: self.priority,
         });
-        out.push(Action::TakeVip);
-        out.push(Action::Garp);
         out.push(Action::Transition {
             from: self.state,
             to: State::Master,
@@ -405,9 +407,9 @@ mod tests {
         assert_eq!(
             &a[..3],
             &[
-                Action::Send { priority: 100 },
                 Action::TakeVip,
-                Action::Garp
+                Action::Garp,
+                Action::Send { priority: 100 },
             ]
         );
         assert_eq!(m.state(), State::Master);

@@ -324,6 +324,9 @@ impl Driver {
             };
             if let Ok(rx) = decoded {
                 if rx.src != self.iface.addr && rx.advert.priority > 0 {
+                    // One more interval with the VIP: clients whose ARP entry has not
+                    // yet moved still reach us rather than nobody.
+                    tokio::time::sleep(self.cfg.advert_interval).await;
                     tracing::info!(master = %rx.src, "handed over");
                     return;
                 }
