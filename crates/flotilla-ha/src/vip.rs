@@ -37,29 +37,35 @@ impl VipControl {
 
     /// Removes `vip` if present.
     pub async fn remove(&self, vip: Vip) -> Result<(), rtnetlink::Error> {
-        let mut found = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(self.index)
-            .set_address_filter(vip.addr)
-            .set_prefix_length_filter(vip.prefix)
-            .execute();
+        let mut found = self.find(vip, true);
         while let Some(msg) = found.try_next().await? {
             self.handle.address().del(msg).execute().await?;
         }
         Ok(())
     }
 
-    /// True if `vip` is on the interface.
+    /// True if `vip`'s address is on the interface (any prefix).
     pub async fn present(&self, vip: Vip) -> Result<bool, rtnetlink::Error> {
-        let mut found = self
+        Ok(self.find(vip, false).try_next().await?.is_some())
+    }
+
+    /// The interface's entries for `vip`'s address, with its prefix or any.
+    fn find(
+        &self,
+        vip: Vip,
+        same_prefix: bool,
+    ) -> impl futures::Stream<
+        Item = Result<rtnetlink::packet_route::address::AddressMessage, rtnetlink::Error>,
+    > {
+        let mut get = self
             .handle
             .address()
             .get()
             .set_link_index_filter(self.index)
-            .set_address_filter(vip.addr)
-            .execute();
-        Ok(found.try_next().await?.is_some())
+            .set_address_filter(vip.addr);
+        if same_prefix {
+            get = get.set_prefix_length_filter(vip.prefix);
+        }
+        get.execute()
     }
 }

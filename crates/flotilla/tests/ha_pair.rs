@@ -458,13 +458,31 @@ fn a_graceful_stop_hands_over_without_a_failed_request() {
 #[test]
 fn without_preemption_a_higher_priority_joiner_stays_backup() {
     let p = Pair::new(63);
-    let _lb2 = p.start_lb("lb2", 100, "");
+    // lb2 also runs a notify script on every state change.
+    let states = p.dir.path().join("lb2-states");
+    let script = p.dir.path().join("notify.sh");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\necho \"$1\" >> {}\n", states.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let _lb2 = p.start_lb(
+        "lb2",
+        100,
+        &format!("notify = {:?}", script.display().to_string()),
+    );
     p.wait_state("lb2", "master", Duration::from_secs(5));
     let _lb1 = p.start_lb("lb1", 150, "preempt = false");
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(p.state("lb1"), "backup");
     assert_eq!(p.state("lb2"), "master");
     assert_eq!(p.ask().as_deref(), Some("lb2"));
+    assert_eq!(
+        std::fs::read_to_string(&states).unwrap_or_default(),
+        "backup\nmaster\n",
+        "the notify script saw each transition"
+    );
 }
 
 #[test]
