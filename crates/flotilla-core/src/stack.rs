@@ -1,0 +1,647 @@
+//! Stack specs: how a set of services is built, run, placed, updated and backed up.
+//!
+//! One TOML file per stack (docs/spec.md). The CLI parses and validates it, builds the
+//! images, and sends the server a [`StackRecord`]: the desired state that agents
+//! reconcile. Placement is a pure function of the record and the live nodes
+//! ([`place`]), so every agent computes the same answer without a central scheduler.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{id, CheckSpec, ConfigError, FieldError};
+
+/// Most services in one stack.
+pub const MAX_SERVICES: usize = 64;
+/// Most replicas of one service.
+pub const MAX_REPLICAS: u32 = 256;
+
+/// A stack file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StackSpec {
+    /// Stack name (a DNS label); prefixes container, image and volume names.
+    pub name: String,
+    /// Services by name (`[service.NAME]`).
+    #[serde(rename = "service", default)]
+    pub services: BTreeMap<String, ServiceSpec>,
+}
+
+/// One service of a stack.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// Version label; change it to roll out the same spec again.
+    #[serde(default = "default_version")]
+    pub version: String,
+    /// How the image is built.
+    pub image: ImageSpec,
+    /// ENTRYPOINT (default: the base image's).
+    #[serde(default)]
+    pub entrypoint: Vec<String>,
+    /// CMD (default: the base image's).
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// User to run as (name or uid[:gid]).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Working directory.
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// The port the service listens on (registered and balanced).
+    pub port: u16,
+    /// Docker network to attach to (default `flotilla-STACK`, created if missing).
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Static weight for the lb (1..=10000, default 100).
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// The health check the registry runs (and that gates updates and restores).
+    #[serde(default)]
+    pub health: Option<CheckSpec>,
+    /// CPU and memory limits.
+    #[serde(default)]
+    pub resources: Resources,
+    /// Named volumes (`[[service.NAME.volume]]`).
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<VolumeSpec>,
+    /// How many replicas (default 1).
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// Where replicas may run.
+    #[serde(default)]
+    pub placement: Placement,
+    /// What the agent does when a replica exits.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// How a changed spec is rolled out.
+    #[serde(default)]
+    pub update: UpdatePolicy,
+    /// Scheduled backups.
+    #[serde(default)]
+    pub backup: Option<BackupPolicy>,
+}
+
+fn default_version() -> String {
+    "1".into()
+}
+fn one() -> u32 {
+    1
+}
+
+/// How an image is put together (no Dockerfile, no registry).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSpec {
+    /// `"scratch"`, `"busybox"` (the host's static busybox with its applets),
+    /// `"image:NAME"` (a local image), or `"rootfs:PATH"` (a tar, relative to the spec).
+    pub base: String,
+    /// Files added on top (`[[service.NAME.image.file]]`).
+    #[serde(default, rename = "file")]
+    pub files: Vec<FileSpec>,
+}
+
+/// A file added to an image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    /// Source file, relative to the spec file.
+    pub src: String,
+    /// Absolute destination path in the image.
+    pub dest: String,
+    /// Octal permission bits (default "0644").
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+impl FileSpec {
+    /// The permission bits.
+    pub fn mode_bits(&self) -> u32 {
+        self.mode
+            .as_deref()
+            .and_then(|m| u32::from_str_radix(m, 8).ok())
+            .unwrap_or(0o644)
+    }
+}
+
+/// Resource limits.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU limit in cores (e.g. 0.5).
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Memory limit, e.g. "64MiB", "1GiB", or bytes.
+    #[serde(default)]
+    pub memory: Option<String>,
+}
+
+impl Resources {
+    /// The memory limit in bytes.
+    pub fn memory_bytes(&self) -> Result<Option<u64>, FieldError> {
+        self.memory
+            .as_deref()
+            .map(|m| {
+                parse_bytes(m).ok_or_else(|| {
+                    FieldError::new("memory", format!("{m:?} is not a size like 64MiB"))
+                })
+            })
+            .transpose()
+    }
+}
+
+/// Parses `123`, `64KiB`, `64MiB`, `1GiB` (also KB/MB/GB as powers of 1000).
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mul: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "k" => 1 << 10,
+        "MiB" | "m" => 1 << 20,
+        "GiB" | "g" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mul)
+}
+
+/// A named volume mounted into each replica (one volume per replica).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSpec {
+    /// Volume name within the service (the Docker volume is `STACK-SERVICE-REPLICA-NAME`).
+    pub name: String,
+    /// Absolute mount point in the container.
+    pub path: String,
+}
+
+/// Where replicas may run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// Only these nodes (pinned); empty = any live node.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// Most replicas on one node (default: spread evenly, ⌈replicas / nodes⌉).
+    #[serde(default)]
+    pub max_per_node: Option<u32>,
+}
+
+/// What happens when a replica's container exits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Always start it again, with backoff.
+    #[default]
+    Always,
+    /// Start it again only if it exited non-zero.
+    OnFailure,
+    /// Leave it stopped.
+    Never,
+}
+
+/// How changes roll out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpdatePolicy {
+    /// Replicas replaced at once on one node.
+    pub parallelism: u32,
+    /// How long a new replica has to pass its health check.
+    #[serde(with = "humantime_serde")]
+    pub health_timeout: Duration,
+    /// Roll the whole service back to the previous spec when a new replica fails.
+    pub rollback: bool,
+    /// Time between deregistering an old replica and stopping it (in-flight requests finish).
+    #[serde(with = "humantime_serde")]
+    pub drain: Duration,
+}
+
+impl Default for UpdatePolicy {
+    fn default() -> Self {
+        UpdatePolicy {
+            parallelism: 1,
+            health_timeout: Duration::from_secs(30),
+            rollback: true,
+            drain: Duration::from_secs(2),
+        }
+    }
+}
+
+/// How a backup keeps the data consistent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// Pause the container while its volumes are read (out of rotation meanwhile).
+    #[default]
+    Pause,
+    /// Stop it while its volumes are read, then start it again.
+    Stop,
+    /// Read while it runs (only for data that tolerates it).
+    Live,
+}
+
+/// Scheduled backups.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupPolicy {
+    /// Time between backups.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Archives kept per replica.
+    #[serde(default = "default_retention")]
+    pub retention: u32,
+    /// Consistency mode.
+    #[serde(default)]
+    pub consistency: Consistency,
+    /// Directory on the replica's node where archives go.
+    pub dir: String,
+}
+
+fn default_retention() -> u32 {
+    7
+}
+
+impl StackSpec {
+    /// Reads and validates a stack file; errors name the file and the line or field.
+    pub fn load(path: &Path) -> Result<StackSpec, ConfigError> {
+        let spec: StackSpec = crate::config::load_toml(path)?;
+        spec.validate().map_err(|error| ConfigError::Invalid {
+            path: path.to_owned(),
+            error,
+        })?;
+        Ok(spec)
+    }
+
+    /// Checks every value; the error names the field, e.g. `service.web.replicas`.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        id::validate_service_name("name", &self.name)?;
+        if self.services.is_empty() {
+            return Err(FieldError::new(
+                "service",
+                "a stack needs at least one [service.NAME]",
+            ));
+        }
+        if self.services.len() > MAX_SERVICES {
+            return Err(FieldError::new(
+                "service",
+                format!("at most {MAX_SERVICES} services"),
+            ));
+        }
+        for (name, s) in &self.services {
+            let f = format!("service.{name}");
+            id::validate_service_name(&f, name)?;
+            s.validate(&f)?;
+        }
+        Ok(())
+    }
+}
+
+impl ServiceSpec {
+    /// Checks the values, naming fields under `f`.
+    pub fn validate(&self, f: &str) -> Result<(), FieldError> {
+        let err = |field: &str, msg: String| Err(FieldError::new(format!("{f}.{field}"), msg));
+        let base = self.image.base.as_str();
+        let base_ok = matches!(base, "scratch" | "busybox")
+            || base.strip_prefix("image:").is_some_and(|n| !n.is_empty())
+            || base.strip_prefix("rootfs:").is_some_and(|n| !n.is_empty());
+        if !base_ok {
+            return err(
+                "image.base",
+                format!("{base:?}: expected \"scratch\", \"busybox\", \"image:NAME\" or \"rootfs:PATH\""),
+            );
+        }
+        if base == "scratch" && self.image.files.is_empty() {
+            return err(
+                "image.file",
+                "a scratch image needs at least one file".into(),
+            );
+        }
+        for (i, file) in self.image.files.iter().enumerate() {
+            if !file.dest.starts_with('/') || file.dest.split('/').any(|c| c == "..") {
+                return err(
+                    &format!("image.file[{i}].dest"),
+                    format!("{:?} must be an absolute path without `..`", file.dest),
+                );
+            }
+            if file.src.is_empty() {
+                return err(&format!("image.file[{i}].src"), "is empty".into());
+            }
+            if let Some(m) = &file.mode {
+                if u32::from_str_radix(m, 8).map_or(true, |b| b > 0o7777) {
+                    return err(
+                        &format!("image.file[{i}].mode"),
+                        format!("{m:?} is not octal permission bits"),
+                    );
+                }
+            }
+        }
+        if self.port == 0 {
+            return err("port", "must be 1..65535".into());
+        }
+        if let Some(w) = self.weight {
+            if !(1..=10_000).contains(&w) {
+                return err("weight", format!("{w} is not in 1..=10000"));
+            }
+        }
+        if self.replicas > MAX_REPLICAS {
+            return err(
+                "replicas",
+                format!("{} is more than {MAX_REPLICAS}", self.replicas),
+            );
+        }
+        if let Some(h) = &self.health {
+            h.validate(&format!("{f}.health"))?;
+        }
+        if let Some(c) = self.resources.cpus {
+            if !(c.is_finite() && c > 0.0 && c <= 1024.0) {
+                return err(
+                    "resources.cpus",
+                    format!("{c} is not a CPU count in (0, 1024]"),
+                );
+            }
+        }
+        self.resources
+            .memory_bytes()
+            .map_err(|e| FieldError::new(format!("{f}.resources.{}", e.field), e.message))?;
+        let mut names = BTreeSet::new();
+        for (i, v) in self.volumes.iter().enumerate() {
+            id::validate_service_name(&format!("{f}.volume[{i}].name"), &v.name)?;
+            if !names.insert(&v.name) {
+                return err(
+                    &format!("volume[{i}].name"),
+                    format!("{:?} appears twice", v.name),
+                );
+            }
+            if !v.path.starts_with('/') || v.path == "/" || v.path.split('/').any(|c| c == "..") {
+                return err(
+                    &format!("volume[{i}].path"),
+                    format!("{:?} must be an absolute path below /", v.path),
+                );
+            }
+        }
+        for (i, n) in self.placement.nodes.iter().enumerate() {
+            id::validate_node_name(&format!("{f}.placement.nodes[{i}]"), n)?;
+        }
+        if self.placement.max_per_node == Some(0) {
+            return err("placement.max_per_node", "must be at least 1".into());
+        }
+        if self.update.parallelism == 0 {
+            return err("update.parallelism", "must be at least 1".into());
+        }
+        if let Some(b) = &self.backup {
+            if b.interval < Duration::from_secs(1) {
+                return err("backup.interval", "must be at least 1s".into());
+            }
+            if b.retention == 0 {
+                return err("backup.retention", "must be at least 1".into());
+            }
+            if !b.dir.starts_with('/') {
+                return err("backup.dir", format!("{:?} must be absolute", b.dir));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A service as deployed: the spec plus the image built from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeployedService {
+    /// The spec.
+    pub spec: ServiceSpec,
+    /// Image reference (`flotilla/STACK-SERVICE:HASH`).
+    pub image: String,
+    /// Image id (`sha256:...`).
+    pub image_id: String,
+    /// Hash of the spec and the image's inputs; replicas with another hash are replaced.
+    pub spec_hash: String,
+    /// Replica → node pins set by `flotilla migrate`.
+    #[serde(default)]
+    pub pins: BTreeMap<u32, String>,
+}
+
+/// The desired state of one stack, as the server stores it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StackRecord {
+    /// Record version.
+    pub v: u32,
+    /// Stack name.
+    pub name: String,
+    /// Bumped on every change.
+    pub generation: u64,
+    /// Services by name.
+    pub services: BTreeMap<String, DeployedService>,
+    /// The services before the last deploy, for rollback.
+    #[serde(default)]
+    pub previous: Option<BTreeMap<String, DeployedService>>,
+    /// Set when an update was rolled back: which service and why.
+    #[serde(default)]
+    pub rolled_back: Option<String>,
+}
+
+/// Assigns replicas `0..replicas` of `service` to nodes.
+///
+/// Deterministic in its inputs (every agent computes the same), spreads replicas
+/// evenly (at most ⌈replicas / nodes⌉ — or `max_per_node` — per node), honours pins to
+/// live nodes, and moves few replicas when a node joins or leaves: each replica goes to
+/// the highest-ranked node for it (rendezvous hashing) that still has room.
+/// Replicas that fit nowhere are left out.
+pub fn place(service: &str, svc: &DeployedService, live: &[String]) -> BTreeMap<u32, String> {
+    let mut nodes: Vec<&String> = live
+        .iter()
+        .filter(|n| svc.spec.placement.nodes.is_empty() || svc.spec.placement.nodes.contains(n))
+        .collect();
+    nodes.sort();
+    nodes.dedup();
+    let mut out = BTreeMap::new();
+    if nodes.is_empty() {
+        return out;
+    }
+    let even = svc.spec.replicas.div_ceil(nodes.len() as u32).max(1);
+    let cap = svc.spec.placement.max_per_node.unwrap_or(even);
+    let mut load: BTreeMap<&String, u32> = nodes.iter().map(|n| (*n, 0)).collect();
+    for r in 0..svc.spec.replicas {
+        if let Some(pin) = svc
+            .pins
+            .get(&r)
+            .and_then(|p| nodes.iter().find(|n| **n == p))
+        {
+            *load.get_mut(pin).expect("known node") += 1;
+            out.insert(r, (*pin).clone());
+        }
+    }
+    // Best (replica, node) pairs first: a replica keeps its favourite node unless a
+    // replica that likes that node more took the last place, which keeps moves local.
+    let mut pairs: Vec<(u64, u32, &String)> = (0..svc.spec.replicas)
+        .filter(|r| !out.contains_key(r))
+        .flat_map(|r| {
+            nodes
+                .iter()
+                .map(move |n| (fnv(&format!("{service}/{r}/{n}")), r, *n))
+        })
+        .collect();
+    pairs.sort_by(|a, b| b.cmp(a));
+    for (_, r, n) in pairs {
+        if !out.contains_key(&r) && load[n] < cap {
+            *load.get_mut(n).expect("known node") += 1;
+            out.insert(r, n.clone());
+        }
+    }
+    out
+}
+
+fn fnv(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // A final mix, so nearby strings spread over the whole range.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const EXAMPLE: &str = r#"
+name = "demo"
+
+[service.web]
+port = 8080
+replicas = 3
+command = ["httpd", "-f", "-p", "8080", "-h", "/www"]
+image = { base = "busybox", file = [{ src = "www/index.html", dest = "/www/index.html" }] }
+health = { type = "http", path = "/index.html", interval = "500ms" }
+resources = { cpus = 0.5, memory = "64MiB" }
+
+[[service.web.volume]]
+name = "data"
+path = "/data"
+
+[service.web.backup]
+interval = "1h"
+dir = "/var/lib/flotilla/backups"
+"#;
+
+    fn parse(text: &str) -> Result<StackSpec, String> {
+        let s: StackSpec =
+            crate::config::parse_toml(Path::new("stack.toml"), text).map_err(|e| e.to_string())?;
+        s.validate().map_err(|e| e.to_string())?;
+        Ok(s)
+    }
+
+    #[test]
+    fn the_example_parses_with_defaults() {
+        let s = parse(EXAMPLE).unwrap();
+        let web = &s.services["web"];
+        assert_eq!(web.replicas, 3);
+        assert_eq!(web.restart, RestartPolicy::Always);
+        assert_eq!(web.update, UpdatePolicy::default());
+        assert_eq!(web.resources.memory_bytes().unwrap(), Some(64 << 20));
+        assert_eq!(web.backup.as_ref().unwrap().retention, 7);
+    }
+
+    #[test]
+    fn errors_name_the_line_or_the_field() {
+        let e = parse(&EXAMPLE.replace("replicas = 3", "replicas = 3\nreplica = 2")).unwrap_err();
+        assert!(
+            e.contains("stack.toml") && e.contains("line 7") && e.contains("replica"),
+            "{e}"
+        );
+        let e = parse(&EXAMPLE.replace("replicas = 3", "replicas = 999")).unwrap_err();
+        assert!(e.contains("service.web.replicas"), "{e}");
+        let e = parse(&EXAMPLE.replace("\"busybox\"", "\"alpine\"")).unwrap_err();
+        assert!(
+            e.contains("service.web.image.base") && e.contains("alpine"),
+            "{e}"
+        );
+        let e = parse(&EXAMPLE.replace("path = \"/data\"", "path = \"data\"")).unwrap_err();
+        assert!(e.contains("service.web.volume[0].path"), "{e}");
+        let e = parse(&EXAMPLE.replace("64MiB", "lots")).unwrap_err();
+        assert!(e.contains("service.web.resources.memory"), "{e}");
+        let e = parse(&EXAMPLE.replace("service.web", "service.Web")).unwrap_err();
+        assert!(e.contains("service.Web"), "{e}");
+    }
+
+    fn deployed(replicas: u32, pinned: &[&str]) -> DeployedService {
+        let mut spec = parse(EXAMPLE).unwrap().services["web"].clone();
+        spec.replicas = replicas;
+        spec.placement.nodes = pinned.iter().map(|s| s.to_string()).collect();
+        DeployedService {
+            spec,
+            image: "i".into(),
+            image_id: "x".into(),
+            spec_hash: "h".into(),
+            pins: Default::default(),
+        }
+    }
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("node-{i}")).collect()
+    }
+
+    proptest! {
+        /// Every replica is placed, no node holds more than its even share, and the
+        /// answer does not depend on the order the nodes were listed in.
+        #[test]
+        fn placement_spreads_evenly(replicas in 0u32..40, n in 1usize..8, seed in any::<u64>()) {
+            let svc = deployed(replicas, &[]);
+            let mut nodes = names(n);
+            let a = place("web", &svc, &nodes);
+            nodes.rotate_left((seed % n as u64) as usize);
+            prop_assert_eq!(&a, &place("web", &svc, &nodes));
+            prop_assert_eq!(a.len() as u32, replicas);
+            let cap = replicas.div_ceil(n as u32);
+            for node in &nodes {
+                prop_assert!(a.values().filter(|v| *v == node).count() as u32 <= cap);
+            }
+        }
+
+        /// Losing a node moves its replicas (and few others); they all land on live nodes.
+        #[test]
+        fn losing_a_node_moves_its_replicas(replicas in 1u32..30, n in 2usize..8, lost in any::<usize>()) {
+            let svc = deployed(replicas, &[]);
+            let nodes = names(n);
+            let before = place("web", &svc, &nodes);
+            let gone = nodes[lost % n].clone();
+            let rest: Vec<String> = nodes.iter().filter(|x| **x != gone).cloned().collect();
+            let after = place("web", &svc, &rest);
+            prop_assert_eq!(after.len() as u32, replicas);
+            prop_assert!(after.values().all(|v| *v != gone));
+            let had = before.values().filter(|v| **v == gone).count();
+            let moved = before.iter().filter(|(r, v)| after[*r] != **v).count();
+            // Rebalancing to the new even share may move a few more than the lost ones.
+            prop_assert!(moved <= had + (replicas as usize).div_ceil(n - 1), "moved {} had {}", moved, had);
+        }
+    }
+
+    #[test]
+    fn pins_and_pinned_nodes_are_honoured() {
+        let svc = deployed(3, &["b"]);
+        let p = place("web", &svc, &["a".into(), "b".into()]);
+        assert!(p.values().all(|n| n == "b"));
+        assert_eq!(p.len(), 3);
+        let mut svc = deployed(2, &[]);
+        let free = place("web", &svc, &["a".into(), "b".into()]);
+        let other = if free[&0] == "a" { "b" } else { "a" };
+        svc.pins.insert(0, other.to_owned());
+        let pinned = place("web", &svc, &["a".into(), "b".into()]);
+        assert_eq!(pinned[&0], other);
+        // A pin to a node that is gone is ignored.
+        let gone = place("web", &svc, &[free[&0].clone()]);
+        assert_eq!(gone.len(), 2);
+        assert_eq!(place("web", &svc, &[]).len(), 0);
+    }
+}
