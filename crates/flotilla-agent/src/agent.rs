@@ -24,12 +24,20 @@ pub struct Agent {
     inner: Arc<Inner>,
 }
 
-struct Inner {
-    docker: Docker,
-    client: Client,
-    config: AgentConfig,
-    node: String,
-    metrics: Metrics,
+pub(crate) struct Inner {
+    pub(crate) docker: Docker,
+    pub(crate) client: Client,
+    pub(crate) config: AgentConfig,
+    pub(crate) node: String,
+    pub(crate) metrics: Metrics,
+    /// The cluster token: the agent's API requires it, and peers' APIs accept it.
+    pub(crate) token: String,
+    /// HTTP client for peer agents.
+    pub(crate) http: reqwest::Client,
+    /// Containers the reconciler must not restart (on their way to another host).
+    holds: Mutex<std::collections::HashSet<String>>,
+    /// Restart backoff per container.
+    pub(crate) backoff: Mutex<HashMap<String, crate::reconcile::Backoff>>,
     /// Serialises event handling and resyncs so their decisions never interleave.
     state: Mutex<State>,
     resync_now: Notify,
@@ -76,7 +84,7 @@ impl Agent {
     pub async fn connect(config: AgentConfig, token: String) -> anyhow::Result<Self> {
         let node = config.node.clone().context("agent needs a node name")?;
         let docker = docker::connect(&config.docker).await?;
-        let client = Client::new(&config.server, Some(token));
+        let client = Client::new(&config.server, Some(token.clone()));
         Ok(Agent {
             inner: Arc::new(Inner {
                 docker,
@@ -86,6 +94,13 @@ impl Agent {
                 metrics: Metrics::default(),
                 state: Mutex::new(State::default()),
                 resync_now: Notify::new(),
+                token,
+                http: reqwest::Client::builder()
+                    .no_proxy()
+                    .connect_timeout(Duration::from_secs(2))
+                    .build()?,
+                holds: Mutex::new(Default::default()),
+                backoff: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -93,6 +108,15 @@ impl Agent {
     /// Registers the node, then starts the lease, event and resync loops.
     pub async fn start(self) -> anyhow::Result<AgentHandle> {
         let inner = self.inner;
+        // Bind the API first: its URL goes into the node record.
+        let api = if inner.config.api_listen.is_empty() {
+            None
+        } else {
+            let l = tokio::net::TcpListener::bind(&inner.config.api_listen)
+                .await
+                .with_context(|| format!("binding the agent API on {}", inner.config.api_listen))?;
+            Some(l)
+        };
         let mut backoff = Duration::from_millis(100);
         loop {
             match inner.register_node().await {
@@ -105,6 +129,13 @@ impl Agent {
             }
         }
         let mut tasks = vec![tokio::spawn(inner.clone().lease_loop())];
+        if let Some(l) = api {
+            let app = crate::api::router(inner.clone());
+            tasks.push(tokio::spawn(async move {
+                let _ = axum::serve(l, app).await;
+            }));
+        }
+        tasks.push(tokio::spawn(inner.clone().reconcile_loop()));
         // Subscribe to events before the first resync, so nothing between them is lost.
         let events = inner.subscribe_events();
         tasks.push(tokio::spawn(inner.clone().event_loop(events)));
@@ -134,12 +165,81 @@ type EventStream = futures::stream::BoxStream<
 >;
 
 impl Inner {
+    /// The URL peers reach this agent's API at, if it serves one.
+    pub(crate) fn api_url(&self) -> Option<String> {
+        if self.config.api_listen.is_empty() {
+            return None;
+        }
+        Some(
+            self.config
+                .api_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", self.config.api_listen)),
+        )
+    }
+
+    /// Keeps the reconciler away from a container (a migration is moving it).
+    pub(crate) async fn hold(&self, id: &str) {
+        self.holds.lock().await.insert(id.to_owned());
+    }
+
+    /// Releases a hold.
+    pub(crate) async fn unhold(&self, id: &str) {
+        self.holds.lock().await.remove(id);
+    }
+
+    /// Whether a container is held.
+    pub(crate) async fn is_held(&self, id: &str) -> bool {
+        self.holds.lock().await.contains(id)
+    }
+
+    /// Whether the agent registers this container (it carries a service label).
+    pub(crate) async fn registers(&self, id: &str) -> bool {
+        docker::inspect(&self.docker, id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|c| c.labels.contains_key(SERVICE))
+    }
+
+    /// Waits up to `within` (zero: checks once) for the container's instance to pass.
+    pub(crate) async fn wait_passing(&self, id: &str, within: Duration) -> bool {
+        let iid = instance_id(&self.node, id);
+        crate::backup::wait_until(within, || async {
+            self.client
+                .instances_of_node(&self.node)
+                .await
+                .map(|l| {
+                    l.iter()
+                        .any(|i| i.id == iid && i.health == flotilla_core::HealthStatus::Passing)
+                })
+                .unwrap_or(false)
+        })
+        .await
+    }
+
+    /// Deregisters, drains, then removes a container and its volumes (after a migration).
+    pub(crate) async fn retire(&self, id: &str, drain: Duration) -> anyhow::Result<()> {
+        let _ = self.client.deregister(&instance_id(&self.node, id)).await;
+        if !drain.is_zero() {
+            tokio::time::sleep(drain).await;
+        }
+        crate::backup::remove_with_volumes(&self.docker, id).await?;
+        self.holds.lock().await.remove(id);
+        Ok(())
+    }
+
     async fn register_node(&self) -> anyhow::Result<()> {
         let address = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .ok()
             .map(|h| h.trim().to_owned());
         self.client
-            .register_node(&self.node, self.config.lease_ttl, address.as_deref())
+            .register_node(
+                &self.node,
+                self.config.lease_ttl,
+                address.as_deref(),
+                self.api_url().as_deref(),
+            )
             .await?;
         Ok(())
     }

@@ -7,9 +7,13 @@
 //! whatever order. Exec health checks run here, inside the containers, and are reported.
 
 pub mod agent;
+pub mod api;
+pub mod backup;
+pub mod build;
 pub mod docker;
 pub mod labels;
 pub mod load;
 pub mod metrics;
+pub mod reconcile;
 
 pub use agent::{Agent, AgentHandle};

@@ -23,6 +23,16 @@ pub struct Metrics {
     pub label_errors: Counter,
     /// Instances this agent currently has registered.
     pub instances: Gauge,
+    /// Stack replicas created and started.
+    pub containers_started: Counter,
+    /// Replicas restarted after they exited.
+    pub restarts: Counter,
+    /// Rolling updates rolled back.
+    pub rollbacks: Counter,
+    /// Backups streamed.
+    pub backups: Counter,
+    /// Restores completed.
+    pub restores: Counter,
 }
 
 impl Default for Metrics {
@@ -38,7 +48,29 @@ impl Default for Metrics {
             renewal_failures: Counter::default(),
             label_errors: Counter::default(),
             instances: Gauge::default(),
+            containers_started: Counter::default(),
+            restarts: Counter::default(),
+            rollbacks: Counter::default(),
+            backups: Counter::default(),
+            restores: Counter::default(),
         };
+        for (name, help, c) in [
+            (
+                "replicas_started",
+                "Stack replicas created and started",
+                &m.containers_started,
+            ),
+            (
+                "replica_restarts",
+                "Replicas restarted after they exited",
+                &m.restarts,
+            ),
+            ("rollbacks", "Rolling updates rolled back", &m.rollbacks),
+            ("backups", "Backups streamed", &m.backups),
+            ("restores", "Restores completed", &m.restores),
+        ] {
+            registry.register(name, help, c.clone());
+        }
         registry.register(
             "registrations",
             "Instances registered",

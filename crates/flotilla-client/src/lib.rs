@@ -153,8 +153,10 @@ impl Client {
         name: &str,
         ttl: Duration,
         address: Option<&str>,
+        api: Option<&str>,
     ) -> Result<serde_json::Value> {
-        let body = json!({ "ttl": format!("{}ms", ttl.as_millis()), "address": address });
+        let body =
+            json!({ "ttl": format!("{}ms", ttl.as_millis()), "address": address, "api": api });
         self.send(
             self.request(
                 reqwest::Method::PUT,
@@ -311,5 +313,143 @@ impl Client {
             )
             .query(&query);
         self.send(req).await
+    }
+
+    /// `GET /v1/stacks`, blocking while the stacks' index is still `index` (at most
+    /// `wait`); returns the new index and every stack's desired state.
+    pub async fn stacks(
+        &self,
+        index: u64,
+        wait: Duration,
+    ) -> Result<(u64, Vec<flotilla_core::stack::StackRecord>)> {
+        let req = self
+            .request(
+                reqwest::Method::GET,
+                "/v1/stacks",
+                wait + Duration::from_secs(10),
+            )
+            .query(&[
+                ("index", index.to_string()),
+                ("wait", format!("{}ms", wait.as_millis())),
+            ]);
+        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            message: flotilla_core::error::chain(&e),
+        })?;
+        let index = resp
+            .headers()
+            .get("x-flotilla-index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            message: flotilla_core::error::chain(&e),
+        })?;
+        if !status.is_success() {
+            return Err(ClientError::Status {
+                status: status.as_u16(),
+                message: String::from_utf8_lossy(&bytes).trim().to_owned(),
+            });
+        }
+        let stacks = serde_json::from_slice(&bytes).map_err(|e| ClientError::Status {
+            status: status.as_u16(),
+            message: format!("undecodable response: {e}"),
+        })?;
+        Ok((index, stacks))
+    }
+
+    /// `GET /v1/stacks/{name}`.
+    pub async fn stack(&self, name: &str) -> Result<flotilla_core::stack::StackRecord> {
+        self.send(self.request(
+            reqwest::Method::GET,
+            &format!("/v1/stacks/{name}"),
+            Self::SHORT,
+        ))
+        .await
+    }
+
+    /// `PUT /v1/stacks/{name}`: the new desired state of a stack's services.
+    pub async fn deploy(
+        &self,
+        name: &str,
+        services: &std::collections::BTreeMap<String, flotilla_core::stack::DeployedService>,
+    ) -> Result<serde_json::Value> {
+        self.send(
+            self.request(
+                reqwest::Method::PUT,
+                &format!("/v1/stacks/{name}"),
+                Self::SHORT,
+            )
+            .json(&json!({ "services": services })),
+        )
+        .await
+    }
+
+    /// `DELETE /v1/stacks/{name}`.
+    pub async fn remove_stack(&self, name: &str) -> Result<serde_json::Value> {
+        self.send(self.request(
+            reqwest::Method::DELETE,
+            &format!("/v1/stacks/{name}"),
+            Self::SHORT,
+        ))
+        .await
+    }
+
+    /// `PUT /v1/stacks/{name}/services/{svc}/replicas`.
+    pub async fn scale(
+        &self,
+        stack: &str,
+        service: &str,
+        replicas: u32,
+    ) -> Result<serde_json::Value> {
+        self.send(
+            self.request(
+                reqwest::Method::PUT,
+                &format!("/v1/stacks/{stack}/services/{service}/replicas"),
+                Self::SHORT,
+            )
+            .json(&json!({ "replicas": replicas })),
+        )
+        .await
+    }
+
+    /// `PUT /v1/stacks/{name}/services/{svc}/pins`: pins a replica to a node (`None` unpins).
+    pub async fn pin(
+        &self,
+        stack: &str,
+        service: &str,
+        replica: u32,
+        node: Option<&str>,
+    ) -> Result<serde_json::Value> {
+        self.send(
+            self.request(
+                reqwest::Method::PUT,
+                &format!("/v1/stacks/{stack}/services/{service}/pins"),
+                Self::SHORT,
+            )
+            .json(&json!({ "replica": replica, "node": node })),
+        )
+        .await
+    }
+
+    /// `POST /v1/stacks/{name}/rollback`: the version `spec_hash` of `service` failed.
+    pub async fn rollback(
+        &self,
+        stack: &str,
+        service: &str,
+        spec_hash: &str,
+        reason: &str,
+    ) -> Result<serde_json::Value> {
+        self.send(
+            self.request(
+                reqwest::Method::POST,
+                &format!("/v1/stacks/{stack}/rollback"),
+                Self::SHORT,
+            )
+            .json(&json!({ "service": service, "spec_hash": spec_hash, "reason": reason })),
+        )
+        .await
     }
 }

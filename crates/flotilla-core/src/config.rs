@@ -179,6 +179,13 @@ pub struct AgentConfig {
     /// container, this often.
     #[serde(with = "humantime_serde")]
     pub load_period: Duration,
+    /// The agent's own API (image transfer, backup, restore, `/metrics`), token
+    /// protected; empty disables it (and with it deploys and migrations to this node).
+    pub api_listen: String,
+    /// URL other hosts reach the API at (default `http://API_LISTEN`).
+    pub api_url: Option<String>,
+    /// Directory for restore uploads while they are checked.
+    pub work_dir: PathBuf,
 }
 
 impl Default for AgentConfig {
@@ -193,6 +200,9 @@ impl Default for AgentConfig {
             default_network: None,
             metrics_listen: String::new(),
             load_period: Duration::from_secs(1),
+            api_listen: "127.0.0.1:7701".into(),
+            api_url: None,
+            work_dir: std::env::temp_dir(),
         }
     }
 }
@@ -232,6 +242,22 @@ impl AgentConfig {
         }
         if self.resync_interval < Duration::from_secs(1) {
             return Err(FieldError::new("resync_interval", "must be at least 1s"));
+        }
+        if !self.api_listen.is_empty() {
+            self.api_listen.parse::<SocketAddr>().map_err(|_| {
+                FieldError::new(
+                    "api_listen",
+                    format!("{:?} is not ip:port", self.api_listen),
+                )
+            })?;
+        }
+        if let Some(u) = &self.api_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(FieldError::new(
+                    "api_url",
+                    format!("{u:?} is not an http(s) URL"),
+                ));
+            }
         }
         if !self.metrics_listen.is_empty() {
             self.metrics_listen.parse::<SocketAddr>().map_err(|_| {

@@ -58,6 +58,9 @@ pub struct NodeRecord {
     /// Address the agent reported (informational).
     #[serde(default)]
     pub address: Option<String>,
+    /// URL of the agent's own API (images, backup, restore), if it serves one.
+    #[serde(default)]
+    pub api: Option<String>,
     /// Bumped on every renewal so each renewal is a visible store change.
     pub renewals: u64,
     /// Wall-clock time of the last renewal, unix milliseconds.
@@ -165,6 +168,9 @@ pub struct NodeView {
     pub name: String,
     /// Agent-reported address.
     pub address: Option<String>,
+    /// URL of the agent's API, if it serves one.
+    #[serde(default)]
+    pub api: Option<String>,
     /// Lease TTL in milliseconds.
     pub ttl_ms: u64,
     /// Wall-clock time of the last renewal (unix ms).

@@ -43,24 +43,28 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             message: message.into(),
             field: None,
         }
     }
-    fn field(status: StatusCode, field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn field(
+        status: StatusCode,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         ApiError {
             status,
             message: message.into(),
             field: Some(field.into()),
         }
     }
-    fn not_found(what: &str) -> Self {
+    pub(crate) fn not_found(what: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, format!("{what} not found"))
     }
-    fn store(e: flotilla_store::StoreError) -> Self {
+    pub(crate) fn store(e: flotilla_store::StoreError) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}"))
     }
 }
@@ -151,6 +155,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/v1/nodes/{name}/renew", put(renew_node))
         .route("/v1/events", get(events))
+        .merge(crate::stacks::routes())
         .route("/v1/status", get(status))
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
@@ -217,7 +222,7 @@ async fn authorize(State(shared): State<Arc<Shared>>, req: Request, next: Next) 
     }
 }
 
-fn with_index<T: Serialize>(index: u64, body: T) -> Response {
+pub(crate) fn with_index<T: Serialize>(index: u64, body: T) -> Response {
     let mut resp = Json(body).into_response();
     resp.headers_mut()
         .insert(INDEX_HEADER, HeaderValue::from(index));
@@ -225,7 +230,11 @@ fn with_index<T: Serialize>(index: u64, body: T) -> Response {
 }
 
 /// Writes one versioned record to the store; returns the store revision.
-async fn put_record<T: Serialize>(shared: &Shared, key: &str, rec: &T) -> Result<u64, ApiError> {
+pub(crate) async fn put_record<T: Serialize>(
+    shared: &Shared,
+    key: &str,
+    rec: &T,
+) -> Result<u64, ApiError> {
     shared
         .store
         .put(key, serde_json::to_vec(rec).expect("records serialise"))
@@ -234,7 +243,7 @@ async fn put_record<T: Serialize>(shared: &Shared, key: &str, rec: &T) -> Result
 }
 
 /// Waits for a write to be applied locally, so the caller's next read sees it.
-async fn applied(shared: &Shared, revision: u64) -> Result<u64, ApiError> {
+pub(crate) async fn applied(shared: &Shared, revision: u64) -> Result<u64, ApiError> {
     if shared.wait_applied(revision, APPLY_WAIT).await {
         Ok(revision)
     } else {
@@ -449,7 +458,7 @@ async fn list_instances(
 /// Consul-style blocking query parameters.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Blocking {
+pub(crate) struct Blocking {
     index: Option<u64>,
     wait: Option<String>,
     passing: Option<bool>,
@@ -470,7 +479,7 @@ impl Blocking {
 
 /// Blocks until `current()` moves past `index`, the wait ends, or the index went
 /// backwards (a client from another catalog: answer at once so it resyncs).
-async fn block_until(
+pub(crate) async fn block_until(
     shared: &Shared,
     q: &Blocking,
     current: impl Fn(&Shared) -> u64,
@@ -600,6 +609,8 @@ struct NodeBody {
     ttl: String,
     #[serde(default)]
     address: Option<String>,
+    #[serde(default)]
+    api: Option<String>,
 }
 
 fn default_node_ttl() -> String {
@@ -611,6 +622,7 @@ async fn write_node(
     name: &str,
     ttl_ms: u64,
     address: Option<String>,
+    api: Option<String>,
 ) -> Result<u64, ApiError> {
     let renewals = shared
         .catalog()
@@ -622,6 +634,7 @@ async fn write_node(
         name: name.to_owned(),
         ttl_ms,
         address,
+        api,
         renewals,
         renewed_ms: unix_ms(),
     };
@@ -656,7 +669,23 @@ async fn put_node(
             "at most 256 bytes",
         ));
     }
-    let index = write_node(&shared, &name, ttl.as_millis() as u64, body.address).await?;
+    if let Some(api) = &body.api {
+        if api.len() > 256 || !(api.starts_with("http://") || api.starts_with("https://")) {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "api",
+                format!("{api:?} is not an http(s) URL of at most 256 bytes"),
+            ));
+        }
+    }
+    let index = write_node(
+        &shared,
+        &name,
+        ttl.as_millis() as u64,
+        body.address,
+        body.api,
+    )
+    .await?;
     Ok(with_index(index, json!({ "node": name, "index": index })))
 }
 
@@ -669,7 +698,7 @@ async fn renew_node(
             "node {name:?} (lease expired or never registered)"
         )));
     };
-    let index = write_node(&shared, &name, rec.ttl_ms, rec.address).await?;
+    let index = write_node(&shared, &name, rec.ttl_ms, rec.address, rec.api).await?;
     Ok(with_index(index, json!({ "node": name, "index": index })))
 }
 

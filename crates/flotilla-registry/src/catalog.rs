@@ -42,6 +42,8 @@ pub struct Catalog {
     by_service: BTreeMap<String, BTreeSet<String>>,
     service_index: HashMap<String, u64>,
     nodes_index: u64,
+    stacks: BTreeMap<String, flotilla_core::stack::StackRecord>,
+    stacks_index: u64,
     index: u64,
     /// Records that could not be decoded, by key (a newer writer, or corruption).
     pub undecodable: BTreeSet<String>,
@@ -70,6 +72,7 @@ impl Catalog {
             *idx = snapshot.revision;
         }
         c.nodes_index = snapshot.revision;
+        c.stacks_index = snapshot.revision;
         // Loads from a snapshot were not just seen arriving: age them by their wall-clock
         // stamp, so a resync does not make stale reports look fresh for another TTL.
         let now_ms = unix_ms();
@@ -110,6 +113,21 @@ impl Catalog {
     /// Index of the last change to any node.
     pub fn nodes_index(&self) -> u64 {
         self.nodes_index
+    }
+
+    /// Index of the last change to any stack's desired state.
+    pub fn stacks_index(&self) -> u64 {
+        self.stacks_index
+    }
+
+    /// Every stack's desired state.
+    pub fn stacks(&self) -> Vec<flotilla_core::stack::StackRecord> {
+        self.stacks.values().cloned().collect()
+    }
+
+    /// One stack's desired state.
+    pub fn stack(&self, name: &str) -> Option<&flotilla_core::stack::StackRecord> {
+        self.stacks.get(name)
     }
 
     /// Applies one store event and says what it changed.
@@ -163,6 +181,12 @@ impl Catalog {
                 None => self.weights.remove(service),
             };
             changes.services.insert(service.to_owned());
+        } else if let Some(name) = key.strip_prefix(keys::STACKS) {
+            match entry.and_then(|e| self.decode::<flotilla_core::stack::StackRecord>(e)) {
+                Some(rec) => self.stacks.insert(name.to_owned(), rec),
+                None => self.stacks.remove(name),
+            };
+            self.stacks_index = revision;
         } else if let Some(id) = key.strip_prefix(keys::CHECKINS) {
             match entry.and_then(|e| self.decode::<CheckinRecord>(e)) {
                 Some(rec) => self.checkins.insert(id.to_owned(), (rec, revision)),
@@ -325,6 +349,7 @@ impl Catalog {
             .map(|n| NodeView {
                 name: n.name.clone(),
                 address: n.address.clone(),
+                api: n.api.clone(),
                 ttl_ms: n.ttl_ms,
                 renewed_ms: n.renewed_ms,
                 instances: counts.get(n.name.as_str()).copied().unwrap_or(0),

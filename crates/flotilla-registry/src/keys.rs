@@ -13,6 +13,8 @@ pub const CHECKINS: &str = "checkins/";
 pub const WEIGHTS: &str = "weights/";
 /// `loads/{id}` → [`flotilla_core::LoadRecord`] (agent load reports; soft state)
 pub const LOADS: &str = "loads/";
+/// `stacks/{name}` → [`flotilla_core::stack::StackRecord`] (desired state)
+pub const STACKS: &str = "stacks/";
 /// Election name for the checking duty.
 pub const DUTY_ELECTION: &str = "election/duty";
 
@@ -35,6 +37,10 @@ pub fn checkin(id: &str) -> String {
 /// Key of a service's published feedback weights.
 pub fn weights(service: &str) -> String {
     format!("{WEIGHTS}{service}")
+}
+/// Key of a stack's desired state.
+pub fn stack(name: &str) -> String {
+    format!("{STACKS}{name}")
 }
 /// Key of an instance's latest load report.
 pub fn load(id: &str) -> String {

@@ -15,6 +15,7 @@ pub mod keys;
 pub mod lease;
 pub mod metrics;
 pub mod server;
+pub mod stacks;
 pub mod state;
 
 pub use server::{load_or_create_token, open_store, start, RunningServer};

@@ -38,6 +38,20 @@ pub enum Command {
     Deregister(DeregisterArgs),
     /// Follow a service: print its passing instances every time they change.
     Watch(WatchArgs),
+    /// Build a stack's images from its spec (no Dockerfile, no registry) and load them.
+    Build(BuildArgs),
+    /// Build, distribute and deploy a stack; wait until every replica passes.
+    Deploy(DeployArgs),
+    /// Change the replica count of services: `flotilla scale web=5`.
+    Scale(ScaleArgs),
+    /// Remove a deployed stack (its containers stop; volumes are kept).
+    Rm(RmArgs),
+    /// Back up an instance (or every instance of a service) to a verified archive.
+    Backup(BackupArgs),
+    /// Restore a backup archive to a new container on a node.
+    Restore(RestoreArgs),
+    /// Move an instance to another node (blue/green if stateless, cold if stateful).
+    Migrate(MigrateArgs),
     /// Internal: the lb's crash guard (started by `flotilla lb` when `[ha]` is set).
     #[command(hide = true)]
     HaGuard,
@@ -184,4 +198,114 @@ pub struct LbArgs {
     /// Check the config and exit (0 if valid, 2 if not).
     #[arg(long)]
     pub check: bool,
+}
+
+/// Flags of `flotilla build`.
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Stack spec (TOML, see docs/spec.md).
+    pub spec: PathBuf,
+    /// Write the image archives (`docker load` format) here instead of loading them.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Docker Engine to load into (and to read `image:` bases from).
+    #[arg(long, default_value = "unix:///var/run/docker.sock")]
+    pub docker: String,
+}
+
+/// Flags of `flotilla deploy`.
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// Stack spec (TOML, see docs/spec.md).
+    pub spec: PathBuf,
+    /// Return once the desired state is stored, without waiting for the replicas.
+    #[arg(long)]
+    pub detach: bool,
+    /// Longest wait for every replica to pass.
+    #[arg(long, default_value = "120s")]
+    pub timeout: humantime::Duration,
+    /// Docker Engine to read `image:` bases from.
+    #[arg(long, default_value = "unix:///var/run/docker.sock")]
+    pub docker: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Flags of `flotilla scale`.
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    /// SERVICE=REPLICAS, one or more.
+    #[arg(required = true)]
+    pub assignments: Vec<String>,
+    /// The stack, if several have a service of that name.
+    #[arg(long)]
+    pub stack: Option<String>,
+    /// Do not wait for the new count to pass.
+    #[arg(long)]
+    pub detach: bool,
+    /// Longest wait.
+    #[arg(long, default_value = "120s")]
+    pub timeout: humantime::Duration,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Flags of `flotilla rm`.
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// Stack name.
+    pub stack: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Flags of `flotilla backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Instance id, container name, or service name (all its instances).
+    pub instance: String,
+    /// Directory for the archives.
+    #[arg(long)]
+    pub to: Option<PathBuf>,
+    /// pause (default: out of rotation while volumes are read), stop, or live.
+    #[arg(long, default_value = "pause", value_parser = ["pause", "stop", "live"])]
+    pub consistency: String,
+    /// Leave the image out (restore only where the image exists).
+    #[arg(long)]
+    pub no_image: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Flags of `flotilla restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Archive written by `flotilla backup`.
+    pub archive: PathBuf,
+    /// Node to restore on (required when several are up).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Container name (default: the original's).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Create but do not start (no health gate).
+    #[arg(long)]
+    pub no_start: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Flags of `flotilla migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Instance id or container name.
+    pub instance: String,
+    /// Target node.
+    #[arg(long)]
+    pub to: String,
+    /// Drain time before a stateless source is stopped.
+    #[arg(long, default_value = "2s")]
+    pub drain: humantime::Duration,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }

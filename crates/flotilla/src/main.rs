@@ -2,6 +2,7 @@
 //! agent, the one-command `up`, and the operator CLI (a thin client of the server's API).
 
 mod cli;
+mod containers;
 mod ops;
 mod run;
 

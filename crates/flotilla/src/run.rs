@@ -21,6 +21,13 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Nodes(args) => crate::ops::nodes(args).await,
         Command::Deregister(args) => crate::ops::deregister(args).await,
         Command::Watch(args) => crate::ops::watch(args).await,
+        Command::Build(args) => crate::containers::build(args).await,
+        Command::Deploy(args) => crate::containers::deploy(args).await,
+        Command::Scale(args) => crate::containers::scale(args).await,
+        Command::Rm(args) => crate::containers::rm(args).await,
+        Command::Backup(args) => crate::containers::backup(args).await,
+        Command::Restore(args) => crate::containers::restore(args).await,
+        Command::Migrate(args) => crate::containers::migrate(args).await,
         Command::HaGuard => tokio::task::spawn_blocking(flotilla_ha::guard::run)
             .await?
             .map_err(anyhow::Error::msg),

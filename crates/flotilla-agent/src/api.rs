@@ -1,0 +1,389 @@
+//! The agent's own HTTP API: what must happen on this host's engine and would be
+//! wasteful to route through the server — image transfer, backup streams, restores
+//! and retiring a container after a migration. Every route needs the cluster token.
+//!
+//! Data moves host to host (or host to CLI) directly; the server only tells who is where.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use flotilla_core::stack::Consistency;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::agent::Inner;
+use crate::backup::{self, BackupOptions};
+
+/// Largest restore upload accepted.
+pub const MAX_UPLOAD: u64 = 64 << 30;
+
+struct AppError(StatusCode, String);
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn bad(e: impl std::fmt::Display) -> AppError {
+    AppError(StatusCode::BAD_REQUEST, e.to_string())
+}
+fn failed(e: anyhow::Error) -> AppError {
+    AppError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+}
+
+/// The router; `inner` carries the engine, the registry client and the token.
+pub(crate) fn router(inner: Arc<Inner>) -> Router {
+    Router::new()
+        .route("/v1/images", get(image_present).post(image_load))
+        .route("/v1/images/save", get(image_save))
+        .route("/v1/backup", get(backup_stream))
+        .route("/v1/restore", post(restore))
+        .route("/v1/retire", post(retire))
+        .route("/v1/release", post(release))
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            inner.clone(),
+            authorize,
+        ))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(inner)
+}
+
+async fn authorize(State(inner): State<Arc<Inner>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or_default();
+    let expected = inner.token.as_bytes();
+    let same = given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        next.run(req).await
+    } else {
+        AppError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        )
+        .into_response()
+    }
+}
+
+async fn metrics(State(inner): State<Arc<Inner>>) -> String {
+    inner.metrics.encode()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TagQuery {
+    tag: String,
+}
+
+async fn image_present(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<TagQuery>,
+) -> Json<serde_json::Value> {
+    let id = inner
+        .docker
+        .inspect_image(&q.tag)
+        .await
+        .ok()
+        .and_then(|i| i.id);
+    Json(json!({ "tag": q.tag, "present": id.is_some(), "id": id }))
+}
+
+async fn image_save(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<TagQuery>,
+) -> Result<Response, AppError> {
+    if inner.docker.inspect_image(&q.tag).await.is_err() {
+        return Err(AppError(
+            StatusCode::NOT_FOUND,
+            format!("no image {:?}", q.tag),
+        ));
+    }
+    let s = inner
+        .docker
+        .export_image(&q.tag)
+        .map(|r| r.map_err(std::io::Error::other));
+    Ok(Body::from_stream(s).into_response())
+}
+
+async fn image_load(
+    State(inner): State<Arc<Inner>>,
+    body: Body,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let s = body
+        .into_data_stream()
+        .take_while(|r| futures::future::ready(r.is_ok()))
+        .filter_map(|r| futures::future::ready(r.ok()));
+    let mut out = inner.docker.import_image_stream(
+        bollard::image::ImportImageOptions { quiet: true },
+        s,
+        None,
+    );
+    let mut loaded = Vec::new();
+    while let Some(item) = out.next().await {
+        let info = item.map_err(|e| bad(format!("docker load: {e}")))?;
+        if let Some(e) = info.error {
+            return Err(bad(format!("docker load: {e}")));
+        }
+        if let Some(s) = info.stream {
+            loaded.push(s.trim().to_owned());
+        }
+    }
+    Ok(Json(json!({ "loaded": loaded })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupQuery {
+    container: String,
+    #[serde(default)]
+    consistency: Option<Consistency>,
+    #[serde(default = "yes")]
+    image: bool,
+    #[serde(default)]
+    leave_stopped: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn backup_stream(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<BackupQuery>,
+) -> Result<Response, AppError> {
+    let info = inner
+        .docker
+        .inspect_container(&q.container, None)
+        .await
+        .map_err(|_| {
+            AppError(
+                StatusCode::NOT_FOUND,
+                format!("no container {:?}", q.container),
+            )
+        })?;
+    let id = info.id.unwrap_or_default();
+    let name = info
+        .name
+        .unwrap_or_default()
+        .trim_start_matches('/')
+        .to_owned();
+    let opts = BackupOptions {
+        consistency: q.consistency.unwrap_or_default(),
+        include_image: q.image,
+        leave_stopped: q.leave_stopped,
+    };
+    if opts.leave_stopped {
+        // A container on its way to another host: the reconciler must not restart it.
+        inner.hold(&id).await;
+    }
+    let mut source = serde_json::Map::new();
+    source.insert("node".into(), json!(inner.node));
+    source.insert("container".into(), json!(name));
+    source.insert("container_id".into(), json!(id));
+    let (tx, rx) = mpsc::channel::<Bytes>(8);
+    let (err_tx, err_rx) = tokio::sync::oneshot::channel::<String>();
+    let task_inner = inner.clone();
+    tokio::spawn(async move {
+        match backup::backup(&task_inner.docker, &id, source, opts, tx).await {
+            Ok(m) => {
+                task_inner.metrics.backups.inc();
+                tracing::info!(
+                    container = name,
+                    bytes = m.total_size(),
+                    consistency = m.consistency,
+                    "backup streamed"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(container = name, error = format!("{e:#}"), "backup failed");
+                let _ = err_tx.send(format!("{e:#}"));
+            }
+        }
+    });
+    // A failure mid-stream must not look like a complete archive: end the body with an
+    // error, which aborts the response instead of finishing it cleanly.
+    let data = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+    });
+    let tail = futures::stream::once(async move {
+        match err_rx.await {
+            Ok(e) => Err(std::io::Error::other(e)),
+            Err(_) => Ok(Bytes::new()),
+        }
+    });
+    Ok(Body::from_stream(data.chain(tail)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreQuery {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default = "yes")]
+    start: bool,
+    /// Wait this long for the restored instance to pass its health check (registered
+    /// containers only); on failure everything created is removed. "0s" skips the gate.
+    #[serde(default)]
+    health_timeout: Option<String>,
+}
+
+async fn restore(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<RestoreQuery>,
+    body: Body,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let gate = match &q.health_timeout {
+        Some(t) => humantime::parse_duration(t).map_err(|e| bad(format!("health_timeout: {e}")))?,
+        None => Duration::from_secs(30),
+    };
+    // The upload is spooled and checked whole before anything is created.
+    let dir = tempfile_dir(&inner.config.work_dir).map_err(failed)?;
+    let path = dir.join("upload.flotilla-backup");
+    let mut f = tokio::fs::File::create(&path)
+        .await
+        .map_err(|e| failed(e.into()))?;
+    let mut s = body.into_data_stream();
+    let mut total = 0u64;
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.map_err(|e| bad(format!("upload interrupted: {e}")))?;
+        total += chunk.len() as u64;
+        if total > MAX_UPLOAD {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(AppError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("larger than {MAX_UPLOAD} bytes"),
+            ));
+        }
+        f.write_all(&chunk).await.map_err(|e| failed(e.into()))?;
+    }
+    f.flush().await.map_err(|e| failed(e.into()))?;
+    drop(f);
+    let result = backup::restore(&inner.docker, &path, q.name.as_deref(), q.start).await;
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    let restored =
+        result.map_err(|e| AppError(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
+    inner.metrics.restores.inc();
+    let mut passing_after_ms = None;
+    if q.start && !gate.is_zero() && inner.registers(&restored.id).await {
+        let t0 = std::time::Instant::now();
+        let ok = inner.wait_passing(&restored.id, gate).await;
+        if !ok {
+            let _ = backup::remove_with_volumes(&inner.docker, &restored.id).await;
+            return Err(AppError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "restored container did not pass its health check within {}; removed it",
+                    humantime::format_duration(gate)
+                ),
+            ));
+        }
+        passing_after_ms = Some(t0.elapsed().as_millis() as u64);
+    }
+    Ok(Json(json!({
+        "name": restored.name,
+        "id": restored.id,
+        "node": inner.node,
+        "volumes": restored.volumes,
+        "image_loaded": restored.image_loaded,
+        "bytes": total,
+        "passing_after_ms": passing_after_ms,
+        "manifest": restored.manifest,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetireQuery {
+    container: String,
+    #[serde(default)]
+    drain: Option<String>,
+}
+
+/// Deregisters a container, waits for in-flight requests (drain), then removes it with
+/// its volumes: the last step of a migration.
+async fn retire(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<RetireQuery>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let drain = match &q.drain {
+        Some(t) => humantime::parse_duration(t).map_err(|e| bad(format!("drain: {e}")))?,
+        None => Duration::from_secs(2),
+    };
+    let info = inner
+        .docker
+        .inspect_container(&q.container, None)
+        .await
+        .map_err(|_| {
+            AppError(
+                StatusCode::NOT_FOUND,
+                format!("no container {:?}", q.container),
+            )
+        })?;
+    let id = info.id.unwrap_or_default();
+    inner.hold(&id).await;
+    inner.retire(&id, drain).await.map_err(failed)?;
+    Ok(Json(json!({ "retired": q.container })))
+}
+
+/// Undoes the first step of a failed migration: lets the reconciler manage the
+/// container again and starts it.
+async fn release(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<RetireQuery>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let info = inner
+        .docker
+        .inspect_container(&q.container, None)
+        .await
+        .map_err(|_| {
+            AppError(
+                StatusCode::NOT_FOUND,
+                format!("no container {:?}", q.container),
+            )
+        })?;
+    let id = info.id.unwrap_or_default();
+    inner.unhold(&id).await;
+    let running = info.state.and_then(|s| s.running).unwrap_or(false);
+    if !running {
+        inner
+            .docker
+            .start_container::<String>(&id, None)
+            .await
+            .map_err(|e| failed(e.into()))?;
+    }
+    Ok(Json(json!({ "released": q.container })))
+}
+
+fn tempfile_dir(base: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = base.join(format!(
+        "flotilla-restore-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -1,0 +1,293 @@
+//! Standardized images from a stack spec, built without a Dockerfile or a registry.
+//!
+//! The layers are written by [`flotilla_archive::image`] (sorted, owner root, mtime 0),
+//! so the same spec and files give the same layer digests on every host, and with the
+//! same build time the same image id. Every image carries the standard labels —
+//! service, port, health check (as `flotilla.check.*`, so even a plain `docker run` of
+//! it self-registers), version, spec hash and build time — and, when the image has a
+//! busybox to run it with, the matching Docker `HEALTHCHECK`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use bollard::image::ImportImageOptions;
+use bollard::Docker;
+use flotilla_archive::image::{self, Base, ImageConfig, Node};
+use flotilla_core::stack::ServiceSpec;
+use flotilla_core::CheckKind;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+
+/// Label: the stack a container or image belongs to.
+pub const STACK: &str = "flotilla.stack";
+/// Label: replica number within its service.
+pub const REPLICA: &str = "flotilla.replica";
+/// Label: hash of the spec the image was built from.
+pub const SPEC_HASH: &str = "flotilla.spec-hash";
+/// Label: service version from the spec.
+pub const VERSION: &str = "flotilla.version";
+/// Label: build time (RFC 3339).
+pub const BUILD_TIME: &str = "flotilla.build-time";
+
+/// A built image, ready to `docker load`.
+pub struct Built {
+    /// `flotilla/STACK-SERVICE:HASH12`.
+    pub tag: String,
+    /// Image id Docker will report.
+    pub id: String,
+    /// Hash of everything the image was built from (not the build time).
+    pub spec_hash: String,
+    /// Layer digests.
+    pub diff_ids: Vec<String>,
+    /// The `docker load` archive.
+    pub archive: Vec<u8>,
+}
+
+/// Labels a container of `service` carries so the agent registers it; they go into
+/// the image, so every container of it has them.
+pub fn service_labels(service: &str, spec: &ServiceSpec) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::new();
+    l.insert(crate::labels::SERVICE.to_owned(), service.to_owned());
+    l.insert(crate::labels::PORT.to_owned(), spec.port.to_string());
+    if let Some(w) = spec.weight {
+        l.insert(crate::labels::WEIGHT.to_owned(), w.to_string());
+    }
+    match &spec.health {
+        None => {
+            l.insert("flotilla.check.tcp".into(), "true".into());
+        }
+        Some(h) => {
+            let (k, v) = match &h.kind {
+                CheckKind::Http { path, .. } => ("http", path.clone()),
+                CheckKind::Tcp { port } => ("tcp", port.map_or("true".into(), |p| p.to_string())),
+                CheckKind::Ttl { ttl } => ("ttl", humantime::format_duration(*ttl).to_string()),
+                CheckKind::Exec { command } => ("exec", command.join(" ")),
+            };
+            l.insert(format!("flotilla.check.{k}"), v);
+            l.insert(
+                "flotilla.check.interval".into(),
+                humantime::format_duration(h.interval).to_string(),
+            );
+            if let Some(t) = h.timeout {
+                l.insert(
+                    "flotilla.check.timeout".into(),
+                    humantime::format_duration(t).to_string(),
+                );
+            }
+            l.insert("flotilla.check.rise".into(), h.rise.to_string());
+            l.insert("flotilla.check.fall".into(), h.fall.to_string());
+        }
+    }
+    l.insert(VERSION.to_owned(), spec.version.clone());
+    l
+}
+
+/// Builds the image of `service` of `stack`. Files are read relative to `spec_dir`;
+/// `created` is the build time (unix seconds); `docker` is needed only for an
+/// `image:NAME` base.
+pub async fn build_service(
+    docker: Option<&Docker>,
+    stack: &str,
+    service: &str,
+    spec: &ServiceSpec,
+    spec_dir: &Path,
+    created: u64,
+) -> anyhow::Result<Built> {
+    let mut hash = Sha256::new();
+    hash.update(serde_json::to_vec(spec)?);
+    let field = |i: usize| format!("service.{service}.image.file[{i}].src");
+    let mut nodes = Vec::new();
+    for (i, f) in spec.image.files.iter().enumerate() {
+        let path = spec_dir.join(&f.src);
+        let data = std::fs::read(&path)
+            .with_context(|| format!("{}: cannot read {}", field(i), path.display()))?;
+        hash.update(Sha256::digest(&data));
+        nodes.push(Node::File {
+            path: f.dest.clone(),
+            data,
+            mode: f.mode_bits(),
+        });
+    }
+    let base_name = spec.image.base.as_str();
+    let (base, has_busybox) = match base_name {
+        "scratch" => (Base::default(), false),
+        "busybox" => {
+            let layer = busybox_layer()?;
+            hash.update(Sha256::digest(&layer));
+            (
+                Base {
+                    layers: vec![layer],
+                    config: serde_json::json!({"Env": ["PATH=/bin"]}),
+                },
+                true,
+            )
+        }
+        other if other.starts_with("rootfs:") => {
+            let rel = &other["rootfs:".len()..];
+            let path = spec_dir.join(rel);
+            let layer = std::fs::read(&path).with_context(|| {
+                format!(
+                    "service.{service}.image.base: cannot read {}",
+                    path.display()
+                )
+            })?;
+            hash.update(Sha256::digest(&layer));
+            let busybox = tar_has(&layer, "bin/busybox");
+            (
+                Base {
+                    layers: vec![layer],
+                    config: serde_json::Value::Null,
+                },
+                busybox,
+            )
+        }
+        other => {
+            let name = other.trim_start_matches("image:");
+            let docker = docker.context("an image: base needs the Docker Engine")?;
+            let info = docker.inspect_image(name).await.with_context(|| {
+                format!("service.{service}.image.base: no local image {name:?}")
+            })?;
+            hash.update(info.id.unwrap_or_default().as_bytes());
+            let mut saved = Vec::new();
+            let mut s = docker.export_image(name);
+            while let Some(chunk) = s.next().await {
+                saved.extend_from_slice(&chunk?);
+            }
+            let base = image::base_from_saved(&saved)
+                .map_err(|e| anyhow::anyhow!("reading base image {name}: {e}"))?;
+            let busybox = base.layers.iter().any(|l| tar_has(l, "bin/busybox"));
+            (base, busybox)
+        }
+    };
+    let spec_hash = hex::encode(hash.finalize());
+    let tag = format!("flotilla/{stack}-{service}:{}", &spec_hash[..12]);
+    let mut labels = service_labels(service, spec);
+    labels.insert(STACK.into(), stack.into());
+    labels.insert(SPEC_HASH.into(), spec_hash.clone());
+    labels.insert(BUILD_TIME.into(), image::rfc3339(created));
+    let healthcheck = match (&spec.health, has_busybox) {
+        (Some(h), true) => {
+            let test = match &h.kind {
+                CheckKind::Http { path, port } => Some(vec![
+                    "CMD".into(),
+                    "wget".into(),
+                    "-q".into(),
+                    "-O".into(),
+                    "/dev/null".into(),
+                    format!("http://127.0.0.1:{}{path}", port.unwrap_or(spec.port)),
+                ]),
+                CheckKind::Exec { command } => Some(
+                    std::iter::once("CMD".to_owned())
+                        .chain(command.clone())
+                        .collect(),
+                ),
+                _ => None,
+            };
+            test.map(|t| {
+                (
+                    t,
+                    h.interval.as_nanos() as u64,
+                    h.effective_timeout().as_nanos() as u64,
+                    h.fall,
+                )
+            })
+        }
+        _ => None,
+    };
+    let config = ImageConfig {
+        entrypoint: spec.entrypoint.clone(),
+        cmd: spec.command.clone(),
+        env: spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        user: spec.user.clone().unwrap_or_default(),
+        workdir: spec.workdir.clone().unwrap_or_default(),
+        labels,
+        ports: vec![spec.port],
+        healthcheck,
+        created,
+    };
+    let layers = if nodes.is_empty() {
+        vec![]
+    } else {
+        vec![image::layer(&nodes)]
+    };
+    if base.layers.is_empty() && layers.is_empty() {
+        bail!("service.{service}: the image would be empty");
+    }
+    let a = image::docker_archive(&base, &layers, &config, &tag);
+    Ok(Built {
+        tag,
+        id: a.id,
+        spec_hash,
+        diff_ids: a.diff_ids,
+        archive: a.bytes,
+    })
+}
+
+/// Loads an image archive into the engine (`docker load`).
+pub async fn load(docker: &Docker, archive: Vec<u8>) -> anyhow::Result<()> {
+    let body = futures::stream::once(async move { bytes::Bytes::from(archive) });
+    let mut s = docker.import_image_stream(ImportImageOptions { quiet: true }, body, None);
+    while let Some(item) = s.next().await {
+        let info = item.context("docker load")?;
+        if let Some(e) = info.error {
+            bail!("docker load: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// The busybox base layer: the host's static busybox, a link per applet, `/tmp`, and
+/// minimal `/etc/passwd` and `/etc/group` so `user = "nobody"` works.
+pub fn busybox_layer() -> anyhow::Result<Vec<u8>> {
+    let path = Path::new("/bin/busybox");
+    let data = std::fs::read(path)
+        .context("reading /bin/busybox for a busybox base (install busybox-static)")?;
+    let out = std::process::Command::new(path)
+        .arg("--list")
+        .output()
+        .context("running /bin/busybox --list")?;
+    let mut nodes = vec![
+        Node::File {
+            path: "/bin/busybox".into(),
+            data,
+            mode: 0o755,
+        },
+        Node::Dir {
+            path: "/tmp".into(),
+            mode: 0o1777,
+        },
+        Node::File {
+            path: "/etc/passwd".into(),
+            data: b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n".to_vec(),
+            mode: 0o644,
+        },
+        Node::File {
+            path: "/etc/group".into(),
+            data: b"root:x:0:\nnogroup:x:65534:\n".to_vec(),
+            mode: 0o644,
+        },
+    ];
+    for applet in String::from_utf8_lossy(&out.stdout).lines() {
+        let applet = applet.trim();
+        if !applet.is_empty() && applet != "busybox" && !applet.contains('/') {
+            nodes.push(Node::Symlink {
+                path: format!("/bin/{applet}"),
+                target: "busybox".into(),
+            });
+        }
+    }
+    Ok(image::layer(&nodes))
+}
+
+fn tar_has(layer: &[u8], want: &str) -> bool {
+    let mut a = tar::Archive::new(layer);
+    let Ok(entries) = a.entries() else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        e.path()
+            .map(|p| p.to_string_lossy().trim_start_matches("./") == want)
+            .unwrap_or(false)
+    })
+}

@@ -1,0 +1,529 @@
+//! Desired state → containers on this host.
+//!
+//! Every pass reads the stacks and the live nodes, computes with
+//! [`flotilla_core::stack::place`] which replicas belong here (every agent computes the
+//! same), and makes the engine agree: start what is missing, restart what exited (with
+//! backoff, per the restart policy), replace replicas whose spec changed — the new one
+//! first, the old one only after the new one passes its health check, deregistered and
+//! drained — and roll the service back when a new replica does not pass. A replica
+//! placed elsewhere is removed here only once it passes there, so a move is
+//! blue/green, never a gap.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bollard::container::{Config, CreateContainerOptions, ListContainersOptions};
+use bollard::models::{HostConfig, Mount, MountTypeEnum};
+use bollard::network::CreateNetworkOptions;
+use flotilla_core::stack::{place, DeployedService, RestartPolicy, StackRecord};
+use flotilla_core::HealthStatus;
+use futures::StreamExt;
+
+use crate::agent::Inner;
+use crate::build::{REPLICA, SPEC_HASH, STACK};
+use crate::labels::{instance_id, NETWORK, SERVICE};
+
+/// A container of a stack on this engine.
+#[derive(Debug, Clone)]
+struct Local {
+    id: String,
+    name: String,
+    service: String,
+    replica: u32,
+    hash: String,
+    running: bool,
+    exit_code: i64,
+}
+
+/// Restart bookkeeping per container.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Backoff {
+    attempts: u32,
+    next: Option<Instant>,
+    started: Option<Instant>,
+}
+
+impl Backoff {
+    /// Delay before restart attempt `n` (0-based): 0.5 s doubling to 30 s.
+    pub(crate) fn delay(attempts: u32) -> Duration {
+        Duration::from_millis(500)
+            .saturating_mul(1u32 << attempts.min(6))
+            .min(Duration::from_secs(30))
+    }
+
+    /// Whether a restart may happen at `now`; records it if so. A container that ran
+    /// for 30 s since its last start has its count reset.
+    pub(crate) fn allow(&mut self, now: Instant) -> bool {
+        if let Some(s) = self.started {
+            if now.duration_since(s) > Duration::from_secs(30) {
+                self.attempts = 0;
+            }
+        }
+        if self.next.is_some_and(|n| now < n) {
+            return false;
+        }
+        self.next = Some(now + Self::delay(self.attempts));
+        self.attempts += 1;
+        self.started = Some(now);
+        true
+    }
+}
+
+/// Name of replica `r` of `service` in `stack` built from `hash`.
+pub fn container_name(stack: &str, service: &str, r: u32, hash: &str) -> String {
+    format!("{stack}-{service}-{r}-{}", &hash[..hash.len().min(8)])
+}
+
+/// Docker volume of replica `r`'s volume `vol`.
+pub fn volume_name(stack: &str, service: &str, r: u32, vol: &str) -> String {
+    format!("{stack}-{service}-{r}-{vol}")
+}
+
+/// Default network of a stack.
+pub fn network_of(stack: &str, svc: &DeployedService) -> String {
+    svc.spec
+        .network
+        .clone()
+        .unwrap_or_else(|| format!("flotilla-{stack}"))
+}
+
+impl Inner {
+    /// Runs reconcile passes: on every change of desired state, and at least every second.
+    pub(crate) async fn reconcile_loop(self: Arc<Self>) {
+        let mut index = 0;
+        loop {
+            match self.client.stacks(index, Duration::from_secs(1)).await {
+                Ok((i, stacks)) => {
+                    index = i;
+                    if let Err(e) = self.reconcile(&stacks).await {
+                        tracing::warn!(error = format!("{e:#}"), "reconcile pass failed");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading desired state failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    async fn locals(&self) -> anyhow::Result<Vec<Local>> {
+        let mut filters = HashMap::new();
+        filters.insert("label".to_owned(), vec![STACK.to_owned()]);
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptions::<String> {
+                all: true,
+                filters,
+                ..Default::default()
+            }))
+            .await?;
+        let mut out = Vec::new();
+        for c in list {
+            let labels = c.labels.unwrap_or_default();
+            let (Some(stack), Some(service), Some(r), Some(hash)) = (
+                labels.get(STACK),
+                labels.get(SERVICE),
+                labels.get(REPLICA).and_then(|r| r.parse().ok()),
+                labels.get(SPEC_HASH),
+            ) else {
+                continue;
+            };
+            let status = c.status.clone().unwrap_or_default();
+            out.push((
+                stack.clone(),
+                Local {
+                    id: c.id.unwrap_or_default(),
+                    name: c
+                        .names
+                        .and_then(|n| n.first().cloned())
+                        .unwrap_or_default()
+                        .trim_start_matches('/')
+                        .to_owned(),
+                    service: service.clone(),
+                    replica: r,
+                    hash: hash.clone(),
+                    running: c.state.as_deref() == Some("running"),
+                    exit_code: parse_exit(&status),
+                },
+            ));
+        }
+        Ok(out
+            .into_iter()
+            .map(|(stack, mut l)| {
+                l.service = format!("{stack}/{}", l.service);
+                l
+            })
+            .collect())
+    }
+
+    /// One pass over every stack.
+    pub(crate) async fn reconcile(&self, stacks: &[StackRecord]) -> anyhow::Result<()> {
+        let nodes = self.client.nodes().await?;
+        let live: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+        let instances = self.client.instances().await?;
+        // Where each replica passes: "stack/service/replica" → nodes.
+        let mut passing: HashMap<String, Vec<String>> = HashMap::new();
+        for i in &instances {
+            if i.health == HealthStatus::Passing {
+                if let (Some(s), Some(r)) = (i.meta.get("stack"), i.meta.get("replica")) {
+                    passing
+                        .entry(format!("{s}/{}/{r}", i.service))
+                        .or_default()
+                        .push(i.node.clone().unwrap_or_default());
+                }
+            }
+        }
+        let locals = self.locals().await?;
+        let mut by_key: BTreeMap<String, Vec<Local>> = BTreeMap::new();
+        for l in locals {
+            by_key
+                .entry(format!("{}/{}", l.service, l.replica))
+                .or_default()
+                .push(l);
+        }
+        let mut wanted: BTreeMap<String, (&StackRecord, &str, &DeployedService, u32)> =
+            BTreeMap::new();
+        for st in stacks {
+            for (name, svc) in &st.services {
+                for (r, node) in place(name, svc, &live) {
+                    if node == self.node {
+                        wanted.insert(format!("{}/{name}/{r}", st.name), (st, name, svc, r));
+                    }
+                }
+            }
+        }
+        for (key, (st, name, svc, r)) in &wanted {
+            let have = by_key.remove(key).unwrap_or_default();
+            if let Err(e) = self.converge_replica(st, name, svc, *r, have).await {
+                tracing::warn!(
+                    replica = key,
+                    error = format!("{e:#}"),
+                    "could not converge"
+                );
+            }
+        }
+        // What is left here is not wanted here.
+        for (key, have) in by_key {
+            let mut parts = key.splitn(3, '/');
+            let (stack, service) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let still_desired = stacks
+                .iter()
+                .find(|s| s.name == stack)
+                .and_then(|s| s.services.get(service))
+                .map(|svc| have.first().is_some_and(|l| l.replica < svc.spec.replicas))
+                .unwrap_or(false);
+            let elsewhere = passing
+                .get(&key)
+                .is_some_and(|nodes| nodes.iter().any(|n| *n != self.node));
+            for l in have {
+                if self.is_held(&l.id).await && still_desired {
+                    continue;
+                }
+                if !still_desired || elsewhere {
+                    let drain = stacks
+                        .iter()
+                        .find(|s| s.name == stack)
+                        .and_then(|s| s.services.get(service))
+                        .map(|s| s.spec.update.drain)
+                        .unwrap_or(Duration::from_secs(2));
+                    tracing::info!(container = l.name, "replica not wanted here: retiring");
+                    if let Err(e) = self.retire_keep_volumes(&l.id, drain).await {
+                        tracing::warn!(
+                            container = l.name,
+                            error = format!("{e:#}"),
+                            "retire failed"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn converge_replica(
+        &self,
+        st: &StackRecord,
+        name: &str,
+        svc: &DeployedService,
+        r: u32,
+        have: Vec<Local>,
+    ) -> anyhow::Result<()> {
+        let (current, old): (Vec<Local>, Vec<Local>) =
+            have.into_iter().partition(|l| l.hash == svc.spec_hash);
+        if let Some(c) = current.first() {
+            if !c.running && !self.is_held(&c.id).await {
+                let restart = match svc.spec.restart {
+                    RestartPolicy::Always => true,
+                    RestartPolicy::OnFailure => c.exit_code != 0,
+                    RestartPolicy::Never => false,
+                };
+                if restart && self.backoff_allows(&c.id).await {
+                    tracing::info!(container = c.name, exit = c.exit_code, "restarting replica");
+                    self.metrics.restarts.inc();
+                    self.docker.start_container::<String>(&c.id, None).await?;
+                }
+            }
+            if c.running && !old.is_empty() && self.wait_passing(&c.id, Duration::ZERO).await {
+                for o in &old {
+                    self.retire_keep_volumes(&o.id, svc.spec.update.drain)
+                        .await?;
+                }
+            }
+            return Ok(());
+        }
+        // No container of the current version: create one.
+        self.ensure_image(svc).await?;
+        let id = self.create_replica(&st.name, name, svc, r).await?;
+        self.docker.start_container::<String>(&id, None).await?;
+        self.metrics.containers_started.inc();
+        if old.is_empty() {
+            return Ok(());
+        }
+        // A rolling update: the old replica keeps serving until the new one passes.
+        let t0 = Instant::now();
+        if self.wait_passing(&id, svc.spec.update.health_timeout).await {
+            tracing::info!(
+                replica = format!("{}/{name}/{r}", st.name),
+                after_ms = t0.elapsed().as_millis() as u64,
+                "new version passes; retiring the old one"
+            );
+            for o in &old {
+                self.retire_keep_volumes(&o.id, svc.spec.update.drain)
+                    .await?;
+            }
+        } else {
+            tracing::warn!(
+                replica = format!("{}/{name}/{r}", st.name),
+                "new version did not pass its health check: removing it"
+            );
+            self.retire_keep_volumes(&id, Duration::ZERO).await?;
+            if svc.spec.update.rollback {
+                self.metrics.rollbacks.inc();
+                let reason = format!(
+                    "replica {r} on {} did not pass its health check within {}",
+                    self.node,
+                    humantime::format_duration(svc.spec.update.health_timeout)
+                );
+                if let Err(e) = self
+                    .client
+                    .rollback(&st.name, name, &svc.spec_hash, &reason)
+                    .await
+                {
+                    tracing::warn!(error = %e, "rollback request failed");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn create_replica(
+        &self,
+        stack: &str,
+        name: &str,
+        svc: &DeployedService,
+        r: u32,
+    ) -> anyhow::Result<String> {
+        let network = network_of(stack, svc);
+        if self
+            .docker
+            .inspect_network::<String>(&network, None)
+            .await
+            .is_err()
+        {
+            self.docker
+                .create_network(CreateNetworkOptions {
+                    name: network.clone(),
+                    check_duplicate: true,
+                    labels: [(STACK.to_owned(), stack.to_owned())].into(),
+                    ..Default::default()
+                })
+                .await
+                .with_context(|| format!("creating network {network}"))?;
+        }
+        let mut labels: HashMap<String, String> = crate::build::service_labels(name, &svc.spec)
+            .into_iter()
+            .collect();
+        labels.insert(STACK.into(), stack.into());
+        labels.insert(REPLICA.into(), r.to_string());
+        labels.insert(SPEC_HASH.into(), svc.spec_hash.clone());
+        labels.insert(NETWORK.into(), network.clone());
+        labels.insert("flotilla.meta.stack".into(), stack.into());
+        labels.insert("flotilla.meta.replica".into(), r.to_string());
+        labels.insert("flotilla.meta.version".into(), svc.spec.version.clone());
+        labels.insert(
+            "flotilla.meta.spec".into(),
+            svc.spec_hash[..svc.spec_hash.len().min(12)].to_owned(),
+        );
+        let mounts = svc
+            .spec
+            .volumes
+            .iter()
+            .map(|v| Mount {
+                target: Some(v.path.clone()),
+                source: Some(volume_name(stack, name, r, &v.name)),
+                typ: Some(MountTypeEnum::VOLUME),
+                ..Default::default()
+            })
+            .collect();
+        let memory = svc.spec.resources.memory_bytes().ok().flatten();
+        let config = Config {
+            image: Some(svc.image.clone()),
+            labels: Some(labels),
+            host_config: Some(HostConfig {
+                mounts: Some(mounts),
+                nano_cpus: svc.spec.resources.cpus.map(|c| (c * 1e9) as i64),
+                memory: memory.map(|m| m as i64),
+                network_mode: Some(network),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let cname = container_name(stack, name, r, &svc.spec_hash);
+        // A leftover of an interrupted pass (created, never started) is replaced.
+        let _ = self
+            .docker
+            .remove_container(
+                &cname,
+                Some(bollard::container::RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        let created = self
+            .docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: cname.clone(),
+                    platform: None,
+                }),
+                config,
+            )
+            .await
+            .with_context(|| format!("creating {cname}"))?;
+        tracing::info!(container = cname, "created replica");
+        Ok(created.id)
+    }
+
+    /// Makes sure the engine has the service's image, fetching it from another node's
+    /// agent if not (the CLI pushed it to the nodes that were up at deploy time).
+    async fn ensure_image(&self, svc: &DeployedService) -> anyhow::Result<()> {
+        if self.docker.inspect_image(&svc.image).await.is_ok() {
+            return Ok(());
+        }
+        let nodes = self.client.nodes().await?;
+        for n in nodes.iter().filter(|n| n.name != self.node) {
+            let Some(api) = &n.api else { continue };
+            let url = format!("{api}/v1/images/save");
+            let resp = self
+                .http
+                .get(&url)
+                .query(&[("tag", &svc.image)])
+                .bearer_auth(&self.token)
+                .send()
+                .await;
+            let Ok(resp) = resp else { continue };
+            if !resp.status().is_success() {
+                continue;
+            }
+            let body = resp
+                .bytes_stream()
+                .take_while(|r| futures::future::ready(r.is_ok()))
+                .filter_map(|r| futures::future::ready(r.ok()));
+            let mut s = self.docker.import_image_stream(
+                bollard::image::ImportImageOptions { quiet: true },
+                body,
+                None,
+            );
+            while let Some(item) = s.next().await {
+                if let Some(e) = item?.error {
+                    anyhow::bail!("loading {} from {}: {e}", svc.image, n.name);
+                }
+            }
+            if self.docker.inspect_image(&svc.image).await.is_ok() {
+                tracing::info!(
+                    image = svc.image,
+                    from = n.name,
+                    "image fetched from a peer"
+                );
+                return Ok(());
+            }
+        }
+        anyhow::bail!(
+            "image {} is not on this engine and no peer has it",
+            svc.image
+        )
+    }
+
+    async fn backoff_allows(&self, id: &str) -> bool {
+        let mut b = self.backoff.lock().await;
+        b.entry(id.to_owned()).or_default().allow(Instant::now())
+    }
+
+    /// Deregisters, drains and removes a container; its volumes stay (the replica's
+    /// data outlives any one container of it).
+    pub(crate) async fn retire_keep_volumes(
+        &self,
+        id: &str,
+        drain: Duration,
+    ) -> anyhow::Result<()> {
+        let _ = self.client.deregister(&instance_id(&self.node, id)).await;
+        if !drain.is_zero() {
+            tokio::time::sleep(drain).await;
+        }
+        self.docker
+            .remove_container(
+                id,
+                Some(bollard::container::RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
+            .await?;
+        self.backoff.lock().await.remove(id);
+        Ok(())
+    }
+}
+
+/// Exit code from a `docker ps` status like "Exited (137) 3 seconds ago".
+fn parse_exit(status: &str) -> i64 {
+    status
+        .strip_prefix("Exited (")
+        .and_then(|s| s.split(')').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_caps_and_resets_after_a_good_run() {
+        let t0 = Instant::now();
+        let mut b = Backoff::default();
+        assert!(b.allow(t0));
+        assert!(!b.allow(t0 + Duration::from_millis(499)));
+        assert!(b.allow(t0 + Duration::from_millis(500)));
+        // Second delay is 1 s from the second start.
+        assert!(!b.allow(t0 + Duration::from_millis(1400)));
+        assert!(b.allow(t0 + Duration::from_millis(1500)));
+        assert_eq!(Backoff::delay(10), Duration::from_secs(30));
+        // Ran for more than 30 s: back to the first delay.
+        let later = t0 + Duration::from_secs(40);
+        assert!(b.allow(later));
+        assert!(!b.allow(later + Duration::from_millis(499)));
+        assert!(b.allow(later + Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn exit_codes_from_status() {
+        assert_eq!(parse_exit("Exited (137) 3 seconds ago"), 137);
+        assert_eq!(parse_exit("Up 2 minutes"), 0);
+        assert_eq!(parse_exit("Created"), 0);
+    }
+}

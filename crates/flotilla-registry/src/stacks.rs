@@ -1,0 +1,307 @@
+//! Desired state: stacks as `flotilla deploy` leaves them, for agents to reconcile.
+//!
+//! The server only stores and validates; placement is computed by every agent from the
+//! same record ([`flotilla_core::stack::place`]), so there is no scheduler to fail over.
+//! Writes are read-modify-write under one lock per server; the last deploy wins.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::{get, post, put};
+use axum::Router;
+use flotilla_core::stack::{DeployedService, StackRecord, MAX_REPLICAS, MAX_SERVICES};
+use flotilla_core::{validate_node_name, validate_service_name, RECORD_VERSION};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::api::{applied, block_until, put_record, with_index, ApiError, Blocking, JsonBody};
+use crate::keys;
+use crate::state::Shared;
+
+/// Serialises read-modify-write of stack records on this server.
+static WRITE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub(crate) fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/v1/stacks", get(list))
+        .route("/v1/stacks/{name}", put(deploy).get(get_one).delete(remove))
+        .route("/v1/stacks/{name}/services/{svc}/replicas", put(scale))
+        .route("/v1/stacks/{name}/services/{svc}/pins", put(pin))
+        .route("/v1/stacks/{name}/rollback", post(rollback))
+}
+
+async fn list(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<Blocking>,
+) -> Result<Response, ApiError> {
+    block_until(&shared, &q, |s| s.catalog().stacks_index()).await?;
+    let c = shared.catalog();
+    Ok(with_index(c.stacks_index(), c.stacks()))
+}
+
+async fn get_one(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let c = shared.catalog();
+    let s = c
+        .stack(&name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(&format!("stack {name:?}")))?;
+    Ok(with_index(c.stacks_index(), s))
+}
+
+/// Body of `PUT /v1/stacks/{name}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployBody {
+    services: BTreeMap<String, DeployedService>,
+}
+
+fn validate_service(name: &str, s: &DeployedService) -> Result<(), ApiError> {
+    let f = format!("services.{name}");
+    validate_service_name(&f, name)?;
+    s.spec.validate(&f)?;
+    let image_ok = !s.image.is_empty()
+        && s.image.len() <= 255
+        && s.image
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/:._-".contains(&b));
+    if !image_ok {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            format!("{f}.image"),
+            format!("{:?} is not an image reference", s.image),
+        ));
+    }
+    if !s.spec_hash.bytes().all(|b| b.is_ascii_hexdigit())
+        || !(12..=64).contains(&s.spec_hash.len())
+    {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            format!("{f}.spec_hash"),
+            "expected 12..64 hex digits",
+        ));
+    }
+    for (r, node) in &s.pins {
+        validate_node_name(&format!("{f}.pins.{r}"), node)?;
+    }
+    Ok(())
+}
+
+async fn write(shared: &Shared, rec: &StackRecord) -> Result<u64, ApiError> {
+    let revision = put_record(shared, &keys::stack(&rec.name), rec).await?;
+    applied(shared, revision).await
+}
+
+async fn deploy(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<DeployBody>,
+) -> Result<Response, ApiError> {
+    validate_service_name("name", &name)?;
+    if body.services.is_empty() || body.services.len() > MAX_SERVICES {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "services",
+            format!("1..={MAX_SERVICES} services"),
+        ));
+    }
+    for (svc, s) in &body.services {
+        validate_service(svc, s)?;
+    }
+    let _w = WRITE.lock().await;
+    let old = shared.catalog().stack(&name).cloned();
+    let mut services = body.services;
+    let (generation, previous) = match &old {
+        Some(o) => {
+            // Pins set by migrations survive a redeploy of the same service.
+            for (svc, s) in services.iter_mut() {
+                if let Some(prev) = o.services.get(svc) {
+                    if s.pins.is_empty() {
+                        s.pins = prev.pins.clone();
+                    }
+                }
+            }
+            let changed = o.services != services;
+            (
+                o.generation + 1,
+                if changed {
+                    Some(o.services.clone())
+                } else {
+                    o.previous.clone()
+                },
+            )
+        }
+        None => (1, None),
+    };
+    let rec = StackRecord {
+        v: RECORD_VERSION,
+        name: name.clone(),
+        generation,
+        services,
+        previous,
+        rolled_back: None,
+    };
+    let index = write(&shared, &rec).await?;
+    Ok(with_index(
+        index,
+        json!({ "stack": name, "generation": generation, "index": index }),
+    ))
+}
+
+async fn remove(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let _w = WRITE.lock().await;
+    if shared.catalog().stack(&name).is_none() {
+        return Err(ApiError::not_found(&format!("stack {name:?}")));
+    }
+    let revision = shared
+        .store
+        .delete(&keys::stack(&name))
+        .await
+        .map_err(ApiError::store)?
+        .unwrap_or(0);
+    let index = applied(&shared, revision).await?;
+    Ok(with_index(
+        index,
+        json!({ "removed": name, "index": index }),
+    ))
+}
+
+/// Applies `f` to one service of a stack and stores the result.
+async fn modify(
+    shared: &Shared,
+    name: &str,
+    svc: &str,
+    f: impl FnOnce(&mut StackRecord) -> Result<(), ApiError>,
+) -> Result<Response, ApiError> {
+    let _w = WRITE.lock().await;
+    let mut rec = shared
+        .catalog()
+        .stack(name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(&format!("stack {name:?}")))?;
+    if !rec.services.contains_key(svc) {
+        return Err(ApiError::not_found(&format!(
+            "service {svc:?} in stack {name:?}"
+        )));
+    }
+    f(&mut rec)?;
+    rec.generation += 1;
+    let index = write(shared, &rec).await?;
+    Ok(with_index(
+        index,
+        json!({ "stack": name, "generation": rec.generation, "index": index }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScaleBody {
+    replicas: u32,
+}
+
+async fn scale(
+    State(shared): State<Arc<Shared>>,
+    Path((name, svc)): Path<(String, String)>,
+    JsonBody(body): JsonBody<ScaleBody>,
+) -> Result<Response, ApiError> {
+    if body.replicas > MAX_REPLICAS {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "replicas",
+            format!("{} is more than {MAX_REPLICAS}", body.replicas),
+        ));
+    }
+    modify(&shared, &name, &svc, |rec| {
+        rec.services.get_mut(&svc).expect("checked").spec.replicas = body.replicas;
+        Ok(())
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PinBody {
+    replica: u32,
+    /// `None` removes the pin.
+    node: Option<String>,
+}
+
+async fn pin(
+    State(shared): State<Arc<Shared>>,
+    Path((name, svc)): Path<(String, String)>,
+    JsonBody(body): JsonBody<PinBody>,
+) -> Result<Response, ApiError> {
+    if let Some(n) = &body.node {
+        validate_node_name("node", n)?;
+    }
+    modify(&shared, &name, &svc, |rec| {
+        let s = rec.services.get_mut(&svc).expect("checked");
+        if body.replica >= s.spec.replicas {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "replica",
+                format!(
+                    "{} is not below replicas = {}",
+                    body.replica, s.spec.replicas
+                ),
+            ));
+        }
+        match body.node {
+            Some(n) => s.pins.insert(body.replica, n),
+            None => s.pins.remove(&body.replica),
+        };
+        Ok(())
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    service: String,
+    /// The spec hash that failed; a rollback for an older hash is refused (409).
+    spec_hash: String,
+    reason: String,
+}
+
+async fn rollback(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<RollbackBody>,
+) -> Result<Response, ApiError> {
+    let svc = body.service.clone();
+    modify(&shared, &name, &svc, |rec| {
+        let current = rec.services[&svc].clone();
+        if current.spec_hash != body.spec_hash {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "that version is no longer the desired one",
+            ));
+        }
+        let Some(prev) = rec.previous.as_mut().and_then(|p| p.remove(&svc)) else {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "no previous version to roll back to",
+            ));
+        };
+        let mut restored = prev;
+        restored.spec.replicas = current.spec.replicas;
+        restored.pins = current.pins;
+        rec.services.insert(svc.clone(), restored);
+        let reason: String = body.reason.chars().take(512).collect();
+        rec.rolled_back = Some(format!(
+            "{svc} {}: {reason}",
+            &body.spec_hash[..body.spec_hash.len().min(12)]
+        ));
+        Ok(())
+    })
+    .await
+}

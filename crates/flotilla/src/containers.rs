@@ -1,0 +1,802 @@
+//! The container lifecycle commands: `build`, `deploy`, `scale`, `rm`, `backup`,
+//! `restore`, `migrate`.
+//!
+//! The CLI builds images itself (no registry: the archives go straight to the agents
+//! that run them), writes desired state to the server, and moves backup data directly
+//! between agents (and this machine), never through the server.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use flotilla_agent::build::{build_service, Built};
+use flotilla_client::Client;
+use flotilla_core::stack::{DeployedService, StackSpec};
+use flotilla_core::{HealthStatus, InstanceView, NodeView};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use crate::cli::{BackupArgs, BuildArgs, DeployArgs, MigrateArgs, RestoreArgs, RmArgs, ScaleArgs};
+use crate::ops::client;
+use crate::UsageError;
+
+fn usage(e: impl std::fmt::Display) -> anyhow::Error {
+    UsageError(e.to_string()).into()
+}
+
+/// Build time: `SOURCE_DATE_EPOCH` (reproducible builds) or now.
+fn build_time() -> u64 {
+    std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| flotilla_core::record::unix_ms() / 1000)
+}
+
+fn load_spec(path: &Path) -> anyhow::Result<(StackSpec, PathBuf)> {
+    let spec = StackSpec::load(path).map_err(usage)?;
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    Ok((spec, dir))
+}
+
+async fn build_all(
+    spec: &StackSpec,
+    dir: &Path,
+    docker: &str,
+) -> anyhow::Result<BTreeMap<String, Built>> {
+    let needs_docker = spec
+        .services
+        .values()
+        .any(|s| s.image.base.starts_with("image:"));
+    let engine = if needs_docker {
+        Some(flotilla_agent::docker::connect(docker).await?)
+    } else {
+        None
+    };
+    let created = build_time();
+    let mut out = BTreeMap::new();
+    for (name, svc) in &spec.services {
+        let built = build_service(engine.as_ref(), &spec.name, name, svc, dir, created)
+            .await
+            .map_err(|e| {
+                // A missing file is the spec's fault: exit 2.
+                if e.to_string().contains("cannot read") {
+                    usage(format!("{e:#}"))
+                } else {
+                    e
+                }
+            })?;
+        out.insert(name.clone(), built);
+    }
+    Ok(out)
+}
+
+/// `flotilla build SPEC`.
+pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
+    let (spec, dir) = load_spec(&args.spec)?;
+    let built = build_all(&spec, &dir, &args.docker).await?;
+    if let Some(out) = &args.out {
+        std::fs::create_dir_all(out)?;
+    }
+    let engine = if args.out.is_none() {
+        Some(flotilla_agent::docker::connect(&args.docker).await?)
+    } else {
+        None
+    };
+    for (name, b) in built {
+        match (&args.out, &engine) {
+            (Some(dir), _) => {
+                let file = dir.join(format!("{}-{name}.tar", spec.name));
+                std::fs::write(&file, &b.archive)?;
+                println!("{name}: {} {} -> {}", b.tag, b.id, file.display());
+            }
+            (None, Some(d)) => {
+                flotilla_agent::build::load(d, b.archive).await?;
+                println!(
+                    "{name}: {} {} ({} layers, spec {})",
+                    b.tag,
+                    b.id,
+                    b.diff_ids.len(),
+                    &b.spec_hash[..12]
+                );
+            }
+            _ => unreachable!(),
+        }
+    }
+    Ok(())
+}
+
+/// A client for a node's agent API.
+struct AgentApi {
+    url: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl AgentApi {
+    fn of(node: &NodeView, token: &str) -> anyhow::Result<Self> {
+        let url = node
+            .api
+            .clone()
+            .with_context(|| format!("node {} serves no agent API", node.name))?;
+        Ok(AgentApi {
+            url,
+            token: token.to_owned(),
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .connect_timeout(Duration::from_secs(3))
+                .build()?,
+        })
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+    }
+
+    async fn json(&self, req: reqwest::RequestBuilder) -> anyhow::Result<serde_json::Value> {
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("agent at {}", self.url))?;
+        let status = resp.status();
+        let v: serde_json::Value = resp.json().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!(
+                "agent at {}: {}",
+                self.url,
+                v.get("error")
+                    .and_then(|e| e.as_str())
+                    .unwrap_or(status.as_str())
+            );
+        }
+        Ok(v)
+    }
+}
+
+fn token_of(args: &crate::cli::ClientArgs) -> anyhow::Result<String> {
+    let home = crate::run::flotilla_home();
+    let default_token = home.join("token");
+    let file = args
+        .token_file
+        .clone()
+        .or_else(|| default_token.exists().then_some(default_token));
+    crate::run::token_from(file.as_deref())?
+        .context("no token: --token-file FILE, FLOTILLA_TOKEN_FILE or FLOTILLA_TOKEN")
+}
+
+/// Sends each image to every live node that lacks it.
+async fn push_images(
+    nodes: &[NodeView],
+    token: &str,
+    built: &BTreeMap<String, Built>,
+) -> anyhow::Result<()> {
+    for n in nodes {
+        let Ok(api) = AgentApi::of(n, token) else {
+            eprintln!(
+                "warning: node {} serves no agent API; it cannot run deployed replicas",
+                n.name
+            );
+            continue;
+        };
+        for b in built.values() {
+            let present = api
+                .json(
+                    api.req(reqwest::Method::GET, "/v1/images")
+                        .query(&[("tag", &b.tag)]),
+                )
+                .await?;
+            if present["present"].as_bool() == Some(true) {
+                continue;
+            }
+            api.json(
+                api.req(reqwest::Method::POST, "/v1/images")
+                    .body(b.archive.clone()),
+            )
+            .await
+            .with_context(|| format!("sending {} to node {}", b.tag, n.name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Deploys a stack file: builds, distributes images, stores the desired state, and
+/// (unless `detach`) waits until every replica of the new version passes.
+pub async fn deploy_file(
+    c: &Client,
+    token: &str,
+    path: &Path,
+    docker: &str,
+    wait: Option<Duration>,
+) -> anyhow::Result<()> {
+    let (spec, dir) = load_spec(path)?;
+    let built = build_all(&spec, &dir, docker).await?;
+    let nodes = c.nodes().await?;
+    if nodes.is_empty() {
+        bail!("no live nodes: start an agent first");
+    }
+    push_images(&nodes, token, &built).await?;
+    let services: BTreeMap<String, DeployedService> = spec
+        .services
+        .iter()
+        .map(|(name, s)| {
+            let b = &built[name];
+            (
+                name.clone(),
+                DeployedService {
+                    spec: s.clone(),
+                    image: b.tag.clone(),
+                    image_id: b.id.clone(),
+                    spec_hash: b.spec_hash.clone(),
+                    pins: Default::default(),
+                },
+            )
+        })
+        .collect();
+    let r = c.deploy(&spec.name, &services).await?;
+    println!(
+        "stack {} generation {} stored; {} services",
+        spec.name,
+        r["generation"],
+        services.len()
+    );
+    if let Some(within) = wait {
+        wait_converged(c, &spec.name, within).await?;
+    }
+    Ok(())
+}
+
+/// Passing instances of `stack`'s `service` running version `hash`.
+fn passing_of<'a>(
+    list: &'a [InstanceView],
+    stack: &str,
+    service: &str,
+    hash: &str,
+) -> Vec<&'a InstanceView> {
+    list.iter()
+        .filter(|i| {
+            i.service == service
+                && i.meta.get("stack").map(String::as_str) == Some(stack)
+                && i.meta
+                    .get("spec")
+                    .is_some_and(|s| hash.starts_with(s.as_str()))
+                && i.health == HealthStatus::Passing
+        })
+        .collect()
+}
+
+/// Waits until every service of the stack has `replicas` passing instances of its
+/// desired version; fails if the server records a rollback.
+pub async fn wait_converged(c: &Client, stack: &str, within: Duration) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let mut last = String::new();
+    loop {
+        let rec = c.stack(stack).await?;
+        if let Some(why) = &rec.rolled_back {
+            bail!("update rolled back: {why}");
+        }
+        let list = c.instances().await?;
+        let mut done = true;
+        let mut status = Vec::new();
+        for (name, svc) in &rec.services {
+            let n = passing_of(&list, stack, name, &svc.spec_hash).len() as u32;
+            done &= n >= svc.spec.replicas;
+            status.push(format!("{name} {n}/{}", svc.spec.replicas));
+        }
+        let line = status.join(", ");
+        if line != last {
+            println!("  {:>5.1}s  {line}", t0.elapsed().as_secs_f64());
+            last = line;
+        }
+        if done {
+            println!(
+                "stack {stack} converged in {:.1}s",
+                t0.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if t0.elapsed() > within {
+            bail!(
+                "stack {stack} did not converge within {}",
+                humantime::format_duration(within)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `flotilla deploy SPEC`.
+pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
+    let c = client(&args.client)?;
+    let token = token_of(&args.client)?;
+    let wait = (!args.detach).then_some(args.timeout.into());
+    deploy_file(&c, &token, &args.spec, &args.docker, wait).await
+}
+
+/// Finds the stack that has `service` (or `stack` if given).
+async fn stack_of(c: &Client, stack: Option<&str>, service: &str) -> anyhow::Result<String> {
+    let (_, stacks) = c.stacks(0, Duration::ZERO).await?;
+    let found: Vec<&str> = stacks
+        .iter()
+        .filter(|s| stack.is_none_or(|n| n == s.name) && s.services.contains_key(service))
+        .map(|s| s.name.as_str())
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one.to_string()),
+        [] => Err(usage(format!(
+            "no deployed stack has a service {service:?}"
+        ))),
+        many => Err(usage(format!(
+            "service {service:?} is in stacks {}: say which with --stack",
+            many.join(", ")
+        ))),
+    }
+}
+
+/// `flotilla scale SVC=N ...`.
+pub async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
+    let c = client(&args.client)?;
+    let mut plan = Vec::new();
+    for a in &args.assignments {
+        let (svc, n) = a
+            .split_once('=')
+            .ok_or_else(|| usage(format!("{a:?}: expected SERVICE=REPLICAS")))?;
+        let n: u32 = n
+            .parse()
+            .map_err(|_| usage(format!("{a:?}: {n:?} is not a replica count")))?;
+        let stack = stack_of(&c, args.stack.as_deref(), svc).await?;
+        plan.push((stack, svc.to_owned(), n));
+    }
+    for (stack, svc, n) in &plan {
+        c.scale(stack, svc, *n).await?;
+        println!("{stack}/{svc}: replicas = {n}");
+    }
+    if !args.detach {
+        for stack in plan
+            .iter()
+            .map(|p| &p.0)
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            wait_converged(&c, stack, args.timeout.into()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// `flotilla rm STACK`.
+pub async fn rm(args: RmArgs) -> anyhow::Result<()> {
+    let c = client(&args.client)?;
+    c.remove_stack(&args.stack).await?;
+    println!(
+        "stack {} removed from the desired state; waiting for its replicas to stop",
+        args.stack
+    );
+    let t0 = Instant::now();
+    loop {
+        let left = c
+            .instances()
+            .await?
+            .into_iter()
+            .filter(|i| i.meta.get("stack") == Some(&args.stack))
+            .count();
+        if left == 0 {
+            println!(
+                "stack {} is gone ({:.1}s); its volumes are kept",
+                args.stack,
+                t0.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "{left} instances of stack {} are still registered after 60s",
+                args.stack
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Resolves an instance by registry id or container name; a service name gives all of
+/// its instances.
+async fn resolve(c: &Client, what: &str) -> anyhow::Result<Vec<InstanceView>> {
+    let list = c.instances().await?;
+    let exact: Vec<InstanceView> = list
+        .iter()
+        .filter(|i| i.id == what || i.meta.get("container_name").map(String::as_str) == Some(what))
+        .cloned()
+        .collect();
+    if !exact.is_empty() {
+        return Ok(exact);
+    }
+    let of_service: Vec<InstanceView> = list.into_iter().filter(|i| i.service == what).collect();
+    if of_service.is_empty() {
+        return Err(usage(format!(
+            "no instance, container or service named {what:?}"
+        )));
+    }
+    Ok(of_service)
+}
+
+async fn node_of(c: &Client, name: &str) -> anyhow::Result<NodeView> {
+    c.nodes()
+        .await?
+        .into_iter()
+        .find(|n| n.name == name)
+        .ok_or_else(|| usage(format!("no live node {name:?}")))
+}
+
+fn container_of(i: &InstanceView) -> anyhow::Result<String> {
+    i.meta
+        .get("container_id")
+        .or_else(|| i.meta.get("container_name"))
+        .cloned()
+        .with_context(|| format!("instance {} is not a container", i.id))
+}
+
+/// A `Read` over chunks sent from async code, for checking a stream while it is written.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<bytes::Bytes>,
+    cur: bytes::Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.recv() {
+                Ok(b) => self.cur = b,
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        self.cur = self.cur.slice(n..);
+        Ok(n)
+    }
+}
+
+fn progress(label: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg} {bytes} ({bytes_per_sec}) {elapsed}",
+        )
+        .expect("template"),
+    );
+    pb.set_message(label.to_owned());
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb
+}
+
+/// `flotilla backup INSTANCE|SERVICE`.
+pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    let c = client(&args.client)?;
+    let token = token_of(&args.client)?;
+    let dir = args.to.clone().unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for inst in resolve(&c, &args.instance).await? {
+        let node = node_of(&c, inst.node.as_deref().unwrap_or_default()).await?;
+        let api = AgentApi::of(&node, &token)?;
+        let container = container_of(&inst)?;
+        let name = inst
+            .meta
+            .get("container_name")
+            .cloned()
+            .unwrap_or(container.clone());
+        let stamp = flotilla_core::record::unix_ms();
+        let file = dir.join(format!("{name}-{stamp}.flotilla-backup"));
+        let t0 = Instant::now();
+        let manifest =
+            fetch_backup(&api, &container, &args.consistency, !args.no_image, &file).await?;
+        let secs = t0.elapsed().as_secs_f64();
+        let size = std::fs::metadata(&file)?.len();
+        println!(
+            "{}: {} ({} parts, {:.1} MiB, {} , {:.1}s, {:.0} MiB/s)",
+            inst.id,
+            file.display(),
+            manifest.parts.len(),
+            size as f64 / 1048576.0,
+            manifest.consistency,
+            secs,
+            size as f64 / 1048576.0 / secs.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+/// Streams a backup from an agent into `file`, checking it on the way; on any failure
+/// the partial file is removed.
+async fn fetch_backup(
+    api: &AgentApi,
+    container: &str,
+    consistency: &str,
+    image: bool,
+    file: &Path,
+) -> anyhow::Result<flotilla_archive::Manifest> {
+    let part = file.with_extension("partial");
+    let result = async {
+        let resp = api
+            .req(reqwest::Method::GET, "/v1/backup")
+            .query(&[
+                ("container", container),
+                ("consistency", consistency),
+                ("image", if image { "true" } else { "false" }),
+            ])
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            let v: serde_json::Value = resp.json().await.unwrap_or_default();
+            bail!(
+                "backup of {container}: {}",
+                v["error"].as_str().unwrap_or("failed")
+            );
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(16);
+        let checker = std::thread::spawn(move || {
+            flotilla_archive::backup::verify(ChannelReader {
+                rx,
+                cur: bytes::Bytes::new(),
+            })
+        });
+        let mut out = tokio::fs::File::create(&part).await?;
+        let pb = progress(&format!("backup {container}"));
+        let mut s = resp.bytes_stream();
+        while let Some(chunk) = s.next().await {
+            let chunk = chunk.context("the backup stream broke off")?;
+            pb.inc(chunk.len() as u64);
+            out.write_all(&chunk).await?;
+            if tx.send(chunk).is_err() {
+                break; // the checker already failed; its error is reported below
+            }
+        }
+        drop(tx);
+        out.sync_all().await?;
+        pb.finish_and_clear();
+        let manifest = checker
+            .join()
+            .map_err(|_| anyhow::anyhow!("archive checker panicked"))?
+            .context("the received archive failed its check")?;
+        tokio::fs::rename(&part, file).await?;
+        Ok(manifest)
+    }
+    .await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&part).await;
+    }
+    result
+}
+
+/// `flotilla restore ARCHIVE`.
+pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let c = client(&args.client)?;
+    let token = token_of(&args.client)?;
+    // Check locally first: a bad archive is not even sent.
+    let path = args.archive.clone();
+    let manifest = tokio::task::spawn_blocking(move || flotilla_agent::backup::verify_file(&path))
+        .await?
+        .map_err(|e| usage(format!("{e:#}")))?;
+    let nodes = c.nodes().await?;
+    let node = match &args.node {
+        Some(n) => node_of(&c, n).await?,
+        None if nodes.len() == 1 => nodes[0].clone(),
+        None => bail!("several nodes are up: say which with --node"),
+    };
+    let api = AgentApi::of(&node, &token)?;
+    let f = tokio::fs::File::open(&args.archive).await?;
+    let len = f.metadata().await?.len();
+    let pb = progress("restore");
+    pb.set_length(len);
+    let pb2 = pb.clone();
+    let stream = tokio_util_stream(f).inspect(move |c| {
+        if let Ok(b) = c {
+            pb2.inc(b.len() as u64);
+        }
+    });
+    let mut q: Vec<(&str, String)> = vec![("start", (!args.no_start).to_string())];
+    if let Some(n) = &args.name {
+        q.push(("name", n.clone()));
+    }
+    let t0 = Instant::now();
+    let v = api
+        .json(
+            api.req(reqwest::Method::POST, "/v1/restore")
+                .query(&q)
+                .timeout(Duration::from_secs(3600))
+                .body(reqwest::Body::wrap_stream(stream)),
+        )
+        .await?;
+    pb.finish_and_clear();
+    println!(
+        "restored {} on {} as {} ({} parts checked, {:.1}s{})",
+        args.archive.display(),
+        node.name,
+        v["name"].as_str().unwrap_or("?"),
+        manifest.parts.len(),
+        t0.elapsed().as_secs_f64(),
+        match v["passing_after_ms"].as_u64() {
+            Some(ms) => format!(", passing {ms} ms after start"),
+            None => String::new(),
+        }
+    );
+    Ok(())
+}
+
+fn tokio_util_stream(
+    mut f: tokio::fs::File,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+    use tokio::io::AsyncReadExt;
+    async_stream(move |tx| async move {
+        loop {
+            let mut buf = vec![0u8; 1 << 20];
+            let n = f.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.truncate(n);
+            if tx.send(Ok(bytes::Bytes::from(buf))).await.is_err() {
+                return Ok(());
+            }
+        }
+    })
+}
+
+/// A stream fed by a task through a channel.
+fn async_stream<F, Fut>(
+    f: F,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let err_tx = tx.clone();
+    let fut = f(tx);
+    tokio::spawn(async move {
+        if let Err(e) = fut.await {
+            let _ = err_tx.send(Err(e)).await;
+        }
+    });
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// `flotilla migrate INSTANCE --to NODE`.
+pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let c = client(&args.client)?;
+    let token = token_of(&args.client)?;
+    let inst = match resolve(&c, &args.instance).await?.as_slice() {
+        [one] => one.clone(),
+        many => bail!(
+            "{:?} names {} instances: migrate one at a time (by id or container name)",
+            args.instance,
+            many.len()
+        ),
+    };
+    let from = inst.node.clone().context("the instance has no node")?;
+    if from == args.to {
+        return Err(usage(format!("{} already runs on {from}", inst.id)));
+    }
+    let source = node_of(&c, &from).await?;
+    let target = node_of(&c, &args.to).await?;
+    let src = AgentApi::of(&source, &token)?;
+    let dst = AgentApi::of(&target, &token)?;
+    let container = container_of(&inst)?;
+    let stack = inst.meta.get("stack").cloned();
+    let replica: Option<u32> = inst.meta.get("replica").and_then(|r| r.parse().ok());
+    let stateful = match &stack {
+        Some(s) => {
+            let rec = c.stack(s).await?;
+            rec.services
+                .get(&inst.service)
+                .is_some_and(|svc| !svc.spec.volumes.is_empty())
+        }
+        None => true, // unknown: treat its volumes (if any) as state
+    };
+    let drain = humantime::format_duration(args.drain.into()).to_string();
+    let t0 = Instant::now();
+    match (&stack, replica, stateful) {
+        (Some(s), Some(r), false) => {
+            // Stateless replica: pin it to the target; the target's agent starts it, and
+            // the source's agent drains and removes the old one once the new one passes.
+            c.pin(s, &inst.service, r, Some(&args.to)).await?;
+            let rec = c.stack(s).await?;
+            let hash = rec.services[&inst.service].spec_hash.clone();
+            loop {
+                let list = c.instances().await?;
+                let here = passing_of(&list, s, &inst.service, &hash).iter().any(|i| {
+                    i.node.as_deref() == Some(&args.to)
+                        && i.meta.get("replica") == Some(&r.to_string())
+                });
+                let old_gone = !list.iter().any(|i| i.id == inst.id);
+                if here && old_gone {
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(120) {
+                    bail!("the replica did not move within 120s");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            println!(
+                "migrated {} ({s}/{}/{r}, stateless) {from} -> {}: blue/green, no downtime, {:.1}s",
+                inst.id,
+                inst.service,
+                args.to,
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        _ => {
+            // Stateful (or not a stack replica): stop, stream the final state straight
+            // into a restore on the target, then retire the source.
+            let consistency = if stateful { "stop" } else { "live" };
+            let resp = src
+                .req(reqwest::Method::GET, "/v1/backup")
+                .query(&[
+                    ("container", container.as_str()),
+                    ("consistency", consistency),
+                    ("image", "true"),
+                    ("leave_stopped", if stateful { "true" } else { "false" }),
+                ])
+                .send()
+                .await?;
+            if !resp.status().is_success() {
+                let v: serde_json::Value = resp.json().await.unwrap_or_default();
+                bail!(
+                    "backup on {from}: {}",
+                    v["error"].as_str().unwrap_or("failed")
+                );
+            }
+            let stopped_at = Instant::now();
+            let restored = dst
+                .json(
+                    dst.req(reqwest::Method::POST, "/v1/restore")
+                        .query(&[("start", "true")])
+                        .timeout(Duration::from_secs(3600))
+                        .body(reqwest::Body::wrap_stream(resp.bytes_stream())),
+                )
+                .await;
+            let restored = match restored {
+                Ok(v) => v,
+                Err(e) => {
+                    // Put the source back into service.
+                    let _ = src
+                        .json(
+                            src.req(reqwest::Method::POST, "/v1/release")
+                                .query(&[("container", &container)]),
+                        )
+                        .await;
+                    return Err(
+                        e.context("restore on the target failed; the source was started again")
+                    );
+                }
+            };
+            let downtime = stopped_at.elapsed();
+            if let (Some(s), Some(r)) = (&stack, replica) {
+                c.pin(s, &inst.service, r, Some(&args.to)).await?;
+            }
+            src.json(src.req(reqwest::Method::POST, "/v1/retire").query(&[
+                ("container", container.as_str()),
+                ("drain", if stateful { "0s" } else { drain.as_str() }),
+            ]))
+            .await?;
+            println!(
+                "migrated {} ({}) {from} -> {} as {}: {:.1} MiB moved, downtime {:.2}s ({}), total {:.1}s",
+                inst.id,
+                if stateful { "stateful, cold" } else { "stateless" },
+                args.to,
+                restored["name"].as_str().unwrap_or("?"),
+                restored["bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                if stateful { downtime.as_secs_f64() } else { 0.0 },
+                if stateful { "stopped → passing on the target" } else { "the source served until the target passed" },
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}
