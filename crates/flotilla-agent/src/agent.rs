@@ -36,6 +36,8 @@ pub(crate) struct Inner {
     pub(crate) http: reqwest::Client,
     /// Containers the reconciler must not restart (on their way to another host).
     holds: Mutex<std::collections::HashSet<String>>,
+    /// The API's URL once bound (an `api_listen` port of 0 is resolved here).
+    api_bound: std::sync::OnceLock<String>,
     /// Restart backoff per container.
     pub(crate) backoff: Mutex<HashMap<String, crate::reconcile::Backoff>>,
     /// Serialises event handling and resyncs so their decisions never interleave.
@@ -100,6 +102,7 @@ impl Agent {
                     .connect_timeout(Duration::from_secs(2))
                     .build()?,
                 holds: Mutex::new(Default::default()),
+                api_bound: std::sync::OnceLock::new(),
                 backoff: Mutex::new(HashMap::new()),
             }),
         })
@@ -115,6 +118,11 @@ impl Agent {
             let l = tokio::net::TcpListener::bind(&inner.config.api_listen)
                 .await
                 .with_context(|| format!("binding the agent API on {}", inner.config.api_listen))?;
+            let url = match &inner.config.api_url {
+                Some(u) => u.clone(),
+                None => format!("http://{}", l.local_addr()?),
+            };
+            let _ = inner.api_bound.set(url);
             Some(l)
         };
         let mut backoff = Duration::from_millis(100);
@@ -167,15 +175,7 @@ type EventStream = futures::stream::BoxStream<
 impl Inner {
     /// The URL peers reach this agent's API at, if it serves one.
     pub(crate) fn api_url(&self) -> Option<String> {
-        if self.config.api_listen.is_empty() {
-            return None;
-        }
-        Some(
-            self.config
-                .api_url
-                .clone()
-                .unwrap_or_else(|| format!("http://{}", self.config.api_listen)),
-        )
+        self.api_bound.get().cloned()
     }
 
     /// Keeps the reconciler away from a container (a migration is moving it).

@@ -280,7 +280,14 @@ async fn restore(
     }
     f.flush().await.map_err(|e| failed(e.into()))?;
     drop(f);
-    let result = backup::restore(&inner.docker, &path, q.name.as_deref(), q.start).await;
+    let result = backup::restore(
+        &inner.docker,
+        &path,
+        q.name.as_deref(),
+        q.start,
+        &[(crate::reconcile::OWNER, &inner.node)],
+    )
+    .await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let restored =
         result.map_err(|e| AppError(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;

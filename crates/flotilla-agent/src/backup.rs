@@ -57,6 +57,9 @@ pub struct SavedContainer {
     pub networks: Vec<String>,
     /// Named volumes: (volume name, mount point), in archive order.
     pub volumes: Vec<(String, String)>,
+    /// Whether Docker's init runs as PID 1 (forwards signals, reaps zombies).
+    #[serde(default)]
+    pub init: bool,
 }
 
 /// What `backup` was asked to do.
@@ -224,6 +227,7 @@ fn saved_container(info: &bollard::models::ContainerInspectResponse) -> SavedCon
         memory: host.memory.filter(|n| *n > 0),
         networks,
         volumes,
+        init: host.init.unwrap_or(false),
     }
 }
 
@@ -243,13 +247,16 @@ pub struct Restored {
 }
 
 /// Restores the archive at `path` as a new container named `name` (default: the
-/// source's name); starts it if `start`. Checks everything before creating anything,
-/// and removes what it created if a later step fails.
+/// source's name); starts it if `start`. Labels the container already has are set to
+/// the values in `relabel` (the managing node changes with the host). Checks
+/// everything before creating anything, and removes what it created if a later step
+/// fails.
 pub async fn restore(
     docker: &Docker,
     path: &Path,
     name: Option<&str>,
     start: bool,
+    relabel: &[(&str, &str)],
 ) -> anyhow::Result<Restored> {
     // Pass 1: check the whole archive and pick up the config part.
     let p = path.to_owned();
@@ -274,8 +281,13 @@ pub async fn restore(
         anyhow::Ok((m, config))
     })
     .await??;
-    let saved: SavedContainer =
+    let mut saved: SavedContainer =
         serde_json::from_slice(&config).context("the archive's container config")?;
+    for (k, v) in relabel {
+        if let Some(old) = saved.labels.get_mut(*k) {
+            *old = (*v).to_owned();
+        }
+    }
     let volume_parts: Vec<&str> = manifest
         .parts
         .iter()
@@ -547,6 +559,7 @@ async fn create_container(
             nano_cpus: saved.nano_cpus,
             memory: saved.memory,
             network_mode: saved.networks.first().cloned(),
+            init: Some(saved.init),
             ..Default::default()
         }),
         networking_config: Some(bollard::container::NetworkingConfig {

@@ -25,6 +25,9 @@ use crate::agent::Inner;
 use crate::build::{REPLICA, SPEC_HASH, STACK};
 use crate::labels::{instance_id, NETWORK, SERVICE};
 
+/// Label: the node whose reconciler manages the container.
+pub const OWNER: &str = "flotilla.node";
+
 /// A container of a stack on this engine.
 #[derive(Debug, Clone)]
 struct Local {
@@ -111,8 +114,13 @@ impl Inner {
     }
 
     async fn locals(&self) -> anyhow::Result<Vec<Local>> {
+        // Only replicas this node created: another cluster's agent (or another node's,
+        // after a restore) may share the engine, and its containers are not ours.
         let mut filters = HashMap::new();
-        filters.insert("label".to_owned(), vec![STACK.to_owned()]);
+        filters.insert(
+            "label".to_owned(),
+            vec![STACK.to_owned(), format!("{OWNER}={}", self.node)],
+        );
         let list = self
             .docker
             .list_containers(Some(ListContainersOptions::<String> {
@@ -348,6 +356,7 @@ impl Inner {
             .into_iter()
             .collect();
         labels.insert(STACK.into(), stack.into());
+        labels.insert(OWNER.into(), self.node.clone());
         labels.insert(REPLICA.into(), r.to_string());
         labels.insert(SPEC_HASH.into(), svc.spec_hash.clone());
         labels.insert(NETWORK.into(), network.clone());
@@ -378,6 +387,9 @@ impl Inner {
                 nano_cpus: svc.spec.resources.cpus.map(|c| (c * 1e9) as i64),
                 memory: memory.map(|m| m as i64),
                 network_mode: Some(network),
+                // An init as PID 1 passes SIGTERM on: a stop takes milliseconds, not
+                // the 10 s grace that a signal-deaf PID 1 (busybox httpd) would cost.
+                init: Some(true),
                 ..Default::default()
             }),
             ..Default::default()

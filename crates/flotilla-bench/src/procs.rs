@@ -126,6 +126,8 @@ impl ServerProc {
             path_str(&self.token_file)?,
             "--node",
             node,
+            "--api-listen",
+            "127.0.0.1:0",
         ])
     }
 }

@@ -468,20 +468,9 @@ pub fn place(service: &str, svc: &DeployedService, live: &[String]) -> BTreeMap<
     let even = svc.spec.replicas.div_ceil(nodes.len() as u32).max(1);
     let cap = svc.spec.placement.max_per_node.unwrap_or(even);
     let mut load: BTreeMap<&String, u32> = nodes.iter().map(|n| (*n, 0)).collect();
-    for r in 0..svc.spec.replicas {
-        if let Some(pin) = svc
-            .pins
-            .get(&r)
-            .and_then(|p| nodes.iter().find(|n| **n == p))
-        {
-            *load.get_mut(pin).expect("known node") += 1;
-            out.insert(r, (*pin).clone());
-        }
-    }
     // Best (replica, node) pairs first: a replica keeps its favourite node unless a
     // replica that likes that node more took the last place, which keeps moves local.
     let mut pairs: Vec<(u64, u32, &String)> = (0..svc.spec.replicas)
-        .filter(|r| !out.contains_key(r))
         .flat_map(|r| {
             nodes
                 .iter()
@@ -493,6 +482,13 @@ pub fn place(service: &str, svc: &DeployedService, live: &[String]) -> BTreeMap<
         if !out.contains_key(&r) && load[n] < cap {
             *load.get_mut(n).expect("known node") += 1;
             out.insert(r, n.clone());
+        }
+    }
+    // A pin is an operator's explicit move, applied last: the other replicas stay
+    // exactly where they would be without it, so moving one never displaces another.
+    for (r, pin) in &svc.pins {
+        if *r < svc.spec.replicas && nodes.iter().any(|n| *n == pin) {
+            out.insert(*r, pin.clone());
         }
     }
     out

@@ -182,10 +182,16 @@ impl EtcdCluster {
 
 /// Runs `docker ARGS`, returning trimmed stdout or the error with stderr.
 pub fn docker(args: &[&str]) -> Result<String> {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .context("running docker")?;
+    docker_at(None, args)
+}
+
+/// Runs `docker [-H HOST] ARGS` against the default engine or another one.
+pub fn docker_at(host: Option<&str>, args: &[&str]) -> Result<String> {
+    let mut cmd = Command::new("docker");
+    if let Some(h) = host {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd.args(args).output().context("running docker")?;
     if !out.status.success() {
         bail!(
             "docker {}: {}",
@@ -232,6 +238,8 @@ pub struct DockerNetwork {
     pub subnet: u8,
     /// Docker's id of the network.
     pub id: String,
+    /// Engine it lives on (`None`: the default one).
+    pub host: Option<String>,
 }
 
 impl DockerNetwork {
@@ -242,22 +250,31 @@ impl DockerNetwork {
 
     /// Creates a network with subnet `198.18.N.0/24`, picking a free N.
     pub fn create(prefix: &str) -> Result<Self> {
-        let name = unique(prefix);
+        Self::create_on(None, &unique(prefix))
+    }
+
+    /// Creates network `name` on the engine at `host` (default engine if `None`).
+    pub fn create_on(host: Option<&str>, name: &str) -> Result<Self> {
+        let name = name.to_owned();
         let mut last = String::new();
         for _ in 0..20 {
             let n = 1 + (std::process::id() as u64 * 7 + now_nanos() % 250) % 250;
-            match docker(&[
-                "network",
-                "create",
-                "--subnet",
-                &format!("198.18.{n}.0/24"),
-                &name,
-            ]) {
+            match docker_at(
+                host,
+                &[
+                    "network",
+                    "create",
+                    "--subnet",
+                    &format!("198.18.{n}.0/24"),
+                    &name,
+                ],
+            ) {
                 Ok(id) => {
                     return Ok(DockerNetwork {
                         name,
                         subnet: n as u8,
                         id: id.trim().to_owned(),
+                        host: host.map(str::to_owned),
                     })
                 }
                 Err(e) => last = e.to_string(),
@@ -276,7 +293,108 @@ fn now_nanos() -> u64 {
 
 impl Drop for DockerNetwork {
     fn drop(&mut self) {
-        let _ = docker(&["network", "rm", &self.name]);
+        let _ = docker_at(self.host.as_deref(), &["network", "rm", &self.name]);
+    }
+}
+
+/// An extra Docker Engine with its own data root, exec root, socket and containerd
+/// namespace: a second "host" that shares nothing with the default engine. It makes no
+/// iptables rules and no default bridge; user-defined bridges work and are reachable
+/// from this machine. Stopped and deleted on drop.
+pub struct Dockerd {
+    /// `unix:///...` endpoint.
+    pub host: String,
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl Dockerd {
+    /// Starts a daemon and waits until it answers.
+    pub fn start(name: &str) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("flotilla-dockerd-{name}-"))
+            .tempdir()?;
+        let d = dir.path().to_path_buf();
+        std::fs::write(d.join("daemon.json"), "{}")?;
+        let sock = d.join("docker.sock");
+        let ns = unique(&format!("flotilla-{name}"));
+        let log = std::fs::File::create(d.join("dockerd.log"))?;
+        let child = Command::new("dockerd")
+            .arg("--config-file")
+            .arg(d.join("daemon.json"))
+            .arg("--data-root")
+            .arg(d.join("data"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("docker.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", sock.display()))
+            .args(["--bridge", "none", "--iptables=false", "--ip-masq=false"])
+            .args(["--containerd-namespace", &ns])
+            .args(["--containerd-plugins-namespace", &format!("{ns}-p")])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting dockerd")?;
+        let host = format!("unix://{}", sock.display());
+        let daemon = Dockerd { host, dir, child };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if docker_at(
+                Some(&daemon.host),
+                &["version", "--format", "{{.Server.Version}}"],
+            )
+            .is_ok()
+            {
+                return Ok(daemon);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!(
+            "dockerd {name} did not come up: {}",
+            std::fs::read_to_string(d.join("dockerd.log")).unwrap_or_default()
+        )
+    }
+
+    /// Runs `docker ARGS` against this daemon.
+    pub fn docker(&self, args: &[&str]) -> Result<String> {
+        docker_at(Some(&self.host), args)
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if let Ok(ids) = self.docker(&["ps", "-aq"]) {
+            for id in ids.split_whitespace() {
+                let _ = self.docker(&["rm", "-f", id]);
+            }
+        }
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Overlay mounts may linger under the data root; unmount before deleting.
+        let root = self.dir.path().to_string_lossy().into_owned();
+        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+            for line in mounts.lines() {
+                if let Some(m) = line
+                    .split_whitespace()
+                    .nth(1)
+                    .filter(|m| m.starts_with(&root))
+                {
+                    let _ = Command::new("umount").args(["-l", m]).status();
+                }
+            }
+        }
     }
 }
 

@@ -111,6 +111,13 @@ pub struct AgentArgs {
     /// Address for the agent's /metrics; "" disables [default: disabled].
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    /// Address of the agent's API (images, backup, restore); "" disables it, and with
+    /// it deploys and migrations to this node [default: 127.0.0.1:7701].
+    #[arg(long)]
+    pub api_listen: Option<String>,
+    /// URL other hosts reach the agent's API at [default: http://API_LISTEN].
+    #[arg(long)]
+    pub api_url: Option<String>,
 }
 
 /// Flags of `flotilla up`.

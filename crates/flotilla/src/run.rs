@@ -138,6 +138,12 @@ pub fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
     if let Some(v) = &args.metrics_listen {
         c.metrics_listen = v.clone();
     }
+    if let Some(v) = &args.api_listen {
+        c.api_listen = v.clone();
+    }
+    if let Some(v) = &args.api_url {
+        c.api_url = Some(v.clone());
+    }
     if c.node.is_none() {
         c.node = Some(hostname());
     }

@@ -198,9 +198,22 @@ pub mod raw {
     }
 }
 
-/// An agent process for `server`, as node `node`.
+/// An agent process for `server`, as node `node`, on the default Docker engine.
 pub fn agent(dir: &Path, server: &Server, node: &str, network: Option<&str>) -> Proc {
+    agent_on(dir, server, node, network, None)
+}
+
+/// An agent process for `server`, as node `node`, on the engine at `docker` (default
+/// engine if `None`), with its API on a free loopback port.
+pub fn agent_on(
+    dir: &Path,
+    server: &Server,
+    node: &str,
+    network: Option<&str>,
+    docker: Option<&str>,
+) -> Proc {
     let token = server.token_file.display().to_string();
+    let api = "127.0.0.1:0".to_owned();
     let mut args = vec![
         "agent",
         "--server",
@@ -209,9 +222,14 @@ pub fn agent(dir: &Path, server: &Server, node: &str, network: Option<&str>) -> 
         &token,
         "--node",
         node,
+        "--api-listen",
+        &api,
     ];
     if let Some(n) = network {
         args.extend(["--default-network", n]);
+    }
+    if let Some(d) = docker {
+        args.extend(["--docker", d]);
     }
     Proc::spawn(&args, dir.join(format!("agent-{node}.log")))
 }

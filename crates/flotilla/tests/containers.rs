@@ -1,0 +1,915 @@
+//! The container lifecycle on real Docker engines: reproducible builds from a spec,
+//! deploy/scale/restart/rm by the agents' reconcilers, a failing rolling update rolled
+//! back under load, backup → destroy → restore bit for bit, bad archives refused with
+//! nothing written, and migration between two engines that share nothing.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{agent_on, eventually, Proc, Server};
+use flotilla_client::Client;
+use flotilla_core::{HealthStatus, InstanceView};
+use flotilla_testkit::{docker, docker_at, unique, DockerNetwork, Dockerd};
+
+/// Runs the CLI against `server`.
+fn cli(server: &Server, home: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(common::BIN)
+        .args(args)
+        .env("FLOTILLA_SERVER", &server.url)
+        .env("FLOTILLA_TOKEN_FILE", &server.token_file)
+        .env("FLOTILLA_HOME", home)
+        .env_remove("FLOTILLA_TOKEN")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Writes a stack spec and its files: `web` (stateless httpd, `replicas` of it) and,
+/// if `notes`, a stateful append-only log on a volume. `web_extra` goes into
+/// `[service.web]` (e.g. a different health path).
+fn write_stack(
+    dir: &Path,
+    stack: &str,
+    network: &str,
+    replicas: u32,
+    web_extra: &str,
+    notes: bool,
+) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    std::fs::write(dir.join("www/index.html"), format!("hello from {stack}\n")).unwrap();
+    std::fs::write(dir.join("www/health"), "ok\n").unwrap();
+    std::fs::write(
+        dir.join("append.cgi"),
+        "#!/bin/sh\nprintf '%s\\n' \"$QUERY_STRING\" >> /data/notes && sync && printf 'Content-Type: text/plain\\r\\n\\r\\nok\\n' && exit 0\nprintf 'Status: 500 Internal Server Error\\r\\n\\r\\n'\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("read.cgi"),
+        "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\ncat /data/notes 2>/dev/null\n",
+    )
+    .unwrap();
+    let mut spec = format!(
+        r#"name = "{stack}"
+
+[service.web]
+port = 8080
+replicas = {replicas}
+network = "{network}"
+command = ["httpd", "-f", "-p", "8080", "-h", "/www"]
+update = {{ health_timeout = "6s", drain = "1s" }}
+{web_extra}
+
+[service.web.image]
+base = "busybox"
+file = [{{ src = "www/index.html", dest = "/www/index.html" }}, {{ src = "www/health", dest = "/www/health" }}]
+"#
+    );
+    if !web_extra.contains("health") {
+        spec.push_str(
+            "\n[service.web.health]\ntype = \"http\"\npath = \"/health\"\ninterval = \"300ms\"\n",
+        );
+    }
+    if notes {
+        spec.push_str(&format!(
+            r#"
+[service.notes]
+port = 8081
+network = "{network}"
+command = ["httpd", "-f", "-p", "8081", "-h", "/www"]
+health = {{ type = "http", path = "/health", interval = "300ms" }}
+
+[service.notes.image]
+base = "busybox"
+file = [
+    {{ src = "append.cgi", dest = "/www/cgi-bin/append", mode = "0755" }},
+    {{ src = "read.cgi", dest = "/www/cgi-bin/read", mode = "0755" }},
+    {{ src = "www/health", dest = "/www/health" }},
+]
+
+[[service.notes.volume]]
+name = "data"
+path = "/data"
+"#
+        ));
+    }
+    let path = dir.join("stack.toml");
+    std::fs::write(&path, spec).unwrap();
+    path
+}
+
+async fn passing_in(client: &Client, stack: &str, service: &str) -> Vec<InstanceView> {
+    client
+        .instances()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| {
+            i.service == service
+                && i.meta.get("stack").map(String::as_str) == Some(stack)
+                && i.health == HealthStatus::Passing
+        })
+        .collect()
+}
+
+async fn node_up(client: &Client, n: usize) {
+    eventually(Duration::from_secs(15), "agents registered", || async {
+        client
+            .nodes()
+            .await
+            .map(|l| l.len() == n && l.iter().all(|x| x.api.is_some()))
+            .unwrap_or(false)
+    })
+    .await;
+}
+
+/// An in-process lb in front of `service`, waiting until it sees `n` backends.
+async fn lb(server: &Server, service: &str, n: usize) -> flotilla_lb::RunningLb {
+    let text = format!(
+        "[admin]\nlisten = \"\"\n[registry]\nurl = \"{}\"\ntoken_file = \"{}\"\n[[listener]]\nname = \"{service}\"\nbind = \"127.0.0.1:0\"\nscheduler = \"round-robin\"\nservice = \"{service}\"\nslow_start = \"0s\"\n",
+        server.url,
+        server.token_file.display()
+    );
+    let config: flotilla_lb::config::LbConfig =
+        flotilla_core::config::parse_toml(Path::new("t.toml"), &text).unwrap();
+    let lb = flotilla_lb::start(config).await.unwrap();
+    let t0 = Instant::now();
+    while lb.listeners[0].backends().len() < n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "lb never saw {n} backends"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lb
+}
+
+/// Open-loop load: one request every `period` until `stop`; counts totals and failures.
+struct Load {
+    total: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    fn start(url: String, period: Duration) -> Load {
+        let total = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (t, f, s) = (total.clone(), failed.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap();
+            let mut tick = tokio::time::interval(period);
+            let mut inflight = tokio::task::JoinSet::new();
+            // Bounded: at most 10 minutes whatever happens to the test.
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
+                tick.tick().await;
+                let (http, url, t, f) = (http.clone(), url.clone(), t.clone(), f.clone());
+                inflight.spawn(async move {
+                    let r = http.get(&url).send().await;
+                    t.fetch_add(1, Ordering::Relaxed);
+                    match r {
+                        Ok(r) if r.status().is_success() => {}
+                        Ok(r) => {
+                            f.fetch_add(1, Ordering::Relaxed);
+                            let status = r.status();
+                            println!(
+                                "failed request: {status} {}",
+                                r.text().await.unwrap_or_default().trim()
+                            );
+                        }
+                        Err(e) => {
+                            f.fetch_add(1, Ordering::Relaxed);
+                            println!("failed request: {e:?}");
+                        }
+                    }
+                });
+            }
+            while inflight.join_next().await.is_some() {}
+        });
+        Load {
+            total,
+            failed,
+            stop,
+            task,
+        }
+    }
+
+    async fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        (
+            self.total.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[tokio::test]
+async fn build_is_reproducible_labelled_and_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let net = DockerNetwork::create("flotilla-build").unwrap();
+    let stack = unique("bld").replace('_', "-");
+    let spec = write_stack(&dir.path().join("spec"), &stack, &net.name, 1, "", false);
+    let home = dir.path();
+    let epoch = [("SOURCE_DATE_EPOCH", "1700000000")];
+    let out1 = dir.path().join("o1");
+    let out2 = dir.path().join("o2");
+    let out3 = dir.path().join("o3");
+    for (out, env) in [
+        (&out1, &epoch[..]),
+        (&out2, &epoch[..]),
+        (&out3, &[("SOURCE_DATE_EPOCH", "1800000000")][..]),
+    ] {
+        let o = cli(
+            &server,
+            home,
+            &[
+                "build",
+                spec.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            env,
+        );
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let file = format!("{stack}-web.tar");
+    let a = std::fs::read(out1.join(&file)).unwrap();
+    let b = std::fs::read(out2.join(&file)).unwrap();
+    let c = std::fs::read(out3.join(&file)).unwrap();
+    assert_eq!(
+        a, b,
+        "same spec, same build time: byte-identical image archive"
+    );
+    assert_ne!(a, c, "another build time is another image config");
+    let la = flotilla_archive::image::base_from_saved(&a).unwrap().layers;
+    let lc = flotilla_archive::image::base_from_saved(&c).unwrap().layers;
+    assert_eq!(la, lc, "but the same layer content");
+
+    // Loaded into the engine: standard labels and health check, and it serves.
+    let o = cli(&server, home, &["build", spec.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let tag = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    let labels: serde_json::Value = serde_json::from_str(
+        &docker(&["image", "inspect", "-f", "{{json .Config.Labels}}", &tag]).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(labels["flotilla.service"], "web");
+    assert_eq!(labels["flotilla.port"], "8080");
+    assert_eq!(labels["flotilla.check.http"], "/health");
+    assert_eq!(labels["flotilla.stack"], stack.as_str());
+    assert_eq!(labels["flotilla.spec-hash"].as_str().unwrap().len(), 64);
+    assert!(labels["flotilla.build-time"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
+    let health = docker(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{json .Config.Healthcheck.Test}}",
+        &tag,
+    ])
+    .unwrap();
+    assert!(
+        health.contains("wget") && health.contains("/health"),
+        "{health}"
+    );
+    let name = unique("flotilla-built");
+    let _c = flotilla_testkit::Container::run(&name, &["--network", &net.name, &tag]).unwrap();
+    let ip = docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &name,
+    ])
+    .unwrap();
+    let url = format!("http://{ip}:8080/index.html");
+    eventually(Duration::from_secs(10), "built image serves", || async {
+        reqwest::get(&url)
+            .await
+            .map(|r| r.status().is_success())
+            .unwrap_or(false)
+    })
+    .await;
+
+    // A spec error exits 2 naming the field.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace("replicas = 1", "replicas = 1000"),
+    )
+    .unwrap();
+    let o = cli(&server, home, &["build", bad.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("service.web.replicas"), "{}", text(&o));
+}
+
+#[tokio::test]
+async fn deploy_scale_restart_and_rm_converge() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let net = DockerNetwork::create("flotilla-deploy").unwrap();
+    let node = unique("node").replace('_', "-");
+    let _agent = agent_on(dir.path(), &server, &node, None, None);
+    node_up(&client, 1).await;
+    let stack = unique("dep").replace('_', "-");
+    let spec = write_stack(&dir.path().join("spec"), &stack, &net.name, 3, "", false);
+    let home = dir.path();
+    let t0 = Instant::now();
+    let o = cli(
+        &server,
+        home,
+        &["deploy", spec.to_str().unwrap(), "--timeout", "60s"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    println!("deploy of 3 replicas converged in {:?}", t0.elapsed());
+    assert_eq!(passing_in(&client, &stack, "web").await.len(), 3);
+
+    let o = cli(&server, home, &["scale", "web=5", "--timeout", "60s"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(passing_in(&client, &stack, "web").await.len(), 5);
+
+    // A killed replica is started again (same container), and passes again.
+    let victim = passing_in(&client, &stack, "web").await[0].clone();
+    let cid = victim.meta["container_id"].clone();
+    docker(&["kill", &cid]).unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "killed replica restarted and passing",
+        || async {
+            let running = docker(&["inspect", "-f", "{{.State.Running}}", &cid])
+                .map(|s| s == "true")
+                .unwrap_or(false);
+            running && passing_in(&client, &stack, "web").await.len() == 5
+        },
+    )
+    .await;
+    // A removed replica is created again.
+    docker(&["rm", "-f", &cid]).unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "removed replica replaced",
+        || async {
+            let list = passing_in(&client, &stack, "web").await;
+            list.len() == 5 && list.iter().all(|i| i.meta["container_id"] != cid)
+        },
+    )
+    .await;
+
+    let o = cli(&server, home, &["scale", "web=2", "--timeout", "60s"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    eventually(Duration::from_secs(20), "scaled down to 2", || async {
+        passing_in(&client, &stack, "web").await.len() == 2
+            && docker(&[
+                "ps",
+                "-q",
+                "--filter",
+                &format!("label=flotilla.stack={stack}"),
+            ])
+            .unwrap()
+            .lines()
+            .count()
+                == 2
+    })
+    .await;
+
+    let o = cli(&server, home, &["rm", &stack], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    eventually(Duration::from_secs(20), "stack containers gone", || async {
+        docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=flotilla.stack={stack}"),
+        ])
+        .unwrap()
+        .is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn failing_rolling_update_rolls_back_with_zero_failed_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let net = DockerNetwork::create("flotilla-roll").unwrap();
+    let node = unique("node").replace('_', "-");
+    let _agent = agent_on(dir.path(), &server, &node, None, None);
+    node_up(&client, 1).await;
+    let stack = unique("roll").replace('_', "-");
+    let home = dir.path();
+    let v1 = write_stack(
+        &dir.path().join("v1"),
+        &stack,
+        &net.name,
+        3,
+        "version = \"1\"",
+        false,
+    );
+    let o = cli(
+        &server,
+        home,
+        &["deploy", v1.to_str().unwrap(), "--timeout", "60s"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let v1_hash = client.stack(&stack).await.unwrap().services["web"]
+        .spec_hash
+        .clone();
+    let lb = lb(&server, "web", 3).await;
+    let load = Load::start(
+        format!("http://{}/index.html", lb.addrs[0]),
+        Duration::from_millis(5),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Version 2's health check can never pass: its first replica never replaces one.
+    let v2 = write_stack(
+        &dir.path().join("v2"),
+        &stack,
+        &net.name,
+        3,
+        "version = \"2\"\nhealth = { type = \"http\", path = \"/missing\", interval = \"300ms\" }",
+        false,
+    );
+    let o = cli(
+        &server,
+        home,
+        &["deploy", v2.to_str().unwrap(), "--timeout", "60s"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("rolled back"), "{}", text(&o));
+    let rec = client.stack(&stack).await.unwrap();
+    assert_eq!(
+        rec.services["web"].spec_hash, v1_hash,
+        "desired state is v1 again"
+    );
+    eventually(
+        Duration::from_secs(20),
+        "three v1 replicas, no v2 left",
+        || async {
+            let list = passing_in(&client, &stack, "web").await;
+            list.len() == 3
+                && list.iter().all(|i| i.meta["version"] == "1")
+                && docker(&[
+                    "ps",
+                    "-aq",
+                    "--filter",
+                    &format!("label=flotilla.stack={stack}"),
+                ])
+                .unwrap()
+                .lines()
+                .count()
+                    == 3
+        },
+    )
+    .await;
+
+    // A good version 3 rolls out one replica at a time, still without a failed request.
+    let v3 = write_stack(
+        &dir.path().join("v3"),
+        &stack,
+        &net.name,
+        3,
+        "version = \"3\"",
+        false,
+    );
+    let o = cli(
+        &server,
+        home,
+        &["deploy", v3.to_str().unwrap(), "--timeout", "90s"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    eventually(Duration::from_secs(30), "old replicas retired", || async {
+        let list = passing_in(&client, &stack, "web").await;
+        list.len() == 3 && list.iter().all(|i| i.meta["version"] == "3")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (total, failed) = load.finish().await;
+    println!("rollback + rolling update under load: {total} requests, {failed} failed");
+    assert!(total > 1000, "{total}");
+    assert_eq!(failed, 0);
+}
+
+/// Checksums, modes, owners and link targets of everything under /data.
+fn volume_fingerprint(host: Option<&str>, container: &str) -> String {
+    docker_at(
+        host,
+        &[
+            "exec",
+            container,
+            "sh",
+            "-c",
+            "cd /data && find . -type f | sort | xargs sha256sum && ls -lnR --full-time . | grep -v '^total' && readlink link",
+        ],
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let net = DockerNetwork::create("flotilla-bk").unwrap();
+    let node = unique("node").replace('_', "-");
+    let _agent = agent_on(dir.path(), &server, &node, None, None);
+    node_up(&client, 1).await;
+    let stack = unique("bk").replace('_', "-");
+    let home = dir.path();
+    let spec = write_stack(&dir.path().join("spec"), &stack, &net.name, 1, "", true);
+    let o = cli(
+        &server,
+        home,
+        &["deploy", spec.to_str().unwrap(), "--timeout", "60s"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let notes = passing_in(&client, &stack, "notes").await[0].clone();
+    let container = notes.meta["container_name"].clone();
+    docker(&[
+        "exec", &container, "sh", "-c",
+        "mkdir -p /data/d/e && dd if=/dev/urandom of=/data/d/e/big bs=1M count=24 2>/dev/null && echo secret > /data/a && chmod 600 /data/a && chown 65534:65534 /data/d && ln -s a /data/link && touch -d '2001-02-03 04:05:06' /data/a",
+    ])
+    .unwrap();
+    let before = volume_fingerprint(None, &container);
+
+    let bdir = dir.path().join("backups");
+    let o = cli(
+        &server,
+        home,
+        &["backup", &container, "--to", bdir.to_str().unwrap()],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("paused"), "{}", text(&o));
+    let archive = std::fs::read_dir(&bdir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+
+    // Destroy the stack and the replica's volume.
+    let o = cli(&server, home, &["rm", &stack], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let vol = format!("{stack}-notes-0-data");
+    eventually(Duration::from_secs(20), "volume removable", || async {
+        docker(&["volume", "rm", &vol]).is_ok()
+    })
+    .await;
+
+    // Bad archives: nothing is written, neither through the CLI nor straight at the agent.
+    let good = std::fs::read(&archive).unwrap();
+    let api = client.nodes().await.unwrap()[0].api.clone().unwrap();
+    let volumes_before = docker(&["volume", "ls", "-q"]).unwrap();
+    let mut tampered = good.clone();
+    let mid = good.len() - 200_000;
+    tampered[mid] ^= 0x40;
+    let truncated = good[..good.len() / 2].to_vec();
+    let traversal = evil_archive(&good);
+    for (what, bytes) in [
+        ("tampered", &tampered),
+        ("truncated", &truncated),
+        ("traversal", &traversal),
+    ] {
+        let f = dir.path().join(format!("{what}.flotilla-backup"));
+        std::fs::write(&f, bytes).unwrap();
+        let name = format!("{stack}-{what}");
+        let o = cli(
+            &server,
+            home,
+            &["restore", f.to_str().unwrap(), "--name", &name],
+            &[],
+        );
+        assert_eq!(o.status.code(), Some(2), "{what}: {}", text(&o));
+        let resp = reqwest::Client::new()
+            .post(format!("{api}/v1/restore"))
+            .query(&[("name", name.as_str())])
+            .bearer_auth(server.token())
+            .body(bytes.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 422, "{what}");
+        let why = resp.text().await.unwrap();
+        println!("{what}: {why}");
+        assert!(
+            docker(&["inspect", &name]).is_err(),
+            "{what}: a container was created"
+        );
+        assert_eq!(
+            docker(&["volume", "ls", "-q"]).unwrap(),
+            volumes_before,
+            "{what}: a volume was created"
+        );
+    }
+
+    // The good archive restores bit for bit.
+    let restored = format!("{stack}-restored");
+    let o = cli(
+        &server,
+        home,
+        &["restore", archive.to_str().unwrap(), "--name", &restored],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(volume_fingerprint(None, &restored), before);
+    eventually(
+        Duration::from_secs(10),
+        "restored instance registered and passing",
+        || async {
+            client.instances().await.unwrap().iter().any(|i| {
+                i.meta.get("container_name") == Some(&restored) && i.health == HealthStatus::Passing
+            })
+        },
+    )
+    .await;
+    docker(&["rm", "-f", &restored]).unwrap();
+    let _ = docker(&["volume", "rm", &vol]);
+}
+
+/// A copy of `good` whose volume part is replaced by a tar with a `..` path, with
+/// digests and sizes that match: only the content check can refuse it.
+fn evil_archive(good: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    // The config part is the first chunk of part-00.
+    let mut config = Vec::new();
+    let mut a = tar::Archive::new(good);
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path().unwrap().to_string_lossy() == "part-00/00000000.chunk" {
+            std::io::Read::read_to_end(&mut e, &mut config).unwrap();
+        }
+    }
+    let mut evil_tar = Vec::new();
+    let mut h = [0u8; 512];
+    let name = b"data/../../../etc/cron.d/evil";
+    h[..name.len()].copy_from_slice(name);
+    h[100..107].copy_from_slice(b"0000644");
+    h[124..135].copy_from_slice(b"00000000004");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| b as u32).sum();
+    h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    evil_tar.extend_from_slice(&h);
+    evil_tar.extend_from_slice(b"boo\n");
+    evil_tar.resize(512 + 512 + 1024, 0);
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    add("part-00/info.json", br#"{"kind":"config"}"#);
+    add("part-00/00000000.chunk", &config);
+    add(
+        "part-01/info.json",
+        br#"{"kind":"volume","volume":"v","mount":"/data"}"#,
+    );
+    add("part-01/00000000.chunk", &evil_tar);
+    let sha = |d: &[u8]| hex::encode(sha2::Sha256::digest(d));
+    let manifest = serde_json::json!({
+        "format": "flotilla-backup", "version": 1, "created_ms": 0, "source": {}, "consistency": "stopped",
+        "parts": [
+            {"kind": "config", "size": config.len(), "sha256": sha(&config), "unpacked": 0, "entries": 0},
+            {"kind": "volume", "volume": "v", "mount": "/data", "size": evil_tar.len(), "sha256": sha(&evil_tar), "unpacked": 4, "entries": 1},
+        ]
+    });
+    add("manifest.json", manifest.to_string().as_bytes());
+    b.into_inner().unwrap()
+}
+
+#[tokio::test]
+async fn replicas_move_between_engines_that_share_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let da = Dockerd::start("a").unwrap();
+    let db = Dockerd::start("b").unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let net_name = unique("flotilla-mig");
+    let _na = DockerNetwork::create_on(Some(&da.host), &net_name).unwrap();
+    let _nb = DockerNetwork::create_on(Some(&db.host), &net_name).unwrap();
+    let (node_a, node_b) = (unique("a").replace('_', "-"), unique("b").replace('_', "-"));
+    let _agent_a = agent_on(dir.path(), &server, &node_a, None, Some(&da.host));
+    node_up(&client, 1).await;
+    let stack = unique("mig").replace('_', "-");
+    let home = dir.path();
+    let spec = write_stack(&dir.path().join("spec"), &stack, &net_name, 2, "", true);
+    let o = cli(
+        &server,
+        home,
+        &["deploy", spec.to_str().unwrap(), "--timeout", "60s"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+
+    // Node b joins after the deploy, so it never received the images: its agent fetches
+    // them from node a's when the spread placement gives it a web replica.
+    let mut agent_b: Proc = agent_on(dir.path(), &server, &node_b, None, Some(&db.host));
+    node_up(&client, 2).await;
+    eventually(
+        Duration::from_secs(60),
+        "web spread over both engines",
+        || async {
+            let list = passing_in(&client, &stack, "web").await;
+            list.len() == 2
+                && list
+                    .iter()
+                    .any(|i| i.node.as_deref() == Some(node_b.as_str()))
+                && list
+                    .iter()
+                    .any(|i| i.node.as_deref() == Some(node_a.as_str()))
+        },
+    )
+    .await;
+    assert!(
+        agent_b.log_text().contains("image fetched from a peer"),
+        "{}",
+        agent_b.log_text()
+    );
+
+    // Stateless migration under load: no failed request.
+    let web_lb = lb(&server, "web", 2).await;
+    let load = Load::start(
+        format!("http://{}/index.html", web_lb.addrs[0]),
+        Duration::from_millis(5),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let on_a = passing_in(&client, &stack, "web")
+        .await
+        .into_iter()
+        .find(|i| i.node.as_deref() == Some(node_a.as_str()))
+        .unwrap();
+    let o = cli(&server, home, &["migrate", &on_a.id, "--to", &node_b], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    println!("{}", text(&o));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (total, failed) = load.finish().await;
+    println!("stateless migration under load: {total} requests, {failed} failed");
+    if failed > 0 {
+        println!("subnets: a {} b {}", _na.subnet, _nb.subnet);
+        for i in client.instances().await.unwrap() {
+            println!(
+                "instance {} {:?} {}:{} {:?}",
+                i.id, i.node, i.address, i.port, i.health
+            );
+        }
+        println!(
+            "{}",
+            std::fs::read_to_string(dir.path().join(format!("agent-{node_a}.log")))
+                .unwrap_or_default()
+        );
+        println!("{}", agent_b.log_text());
+    }
+    assert!(total > 500);
+    assert_eq!(failed, 0);
+    assert!(passing_in(&client, &stack, "web")
+        .await
+        .iter()
+        .all(|i| i.node.as_deref() == Some(node_b.as_str())));
+
+    // Stateful migration: every acknowledged write survives.
+    let notes = passing_in(&client, &stack, "notes").await[0].clone();
+    let target = if notes.node.as_deref() == Some(node_a.as_str()) {
+        node_b.clone()
+    } else {
+        node_a.clone()
+    };
+    let notes_lb = lb(&server, "notes", 1).await;
+    let base = format!("http://{}", notes_lb.addrs[0]);
+    let acked = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop, base) = (acked.clone(), stop.clone(), base.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .unwrap();
+            for n in 0..100_000u64 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok(r) = http.get(format!("{base}/cgi-bin/append?w{n}")).send().await {
+                    if r.status().is_success() && r.text().await.unwrap_or_default().trim() == "ok"
+                    {
+                        acked.lock().unwrap().push(n);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let o = cli(&server, home, &["migrate", &notes.id, "--to", &target], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    println!("{}", text(&o));
+    let out = text(&o);
+    let downtime: f64 = out
+        .split("downtime ")
+        .nth(1)
+        .and_then(|s| s.split('s').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    assert!(downtime < 5.0, "{out}");
+    eventually(
+        Duration::from_secs(20),
+        "notes passing on the target",
+        || async {
+            passing_in(&client, &stack, "notes")
+                .await
+                .iter()
+                .any(|i| i.node.as_deref() == Some(target.as_str()))
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let written = reqwest::get(format!("{base}/cgi-bin/read"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 50, "{}", acked.len());
+    let lines: std::collections::HashSet<&str> = written.lines().collect();
+    for n in &acked {
+        assert!(
+            lines.contains(format!("w{n}").as_str()),
+            "acknowledged write w{n} lost"
+        );
+    }
+    println!(
+        "stateful migration: {} acknowledged writes, all present",
+        acked.len()
+    );
+
+    // Node loss: node b dies (agent and containers); its replicas come back on node a.
+    agent_b.kill();
+    for id in db.docker(&["ps", "-q"]).unwrap().split_whitespace() {
+        let _ = db.docker(&["kill", id]);
+    }
+    let t0 = Instant::now();
+    eventually(
+        Duration::from_secs(30),
+        "every replica passing on node a",
+        || async {
+            let web = passing_in(&client, &stack, "web").await;
+            let notes = passing_in(&client, &stack, "notes").await;
+            web.len() == 2
+                && notes.len() == 1
+                && web
+                    .iter()
+                    .chain(&notes)
+                    .all(|i| i.node.as_deref() == Some(node_a.as_str()))
+        },
+    )
+    .await;
+    println!(
+        "replicas of the lost node rescheduled in {:?}",
+        t0.elapsed()
+    );
+    drop(web_lb);
+    drop(notes_lb);
+    let _ = docker_at(Some(&da.host), &["ps"]);
+}
