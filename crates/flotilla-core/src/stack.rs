@@ -487,7 +487,7 @@ pub fn place(service: &str, svc: &DeployedService, live: &[String]) -> BTreeMap<
     // A pin is an operator's explicit move, applied last: the other replicas stay
     // exactly where they would be without it, so moving one never displaces another.
     for (r, pin) in &svc.pins {
-        if *r < svc.spec.replicas && nodes.iter().any(|n| *n == pin) {
+        if *r < svc.spec.replicas && nodes.contains(&pin) {
             out.insert(*r, pin.clone());
         }
     }
