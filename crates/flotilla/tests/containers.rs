@@ -37,9 +37,10 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// Writes a stack spec and its files: `web` (stateless httpd, `replicas` of it) and,
-/// if `notes`, a stateful append-only log on a volume. `web_extra` goes into
-/// `[service.web]` (e.g. a different health path).
+/// Writes a stack spec and its files: `web` (stateless; busybox httpd, or the test
+/// service from `web_image` when given: a real backlog and keep-alive), `replicas` of
+/// it, and, if `notes`, a stateful append-only log on a volume. `web_extra` goes into
+/// `[service.web]` (e.g. another health check).
 fn write_stack(
     dir: &Path,
     stack: &str,
@@ -47,6 +48,7 @@ fn write_stack(
     replicas: u32,
     web_extra: &str,
     notes: bool,
+    web_image: Option<&str>,
 ) -> std::path::PathBuf {
     std::fs::create_dir_all(dir.join("www")).unwrap();
     std::fs::write(dir.join("www/index.html"), format!("hello from {stack}\n")).unwrap();
@@ -61,6 +63,18 @@ fn write_stack(
         "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\ncat /data/notes 2>/dev/null\n",
     )
     .unwrap();
+    let (command, image) = match web_image {
+        Some(img) => (
+            r#"["--listen", "0.0.0.0:8080", "--name", "web"]"#.to_owned(),
+            format!("base = \"image:{img}\""),
+        ),
+        None => (
+            r#"["httpd", "-f", "-p", "8080", "-h", "/www"]"#.to_owned(),
+            r#"base = "busybox"
+file = [{ src = "www/index.html", dest = "/www/index.html" }, { src = "www/health", dest = "/www/health" }]"#
+                .to_owned(),
+        ),
+    };
     let mut spec = format!(
         r#"name = "{stack}"
 
@@ -68,13 +82,12 @@ fn write_stack(
 port = 8080
 replicas = {replicas}
 network = "{network}"
-command = ["httpd", "-f", "-p", "8080", "-h", "/www"]
+command = {command}
 update = {{ health_timeout = "6s", drain = "1s" }}
 {web_extra}
 
 [service.web.image]
-base = "busybox"
-file = [{{ src = "www/index.html", dest = "/www/index.html" }}, {{ src = "www/health", dest = "/www/health" }}]
+{image}
 "#
     );
     if !web_extra.contains("health") {
@@ -229,7 +242,15 @@ async fn build_is_reproducible_labelled_and_runs() {
     let server = Server::start(dir.path(), "s", &[]);
     let net = DockerNetwork::create("flotilla-build").unwrap();
     let stack = unique("bld").replace('_', "-");
-    let spec = write_stack(&dir.path().join("spec"), &stack, &net.name, 1, "", false);
+    let spec = write_stack(
+        &dir.path().join("spec"),
+        &stack,
+        &net.name,
+        1,
+        "",
+        false,
+        None,
+    );
     let home = dir.path();
     let epoch = [("SOURCE_DATE_EPOCH", "1700000000")];
     let out1 = dir.path().join("o1");
@@ -341,7 +362,15 @@ async fn deploy_scale_restart_and_rm_converge() {
     let _agent = agent_on(dir.path(), &server, &node, None, None);
     node_up(&client, 1).await;
     let stack = unique("dep").replace('_', "-");
-    let spec = write_stack(&dir.path().join("spec"), &stack, &net.name, 3, "", false);
+    let spec = write_stack(
+        &dir.path().join("spec"),
+        &stack,
+        &net.name,
+        3,
+        "",
+        false,
+        None,
+    );
     let home = dir.path();
     let t0 = Instant::now();
     let o = cli(
@@ -422,6 +451,7 @@ async fn failing_rolling_update_rolls_back_with_zero_failed_requests() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), "s", &[]);
     let client = server.client();
+    let testsvc = common::testsvc_image();
     let net = DockerNetwork::create("flotilla-roll").unwrap();
     let node = unique("node").replace('_', "-");
     let _agent = agent_on(dir.path(), &server, &node, None, None);
@@ -435,6 +465,7 @@ async fn failing_rolling_update_rolls_back_with_zero_failed_requests() {
         3,
         "version = \"1\"",
         false,
+        Some(&testsvc),
     );
     let o = cli(
         &server,
@@ -459,8 +490,9 @@ async fn failing_rolling_update_rolls_back_with_zero_failed_requests() {
         &stack,
         &net.name,
         3,
-        "version = \"2\"\nhealth = { type = \"http\", path = \"/missing\", interval = \"300ms\" }",
+        "version = \"2\"\nhealth = { type = \"tcp\", port = 9, interval = \"300ms\" }",
         false,
+        Some(&testsvc),
     );
     let o = cli(
         &server,
@@ -504,6 +536,7 @@ async fn failing_rolling_update_rolls_back_with_zero_failed_requests() {
         3,
         "version = \"3\"",
         false,
+        Some(&testsvc),
     );
     let o = cli(
         &server,
@@ -550,7 +583,15 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
     node_up(&client, 1).await;
     let stack = unique("bk").replace('_', "-");
     let home = dir.path();
-    let spec = write_stack(&dir.path().join("spec"), &stack, &net.name, 1, "", true);
+    let spec = write_stack(
+        &dir.path().join("spec"),
+        &stack,
+        &net.name,
+        1,
+        "",
+        true,
+        None,
+    );
     let o = cli(
         &server,
         home,
@@ -719,6 +760,7 @@ fn evil_archive(good: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn replicas_move_between_engines_that_share_nothing() {
     let dir = tempfile::tempdir().unwrap();
+    let testsvc = common::testsvc_image();
     let da = Dockerd::start("a").unwrap();
     let db = Dockerd::start("b").unwrap();
     let server = Server::start(dir.path(), "s", &[]);
@@ -731,7 +773,15 @@ async fn replicas_move_between_engines_that_share_nothing() {
     node_up(&client, 1).await;
     let stack = unique("mig").replace('_', "-");
     let home = dir.path();
-    let spec = write_stack(&dir.path().join("spec"), &stack, &net_name, 2, "", true);
+    let spec = write_stack(
+        &dir.path().join("spec"),
+        &stack,
+        &net_name,
+        2,
+        "",
+        true,
+        Some(&testsvc),
+    );
     let o = cli(
         &server,
         home,

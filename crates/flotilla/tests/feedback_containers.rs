@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{agent, eventually, passing, Server};
-use flotilla_testkit::{testsvc_image, unique, Container, DockerNetwork};
+use flotilla_testkit::{unique, Container, DockerNetwork};
 
 async fn share_of(lb: &flotilla_lb::RunningLb, dur: Duration) -> f64 {
     let url = format!("http://{}/", lb.addrs[0]);
@@ -70,25 +70,7 @@ async fn lb(server: &Server, scheduler: &str) -> flotilla_lb::RunningLb {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cpu_throttled_container_gets_less_traffic_under_feedback() {
-    // Cargo builds only this package's binaries for its tests: build the test service
-    // (same profile, same target dir) when a clean `cargo nextest run` has not.
-    let testsvc = std::path::Path::new(common::BIN).with_file_name("flotilla-testsvc");
-    if !testsvc.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let status = std::process::Command::new(cargo)
-            .args(["build", "-p", "flotilla-testsvc"])
-            .current_dir(&workspace)
-            .status()
-            .unwrap();
-        assert!(status.success(), "building flotilla-testsvc");
-    }
-    assert!(
-        testsvc.exists(),
-        "{} missing after the build",
-        testsvc.display()
-    );
-    let image = testsvc_image(&testsvc).unwrap();
+    let image = common::testsvc_image();
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), "s", &[]);
     let client = server.client();

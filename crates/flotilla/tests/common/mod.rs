@@ -258,3 +258,26 @@ pub async fn passing(client: &Client, service: &str) -> Vec<flotilla_core::Insta
         .map(|s| s.instances)
         .unwrap_or_default()
 }
+
+/// The test service's image on the default engine (built once per machine). Cargo
+/// builds only this package's binaries for its tests: the test service is built here
+/// (same profile, same target dir) when a clean `cargo nextest run` has not.
+pub fn testsvc_image() -> String {
+    let testsvc = std::path::Path::new(BIN).with_file_name("flotilla-testsvc");
+    if !testsvc.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let status = Command::new(cargo)
+            .args(["build", "-p", "flotilla-testsvc"])
+            .current_dir(&workspace)
+            .status()
+            .unwrap();
+        assert!(status.success(), "building flotilla-testsvc");
+    }
+    assert!(
+        testsvc.exists(),
+        "{} missing after the build",
+        testsvc.display()
+    );
+    flotilla_testkit::testsvc_image(&testsvc).unwrap()
+}
