@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,8 +17,11 @@ use flotilla_core::{HealthStatus, InstanceView};
 use flotilla_testkit::{docker, docker_at, unique, DockerNetwork, Dockerd};
 
 /// Runs the CLI against `server`.
-fn cli(server: &Server, home: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new(common::BIN)
+///
+/// Async: a blocking wait here would stall the in-process lb and the load generator
+/// that share the test's runtime, and their stalls would look like failed requests.
+async fn cli(server: &Server, home: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    tokio::process::Command::new(common::BIN)
         .args(args)
         .env("FLOTILLA_SERVER", &server.url)
         .env("FLOTILLA_TOKEN_FILE", &server.token_file)
@@ -26,6 +29,7 @@ fn cli(server: &Server, home: &Path, args: &[&str], env: &[(&str, &str)]) -> Out
         .env_remove("FLOTILLA_TOKEN")
         .envs(env.iter().copied())
         .output()
+        .await
         .unwrap()
 }
 
@@ -236,7 +240,7 @@ impl Load {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn build_is_reproducible_labelled_and_runs() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), "s", &[]);
@@ -271,7 +275,8 @@ async fn build_is_reproducible_labelled_and_runs() {
                 out.to_str().unwrap(),
             ],
             env,
-        );
+        )
+        .await;
         assert!(o.status.success(), "{}", text(&o));
     }
     let file = format!("{stack}-web.tar");
@@ -288,7 +293,7 @@ async fn build_is_reproducible_labelled_and_runs() {
     assert_eq!(la, lc, "but the same layer content");
 
     // Loaded into the engine: standard labels and health check, and it serves.
-    let o = cli(&server, home, &["build", spec.to_str().unwrap()], &[]);
+    let o = cli(&server, home, &["build", spec.to_str().unwrap()], &[]).await;
     assert!(o.status.success(), "{}", text(&o));
     let tag = String::from_utf8_lossy(&o.stdout)
         .split_whitespace()
@@ -347,12 +352,12 @@ async fn build_is_reproducible_labelled_and_runs() {
             .replace("replicas = 1", "replicas = 1000"),
     )
     .unwrap();
-    let o = cli(&server, home, &["build", bad.to_str().unwrap()], &[]);
+    let o = cli(&server, home, &["build", bad.to_str().unwrap()], &[]).await;
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("service.web.replicas"), "{}", text(&o));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_scale_restart_and_rm_converge() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), "s", &[]);
@@ -378,12 +383,13 @@ async fn deploy_scale_restart_and_rm_converge() {
         home,
         &["deploy", spec.to_str().unwrap(), "--timeout", "60s"],
         &[],
-    );
+    )
+    .await;
     assert!(o.status.success(), "{}", text(&o));
     println!("deploy of 3 replicas converged in {:?}", t0.elapsed());
     assert_eq!(passing_in(&client, &stack, "web").await.len(), 3);
 
-    let o = cli(&server, home, &["scale", "web=5", "--timeout", "60s"], &[]);
+    let o = cli(&server, home, &["scale", "web=5", "--timeout", "60s"], &[]).await;
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(passing_in(&client, &stack, "web").await.len(), 5);
 
@@ -414,7 +420,7 @@ async fn deploy_scale_restart_and_rm_converge() {
     )
     .await;
 
-    let o = cli(&server, home, &["scale", "web=2", "--timeout", "60s"], &[]);
+    let o = cli(&server, home, &["scale", "web=2", "--timeout", "60s"], &[]).await;
     assert!(o.status.success(), "{}", text(&o));
     eventually(Duration::from_secs(20), "scaled down to 2", || async {
         passing_in(&client, &stack, "web").await.len() == 2
@@ -431,7 +437,7 @@ async fn deploy_scale_restart_and_rm_converge() {
     })
     .await;
 
-    let o = cli(&server, home, &["rm", &stack], &[]);
+    let o = cli(&server, home, &["rm", &stack], &[]).await;
     assert!(o.status.success(), "{}", text(&o));
     eventually(Duration::from_secs(20), "stack containers gone", || async {
         docker(&[
@@ -446,7 +452,7 @@ async fn deploy_scale_restart_and_rm_converge() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_rolling_update_rolls_back_with_zero_failed_requests() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), "s", &[]);
@@ -472,7 +478,8 @@ async fn failing_rolling_update_rolls_back_with_zero_failed_requests() {
         home,
         &["deploy", v1.to_str().unwrap(), "--timeout", "60s"],
         &[],
-    );
+    )
+    .await;
     assert!(o.status.success(), "{}", text(&o));
     let v1_hash = client.stack(&stack).await.unwrap().services["web"]
         .spec_hash
@@ -499,7 +506,8 @@ async fn failing_rolling_update_rolls_back_with_zero_failed_requests() {
         home,
         &["deploy", v2.to_str().unwrap(), "--timeout", "60s"],
         &[],
-    );
+    )
+    .await;
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("rolled back"), "{}", text(&o));
     let rec = client.stack(&stack).await.unwrap();
@@ -543,7 +551,8 @@ async fn failing_rolling_update_rolls_back_with_zero_failed_requests() {
         home,
         &["deploy", v3.to_str().unwrap(), "--timeout", "90s"],
         &[],
-    );
+    )
+    .await;
     assert!(o.status.success(), "{}", text(&o));
     eventually(Duration::from_secs(30), "old replicas retired", || async {
         let list = passing_in(&client, &stack, "web").await;
@@ -572,7 +581,7 @@ fn volume_fingerprint(host: Option<&str>, container: &str) -> String {
     .unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), "s", &[]);
@@ -597,7 +606,8 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
         home,
         &["deploy", spec.to_str().unwrap(), "--timeout", "60s"],
         &[],
-    );
+    )
+    .await;
     assert!(o.status.success(), "{}", text(&o));
     let notes = passing_in(&client, &stack, "notes").await[0].clone();
     let container = notes.meta["container_name"].clone();
@@ -614,7 +624,8 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
         home,
         &["backup", &container, "--to", bdir.to_str().unwrap()],
         &[],
-    );
+    )
+    .await;
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("paused"), "{}", text(&o));
     let archive = std::fs::read_dir(&bdir)
@@ -625,7 +636,7 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
         .path();
 
     // Destroy the stack and the replica's volume.
-    let o = cli(&server, home, &["rm", &stack], &[]);
+    let o = cli(&server, home, &["rm", &stack], &[]).await;
     assert!(o.status.success(), "{}", text(&o));
     let vol = format!("{stack}-notes-0-data");
     eventually(Duration::from_secs(20), "volume removable", || async {
@@ -655,7 +666,8 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
             home,
             &["restore", f.to_str().unwrap(), "--name", &name],
             &[],
-        );
+        )
+        .await;
         assert_eq!(o.status.code(), Some(2), "{what}: {}", text(&o));
         let resp = reqwest::Client::new()
             .post(format!("{api}/v1/restore"))
@@ -686,7 +698,8 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
         home,
         &["restore", archive.to_str().unwrap(), "--name", &restored],
         &[],
-    );
+    )
+    .await;
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(volume_fingerprint(None, &restored), before);
     eventually(
@@ -757,7 +770,7 @@ fn evil_archive(good: &[u8]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_move_between_engines_that_share_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let testsvc = common::testsvc_image();
@@ -787,7 +800,8 @@ async fn replicas_move_between_engines_that_share_nothing() {
         home,
         &["deploy", spec.to_str().unwrap(), "--timeout", "60s"],
         &[],
-    );
+    )
+    .await;
     assert!(o.status.success(), "{}", text(&o));
 
     // Node b joins after the deploy, so it never received the images: its agent fetches
@@ -827,7 +841,7 @@ async fn replicas_move_between_engines_that_share_nothing() {
         .into_iter()
         .find(|i| i.node.as_deref() == Some(node_a.as_str()))
         .unwrap();
-    let o = cli(&server, home, &["migrate", &on_a.id, "--to", &node_b], &[]);
+    let o = cli(&server, home, &["migrate", &on_a.id, "--to", &node_b], &[]).await;
     assert!(o.status.success(), "{}", text(&o));
     println!("{}", text(&o));
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -889,7 +903,7 @@ async fn replicas_move_between_engines_that_share_nothing() {
         })
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let o = cli(&server, home, &["migrate", &notes.id, "--to", &target], &[]);
+    let o = cli(&server, home, &["migrate", &notes.id, "--to", &target], &[]).await;
     assert!(o.status.success(), "{}", text(&o));
     println!("{}", text(&o));
     let out = text(&o);
