@@ -257,8 +257,19 @@ impl DockerNetwork {
     pub fn create_on(host: Option<&str>, name: &str) -> Result<Self> {
         let name = name.to_owned();
         let mut last = String::new();
-        for _ in 0..20 {
+        for _ in 0..40 {
             let n = 1 + (std::process::id() as u64 * 7 + now_nanos() % 250) % 250;
+            // Another engine's network (engines do not see each other's) may already
+            // route this subnet on the host: two bridges for one /24 break both.
+            let routes = Command::new("ip")
+                .args(["-4", "route", "show"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            if routes.contains(&format!("198.18.{n}.0/24")) {
+                last = format!("198.18.{n}.0/24 is routed already");
+                continue;
+            }
             match docker_at(
                 host,
                 &[

@@ -802,7 +802,12 @@ async fn replicas_move_between_engines_that_share_nothing() {
         &[],
     )
     .await;
-    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        text(&o),
+        std::fs::read_to_string(dir.path().join(format!("agent-{node_a}.log"))).unwrap_or_default()
+    );
 
     // Node b joins after the deploy, so it never received the images: its agent fetches
     // them from node a's when the spread placement gives it a web replica.
