@@ -243,6 +243,11 @@ struct RestoreQuery {
     name: Option<String>,
     #[serde(default = "yes")]
     start: bool,
+    /// Keep the stack labels: the restored container is the same replica, moved (a
+    /// migration). Without it the copy is a standalone container, which the stack's
+    /// reconcilers leave alone.
+    #[serde(default)]
+    keep_stack: bool,
     /// Wait this long for the restored instance to pass its health check (registered
     /// containers only); on failure everything created is removed. "0s" skips the gate.
     #[serde(default)]
@@ -286,6 +291,11 @@ async fn restore(
         q.name.as_deref(),
         q.start,
         &[(crate::reconcile::OWNER, &inner.node)],
+        if q.keep_stack {
+            &[]
+        } else {
+            &crate::reconcile::STACK_LABELS
+        },
     )
     .await;
     let _ = tokio::fs::remove_dir_all(&dir).await;

@@ -248,7 +248,8 @@ pub struct Restored {
 
 /// Restores the archive at `path` as a new container named `name` (default: the
 /// source's name); starts it if `start`. Labels the container already has are set to
-/// the values in `relabel` (the managing node changes with the host). Checks
+/// the values in `relabel` (the managing node changes with the host), and labels in
+/// `strip` are dropped (a restored copy is no longer a stack's replica). Checks
 /// everything before creating anything, and removes what it created if a later step
 /// fails.
 pub async fn restore(
@@ -257,6 +258,7 @@ pub async fn restore(
     name: Option<&str>,
     start: bool,
     relabel: &[(&str, &str)],
+    strip: &[&str],
 ) -> anyhow::Result<Restored> {
     // Pass 1: check the whole archive and pick up the config part.
     let p = path.to_owned();
@@ -288,6 +290,7 @@ pub async fn restore(
             *old = (*v).to_owned();
         }
     }
+    saved.labels.retain(|k, _| !strip.contains(&k.as_str()));
     let volume_parts: Vec<&str> = manifest
         .parts
         .iter()

@@ -15,5 +15,6 @@ pub mod labels;
 pub mod load;
 pub mod metrics;
 pub mod reconcile;
+pub mod schedule;
 
 pub use agent::{Agent, AgentHandle};

@@ -28,16 +28,28 @@ use crate::labels::{instance_id, NETWORK, SERVICE};
 /// Label: the node whose reconciler manages the container.
 pub const OWNER: &str = "flotilla.node";
 
+/// Labels that make a container a stack's replica.
+pub const STACK_LABELS: [&str; 7] = [
+    STACK,
+    OWNER,
+    REPLICA,
+    SPEC_HASH,
+    "flotilla.meta.stack",
+    "flotilla.meta.replica",
+    "flotilla.meta.spec",
+];
+
 /// A container of a stack on this engine.
 #[derive(Debug, Clone)]
-struct Local {
-    id: String,
-    name: String,
-    service: String,
-    replica: u32,
-    hash: String,
-    running: bool,
-    exit_code: i64,
+pub(crate) struct Local {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) stack: String,
+    pub(crate) service: String,
+    pub(crate) replica: u32,
+    pub(crate) hash: String,
+    pub(crate) running: bool,
+    pub(crate) exit_code: i64,
 }
 
 /// Restart bookkeeping per container.
@@ -113,7 +125,8 @@ impl Inner {
         }
     }
 
-    async fn locals(&self) -> anyhow::Result<Vec<Local>> {
+    /// The stack replicas this node manages on its engine.
+    pub(crate) async fn stack_containers(&self) -> anyhow::Result<Vec<Local>> {
         // Only replicas this node created: another cluster's agent (or another node's,
         // after a restore) may share the engine, and its containers are not ours.
         let mut filters = HashMap::new();
@@ -141,31 +154,23 @@ impl Inner {
                 continue;
             };
             let status = c.status.clone().unwrap_or_default();
-            out.push((
-                stack.clone(),
-                Local {
-                    id: c.id.unwrap_or_default(),
-                    name: c
-                        .names
-                        .and_then(|n| n.first().cloned())
-                        .unwrap_or_default()
-                        .trim_start_matches('/')
-                        .to_owned(),
-                    service: service.clone(),
-                    replica: r,
-                    hash: hash.clone(),
-                    running: c.state.as_deref() == Some("running"),
-                    exit_code: parse_exit(&status),
-                },
-            ));
+            out.push(Local {
+                id: c.id.unwrap_or_default(),
+                name: c
+                    .names
+                    .and_then(|n| n.first().cloned())
+                    .unwrap_or_default()
+                    .trim_start_matches('/')
+                    .to_owned(),
+                stack: stack.clone(),
+                service: service.clone(),
+                replica: r,
+                hash: hash.clone(),
+                running: c.state.as_deref() == Some("running"),
+                exit_code: parse_exit(&status),
+            });
         }
-        Ok(out
-            .into_iter()
-            .map(|(stack, mut l)| {
-                l.service = format!("{stack}/{}", l.service);
-                l
-            })
-            .collect())
+        Ok(out)
     }
 
     /// One pass over every stack.
@@ -185,11 +190,11 @@ impl Inner {
                 }
             }
         }
-        let locals = self.locals().await?;
+        let locals = self.stack_containers().await?;
         let mut by_key: BTreeMap<String, Vec<Local>> = BTreeMap::new();
         for l in locals {
             by_key
-                .entry(format!("{}/{}", l.service, l.replica))
+                .entry(format!("{}/{}/{}", l.stack, l.service, l.replica))
                 .or_default()
                 .push(l);
         }

@@ -147,6 +147,9 @@ pub struct UpArgs {
     /// lb admin listener (/metrics, /status).
     #[arg(long, default_value = "127.0.0.1:9901")]
     pub lb_admin: String,
+    /// Do not deploy the demo stack (examples/demo: `web` behind the lb, and `notes`).
+    #[arg(long)]
+    pub no_demo: bool,
 }
 
 /// How the CLI finds the server.

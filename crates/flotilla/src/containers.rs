@@ -74,6 +74,43 @@ async fn build_all(
     Ok(out)
 }
 
+/// The demo stack shipped in the binary (examples/demo), so `flotilla up` works from
+/// any directory.
+const DEMO: &[(&str, &str)] = &[
+    (
+        "stack.toml",
+        include_str!("../../../examples/demo/stack.toml"),
+    ),
+    (
+        "www/index.html",
+        include_str!("../../../examples/demo/www/index.html"),
+    ),
+    (
+        "www/health",
+        include_str!("../../../examples/demo/www/health"),
+    ),
+    (
+        "notes/append.cgi",
+        include_str!("../../../examples/demo/notes/append.cgi"),
+    ),
+    (
+        "notes/read.cgi",
+        include_str!("../../../examples/demo/notes/read.cgi"),
+    ),
+];
+
+/// Writes the demo stack's files under `dir`.
+pub fn write_demo(dir: &Path) -> anyhow::Result<()> {
+    for (name, text) in DEMO {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&path, text)?;
+    }
+    Ok(())
+}
+
 /// `flotilla build SPEC`.
 pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     let (spec, dir) = load_spec(&args.spec)?;
@@ -756,7 +793,7 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
             let restored = dst
                 .json(
                     dst.req(reqwest::Method::POST, "/v1/restore")
-                        .query(&[("start", "true")])
+                        .query(&[("start", "true"), ("keep_stack", "true")])
                         .timeout(Duration::from_secs(3600))
                         .body(reqwest::Body::wrap_stream(resp.bytes_stream())),
                 )

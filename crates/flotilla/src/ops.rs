@@ -61,6 +61,39 @@ pub async fn ps(args: PsArgs) -> anyhow::Result<()> {
             i.id, i.service, addr, health, weight, container, i.output
         );
     }
+    // Deployed stacks: desired against passing, per service.
+    let (_, stacks) = c.stacks(0, Duration::ZERO).await?;
+    if !stacks.is_empty() {
+        let all = c.instances().await?;
+        println!();
+        println!(
+            "{:<16} {:<14} {:<8} {:>7} {:>7}  {:<14} NOTE",
+            "STACK", "SERVICE", "VERSION", "DESIRED", "PASSING", "SPEC"
+        );
+        for st in &stacks {
+            for (name, svc) in &st.services {
+                let short = &svc.spec_hash[..12.min(svc.spec_hash.len())];
+                let passing = all
+                    .iter()
+                    .filter(|i| {
+                        &i.service == name
+                            && i.meta.get("stack") == Some(&st.name)
+                            && i.meta.get("spec").map(String::as_str) == Some(short)
+                            && i.health == flotilla_core::HealthStatus::Passing
+                    })
+                    .count();
+                let note = match (&st.rolled_back, svc.pins.is_empty()) {
+                    (Some(r), _) if r.starts_with(name.as_str()) => format!("rolled back: {r}"),
+                    (_, false) => format!("pinned {:?}", svc.pins),
+                    _ => String::new(),
+                };
+                println!(
+                    "{:<16} {:<14} {:<8} {:>7} {:>7}  {:<14} {note}",
+                    st.name, name, svc.spec.version, svc.spec.replicas, passing, short
+                );
+            }
+        }
+    }
     Ok(())
 }
 

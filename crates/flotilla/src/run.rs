@@ -290,6 +290,32 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             "off"
         }
     );
+    if agent.is_some() && !args.no_demo {
+        let dir = home.join("examples/demo");
+        crate::containers::write_demo(&dir).context("writing the demo stack")?;
+        println!(
+            "  demo stack     {} (deploying: web x3 behind the lb, notes with a volume)",
+            dir.join("stack.toml").display()
+        );
+        let client = flotilla_client::Client::new(&url, Some(running.shared.token.clone()));
+        let token = running.shared.token.clone();
+        let docker = args.docker.clone();
+        tokio::spawn(async move {
+            let spec = dir.join("stack.toml");
+            let r = crate::containers::deploy_file(
+                &client,
+                &token,
+                &spec,
+                &docker,
+                Some(std::time::Duration::from_secs(120)),
+            )
+            .await;
+            match r {
+                Ok(()) => println!("demo stack is up: curl http://127.0.0.1:8080/"),
+                Err(e) => eprintln!("demo stack: {e:#}"),
+            }
+        });
+    }
     println!("  try            flotilla ps");
     let result = tokio::select! {
         r = running.wait() => r,

@@ -601,6 +601,14 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
         true,
         None,
     );
+    // Scheduled backups every 2 s, keeping 2.
+    let scheduled = dir.path().join("scheduled");
+    let mut text_spec = std::fs::read_to_string(&spec).unwrap();
+    text_spec.push_str(&format!(
+        "\n[service.notes.backup]\ninterval = \"2s\"\nretention = 2\nconsistency = \"live\"\ndir = \"{}\"\n",
+        scheduled.display()
+    ));
+    std::fs::write(&spec, text_spec).unwrap();
     let o = cli(
         &server,
         home,
@@ -617,6 +625,37 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
     ])
     .unwrap();
     let before = volume_fingerprint(None, &container);
+
+    // The schedule runs: archives appear every interval, never more than the retention.
+    let t0 = Instant::now();
+    let mut seen = std::collections::BTreeSet::new();
+    while t0.elapsed() < Duration::from_secs(7) {
+        let names: Vec<String> = std::fs::read_dir(&scheduled)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let done: Vec<&String> = names
+            .iter()
+            .filter(|n| n.ends_with(".flotilla-backup"))
+            .collect();
+        // A new archive is complete before the oldest goes: retention + 1 for a moment.
+        assert!(done.len() <= 3, "retention exceeded: {names:?}");
+        seen.extend(done.into_iter().cloned());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen.len() >= 3, "expected a backup every 2 s: {seen:?}");
+    let newest = std::fs::read_dir(&scheduled)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "flotilla-backup"))
+        .max()
+        .unwrap();
+    let m = flotilla_archive::backup::verify(std::fs::File::open(&newest).unwrap()).unwrap();
+    assert_eq!(m.parts.len(), 3, "config, image, volume");
 
     let bdir = dir.path().join("backups");
     let o = cli(
