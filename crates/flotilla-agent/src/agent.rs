@@ -339,22 +339,32 @@ impl Inner {
             };
             tracker.retain(|c| registered.iter().any(|(_, rc)| rc == c));
             quotas.retain(|c, _| registered.iter().any(|(_, rc)| rc == c));
-            for (id, container) in registered {
-                let quota = match quotas.get(&container) {
-                    Some(q) => *q,
-                    None => match docker::cpu_quota(&self.docker, &container).await {
-                        Ok(q) => *quotas.entry(container.clone()).or_insert(q),
-                        Err(e) => {
-                            tracing::debug!(id, error = %e, "inspect for the CPU quota failed");
-                            continue;
+            for (_, container) in &registered {
+                if !quotas.contains_key(container) {
+                    match docker::cpu_quota(&self.docker, container).await {
+                        Ok(q) => {
+                            quotas.insert(container.clone(), q);
                         }
-                    },
-                };
-                match docker::sample(&self.docker, &container, quota).await {
+                        Err(e) => {
+                            tracing::debug!(container, error = %e, "inspect for the CPU quota failed")
+                        }
+                    }
+                }
+            }
+            // One-shot stats take about a second each (the engine waits for a second
+            // sample): all containers are sampled at once, or a host with many would
+            // report each one only every N seconds.
+            let samples = futures::future::join_all(registered.iter().filter_map(|(id, c)| {
+                let quota = *quotas.get(c)?;
+                let docker = &self.docker;
+                Some(async move { (id, c, docker::sample(docker, c, quota).await) })
+            }))
+            .await;
+            for (id, container, sample) in samples {
+                match sample {
                     Ok(sample) => {
-                        if let Some(load) = tracker.observe(&container, sample) {
-                            if let Err(e) =
-                                self.client.report_load(&id, load.cpu, load.memory).await
+                        if let Some(load) = tracker.observe(container, sample) {
+                            if let Err(e) = self.client.report_load(id, load.cpu, load.memory).await
                             {
                                 tracing::debug!(id, error = %e, "load report failed");
                             }

@@ -169,8 +169,11 @@ pub async fn build_service(
     let healthcheck = match (&spec.health, has_busybox) {
         (Some(h), true) => {
             let test = match &h.kind {
+                // Through the busybox binary itself: an image may carry busybox without
+                // its applet links.
                 CheckKind::Http { path, port } => Some(vec![
                     "CMD".into(),
+                    "/bin/busybox".into(),
                     "wget".into(),
                     "-q".into(),
                     "-O".into(),

@@ -308,15 +308,63 @@ impl Drop for DockerNetwork {
     }
 }
 
-/// An extra Docker Engine with its own data root, exec root, socket and containerd
-/// namespace: a second "host" that shares nothing with the default engine. It makes no
-/// iptables rules and no default bridge; user-defined bridges work and are reachable
-/// from this machine. Stopped and deleted on drop.
+/// An extra Docker Engine with its own data root, exec root, socket, containerd
+/// namespace and default bridge: a second "host" that shares nothing with the default
+/// engine. It makes no iptables rules; its bridges are reachable from this machine.
+/// Stopped and deleted on drop.
+///
+/// Its default bridge is one this helper creates (198.18.N.1/24): `--bridge none`
+/// would be simpler, but dockerd then deletes `docker0` from the host — the default
+/// engine's bridge — on start.
 pub struct Dockerd {
     /// `unix:///...` endpoint.
     pub host: String,
     dir: tempfile::TempDir,
     child: std::process::Child,
+    bridge: String,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Creates a bridge with 198.18.N.1/24 for a free N; returns its name.
+fn own_bridge() -> Result<String> {
+    let mut last = String::new();
+    for _ in 0..40 {
+        let n = 1 + (std::process::id() as u64 * 13 + now_nanos() % 250) % 250;
+        let routes = Command::new("ip")
+            .args(["-4", "route", "show"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        if routes.contains(&format!("198.18.{n}.0/24")) {
+            continue;
+        }
+        let name = format!("fld{}", now_nanos() % 1_000_000);
+        match ip(&["link", "add", &name, "type", "bridge"]) {
+            Ok(()) => {}
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        }
+        ip(&["addr", "add", &format!("198.18.{n}.1/24"), "dev", &name])?;
+        ip(&["link", "set", &name, "up"])?;
+        return Ok(name);
+    }
+    bail!("no bridge for an extra dockerd: {last}")
 }
 
 impl Dockerd {
@@ -330,6 +378,7 @@ impl Dockerd {
         let sock = d.join("docker.sock");
         let ns = unique(&format!("flotilla-{name}"));
         let log = std::fs::File::create(d.join("dockerd.log"))?;
+        let bridge = own_bridge()?;
         let child = Command::new("dockerd")
             .arg("--config-file")
             .arg(d.join("daemon.json"))
@@ -341,7 +390,7 @@ impl Dockerd {
             .arg(d.join("docker.pid"))
             .arg("-H")
             .arg(format!("unix://{}", sock.display()))
-            .args(["--bridge", "none", "--iptables=false", "--ip-masq=false"])
+            .args(["--bridge", &bridge, "--iptables=false", "--ip-masq=false"])
             .args(["--containerd-namespace", &ns])
             .args(["--containerd-plugins-namespace", &format!("{ns}-p")])
             .stdout(log.try_clone()?)
@@ -349,7 +398,12 @@ impl Dockerd {
             .spawn()
             .context("starting dockerd")?;
         let host = format!("unix://{}", sock.display());
-        let daemon = Dockerd { host, dir, child };
+        let daemon = Dockerd {
+            host,
+            dir,
+            child,
+            bridge,
+        };
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while std::time::Instant::now() < deadline {
             if docker_at(
@@ -381,6 +435,8 @@ impl Drop for Dockerd {
                 let _ = self.docker(&["rm", "-f", id]);
             }
         }
+        // Its bridges would outlive it on the host.
+        let _ = self.docker(&["network", "prune", "-f"]);
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
         }
@@ -393,6 +449,7 @@ impl Drop for Dockerd {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = ip(&["link", "del", &self.bridge]);
         // Overlay mounts may linger under the data root; unmount before deleting.
         let root = self.dir.path().to_string_lossy().into_owned();
         if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {

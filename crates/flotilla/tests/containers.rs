@@ -127,6 +127,35 @@ path = "/data"
     path
 }
 
+/// Removes a stack's containers and volumes from the default engine when a test ends,
+/// however it ends.
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let filter = format!("label=flotilla.stack={}", self.0);
+        if let Ok(ids) = docker(&["ps", "-aq", "--filter", &filter]) {
+            for id in ids.split_whitespace() {
+                let _ = docker(&["rm", "-f", id]);
+            }
+        }
+        let images = format!("reference=flotilla/{}-*", self.0);
+        if let Ok(ids) = docker(&["images", "-q", "--filter", &images]) {
+            for id in ids.split_whitespace() {
+                let _ = docker(&["rmi", "-f", id]);
+            }
+        }
+        if let Ok(vols) = docker(&["volume", "ls", "-q"]) {
+            for v in vols
+                .split_whitespace()
+                .filter(|v| v.starts_with(&format!("{}-", self.0)))
+            {
+                let _ = docker(&["volume", "rm", v]);
+            }
+        }
+    }
+}
+
 async fn passing_in(client: &Client, stack: &str, service: &str) -> Vec<InstanceView> {
     client
         .instances()
@@ -243,9 +272,11 @@ impl Load {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn build_is_reproducible_labelled_and_runs() {
     let dir = tempfile::tempdir().unwrap();
+    let stack = unique("bld").replace('_', "-");
+    // Declared before the agent: dropped after it, so nothing recreates what it removes.
+    let _cleanup = Cleanup(stack.clone());
     let server = Server::start(dir.path(), "s", &[]);
     let net = DockerNetwork::create("flotilla-build").unwrap();
-    let stack = unique("bld").replace('_', "-");
     let spec = write_stack(
         &dir.path().join("spec"),
         &stack,
@@ -360,13 +391,15 @@ async fn build_is_reproducible_labelled_and_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_scale_restart_and_rm_converge() {
     let dir = tempfile::tempdir().unwrap();
+    let stack = unique("dep").replace('_', "-");
+    // Declared before the agent: dropped after it, so nothing recreates what it removes.
+    let _cleanup = Cleanup(stack.clone());
     let server = Server::start(dir.path(), "s", &[]);
     let client = server.client();
     let net = DockerNetwork::create("flotilla-deploy").unwrap();
     let node = unique("node").replace('_', "-");
     let _agent = agent_on(dir.path(), &server, &node, None, None);
     node_up(&client, 1).await;
-    let stack = unique("dep").replace('_', "-");
     let spec = write_stack(
         &dir.path().join("spec"),
         &stack,
@@ -455,6 +488,9 @@ async fn deploy_scale_restart_and_rm_converge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_rolling_update_rolls_back_with_zero_failed_requests() {
     let dir = tempfile::tempdir().unwrap();
+    let stack = unique("roll").replace('_', "-");
+    // Declared before the agent: dropped after it, so nothing recreates what it removes.
+    let _cleanup = Cleanup(stack.clone());
     let server = Server::start(dir.path(), "s", &[]);
     let client = server.client();
     let testsvc = common::testsvc_image();
@@ -462,7 +498,6 @@ async fn failing_rolling_update_rolls_back_with_zero_failed_requests() {
     let node = unique("node").replace('_', "-");
     let _agent = agent_on(dir.path(), &server, &node, None, None);
     node_up(&client, 1).await;
-    let stack = unique("roll").replace('_', "-");
     let home = dir.path();
     let v1 = write_stack(
         &dir.path().join("v1"),
@@ -584,13 +619,15 @@ fn volume_fingerprint(host: Option<&str>, container: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
+    let stack = unique("bk").replace('_', "-");
+    // Declared before the agent: dropped after it, so nothing recreates what it removes.
+    let _cleanup = Cleanup(stack.clone());
     let server = Server::start(dir.path(), "s", &[]);
     let client = server.client();
     let net = DockerNetwork::create("flotilla-bk").unwrap();
     let node = unique("node").replace('_', "-");
     let _agent = agent_on(dir.path(), &server, &node, None, None);
     node_up(&client, 1).await;
-    let stack = unique("bk").replace('_', "-");
     let home = dir.path();
     let spec = write_stack(
         &dir.path().join("spec"),
