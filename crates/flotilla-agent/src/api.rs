@@ -28,19 +28,31 @@ use crate::backup::{self, BackupOptions};
 /// Largest restore upload accepted.
 pub const MAX_UPLOAD: u64 = 64 << 30;
 
-struct AppError(StatusCode, String);
+struct AppError(StatusCode, String, Option<&'static str>);
+
+impl AppError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        AppError(status, message.into(), None)
+    }
+
+    /// Names the stage that failed (`"check"`: the archive was refused as input).
+    fn at(mut self, stage: &'static str) -> Self {
+        self.2 = Some(stage);
+        self
+    }
+}
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        (self.0, Json(json!({ "error": self.1, "stage": self.2 }))).into_response()
     }
 }
 
 fn bad(e: impl std::fmt::Display) -> AppError {
-    AppError(StatusCode::BAD_REQUEST, e.to_string())
+    AppError::new(StatusCode::BAD_REQUEST, e.to_string())
 }
 fn failed(e: anyhow::Error) -> AppError {
-    AppError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+    AppError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
 }
 
 /// The router; `inner` carries the engine, the registry client and the token.
@@ -79,11 +91,7 @@ async fn authorize(State(inner): State<Arc<Inner>>, req: Request, next: Next) ->
     if same {
         next.run(req).await
     } else {
-        AppError(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token".into(),
-        )
-        .into_response()
+        AppError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response()
     }
 }
 
@@ -115,7 +123,7 @@ async fn image_save(
     Query(q): Query<TagQuery>,
 ) -> Result<Response, AppError> {
     if inner.docker.inspect_image(&q.tag).await.is_err() {
-        return Err(AppError(
+        return Err(AppError::new(
             StatusCode::NOT_FOUND,
             format!("no image {:?}", q.tag),
         ));
@@ -178,7 +186,7 @@ async fn backup_stream(
         .inspect_container(&q.container, None)
         .await
         .map_err(|_| {
-            AppError(
+            AppError::new(
                 StatusCode::NOT_FOUND,
                 format!("no container {:?}", q.container),
             )
@@ -263,31 +271,63 @@ async fn restore(
         Some(t) => humantime::parse_duration(t).map_err(|e| bad(format!("health_timeout: {e}")))?,
         None => Duration::from_secs(30),
     };
-    // The upload is spooled and checked whole before anything is created.
+    // The upload is spooled, and checked whole (digests, sizes, every volume entry)
+    // while it arrives; nothing is created unless the check passes.
     let dir = tempfile_dir(&inner.config.work_dir).map_err(failed)?;
     let path = dir.join("upload.flotilla-backup");
-    let mut f = tokio::fs::File::create(&path)
-        .await
-        .map_err(|e| failed(e.into()))?;
-    let mut s = body.into_data_stream();
-    let mut total = 0u64;
-    while let Some(chunk) = s.next().await {
-        let chunk = chunk.map_err(|e| bad(format!("upload interrupted: {e}")))?;
-        total += chunk.len() as u64;
-        if total > MAX_UPLOAD {
-            let _ = tokio::fs::remove_dir_all(&dir).await;
-            return Err(AppError(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("larger than {MAX_UPLOAD} bytes"),
-            ));
+    let (tx, reader) = flotilla_archive::backup::ChannelReader::new(16);
+    let checker = std::thread::spawn(move || flotilla_archive::backup::check_with_config(reader));
+    let spooled = async {
+        let mut f = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| failed(e.into()))?;
+        let mut s = body.into_data_stream();
+        let mut total = 0u64;
+        let mut checking = true;
+        while let Some(chunk) = s.next().await {
+            let chunk = chunk.map_err(|e| bad(format!("upload interrupted: {e}")))?;
+            total += chunk.len() as u64;
+            if total > MAX_UPLOAD {
+                return Err(AppError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("larger than {MAX_UPLOAD} bytes"),
+                ));
+            }
+            f.write_all(&chunk).await.map_err(|e| failed(e.into()))?;
+            // A checker that already failed stops reading; its error is reported below.
+            if checking && tx.send(chunk.to_vec()).is_err() {
+                checking = false;
+            }
         }
-        f.write_all(&chunk).await.map_err(|e| failed(e.into()))?;
+        f.flush().await.map_err(|e| failed(e.into()))?;
+        Ok(total)
     }
-    f.flush().await.map_err(|e| failed(e.into()))?;
-    drop(f);
-    let result = backup::restore(
+    .await;
+    drop(tx);
+    let checked = checker.join();
+    let total = match spooled {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(e);
+        }
+    };
+    let (manifest, config) = match checked {
+        Ok(Ok(mc)) => mc,
+        Ok(Err(e)) => {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(AppError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()).at("check"));
+        }
+        Err(_) => {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(failed(anyhow::anyhow!("archive checker panicked")));
+        }
+    };
+    let result = backup::restore_checked_archive(
         &inner.docker,
         &path,
+        manifest,
+        &config,
         q.name.as_deref(),
         q.start,
         &[(crate::reconcile::OWNER, &inner.node)],
@@ -300,7 +340,7 @@ async fn restore(
     .await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let restored =
-        result.map_err(|e| AppError(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
+        result.map_err(|e| AppError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
     inner.metrics.restores.inc();
     let mut passing_after_ms = None;
     if q.start && !gate.is_zero() && inner.registers(&restored.id).await {
@@ -308,7 +348,7 @@ async fn restore(
         let ok = inner.wait_passing(&restored.id, gate).await;
         if !ok {
             let _ = backup::remove_with_volumes(&inner.docker, &restored.id).await;
-            return Err(AppError(
+            return Err(AppError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 format!(
                     "restored container did not pass its health check within {}; removed it",
@@ -353,7 +393,7 @@ async fn retire(
         .inspect_container(&q.container, None)
         .await
         .map_err(|_| {
-            AppError(
+            AppError::new(
                 StatusCode::NOT_FOUND,
                 format!("no container {:?}", q.container),
             )
@@ -375,7 +415,7 @@ async fn release(
         .inspect_container(&q.container, None)
         .await
         .map_err(|_| {
-            AppError(
+            AppError::new(
                 StatusCode::NOT_FOUND,
                 format!("no container {:?}", q.container),
             )

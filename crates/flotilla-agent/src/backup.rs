@@ -263,28 +263,30 @@ pub async fn restore(
     // Pass 1: check the whole archive and pick up the config part.
     let p = path.to_owned();
     let (manifest, config) = tokio::task::spawn_blocking(move || {
-        let mut config = Vec::new();
-        let mut in_config = false;
         let f = std::fs::File::open(&p)?;
-        let m = backup::read(std::io::BufReader::with_capacity(1 << 20, f), |piece| {
-            match piece {
-                Piece::Begin(_, h) => in_config = h.kind == PartKind::Config,
-                Piece::Data(d) if in_config => {
-                    if config.len() + d.len() > 1 << 20 {
-                        return Err(std::io::Error::other("config part larger than 1 MiB"));
-                    }
-                    config.extend_from_slice(d)
-                }
-                Piece::End => in_config = false,
-                Piece::Data(_) => {}
-            }
-            Ok(())
-        })?;
-        anyhow::Ok((m, config))
+        anyhow::Ok(backup::check_with_config(
+            std::io::BufReader::with_capacity(1 << 20, f),
+        )?)
     })
     .await??;
+    restore_checked_archive(docker, path, manifest, &config, name, start, relabel, strip).await
+}
+
+/// [`restore`] of an archive already checked (by [`backup::check_with_config`], e.g.
+/// while it was being received): `manifest` and `config` are what the check returned.
+#[allow(clippy::too_many_arguments)]
+pub async fn restore_checked_archive(
+    docker: &Docker,
+    path: &Path,
+    manifest: Manifest,
+    config: &[u8],
+    name: Option<&str>,
+    start: bool,
+    relabel: &[(&str, &str)],
+    strip: &[&str],
+) -> anyhow::Result<Restored> {
     let mut saved: SavedContainer =
-        serde_json::from_slice(&config).context("the archive's container config")?;
+        serde_json::from_slice(config).context("the archive's container config")?;
     for (k, v) in relabel {
         if let Some(old) = saved.labels.get_mut(*k) {
             *old = (*v).to_owned();

@@ -490,6 +490,68 @@ pub fn read(
     Ok(manifest)
 }
 
+/// Checks an archive and returns its manifest and its config part (at most 1 MiB).
+pub fn check_with_config(input: impl Read) -> Result<(Manifest, Vec<u8>), ArchiveError> {
+    let mut config = Vec::new();
+    let mut in_config = false;
+    let m = read(input, |piece| {
+        match piece {
+            Piece::Begin(_, h) => in_config = h.kind == PartKind::Config,
+            Piece::Data(d) if in_config => {
+                if config.len() + d.len() > MAX_JSON as usize {
+                    return Err(std::io::Error::other("config part larger than 1 MiB"));
+                }
+                config.extend_from_slice(d)
+            }
+            Piece::End => in_config = false,
+            Piece::Data(_) => {}
+        }
+        Ok(())
+    })?;
+    Ok((m, config))
+}
+
+/// A `Read` over chunks sent from another thread (or async code), so an archive can be
+/// checked while it streams past on its way to a file.
+pub struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl ChannelReader {
+    /// A reader of what is sent into the returned sender; dropping the sender is EOF.
+    pub fn new(bound: usize) -> (std::sync::mpsc::SyncSender<Vec<u8>>, ChannelReader) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(bound);
+        (
+            tx,
+            ChannelReader {
+                rx,
+                cur: Vec::new(),
+                pos: 0,
+            },
+        )
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(b) => {
+                    self.cur = b;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 /// Reads an archive only to check it; see [`read`].
 pub fn verify(input: impl Read) -> Result<Manifest, ArchiveError> {
     read(input, |_| Ok(()))

@@ -3,6 +3,7 @@
 //! Each subcommand drives real processes (the release `flotilla` binary, etcd) and
 //! reports figures with the machine they ran on, as Markdown and optionally JSON.
 
+mod containers;
 mod discovery;
 mod failover;
 mod procs;
@@ -36,6 +37,9 @@ enum Cmd {
     Failover(failover::Args),
     /// The long-run HA simulation: the whole cluster under load and seeded faults.
     Soak(soak::Args),
+    /// Container lifecycle: deploy time, backup/restore vs tar|sha256sum, migration
+    /// between two engines (stateful downtime, stateless failed requests).
+    Containers(containers::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,5 +54,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Schedulers(args) => rt.block_on(schedulers::run(args)),
         Cmd::Failover(args) => rt.block_on(failover::run(args)),
         Cmd::Soak(args) => rt.block_on(soak::run(args)),
+        Cmd::Containers(args) => rt.block_on(containers::run(args)),
     }
 }

@@ -116,6 +116,23 @@ impl ServerProc {
         })
     }
 
+    /// Starts `flotilla agent --node NODE --docker ENGINE` against this server.
+    pub fn agent_on(&self, node: &str, engine: &str) -> anyhow::Result<Proc> {
+        flotilla(&[
+            "agent",
+            "--server",
+            &self.url,
+            "--token-file",
+            path_str(&self.token_file)?,
+            "--node",
+            node,
+            "--api-listen",
+            "127.0.0.1:0",
+            "--docker",
+            engine,
+        ])
+    }
+
     /// Starts `flotilla agent --node NODE` against this server.
     pub fn agent(&self, node: &str) -> anyhow::Result<Proc> {
         flotilla(&[
