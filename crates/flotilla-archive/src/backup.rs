@@ -184,7 +184,7 @@ impl Encoder {
             header,
             hasher: Sha256::new(),
             size: 0,
-            chunk: Vec::with_capacity(CHUNK),
+            chunk: fresh_chunk(),
             seq: 0,
             check,
         });
@@ -209,10 +209,10 @@ impl Encoder {
         }
         let mut out = Vec::new();
         while !data.is_empty() {
-            let n = (CHUNK - open.chunk.len()).min(data.len());
+            let n = (CHUNK + 512 - open.chunk.len()).min(data.len());
             open.chunk.extend_from_slice(&data[..n]);
             data = &data[n..];
-            if open.chunk.len() == CHUNK {
+            if open.chunk.len() == CHUNK + 512 {
                 out.extend(flush(index, open));
             }
         }
@@ -226,7 +226,7 @@ impl Encoder {
             .current
             .take()
             .ok_or_else(|| ArchiveError::Layout("no part is open".into()))?;
-        let out = if open.chunk.is_empty() {
+        let out = if open.chunk.len() == 512 {
             Vec::new()
         } else {
             flush(index, &mut open)
@@ -277,23 +277,38 @@ impl Encoder {
     }
 }
 
+/// A chunk buffer: room for the tar header first, so a full chunk becomes its entry
+/// in place — the data is copied once, into the buffer, and never again.
+fn fresh_chunk() -> Vec<u8> {
+    let mut v = Vec::with_capacity(512 + CHUNK + 512);
+    v.resize(512, 0);
+    v
+}
+
 fn flush(index: usize, open: &mut Open) -> Vec<u8> {
     let name = format!("part-{index:02}/{:08}.chunk", open.seq);
     open.seq += 1;
-    let out = entry(&name, &open.chunk);
-    open.chunk.clear();
+    let mut out = std::mem::replace(&mut open.chunk, fresh_chunk());
+    let len = out.len() - 512;
+    out[..512].copy_from_slice(header(&name, len as u64).as_bytes());
+    out.resize(512 + len.div_ceil(512) * 512, 0);
     out
 }
 
-/// One tar entry (header, data, padding) with fixed metadata.
-fn entry(name: &str, data: &[u8]) -> Vec<u8> {
+fn header(name: &str, size: u64) -> tar::Header {
     let mut h = tar::Header::new_ustar();
     h.set_path(name).expect("short ASCII name");
-    h.set_size(data.len() as u64);
+    h.set_size(size);
     h.set_mode(0o644);
     h.set_mtime(0);
     h.set_entry_type(tar::EntryType::Regular);
     h.set_cksum();
+    h
+}
+
+/// One tar entry (header, data, padding) with fixed metadata.
+fn entry(name: &str, data: &[u8]) -> Vec<u8> {
+    let h = header(name, data.len() as u64);
     let mut out = Vec::with_capacity(512 + data.len().div_ceil(512) * 512);
     out.extend_from_slice(h.as_bytes());
     out.extend_from_slice(data);
