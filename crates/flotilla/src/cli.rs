@@ -283,6 +283,11 @@ pub struct BackupArgs {
     /// Leave the image out (restore only where the image exists).
     #[arg(long)]
     pub no_image: bool,
+    /// Recompute every digest of the received archive too (the agent computed them
+    /// from the data it read; by default the CLI checks structure, sizes and volume
+    /// contents as it writes, and a restore checks every digest again).
+    #[arg(long)]
+    pub verify: bool,
     #[command(flatten)]
     pub client: ClientArgs,
 }

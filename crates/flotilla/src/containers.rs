@@ -531,8 +531,15 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
         let stamp = flotilla_core::record::unix_ms();
         let file = dir.join(format!("{name}-{stamp}.flotilla-backup"));
         let t0 = Instant::now();
-        let manifest =
-            fetch_backup(&api, &container, &args.consistency, !args.no_image, &file).await?;
+        let manifest = fetch_backup(
+            &api,
+            &container,
+            &args.consistency,
+            !args.no_image,
+            &file,
+            args.verify,
+        )
+        .await?;
         let secs = t0.elapsed().as_secs_f64();
         let size = std::fs::metadata(&file)?.len();
         println!(
@@ -557,6 +564,7 @@ async fn fetch_backup(
     consistency: &str,
     image: bool,
     file: &Path,
+    full_check: bool,
 ) -> anyhow::Result<flotilla_archive::Manifest> {
     let part = file.with_extension("partial");
     let result = async {
@@ -578,10 +586,15 @@ async fn fetch_backup(
         }
         let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(16);
         let checker = std::thread::spawn(move || {
-            flotilla_archive::backup::verify(ChannelReader {
+            let r = ChannelReader {
                 rx,
                 cur: bytes::Bytes::new(),
-            })
+            };
+            if full_check {
+                flotilla_archive::backup::verify(r)
+            } else {
+                flotilla_archive::backup::check_structure(r)
+            }
         });
         let mut out = tokio::fs::File::create(&part).await?;
         let pb = progress(&format!("backup {container}"));
