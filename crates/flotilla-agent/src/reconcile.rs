@@ -209,15 +209,35 @@ impl Inner {
                 }
             }
         }
-        for (key, (st, name, svc, r)) in &wanted {
+        // Replicas of one service converge `update.parallelism` at a time (a rolling
+        // update waits for each new replica's health check); services one after another.
+        let mut groups: BTreeMap<String, Vec<(String, Vec<Local>)>> = BTreeMap::new();
+        for (key, (st, name, _, _)) in &wanted {
             let have = by_key.remove(key).unwrap_or_default();
-            if let Err(e) = self.converge_replica(st, name, svc, *r, have).await {
-                tracing::warn!(
-                    replica = key,
-                    error = format!("{e:#}"),
-                    "could not converge"
-                );
-            }
+            groups
+                .entry(format!("{}/{name}", st.name))
+                .or_default()
+                .push((key.clone(), have));
+        }
+        for (_, members) in groups {
+            let parallel = members
+                .first()
+                .map(|(k, _)| wanted[k].2.spec.update.parallelism.max(1) as usize)
+                .unwrap_or(1);
+            futures::stream::iter(members)
+                .for_each_concurrent(parallel, |(key, have)| {
+                    let (st, name, svc, r) = wanted[&key];
+                    async move {
+                        if let Err(e) = self.converge_replica(st, name, svc, r, have).await {
+                            tracing::warn!(
+                                replica = key,
+                                error = format!("{e:#}"),
+                                "could not converge"
+                            );
+                        }
+                    }
+                })
+                .await;
         }
         // What is left here is not wanted here.
         for (key, have) in by_key {

@@ -571,7 +571,7 @@ async fn failing_rolling_update_rolls_back_with_zero_failed_requests() {
     )
     .await;
 
-    // A good version 3 rolls out one replica at a time, still without a failed request.
+    // A good version 3 rolls out, still without a failed request.
     let v3 = write_stack(
         &dir.path().join("v3"),
         &stack,
@@ -581,6 +581,12 @@ async fn failing_rolling_update_rolls_back_with_zero_failed_requests() {
         false,
         Some(&testsvc),
     );
+    // Version 3 replaces all three replicas at once: each old one still serves until
+    // its own replacement passes.
+    let v3_text = std::fs::read_to_string(&v3)
+        .unwrap()
+        .replace("drain = \"1s\" }", "drain = \"1s\", parallelism = 3 }");
+    std::fs::write(&v3, v3_text).unwrap();
     let o = cli(
         &server,
         home,
