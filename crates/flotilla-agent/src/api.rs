@@ -74,20 +74,13 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
 }
 
 async fn authorize(State(inner): State<Arc<Inner>>, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .unwrap_or_default();
-    let expected = inner.token.as_bytes();
-    let same = given.len() == expected.len()
-        && given
-            .bytes()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
+    let given = flotilla_core::auth::bearer(
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    )
+    .unwrap_or_default();
+    let same = flotilla_core::auth::token_matches(given.as_bytes(), inner.token.as_bytes());
     if same {
         next.run(req).await
     } else {
@@ -181,16 +174,7 @@ async fn backup_stream(
     State(inner): State<Arc<Inner>>,
     Query(q): Query<BackupQuery>,
 ) -> Result<Response, AppError> {
-    let info = inner
-        .docker
-        .inspect_container(&q.container, None)
-        .await
-        .map_err(|_| {
-            AppError::new(
-                StatusCode::NOT_FOUND,
-                format!("no container {:?}", q.container),
-            )
-        })?;
+    let info = inspect(&inner, &q.container).await?;
     let id = info.id.unwrap_or_default();
     let name = info
         .name
@@ -388,16 +372,7 @@ async fn retire(
         Some(t) => humantime::parse_duration(t).map_err(|e| bad(format!("drain: {e}")))?,
         None => Duration::from_secs(2),
     };
-    let info = inner
-        .docker
-        .inspect_container(&q.container, None)
-        .await
-        .map_err(|_| {
-            AppError::new(
-                StatusCode::NOT_FOUND,
-                format!("no container {:?}", q.container),
-            )
-        })?;
+    let info = inspect(&inner, &q.container).await?;
     let id = info.id.unwrap_or_default();
     inner.hold(&id).await;
     inner.retire(&id, drain).await.map_err(failed)?;
@@ -410,16 +385,7 @@ async fn release(
     State(inner): State<Arc<Inner>>,
     Query(q): Query<RetireQuery>,
 ) -> Result<Json<serde_json::Value>, AppError> {
-    let info = inner
-        .docker
-        .inspect_container(&q.container, None)
-        .await
-        .map_err(|_| {
-            AppError::new(
-                StatusCode::NOT_FOUND,
-                format!("no container {:?}", q.container),
-            )
-        })?;
+    let info = inspect(&inner, &q.container).await?;
     let id = info.id.unwrap_or_default();
     inner.unhold(&id).await;
     let running = info.state.and_then(|s| s.running).unwrap_or(false);
@@ -431,6 +397,18 @@ async fn release(
             .map_err(|e| failed(e.into()))?;
     }
     Ok(Json(json!({ "released": q.container })))
+}
+
+/// A container by name or id, or 404 naming it.
+async fn inspect(
+    inner: &Inner,
+    container: &str,
+) -> Result<bollard::models::ContainerInspectResponse, AppError> {
+    inner
+        .docker
+        .inspect_container(container, None)
+        .await
+        .map_err(|_| AppError::new(StatusCode::NOT_FOUND, format!("no container {container:?}")))
 }
 
 fn tempfile_dir(base: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {

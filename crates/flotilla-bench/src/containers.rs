@@ -36,25 +36,7 @@ pub struct Args {
     json: Option<PathBuf>,
 }
 
-fn cli(server: &ServerProc, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(flotilla_binary()?)
-        .args(args)
-        .env("FLOTILLA_SERVER", &server.url)
-        .env("FLOTILLA_TOKEN_FILE", &server.token_file)
-        .env("RUST_LOG", "warn")
-        .output()?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if !out.status.success() {
-        bail!("flotilla {}: {text}", args.join(" "));
-    }
-    Ok(text)
-}
-
-async fn cli_async(server: &ServerProc, args: &[&str]) -> anyhow::Result<String> {
+async fn cli(server: &ServerProc, args: &[&str]) -> anyhow::Result<String> {
     let out = tokio::process::Command::new(flotilla_binary()?)
         .args(args)
         .env("FLOTILLA_SERVER", &server.url)
@@ -157,16 +139,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         false,
     )?;
     let spec_s = spec.to_str().context("path")?;
-    cli(&server, &["deploy", spec_s, "--timeout", "120s"])?; // warms the image cache
-    cli(&server, &["rm", stack])?;
+    cli(&server, &["deploy", spec_s, "--timeout", "120s"]).await?; // warms the image cache
+    cli(&server, &["rm", stack]).await?;
     let t0 = Instant::now();
-    let out = cli(&server, &["deploy", spec_s, "--timeout", "120s"])?;
+    let out = cli(&server, &["deploy", spec_s, "--timeout", "120s"]).await?;
     let deploy_s = t0.elapsed().as_secs_f64();
     println!(
         "deploy of {} replicas to all passing (warm cache): {deploy_s:.2} s\n{out}",
         args.replicas
     );
-    cli(&server, &["rm", stack])?;
+    cli(&server, &["rm", stack]).await?;
     report.insert("deploy_replicas".into(), args.replicas.into());
     report.insert("deploy_seconds".into(), deploy_s.into());
 
@@ -181,7 +163,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "--timeout",
             "120s",
         ],
-    )?;
+    )
+    .await?;
     let container = docker(&[
         "ps",
         "-q",
@@ -233,7 +216,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "--consistency",
             "pause",
         ],
-    )?;
+    )
+    .await?;
     let backup_s = t0.elapsed().as_secs_f64();
     let archive = std::fs::read_dir(&bdir)?.next().context("archive")??.path();
     let archive_s = archive.to_str().context("path")?.to_owned();
@@ -251,11 +235,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     cli(
         &server,
         &["restore", &archive_s, "--name", "benchbackup-restored"],
-    )?;
+    )
+    .await?;
     let restore_s = t0.elapsed().as_secs_f64();
     let _ = docker(&["rm", "-f", "benchbackup-restored"]);
     let _ = docker(&["volume", "rm", "benchbackup-restored-0"]);
-    cli(&server, &["rm", stack])?;
+    cli(&server, &["rm", stack]).await?;
     let _ = docker(&["volume", "rm", "benchbackup-notes-0-data"]);
     println!(
         "volume {mib:.0} MiB: tar|sha256sum {:.0} MiB/s; flotilla backup {:.0} MiB/s ({:.2}x); sha256sum+tar -x {:.0} MiB/s; flotilla restore {:.0} MiB/s ({:.2}x)",
@@ -300,7 +285,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Some(&image),
         true,
     )?;
-    cli_async(
+    cli(
         &server,
         &[
             "deploy",
@@ -332,7 +317,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             args.migrate_mib
         ),
     ])?;
-    let out = cli_async(&server, &["migrate", &notes.id, "--to", other]).await?;
+    let out = cli(&server, &["migrate", &notes.id, "--to", other]).await?;
     let downtime: f64 = out
         .split("downtime ")
         .nth(1)
@@ -410,7 +395,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         "bench-a"
     };
-    let out = cli_async(&server, &["migrate", &web.id, "--to", to]).await?;
+    let out = cli(&server, &["migrate", &web.id, "--to", to]).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     load.await?;

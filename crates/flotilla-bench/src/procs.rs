@@ -118,24 +118,16 @@ impl ServerProc {
 
     /// Starts `flotilla agent --node NODE --docker ENGINE` against this server.
     pub fn agent_on(&self, node: &str, engine: &str) -> anyhow::Result<Proc> {
-        flotilla(&[
-            "agent",
-            "--server",
-            &self.url,
-            "--token-file",
-            path_str(&self.token_file)?,
-            "--node",
-            node,
-            "--api-listen",
-            "127.0.0.1:0",
-            "--docker",
-            engine,
-        ])
+        self.agent_with(node, &["--docker", engine])
     }
 
     /// Starts `flotilla agent --node NODE` against this server.
     pub fn agent(&self, node: &str) -> anyhow::Result<Proc> {
-        flotilla(&[
+        self.agent_with(node, &[])
+    }
+
+    fn agent_with(&self, node: &str, extra: &[&str]) -> anyhow::Result<Proc> {
+        let mut args = vec![
             "agent",
             "--server",
             &self.url,
@@ -145,7 +137,9 @@ impl ServerProc {
             node,
             "--api-listen",
             "127.0.0.1:0",
-        ])
+        ];
+        args.extend_from_slice(extra);
+        flotilla(&args)
     }
 }
 

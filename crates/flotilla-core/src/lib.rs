@@ -5,6 +5,7 @@
 //! and TOML config loading that rejects unknown keys naming file, line and key. Nothing
 //! here does I/O beyond reading a config file, so all of it is unit-tested directly.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod id;

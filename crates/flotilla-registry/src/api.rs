@@ -190,29 +190,20 @@ async fn count_requests(State(shared): State<Arc<Shared>>, req: Request, next: N
     resp
 }
 
-/// Constant-time comparison, so the token cannot be guessed byte by byte from timing.
-fn token_matches(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-}
-
 async fn authorize(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
     if read && shared.config.open_reads {
         return next.run(req).await;
     }
-    let given = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+    let given = flotilla_core::auth::bearer(
+        req.headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    );
     match given {
-        Some(t) if token_matches(t.as_bytes(), shared.token.as_bytes()) => next.run(req).await,
+        Some(t) if flotilla_core::auth::token_matches(t.as_bytes(), shared.token.as_bytes()) => {
+            next.run(req).await
+        }
         Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "wrong bearer token").into_response(),
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -801,13 +792,6 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn token_comparison() {
-        assert!(token_matches(b"abc", b"abc"));
-        assert!(!token_matches(b"abd", b"abc"));
-        assert!(!token_matches(b"ab", b"abc"));
-    }
 
     #[test]
     fn json_errors_name_the_field() {

@@ -261,12 +261,7 @@ impl DockerNetwork {
             let n = 1 + (std::process::id() as u64 * 7 + now_nanos() % 250) % 250;
             // Another engine's network (engines do not see each other's) may already
             // route this subnet on the host: two bridges for one /24 break both.
-            let routes = Command::new("ip")
-                .args(["-4", "route", "show"])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            if routes.contains(&format!("198.18.{n}.0/24")) {
+            if subnet_routed(n) {
                 last = format!("198.18.{n}.0/24 is routed already");
                 continue;
             }
@@ -293,6 +288,15 @@ impl DockerNetwork {
         }
         bail!("could not create a docker network: {last}")
     }
+}
+
+/// Whether the host already routes 198.18.N.0/24 (some engine's bridge has it).
+fn subnet_routed(n: u64) -> bool {
+    Command::new("ip")
+        .args(["-4", "route", "show"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("198.18.{n}.0/24")))
+        .unwrap_or(false)
 }
 
 fn now_nanos() -> u64 {
@@ -344,12 +348,7 @@ fn own_bridge() -> Result<String> {
     let mut last = String::new();
     for _ in 0..40 {
         let n = 1 + (std::process::id() as u64 * 13 + now_nanos() % 250) % 250;
-        let routes = Command::new("ip")
-            .args(["-4", "route", "show"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        if routes.contains(&format!("198.18.{n}.0/24")) {
+        if subnet_routed(n) {
             continue;
         }
         let name = format!("fld{}", now_nanos() % 1_000_000);
