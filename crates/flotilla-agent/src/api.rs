@@ -259,7 +259,7 @@ async fn restore(
     // while it arrives; nothing is created unless the check passes.
     let dir = tempfile_dir(&inner.config.work_dir).map_err(failed)?;
     let path = dir.join("upload.flotilla-backup");
-    let (tx, reader) = flotilla_archive::backup::ChannelReader::new(16);
+    let (tx, reader) = flotilla_archive::backup::ChannelReader::<bytes::Bytes>::new(16);
     let checker = std::thread::spawn(move || flotilla_archive::backup::check_with_config(reader));
     let spooled = async {
         let mut f = tokio::fs::File::create(&path)
@@ -279,7 +279,7 @@ async fn restore(
             }
             f.write_all(&chunk).await.map_err(|e| failed(e.into()))?;
             // A checker that already failed stops reading; its error is reported below.
-            if checking && tx.send(chunk.to_vec()).is_err() {
+            if checking && tx.send(chunk.clone()).is_err() {
                 checking = false;
             }
         }
@@ -307,18 +307,21 @@ async fn restore(
             return Err(failed(anyhow::anyhow!("archive checker panicked")));
         }
     };
+    let strip: &[&str] = if q.keep_stack {
+        &[]
+    } else {
+        &crate::reconcile::STACK_LABELS
+    };
     let result = backup::restore_checked_archive(
         &inner.docker,
         &path,
         manifest,
         &config,
-        q.name.as_deref(),
-        q.start,
-        &[(crate::reconcile::OWNER, &inner.node)],
-        if q.keep_stack {
-            &[]
-        } else {
-            &crate::reconcile::STACK_LABELS
+        &backup::RestoreOptions {
+            name: q.name.as_deref(),
+            start: q.start,
+            relabel: &[(crate::reconcile::OWNER, &inner.node)],
+            strip,
         },
     )
     .await;

@@ -324,45 +324,31 @@ pub struct Restored {
     pub manifest: Manifest,
 }
 
-/// Restores the archive at `path` as a new container named `name` (default: the
-/// source's name); starts it if `start`. Labels the container already has are set to
-/// the values in `relabel` (the managing node changes with the host), and labels in
-/// `strip` are dropped (a restored copy is no longer a stack's replica). Checks
-/// everything before creating anything, and removes what it created if a later step
-/// fails.
-pub async fn restore(
-    docker: &Docker,
-    path: &Path,
-    name: Option<&str>,
-    start: bool,
-    relabel: &[(&str, &str)],
-    strip: &[&str],
-) -> anyhow::Result<Restored> {
-    // Pass 1: check the whole archive and pick up the config part.
-    let p = path.to_owned();
-    let (manifest, config) = tokio::task::spawn_blocking(move || {
-        let f = std::fs::File::open(&p)?;
-        anyhow::Ok(backup::check_with_config(
-            std::io::BufReader::with_capacity(1 << 20, f),
-        )?)
-    })
-    .await??;
-    restore_checked_archive(docker, path, manifest, &config, name, start, relabel, strip).await
+/// How a restore names and labels what it creates.
+pub struct RestoreOptions<'a> {
+    /// Container name (default: the source's).
+    pub name: Option<&'a str>,
+    /// Start the container.
+    pub start: bool,
+    /// Labels the container already has are set to these values (the managing node
+    /// changes with the host).
+    pub relabel: &'a [(&'a str, &'a str)],
+    /// Labels dropped (a restored copy is no longer a stack's replica).
+    pub strip: &'a [&'a str],
 }
 
-/// [`restore`] of an archive already checked (by [`backup::check_with_config`], e.g.
-/// while it was being received): `manifest` and `config` are what the check returned.
-#[allow(clippy::too_many_arguments)]
+/// Restores the archive at `path`, already checked whole by
+/// [`backup::check_with_config`] (which returned `manifest` and `config`), as a new
+/// container. Creates nothing before this call, and removes what it created if a later
+/// step fails.
 pub async fn restore_checked_archive(
     docker: &Docker,
     path: &Path,
     manifest: Manifest,
     config: &[u8],
-    name: Option<&str>,
-    start: bool,
-    relabel: &[(&str, &str)],
-    strip: &[&str],
+    opts: &RestoreOptions<'_>,
 ) -> anyhow::Result<Restored> {
+    let (name, start, relabel, strip) = (opts.name, opts.start, opts.relabel, opts.strip);
     let mut saved: SavedContainer =
         serde_json::from_slice(config).context("the archive's container config")?;
     for (k, v) in relabel {

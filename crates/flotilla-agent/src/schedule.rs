@@ -65,6 +65,13 @@ impl Inner {
 
     async fn scheduled_backups(&self) -> anyhow::Result<()> {
         let (_, stacks) = self.client.stacks(0, Duration::ZERO).await?;
+        // Most stacks have no schedule: ask the engine nothing then.
+        let any = stacks
+            .iter()
+            .any(|s| s.services.values().any(|svc| svc.spec.backup.is_some()));
+        if !any {
+            return Ok(());
+        }
         for l in self.stack_containers().await? {
             if !l.running {
                 continue;

@@ -545,42 +545,48 @@ pub fn check_with_config(input: impl Read) -> Result<(Manifest, Vec<u8>), Archiv
 
 /// A `Read` over chunks sent from another thread (or async code), so an archive can be
 /// checked while it streams past on its way to a file.
-pub struct ChannelReader {
-    rx: std::sync::mpsc::Receiver<Vec<u8>>,
-    cur: Vec<u8>,
+/// Chunks are any owned bytes (`Vec<u8>`, `bytes::Bytes`): no copy on the way in.
+pub struct ChannelReader<B> {
+    rx: std::sync::mpsc::Receiver<B>,
+    cur: Option<B>,
     pos: usize,
 }
 
-impl ChannelReader {
+impl<B: AsRef<[u8]>> ChannelReader<B> {
     /// A reader of what is sent into the returned sender; dropping the sender is EOF.
-    pub fn new(bound: usize) -> (std::sync::mpsc::SyncSender<Vec<u8>>, ChannelReader) {
+    pub fn new(bound: usize) -> (std::sync::mpsc::SyncSender<B>, ChannelReader<B>) {
         let (tx, rx) = std::sync::mpsc::sync_channel(bound);
         (
             tx,
             ChannelReader {
                 rx,
-                cur: Vec::new(),
+                cur: None,
                 pos: 0,
             },
         )
     }
 }
 
-impl Read for ChannelReader {
+impl<B: AsRef<[u8]>> Read for ChannelReader<B> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.pos == self.cur.len() {
+        loop {
+            if let Some(cur) = &self.cur {
+                let cur = cur.as_ref();
+                if self.pos < cur.len() {
+                    let n = buf.len().min(cur.len() - self.pos);
+                    buf[..n].copy_from_slice(&cur[self.pos..self.pos + n]);
+                    self.pos += n;
+                    return Ok(n);
+                }
+            }
             match self.rx.recv() {
                 Ok(b) => {
-                    self.cur = b;
+                    self.cur = Some(b);
                     self.pos = 0;
                 }
                 Err(_) => return Ok(0),
             }
         }
-        let n = buf.len().min(self.cur.len() - self.pos);
-        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
     }
 }
 

@@ -111,6 +111,14 @@ impl Client {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
+        self.send_with_index(req).await.map(|(_, v)| v)
+    }
+
+    /// Like `send`, also returning the `X-Flotilla-Index` header (0 if absent).
+    async fn send_with_index<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<(u64, T)> {
         let req = req.build().map_err(|e| ClientError::Unreachable {
             url: self.base.clone(),
             message: e.to_string(),
@@ -124,6 +132,12 @@ impl Client {
                 url: url.clone(),
                 message: flotilla_core::error::chain(&e),
             })?;
+        let index = resp
+            .headers()
+            .get("x-flotilla-index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
             url,
@@ -139,10 +153,12 @@ impl Client {
                 message,
             });
         }
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Status {
-            status: status.as_u16(),
-            message: format!("undecodable response: {e}"),
-        })
+        serde_json::from_slice(&bytes)
+            .map(|v| (index, v))
+            .map_err(|e| ClientError::Status {
+                status: status.as_u16(),
+                message: format!("undecodable response: {e}"),
+            })
     }
 
     const SHORT: Duration = Duration::from_secs(10);
@@ -332,32 +348,7 @@ impl Client {
                 ("index", index.to_string()),
                 ("wait", format!("{}ms", wait.as_millis())),
             ]);
-        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
-            message: flotilla_core::error::chain(&e),
-        })?;
-        let index = resp
-            .headers()
-            .get("x-flotilla-index")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
-            message: flotilla_core::error::chain(&e),
-        })?;
-        if !status.is_success() {
-            return Err(ClientError::Status {
-                status: status.as_u16(),
-                message: String::from_utf8_lossy(&bytes).trim().to_owned(),
-            });
-        }
-        let stacks = serde_json::from_slice(&bytes).map_err(|e| ClientError::Status {
-            status: status.as_u16(),
-            message: format!("undecodable response: {e}"),
-        })?;
-        Ok((index, stacks))
+        self.send_with_index(req).await
     }
 
     /// `GET /v1/stacks/{name}`.

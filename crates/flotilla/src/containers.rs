@@ -475,27 +475,6 @@ fn container_of(i: &InstanceView) -> anyhow::Result<String> {
         .with_context(|| format!("instance {} is not a container", i.id))
 }
 
-/// A `Read` over chunks sent from async code, for checking a stream while it is written.
-struct ChannelReader {
-    rx: std::sync::mpsc::Receiver<bytes::Bytes>,
-    cur: bytes::Bytes,
-}
-
-impl std::io::Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.cur.is_empty() {
-            match self.rx.recv() {
-                Ok(b) => self.cur = b,
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.cur.len());
-        buf[..n].copy_from_slice(&self.cur[..n]);
-        self.cur = self.cur.slice(n..);
-        Ok(n)
-    }
-}
-
 fn progress(label: &str) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
     if !std::io::stdout().is_terminal() {
@@ -584,12 +563,8 @@ async fn fetch_backup(
                 v["error"].as_str().unwrap_or("failed")
             );
         }
-        let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(16);
+        let (tx, r) = flotilla_archive::backup::ChannelReader::<bytes::Bytes>::new(16);
         let checker = std::thread::spawn(move || {
-            let r = ChannelReader {
-                rx,
-                cur: bytes::Bytes::new(),
-            };
             if full_check {
                 flotilla_archive::backup::verify(r)
             } else {
@@ -645,7 +620,7 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let pb = progress("restore");
     pb.set_length(len);
     let pb2 = pb.clone();
-    let stream = tokio_util_stream(f).inspect(move |c| {
+    let stream = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20).inspect(move |c| {
         if let Ok(b) = c {
             pb2.inc(b.len() as u64);
         }
@@ -677,44 +652,6 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         }
     );
     Ok(())
-}
-
-fn tokio_util_stream(
-    mut f: tokio::fs::File,
-) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
-    use tokio::io::AsyncReadExt;
-    async_stream(move |tx| async move {
-        loop {
-            let mut buf = vec![0u8; 1 << 20];
-            let n = f.read(&mut buf).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.truncate(n);
-            if tx.send(Ok(bytes::Bytes::from(buf))).await.is_err() {
-                return Ok(());
-            }
-        }
-    })
-}
-
-/// A stream fed by a task through a channel.
-fn async_stream<F, Fut>(
-    f: F,
-) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>) -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
-{
-    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-    let err_tx = tx.clone();
-    let fut = f(tx);
-    tokio::spawn(async move {
-        if let Err(e) = fut.await {
-            let _ = err_tx.send(Err(e)).await;
-        }
-    });
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// `flotilla migrate INSTANCE --to NODE`.

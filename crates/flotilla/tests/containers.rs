@@ -33,6 +33,12 @@ async fn cli(server: &Server, home: &Path, args: &[&str], env: &[(&str, &str)]) 
         .unwrap()
 }
 
+/// The output of a command that must succeed (its output in the panic message if not).
+fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "{}", text(&o));
+    o
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -324,8 +330,7 @@ async fn build_is_reproducible_labelled_and_runs() {
     assert_eq!(la, lc, "but the same layer content");
 
     // Loaded into the engine: standard labels and health check, and it serves.
-    let o = cli(&server, home, &["build", spec.to_str().unwrap()], &[]).await;
-    assert!(o.status.success(), "{}", text(&o));
+    let o = ok(cli(&server, home, &["build", spec.to_str().unwrap()], &[]).await);
     let tag = String::from_utf8_lossy(&o.stdout)
         .split_whitespace()
         .nth(1)
@@ -411,19 +416,17 @@ async fn deploy_scale_restart_and_rm_converge() {
     );
     let home = dir.path();
     let t0 = Instant::now();
-    let o = cli(
+    ok(cli(
         &server,
         home,
         &["deploy", spec.to_str().unwrap(), "--timeout", "60s"],
         &[],
     )
-    .await;
-    assert!(o.status.success(), "{}", text(&o));
+    .await);
     println!("deploy of 3 replicas converged in {:?}", t0.elapsed());
     assert_eq!(passing_in(&client, &stack, "web").await.len(), 3);
 
-    let o = cli(&server, home, &["scale", "web=5", "--timeout", "60s"], &[]).await;
-    assert!(o.status.success(), "{}", text(&o));
+    ok(cli(&server, home, &["scale", "web=5", "--timeout", "60s"], &[]).await);
     assert_eq!(passing_in(&client, &stack, "web").await.len(), 5);
 
     // A killed replica is started again (same container), and passes again.
@@ -453,8 +456,7 @@ async fn deploy_scale_restart_and_rm_converge() {
     )
     .await;
 
-    let o = cli(&server, home, &["scale", "web=2", "--timeout", "60s"], &[]).await;
-    assert!(o.status.success(), "{}", text(&o));
+    ok(cli(&server, home, &["scale", "web=2", "--timeout", "60s"], &[]).await);
     eventually(Duration::from_secs(20), "scaled down to 2", || async {
         passing_in(&client, &stack, "web").await.len() == 2
             && docker(&[
@@ -470,8 +472,7 @@ async fn deploy_scale_restart_and_rm_converge() {
     })
     .await;
 
-    let o = cli(&server, home, &["rm", &stack], &[]).await;
-    assert!(o.status.success(), "{}", text(&o));
+    ok(cli(&server, home, &["rm", &stack], &[]).await);
     eventually(Duration::from_secs(20), "stack containers gone", || async {
         docker(&[
             "ps",
@@ -508,14 +509,13 @@ async fn failing_rolling_update_rolls_back_with_zero_failed_requests() {
         false,
         Some(&testsvc),
     );
-    let o = cli(
+    ok(cli(
         &server,
         home,
         &["deploy", v1.to_str().unwrap(), "--timeout", "60s"],
         &[],
     )
-    .await;
-    assert!(o.status.success(), "{}", text(&o));
+    .await);
     let v1_hash = client.stack(&stack).await.unwrap().services["web"]
         .spec_hash
         .clone();
@@ -587,14 +587,13 @@ async fn failing_rolling_update_rolls_back_with_zero_failed_requests() {
         .unwrap()
         .replace("drain = \"1s\" }", "drain = \"1s\", parallelism = 3 }");
     std::fs::write(&v3, v3_text).unwrap();
-    let o = cli(
+    ok(cli(
         &server,
         home,
         &["deploy", v3.to_str().unwrap(), "--timeout", "90s"],
         &[],
     )
-    .await;
-    assert!(o.status.success(), "{}", text(&o));
+    .await);
     eventually(Duration::from_secs(30), "old replicas retired", || async {
         let list = passing_in(&client, &stack, "web").await;
         list.len() == 3 && list.iter().all(|i| i.meta["version"] == "3")
@@ -652,14 +651,13 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
         scheduled.display()
     ));
     std::fs::write(&spec, text_spec).unwrap();
-    let o = cli(
+    ok(cli(
         &server,
         home,
         &["deploy", spec.to_str().unwrap(), "--timeout", "60s"],
         &[],
     )
-    .await;
-    assert!(o.status.success(), "{}", text(&o));
+    .await);
     let notes = passing_in(&client, &stack, "notes").await[0].clone();
     let container = notes.meta["container_name"].clone();
     docker(&[
@@ -701,14 +699,13 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
     assert_eq!(m.parts.len(), 3, "config, image, volume");
 
     let bdir = dir.path().join("backups");
-    let o = cli(
+    let o = ok(cli(
         &server,
         home,
         &["backup", &container, "--to", bdir.to_str().unwrap()],
         &[],
     )
-    .await;
-    assert!(o.status.success(), "{}", text(&o));
+    .await);
     assert!(text(&o).contains("paused"), "{}", text(&o));
     let archive = std::fs::read_dir(&bdir)
         .unwrap()
@@ -718,8 +715,7 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
         .path();
 
     // Destroy the stack and the replica's volume.
-    let o = cli(&server, home, &["rm", &stack], &[]).await;
-    assert!(o.status.success(), "{}", text(&o));
+    ok(cli(&server, home, &["rm", &stack], &[]).await);
     let vol = format!("{stack}-notes-0-data");
     eventually(Duration::from_secs(20), "volume removable", || async {
         docker(&["volume", "rm", &vol]).is_ok()
@@ -775,14 +771,13 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
 
     // The good archive restores bit for bit.
     let restored = format!("{stack}-restored");
-    let o = cli(
+    ok(cli(
         &server,
         home,
         &["restore", archive.to_str().unwrap(), "--name", &restored],
         &[],
     )
-    .await;
-    assert!(o.status.success(), "{}", text(&o));
+    .await);
     assert_eq!(volume_fingerprint(None, &restored), before);
     eventually(
         Duration::from_secs(10),
@@ -928,8 +923,7 @@ async fn replicas_move_between_engines_that_share_nothing() {
         .into_iter()
         .find(|i| i.node.as_deref() == Some(node_a.as_str()))
         .unwrap();
-    let o = cli(&server, home, &["migrate", &on_a.id, "--to", &node_b], &[]).await;
-    assert!(o.status.success(), "{}", text(&o));
+    let o = ok(cli(&server, home, &["migrate", &on_a.id, "--to", &node_b], &[]).await);
     println!("{}", text(&o));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (total, failed) = load.finish().await;
@@ -990,8 +984,7 @@ async fn replicas_move_between_engines_that_share_nothing() {
         })
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let o = cli(&server, home, &["migrate", &notes.id, "--to", &target], &[]).await;
-    assert!(o.status.success(), "{}", text(&o));
+    let o = ok(cli(&server, home, &["migrate", &notes.id, "--to", &target], &[]).await);
     println!("{}", text(&o));
     let out = text(&o);
     let downtime: f64 = out
