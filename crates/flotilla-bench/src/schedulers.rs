@@ -31,9 +31,46 @@ pub struct Args {
     /// Write results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Directory for the SVG plots.
+    /// Directory for the SVG and PNG plots.
     #[arg(long, default_value = "bench-results")]
     plots: PathBuf,
+    /// Run only this scenario (repeatable; default: all).
+    #[arg(long = "scenario")]
+    only_scenarios: Vec<String>,
+    /// Run only this scheduler (repeatable; default: all).
+    #[arg(long = "scheduler")]
+    only_schedulers: Vec<String>,
+}
+
+impl Args {
+    /// The scenarios and schedulers asked for; an unknown name is an error.
+    fn selection(&self) -> anyhow::Result<(Vec<Scenario>, Vec<&'static str>)> {
+        let all = scenarios();
+        for name in &self.only_scenarios {
+            anyhow::ensure!(
+                all.iter().any(|s| s.name == name),
+                "--scenario {name}: unknown (one of {})",
+                all.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+            );
+        }
+        for name in &self.only_schedulers {
+            anyhow::ensure!(
+                SCHEDULERS.contains(&name.as_str()),
+                "--scheduler {name}: unknown (one of {})",
+                SCHEDULERS.join(", ")
+            );
+        }
+        let keep = |only: &[String], name: &str| only.is_empty() || only.iter().any(|o| o == name);
+        Ok((
+            all.into_iter()
+                .filter(|s| keep(&self.only_scenarios, s.name))
+                .collect(),
+            SCHEDULERS
+                .into_iter()
+                .filter(|s| keep(&self.only_schedulers, s))
+                .collect(),
+        ))
+    }
 }
 
 /// CPU each request burns in the test service (µs): capacity = quota / this.
@@ -207,6 +244,9 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     if args.quick {
         args.seconds = 5;
     }
+    let (selected, schedulers) = args.selection()?;
+    // Before any load: text layout in both plot formats needs the font.
+    plot_font()?;
     let image = crate::procs::testsvc_image().await?;
     let dir = tempfile::tempdir()?;
     let server = ServerProc::start().await?;
@@ -220,7 +260,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.plots)?;
 
     let mut all = Vec::new();
-    for sc in scenarios() {
+    for sc in &selected {
         let service = format!("exp-{}", sc.name);
         let mut containers = Vec::new();
         for (i, (cpus, latency)) in sc.backends.iter().enumerate() {
@@ -276,7 +316,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
             .iter()
             .map(|(c, _)| c * 1e6 / CPU_US as f64)
             .sum();
-        for sched in SCHEDULERS {
+        for &sched in &schedulers {
             let weights_log = Arc::new(Mutex::new(Vec::new()));
             let (lb_url, _keep): (String, Box<dyn std::any::Any + Send>) = if let Some(balance) =
                 sched.strip_prefix("haproxy-")
@@ -371,7 +411,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     }
 
     println!("\n### Scheduler experiment ({} s per run, capacity from Docker CPU quotas at {} µs CPU per request)\n", args.seconds, CPU_US);
-    for sc in scenarios() {
+    for sc in &selected {
         println!("\n#### {}\n\n| scheduler | offered req/s | throughput req/s | success % | p50 ms | p99 ms | p99.9 ms |\n|---|---|---|---|---|---|---|", sc.name);
         for r in all.iter().filter(|r| r.scenario == sc.name) {
             println!(
@@ -404,13 +444,77 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Two SVG figures per scenario: p50/p99 per scheduler, and the feedback weights over time.
+/// Font file for the plots' text (Debian's `fonts-dejavu-core`): plotters lays text
+/// out with it in both formats.
+const PLOT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// Registers [`PLOT_FONT`] as plotters' "sans-serif" once; says what to install if absent.
+fn plot_font() -> anyhow::Result<()> {
+    static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let bytes = std::fs::read(PLOT_FONT)
+            .map_err(|e| format!("{PLOT_FONT}: {e} (the plots need Debian's fonts-dejavu-core)"))?;
+        plotters::style::register_font(
+            "sans-serif",
+            plotters::style::FontStyle::Normal,
+            Box::leak(bytes.into_boxed_slice()),
+        )
+        .map_err(|_| format!("{PLOT_FONT}: not a font plotters can read"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// Two figures per scenario, each as SVG and PNG: p50/p99 per scheduler, and the
+/// feedback weights over time.
 fn plot(dir: &std::path::Path, scenario: &str, all: &[RunResult]) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let runs: Vec<&RunResult> = all.iter().filter(|r| r.scenario == scenario).collect();
-    let path = dir.join(format!("{scenario}-p99.svg"));
+    let size = (900, 420);
+    let latency = dir.join(format!("{scenario}-p99"));
+    draw_latency(
+        SVGBackend::new(&latency.with_extension("svg"), size).into_drawing_area(),
+        scenario,
+        &runs,
+    )?;
     {
-        let root = SVGBackend::new(&path, (900, 420)).into_drawing_area();
+        draw_latency(
+            BitMapBackend::new(&latency.with_extension("png"), size).into_drawing_area(),
+            scenario,
+            &runs,
+        )?;
+    }
+    if let Some(fb) = runs.iter().find(|r| r.scheduler == "feedback") {
+        let weights = dir.join(format!("{scenario}-feedback-weights"));
+        draw_weights(
+            SVGBackend::new(&weights.with_extension("svg"), size).into_drawing_area(),
+            scenario,
+            fb,
+        )?;
+        {
+            draw_weights(
+                BitMapBackend::new(&weights.with_extension("png"), size).into_drawing_area(),
+                scenario,
+                fb,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+type Area<DB> = plotters::drawing::DrawingArea<DB, plotters::coord::Shift>;
+
+/// p50 (light) and p99 (dark) bars per scheduler.
+fn draw_latency<DB: plotters::prelude::DrawingBackend>(
+    root: Area<DB>,
+    scenario: &str,
+    runs: &[&RunResult],
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    use plotters::prelude::*;
+    {
         root.fill(&WHITE)?;
         let max = runs.iter().map(|r| r.p99_ms).fold(1.0, f64::max) * 1.1;
         let mut chart = ChartBuilder::on(&root)
@@ -449,43 +553,52 @@ fn plot(dir: &std::path::Path, scenario: &str, all: &[RunResult]) -> anyhow::Res
         }
         root.present()?;
     }
-    if let Some(fb) = runs.iter().find(|r| r.scheduler == "feedback") {
-        let path = dir.join(format!("{scenario}-feedback-weights.svg"));
-        let root = SVGBackend::new(&path, (900, 420)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-        for (t, b, w) in &fb.weights {
-            series.entry(b.clone()).or_default().push((*t, *w));
-        }
-        let tmax = fb.weights.iter().map(|w| w.0).fold(1.0, f64::max);
-        let wmax = fb.weights.iter().map(|w| w.2).fold(1.0, f64::max) * 1.1;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(
-                format!("{scenario}: feedback weights over time"),
-                ("sans-serif", 18),
-            )
-            .margin(10)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0f64..tmax, 0f64..wmax)?;
-        chart
-            .configure_mesh()
-            .x_desc("seconds")
-            .y_desc("weight")
-            .draw()?;
-        for (i, (backend, pts)) in series.into_iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            chart
-                .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
-                .label(backend)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
-        root.present()?;
+    Ok(())
+}
+
+/// The feedback controller's weight per backend over time.
+fn draw_weights<DB: plotters::prelude::DrawingBackend>(
+    root: Area<DB>,
+    scenario: &str,
+    fb: &RunResult,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    use plotters::prelude::*;
+    root.fill(&WHITE)?;
+    let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for (t, b, w) in &fb.weights {
+        series.entry(b.clone()).or_default().push((*t, *w));
     }
+    let tmax = fb.weights.iter().map(|w| w.0).fold(1.0, f64::max);
+    let wmax = fb.weights.iter().map(|w| w.2).fold(1.0, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{scenario}: feedback weights over time"),
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..tmax, 0f64..wmax)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("weight")
+        .draw()?;
+    for (i, (backend, pts)) in series.into_iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+            .label(backend)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
     Ok(())
 }

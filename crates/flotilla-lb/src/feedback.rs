@@ -66,9 +66,9 @@ pub struct Coefficients {
 impl Default for Coefficients {
     fn default() -> Self {
         Coefficients {
-            cpu: 0.4,
+            cpu: 0.6,
             memory: 0.1,
-            latency: 0.5,
+            latency: 0.4,
             errors: 2.0,
         }
     }
@@ -78,8 +78,8 @@ impl Default for FeedbackConfig {
     fn default() -> Self {
         FeedbackConfig {
             period: Duration::from_secs(1),
-            gain: 0.15,
-            max_step: 0.25,
+            gain: 0.4,
+            max_step: 0.35,
             dead_band: 0.05,
             scale: 10.0,
             min_fraction: 0.05,
@@ -127,6 +127,17 @@ struct State {
     published: f64,
 }
 
+/// Reports below this CPU share say too little to estimate a capacity from.
+const MIN_UTILISATION: f64 = 0.02;
+/// Memory counts as load only above this share of the limit (pressure): it does not
+/// follow traffic, so it cannot steer weights the way CPU does.
+const MEMORY_PRESSURE: f64 = 0.8;
+/// How much more latency moves than the weight that causes it near saturation
+/// (`ρ/(1−ρ)` ≈ 4–6 at 80–85 % for an M/M/1 server): the latency ratio enters the load
+/// as its 4th root so its loop gain matches the CPU term's, which moves 1:1 with
+/// traffic.
+const LATENCY_SENSITIVITY: f64 = 4.0;
+
 /// The controller of one listener.
 #[derive(Debug, Clone)]
 pub struct Controller {
@@ -169,21 +180,49 @@ impl Controller {
             });
         let mean_latency = if n > 0 { sum / n as f64 } else { 0.0 };
         let stale = cfg.period * cfg.stale_periods;
+        let fresh = |o: &Observation| {
+            o.report
+                .filter(|r| now.saturating_duration_since(r.at) <= stale)
+        };
+        // Cluster utilisation U = Σ served / Σ capacity, each backend's capacity estimated
+        // as served / utilisation. A backend at utilisation u carries u/U of its fair
+        // share: weights move towards capacity in one step of gain 1, whatever the
+        // absolute load (an absolute target would push every weight to a clamp at low or
+        // high load and lose the proportions).
+        let (served, capacity) = observations
+            .values()
+            .filter_map(|o| {
+                let r = fresh(o)?;
+                (o.requests > 0 && r.cpu >= MIN_UTILISATION)
+                    .then(|| (o.requests as f64, o.requests as f64 / r.cpu))
+            })
+            .fold((0.0, 0.0), |(s, c), (ds, dc)| (s + ds, c + dc));
+        let cluster_utilisation = if capacity > 0.0 {
+            served / capacity
+        } else {
+            0.0
+        };
 
         for (addr, o) in observations {
             let st = self.state.get_mut(addr).expect("inserted above");
             let c = &cfg.coefficients;
             let mut parts = Vec::with_capacity(3);
-            if let Some(r) = o
-                .report
-                .filter(|r| now.saturating_duration_since(r.at) <= stale)
-            {
-                // Utilisation 0..1 is mapped so that the cluster target (T = 1) sits at 80 %.
-                parts.push((c.cpu, r.cpu / 0.8));
-                parts.push((c.memory, r.memory / 0.8));
+            if let Some(r) = fresh(o) {
+                if cluster_utilisation > 0.0 && o.requests > 0 && r.cpu >= MIN_UTILISATION {
+                    parts.push((c.cpu, r.cpu / cluster_utilisation));
+                } else if r.cpu > MEMORY_PRESSURE {
+                    // Busy with no traffic of ours to compare: someone else's load.
+                    parts.push((c.cpu, r.cpu / MEMORY_PRESSURE));
+                }
+                if r.memory > MEMORY_PRESSURE {
+                    parts.push((c.memory, r.memory / MEMORY_PRESSURE));
+                }
             }
             if mean_latency > 0.0 && o.requests > 0 && o.latency_ns > 0.0 {
-                parts.push((c.latency, o.latency_ns / mean_latency));
+                parts.push((
+                    c.latency,
+                    (o.latency_ns / mean_latency).powf(1.0 / LATENCY_SENSITIVITY),
+                ));
             }
             let total: f64 = parts.iter().map(|(k, _)| k).sum();
             let mut load = if total > 0.0 {
@@ -327,6 +366,66 @@ mod tests {
             spread < 1.6,
             "latencies should be near each other, got {lat:?}"
         );
+    }
+
+    /// Like [`run`], but each backend's agent reports CPU = arrival rate / capacity (a
+    /// CPU-bound service under a quota), taken at the period's end.
+    fn run_with_cpu(
+        c: &mut Controller,
+        caps: &[f64],
+        rate: f64,
+        periods: usize,
+        t: &mut Instant,
+    ) -> Vec<HashMap<SocketAddr, f64>> {
+        let mut history = Vec::new();
+        let mut weights = c.weights();
+        for _ in 0..periods {
+            *t += Duration::from_secs(1);
+            let mut obs = observe(caps, &weights, rate);
+            for (i, cap) in caps.iter().enumerate() {
+                let o = obs.get_mut(&addr(i)).unwrap();
+                o.report = Some(LoadReport {
+                    cpu: (o.requests as f64 / cap).min(1.0),
+                    memory: 0.1,
+                    at: *t,
+                });
+            }
+            if let Some(w) = c.step(*t, &obs) {
+                weights = w;
+            }
+            history.push(weights.clone());
+        }
+        history
+    }
+
+    #[test]
+    fn cpu_reports_bring_weights_to_capacity_within_five_periods_at_any_load() {
+        // The scheduler experiment's heterogeneous cluster: 50 / 100 / 200 req/s.
+        let caps = [50.0, 100.0, 200.0];
+        for load in [0.3, 0.6, 0.85] {
+            let mut c = Controller::new(FeedbackConfig::default());
+            let mut t = Instant::now();
+            let h = run_with_cpu(&mut c, &caps, 350.0 * load, 12, &mut t);
+            for (k, w) in h.iter().enumerate().skip(4) {
+                let (r20, r10) = (ratio(w, 2, 0), ratio(w, 1, 0));
+                assert!(
+                    (r20 / 4.0 - 1.0).abs() < 0.15 && (r10 / 2.0 - 1.0).abs() < 0.15,
+                    "load {load}, period {}: ratios {r20:.2} (want 4) and {r10:.2} (want 2)",
+                    k + 1
+                );
+            }
+            // Settled: no weight moves more than 5 % over the last periods.
+            for i in 0..3 {
+                let tail: Vec<f64> = h[6..].iter().map(|w| w[&addr(i)]).collect();
+                let (lo, hi) = tail
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(*x), h.max(*x)));
+                assert!(
+                    (hi - lo) / hi < 0.05,
+                    "load {load}: backend {i} moves: {tail:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -52,21 +52,96 @@ pub fn build(kind: SchedulerKind) -> Box<dyn Scheduler> {
             weighted: true,
             next: AtomicUsize::new(0),
         }),
-        SchedulerKind::P2c => Box::new(P2c {
-            ewma: false,
-            feedback: false,
-        }),
-        SchedulerKind::P2cEwma => Box::new(P2c {
-            ewma: true,
-            feedback: false,
-        }),
+        SchedulerKind::P2c => Box::new(P2c { ewma: false }),
+        SchedulerKind::P2cEwma => Box::new(P2c { ewma: true }),
         SchedulerKind::Hash => Box::new(RendezvousHash),
-        // P2C on the controller's weights. (Weighted least-request on the same weights
-        // was tried in the experiment and lost in 3 of 4 scenarios; BENCHMARKS.md.)
-        SchedulerKind::Feedback => Box::new(P2c {
-            ewma: false,
-            feedback: true,
-        }),
+        SchedulerKind::Feedback => Box::new(Feedback::default()),
+    }
+}
+
+/// `feedback`: smooth weighted round robin on the feedback controller's weights, that
+/// passes over a backend holding more than its weighted share of the requests in
+/// flight.
+///
+/// Why this shape (BENCHMARKS.md, issue 4): the weights carry what the controller
+/// learned per period; rotation spreads each backend's requests evenly in time, which
+/// is what a CPU-quota'd container needs (a burst of requests inside one CFS period
+/// gets throttled for the rest of it, the queue the P2C family built at low even
+/// load); the in-flight guard reacts within one request to a backend that stalls
+/// between two control periods. A passed-over backend keeps the credit it earned, up
+/// to one round's worth, so it catches up on its share without a burst.
+#[derive(Default)]
+pub struct Feedback {
+    lock: Mutex<()>,
+}
+
+impl Feedback {
+    /// Weight in force: the controller's (static until it has set one) × slow start,
+    /// scaled so integer credit keeps resolution.
+    fn weight(b: &Backend, now: Instant) -> i64 {
+        let w = match b.dynamic_weight() {
+            Some(d) => d * b.ramp(now),
+            None => b.effective_weight(now),
+        };
+        ((w * 100.0) as i64).max(1)
+    }
+}
+
+impl Scheduler for Feedback {
+    fn pick(&self, backends: &[Arc<Backend>], ctx: &PickContext) -> Option<usize> {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut total_weight = 0i64;
+        let mut total_in_flight = 0u64;
+        for (i, b) in backends.iter().enumerate() {
+            if ctx.eligible(backends, i) {
+                total_weight += Self::weight(b, ctx.now);
+                total_in_flight += b.in_flight();
+            }
+        }
+        // Over its share: in_flight / total_in_flight > weight / total_weight. Some
+        // backend is always at or under its share (the shares sum to the total), so the
+        // guard never leaves nothing to pick.
+        let over_share = |b: &Backend, w: i64| {
+            b.in_flight() as i128 * total_weight as i128 > total_in_flight as i128 * w as i128
+        };
+        let mut best: Option<(usize, i64)> = None;
+        // What the candidates earned this pick, charged to the one chosen: credit among
+        // candidates sums to zero as in plain smooth WRR, so none drifts away.
+        let mut earned = 0i64;
+        for (i, b) in backends.iter().enumerate() {
+            if !ctx.eligible(backends, i) {
+                continue;
+            }
+            let w = Self::weight(b, ctx.now);
+            // Every backend earns its weight; credit is capped at one round so a
+            // backend passed over for long does not come back with a burst.
+            let credit = b
+                .swrr_credit
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                    Some((c + w).min(total_weight))
+                })
+                .map(|c| (c + w).min(total_weight))
+                .unwrap_or(0);
+            if over_share(b, w) {
+                continue;
+            }
+            earned += w;
+            if best.is_none_or(|(_, c)| credit > c) {
+                best = Some((i, credit));
+            }
+        }
+        let i = match best {
+            Some((i, _)) => i,
+            // Only reachable through counts changing under us: take the first eligible.
+            None => (0..backends.len()).find(|&i| ctx.eligible(backends, i))?,
+        };
+        backends[i]
+            .swrr_credit
+            .fetch_sub(earned.max(1), Ordering::Relaxed);
+        Some(i)
+    }
+    fn name(&self) -> &'static str {
+        "feedback"
     }
 }
 
@@ -188,18 +263,11 @@ impl Scheduler for LeastConn {
 /// stale counts) all pick the same "best" backend.
 pub struct P2c {
     ewma: bool,
-    /// Use the feedback controller's weight (static weight until it has set one).
-    feedback: bool,
 }
 
 impl P2c {
     fn cost(&self, b: &Backend, now: Instant) -> f64 {
-        let w = match (self.feedback, b.dynamic_weight()) {
-            // Per-request in-flight counts on top of per-period weights: the weights
-            // carry what the controller learned, in-flight reacts within a request.
-            (true, Some(d)) => d * b.ramp(now),
-            _ => b.effective_weight(now),
-        };
+        let w = b.effective_weight(now);
         if self.ewma {
             b.ewma_ns() * (b.in_flight() + 1) as f64 / w
         } else {
@@ -248,10 +316,10 @@ impl Scheduler for P2c {
         Some(if cb < ca { b } else { a })
     }
     fn name(&self) -> &'static str {
-        match (self.ewma, self.feedback) {
-            (_, true) => "feedback",
-            (true, _) => "p2c-ewma",
-            _ => "p2c",
+        if self.ewma {
+            "p2c-ewma"
+        } else {
+            "p2c"
         }
     }
 }
@@ -432,16 +500,57 @@ mod tests {
         for b in &bs[..3] {
             b.observe_latency(Duration::from_millis(1), now);
         }
-        let c = counts(
-            &P2c {
-                ewma: true,
-                feedback: false,
-            },
-            &bs,
-            4000,
-            now,
-        );
+        let c = counts(&P2c { ewma: true }, &bs, 4000, now);
         assert!(c[3] < 100, "slow backend still got {c:?}");
+    }
+
+    #[test]
+    fn feedback_rotates_by_the_controller_weights() {
+        let now = Instant::now();
+        let bs = backends(&[1, 1, 1], now);
+        // Static weights are equal; the controller says 1:2:4.
+        for (b, w) in bs.iter().zip([10.0, 20.0, 40.0]) {
+            b.set_dynamic_weight(w);
+        }
+        let s = Feedback::default();
+        assert_eq!(counts(&s, &bs, 700, now), [100, 200, 400]);
+        // Spread in time, not in runs: no backend gets more than its share in a row.
+        let ctx = PickContext {
+            now,
+            key: 0,
+            skip: &[],
+        };
+        let seq: Vec<usize> = (0..7).map(|_| s.pick(&bs, &ctx).unwrap()).collect();
+        let longest_run = seq.chunk_by(|a, b| a == b).map(|r| r.len()).max().unwrap();
+        assert!(longest_run <= 2, "{seq:?}");
+    }
+
+    #[test]
+    fn feedback_passes_over_a_backend_holding_more_than_its_share() {
+        let now = Instant::now();
+        let bs = backends(&[1, 1, 1], now);
+        let s = Feedback::default();
+        let ctx = PickContext {
+            now,
+            key: 0,
+            skip: &[],
+        };
+        // Backend 0 stalls with three requests in flight: it gets nothing more while
+        // the others serve, whatever its credit.
+        let stuck = [bs[0].start(), bs[0].start(), bs[0].start()];
+        let mut c = [0usize; 3];
+        for _ in 0..60 {
+            c[s.pick(&bs, &ctx).unwrap()] += 1;
+        }
+        assert_eq!(c[0], 0, "{c:?}");
+        assert_eq!(c[1], 30);
+        // It recovers: its credit is capped at one round, so it catches up with at most
+        // a couple of requests in a row, not the 20 it was passed over for.
+        drop(stuck);
+        let seq: Vec<usize> = (0..9).map(|_| s.pick(&bs, &ctx).unwrap()).collect();
+        let zeros_first = seq.iter().take_while(|&&i| i == 0).count();
+        assert!(zeros_first <= 2, "burst after recovery: {seq:?}");
+        assert!(seq.iter().filter(|&&i| i == 0).count() >= 3, "{seq:?}");
     }
 
     #[test]
@@ -543,6 +652,28 @@ mod tests {
                     Some(i) => { prop_assert!(i < bs.len()); prop_assert!(!skip.contains(&i)); }
                     None => prop_assert_eq!(skip.len(), bs.len()),
                 }
+            }
+        }
+
+        /// `feedback` never sends to a backend over its share of the requests in flight,
+        /// and with nothing in flight follows the controller's weights exactly per cycle.
+        #[test]
+        fn feedback_respects_shares(
+            weights in proptest::collection::vec(1u32..20, 1..8),
+            in_flight in proptest::collection::vec(0usize..6, 8),
+        ) {
+            let now = Instant::now();
+            let bs = backends(&weights, now);
+            let s = Feedback::default();
+            let total: u32 = weights.iter().sum();
+            prop_assert_eq!(counts(&s, &bs, total as usize, now), weights.iter().map(|w| *w as usize).collect::<Vec<_>>());
+            let _busy: Vec<_> = bs.iter().zip(&in_flight).flat_map(|(b, n)| (0..*n).map(|_| b.start()).collect::<Vec<_>>()).collect();
+            let f: usize = bs.iter().map(|b| b.in_flight() as usize).sum();
+            let ctx = PickContext { now, key: 0, skip: &[] };
+            for _ in 0..20 {
+                let i = s.pick(&bs, &ctx).unwrap();
+                prop_assert!(bs[i].in_flight() as usize * total as usize <= f * weights[i] as usize,
+                    "picked {} with {} of {} in flight, weight {}/{}", i, bs[i].in_flight(), f, weights[i], total);
             }
         }
 
