@@ -53,7 +53,9 @@ pub struct FeedbackConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Coefficients {
-    /// CPU share of the container's quota (agent report).
+    /// Exponent of the capacity share estimated from the CPU reports (1 = weights in
+    /// proportion to capacity, 0 = ignore it); also the weight of CPU pressure on a
+    /// backend serving none of our traffic.
     pub cpu: f64,
     /// Memory share of the limit (agent report).
     pub memory: f64,
@@ -66,9 +68,9 @@ pub struct Coefficients {
 impl Default for Coefficients {
     fn default() -> Self {
         Coefficients {
-            cpu: 0.6,
-            memory: 0.1,
-            latency: 0.4,
+            cpu: 1.0,
+            memory: 0.2,
+            latency: 1.0,
             errors: 2.0,
         }
     }
@@ -123,20 +125,27 @@ pub struct Observation {
 #[derive(Debug, Clone)]
 struct State {
     weight: f64,
+    /// Multiplier from the feedback rule on top of the capacity share.
+    trim: f64,
+    /// Smoothed capacity estimate, requests/s at 100 % of the quota.
+    capacity: Option<f64>,
     load: Option<f64>,
     published: f64,
 }
 
 /// Reports below this CPU share say too little to estimate a capacity from.
 const MIN_UTILISATION: f64 = 0.02;
-/// Memory counts as load only above this share of the limit (pressure): it does not
-/// follow traffic, so it cannot steer weights the way CPU does.
-const MEMORY_PRESSURE: f64 = 0.8;
+/// Memory (and CPU with no traffic of ours) counts as load only above this share of
+/// the limit: pressure. Neither follows our traffic, so neither can say what share
+/// of it a backend should get.
+const PRESSURE: f64 = 0.8;
 /// How much more latency moves than the weight that causes it near saturation
 /// (`ρ/(1−ρ)` ≈ 4–6 at 80–85 % for an M/M/1 server): the latency ratio enters the load
-/// as its 4th root so its loop gain matches the CPU term's, which moves 1:1 with
-/// traffic.
+/// as its 4th root, which keeps the loop gain of the trim below 1 there.
 const LATENCY_SENSITIVITY: f64 = 4.0;
+
+/// Share of the trim's logarithm forgotten each period once capacity is measured.
+const TRIM_LEAK: f64 = 0.25;
 
 /// The controller of one listener.
 #[derive(Debug, Clone)]
@@ -167,10 +176,51 @@ impl Controller {
         for (addr, o) in observations {
             self.state.entry(*addr).or_insert_with(|| State {
                 weight: o.base_weight as f64,
+                trim: 1.0,
+                capacity: None,
                 load: None,
                 published: o.base_weight as f64,
             });
         }
+        let stale = cfg.period * cfg.stale_periods;
+        let fresh = |o: &Observation| {
+            o.report
+                .filter(|r| now.saturating_duration_since(r.at) <= stale)
+        };
+
+        // 1. Feed-forward: each backend's capacity, estimated as served / utilisation
+        //    (requests per second it would serve at 100 % of its quota). It does not
+        //    depend on how traffic was split, so following it closes no loop: no
+        //    oscillation from report delay, and a saturated backend (utilisation 1)
+        //    still shows its true capacity (what it serves).
+        for (addr, o) in observations {
+            let Some(r) = fresh(o) else { continue };
+            if o.requests == 0 || r.cpu < MIN_UTILISATION {
+                continue;
+            }
+            let estimate = o.requests as f64 / cfg.period.as_secs_f64() / r.cpu;
+            let st = self.state.get_mut(addr).expect("inserted above");
+            st.capacity = Some(match st.capacity {
+                Some(prev) => cfg.smoothing * prev + (1.0 - cfg.smoothing) * estimate,
+                None => estimate,
+            });
+        }
+        let known: Vec<(f64, f64)> = observations
+            .iter()
+            .filter_map(|(a, o)| Some((self.state[a].capacity?, o.base_weight.max(1) as f64)))
+            .collect();
+        let (mean_capacity, mean_base) = if known.is_empty() {
+            (0.0, 0.0)
+        } else {
+            let n = known.len() as f64;
+            (
+                known.iter().map(|k| k.0).sum::<f64>() / n,
+                known.iter().map(|k| k.1).sum::<f64>() / n,
+            )
+        };
+
+        // 2. Feedback trim: what capacity does not explain (latency, errors, memory
+        //    pressure, someone else's CPU load) through the log-domain LVS rule.
         // The lb's reference latency: traffic-weighted mean over backends that served.
         let (sum, n) = observations
             .values()
@@ -179,43 +229,18 @@ impl Controller {
                 (s + o.latency_ns * o.requests as f64, n + o.requests)
             });
         let mean_latency = if n > 0 { sum / n as f64 } else { 0.0 };
-        let stale = cfg.period * cfg.stale_periods;
-        let fresh = |o: &Observation| {
-            o.report
-                .filter(|r| now.saturating_duration_since(r.at) <= stale)
-        };
-        // Cluster utilisation U = Σ served / Σ capacity, each backend's capacity estimated
-        // as served / utilisation. A backend at utilisation u carries u/U of its fair
-        // share: weights move towards capacity in one step of gain 1, whatever the
-        // absolute load (an absolute target would push every weight to a clamp at low or
-        // high load and lose the proportions).
-        let (served, capacity) = observations
-            .values()
-            .filter_map(|o| {
-                let r = fresh(o)?;
-                (o.requests > 0 && r.cpu >= MIN_UTILISATION)
-                    .then(|| (o.requests as f64, o.requests as f64 / r.cpu))
-            })
-            .fold((0.0, 0.0), |(s, c), (ds, dc)| (s + ds, c + dc));
-        let cluster_utilisation = if capacity > 0.0 {
-            served / capacity
-        } else {
-            0.0
-        };
 
         for (addr, o) in observations {
             let st = self.state.get_mut(addr).expect("inserted above");
             let c = &cfg.coefficients;
             let mut parts = Vec::with_capacity(3);
             if let Some(r) = fresh(o) {
-                if cluster_utilisation > 0.0 && o.requests > 0 && r.cpu >= MIN_UTILISATION {
-                    parts.push((c.cpu, r.cpu / cluster_utilisation));
-                } else if r.cpu > MEMORY_PRESSURE {
-                    // Busy with no traffic of ours to compare: someone else's load.
-                    parts.push((c.cpu, r.cpu / MEMORY_PRESSURE));
+                if o.requests == 0 && r.cpu > PRESSURE {
+                    // Busy with no traffic of ours: someone else's load.
+                    parts.push((c.cpu, r.cpu / PRESSURE));
                 }
-                if r.memory > MEMORY_PRESSURE {
-                    parts.push((c.memory, r.memory / MEMORY_PRESSURE));
+                if r.memory > PRESSURE {
+                    parts.push((c.memory, r.memory / PRESSURE));
                 }
             }
             if mean_latency > 0.0 && o.requests > 0 && o.latency_ns > 0.0 {
@@ -233,12 +258,6 @@ impl Controller {
             if o.requests > 0 {
                 load += c.errors * (o.errors as f64 / o.requests as f64);
             }
-            // No information at all (idle, no report): treat as on target — no change.
-            let load = if parts.is_empty() && o.errors == 0 {
-                1.0
-            } else {
-                load
-            };
             let smoothed = match st.load {
                 Some(prev) => cfg.smoothing * prev + (1.0 - cfg.smoothing) * load,
                 None => load,
@@ -248,14 +267,26 @@ impl Controller {
             // step is proportional near the target (∛ has unbounded slope at zero, which
             // made the classic rule dither around its set point in the tests).
             let error = -(smoothed.max(1e-3)).ln();
+            let base = o.base_weight.max(1) as f64;
+            let (lo, hi) = ((base * cfg.min_fraction).max(1.0), base * cfg.scale);
             if error.abs() > cfg.dead_band {
                 let step = (cfg.gain * error).clamp(-cfg.max_step, cfg.max_step);
-                st.weight *= step.exp();
+                // The trim cannot wind up past what the clamp would allow anyway.
+                st.trim = (st.trim * step.exp()).clamp(lo / hi, hi / lo);
             }
-            let base = o.base_weight.max(1) as f64;
-            st.weight = st
-                .weight
-                .clamp((base * cfg.min_fraction).max(1.0), base * cfg.scale);
+            if st.capacity.is_some() {
+                // Where capacity is measured the trim leaks back towards 1, so what a
+                // transient taught it (a backend queueing before its capacity was known)
+                // fades instead of pushing the weight past its capacity share.
+                st.trim = st.trim.powf(1.0 - TRIM_LEAK);
+            }
+            // 3. Weight = capacity share (the operator's static weight until measured) ×
+            //    trim, clamped: never zero or negative.
+            let prior = match st.capacity {
+                Some(cap) if mean_capacity > 0.0 => mean_base * (cap / mean_capacity).powf(c.cpu),
+                _ => base,
+            };
+            st.weight = (prior * st.trim).clamp(lo, hi);
         }
         let moved = self
             .state
@@ -368,8 +399,10 @@ mod tests {
         );
     }
 
-    /// Like [`run`], but each backend's agent reports CPU = arrival rate / capacity (a
-    /// CPU-bound service under a quota), taken at the period's end.
+    /// Like [`run`], for CPU-quota'd containers of one service (the scheduler
+    /// experiment's): every request takes the same 2 ms of CPU, a smaller quota serves
+    /// fewer per second, latency = 2 ms / (1 − utilisation), and the agent reports
+    /// CPU = arrival rate / capacity.
     fn run_with_cpu(
         c: &mut Controller,
         caps: &[f64],
@@ -384,8 +417,10 @@ mod tests {
             let mut obs = observe(caps, &weights, rate);
             for (i, cap) in caps.iter().enumerate() {
                 let o = obs.get_mut(&addr(i)).unwrap();
+                let utilisation = (o.requests as f64 / cap).min(1.0);
+                o.latency_ns = 2e6 / (1.0 - utilisation).max(0.01);
                 o.report = Some(LoadReport {
-                    cpu: (o.requests as f64 / cap).min(1.0),
+                    cpu: utilisation,
                     memory: 0.1,
                     at: *t,
                 });
@@ -405,7 +440,7 @@ mod tests {
         for load in [0.3, 0.6, 0.85] {
             let mut c = Controller::new(FeedbackConfig::default());
             let mut t = Instant::now();
-            let h = run_with_cpu(&mut c, &caps, 350.0 * load, 12, &mut t);
+            let h = run_with_cpu(&mut c, &caps, 350.0 * load, 16, &mut t);
             for (k, w) in h.iter().enumerate().skip(4) {
                 let (r20, r10) = (ratio(w, 2, 0), ratio(w, 1, 0));
                 assert!(
@@ -416,7 +451,7 @@ mod tests {
             }
             // Settled: no weight moves more than 5 % over the last periods.
             for i in 0..3 {
-                let tail: Vec<f64> = h[6..].iter().map(|w| w[&addr(i)]).collect();
+                let tail: Vec<f64> = h[8..].iter().map(|w| w[&addr(i)]).collect();
                 let (lo, hi) = tail
                     .iter()
                     .fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(*x), h.max(*x)));
