@@ -123,6 +123,21 @@ pub async fn build_service(
                 true,
             )
         }
+        "flotilla" => {
+            let (busybox, own) = (busybox_layer()?, flotilla_layer()?);
+            hash.update(Sha256::digest(&busybox));
+            hash.update(Sha256::digest(&own));
+            (
+                Base {
+                    layers: vec![busybox, own],
+                    config: serde_json::json!({
+                        "Env": ["PATH=/usr/local/bin:/bin"],
+                        "Entrypoint": ["/usr/local/bin/flotilla"],
+                    }),
+                },
+                true,
+            )
+        }
         other if other.starts_with("rootfs:") => {
             let rel = &other["rootfs:".len()..];
             let path = spec_dir.join(rel);
@@ -283,6 +298,63 @@ pub fn busybox_layer() -> anyhow::Result<Vec<u8>> {
     Ok(image::layer(&nodes))
 }
 
+/// The `flotilla` base's own layer: the running flotilla binary as
+/// `/usr/local/bin/flotilla`, and at their host paths its ELF interpreter and every
+/// shared object it has mapped (`/proc/self/maps`: exactly what it runs with, no
+/// `ldd` guesswork). The dynamic loader finds them in its default directories, so the
+/// image needs no `ld.so.cache`.
+pub fn flotilla_layer() -> anyhow::Result<Vec<u8>> {
+    let exe = std::env::current_exe().context("locating the flotilla binary")?;
+    let binary = std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?;
+    let mut libraries = std::collections::BTreeSet::new();
+    if let Some(interpreter) = elf_interpreter(&binary) {
+        libraries.insert(interpreter);
+    }
+    let maps = std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?;
+    for line in maps.lines() {
+        if let Some(path) = line.split_whitespace().nth(5) {
+            if path.starts_with('/') && path.contains(".so") {
+                libraries.insert(path.to_owned());
+            }
+        }
+    }
+    let mut nodes = vec![Node::File {
+        path: "/usr/local/bin/flotilla".into(),
+        data: binary,
+        mode: 0o755,
+    }];
+    for path in libraries {
+        let data = std::fs::read(&path).with_context(|| format!("reading {path}"))?;
+        nodes.push(Node::File {
+            path,
+            data,
+            mode: 0o755,
+        });
+    }
+    Ok(image::layer(&nodes))
+}
+
+/// The `PT_INTERP` path of a 64-bit little-endian ELF executable, if it has one.
+fn elf_interpreter(elf: &[u8]) -> Option<String> {
+    const PT_INTERP: u32 = 3;
+    if elf.get(..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?));
+    let (phoff, phentsize, phnum) = (u64_at(0x20)? as usize, u16_at(0x36)?, u16_at(0x38)?);
+    (0..phnum as usize).find_map(|k| {
+        let ph = phoff.checked_add(k.checked_mul(phentsize as usize)?)?;
+        let kind = u32::from_le_bytes(elf.get(ph..ph + 4)?.try_into().ok()?);
+        if kind != PT_INTERP {
+            return None;
+        }
+        let (offset, size) = (u64_at(ph + 8)? as usize, u64_at(ph + 0x20)? as usize);
+        let raw = elf.get(offset..offset.checked_add(size)?)?;
+        Some(String::from_utf8_lossy(raw.strip_suffix(&[0]).unwrap_or(raw)).into_owned())
+    })
+}
+
 fn tar_has(layer: &[u8], want: &str) -> bool {
     let mut a = tar::Archive::new(layer);
     let Ok(entries) = a.entries() else {
@@ -293,4 +365,23 @@ fn tar_has(layer: &[u8], want: &str) -> bool {
             .map(|p| p.to_string_lossy().trim_start_matches("./") == want)
             .unwrap_or(false)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn elf_interpreter_is_read_from_a_real_binary_and_garbage_is_none() {
+        let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        let interpreter = elf_interpreter(&exe).expect("a dynamically linked test binary");
+        assert!(
+            interpreter.starts_with('/') && interpreter.contains("ld-"),
+            "{interpreter}"
+        );
+        assert!(Path::new(&interpreter).exists(), "{interpreter}");
+        assert_eq!(elf_interpreter(b"\x7fELF\x02\x01"), None, "truncated");
+        assert_eq!(elf_interpreter(&exe[..0x40]), None, "headers cut off");
+        assert_eq!(elf_interpreter(b"#!/bin/sh\n"), None, "not ELF");
+    }
 }

@@ -99,6 +99,8 @@ fn one() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct ImageSpec {
     /// `"scratch"`, `"busybox"` (the host's static busybox with its applets),
+    /// `"flotilla"` (busybox plus this flotilla binary as the entrypoint, with the
+    /// shared libraries it runs with: flotilla's own server or lb as a service),
     /// `"image:NAME"` (a local image), or `"rootfs:PATH"` (a tar, relative to the spec).
     pub base: String,
     /// Files added on top (`[[service.NAME.image.file]]`).
@@ -310,13 +312,13 @@ impl ServiceSpec {
     pub fn validate(&self, f: &str) -> Result<(), FieldError> {
         let err = |field: &str, msg: String| Err(FieldError::new(format!("{f}.{field}"), msg));
         let base = self.image.base.as_str();
-        let base_ok = matches!(base, "scratch" | "busybox")
+        let base_ok = matches!(base, "scratch" | "busybox" | "flotilla")
             || base.strip_prefix("image:").is_some_and(|n| !n.is_empty())
             || base.strip_prefix("rootfs:").is_some_and(|n| !n.is_empty());
         if !base_ok {
             return err(
                 "image.base",
-                format!("{base:?}: expected \"scratch\", \"busybox\", \"image:NAME\" or \"rootfs:PATH\""),
+                format!("{base:?}: expected \"scratch\", \"busybox\", \"flotilla\", \"image:NAME\" or \"rootfs:PATH\""),
             );
         }
         if base == "scratch" && self.image.files.is_empty() {

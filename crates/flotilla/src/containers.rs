@@ -193,6 +193,17 @@ impl AgentApi {
         }
         Ok(v)
     }
+
+    /// Whether the agent's engine has image `tag`.
+    async fn has_image(&self, tag: &str) -> anyhow::Result<bool> {
+        let v = self
+            .json(
+                self.req(reqwest::Method::GET, "/v1/images")
+                    .query(&[("tag", tag)]),
+            )
+            .await?;
+        Ok(v["present"].as_bool() == Some(true))
+    }
 }
 
 fn token_of(args: &crate::cli::ClientArgs) -> anyhow::Result<String> {
@@ -221,13 +232,7 @@ async fn push_images(
             continue;
         };
         for b in built.values() {
-            let present = api
-                .json(
-                    api.req(reqwest::Method::GET, "/v1/images")
-                        .query(&[("tag", &b.tag)]),
-                )
-                .await?;
-            if present["present"].as_bool() == Some(true) {
+            if api.has_image(&b.tag).await? {
                 continue;
             }
             api.json(
@@ -655,6 +660,30 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
 }
 
 /// `flotilla migrate INSTANCE --to NODE`.
+/// Makes sure the target engine has image `tag`, copying it from the source's engine
+/// if not. Returns whether the target has it now.
+async fn stage_image(src: &AgentApi, dst: &AgentApi, tag: &str) -> anyhow::Result<bool> {
+    if dst.has_image(tag).await? {
+        return Ok(true);
+    }
+    if !src.has_image(tag).await? {
+        return Ok(false);
+    }
+    let saved = src
+        .req(reqwest::Method::GET, "/v1/images/save")
+        .query(&[("tag", tag)])
+        .send()
+        .await?
+        .error_for_status()?;
+    dst.json(
+        dst.req(reqwest::Method::POST, "/v1/images")
+            .timeout(Duration::from_secs(3600))
+            .body(reqwest::Body::wrap_stream(saved.bytes_stream())),
+    )
+    .await?;
+    dst.has_image(tag).await
+}
+
 pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let c = client(&args.client)?;
     let token = token_of(&args.client)?;
@@ -677,15 +706,12 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let container = container_of(&inst)?;
     let stack = inst.meta.get("stack").cloned();
     let replica: Option<u32> = inst.meta.get("replica").and_then(|r| r.parse().ok());
-    let stateful = match &stack {
-        Some(s) => {
-            let rec = c.stack(s).await?;
-            rec.services
-                .get(&inst.service)
-                .is_some_and(|svc| !svc.spec.volumes.is_empty())
-        }
-        None => true, // unknown: treat its volumes (if any) as state
+    let deployed = match &stack {
+        Some(s) => c.stack(s).await?.services.get(&inst.service).cloned(),
+        None => None,
     };
+    // Unknown (not a stack replica): its volumes, if any, are state.
+    let stateful = deployed.as_ref().is_none_or(|d| !d.spec.volumes.is_empty());
     let drain = humantime::format_duration(args.drain.into()).to_string();
     let t0 = Instant::now();
     match (&stack, replica, stateful) {
@@ -719,15 +745,23 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
             );
         }
         _ => {
-            // Stateful (or not a stack replica): stop, stream the final state straight
-            // into a restore on the target, then retire the source.
+            // Stateful (or not a stack replica): the image goes first, while the source
+            // still serves, so the stopped window carries only the state; then stop,
+            // stream the final state straight into a restore on the target, retire the
+            // source.
+            let image_staged = match &deployed {
+                Some(d) => stage_image(&src, &dst, &d.image)
+                    .await
+                    .with_context(|| format!("sending image {} to {}", d.image, args.to))?,
+                None => false,
+            };
             let consistency = if stateful { "stop" } else { "live" };
             let resp = src
                 .req(reqwest::Method::GET, "/v1/backup")
                 .query(&[
                     ("container", container.as_str()),
                     ("consistency", consistency),
-                    ("image", "true"),
+                    ("image", if image_staged { "false" } else { "true" }),
                     ("leave_stopped", if stateful { "true" } else { "false" }),
                 ])
                 .send()

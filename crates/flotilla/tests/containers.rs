@@ -1057,3 +1057,173 @@ async fn replicas_move_between_engines_that_share_nothing() {
     drop(notes_lb);
     let _ = docker_at(Some(&da.host), &["ps"]);
 }
+
+/// flotilla's own key nodes as stack services on the `flotilla` base: a registry server
+/// whose catalog lives on a volume (stateful: its data moves, its token with it) and an
+/// lb (stateless: blue/green), each migrated to the other engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flotilla_server_and_lb_migrate_between_engines() {
+    let dir = tempfile::tempdir().unwrap();
+    let da = Dockerd::start("ka").unwrap();
+    let db = Dockerd::start("kb").unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let net_name = unique("flotilla-key");
+    let _na = DockerNetwork::create_on(Some(&da.host), &net_name).unwrap();
+    let _nb = DockerNetwork::create_on(Some(&db.host), &net_name).unwrap();
+    let (node_a, node_b) = (
+        unique("ka").replace('_', "-"),
+        unique("kb").replace('_', "-"),
+    );
+    let _agent_a = agent_on(dir.path(), &server, &node_a, None, Some(&da.host));
+    let _agent_b = agent_on(dir.path(), &server, &node_b, None, Some(&db.host));
+    node_up(&client, 2).await;
+    let engine = |node: &str| {
+        if node == node_a {
+            da.host.clone()
+        } else {
+            db.host.clone()
+        }
+    };
+
+    let stack = unique("ctl").replace('_', "-");
+    let spec_dir = dir.path().join("ctl");
+    std::fs::create_dir_all(&spec_dir).unwrap();
+    // The lb proxies its own admin endpoint, so its health check goes through the data
+    // plane.
+    std::fs::write(
+        spec_dir.join("lb.toml"),
+        "[admin]\nlisten = \"127.0.0.1:9901\"\n\n[[listener]]\nname = \"self\"\nbind = \"0.0.0.0:8080\"\nbackends = [\"127.0.0.1:9901\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        spec_dir.join("stack.toml"),
+        format!(
+            r#"name = "{stack}"
+
+[service.registry]
+port = 7700
+network = "{net_name}"
+command = ["server", "--listen", "0.0.0.0:7700", "--data-dir", "/var/lib/flotilla", "--dns-listen", ""]
+image = {{ base = "flotilla" }}
+health = {{ type = "http", path = "/healthz", interval = "300ms" }}
+
+[[service.registry.volume]]
+name = "data"
+path = "/var/lib/flotilla"
+
+[service.edge]
+port = 8080
+network = "{net_name}"
+command = ["lb", "--config", "/etc/flotilla/lb.toml"]
+image = {{ base = "flotilla", file = [{{ src = "lb.toml", dest = "/etc/flotilla/lb.toml" }}] }}
+health = {{ type = "http", path = "/healthz", interval = "300ms" }}
+update = {{ health_timeout = "20s", drain = "1s" }}
+"#
+        ),
+    )
+    .unwrap();
+    let home = dir.path();
+    let spec = spec_dir.join("stack.toml");
+    ok(cli(
+        &server,
+        home,
+        &["deploy", spec.to_str().unwrap(), "--timeout", "120s"],
+        &[],
+    )
+    .await);
+
+    // Catalog data in the inner registry, written with the token it created on its volume.
+    let reg = passing_in(&client, &stack, "registry").await[0].clone();
+    let from = reg.node.clone().unwrap();
+    let to = if from == node_a { &node_b } else { &node_a };
+    let container = reg.meta.get("container_id").unwrap().clone();
+    let token = docker_at(
+        Some(&engine(&from)),
+        &["exec", &container, "cat", "/var/lib/flotilla/token"],
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
+    let inner = |i: &InstanceView| {
+        Client::new(
+            &format!("http://{}:{}", i.address, i.port),
+            Some(token.clone()),
+        )
+    };
+    // (This stack's own record, kept by the inner registry as a stack named "kept".)
+    let services = client.stack(&stack).await.unwrap().services;
+    inner(&reg).deploy("kept", &services).await.unwrap();
+
+    let o = cli(&server, home, &["migrate", &reg.id, "--to", to], &[]).await;
+    assert!(
+        o.status.success(),
+        "{}\nagent a:\n{}\nagent b:\n{}",
+        text(&o),
+        std::fs::read_to_string(dir.path().join(format!("agent-{node_a}.log"))).unwrap_or_default(),
+        std::fs::read_to_string(dir.path().join(format!("agent-{node_b}.log"))).unwrap_or_default()
+    );
+    println!("{}", text(&o));
+    let out = text(&o);
+    let downtime: f64 = out
+        .split("downtime ")
+        .nth(1)
+        .and_then(|s| s.split('s').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no downtime in {out:?}"));
+    // The image was staged on the target before the stop: only the catalog moved then.
+    assert!(downtime < 5.0, "{out}");
+    let on = |target: String| {
+        move |list: &[InstanceView]| {
+            list.len() == 1 && list[0].node.as_deref() == Some(target.as_str())
+        }
+    };
+    let registry_on_target = on(to.clone());
+    eventually(
+        Duration::from_secs(30),
+        "registry on the target",
+        || async { registry_on_target(&passing_in(&client, &stack, "registry").await) },
+    )
+    .await;
+    let moved = passing_in(&client, &stack, "registry").await;
+    let record = inner(&moved[0])
+        .stack("kept")
+        .await
+        .expect("the catalog and the token moved with the volume");
+    assert_eq!(record.name, "kept");
+    assert_eq!(record.services, services);
+
+    // The lb: blue/green onto the other engine, serving through its listener there.
+    let edge = passing_in(&client, &stack, "edge").await[0].clone();
+    let edge_to = if edge.node.as_deref() == Some(node_a.as_str()) {
+        &node_b
+    } else {
+        &node_a
+    };
+    let o = ok(cli(&server, home, &["migrate", &edge.id, "--to", edge_to], &[]).await);
+    println!("{}", text(&o));
+    let edge_on_target = on(edge_to.clone());
+    eventually(
+        Duration::from_secs(30),
+        "lb on the target alone",
+        || async { edge_on_target(&passing_in(&client, &stack, "edge").await) },
+    )
+    .await;
+    let moved = passing_in(&client, &stack, "edge").await;
+    let body = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!(
+            "http://{}:{}/healthz",
+            moved[0].address, moved[0].port
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body, "ok\n");
+    ok(cli(&server, home, &["rm", &stack], &[]).await);
+}
