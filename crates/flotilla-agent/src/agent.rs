@@ -40,6 +40,9 @@ pub(crate) struct Inner {
     api_bound: std::sync::OnceLock<String>,
     /// Restart backoff per container.
     pub(crate) backoff: Mutex<HashMap<String, crate::reconcile::Backoff>>,
+    /// Volume snapshots of migration pre-copies, by the id the CLI gave: (taken at,
+    /// container id, per volume). The final pass sends only what changed since.
+    pub(crate) snapshots: Mutex<HashMap<String, crate::backup::Snapshots>>,
     /// Serialises event handling and resyncs so their decisions never interleave.
     state: Mutex<State>,
     resync_now: Notify,
@@ -104,6 +107,7 @@ impl Agent {
                 holds: Mutex::new(Default::default()),
                 api_bound: std::sync::OnceLock::new(),
                 backoff: Mutex::new(HashMap::new()),
+                snapshots: Mutex::new(HashMap::new()),
             }),
         })
     }

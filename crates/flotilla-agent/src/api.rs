@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use axum::body::Body;
 use axum::extract::{Query, Request, State};
 use axum::http::{header, StatusCode};
@@ -62,6 +63,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         .route("/v1/images/save", get(image_save))
         .route("/v1/backup", get(backup_stream))
         .route("/v1/restore", post(restore))
+        .route("/v1/restore/apply", post(apply))
         .route("/v1/retire", post(retire))
         .route("/v1/release", post(release))
         .route("/metrics", get(metrics))
@@ -164,7 +166,16 @@ struct BackupQuery {
     image: bool,
     #[serde(default)]
     leave_stopped: bool,
+    /// Keep what each volume holds now under this id (a migration's pre-copy).
+    #[serde(default)]
+    snapshot: Option<String>,
+    /// Send only what changed since the snapshot with this id (its final pass).
+    #[serde(default)]
+    since: Option<String>,
 }
+
+/// Pre-copy snapshots older than this are dropped.
+const SNAPSHOT_TTL: Duration = Duration::from_secs(3600);
 
 fn yes() -> bool {
     true
@@ -186,6 +197,26 @@ async fn backup_stream(
         include_image: q.image,
         leave_stopped: q.leave_stopped,
     };
+    // A delta needs its snapshot, for this container: refused before anything stops.
+    let mut delta = backup::Delta::default();
+    if let Some(since) = &q.since {
+        let mut snaps = inner.snapshots.lock().await;
+        match snaps.remove(since) {
+            Some(s) if s.container == id => delta.since = Some(s.volumes),
+            Some(_) => {
+                return Err(AppError::new(
+                    StatusCode::CONFLICT,
+                    format!("snapshot {since:?} belongs to another container"),
+                ))
+            }
+            None => {
+                return Err(AppError::new(
+                    StatusCode::CONFLICT,
+                    format!("no snapshot {since:?} (expired, used, or taken by another agent)"),
+                ))
+            }
+        }
+    }
     if opts.leave_stopped {
         // A container on its way to another host: the reconciler must not restart it.
         inner.hold(&id).await;
@@ -197,9 +228,23 @@ async fn backup_stream(
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let (err_tx, err_rx) = tokio::sync::oneshot::channel::<String>();
     let task_inner = inner.clone();
+    let snapshot = q.snapshot.clone();
     tokio::spawn(async move {
-        match backup::backup(&task_inner.docker, &id, source, opts, tx).await {
+        let container = id.clone();
+        match backup::backup(&task_inner.docker, &id, source, opts, &mut delta, tx).await {
             Ok(m) => {
+                if let Some(key) = snapshot {
+                    let mut snaps = task_inner.snapshots.lock().await;
+                    snaps.retain(|_, s| s.taken.elapsed() < SNAPSHOT_TTL);
+                    snaps.insert(
+                        key,
+                        backup::Snapshots {
+                            taken: std::time::Instant::now(),
+                            container,
+                            volumes: delta.taken,
+                        },
+                    );
+                }
                 task_inner.metrics.backups.inc();
                 tracing::info!(
                     container = name,
@@ -244,6 +289,10 @@ struct RestoreQuery {
     /// containers only); on failure everything created is removed. "0s" skips the gate.
     #[serde(default)]
     health_timeout: Option<String>,
+    /// Keep the reconciler's hands off the copy (a migration's pre-copy, stopped while
+    /// the source still serves the replica) until a final pass releases it.
+    #[serde(default)]
+    hold: bool,
 }
 
 async fn restore(
@@ -255,6 +304,79 @@ async fn restore(
         Some(t) => humantime::parse_duration(t).map_err(|e| bad(format!("health_timeout: {e}")))?,
         None => Duration::from_secs(30),
     };
+    let Spooled {
+        dir,
+        path,
+        total,
+        manifest,
+        config,
+    } = spool_checked(&inner, body).await?;
+    let strip: &[&str] = if q.keep_stack {
+        &[]
+    } else {
+        &crate::reconcile::STACK_LABELS
+    };
+    let result = backup::restore_checked_archive(
+        &inner.docker,
+        &path,
+        manifest,
+        &config,
+        &backup::RestoreOptions {
+            name: q.name.as_deref(),
+            start: q.start,
+            relabel: &[(crate::reconcile::OWNER, &inner.node)],
+            strip,
+        },
+    )
+    .await;
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    let restored =
+        result.map_err(|e| AppError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
+    if q.hold {
+        inner.hold(&restored.id).await;
+    }
+    inner.metrics.restores.inc();
+    let mut passing_after_ms = None;
+    if q.start && !gate.is_zero() && inner.registers(&restored.id).await {
+        let t0 = std::time::Instant::now();
+        let ok = inner.wait_passing(&restored.id, gate).await;
+        if !ok {
+            let _ = backup::remove_with_volumes(&inner.docker, &restored.id).await;
+            return Err(AppError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "restored container did not pass its health check within {}; removed it",
+                    humantime::format_duration(gate)
+                ),
+            ));
+        }
+        passing_after_ms = Some(t0.elapsed().as_millis() as u64);
+    }
+    Ok(Json(json!({
+        "name": restored.name,
+        "id": restored.id,
+        "node": inner.node,
+        "volumes": restored.volumes,
+        "image_loaded": restored.image_loaded,
+        "bytes": total,
+        "passing_after_ms": passing_after_ms,
+        "manifest": restored.manifest,
+    })))
+}
+
+/// An upload spooled to the work directory and checked whole.
+struct Spooled {
+    dir: std::path::PathBuf,
+    path: std::path::PathBuf,
+    total: u64,
+    manifest: flotilla_archive::backup::Manifest,
+    config: Vec<u8>,
+}
+
+/// Spools an uploaded archive, checking it (digests, sizes, every volume entry) while it
+/// arrives; on any failure the spool is gone and the error says why (422 "check" for a
+/// refused archive).
+async fn spool_checked(inner: &Inner, body: Body) -> Result<Spooled, AppError> {
     // The upload is spooled, and checked whole (digests, sizes, every volume entry)
     // while it arrives; nothing is created unless the check passes.
     let dir = tempfile_dir(&inner.config.work_dir).map_err(failed)?;
@@ -307,54 +429,80 @@ async fn restore(
             return Err(failed(anyhow::anyhow!("archive checker panicked")));
         }
     };
-    let strip: &[&str] = if q.keep_stack {
-        &[]
-    } else {
-        &crate::reconcile::STACK_LABELS
-    };
-    let result = backup::restore_checked_archive(
-        &inner.docker,
-        &path,
+    Ok(Spooled {
+        dir,
+        path,
+        total,
         manifest,
-        &config,
-        &backup::RestoreOptions {
-            name: q.name.as_deref(),
-            start: q.start,
-            relabel: &[(crate::reconcile::OWNER, &inner.node)],
-            strip,
-        },
-    )
-    .await;
+        config,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyQuery {
+    /// The stopped copy made from the pre-copy.
+    container: String,
+    #[serde(default = "yes")]
+    start: bool,
+    #[serde(default)]
+    health_timeout: Option<String>,
+}
+
+/// A migration's final pass: applies an uploaded delta over the pre-copy's container,
+/// starts it and waits for it to pass. Nothing is written unless the whole upload
+/// checks out; if anything after fails, the container and its volumes are removed (the
+/// source still has everything).
+async fn apply(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<ApplyQuery>,
+    body: Body,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let gate = match &q.health_timeout {
+        Some(t) => humantime::parse_duration(t).map_err(|e| bad(format!("health_timeout: {e}")))?,
+        None => Duration::from_secs(30),
+    };
+    let target = inspect(&inner, &q.container).await?;
+    let id = target.id.unwrap_or_default();
+    let Spooled {
+        dir,
+        path,
+        total,
+        manifest,
+        ..
+    } = spool_checked(&inner, body).await?;
+    let applied = backup::apply_delta(&inner.docker, &id, &path, &manifest).await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
-    let restored =
-        result.map_err(|e| AppError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
-    inner.metrics.restores.inc();
-    let mut passing_after_ms = None;
-    if q.start && !gate.is_zero() && inner.registers(&restored.id).await {
-        let t0 = std::time::Instant::now();
-        let ok = inner.wait_passing(&restored.id, gate).await;
-        if !ok {
-            let _ = backup::remove_with_volumes(&inner.docker, &restored.id).await;
-            return Err(AppError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!(
-                    "restored container did not pass its health check within {}; removed it",
+    let outcome = async {
+        applied?;
+        if q.start {
+            inner
+                .docker
+                .start_container::<String>(&id, None)
+                .await
+                .context("starting")?;
+            if !gate.is_zero() && inner.registers(&id).await && !inner.wait_passing(&id, gate).await
+            {
+                anyhow::bail!(
+                    "did not pass its health check within {}",
                     humantime::format_duration(gate)
-                ),
-            ));
+                );
+            }
         }
-        passing_after_ms = Some(t0.elapsed().as_millis() as u64);
+        anyhow::Ok(())
     }
-    Ok(Json(json!({
-        "name": restored.name,
-        "id": restored.id,
-        "node": inner.node,
-        "volumes": restored.volumes,
-        "image_loaded": restored.image_loaded,
-        "bytes": total,
-        "passing_after_ms": passing_after_ms,
-        "manifest": restored.manifest,
-    })))
+    .await;
+    inner.unhold(&id).await;
+    if let Err(e) = outcome {
+        let _ = backup::remove_with_volumes(&inner.docker, &id).await;
+        return Err(AppError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{e:#}; removed the copy"),
+        ));
+    }
+    Ok(Json(
+        json!({ "id": id, "node": inner.node, "bytes": total }),
+    ))
 }
 
 #[derive(Deserialize)]

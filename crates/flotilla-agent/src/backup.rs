@@ -79,6 +79,7 @@ pub async fn backup(
     container: &str,
     source: serde_json::Map<String, serde_json::Value>,
     opts: BackupOptions,
+    delta: &mut Delta,
     out: mpsc::Sender<Bytes>,
 ) -> anyhow::Result<Manifest> {
     let info = docker
@@ -106,6 +107,7 @@ pub async fn backup(
         kind: PartKind::Config,
         volume: None,
         mount: None,
+        removed: None,
     })?)
     .await?;
     send(enc.write(&serde_json::to_vec_pretty(&saved)?)?).await?;
@@ -115,6 +117,7 @@ pub async fn backup(
             kind: PartKind::Image,
             volume: None,
             mount: None,
+            removed: None,
         })?)
         .await?;
         let image_ref = if docker.inspect_image(&saved.image).await.is_ok() {
@@ -147,50 +150,80 @@ pub async fn backup(
     };
     let result = async {
         for (name, mount) in &saved.volumes {
-            send(enc.begin(PartHeader {
-                kind: PartKind::Volume,
-                volume: Some(name.clone()),
-                mount: Some(mount.clone()),
-            })?)
-            .await?;
             // The agent runs beside its engine: read the volume where it lies (a tar
             // written here, at disk speed) when the engine's mount point is visible,
-            // else through the engine's archive endpoint (Go's tar over HTTP, slower).
+            // else through the engine's archive endpoint (Go's tar over HTTP, slower;
+            // no deltas).
             let local = docker
                 .inspect_volume(name)
                 .await
                 .ok()
                 .map(|v| PathBuf::from(v.mountpoint))
                 .filter(|p| p.is_dir());
-            match local {
-                Some(dir) => {
-                    let top = Path::new(mount)
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_else(|| "data".into());
-                    let (tx, mut rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(8);
-                    let writer = tokio::task::spawn_blocking(move || tar_dir(&dir, &top, tx));
-                    while let Some(chunk) = rx.recv().await {
-                        let chunk = chunk.with_context(|| format!("reading volume {mount}"))?;
-                        send(enc.write(&chunk)?).await?;
-                    }
-                    writer.await??;
+            let since = delta.since.as_ref().map(|s| s.get(name));
+            let Some(dir) = local else {
+                if since.is_some() {
+                    bail!("volume {name}: its mount point is not visible here, so no delta can be taken");
                 }
-                None => {
-                    let mut s = docker.download_from_container(
-                        &id,
-                        Some(DownloadFromContainerOptions {
-                            path: mount.clone(),
-                        }),
-                    );
-                    while let Some(chunk) = s.next().await {
-                        send(
-                            enc.write(&chunk.with_context(|| format!("reading volume {mount}"))?)?,
-                        )
+                send(enc.begin(PartHeader {
+                    kind: PartKind::Volume,
+                    volume: Some(name.clone()),
+                    mount: Some(mount.clone()),
+                    removed: None,
+                })?)
+                .await?;
+                let mut s = docker.download_from_container(
+                    &id,
+                    Some(DownloadFromContainerOptions {
+                        path: mount.clone(),
+                    }),
+                );
+                while let Some(chunk) = s.next().await {
+                    send(enc.write(&chunk.with_context(|| format!("reading volume {mount}"))?)?)
                         .await?;
-                    }
                 }
+                send(enc.end()?).await?;
+                continue;
+            };
+            // Stat everything first (before any content is read: a file written while
+            // it is read has a newer stamp than the one recorded, so the next delta
+            // sends it again), then stream what is wanted.
+            let walk_dir = dir.clone();
+            let entries = tokio::task::spawn_blocking(move || walk_volume(&walk_dir))
+                .await?
+                .with_context(|| format!("reading volume {name}"))?;
+            let (wanted, removed) = match since {
+                None => (entries.clone(), None),
+                Some(before) => {
+                    let empty = VolumeSnapshot::new();
+                    let before = before.unwrap_or(&empty);
+                    let (w, r) = changed_since(before, &entries);
+                    (w, Some(r))
+                }
+            };
+            delta.taken.insert(
+                name.clone(),
+                entries.iter().map(|(p, st)| (p.clone(), *st)).collect(),
+            );
+            send(enc.begin(PartHeader {
+                kind: PartKind::Volume,
+                volume: Some(name.clone()),
+                mount: Some(mount.clone()),
+                removed,
+            })?)
+            .await?;
+            let top = Path::new(mount)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "data".into());
+            let (tx, mut rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(8);
+            let paths: Vec<PathBuf> = wanted.into_iter().map(|(p, _)| p).collect();
+            let writer = tokio::task::spawn_blocking(move || tar_entries(&dir, &top, &paths, tx));
+            while let Some(chunk) = rx.recv().await {
+                let chunk = chunk.with_context(|| format!("reading volume {mount}"))?;
+                send(enc.write(&chunk)?).await?;
             }
+            writer.await??;
             send(enc.end()?).await?;
         }
         anyhow::Ok(())
@@ -214,12 +247,126 @@ pub async fn backup(
     Ok(manifest)
 }
 
-/// Writes a tar of `dir` with entries under `top/` into `tx` in 1 MiB pieces: the
-/// layout of the engine's archive endpoint (links kept as links, owners, modes and
-/// times kept).
-fn tar_dir(
+/// File-type bits of `st_mode` (POSIX).
+const S_IFMT: u32 = 0o170_000;
+/// A directory's file-type bits.
+const S_IFDIR: u32 = 0o040_000;
+
+/// What a volume entry looked like: enough to tell whether it changed since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    kind: u32,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    ino: u64,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            kind: m.mode() & S_IFMT,
+            len: m.len(),
+            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+            // ctime cannot be set from user space: a write that restores the mtime
+            // still shows here.
+            ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
+            ino: m.ino(),
+            mode: m.mode(),
+            uid: m.uid(),
+            gid: m.gid(),
+        }
+    }
+}
+
+/// A volume's entries at a pre-copy, by path relative to the volume.
+pub type VolumeSnapshot = HashMap<PathBuf, Stamp>;
+
+/// A migration pre-copy's snapshot, kept by the source agent until the final pass.
+#[derive(Debug)]
+pub struct Snapshots {
+    /// When it was taken (old ones are dropped).
+    pub taken: std::time::Instant,
+    /// The container it belongs to.
+    pub container: String,
+    /// Per volume name.
+    pub volumes: HashMap<String, VolumeSnapshot>,
+}
+
+/// Deltas across two backups of the same container (a migration's pre-copy and its
+/// final pass).
+#[derive(Debug, Default)]
+pub struct Delta {
+    /// Per volume: what it held at the pre-copy. When set, each volume part carries
+    /// only what changed since, and the paths removed.
+    pub since: Option<HashMap<String, VolumeSnapshot>>,
+    /// Filled in by the backup: what each volume holds now.
+    pub taken: HashMap<String, VolumeSnapshot>,
+}
+
+/// Every entry under `dir` (not `dir` itself), parents before children, sorted by
+/// name, with their stamps; symlinks are not followed.
+fn walk_volume(dir: &Path) -> std::io::Result<Vec<(PathBuf, Stamp)>> {
+    fn visit(root: &Path, rel: &Path, out: &mut Vec<(PathBuf, Stamp)>) -> std::io::Result<()> {
+        let mut names: Vec<_> = std::fs::read_dir(root.join(rel))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        for name in names {
+            let child = rel.join(&name);
+            let meta = match std::fs::symlink_metadata(root.join(&child)) {
+                Ok(m) => m,
+                // Removed while we walked: it is simply not part of this copy.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            out.push((child.clone(), Stamp::of(&meta)));
+            if meta.is_dir() {
+                visit(root, &child, out)?;
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    visit(dir, Path::new(""), &mut out)?;
+    Ok(out)
+}
+
+/// What a delta against `before` carries: the entries new or changed (every directory,
+/// so the tar restores their modes and times; headers only), and the paths to remove
+/// first — gone, or changed kind (a file that became a directory).
+fn changed_since(
+    before: &VolumeSnapshot,
+    now: &[(PathBuf, Stamp)],
+) -> (Vec<(PathBuf, Stamp)>, Vec<String>) {
+    let present: std::collections::HashSet<&PathBuf> = now.iter().map(|(p, _)| p).collect();
+    let mut removed: Vec<String> = before
+        .iter()
+        .filter(|(p, st)| {
+            !present.contains(p) || now.iter().any(|(q, s)| q == *p && s.kind != st.kind)
+        })
+        .map(|(p, _)| p.to_string_lossy().into_owned())
+        .collect();
+    removed.sort();
+    let wanted = now
+        .iter()
+        .filter(|(p, st)| st.kind == S_IFDIR || before.get(p) != Some(st))
+        .cloned()
+        .collect();
+    (wanted, removed)
+}
+
+/// Writes a tar of the volume at `dir` into `tx` in 1 MiB pieces: the root as `top/`,
+/// then `paths` (relative, parents first) under it — the layout of the engine's archive
+/// endpoint (links kept as links, owners, modes and times kept).
+fn tar_entries(
     dir: &Path,
     top: &str,
+    paths: &[PathBuf],
     tx: mpsc::Sender<std::io::Result<Vec<u8>>>,
 ) -> anyhow::Result<()> {
     struct Pipe {
@@ -255,10 +402,19 @@ fn tar_dir(
     // plain files, holes as zeros: the archive checker and restore know regular files
     // only, and the contents come back identical.
     b.sparse(false);
-    let result = b
-        .append_dir_all(top, dir)
-        .and_then(|_| b.finish())
-        .and_then(|_| std::io::Write::flush(b.get_mut()));
+    let result = (|| {
+        b.append_path_with_name(dir, top)?;
+        for rel in paths {
+            match b.append_path_with_name(dir.join(rel), Path::new(top).join(rel)) {
+                Ok(()) => {}
+                // Removed since the walk: the next delta lists it as removed.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        b.finish()?;
+        std::io::Write::flush(b.get_mut())
+    })();
     if let Err(e) = result {
         let _ = tx.blocking_send(Err(std::io::Error::other(format!(
             "{}: {e}",
@@ -478,27 +634,10 @@ async fn restore_checked(
     // Pass 2: stream the image (if needed) and the volume contents where they belong.
     // The container must exist before its volumes can be written, and the image before
     // the container: the image part comes before the volumes in every archive.
-    let (tx, mut rx) = mpsc::channel::<Msg>(16);
-    let p = path.to_owned();
-    let reader = tokio::task::spawn_blocking(move || {
-        let f = std::fs::File::open(&p)?;
-        backup::read(std::io::BufReader::with_capacity(1 << 20, f), |piece| {
-            let msg = match piece {
-                Piece::Begin(_, h) => Msg::Begin(h.clone()),
-                Piece::Data(d) => Msg::Data(Bytes::copy_from_slice(d)),
-                Piece::End => Msg::End,
-            };
-            tx.blocking_send(msg)
-                .map_err(|_| std::io::Error::other("restore stopped"))
-        })?;
-        anyhow::Ok(())
-    });
+    let mut parts = PartStream::open(path);
     let mut container: Option<String> = None;
     let mut volume_index = 0usize;
-    while let Some(msg) = rx.recv().await {
-        let Msg::Begin(header) = msg else {
-            bail!("archive data outside a part");
-        };
+    while let Some(header) = parts.next().await? {
         let (data_tx, data_rx) = mpsc::channel::<Bytes>(8);
         let mut body = Some(tokio_stream_from(data_rx));
         let sink: futures::future::BoxFuture<'_, anyhow::Result<()>> = match header.kind {
@@ -551,25 +690,9 @@ async fn restore_checked(
         };
         // A part nobody consumes (config, an image the engine has) is read and dropped.
         drop(body);
-        let feed = async {
-            loop {
-                match rx.recv().await {
-                    Some(Msg::Data(d)) => {
-                        // A consumer that stopped early reports its error below.
-                        let _ = data_tx.send(d).await;
-                    }
-                    Some(Msg::End) => break,
-                    _ => bail!("archive part ended early"),
-                }
-            }
-            drop(data_tx);
-            Ok(())
-        };
-        let (fed, sunk) = tokio::join!(feed, sink);
-        fed?;
-        sunk?;
+        parts.pump(data_tx, sink).await?;
     }
-    reader.await??;
+    parts.finish().await?;
     let id = match container {
         Some(id) => id,
         None => {
@@ -591,6 +714,216 @@ enum Msg {
     Begin(PartHeader),
     Data(Bytes),
     End,
+}
+
+/// The parts of a checked archive file, read on a blocking thread and handed over one
+/// at a time: the header, then its data to whatever consumes it.
+struct PartStream {
+    rx: mpsc::Receiver<Msg>,
+    reader: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl PartStream {
+    fn open(path: &Path) -> Self {
+        let (tx, rx) = mpsc::channel::<Msg>(16);
+        let p = path.to_owned();
+        let reader = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&p)?;
+            backup::read(std::io::BufReader::with_capacity(1 << 20, f), |piece| {
+                let msg = match piece {
+                    Piece::Begin(_, h) => Msg::Begin(h.clone()),
+                    Piece::Data(d) => Msg::Data(Bytes::copy_from_slice(d)),
+                    Piece::End => Msg::End,
+                };
+                tx.blocking_send(msg)
+                    .map_err(|_| std::io::Error::other("restore stopped"))
+            })?;
+            anyhow::Ok(())
+        });
+        PartStream { rx, reader }
+    }
+
+    /// The next part's header, `None` after the last.
+    async fn next(&mut self) -> anyhow::Result<Option<PartHeader>> {
+        match self.rx.recv().await {
+            None => Ok(None),
+            Some(Msg::Begin(h)) => Ok(Some(h)),
+            Some(_) => bail!("archive data outside a part"),
+        }
+    }
+
+    /// Feeds the current part's data into `data` while `sink` consumes it; both must
+    /// finish. A sink that stopped early reports its own error.
+    async fn pump(
+        &mut self,
+        data: mpsc::Sender<Bytes>,
+        sink: impl std::future::Future<Output = anyhow::Result<()>>,
+    ) -> anyhow::Result<()> {
+        let rx = &mut self.rx;
+        let feed = async move {
+            loop {
+                match rx.recv().await {
+                    Some(Msg::Data(d)) => {
+                        let _ = data.send(d).await;
+                    }
+                    Some(Msg::End) => break,
+                    _ => bail!("archive part ended early"),
+                }
+            }
+            drop(data);
+            Ok(())
+        };
+        let (fed, sunk) = tokio::join!(feed, sink);
+        fed?;
+        sunk
+    }
+
+    async fn finish(self) -> anyhow::Result<()> {
+        self.reader.await?
+    }
+}
+
+/// Applies a checked delta archive (the final pass of a migration) over `container`,
+/// a stopped copy made from the pre-copy: per volume, removes the listed paths, then
+/// writes what changed. Every removal path is checked before anything is touched.
+pub async fn apply_delta(
+    docker: &Docker,
+    container: &str,
+    path: &Path,
+    manifest: &Manifest,
+) -> anyhow::Result<()> {
+    let info = docker
+        .inspect_container(container, None)
+        .await
+        .with_context(|| format!("no container {container:?}"))?;
+    let id = info.id.clone().unwrap_or_default();
+    let mounts: HashMap<String, String> = info
+        .mounts
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| Some((m.destination?, m.name?)))
+        .collect();
+    // Nothing is written unless every part is a delta for a volume this container has
+    // and every path to remove stays inside its volume.
+    let mut volume_dirs: HashMap<String, PathBuf> = HashMap::new();
+    for part in &manifest.parts {
+        let h = &part.header;
+        match h.kind {
+            PartKind::Config => continue,
+            PartKind::Image => bail!("a delta carries no image"),
+            PartKind::Volume => {}
+        }
+        let mount = h.mount.as_deref().context("a volume part names no mount")?;
+        let removed = h
+            .removed
+            .as_ref()
+            .with_context(|| format!("volume {mount}: a whole volume, not a delta"))?;
+        let volume = mounts
+            .get(mount)
+            .with_context(|| format!("the container has no volume at {mount}"))?;
+        check_removals(removed).with_context(|| format!("volume {mount}"))?;
+        if !removed.is_empty() {
+            let dir = docker
+                .inspect_volume(volume)
+                .await
+                .ok()
+                .map(|v| PathBuf::from(v.mountpoint))
+                .filter(|p| p.is_dir())
+                .with_context(|| {
+                    format!("volume {volume}: its mount point is not visible here, so removals cannot be applied")
+                })?;
+            volume_dirs.insert(mount.to_owned(), dir);
+        }
+    }
+    let mut parts = PartStream::open(path);
+    while let Some(header) = parts.next().await? {
+        let (data_tx, data_rx) = mpsc::channel::<Bytes>(8);
+        let sink: futures::future::BoxFuture<'_, anyhow::Result<()>> = match header.kind {
+            PartKind::Volume => {
+                let mount = header.mount.clone().unwrap_or_default();
+                if let Some(dir) = volume_dirs.get(&mount) {
+                    let (dir, removed) = (dir.clone(), header.removed.clone().unwrap_or_default());
+                    tokio::task::spawn_blocking(move || remove_inside(&dir, &removed))
+                        .await?
+                        .with_context(|| format!("removing from volume {mount}"))?;
+                }
+                let parent = Path::new(&mount)
+                    .parent()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "/".into());
+                let id = id.clone();
+                let body = tokio_stream_from(data_rx);
+                Box::pin(async move {
+                    docker
+                        .upload_to_container_streaming(
+                            &id,
+                            Some(UploadToContainerOptions {
+                                path: parent,
+                                no_overwrite_dir_non_dir: "true".to_owned(),
+                            }),
+                            body,
+                        )
+                        .await
+                        .with_context(|| format!("writing the delta of volume {mount}"))
+                })
+            }
+            _ => {
+                drop(data_rx);
+                Box::pin(async { Ok(()) })
+            }
+        };
+        parts.pump(data_tx, sink).await?;
+    }
+    parts.finish().await
+}
+
+/// Every removal path must name something inside the volume: relative, plain names
+/// only (no `..`, no `.`, not absolute, not empty).
+fn check_removals(paths: &[String]) -> anyhow::Result<()> {
+    for p in paths {
+        let plain = Path::new(p)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if p.is_empty() || !plain {
+            bail!("removal path {p:?} leaves the volume");
+        }
+    }
+    Ok(())
+}
+
+/// Removes `paths` (checked: relative, no `..`) under `dir`, never through a symlink: a
+/// parent that is a link is refused, a link itself is removed as a link.
+fn remove_inside(dir: &Path, paths: &[String]) -> anyhow::Result<()> {
+    for p in paths {
+        let rel = Path::new(p);
+        let mut at = dir.to_path_buf();
+        let mut parts = rel.components().peekable();
+        while let Some(c) = parts.next() {
+            at.push(c);
+            if parts.peek().is_some() {
+                match std::fs::symlink_metadata(&at) {
+                    Ok(m) if m.file_type().is_symlink() => {
+                        bail!("{p:?}: {} is a symlink", at.display())
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        let result = match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&at),
+            Ok(_) => std::fs::remove_file(&at),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {}
+            // Already gone with a removed parent.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(anyhow::Error::from(e).context(p.clone())),
+        }
+    }
+    Ok(())
 }
 
 fn tokio_stream_from(
@@ -712,5 +1045,83 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(dir: &Path) -> VolumeSnapshot {
+        walk_volume(dir).unwrap().into_iter().collect()
+    }
+
+    fn names(v: &[(PathBuf, Stamp)]) -> Vec<String> {
+        v.iter()
+            .map(|(p, _)| p.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_delta_carries_what_changed_and_lists_what_went() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::create_dir(root.join("dir")).unwrap();
+        std::fs::write(root.join("dir/same"), "same").unwrap();
+        std::fs::write(root.join("edited"), "v1").unwrap();
+        std::fs::write(root.join("gone"), "bye").unwrap();
+        std::fs::write(root.join("becomes-dir"), "file").unwrap();
+        let before = snapshot(root);
+        // Same length, so only the stamps (mtime/ctime) can tell.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::fs::write(root.join("edited"), "v2").unwrap();
+        std::fs::remove_file(root.join("gone")).unwrap();
+        std::fs::write(root.join("new"), "hi").unwrap();
+        std::fs::remove_file(root.join("becomes-dir")).unwrap();
+        std::fs::create_dir(root.join("becomes-dir")).unwrap();
+        let now = walk_volume(root).unwrap();
+        let (wanted, removed) = changed_since(&before, &now);
+        assert_eq!(
+            names(&wanted),
+            ["becomes-dir", "dir", "edited", "new"],
+            "directories always (headers only), changed and new files; not dir/same"
+        );
+        assert_eq!(removed, ["becomes-dir", "gone"], "gone, and changed kind");
+        // Nothing changed: only directory headers, nothing to remove.
+        let again = snapshot(root);
+        let (wanted, removed) = changed_since(&again, &walk_volume(root).unwrap());
+        assert_eq!(names(&wanted), ["becomes-dir", "dir"]);
+        assert!(removed.is_empty());
+    }
+
+    #[test]
+    fn removals_stay_inside_the_volume() {
+        for bad in ["", "../etc/passwd", "/etc/passwd", "a/../../b", "./a"] {
+            assert!(
+                check_removals(&[bad.to_owned()]).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+        check_removals(&["a".into(), "a/b c/d".into()]).unwrap();
+
+        let d = tempfile::tempdir().unwrap();
+        let (volume, outside) = (d.path().join("v"), d.path().join("outside"));
+        std::fs::create_dir_all(volume.join("sub")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("precious"), "keep").unwrap();
+        std::fs::write(volume.join("sub/x"), "x").unwrap();
+        std::os::unix::fs::symlink(&outside, volume.join("link")).unwrap();
+        // Through a symlinked parent: refused, the target untouched.
+        assert!(remove_inside(&volume, &["link/precious".into()]).is_err());
+        assert!(outside.join("precious").exists());
+        // The link itself goes as a link; a directory goes with its contents; a path
+        // already gone is fine.
+        remove_inside(
+            &volume,
+            &["link".into(), "sub".into(), "sub/x".into(), "never".into()],
+        )
+        .unwrap();
+        assert!(outside.join("precious").exists());
+        assert!(!volume.join("link").exists() && !volume.join("sub").exists());
     }
 }

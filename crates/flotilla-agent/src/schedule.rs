@@ -160,7 +160,11 @@ impl Inner {
         source.insert("node".into(), self.node.clone().into());
         source.insert("container_id".into(), id.into());
         source.insert("scheduled".into(), true.into());
-        let (m, w) = tokio::join!(backup::backup(&self.docker, id, source, opts, tx), writer);
+        let mut whole = backup::Delta::default();
+        let (m, w) = tokio::join!(
+            backup::backup(&self.docker, id, source, opts, &mut whole, tx),
+            writer
+        );
         match (m, w) {
             (Ok(m), Ok(())) => {
                 tokio::fs::rename(&part, file).await?;

@@ -54,6 +54,11 @@ pub struct PartHeader {
     /// For volumes: the absolute mount point in the container.
     #[serde(default)]
     pub mount: Option<String>,
+    /// For a volume part of a delta (the final pass of a migration, applied over a
+    /// pre-copy): paths, relative to the volume, to remove first; the part's tar then
+    /// holds only what changed. `None`: a whole volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed: Option<Vec<String>>,
 }
 
 /// A part as the manifest describes it.
@@ -628,6 +633,7 @@ mod tests {
                 kind: PartKind::Config,
                 volume: None,
                 mount: None,
+                removed: None,
             })
             .unwrap(),
         );
@@ -639,6 +645,7 @@ mod tests {
                 kind: PartKind::Volume,
                 volume: Some("v1".into()),
                 mount: Some("/data".into()),
+                removed: None,
             })
             .unwrap(),
         );
@@ -748,6 +755,7 @@ mod tests {
             kind: PartKind::Volume,
             volume: None,
             mount: Some("/data".into()),
+            removed: None,
         })
         .unwrap();
         assert!(matches!(enc.write(&evil), Err(ArchiveError::Volume { .. })));

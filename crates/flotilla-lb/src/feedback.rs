@@ -188,6 +188,14 @@ impl Controller {
                 .filter(|r| now.saturating_duration_since(r.at) <= stale)
         };
 
+        // The lb's reference latency: traffic-weighted mean over backends that served.
+        let (sum, n) = observations
+            .values()
+            .filter(|o| o.requests > 0 && o.latency_ns > 0.0)
+            .fold((0.0, 0u64), |(s, n), o| {
+                (s + o.latency_ns * o.requests as f64, n + o.requests)
+            });
+        let mean_latency = if n > 0 { sum / n as f64 } else { 0.0 };
         // 1. Feed-forward: each backend's capacity, estimated as served / utilisation
         //    (requests per second it would serve at 100 % of its quota). It does not
         //    depend on how traffic was split, so following it closes no loop: no
@@ -221,14 +229,6 @@ impl Controller {
 
         // 2. Feedback trim: what capacity does not explain (latency, errors, memory
         //    pressure, someone else's CPU load) through the log-domain LVS rule.
-        // The lb's reference latency: traffic-weighted mean over backends that served.
-        let (sum, n) = observations
-            .values()
-            .filter(|o| o.requests > 0 && o.latency_ns > 0.0)
-            .fold((0.0, 0u64), |(s, n), o| {
-                (s + o.latency_ns * o.requests as f64, n + o.requests)
-            });
-        let mean_latency = if n > 0 { sum / n as f64 } else { 0.0 };
 
         for (addr, o) in observations {
             let st = self.state.get_mut(addr).expect("inserted above");
@@ -460,6 +460,80 @@ mod tests {
                     "load {load}: backend {i} moves: {tail:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn a_cpu_hog_inside_a_quota_does_not_starve_the_backend_into_overloading_the_rest() {
+        // Three quota'd backends of 100 req/s at 80 % load; from period 5 a busy loop
+        // inside backend 0 keeps its CPU at 100 % of the quota whatever we send, and
+        // leaves our requests half the capacity. Served / utilisation then reads "what
+        // it serves now"; were that followed all the way down, backend 0 would go to the
+        // floor and the two others (200 req/s) would get all 240 req/s. The latency
+        // trim stops it where the others start to queue.
+        let caps = [100.0, 100.0, 100.0];
+        let rate = 240.0;
+        let mut c = Controller::new(FeedbackConfig::default());
+        let mut t = Instant::now();
+        let mut weights = c.weights();
+        let mut shares = Vec::new();
+        for period in 0..30 {
+            t += Duration::from_secs(1);
+            let hog = period >= 5;
+            let total: f64 = (0..3)
+                .map(|i| weights.get(&addr(i)).copied().unwrap_or(100.0))
+                .sum();
+            let obs: HashMap<_, _> = (0..3)
+                .map(|i| {
+                    let share = weights.get(&addr(i)).copied().unwrap_or(100.0) / total;
+                    let lambda = rate * share;
+                    let cap = if hog && i == 0 {
+                        caps[i] / 2.0
+                    } else {
+                        caps[i]
+                    };
+                    let u = (lambda / cap).min(0.99);
+                    // Under the hog every request of ours waits out CFS throttling
+                    // (~40 ms) at any load; an overloaded backend queues without bound.
+                    let latency_ns = if hog && i == 0 {
+                        40e6 + 2e6 / (1.0 - u)
+                    } else if lambda >= cap {
+                        1e9
+                    } else {
+                        2e6 / (1.0 - u)
+                    };
+                    (
+                        addr(i),
+                        Observation {
+                            base_weight: 100,
+                            latency_ns,
+                            requests: lambda as u64,
+                            errors: 0,
+                            report: Some(LoadReport {
+                                cpu: if hog && i == 0 { 1.0 } else { lambda / caps[i] },
+                                memory: 0.1,
+                                at: t,
+                            }),
+                            current_weight: None,
+                        },
+                    )
+                })
+                .collect();
+            if let Some(w) = c.step(t, &obs) {
+                weights = w;
+            }
+            let now = c.weights();
+            let total: f64 = now.values().sum();
+            shares.push(now[&addr(0)] / total);
+        }
+        // Before the hog: even. After: well under a third, but enough that the other
+        // two stay under their capacity (each gets < 100 req/s ⇔ backend 0 > 1/6).
+        assert!((shares[4] - 1.0 / 3.0).abs() < 0.02, "{shares:?}");
+        for (k, s) in shares.iter().enumerate().skip(12) {
+            assert!(
+                *s < 0.3 && *s > 1.0 / 6.0,
+                "period {k}: backend 0 has {s:.3} of the traffic: {shares:?}"
+            );
         }
     }
 

@@ -660,6 +660,72 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
 }
 
 /// `flotilla migrate INSTANCE --to NODE`.
+/// A migration's pre-copy: the source's snapshot id and the stopped copy on the target.
+struct PreCopy {
+    snapshot: String,
+    copy: String,
+    name: String,
+    bytes: f64,
+}
+
+impl PreCopy {
+    /// Removes the target's copy (the migration will not use it).
+    async fn discard(&self, dst: &AgentApi) -> anyhow::Result<()> {
+        dst.json(
+            dst.req(reqwest::Method::POST, "/v1/retire")
+                .query(&[("container", self.copy.as_str()), ("drain", "0s")]),
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// Copies `container` from `src` to `dst` while it runs (a live backup, its volumes'
+/// state recorded by the source under a fresh snapshot id), restored but not started.
+async fn pre_copy(
+    src: &AgentApi,
+    dst: &AgentApi,
+    container: &str,
+    image: &str,
+) -> anyhow::Result<PreCopy> {
+    let snapshot = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    );
+    let resp = src
+        .req(reqwest::Method::GET, "/v1/backup")
+        .query(&[
+            ("container", container),
+            ("consistency", "live"),
+            ("image", image),
+            ("snapshot", snapshot.as_str()),
+        ])
+        .send()
+        .await?
+        .error_for_status()?;
+    let v = dst
+        .json(
+            dst.req(reqwest::Method::POST, "/v1/restore")
+                .query(&[("start", "false"), ("keep_stack", "true"), ("hold", "true")])
+                .timeout(Duration::from_secs(3600))
+                .body(reqwest::Body::wrap_stream(resp.bytes_stream())),
+        )
+        .await?;
+    Ok(PreCopy {
+        snapshot,
+        copy: v["id"]
+            .as_str()
+            .context("restore answered no id")?
+            .to_owned(),
+        name: v["name"].as_str().unwrap_or("?").to_owned(),
+        bytes: v["bytes"].as_f64().unwrap_or(0.0),
+    })
+}
+
 /// Makes sure the target engine has image `tag`, copying it from the source's engine
 /// if not. Returns whether the target has it now.
 async fn stage_image(src: &AgentApi, dst: &AgentApi, tag: &str) -> anyhow::Result<bool> {
@@ -756,17 +822,44 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
                 None => false,
             };
             let consistency = if stateful { "stop" } else { "live" };
+            let image = if image_staged { "false" } else { "true" };
+            // Pre-copy while the source still serves: a live backup restored on the
+            // target, not started. The stopped window then carries only what changed
+            // since (the final delta). Any trouble here falls back to a whole copy.
+            let precopy = if stateful {
+                match pre_copy(&src, &dst, &container, image).await {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        eprintln!(
+                            "warning: pre-copy failed, moving everything while stopped: {e:#}"
+                        );
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let mut backup_query = vec![
+                ("container", container.clone()),
+                ("consistency", consistency.to_owned()),
+                ("image", image.to_owned()),
+                (
+                    "leave_stopped",
+                    if stateful { "true" } else { "false" }.to_owned(),
+                ),
+            ];
+            if let Some(p) = &precopy {
+                backup_query.push(("since", p.snapshot.clone()));
+            }
             let resp = src
                 .req(reqwest::Method::GET, "/v1/backup")
-                .query(&[
-                    ("container", container.as_str()),
-                    ("consistency", consistency),
-                    ("image", if image_staged { "false" } else { "true" }),
-                    ("leave_stopped", if stateful { "true" } else { "false" }),
-                ])
+                .query(&backup_query)
                 .send()
                 .await?;
             if !resp.status().is_success() {
+                if let Some(p) = &precopy {
+                    let _ = p.discard(&dst).await;
+                }
                 let v: serde_json::Value = resp.json().await.unwrap_or_default();
                 bail!(
                     "backup on {from}: {}",
@@ -774,10 +867,17 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
                 );
             }
             let stopped_at = Instant::now();
+            let upload = match &precopy {
+                Some(p) => dst
+                    .req(reqwest::Method::POST, "/v1/restore/apply")
+                    .query(&[("container", p.copy.as_str()), ("start", "true")]),
+                None => dst
+                    .req(reqwest::Method::POST, "/v1/restore")
+                    .query(&[("start", "true"), ("keep_stack", "true")]),
+            };
             let restored = dst
                 .json(
-                    dst.req(reqwest::Method::POST, "/v1/restore")
-                        .query(&[("start", "true"), ("keep_stack", "true")])
+                    upload
                         .timeout(Duration::from_secs(3600))
                         .body(reqwest::Body::wrap_stream(resp.bytes_stream())),
                 )
@@ -797,6 +897,11 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
                     );
                 }
             };
+            let (copy_name, pre_bytes) = match &precopy {
+                Some(p) => (p.name.clone(), p.bytes),
+                None => (restored["name"].as_str().unwrap_or("?").to_owned(), 0.0),
+            };
+            let final_bytes = restored["bytes"].as_f64().unwrap_or(0.0);
             let downtime = stopped_at.elapsed();
             if let (Some(s), Some(r)) = (&stack, replica) {
                 c.pin(s, &inst.service, r, Some(&args.to)).await?;
@@ -807,12 +912,12 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
             ]))
             .await?;
             println!(
-                "migrated {} ({}) {from} -> {} as {}: {:.1} MiB moved, downtime {:.2}s ({}), total {:.1}s",
+                "migrated {} ({}) {from} -> {} as {copy_name}: {:.1} MiB pre-copied while serving, {:.1} MiB moved while stopped, downtime {:.2}s ({}), total {:.1}s",
                 inst.id,
                 if stateful { "stateful, cold" } else { "stateless" },
                 args.to,
-                restored["name"].as_str().unwrap_or("?"),
-                restored["bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                pre_bytes / 1048576.0,
+                final_bytes / 1048576.0,
                 if stateful { downtime.as_secs_f64() } else { 0.0 },
                 if stateful { "stopped → passing on the target" } else { "the source served until the target passed" },
                 t0.elapsed().as_secs_f64()

@@ -994,6 +994,9 @@ async fn replicas_move_between_engines_that_share_nothing() {
         .and_then(|s| s.parse().ok())
         .unwrap();
     assert!(downtime < 5.0, "{out}");
+    // The volume was pre-copied while the source served; the stopped window carried
+    // only the final delta (the notes file, which the writer kept changing).
+    assert!(out.contains("pre-copied while serving"), "{out}");
     eventually(
         Duration::from_secs(20),
         "notes passing on the target",
