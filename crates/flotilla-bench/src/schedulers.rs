@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla_testkit::{docker, free_port, unique, wait_for_port, Container, DockerNetwork};
-use serde::Serialize;
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
 
 use crate::procs::{spawn, Proc, ServerProc};
 
@@ -40,6 +41,9 @@ pub struct Args {
     /// Run only this scheduler (repeatable; default: all).
     #[arg(long = "scheduler")]
     only_schedulers: Vec<String>,
+    /// Run nothing: print the tables and draw the plots of an earlier `--json` file.
+    #[arg(long, value_name = "JSON")]
+    replot: Option<PathBuf>,
 }
 
 impl Args {
@@ -128,7 +132,7 @@ const SCHEDULERS: [&str; 8] = [
     "haproxy-roundrobin",
 ];
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct RunResult {
     scenario: String,
     scheduler: String,
@@ -247,6 +251,14 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     let (selected, schedulers) = args.selection()?;
     // Before any load: text layout in both plot formats needs the font.
     plot_font()?;
+    if let Some(path) = &args.replot {
+        let all: Vec<RunResult> = serde_json::from_slice(
+            &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        )
+        .with_context(|| format!("{}: not a --json file of this experiment", path.display()))?;
+        std::fs::create_dir_all(&args.plots)?;
+        return report(&args, &selected, &all);
+    }
     let image = crate::procs::testsvc_image().await?;
     let dir = tempfile::tempdir()?;
     let server = ServerProc::start().await?;
@@ -410,8 +422,13 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
         drop(containers);
     }
 
+    report(&args, &selected, &all)
+}
+
+/// The Markdown tables, the JSON file and the plots of a finished (or loaded) run.
+fn report(args: &Args, selected: &[Scenario], all: &[RunResult]) -> anyhow::Result<()> {
     println!("\n### Scheduler experiment ({} s per run, capacity from Docker CPU quotas at {} µs CPU per request)\n", args.seconds, CPU_US);
-    for sc in &selected {
+    for sc in selected {
         println!("\n#### {}\n\n| scheduler | offered req/s | throughput req/s | success % | p50 ms | p99 ms | p99.9 ms |\n|---|---|---|---|---|---|---|", sc.name);
         for r in all.iter().filter(|r| r.scenario == sc.name) {
             println!(
@@ -425,13 +442,13 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
                 r.p999_ms
             );
         }
-        plot(&args.plots, sc.name, &all)?;
+        plot(&args.plots, sc.name, all)?;
     }
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&all)?)?;
+        std::fs::write(path, serde_json::to_string_pretty(all)?)?;
     }
     println!(
-        "\nplots: {}/<scenario>-p99.svg and <scenario>-feedback-weights.svg",
+        "\nplots: {}/<scenario>-p99.{{svg,png}} and <scenario>-feedback-weights.{{svg,png}}",
         args.plots.display()
     );
     Ok(())
@@ -516,7 +533,8 @@ where
     use plotters::prelude::*;
     {
         root.fill(&WHITE)?;
-        let max = runs.iter().map(|r| r.p99_ms).fold(1.0, f64::max) * 1.1;
+        // Log scale: 2-second timeouts and 4 ms medians on one chart.
+        let max = runs.iter().map(|r| r.p99_ms).fold(10.0, f64::max) * 1.5;
         let mut chart = ChartBuilder::on(&root)
             .caption(
                 format!("{scenario}: latency per scheduler (p50 light, p99 dark), ms"),
@@ -525,7 +543,7 @@ where
             .margin(10)
             .x_label_area_size(60)
             .y_label_area_size(60)
-            .build_cartesian_2d(0f64..runs.len() as f64, 0f64..max)?;
+            .build_cartesian_2d(0f64..runs.len() as f64, (1f64..max).log_scale())?;
         let names: Vec<String> = runs.iter().map(|r| r.scheduler.clone()).collect();
         chart
             .configure_mesh()
@@ -538,16 +556,16 @@ where
                     .cloned()
                     .unwrap_or_default()
             })
-            .y_desc("ms")
+            .y_desc("ms (log scale)")
             .draw()?;
         for (i, r) in runs.iter().enumerate() {
             let x = i as f64;
             chart.draw_series(std::iter::once(Rectangle::new(
-                [(x + 0.1, 0.0), (x + 0.9, r.p99_ms)],
+                [(x + 0.1, 1.0), (x + 0.9, r.p99_ms)],
                 BLUE.mix(0.8).filled(),
             )))?;
             chart.draw_series(std::iter::once(Rectangle::new(
-                [(x + 0.3, 0.0), (x + 0.7, r.p50_ms)],
+                [(x + 0.3, 1.0), (x + 0.7, r.p50_ms)],
                 BLUE.mix(0.3).filled(),
             )))?;
         }
