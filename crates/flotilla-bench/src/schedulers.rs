@@ -14,8 +14,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flotilla_testkit::{docker, free_port, unique, wait_for_port, Container, DockerNetwork};
 use anyhow::Context;
+use flotilla_testkit::{docker, free_port, unique, wait_for_port, Container, DockerNetwork};
 use serde::{Deserialize, Serialize};
 
 use crate::procs::{spawn, Proc, ServerProc};

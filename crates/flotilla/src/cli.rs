@@ -150,6 +150,12 @@ pub struct UpArgs {
     /// Do not deploy the demo stack (examples/demo: `web` behind the lb, and `notes`).
     #[arg(long)]
     pub no_demo: bool,
+    /// The agent's API (images, backups, migrations) [default: 127.0.0.1:7701].
+    #[arg(long, default_value = "127.0.0.1:7701")]
+    pub api_listen: String,
+    /// Network whose address to register for containers on several networks.
+    #[arg(long)]
+    pub default_network: Option<String>,
 }
 
 /// How the CLI finds the server.

@@ -236,6 +236,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             token_file: Some(home.join("token")),
             node: Some(hostname()),
             docker: args.docker.clone(),
+            api_listen: args.api_listen.clone(),
+            default_network: args.default_network.clone(),
             ..AgentConfig::default()
         };
         let agent = flotilla_agent::Agent::connect(agent_config, running.shared.token.clone())

@@ -1230,3 +1230,106 @@ update = {{ health_timeout = "20s", drain = "1s" }}
     assert_eq!(body, "ok\n");
     ok(cli(&server, home, &["rm", &stack], &[]).await);
 }
+
+/// `flotilla up` on its embedded defaults: registry, agent and lb in one process, and the
+/// demo stack built, deployed and answering through the lb; `ps` shows the stack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_deploys_the_demo_stack_behind_the_lb() {
+    let dir = tempfile::tempdir().unwrap();
+    // The demo's network, made here so its addresses are the test's (198.18.0.0/15);
+    // the agent uses a stack network that already exists.
+    let net = DockerNetwork::create_on(None, "flotilla-demo").unwrap();
+    let home = dir.path().join("home");
+    let lb_port = flotilla_testkit::free_port();
+    let lb_listen = format!("127.0.0.1:{lb_port}");
+    let mut up = Proc::spawn(
+        &[
+            "up",
+            "--data-dir",
+            home.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--dns-listen",
+            "",
+            "--lb-listen",
+            &lb_listen,
+            "--lb-admin",
+            "",
+            "--api-listen",
+            "127.0.0.1:0",
+        ],
+        dir.path().join("up.log"),
+    );
+    let cleanup = || {
+        if let Ok(ids) = docker(&["ps", "-aq", "--filter", "label=flotilla.stack=demo"]) {
+            for id in ids.split_whitespace() {
+                let _ = docker(&["rm", "-f", "-v", id]);
+            }
+        }
+        let _ = docker(&["volume", "rm", "demo-notes-0-data"]);
+    };
+    eventually(
+        Duration::from_secs(180),
+        "the demo stack deployed",
+        || async {
+            let log = up.log_text();
+            log.contains("demo stack is up") || log.contains("demo stack:")
+        },
+    )
+    .await;
+    let log = up.log_text();
+    if !log.contains("demo stack is up") {
+        up.kill();
+        cleanup();
+        panic!("{log}");
+    }
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = http
+        .get(format!("http://{lb_listen}/"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    assert!(!r.text().await.unwrap().is_empty());
+
+    let url = std::fs::read_to_string(home.join("server")).unwrap();
+    let token = home.join("token");
+    let flotilla = |args: &[&str]| {
+        std::process::Command::new(common::BIN)
+            .args(args)
+            .args([
+                "--server",
+                url.trim(),
+                "--token-file",
+                token.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    };
+    let ps = flotilla(&["ps"]);
+    let out = text(&ps);
+    assert!(ps.status.success(), "{out}");
+    let row = |service: &str| {
+        out.lines()
+            .find(|l| l.starts_with("demo ") && l.split_whitespace().nth(1) == Some(service))
+            .unwrap_or_else(|| panic!("no demo/{service} row in\n{out}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    // STACK SERVICE VERSION DESIRED PASSING SPEC
+    assert_eq!(row("web")[3..5], ["3", "3"], "{out}");
+    assert_eq!(row("notes")[3..5], ["1", "1"], "{out}");
+
+    let rm = flotilla(&["rm", "demo"]);
+    assert!(rm.status.success(), "{}", text(&rm));
+    eventually(Duration::from_secs(30), "demo containers gone", || async {
+        docker(&["ps", "-aq", "--filter", "label=flotilla.stack=demo"])
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    up.kill();
+    cleanup();
+    drop(net);
+}
