@@ -470,7 +470,15 @@ async fn apply(
         total,
         manifest,
         ..
-    } = spool_checked(&inner, body).await?;
+    } = match spool_checked(&inner, body).await {
+        Ok(s) => s,
+        Err(e) => {
+            // The migration falls back to the source: the copy is of no use now.
+            inner.unhold(&id).await;
+            let _ = backup::remove_with_volumes(&inner.docker, &id).await;
+            return Err(e);
+        }
+    };
     let applied = backup::apply_delta(&inner.docker, &id, &path, &manifest).await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let outcome = async {

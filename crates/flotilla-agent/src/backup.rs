@@ -343,12 +343,10 @@ fn changed_since(
     before: &VolumeSnapshot,
     now: &[(PathBuf, Stamp)],
 ) -> (Vec<(PathBuf, Stamp)>, Vec<String>) {
-    let present: std::collections::HashSet<&PathBuf> = now.iter().map(|(p, _)| p).collect();
+    let present: HashMap<&PathBuf, &Stamp> = now.iter().map(|(p, st)| (p, st)).collect();
     let mut removed: Vec<String> = before
         .iter()
-        .filter(|(p, st)| {
-            !present.contains(p) || now.iter().any(|(q, s)| q == *p && s.kind != st.kind)
-        })
+        .filter(|(p, st)| present.get(p).is_none_or(|now| now.kind != st.kind))
         .map(|(p, _)| p.to_string_lossy().into_owned())
         .collect();
     removed.sort();
@@ -669,23 +667,7 @@ async fn restore_checked(
                 let mount = saved.volumes[volume_index].1.clone();
                 volume_index += 1;
                 let body = body.take().expect("one consumer");
-                let parent = Path::new(&mount)
-                    .parent()
-                    .map(|p| p.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "/".into());
-                Box::pin(async move {
-                    docker
-                        .upload_to_container_streaming(
-                            &id,
-                            Some(UploadToContainerOptions {
-                                path: parent,
-                                no_overwrite_dir_non_dir: "true".to_owned(),
-                            }),
-                            body,
-                        )
-                        .await
-                        .with_context(|| format!("writing volume {mount}"))
-                })
+                Box::pin(write_volume(docker, id, mount, body))
             }
         };
         // A part nobody consumes (config, an image the engine has) is read and dropped.
@@ -708,6 +690,32 @@ async fn restore_checked(
             .context("starting the restored container")?;
     }
     Ok(id)
+}
+
+/// Writes a volume part's tar (entries under the mount's last component) into the
+/// container through the engine, which replaces what is there; a directory never
+/// silently replaces a file or the other way round.
+async fn write_volume(
+    docker: &Docker,
+    container: String,
+    mount: String,
+    body: impl futures::Stream<Item = Bytes> + Send + 'static,
+) -> anyhow::Result<()> {
+    let parent = Path::new(&mount)
+        .parent()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "/".into());
+    docker
+        .upload_to_container_streaming(
+            &container,
+            Some(UploadToContainerOptions {
+                path: parent,
+                no_overwrite_dir_non_dir: "true".to_owned(),
+            }),
+            body,
+        )
+        .await
+        .with_context(|| format!("writing volume {mount}"))
 }
 
 enum Msg {
@@ -847,25 +855,12 @@ pub async fn apply_delta(
                         .await?
                         .with_context(|| format!("removing from volume {mount}"))?;
                 }
-                let parent = Path::new(&mount)
-                    .parent()
-                    .map(|p| p.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "/".into());
-                let id = id.clone();
-                let body = tokio_stream_from(data_rx);
-                Box::pin(async move {
-                    docker
-                        .upload_to_container_streaming(
-                            &id,
-                            Some(UploadToContainerOptions {
-                                path: parent,
-                                no_overwrite_dir_non_dir: "true".to_owned(),
-                            }),
-                            body,
-                        )
-                        .await
-                        .with_context(|| format!("writing the delta of volume {mount}"))
-                })
+                Box::pin(write_volume(
+                    docker,
+                    id.clone(),
+                    mount,
+                    tokio_stream_from(data_rx),
+                ))
             }
             _ => {
                 drop(data_rx);

@@ -33,15 +33,64 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `flotilla ps`.
+/// One deployed service in `flotilla ps`: desired against passing.
+#[derive(serde::Serialize)]
+struct StackRow {
+    stack: String,
+    service: String,
+    version: String,
+    desired: u32,
+    passing: usize,
+    spec: String,
+    pins: std::collections::BTreeMap<u32, String>,
+    note: String,
+}
+
+/// `flotilla ps`: instances, then deployed stacks. `--json` prints both as
+/// `{"instances": [...], "stacks": [...]}`.
 pub async fn ps(args: PsArgs) -> anyhow::Result<()> {
     let c = client(&args.client)?;
-    let mut list = c.instances().await?;
+    let all = c.instances().await?;
+    let mut list = all.clone();
     if let Some(s) = &args.service {
         list.retain(|i| &i.service == s);
     }
+    let (_, stacks) = c.stacks(0, Duration::ZERO).await?;
+    let mut rows = Vec::new();
+    for st in &stacks {
+        for (name, svc) in &st.services {
+            if args.service.as_ref().is_some_and(|s| s != name) {
+                continue;
+            }
+            let short = &svc.spec_hash[..12.min(svc.spec_hash.len())];
+            let passing = all
+                .iter()
+                .filter(|i| {
+                    &i.service == name
+                        && i.meta.get("stack") == Some(&st.name)
+                        && i.meta.get("spec").map(String::as_str) == Some(short)
+                        && i.health == flotilla_core::HealthStatus::Passing
+                })
+                .count();
+            let note = match (&st.rolled_back, svc.pins.is_empty()) {
+                (Some(r), _) if r.starts_with(name.as_str()) => format!("rolled back: {r}"),
+                (_, false) => format!("pinned {:?}", svc.pins),
+                _ => String::new(),
+            };
+            rows.push(StackRow {
+                stack: st.name.clone(),
+                service: name.clone(),
+                version: svc.spec.version.clone(),
+                desired: svc.spec.replicas,
+                passing,
+                spec: short.to_owned(),
+                pins: svc.pins.clone(),
+                note,
+            });
+        }
+    }
     if args.client.json {
-        return print_json(&list);
+        return print_json(&serde_json::json!({ "instances": list, "stacks": rows }));
     }
     println!(
         "{:<24} {:<14} {:<22} {:<10} {:>9}  {:<16} OUTPUT",
@@ -61,37 +110,17 @@ pub async fn ps(args: PsArgs) -> anyhow::Result<()> {
             i.id, i.service, addr, health, weight, container, i.output
         );
     }
-    // Deployed stacks: desired against passing, per service.
-    let (_, stacks) = c.stacks(0, Duration::ZERO).await?;
-    if !stacks.is_empty() {
-        let all = c.instances().await?;
+    if !rows.is_empty() {
         println!();
         println!(
             "{:<16} {:<14} {:<8} {:>7} {:>7}  {:<14} NOTE",
             "STACK", "SERVICE", "VERSION", "DESIRED", "PASSING", "SPEC"
         );
-        for st in &stacks {
-            for (name, svc) in &st.services {
-                let short = &svc.spec_hash[..12.min(svc.spec_hash.len())];
-                let passing = all
-                    .iter()
-                    .filter(|i| {
-                        &i.service == name
-                            && i.meta.get("stack") == Some(&st.name)
-                            && i.meta.get("spec").map(String::as_str) == Some(short)
-                            && i.health == flotilla_core::HealthStatus::Passing
-                    })
-                    .count();
-                let note = match (&st.rolled_back, svc.pins.is_empty()) {
-                    (Some(r), _) if r.starts_with(name.as_str()) => format!("rolled back: {r}"),
-                    (_, false) => format!("pinned {:?}", svc.pins),
-                    _ => String::new(),
-                };
-                println!(
-                    "{:<16} {:<14} {:<8} {:>7} {:>7}  {:<14} {note}",
-                    st.name, name, svc.spec.version, svc.spec.replicas, passing, short
-                );
-            }
+        for r in &rows {
+            println!(
+                "{:<16} {:<14} {:<8} {:>7} {:>7}  {:<14} {}",
+                r.stack, r.service, r.version, r.desired, r.passing, r.spec, r.note
+            );
         }
     }
     Ok(())

@@ -1320,6 +1320,28 @@ async fn up_deploys_the_demo_stack_behind_the_lb() {
     // STACK SERVICE VERSION DESIRED PASSING SPEC
     assert_eq!(row("web")[3..5], ["3", "3"], "{out}");
     assert_eq!(row("notes")[3..5], ["1", "1"], "{out}");
+    let json = flotilla(&["ps", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let web = v["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["stack"] == "demo" && r["service"] == "web")
+        .unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(
+        (web["desired"].as_u64(), web["passing"].as_u64()),
+        (Some(3), Some(3))
+    );
+    assert!(
+        v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["service"] == "web")
+            .count()
+            >= 3,
+        "{v}"
+    );
 
     let rm = flotilla(&["rm", "demo"]);
     assert!(rm.status.success(), "{}", text(&rm));
