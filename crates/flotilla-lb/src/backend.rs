@@ -48,6 +48,14 @@ impl PeakEwma {
     pub fn get(&self) -> f64 {
         self.value_ns
     }
+
+    /// The estimate faded by the time since the last observation (`e^(−age/tau)`): how
+    /// slow the backend was *recently*. A backend passed over gets no observations, so
+    /// without fading one slow response would keep it out for good.
+    pub fn recent(&self, now: Instant, tau: Duration) -> f64 {
+        let age = now.saturating_duration_since(self.stamp).as_secs_f64();
+        self.value_ns * (-age / tau.as_secs_f64().max(1e-9)).exp()
+    }
 }
 
 /// Passive-health state of one backend. Pure: results and `now` in, decisions out.
@@ -288,6 +296,15 @@ impl Backend {
     /// Current latency estimate, nanoseconds.
     pub fn ewma_ns(&self) -> f64 {
         self.ewma.lock().unwrap_or_else(|p| p.into_inner()).get()
+    }
+
+    /// Latency estimate faded by the time since the last response (see
+    /// [`PeakEwma::recent`]), nanoseconds.
+    pub fn recent_latency_ns(&self, now: Instant, tau: Duration) -> f64 {
+        self.ewma
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .recent(now, tau)
     }
 
     /// Whether new requests may go here at `now`.

@@ -7,7 +7,7 @@
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 
@@ -70,6 +70,14 @@ pub fn build(kind: SchedulerKind) -> Box<dyn Scheduler> {
 /// load); the in-flight guard reacts within one request to a backend that stalls
 /// between two control periods. A passed-over backend keeps the credit it earned, up
 /// to one round's worth, so it catches up on its share without a burst.
+/// `feedback` passes over a backend whose recent latency is this many times the
+/// fastest's …
+const SLOW_FACTOR: f64 = 3.0;
+/// … and at least this much more (ns), so fast backends' noise never trips it.
+const SLOW_MARGIN_NS: f64 = 5e6;
+/// How fast a slow response stops counting when no new one arrives.
+const SLOW_FADE: Duration = Duration::from_millis(250);
+
 #[derive(Default)]
 pub struct Feedback {
     lock: Mutex<()>,
@@ -98,23 +106,33 @@ impl Scheduler for Feedback {
                 total_in_flight += b.in_flight();
             }
         }
+        // Recently much slower than the fastest: passed over until that fades (a CFS
+        // throttle, a neighbour burning the CPU) — the reaction within requests that the
+        // per-period weights cannot have.
+        let recent: Vec<f64> = backends
+            .iter()
+            .map(|b| b.recent_latency_ns(ctx.now, SLOW_FADE))
+            .collect();
+        let fastest = (0..backends.len())
+            .filter(|&i| ctx.eligible(backends, i))
+            .map(|i| recent[i])
+            .fold(f64::INFINITY, f64::min);
+        let slow =
+            |i: usize| recent[i] > fastest * SLOW_FACTOR && recent[i] > fastest + SLOW_MARGIN_NS;
         // Over its share: in_flight / total_in_flight > weight / total_weight. Some
         // backend is always at or under its share (the shares sum to the total), so the
         // guard never leaves nothing to pick.
         let over_share = |b: &Backend, w: i64| {
             b.in_flight() as i128 * total_weight as i128 > total_in_flight as i128 * w as i128
         };
-        let mut best: Option<(usize, i64)> = None;
-        // What the candidates earned this pick, charged to the one chosen: credit among
-        // candidates sums to zero as in plain smooth WRR, so none drifts away.
-        let mut earned = 0i64;
+        // Every eligible backend earns its weight; credit is capped at one round so a
+        // backend passed over for long does not come back with a burst.
+        let mut seen = Vec::with_capacity(backends.len());
         for (i, b) in backends.iter().enumerate() {
             if !ctx.eligible(backends, i) {
                 continue;
             }
             let w = Self::weight(b, ctx.now);
-            // Every backend earns its weight; credit is capped at one round so a
-            // backend passed over for long does not come back with a burst.
             let credit = b
                 .swrr_credit
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
@@ -122,19 +140,22 @@ impl Scheduler for Feedback {
                 })
                 .map(|c| (c + w).min(total_weight))
                 .unwrap_or(0);
-            if over_share(b, w) {
-                continue;
-            }
-            earned += w;
-            if best.is_none_or(|(_, c)| credit > c) {
-                best = Some((i, credit));
-            }
+            seen.push((i, w, credit, over_share(b, w), slow(i)));
         }
-        let i = match best {
-            Some((i, _)) => i,
-            // Only reachable through counts changing under us: take the first eligible.
-            None => (0..backends.len()).find(|&i| ctx.eligible(backends, i))?,
-        };
+        // Candidates: neither over their share nor slow; else not over their share
+        // (never empty, see above); else anyone eligible.
+        let tiers: [&dyn Fn(bool, bool) -> bool; 3] =
+            [&|over, slow| !over && !slow, &|over, _| !over, &|_, _| true];
+        let candidates = tiers
+            .iter()
+            .map(|keep| seen.iter().filter(|s| keep(s.3, s.4)).collect::<Vec<_>>())
+            .find(|c| !c.is_empty())?;
+        // What the candidates earned this pick is charged to the one chosen: credit
+        // among candidates sums to zero as in plain smooth WRR, so none drifts away.
+        let earned: i64 = candidates.iter().map(|s| s.1).sum();
+        let &&(i, ..) = candidates
+            .iter()
+            .max_by_key(|s| (s.2, std::cmp::Reverse(s.0)))?;
         backends[i]
             .swrr_credit
             .fetch_sub(earned.max(1), Ordering::Relaxed);
@@ -551,6 +572,27 @@ mod tests {
         let zeros_first = seq.iter().take_while(|&&i| i == 0).count();
         assert!(zeros_first <= 2, "burst after recovery: {seq:?}");
         assert!(seq.iter().filter(|&&i| i == 0).count() >= 3, "{seq:?}");
+    }
+
+    #[test]
+    fn feedback_passes_over_a_recently_slow_backend_until_that_fades() {
+        let t0 = Instant::now();
+        let bs = backends(&[1, 1, 1], t0);
+        for b in &bs[1..] {
+            b.observe_latency(Duration::from_millis(3), t0);
+        }
+        // Backend 0 just answered in 80 ms (throttled by its CPU quota, say).
+        bs[0].observe_latency(Duration::from_millis(80), t0);
+        let s = Feedback::default();
+        let soon = t0 + Duration::from_millis(50);
+        assert_eq!(counts(&s, &bs, 60, soon)[0], 0, "slow backend still picked");
+        // 80 ms fades below 3 × 3 ms after ~0.55 s with no new response.
+        let later = t0 + Duration::from_millis(800);
+        for b in &bs[1..] {
+            b.observe_latency(Duration::from_millis(3), later);
+        }
+        let c = counts(&s, &bs, 60, later);
+        assert!(c[0] >= 15, "recovered backend gets its share back: {c:?}");
     }
 
     #[test]
