@@ -308,7 +308,16 @@ fn now_nanos() -> u64 {
 
 impl Drop for DockerNetwork {
     fn drop(&mut self) {
-        let _ = docker_at(self.host.as_deref(), &["network", "rm", &self.name]);
+        // Containers removed just before may still be leaving the network (the engine
+        // refuses to remove it while they are): try for a few seconds, not once.
+        for _ in 0..25 {
+            match docker_at(self.host.as_deref(), &["network", "rm", &self.name]) {
+                Ok(_) => return,
+                // Only "still has active endpoints" is worth waiting for.
+                Err(e) if !e.to_string().contains("active endpoints") => return,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(200)),
+            }
+        }
     }
 }
 
