@@ -300,10 +300,7 @@ async fn restore(
     Query(q): Query<RestoreQuery>,
     body: Body,
 ) -> Result<Json<serde_json::Value>, AppError> {
-    let gate = match &q.health_timeout {
-        Some(t) => humantime::parse_duration(t).map_err(|e| bad(format!("health_timeout: {e}")))?,
-        None => Duration::from_secs(30),
-    };
+    let gate = duration_param("health_timeout", &q.health_timeout, HEALTH_GATE)?;
     let Spooled {
         dir,
         path,
@@ -336,22 +333,20 @@ async fn restore(
         inner.hold(&restored.id).await;
     }
     inner.metrics.restores.inc();
-    let mut passing_after_ms = None;
-    if q.start && !gate.is_zero() && inner.registers(&restored.id).await {
-        let t0 = std::time::Instant::now();
-        let ok = inner.wait_passing(&restored.id, gate).await;
-        if !ok {
-            let _ = backup::remove_with_volumes(&inner.docker, &restored.id).await;
-            return Err(AppError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!(
-                    "restored container did not pass its health check within {}; removed it",
-                    humantime::format_duration(gate)
-                ),
-            ));
+    let passing_after_ms = if q.start {
+        match health_gate(&inner, &restored.id, gate).await {
+            Ok(ms) => ms,
+            Err(e) => {
+                let _ = backup::remove_with_volumes(&inner.docker, &restored.id).await;
+                return Err(AppError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("restored container {e}; removed it"),
+                ));
+            }
         }
-        passing_after_ms = Some(t0.elapsed().as_millis() as u64);
-    }
+    } else {
+        None
+    };
     Ok(Json(json!({
         "name": restored.name,
         "id": restored.id,
@@ -443,8 +438,6 @@ async fn spool_checked(inner: &Inner, body: Body) -> Result<Spooled, AppError> {
 struct ApplyQuery {
     /// The stopped copy made from the pre-copy.
     container: String,
-    #[serde(default = "yes")]
-    start: bool,
     #[serde(default)]
     health_timeout: Option<String>,
 }
@@ -458,10 +451,7 @@ async fn apply(
     Query(q): Query<ApplyQuery>,
     body: Body,
 ) -> Result<Json<serde_json::Value>, AppError> {
-    let gate = match &q.health_timeout {
-        Some(t) => humantime::parse_duration(t).map_err(|e| bad(format!("health_timeout: {e}")))?,
-        None => Duration::from_secs(30),
-    };
+    let gate = duration_param("health_timeout", &q.health_timeout, HEALTH_GATE)?;
     let target = inspect(&inner, &q.container).await?;
     let id = target.id.unwrap_or_default();
     let Spooled {
@@ -483,21 +473,12 @@ async fn apply(
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let outcome = async {
         applied?;
-        if q.start {
-            inner
-                .docker
-                .start_container::<String>(&id, None)
-                .await
-                .context("starting")?;
-            if !gate.is_zero() && inner.registers(&id).await && !inner.wait_passing(&id, gate).await
-            {
-                anyhow::bail!(
-                    "did not pass its health check within {}",
-                    humantime::format_duration(gate)
-                );
-            }
-        }
-        anyhow::Ok(())
+        inner
+            .docker
+            .start_container::<String>(&id, None)
+            .await
+            .context("starting")?;
+        health_gate(&inner, &id, gate).await.map(|_| ())
     }
     .await;
     inner.unhold(&id).await;
@@ -527,10 +508,7 @@ async fn retire(
     State(inner): State<Arc<Inner>>,
     Query(q): Query<RetireQuery>,
 ) -> Result<Json<serde_json::Value>, AppError> {
-    let drain = match &q.drain {
-        Some(t) => humantime::parse_duration(t).map_err(|e| bad(format!("drain: {e}")))?,
-        None => Duration::from_secs(2),
-    };
+    let drain = duration_param("drain", &q.drain, Duration::from_secs(2))?;
     let info = inspect(&inner, &q.container).await?;
     let id = info.id.unwrap_or_default();
     inner.hold(&id).await;
@@ -556,6 +534,37 @@ async fn release(
             .map_err(|e| failed(e.into()))?;
     }
     Ok(Json(json!({ "released": q.container })))
+}
+
+/// How long a restored or migrated container gets to pass its health check.
+const HEALTH_GATE: Duration = Duration::from_secs(30);
+
+/// A duration query parameter ("2s", "500ms"), `default` when absent; 400 naming it.
+fn duration_param(
+    name: &str,
+    value: &Option<String>,
+    default: Duration,
+) -> Result<Duration, AppError> {
+    match value {
+        Some(t) => humantime::parse_duration(t).map_err(|e| bad(format!("{name}: {e}"))),
+        None => Ok(default),
+    }
+}
+
+/// Waits for a started container that registers itself to pass (a zero `gate` or an
+/// unregistered container passes at once). Returns how long it took, or what failed.
+async fn health_gate(inner: &Inner, id: &str, gate: Duration) -> anyhow::Result<Option<u64>> {
+    if gate.is_zero() || !inner.registers(id).await {
+        return Ok(None);
+    }
+    let t0 = std::time::Instant::now();
+    if !inner.wait_passing(id, gate).await {
+        anyhow::bail!(
+            "did not pass its health check within {}",
+            humantime::format_duration(gate)
+        );
+    }
+    Ok(Some(t0.elapsed().as_millis() as u64))
 }
 
 /// A container by name or id, or 404 naming it.

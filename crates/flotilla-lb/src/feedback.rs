@@ -359,11 +359,24 @@ mod tests {
         periods: usize,
         t: &mut Instant,
     ) -> Vec<HashMap<SocketAddr, f64>> {
+        run_observed(c, caps, rate, periods, t, |_, _| {})
+    }
+
+    /// [`run`] with `adjust` applied to each period's observations before the step.
+    fn run_observed(
+        c: &mut Controller,
+        caps: &[f64],
+        rate: f64,
+        periods: usize,
+        t: &mut Instant,
+        adjust: impl Fn(&mut HashMap<SocketAddr, Observation>, Instant),
+    ) -> Vec<HashMap<SocketAddr, f64>> {
         let mut history = Vec::new();
         let mut weights = c.weights();
         for _ in 0..periods {
             *t += Duration::from_secs(1);
-            let obs = observe(caps, &weights, rate);
+            let mut obs = observe(caps, &weights, rate);
+            adjust(&mut obs, *t);
             if let Some(w) = c.step(*t, &obs) {
                 weights = w;
             }
@@ -410,11 +423,7 @@ mod tests {
         periods: usize,
         t: &mut Instant,
     ) -> Vec<HashMap<SocketAddr, f64>> {
-        let mut history = Vec::new();
-        let mut weights = c.weights();
-        for _ in 0..periods {
-            *t += Duration::from_secs(1);
-            let mut obs = observe(caps, &weights, rate);
+        run_observed(c, caps, rate, periods, t, |obs, now| {
             for (i, cap) in caps.iter().enumerate() {
                 let o = obs.get_mut(&addr(i)).unwrap();
                 let utilisation = (o.requests as f64 / cap).min(1.0);
@@ -422,15 +431,10 @@ mod tests {
                 o.report = Some(LoadReport {
                     cpu: utilisation,
                     memory: 0.1,
-                    at: *t,
+                    at: now,
                 });
             }
-            if let Some(w) = c.step(*t, &obs) {
-                weights = w;
-            }
-            history.push(weights.clone());
-        }
-        history
+        })
     }
 
     #[test]

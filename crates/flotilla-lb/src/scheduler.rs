@@ -95,71 +95,73 @@ impl Feedback {
     }
 }
 
+/// What `Feedback::pick` learned about one eligible backend.
+struct Seen {
+    index: usize,
+    weight: i64,
+    credit: i64,
+    over_share: bool,
+    slow: bool,
+}
+
 impl Scheduler for Feedback {
     fn pick(&self, backends: &[Arc<Backend>], ctx: &PickContext) -> Option<usize> {
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut total_weight = 0i64;
-        let mut total_in_flight = 0u64;
-        for (i, b) in backends.iter().enumerate() {
-            if ctx.eligible(backends, i) {
-                total_weight += Self::weight(b, ctx.now);
-                total_in_flight += b.in_flight();
-            }
-        }
-        // Recently much slower than the fastest: passed over until that fades (a CFS
-        // throttle, a neighbour burning the CPU) — the reaction within requests that the
-        // per-period weights cannot have.
-        let recent: Vec<f64> = backends
-            .iter()
-            .map(|b| b.recent_latency_ns(ctx.now, SLOW_FADE))
-            .collect();
-        let fastest = (0..backends.len())
+        // (index, weight, in flight, recent latency) of every eligible backend.
+        let eligible: Vec<(usize, i64, u64, f64)> = (0..backends.len())
             .filter(|&i| ctx.eligible(backends, i))
-            .map(|i| recent[i])
-            .fold(f64::INFINITY, f64::min);
-        let slow =
-            |i: usize| recent[i] > fastest * SLOW_FACTOR && recent[i] > fastest + SLOW_MARGIN_NS;
-        // Over its share: in_flight / total_in_flight > weight / total_weight. Some
-        // backend is always at or under its share (the shares sum to the total), so the
-        // guard never leaves nothing to pick.
-        let over_share = |b: &Backend, w: i64| {
-            b.in_flight() as i128 * total_weight as i128 > total_in_flight as i128 * w as i128
-        };
-        // Every eligible backend earns its weight; credit is capped at one round so a
-        // backend passed over for long does not come back with a burst.
-        let mut seen = Vec::with_capacity(backends.len());
-        for (i, b) in backends.iter().enumerate() {
-            if !ctx.eligible(backends, i) {
-                continue;
-            }
-            let w = Self::weight(b, ctx.now);
-            let credit = b
-                .swrr_credit
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
-                    Some((c + w).min(total_weight))
-                })
-                .map(|c| (c + w).min(total_weight))
-                .unwrap_or(0);
-            seen.push((i, w, credit, over_share(b, w), slow(i)));
-        }
+            .map(|i| {
+                let b = &backends[i];
+                let recent = b.recent_latency_ns(ctx.now, SLOW_FADE);
+                (i, Self::weight(b, ctx.now), b.in_flight(), recent)
+            })
+            .collect();
+        let total_weight: i64 = eligible.iter().map(|e| e.1).sum();
+        let total_in_flight: u64 = eligible.iter().map(|e| e.2).sum();
+        let fastest = eligible.iter().map(|e| e.3).fold(f64::INFINITY, f64::min);
+        let seen: Vec<Seen> = eligible
+            .iter()
+            .map(|&(index, weight, in_flight, recent)| {
+                // Every eligible backend earns its weight; credit is capped at one round
+                // so a backend passed over for long does not come back with a burst.
+                let earn = |c: i64| (c + weight).min(total_weight);
+                let credit = backends[index]
+                    .swrr_credit
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some(earn(c)))
+                    .map(earn)
+                    .unwrap_or(0);
+                Seen {
+                    index,
+                    weight,
+                    credit,
+                    // in_flight / total_in_flight > weight / total_weight. Some backend
+                    // is always at or under its share (the shares sum to the total).
+                    over_share: in_flight as i128 * total_weight as i128
+                        > total_in_flight as i128 * weight as i128,
+                    // Recently much slower than the fastest (a CFS throttle, a neighbour
+                    // burning the CPU): the reaction within requests that per-period
+                    // weights cannot have; it fades when no slow answer follows.
+                    slow: recent > fastest * SLOW_FACTOR && recent > fastest + SLOW_MARGIN_NS,
+                }
+            })
+            .collect();
         // Candidates: neither over their share nor slow; else not over their share
         // (never empty, see above); else anyone eligible.
-        let tiers: [&dyn Fn(bool, bool) -> bool; 3] =
-            [&|over, slow| !over && !slow, &|over, _| !over, &|_, _| true];
-        let candidates = tiers
-            .iter()
-            .map(|keep| seen.iter().filter(|s| keep(s.3, s.4)).collect::<Vec<_>>())
-            .find(|c| !c.is_empty())?;
+        let candidate = |s: &Seen, tier: u8| match tier {
+            0 => !s.over_share && !s.slow,
+            1 => !s.over_share,
+            _ => true,
+        };
+        let tier = (0..3).find(|&t| seen.iter().any(|s| candidate(s, t)))?;
+        let candidates = || seen.iter().filter(move |s| candidate(s, tier));
         // What the candidates earned this pick is charged to the one chosen: credit
         // among candidates sums to zero as in plain smooth WRR, so none drifts away.
-        let earned: i64 = candidates.iter().map(|s| s.1).sum();
-        let &&(i, ..) = candidates
-            .iter()
-            .max_by_key(|s| (s.2, std::cmp::Reverse(s.0)))?;
-        backends[i]
+        let earned: i64 = candidates().map(|s| s.weight).sum();
+        let chosen = candidates().max_by_key(|s| (s.credit, std::cmp::Reverse(s.index)))?;
+        backends[chosen.index]
             .swrr_credit
             .fetch_sub(earned.max(1), Ordering::Relaxed);
-        Some(i)
+        Some(chosen.index)
     }
     fn name(&self) -> &'static str {
         "feedback"

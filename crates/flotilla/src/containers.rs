@@ -870,7 +870,7 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
             let upload = match &precopy {
                 Some(p) => dst
                     .req(reqwest::Method::POST, "/v1/restore/apply")
-                    .query(&[("container", p.copy.as_str()), ("start", "true")]),
+                    .query(&[("container", p.copy.as_str())]),
                 None => dst
                     .req(reqwest::Method::POST, "/v1/restore")
                     .query(&[("start", "true"), ("keep_stack", "true")]),
