@@ -7,8 +7,10 @@
 
 pub mod admin;
 pub mod backend;
+pub mod batch;
 pub mod config;
 pub mod discovery;
+pub mod drain;
 pub mod feedback;
 pub mod http;
 pub mod listener;
@@ -19,5 +21,6 @@ pub mod splice;
 pub mod tcp;
 pub mod tls;
 pub mod upstream;
+pub mod workers;
 
 pub use run::{start, RunningLb};

@@ -19,7 +19,7 @@ const READ_BUFFER: usize = 8 * 1024;
 #[derive(Debug)]
 pub struct Conn {
     /// The socket.
-    pub(crate) io: TcpStream,
+    pub(crate) io: crate::batch::BatchedStream,
     /// Bytes read from the backend that are not consumed yet.
     pub(crate) buf: BytesMut,
     /// Scratch space for encoding a request head; kept to avoid an allocation per request.
@@ -32,7 +32,7 @@ pub struct Conn {
 impl Conn {
     fn new(io: TcpStream) -> Self {
         Conn {
-            io,
+            io: crate::batch::BatchedStream::new(io),
             buf: BytesMut::with_capacity(READ_BUFFER),
             head: Vec::with_capacity(512),
             reused: false,
@@ -42,7 +42,7 @@ impl Conn {
     /// True if the backend has not closed this idle connection (costs one syscall).
     pub(crate) fn still_open(&self) -> bool {
         let mut probe = [0u8; 1];
-        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        matches!(self.io.stream().try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
 

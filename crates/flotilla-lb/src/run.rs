@@ -24,6 +24,7 @@ pub struct RunningLb {
     resolvers: Arc<Vec<Arc<Resolver>>>,
     /// The VRRP router, if `[ha]` is configured; dropping the lb hands over gracefully.
     pub ha: Option<Arc<flotilla_ha::router::Router>>,
+    workers: Arc<crate::workers::Workers>,
 }
 
 impl Drop for RunningLb {
@@ -34,6 +35,7 @@ impl Drop for RunningLb {
         for t in &self.tasks {
             t.abort();
         }
+        self.workers.stop();
     }
 }
 
@@ -45,6 +47,11 @@ impl RunningLb {
             let _ = tokio::task::spawn_blocking(move || ha.shutdown()).await;
         }
         drop(self);
+    }
+
+    /// Number of threads serving client connections.
+    pub fn worker_threads(&self) -> usize {
+        self.workers.threads()
     }
 
     /// Re-reads every TLS listener's certificates (what SIGHUP does). A listener whose
@@ -121,6 +128,9 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
             .map(Listener::new)
             .collect(),
     );
+    let workers = Arc::new(crate::workers::Workers::start(
+        config.runtime.worker_threads,
+    )?);
     let mut tasks = Vec::new();
     let mut addrs = Vec::new();
     for ((socket, listener), tls) in sockets.into_iter().zip(listeners.iter().cloned()).zip(tls) {
@@ -143,6 +153,7 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
             socket,
             listener,
             tls.map(|(a, _)| a),
+            workers.clone(),
         )));
     }
     let ha = match &config.ha {
@@ -193,6 +204,7 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
         tasks,
         resolvers,
         ha,
+        workers,
     })
 }
 
@@ -260,54 +272,17 @@ async fn accept_loop(
     socket: tokio::net::TcpListener,
     listener: Arc<Listener>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    workers: Arc<crate::workers::Workers>,
 ) {
     loop {
         match socket.accept().await {
             Ok((stream, peer)) => {
-                let listener = listener.clone();
                 let _ = stream.set_nodelay(true);
-                match (listener.cfg.protocol, tls.clone()) {
-                    (Protocol::Http, None) => tokio::spawn(async move {
-                        // Until its first byte an idle connection holds only this small
-                        // future; the HTTP server's state (~2 KB) is boxed when needed.
-                        // Ten thousand idle clients cost ~20 MB less this way.
-                        let idle = listener.cfg.idle_timeout;
-                        // `peek`, not `readable`: a fresh socket reads as ready at once.
-                        let mut first = [0u8; 1];
-                        match tokio::time::timeout(idle, stream.peek(&mut first)).await {
-                            Ok(Ok(1..)) => {
-                                Box::pin(crate::http::serve_connection(
-                                    listener, stream, peer, false,
-                                ))
-                                .await
-                            }
-                            Ok(Ok(0)) => {}
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "client connection failed")
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "client sent nothing within the idle timeout")
-                            }
-                        }
-                    }),
-                    (Protocol::Http, Some(acceptor)) => tokio::spawn(async move {
-                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(tls_stream)) => {
-                                crate::http::serve_connection(listener, tls_stream, peer, true)
-                                    .await
-                            }
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed")
-                            }
-                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                        }
-                    }),
-                    (Protocol::Tcp, _) => {
-                        tokio::spawn(crate::tcp::serve_connection(listener, stream, peer))
-                    }
-                };
+                let listener = listener.clone();
+                let tls = tls.clone();
+                workers.serve(stream, move |stream| {
+                    serve_accepted(listener, stream, peer, tls)
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -315,6 +290,54 @@ async fn accept_loop(
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// Serves one accepted connection on whichever worker thread it was given to.
+async fn serve_accepted(
+    listener: Arc<Listener>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    match (listener.cfg.protocol, tls) {
+        (Protocol::Http, None) => {
+            // Until its first byte an idle connection holds only this small future; the
+            // HTTP server's state (~2 KB) is boxed when needed. Ten thousand idle
+            // clients cost ~20 MB less this way.
+            let idle = listener.cfg.idle_timeout;
+            // `peek`, not `readable`: a fresh socket reads as ready at once.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(idle, stream.peek(&mut first)).await {
+                Ok(Ok(1..)) => {
+                    Box::pin(crate::http::serve_connection(
+                        listener,
+                        crate::batch::BatchedStream::new(stream),
+                        peer,
+                        false,
+                    ))
+                    .await
+                }
+                Ok(Ok(0)) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "client connection failed"),
+                Err(_) => tracing::debug!(%peer, "client sent nothing within the idle timeout"),
+            }
+        }
+        // Boxed: the future of this function is as large as its largest branch, and an
+        // idle HTTP connection should not carry a TLS handshake's or a relay's state.
+        (Protocol::Http, Some(acceptor)) => {
+            Box::pin(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                    Ok(Ok(tls_stream)) => {
+                        crate::http::serve_connection(listener, tls_stream, peer, true).await
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            })
+            .await
+        }
+        (Protocol::Tcp, _) => Box::pin(crate::tcp::serve_connection(listener, stream, peer)).await,
     }
 }
 

@@ -11,7 +11,6 @@
 //! `Transfer-Encoding: chunked` (decoded here, re-framed by the server side);
 //! `Content-Length`; otherwise the body runs to the end of the connection.
 
-use std::io::ErrorKind;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -191,13 +190,15 @@ fn poll_fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<std::io::Result<usiz
     if conn.buf.capacity() - conn.buf.len() < 1024 {
         conn.buf.reserve(16 * 1024);
     }
-    loop {
-        ready!(conn.io.poll_read_ready(cx))?;
-        match conn.io.try_read_buf(&mut conn.buf) {
-            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-            other => return Poll::Ready(other),
-        }
-    }
+    let filled = conn.buf.len();
+    let n = ready!(crate::drain::poll_recv(
+        conn.io.stream(),
+        cx,
+        conn.buf.spare_capacity_mut()
+    ))?;
+    // SAFETY: the kernel initialised the `n` bytes after the filled part.
+    unsafe { conn.buf.set_len(filled + n) };
+    Poll::Ready(Ok(n))
 }
 
 async fn fill(conn: &mut Conn) -> std::io::Result<usize> {

@@ -588,3 +588,59 @@ async fn idle_clients_are_closed_after_the_idle_timeout() {
     );
     assert!(!String::from_utf8_lossy(&got).contains("200 OK"));
 }
+
+/// Thread per core: on a single-threaded runtime (as `flotilla lb` runs) the lb starts a
+/// runtime per extra worker thread and deals connections out to them in turn.
+#[tokio::test(flavor = "current_thread")]
+async fn connections_are_served_on_every_worker_thread_and_stop_with_the_lb() {
+    let a = Running::start("a", |_| {}).unwrap();
+    let text = format!(
+        "[runtime]\nworker_threads = 3\n[admin]\nlisten = \"\"\n[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\nbackends = [\"{}\"]\n",
+        a.addr
+    );
+    let config: LbConfig =
+        flotilla_core::config::parse_toml(std::path::Path::new("test.toml"), &text).unwrap();
+    config.validate().unwrap();
+    let running = flotilla_lb::start(config).await.unwrap();
+    assert_eq!(running.worker_threads(), 3);
+    let addr = running.addrs[0];
+    // Six keep-alive connections: two on each thread, each carrying ten requests.
+    let mut conns = Vec::new();
+    for _ in 0..6 {
+        conns.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    for conn in conns.iter_mut() {
+        for _ in 0..10 {
+            conn.write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+                .await
+                .unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                assert_eq!(conn.read(&mut byte).await.unwrap(), 1, "connection closed");
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8(head).unwrap();
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .expect("content-length")
+                .trim()
+                .parse()
+                .unwrap();
+            let mut body = vec![0u8; len];
+            conn.read_exact(&mut body).await.unwrap();
+            assert_eq!(body, b"a\n");
+        }
+    }
+    // Stopping the lb closes the connections held by every thread, the extra ones too.
+    drop(running);
+    for conn in conns.iter_mut() {
+        let mut byte = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut byte))
+            .await
+            .expect("a connection outlived the lb");
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    }
+}

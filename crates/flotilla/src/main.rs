@@ -33,14 +33,9 @@ fn main() -> ExitCode {
     if let cli::Command::Lb(args) = &cli.command {
         // The lb's config decides the runtime's size, so it is read (and checked) first.
         match flotilla_lb::config::LbConfig::load(&args.config) {
-            Ok(c) => match c.runtime.worker_threads {
-                // One thread: the single-threaded scheduler, without work-stealing costs.
-                Some(1) => builder = tokio::runtime::Builder::new_current_thread(),
-                Some(n) => {
-                    builder.worker_threads(n);
-                }
-                None => {}
-            },
+            // Thread per core: this thread's single-threaded runtime is the first
+            // worker and the lb starts the others (`flotilla_lb::workers`).
+            Ok(_) => builder = tokio::runtime::Builder::new_current_thread(),
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(EXIT_USAGE);
