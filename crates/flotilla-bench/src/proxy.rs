@@ -2,7 +2,14 @@
 //! backends, same thread counts, driven alternately by wrk in one run.
 //!
 //! - HTTP keep-alive: wrk -c64 against each proxy in front of two Nginx backends;
-//!   requests/s, p50/p99 latency, proxy CPU seconds per request.
+//!   requests/s, p50/p99 latency, proxy CPU seconds per request. Each cell is the median
+//!   of `--rounds` runs (order rotated every round), with the spread. Configurations:
+//!   1 thread and the core count sharing every core with wrk and the backends, and
+//!   1 thread pinned — the proxy alone on the last core, wrk and the backends on the
+//!   others — which takes the scheduler's placement out of the figure.
+//! - Every proxy does the same header work by default: `X-Forwarded-For`,
+//!   `X-Forwarded-Proto` and `Via` both ways (flotilla always does; `--bare-anchors`
+//!   runs HAProxy and Nginx without it).
 //! - TCP bulk: one client streams bytes through each proxy (flotilla `tcp`, HAProxy
 //!   `mode tcp`) to a sink; MB/s.
 //! - Idle connections: RSS of flotilla lb holding N idle client connections.
@@ -28,8 +35,8 @@ pub struct Args {
     /// wrk connections.
     #[arg(long, default_value_t = 64)]
     connections: u32,
-    /// Rounds (each round runs every proxy once per thread count; the best round counts).
-    #[arg(long, default_value_t = 2)]
+    /// Rounds (each round runs every proxy once per configuration; medians are reported).
+    #[arg(long, default_value_t = 3)]
     rounds: u32,
     /// MiB streamed per TCP bulk run.
     #[arg(long, default_value_t = 2048)]
@@ -40,6 +47,9 @@ pub struct Args {
     /// Shorter run.
     #[arg(long)]
     quick: bool,
+    /// HAProxy and Nginx without the forwarding headers flotilla adds.
+    #[arg(long)]
+    bare_anchors: bool,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -86,11 +96,71 @@ fn rss_mb(pid: u32) -> f64 {
 struct HttpResult {
     proxy: String,
     threads: usize,
+    /// Proxy alone on one core, wrk and the backends on the others.
+    pinned: bool,
+    /// Medians over the rounds.
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    cpu_us_per_req: f64,
+    /// Errors over all rounds.
+    errors: u64,
+    /// Every round's requests/s.
+    rps_runs: Vec<f64>,
+}
+
+/// One wrk run against one proxy.
+struct HttpRun {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
     cpu_us_per_req: f64,
     errors: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Sets the CPU affinity of every thread of every process in process group `pgid`.
+fn pin_group(pgid: u32, cpus: &[usize]) {
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in procs.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        // Field 5 of /proc/PID/stat is the process group; the name before it may hold spaces.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let group = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse::<u32>().ok());
+        if group != Some(pgid) {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            if let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>() {
+                unsafe {
+                    libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+                };
+            }
+        }
+    }
 }
 
 fn parse_ms(s: &str) -> f64 {
@@ -107,8 +177,22 @@ fn parse_ms(s: &str) -> f64 {
     num.parse::<f64>().unwrap_or(f64::NAN) * mult
 }
 
-fn wrk(url: &str, seconds: u64, connections: u32) -> anyhow::Result<(f64, f64, f64, u64)> {
-    let out = Command::new("wrk")
+fn wrk(
+    url: &str,
+    seconds: u64,
+    connections: u32,
+    cpus: Option<&[usize]>,
+) -> anyhow::Result<(f64, f64, f64, u64)> {
+    let mut cmd = match cpus {
+        Some(cpus) => {
+            let list: Vec<String> = cpus.iter().map(|c| c.to_string()).collect();
+            let mut c = Command::new("taskset");
+            c.args(["-c", &list.join(","), "wrk"]);
+            c
+        }
+        None => Command::new("wrk"),
+    };
+    let out = cmd
         .args([
             "-t",
             "1",
@@ -159,6 +243,7 @@ fn start_proxy(
     port: u16,
     backends: &[u16],
     tcp: bool,
+    same_headers: bool,
 ) -> anyhow::Result<Proc> {
     let proc = match kind {
         "flotilla" => {
@@ -192,8 +277,14 @@ fn start_proxy(
             } else {
                 "    http-reuse always\n    option http-keep-alive\n"
             };
+            // The forwarding headers flotilla adds to every request and response.
+            let headers = if same_headers && !tcp {
+                "    option forwardfor\n    http-request set-header X-Forwarded-Proto http\n    http-request add-header Via \"1.1 haproxy\"\n    http-response add-header Via \"1.1 haproxy\"\n"
+            } else {
+                ""
+            };
             let cfg = format!(
-                "global\n    nbthread {threads}\n    maxconn 9500\ndefaults\n    mode {mode}\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n{reuse}\nfrontend f\n    bind 127.0.0.1:{port}\n    default_backend b\nbackend b\n    balance roundrobin\n{servers}"
+                "global\n    nbthread {threads}\n    maxconn 9500\ndefaults\n    mode {mode}\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n{reuse}\nfrontend f\n    bind 127.0.0.1:{port}\n{headers}    default_backend b\nbackend b\n    balance roundrobin\n{servers}"
             );
             let path = write(dir, &format!("haproxy-{port}.cfg"), &cfg)?;
             spawn(
@@ -206,8 +297,13 @@ fn start_proxy(
                 .iter()
                 .map(|p| format!("    server 127.0.0.1:{p};\n"))
                 .collect();
+            let headers = if same_headers {
+                "      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n      proxy_set_header X-Forwarded-Proto $scheme;\n      proxy_set_header Via \"1.1 nginx\";\n      add_header Via \"1.1 nginx\";\n"
+            } else {
+                ""
+            };
             let cfg = format!(
-                "worker_processes {threads};\ndaemon off;\npid {dir}/nginx-{port}.pid;\nerror_log /dev/null crit;\nevents {{ worker_connections 20000; }}\nhttp {{\n  access_log off;\n  upstream b {{\n{servers}    keepalive 128;\n  }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://b;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+                "worker_processes {threads};\ndaemon off;\npid {dir}/nginx-{port}.pid;\nerror_log /dev/null crit;\nevents {{ worker_connections 20000; }}\nhttp {{\n  access_log off;\n  upstream b {{\n{servers}    keepalive 128;\n  }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://b;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n{headers}    }}\n  }}\n}}\n",
                 dir = dir.display()
             );
             let path = write(dir, &format!("nginx-{port}.conf"), &cfg)?;
@@ -323,61 +419,109 @@ fn run_blocking(args: Args) -> anyhow::Result<()> {
         .unwrap_or(1);
     let backend_ports = [free_port(), free_port()];
     let _backends = nginx_backends(dir.path(), &backend_ports)?;
-    let mut thread_counts = vec![1];
+    // (threads, pinned): sharing the cores with wrk and the backends, then 1 thread alone
+    // on the last core with everything else on the others.
+    let mut configs = vec![(1, false)];
     if cores > 1 {
-        thread_counts.push(cores);
+        configs.push((cores, false));
+        configs.push((1, true));
     }
+    let proxy_cpu = [cores - 1];
+    let other_cpus: Vec<usize> = (0..cores.saturating_sub(1)).collect();
+    let all_cpus: Vec<usize> = (0..cores).collect();
+    let backends_group = _backends.child.id();
     let proxies = ["flotilla", "haproxy", "nginx"];
-    let mut best: Vec<HttpResult> = Vec::new();
-    for round in 0..args.rounds {
-        for &threads in &thread_counts {
-            for kind in proxies {
+    let mut runs: Vec<((&str, usize, bool), HttpRun)> = Vec::new();
+    for round in 0..args.rounds as usize {
+        for &(threads, pinned) in &configs {
+            pin_group(backends_group, if pinned { &other_cpus } else { &all_cpus });
+            let wrk_cpus = pinned.then_some(other_cpus.as_slice());
+            // Rotated each round, so no proxy always runs first or last.
+            for i in 0..proxies.len() {
+                let kind = proxies[(i + round) % proxies.len()];
                 let port = free_port();
-                let p = start_proxy(kind, dir.path(), threads, port, &backend_ports, false)?;
-                let url = format!("http://127.0.0.1:{port}/");
-                wrk(&url, 1, args.connections)?; // warm-up: connections, pools, caches
-                let cpu0 = cpu_seconds(p.child.id());
-                let (rps, p50, p99, errors) = wrk(&url, args.seconds, args.connections)?;
-                let cpu = cpu_seconds(p.child.id()) - cpu0;
-                let r = HttpResult {
-                    proxy: kind.to_owned(),
+                let p = start_proxy(
+                    kind,
+                    dir.path(),
                     threads,
+                    port,
+                    &backend_ports,
+                    false,
+                    !args.bare_anchors,
+                )?;
+                if pinned {
+                    pin_group(p.child.id(), &proxy_cpu);
+                }
+                let url = format!("http://127.0.0.1:{port}/");
+                wrk(&url, 1, args.connections, wrk_cpus)?; // warm-up: connections, pools
+                let cpu0 = cpu_seconds(p.child.id());
+                let (rps, p50, p99, errors) = wrk(&url, args.seconds, args.connections, wrk_cpus)?;
+                let cpu = cpu_seconds(p.child.id()) - cpu0;
+                let r = HttpRun {
                     rps,
                     p50_ms: p50,
                     p99_ms: p99,
                     cpu_us_per_req: cpu * 1e6 / (rps * args.seconds as f64),
                     errors,
                 };
-                eprintln!("round {round} {kind} threads={threads}: {rps:.0} req/s p50 {p50:.2} ms p99 {p99:.2} ms cpu {:.1} µs/req", r.cpu_us_per_req);
-                match best
-                    .iter_mut()
-                    .find(|b| b.proxy == kind && b.threads == threads)
-                {
-                    Some(b) if b.rps >= rps => {}
-                    Some(b) => *b = r,
-                    None => best.push(r),
-                }
+                eprintln!("round {round} {kind} threads={threads}{}: {rps:.0} req/s p50 {p50:.2} ms p99 {p99:.2} ms cpu {:.1} µs/req", if pinned { " pinned" } else { "" }, r.cpu_us_per_req);
+                runs.push(((kind, threads, pinned), r));
             }
         }
     }
+    pin_group(backends_group, &all_cpus);
+    let mut best: Vec<HttpResult> = Vec::new();
+    for &(threads, pinned) in &configs {
+        for kind in proxies {
+            let mine: Vec<&HttpRun> = runs
+                .iter()
+                .filter(|(k, _)| *k == (kind, threads, pinned))
+                .map(|(_, r)| r)
+                .collect();
+            let of = |f: fn(&HttpRun) -> f64| median(mine.iter().map(|r| f(r)).collect());
+            best.push(HttpResult {
+                proxy: kind.to_owned(),
+                threads,
+                pinned,
+                rps: of(|r| r.rps),
+                p50_ms: of(|r| r.p50_ms),
+                p99_ms: of(|r| r.p99_ms),
+                cpu_us_per_req: of(|r| r.cpu_us_per_req),
+                errors: mine.iter().map(|r| r.errors).sum(),
+                rps_runs: mine.iter().map(|r| r.rps).collect(),
+            });
+        }
+    }
     println!(
-        "\n### HTTP keep-alive, wrk -t1 -c{} -d{}s, two Nginx backends (best of {} rounds)\n",
-        args.connections, args.seconds, args.rounds
+        "\n### HTTP keep-alive, wrk -t1 -c{} -d{}s, two Nginx backends (median of {} rounds; anchors {})\n",
+        args.connections,
+        args.seconds,
+        args.rounds,
+        if args.bare_anchors {
+            "without forwarding headers"
+        } else {
+            "adding X-Forwarded-For/-Proto and Via as flotilla does"
+        }
     );
-    println!("| proxy | threads | req/s | p50 ms | p99 ms | CPU µs/req | errors | req/s vs HAProxy | req/s vs Nginx |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| proxy | threads | req/s (median) | req/s min–max | p50 ms | p99 ms | CPU µs/req | errors | req/s vs HAProxy | req/s vs Nginx |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &best {
         let of = |k: &str| {
             best.iter()
-                .find(|b| b.proxy == k && b.threads == r.threads)
+                .find(|b| b.proxy == k && b.threads == r.threads && b.pinned == r.pinned)
                 .map(|b| r.rps / b.rps)
                 .unwrap_or(f64::NAN)
         };
+        let lo = r.rps_runs.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = r.rps_runs.iter().cloned().fold(0.0, f64::max);
         println!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {:.2}× | {:.2}× |",
+            "| {} | {}{} | {:.0} | {:.0}–{:.0} | {:.2} | {:.2} | {:.1} | {} | {:.2}× | {:.2}× |",
             r.proxy,
             r.threads,
+            if r.pinned { " pinned" } else { "" },
             r.rps,
+            lo,
+            hi,
             r.p50_ms,
             r.p99_ms,
             r.cpu_us_per_req,
@@ -392,7 +536,7 @@ fn run_blocking(args: Args) -> anyhow::Result<()> {
     let mut bulk_rows = Vec::new();
     for kind in ["flotilla", "haproxy"] {
         let port = free_port();
-        let p = start_proxy(kind, dir.path(), 1, port, &[sink_port], true)?;
+        let p = start_proxy(kind, dir.path(), 1, port, &[sink_port], true, false)?;
         let cpu0 = cpu_seconds(p.child.id());
         let mut rates = Vec::new();
         for _ in 0..args.rounds.max(1) {
@@ -422,7 +566,15 @@ fn run_blocking(args: Args) -> anyhow::Result<()> {
 
     // Idle connections.
     let port = free_port();
-    let p = start_proxy("flotilla", dir.path(), 1, port, &backend_ports, false)?;
+    let p = start_proxy(
+        "flotilla",
+        dir.path(),
+        1,
+        port,
+        &backend_ports,
+        false,
+        false,
+    )?;
     let base = rss_mb(p.child.id());
     let mut conns = Vec::with_capacity(args.idle);
     for _ in 0..args.idle {
@@ -434,7 +586,15 @@ fn run_blocking(args: Args) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     let held = rss_mb(p.child.id());
     let hp_port = free_port();
-    let hp = start_proxy("haproxy", dir.path(), 1, hp_port, &backend_ports, false)?;
+    let hp = start_proxy(
+        "haproxy",
+        dir.path(),
+        1,
+        hp_port,
+        &backend_ports,
+        false,
+        false,
+    )?;
     let hp_base = rss_mb(hp.child.id());
     // HAProxy needs 2 fds per connection for maxconn and the hard fd limit here is
     // 20,000, so its row holds at most 9,000.

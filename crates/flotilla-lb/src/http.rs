@@ -123,9 +123,16 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let idle = listener.cfg.idle_timeout;
+    // The client's address as a header value, made once per connection, not per request.
+    let ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header");
     let svc = hyper::service::service_fn(move |req| {
         let listener = listener.clone();
-        async move { Ok::<_, std::convert::Infallible>(proxy(listener, peer, tls, req).await) }
+        let client = Client {
+            addr: peer,
+            ip: ip.clone(),
+            tls,
+        };
+        async move { Ok::<_, std::convert::Infallible>(proxy(listener, client, req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // Flattened writes: small responses go out in one plain write, not a writev.
@@ -148,13 +155,24 @@ where
     }
 }
 
+/// Who sent a request.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// Its IP, ready for `X-Forwarded-For`.
+    pub ip: HeaderValue,
+    /// Whether it came over TLS.
+    pub tls: bool,
+}
+
 /// Proxies one request.
 pub async fn proxy(
     listener: Arc<Listener>,
-    peer: SocketAddr,
-    tls: bool,
+    client: Client,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    let (peer, tls) = (client.addr, client.tls);
     let cfg = &listener.cfg;
     let upgrade = wants_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -186,13 +204,11 @@ pub async fn proxy(
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok())
     {
-        Some(prev) => format!("{prev}, {}", peer.ip()),
-        None => peer.ip().to_string(),
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", peer.ip()))
+            .expect("a valid header value and an IP are a valid header value"),
+        None => client.ip,
     };
-    parts.headers.insert(
-        "x-forwarded-for",
-        HeaderValue::from_str(&xff).expect("ip is a valid header"),
-    );
+    parts.headers.insert("x-forwarded-for", xff);
     parts.headers.insert(
         "x-forwarded-proto",
         HeaderValue::from_static(if tls { "https" } else { "http" }),

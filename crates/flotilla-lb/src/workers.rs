@@ -16,7 +16,7 @@ use anyhow::Context;
 use tokio::net::TcpStream;
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
+use tokio::task::JoinSet;
 
 /// The runtimes that serve client connections.
 #[derive(Debug)]
@@ -25,8 +25,9 @@ pub struct Workers {
     extra: Vec<Handle>,
     /// Dropping a sender stops its thread's runtime (and the connections on it).
     stops: Mutex<Vec<oneshot::Sender<()>>>,
-    /// Ends the connections served on worker 0, whose runtime outlives the lb.
-    stopped: CancellationToken,
+    /// The connections served on worker 0, whose runtime outlives the lb, so that
+    /// stopping can end them (finished ones are reaped as new ones arrive).
+    local: Mutex<JoinSet<()>>,
     next: AtomicUsize,
 }
 
@@ -62,7 +63,7 @@ impl Workers {
         Ok(Workers {
             extra,
             stops: Mutex::new(stops),
-            stopped: CancellationToken::new(),
+            local: Mutex::new(JoinSet::new()),
             next: AtomicUsize::new(0),
         })
     }
@@ -85,13 +86,9 @@ impl Workers {
             self.next.fetch_add(1, Ordering::Relaxed) % n
         };
         if at == 0 {
-            let stopped = self.stopped.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = serve(stream) => {}
-                    () = stopped.cancelled() => {}
-                }
-            });
+            let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+            while local.try_join_next().is_some() {}
+            local.spawn(serve(stream));
             return;
         }
         // The socket moves to the worker's reactor: out of this one, into that one.
@@ -112,7 +109,10 @@ impl Workers {
 
     /// Ends every connection and stops the extra threads.
     pub fn stop(&self) {
-        self.stopped.cancel();
+        self.local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .abort_all();
         self.stops.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
