@@ -11,6 +11,7 @@ mod proxy;
 mod registry;
 mod schedulers;
 mod soak;
+mod stats;
 
 use clap::{Parser, Subcommand};
 

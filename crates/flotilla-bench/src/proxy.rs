@@ -24,6 +24,7 @@ use anyhow::{bail, Context};
 use flotilla_testkit::{free_port, wait_for_port};
 
 use crate::procs::{flotilla_binary, spawn, Proc};
+use crate::stats::median;
 use serde::Serialize;
 
 /// Flags of the proxy benchmark.
@@ -116,15 +117,6 @@ struct HttpRun {
     p99_ms: f64,
     cpu_us_per_req: f64,
     errors: u64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// Sets the CPU affinity of every thread of every process in process group `pgid`.

@@ -81,13 +81,7 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
+use crate::stats::percentile;
 
 fn spec(service: usize, n: usize, stamp_us: u64) -> InstanceSpec {
     InstanceSpec {

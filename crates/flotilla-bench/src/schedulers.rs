@@ -41,6 +41,10 @@ pub struct Args {
     /// Run only this scheduler (repeatable; default: all).
     #[arg(long = "scheduler")]
     only_schedulers: Vec<String>,
+    /// Runs of every scheduler per scenario (order rotated each time); tables and plots
+    /// show the medians, and the table the spread of p99.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Run nothing: print the tables and draw the plots of an earlier `--json` file.
     #[arg(long, value_name = "JSON")]
     replot: Option<PathBuf>,
@@ -136,6 +140,9 @@ const SCHEDULERS: [&str; 8] = [
 struct RunResult {
     scenario: String,
     scheduler: String,
+    /// Which of the `--repeat` runs (0 in files from before repeats existed).
+    #[serde(default)]
+    repeat: usize,
     offered_rps: f64,
     throughput_rps: f64,
     success: f64,
@@ -146,12 +153,7 @@ struct RunResult {
     weights: Vec<(f64, String, f64)>,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
-}
+use crate::stats::{median, percentile};
 
 /// Open-loop load: request k is due at its intended time whatever happened before.
 async fn drive(
@@ -328,7 +330,14 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
             .iter()
             .map(|(c, _)| c * 1e6 / CPU_US as f64)
             .sum();
-        for &sched in &schedulers {
+        let order: Vec<(usize, &str)> = (0..args.repeat.max(1))
+            .flat_map(|rep| {
+                let n = schedulers.len();
+                (0..n).map(move |i| (rep, i))
+            })
+            .map(|(rep, i)| (rep, schedulers[(i + rep) % schedulers.len()]))
+            .collect();
+        for (repeat, sched) in order {
             let weights_log = Arc::new(Mutex::new(Vec::new()));
             let (lb_url, _keep): (String, Box<dyn std::any::Any + Send>) = if let Some(balance) =
                 sched.strip_prefix("haproxy-")
@@ -397,6 +406,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
             let r = RunResult {
                 scenario: sc.name.into(),
                 scheduler: sched.into(),
+                repeat,
                 offered_rps: offered,
                 throughput_rps: ok as f64 / elapsed,
                 success: ok as f64 / sent.max(1) as f64,
@@ -427,22 +437,30 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
 
 /// The Markdown tables, the JSON file and the plots of a finished (or loaded) run.
 fn report(args: &Args, selected: &[Scenario], all: &[RunResult]) -> anyhow::Result<()> {
-    println!("\n### Scheduler experiment ({} s per run, capacity from Docker CPU quotas at {} µs CPU per request)\n", args.seconds, CPU_US);
+    let summary = medians(all);
+    let repeats = all.iter().map(|r| r.repeat + 1).max().unwrap_or(1);
+    println!("\n### Scheduler experiment ({} s per run, capacity from Docker CPU quotas at {} µs CPU per request{})\n", args.seconds, CPU_US, if repeats > 1 { format!("; medians of {repeats} runs") } else { String::new() });
     for sc in selected {
-        println!("\n#### {}\n\n| scheduler | offered req/s | throughput req/s | success % | p50 ms | p99 ms | p99.9 ms |\n|---|---|---|---|---|---|---|", sc.name);
-        for r in all.iter().filter(|r| r.scenario == sc.name) {
+        println!("\n#### {}\n\n| scheduler | offered req/s | throughput req/s | success % | p50 ms | p99 ms | p99 of each run | p99.9 ms |\n|---|---|---|---|---|---|---|---|", sc.name);
+        for r in summary.iter().filter(|r| r.scenario == sc.name) {
+            let runs: Vec<String> = all
+                .iter()
+                .filter(|a| a.scenario == r.scenario && a.scheduler == r.scheduler)
+                .map(|a| format!("{:.1}", a.p99_ms))
+                .collect();
             println!(
-                "| {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                "| {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {:.1} |",
                 r.scheduler,
                 r.offered_rps,
                 r.throughput_rps,
                 r.success * 100.0,
                 r.p50_ms,
                 r.p99_ms,
+                runs.join(", "),
                 r.p999_ms
             );
         }
-        plot(&args.plots, sc.name, all)?;
+        plot(&args.plots, sc.name, &summary)?;
     }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(all)?)?;
@@ -452,6 +470,38 @@ fn report(args: &Args, selected: &[Scenario], all: &[RunResult]) -> anyhow::Resu
         args.plots.display()
     );
     Ok(())
+}
+
+/// One row per scenario and scheduler, in first-run order: the median of every figure
+/// over the repeats, with the first run's weights.
+fn medians(all: &[RunResult]) -> Vec<RunResult> {
+    let mut out: Vec<RunResult> = Vec::new();
+    for r in all {
+        if out
+            .iter()
+            .any(|o| o.scenario == r.scenario && o.scheduler == r.scheduler)
+        {
+            continue;
+        }
+        let same: Vec<&RunResult> = all
+            .iter()
+            .filter(|a| a.scenario == r.scenario && a.scheduler == r.scheduler)
+            .collect();
+        let of = |f: fn(&RunResult) -> f64| median(same.iter().map(|a| f(a)).collect());
+        out.push(RunResult {
+            scenario: r.scenario.clone(),
+            scheduler: r.scheduler.clone(),
+            repeat: 0,
+            offered_rps: of(|a| a.offered_rps),
+            throughput_rps: of(|a| a.throughput_rps),
+            success: of(|a| a.success),
+            p50_ms: of(|a| a.p50_ms),
+            p99_ms: of(|a| a.p99_ms),
+            p999_ms: of(|a| a.p999_ms),
+            weights: r.weights.clone(),
+        });
+    }
+    out
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

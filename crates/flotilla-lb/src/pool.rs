@@ -47,9 +47,21 @@ impl Conn {
 }
 
 /// Idle connections of one backend.
-#[derive(Default)]
+/// Idle connections per worker thread: a connection is registered with the reactor of
+/// the thread that opened it, so handing it to another thread would turn every one of
+/// its wake-ups into a cross-thread one. Shards are indexed by worker (modulo).
+const SHARDS: usize = 16;
+
 pub struct Pool {
-    idle: Mutex<Vec<Conn>>,
+    idle: [Mutex<Vec<Conn>>; SHARDS],
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            idle: std::array::from_fn(|_| Mutex::new(Vec::new())),
+        }
+    }
 }
 
 impl std::fmt::Debug for Pool {
@@ -72,7 +84,15 @@ pub enum ConnectError {
 impl Pool {
     /// Number of idle connections.
     pub fn idle(&self) -> usize {
-        self.idle.lock().map(|v| v.len()).unwrap_or(0)
+        self.idle
+            .iter()
+            .map(|s| s.lock().map(|v| v.len()).unwrap_or(0))
+            .sum()
+    }
+
+    /// This worker thread's idle connections.
+    fn shard(&self) -> &Mutex<Vec<Conn>> {
+        &self.idle[crate::workers::current() % SHARDS]
     }
 
     /// A connection: an idle one, or a new one within `timeout`. With `verify`, idle
@@ -84,7 +104,7 @@ impl Pool {
         verify: bool,
     ) -> Result<Conn, ConnectError> {
         loop {
-            let conn = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let conn = self.shard().lock().unwrap_or_else(|p| p.into_inner()).pop();
             match conn {
                 Some(c) if !verify || c.still_open() => return Ok(c),
                 Some(_) => continue,
@@ -101,7 +121,7 @@ impl Pool {
     /// Returns a connection whose last response ended cleanly.
     pub(crate) fn push(&self, mut conn: Conn) {
         conn.reused = true;
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.shard().lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push(conn);
         }

@@ -8,6 +8,7 @@
 //! send of that thread. The thread that called [`Workers::start`] is worker 0; accept
 //! loops, discovery, feedback and the admin listener stay on its runtime.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -17,6 +18,17 @@ use tokio::net::TcpStream;
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
+
+thread_local! {
+    /// Which worker this thread is (0: the thread that started the lb, or any thread
+    /// of a multi-threaded runtime).
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The worker running on this thread.
+pub fn current() -> usize {
+    WORKER.with(Cell::get)
+}
 
 /// The runtimes that serve client connections.
 #[derive(Debug)]
@@ -55,6 +67,7 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("lb-worker-{i}"))
                 .spawn(move || {
+                    WORKER.with(|w| w.set(i));
                     let _ = runtime.block_on(stopped);
                     // Dropping the runtime here cancels its connections' tasks.
                 })
