@@ -10,10 +10,9 @@
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::io::{Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 /// One `recv` into `buf` once `stream` is readable. A read shorter than `buf` clears the
@@ -46,10 +45,6 @@ pub fn poll_recv(
     }
 }
 
-/// A client connection whose reads go through [`poll_recv`]; writes are the stream's own.
-#[derive(Debug)]
-pub struct DrainingStream(pub TcpStream);
-
 /// [`poll_recv`] into the unfilled part of a tokio read buffer.
 pub fn poll_read_buf(
     stream: &TcpStream,
@@ -63,44 +58,4 @@ pub fn poll_read_buf(
     unsafe { buf.assume_init(n) };
     buf.advance(n);
     Poll::Ready(Ok(()))
-}
-
-impl AsyncRead for DrainingStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        poll_read_buf(&self.0, cx, buf)
-    }
-}
-
-impl AsyncWrite for DrainingStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
 }
