@@ -57,6 +57,27 @@ struct Out {
     waker: Option<Waker>,
 }
 
+impl Out {
+    /// Whether the connection may write now: the error if a send failed, pending while
+    /// a stalled send is under way (the connection is woken when it ends).
+    fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(kind) = self.error {
+            return Poll::Ready(Err(kind.into()));
+        }
+        if self.stalled {
+            self.waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Records a failed send: nothing more will go out on this connection.
+    fn fail(&mut self, e: &io::Error) {
+        self.error = Some(e.kind());
+        self.buf = Vec::new();
+    }
+}
+
 impl Shared {
     fn out(&self) -> MutexGuard<'_, Out> {
         self.out.lock().unwrap_or_else(|p| p.into_inner())
@@ -69,21 +90,24 @@ impl Shared {
         if out.buf.is_empty() || out.stalled {
             return;
         }
+        match self.send_once(&mut out) {
+            Ok(true) if out.buf.capacity() > KEEP_CAPACITY => out.buf = Vec::new(),
+            Ok(true) | Err(_) => {}
+            Ok(false) => self.stall(out),
+        }
+    }
+
+    /// One send of what is pending, without waiting: `true` if nothing is left.
+    fn send_once(&self, out: &mut Out) -> io::Result<bool> {
         match self.stream.try_write(&out.buf) {
-            Ok(n) if n == out.buf.len() => {
-                out.buf.clear();
-                if out.buf.capacity() > KEEP_CAPACITY {
-                    out.buf = Vec::new();
-                }
-            }
             Ok(n) => {
                 out.buf.drain(..n);
-                self.stall(out);
+                Ok(out.buf.is_empty())
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.stall(out),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
             Err(e) => {
-                out.error = Some(e.kind());
-                out.buf = Vec::new();
+                out.fail(&e);
+                Err(e)
             }
         }
     }
@@ -99,8 +123,7 @@ impl Shared {
                 return Poll::Pending;
             }
             if let Poll::Ready(Err(e)) = sent {
-                out.error = Some(e.kind());
-                out.buf = Vec::new();
+                out.fail(&e);
             }
             out.stalled = false;
             if let Some(w) = out.waker.take() {
@@ -119,33 +142,12 @@ impl Shared {
         mut out: MutexGuard<'_, Out>,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
-        if let Some(kind) = out.error {
-            return Poll::Ready(Err(kind.into()));
-        }
-        if !out.stalled {
-            if out.buf.is_empty() {
-                return Poll::Ready(Ok(()));
-            }
-            match self.stream.try_write(&out.buf) {
-                Ok(n) if n == out.buf.len() => {
-                    out.buf.clear();
-                    return Poll::Ready(Ok(()));
-                }
-                Ok(n) => {
-                    out.buf.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    out.error = Some(e.kind());
-                    out.buf = Vec::new();
-                    return Poll::Ready(Err(e));
-                }
-            }
-            out.waker = Some(cx.waker().clone());
-            self.stall(out);
-            return Poll::Pending;
+        ready!(out.poll_writable(cx))?;
+        if out.buf.is_empty() || self.send_once(&mut out)? {
+            return Poll::Ready(Ok(()));
         }
         out.waker = Some(cx.waker().clone());
+        self.stall(out);
         Poll::Pending
     }
 
@@ -276,13 +278,7 @@ impl AsyncWrite for BatchedStream {
     ) -> Poll<io::Result<usize>> {
         let shared = &self.shared;
         let mut out = shared.out();
-        if let Some(kind) = out.error {
-            return Poll::Ready(Err(kind.into()));
-        }
-        if out.stalled {
-            out.waker = Some(cx.waker().clone());
-            return Poll::Pending;
-        }
+        ready!(out.poll_writable(cx))?;
         if out.buf.len() + buf.len() <= DEFER_MAX {
             out.buf.extend_from_slice(buf);
             if !out.queued {
@@ -299,15 +295,7 @@ impl AsyncWrite for BatchedStream {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Pending bytes leave with this batch; only a stalled socket makes a writer wait.
-        let mut out = self.shared.out();
-        if let Some(kind) = out.error {
-            return Poll::Ready(Err(kind.into()));
-        }
-        if out.stalled {
-            out.waker = Some(cx.waker().clone());
-            return Poll::Pending;
-        }
-        Poll::Ready(Ok(()))
+        self.shared.out().poll_writable(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
