@@ -1011,19 +1011,18 @@ async fn replicas_move_between_engines_that_share_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
-    let written = reqwest::get(format!("{base}/cgi-bin/read"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let read = reqwest::get(format!("{base}/cgi-bin/read")).await.unwrap();
+    let status = read.status();
+    let written = read.text().await.unwrap();
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() > 50, "{}", acked.len());
     let lines: std::collections::HashSet<&str> = written.lines().collect();
     for n in &acked {
         assert!(
             lines.contains(format!("w{n}").as_str()),
-            "acknowledged write w{n} lost"
+            "acknowledged write w{n} lost (read answered {status}, {} lines, starting {:?})",
+            lines.len(),
+            written.chars().take(200).collect::<String>()
         );
     }
     println!(
