@@ -40,8 +40,12 @@ pub fn spawn(name: &str, cmd: &mut Command) -> anyhow::Result<Proc> {
     })
 }
 
-/// The `flotilla` binary built next to this benchmark binary.
+/// The `flotilla` binary built next to this benchmark binary, or `FLOTILLA_BIN` (to
+/// run this harness against another build, e.g. before and after a change).
 pub fn flotilla_binary() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("FLOTILLA_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
     let bin = std::env::current_exe()?
         .parent()
         .context("exe dir")?

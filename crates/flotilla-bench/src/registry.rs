@@ -4,6 +4,12 @@
 //! in its metadata; each watcher follows one service with blocking queries and, for
 //! every instance whose stamp moved, records now − stamp. The send time is the
 //! *scheduled* time of the change (open loop), so a slow server cannot hide its delay.
+//!
+//! `--sweep` runs each store at a series of rates on one server (registered once), finds
+//! the knee (the highest rate with watcher p99 ≤ 50 ms and every change applied), then
+//! runs at twice the knee to show back-pressure: writers get `503` + `Retry-After`, back
+//! off and send again; nothing is lost. Writers here pace their own retries (the same
+//! back-off as the client's) so that accepted and refused tries are counted apart.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -43,23 +49,47 @@ pub struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run every rate of --rates on each store, report the knee, then run at 2× the knee.
+    #[arg(long)]
+    sweep: bool,
+    /// Rates of the sweep (changes/s).
+    #[arg(long, value_delimiter = ',', default_value = "250,500,1000,2000,5000")]
+    rates: Vec<u64>,
+    /// Directory for the sweep's plot of p99 against rate (SVG and PNG).
+    #[arg(long)]
+    plots: Option<PathBuf>,
+    /// Watcher p99 (ms) a rate must stay within to count below the knee.
+    #[arg(long, default_value_t = 50.0)]
+    knee_p99_ms: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct Outcome {
     store: String,
+    /// "sweep", "2x knee", or "single".
+    phase: String,
     instances: usize,
     watchers: usize,
     rate: u64,
     seconds: f64,
     changes_sent: u64,
     changes_failed: u64,
+    /// Busy answers (503 + Retry-After) writers got and retried after a back-off.
+    busy_answers: u64,
+    /// Server CPU time (user + system) per applied change, ms.
+    server_cpu_ms_per_change: f64,
+    /// Store commits in the measured phase and writes per commit (from /metrics).
+    store_commits: f64,
+    writes_per_commit: f64,
     observed: usize,
     latency_ms_p50: f64,
     latency_ms_p99: f64,
     latency_ms_p999: f64,
     latency_ms_max: f64,
+    /// p99 of accepted writes: from sending the try that was accepted to its answer.
     write_ms_p99: f64,
+    /// p99 from a change's scheduled time to its acceptance, back-offs included.
+    write_ms_p99_with_retries: f64,
     server_peak_rss_mb: f64,
     setup_seconds: f64,
 }
@@ -95,7 +125,49 @@ fn spec(service: usize, n: usize, stamp_us: u64) -> InstanceSpec {
     }
 }
 
-async fn one_run(args: &Args, store_name: &str, store_url: &str) -> anyhow::Result<Outcome> {
+/// A registry server under test, with its store and the instances registered.
+struct Server {
+    proc: crate::procs::Proc,
+    client: Client,
+    base: String,
+    store: String,
+    setup_seconds: f64,
+    _dir: tempfile::TempDir,
+}
+
+/// User + system CPU seconds of a process so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
+        .sum();
+    // SAFETY: sysconf reads a constant of the running system and has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks / hz
+}
+
+/// A counter or gauge from the server's /metrics (NaN when absent: an older server).
+async fn metric(base: &str, name: &str) -> f64 {
+    let Ok(resp) = reqwest::get(format!("{base}/metrics")).await else {
+        return f64::NAN;
+    };
+    let text = resp.text().await.unwrap_or_default();
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == name).then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(f64::NAN)
+}
+
+async fn start_server(args: &Args, store_name: &str, store_url: &str) -> anyhow::Result<Server> {
     let dir = tempfile::tempdir()?;
     let port = flotilla_testkit::free_port();
     let token_file = dir.path().join("token");
@@ -117,7 +189,7 @@ async fn one_run(args: &Args, store_name: &str, store_url: &str) -> anyhow::Resu
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()?;
-    let server = crate::procs::Proc {
+    let proc = crate::procs::Proc {
         child,
         name: "flotilla server".into(),
     };
@@ -127,7 +199,8 @@ async fn one_run(args: &Args, store_name: &str, store_url: &str) -> anyhow::Resu
     )?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let token = flotilla_client::read_token(&token_file)?;
-    let client = Client::new(&format!("http://127.0.0.1:{port}"), Some(token));
+    let base = format!("http://127.0.0.1:{port}");
+    let client = Client::new(&base, Some(token));
 
     let (instances, services) = (args.instances, args.watchers.max(1));
     let setup = Instant::now();
@@ -147,7 +220,62 @@ async fn one_run(args: &Args, store_name: &str, store_url: &str) -> anyhow::Resu
     }
     let setup_seconds = setup.elapsed().as_secs_f64();
     eprintln!("[{store_name}] registered {instances} instances in {setup_seconds:.1}s");
+    Ok(Server {
+        proc,
+        client: client.without_busy_retries(),
+        base,
+        store: store_name.to_owned(),
+        setup_seconds,
+        _dir: dir,
+    })
+}
 
+/// What one writer saw for one change.
+enum WriteResult {
+    /// Accepted: the accepted try's time and the time from the scheduled send, ms.
+    Accepted { try_ms: f64, total_ms: f64 },
+    /// Not accepted within the tries.
+    Failed,
+}
+
+/// Sends one change, backing off on busy answers like the client does, up to 20 tries.
+async fn write_change(
+    client: &Client,
+    id: &str,
+    spec: &InstanceSpec,
+    due: Instant,
+    busy: &AtomicU64,
+) -> WriteResult {
+    for attempt in 1..=20 {
+        let t = Instant::now();
+        match client.register(id, spec).await {
+            Ok(_) => {
+                return WriteResult::Accepted {
+                    try_ms: t.elapsed().as_secs_f64() * 1000.0,
+                    total_ms: due.elapsed().as_secs_f64() * 1000.0,
+                }
+            }
+            Err(e) if e.status() == Some(503) => {
+                busy.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(flotilla_client::busy_backoff(
+                    attempt,
+                    Duration::from_secs(1),
+                ))
+                .await;
+            }
+            Err(_) => return WriteResult::Failed,
+        }
+    }
+    WriteResult::Failed
+}
+
+async fn measure(
+    args: &Args,
+    server: &Server,
+    rate: u64,
+    phase: &str,
+) -> anyhow::Result<Outcome> {
+    let (client, instances, services) = (&server.client, args.instances, args.watchers.max(1));
     let start = Instant::now();
     let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -178,7 +306,7 @@ async fn one_run(args: &Args, store_name: &str, store_url: &str) -> anyhow::Resu
                 let mut got = Vec::new();
                 for i in &r.instances {
                     let t: u64 = i.meta["t"].parse().unwrap_or(0);
-                    if seen.get(&i.id) != Some(&t) {
+                    if t > 0 && seen.get(&i.id) != Some(&t) {
                         seen.insert(i.id.clone(), t);
                         got.push((now_us.saturating_sub(t)) as f64 / 1000.0);
                     }
@@ -191,43 +319,32 @@ async fn one_run(args: &Args, store_name: &str, store_url: &str) -> anyhow::Resu
 
     // Open-loop change generator.
     let duration: Duration = args.duration.into();
-    let total = args.rate * duration.as_secs();
-    let sent = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let writes = Arc::new(Mutex::new(Vec::<f64>::new()));
+    let total = rate * duration.as_secs();
+    let busy = Arc::new(AtomicU64::new(0));
+    let results = Arc::new(Mutex::new(Vec::<WriteResult>::new()));
+    let pid = server.proc.child.id();
+    let cpu_before = cpu_seconds(pid);
+    let commits_before = metric(&server.base, "flotilla_registry_store_commits_total").await;
+    let writes_before = metric(&server.base, "flotilla_registry_store_writes_total").await;
     let gen_start = Instant::now();
     let inflight = Arc::new(tokio::sync::Semaphore::new(512));
     let mut jobs = Vec::with_capacity(total as usize);
     for k in 0..total {
-        let due = gen_start + Duration::from_nanos(k * 1_000_000_000 / args.rate);
+        let due = gen_start + Duration::from_nanos(k * 1_000_000_000 / rate);
         tokio::time::sleep_until(due.into()).await;
         let stamp = due.duration_since(start).as_micros() as u64;
         let n = (k as usize * 7919) % instances;
-        let (client, sent, failed, writes, inflight) = (
+        let (client, busy, results, inflight) = (
             client.clone(),
-            sent.clone(),
-            failed.clone(),
-            writes.clone(),
+            busy.clone(),
+            results.clone(),
             inflight.clone(),
         );
         jobs.push(tokio::spawn(async move {
             let _p = inflight.acquire().await;
-            let t = Instant::now();
-            match client
-                .register(&format!("i{n}"), &spec(n % services, n, stamp))
-                .await
-            {
-                Ok(_) => {
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    writes
-                        .lock()
-                        .unwrap()
-                        .push(t.elapsed().as_secs_f64() * 1000.0);
-                }
-                Err(_) => {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            let spec = spec(n % services, n, stamp);
+            let r = write_change(&client, &format!("i{n}"), &spec, due, &busy).await;
+            results.lock().unwrap().push(r);
         }));
     }
     for j in jobs {
@@ -239,28 +356,89 @@ async fn one_run(args: &Args, store_name: &str, store_url: &str) -> anyhow::Resu
     for w in watchers {
         let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
     }
-    let rss = peak_rss_mb(server.child.id());
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let commits = metric(&server.base, "flotilla_registry_store_commits_total").await - commits_before;
+    let writes = metric(&server.base, "flotilla_registry_store_writes_total").await - writes_before;
+    let rss = peak_rss_mb(pid);
     let mut lat = latencies.lock().unwrap().clone();
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let mut w = writes.lock().unwrap().clone();
-    w.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let (mut tries, mut totals, mut failed) = (Vec::new(), Vec::new(), 0u64);
+    for r in results.lock().unwrap().iter() {
+        match r {
+            WriteResult::Accepted { try_ms, total_ms } => {
+                tries.push(*try_ms);
+                totals.push(*total_ms);
+            }
+            WriteResult::Failed => failed += 1,
+        }
+    }
+    tries.sort_by(|a, b| a.total_cmp(b));
+    totals.sort_by(|a, b| a.total_cmp(b));
+    let sent = tries.len() as u64;
     Ok(Outcome {
-        store: store_name.to_owned(),
+        store: server.store.clone(),
+        phase: phase.to_owned(),
         instances,
         watchers: services,
-        rate: args.rate,
+        rate,
         seconds,
-        changes_sent: sent.load(Ordering::Relaxed),
-        changes_failed: failed.load(Ordering::Relaxed),
+        changes_sent: sent,
+        changes_failed: failed,
+        busy_answers: busy.load(Ordering::Relaxed),
+        server_cpu_ms_per_change: cpu * 1000.0 / sent.max(1) as f64,
+        store_commits: commits,
+        writes_per_commit: writes / commits,
         observed: lat.len(),
         latency_ms_p50: percentile(&lat, 0.5),
         latency_ms_p99: percentile(&lat, 0.99),
         latency_ms_p999: percentile(&lat, 0.999),
         latency_ms_max: lat.last().copied().unwrap_or(f64::NAN),
-        write_ms_p99: percentile(&w, 0.99),
+        write_ms_p99: percentile(&tries, 0.99),
+        write_ms_p99_with_retries: percentile(&totals, 0.99),
         server_peak_rss_mb: rss,
-        setup_seconds,
+        setup_seconds: server.setup_seconds,
     })
+}
+
+/// Every rate of the sweep (or the one rate) on one server; with `--sweep`, then 2× the
+/// knee.
+async fn run_store(args: &Args, store_name: &str, store_url: &str) -> anyhow::Result<Vec<Outcome>> {
+    let server = start_server(args, store_name, store_url).await?;
+    if !args.sweep {
+        return Ok(vec![measure(args, &server, args.rate, "single").await?]);
+    }
+    let mut outcomes = Vec::new();
+    for &rate in &args.rates {
+        let o = measure(args, &server, rate, "sweep").await?;
+        eprintln!(
+            "[{store_name}] {rate}/s: p99 {:.1} ms, write p99 {:.1} ms, {} busy, {:.3} ms CPU/change",
+            o.latency_ms_p99, o.write_ms_p99, o.busy_answers, o.server_cpu_ms_per_change
+        );
+        outcomes.push(o);
+    }
+    if let Some(knee) = knee(&outcomes, args.knee_p99_ms) {
+        let o = measure(args, &server, knee * 2, "2x knee").await?;
+        eprintln!(
+            "[{store_name}] 2x knee {}/s: p99 {:.1} ms, accepted-write p99 {:.1} ms, {} busy, {} failed",
+            knee * 2,
+            o.latency_ms_p99,
+            o.write_ms_p99,
+            o.busy_answers,
+            o.changes_failed
+        );
+        outcomes.push(o);
+    }
+    Ok(outcomes)
+}
+
+/// The highest swept rate whose watcher p99 stayed within `p99_ms` with every change
+/// applied.
+fn knee(outcomes: &[Outcome], p99_ms: f64) -> Option<u64> {
+    outcomes
+        .iter()
+        .filter(|o| o.phase == "sweep" && o.changes_failed == 0 && o.latency_ms_p99 <= p99_ms)
+        .map(|o| o.rate)
+        .max()
 }
 
 /// Runs the benchmark on the chosen stores and prints a Markdown table.
@@ -271,7 +449,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     }
     let mut outcomes = Vec::new();
     if matches!(args.store.as_str(), "embedded" | "both") {
-        outcomes.push(one_run(&args, "embedded (redb)", "embedded").await?);
+        outcomes.extend(run_store(&args, "embedded (redb)", "embedded").await?);
     }
     if matches!(args.store.as_str(), "etcd" | "both") {
         let dir = args.etcd_dir.clone();
@@ -283,29 +461,53 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
             Some(d) => format!("etcd (3 members, data in {})", d.display()),
             None => "etcd (3 members)".to_owned(),
         };
-        outcomes.push(one_run(&args, &label, &etcd.store_url()).await?);
+        outcomes.extend(run_store(&args, &label, &etcd.store_url()).await?);
     }
     println!(
-        "\n| store | instances | watchers | rate/s | sent | failed | observed | p50 ms | p99 ms | p99.9 ms | max ms | write p99 ms | server peak RSS MB |"
+        "\n| store | phase | rate/s | sent | failed | busy 503s | observed | p50 ms | p99 ms | p99.9 ms | max ms | write p99 ms | write p99 ms incl. back-off | CPU ms/change | writes/commit | server peak RSS MB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for o in &outcomes {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.1} | {:.1} |",
             o.store,
-            o.instances,
-            o.watchers,
+            o.phase,
             o.rate,
             o.changes_sent,
             o.changes_failed,
+            o.busy_answers,
             o.observed,
             o.latency_ms_p50,
             o.latency_ms_p99,
             o.latency_ms_p999,
             o.latency_ms_max,
             o.write_ms_p99,
+            o.write_ms_p99_with_retries,
+            o.server_cpu_ms_per_change,
+            o.writes_per_commit,
             o.server_peak_rss_mb
         );
+    }
+    if args.sweep {
+        println!();
+        let stores: Vec<String> = outcomes.iter().map(|o| o.store.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        for store in &stores {
+            let of: Vec<Outcome> = outcomes.iter().filter(|o| &o.store == store).cloned().collect();
+            match knee(&of, args.knee_p99_ms) {
+                Some(k) => println!("knee ({store}): {k} changes/s (highest swept rate with p99 <= {} ms)", args.knee_p99_ms),
+                None => println!("knee ({store}): none of the swept rates kept p99 <= {} ms", args.knee_p99_ms),
+            }
+        }
+        println!(
+            "({} instances, {} watchers, {} s per rate)",
+            args.instances,
+            args.watchers,
+            Duration::from(args.duration).as_secs()
+        );
+        if let Some(dir) = &args.plots {
+            std::fs::create_dir_all(dir)?;
+            plot_sweep(dir, &outcomes)?;
+        }
     }
     println!(
         "\nmachine: {} cores, {}",
@@ -324,4 +526,84 @@ fn kernel() -> String {
     std::fs::read_to_string("/proc/version")
         .map(|v| v.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
+}
+
+/// p99 against offered rate, one line per store, log-log; SVG and PNG.
+fn plot_sweep(dir: &std::path::Path, outcomes: &[Outcome]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    crate::schedulers::plot_font()?;
+    let path = dir.join("registry-sweep");
+    let size = (900, 480);
+    draw_sweep(
+        SVGBackend::new(&path.with_extension("svg"), size).into_drawing_area(),
+        outcomes,
+    )?;
+    draw_sweep(
+        BitMapBackend::new(&path.with_extension("png"), size).into_drawing_area(),
+        outcomes,
+    )?;
+    Ok(())
+}
+
+fn draw_sweep<DB: plotters::prelude::DrawingBackend>(
+    root: plotters::drawing::DrawingArea<DB, plotters::coord::Shift>,
+    outcomes: &[Outcome],
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    use plotters::prelude::*;
+    root.fill(&WHITE)?;
+    let sweep: Vec<&Outcome> = outcomes.iter().filter(|o| o.phase == "sweep").collect();
+    let rmin = sweep.iter().map(|o| o.rate as f64).fold(f64::MAX, f64::min).min(100.0);
+    let rmax = sweep.iter().map(|o| o.rate as f64).fold(1.0, f64::max) * 1.3;
+    let pmax = sweep
+        .iter()
+        .map(|o| o.latency_ms_p99)
+        .filter(|p| p.is_finite())
+        .fold(100.0, f64::max)
+        * 1.5;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "registry: change-to-watcher p99 against change rate",
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(50)
+        .y_label_area_size(60)
+        .build_cartesian_2d((rmin..rmax).log_scale(), (1f64..pmax).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("changes/s (log)")
+        .y_desc("p99 ms (log)")
+        .draw()?;
+    let mut stores: Vec<&str> = sweep.iter().map(|o| o.store.as_str()).collect();
+    stores.dedup();
+    for (i, store) in stores.into_iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let pts: Vec<(f64, f64)> = sweep
+            .iter()
+            .filter(|o| o.store == store && o.latency_ms_p99.is_finite())
+            .map(|o| (o.rate as f64, o.latency_ms_p99.max(1.0)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .label(store.to_owned())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
+    }
+    chart
+        .draw_series(LineSeries::new(
+            vec![(rmin, 50.0), (rmax, 50.0)],
+            BLACK.mix(0.4),
+        ))?
+        .label("50 ms")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.4)));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
 }

@@ -516,7 +516,7 @@ impl Drop for AbortOnDrop {
 const PLOT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// Registers [`PLOT_FONT`] as plotters' "sans-serif" once; says what to install if absent.
-fn plot_font() -> anyhow::Result<()> {
+pub(crate) fn plot_font() -> anyhow::Result<()> {
     static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     DONE.get_or_init(|| {
         let bytes = std::fs::read(PLOT_FONT)

@@ -65,12 +65,45 @@ pub fn read_token(path: &Path) -> Result<String> {
         })
 }
 
+/// Tries of one request that the server refused as busy (`503` with `Retry-After`:
+/// nothing was written), with doubling back-off from [`BUSY_FIRST_BACKOFF`]: about 3 s
+/// in all before the 503 is returned to the caller.
+const BUSY_TRIES: u32 = 7;
+/// First back-off after a busy answer.
+const BUSY_FIRST_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The `Retry-After` of a busy answer (`503` with the header), as the longest back-off.
+pub fn busy_retry_after(resp: &reqwest::Response) -> Option<Duration> {
+    if resp.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE {
+        return None;
+    }
+    let secs: u64 = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs.max(1)))
+}
+
+/// The pause before try `retry` (1, 2, ...) of a request refused as busy: doubling from
+/// [`BUSY_FIRST_BACKOFF`], at most `limit` (the server's `Retry-After`), times a random
+/// factor in [0.5, 1.5) so writers refused together do not all come back together.
+pub fn busy_backoff(retry: u32, limit: Duration) -> Duration {
+    let base = BUSY_FIRST_BACKOFF.saturating_mul(1 << retry.saturating_sub(1).min(16));
+    base.min(limit)
+        .mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5))
+}
+
 /// A registry client.
 #[derive(Clone)]
 pub struct Client {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    busy_retries: bool,
 }
 
 impl Client {
@@ -86,7 +119,16 @@ impl Client {
             base: base.trim_end_matches('/').to_owned(),
             token,
             http,
+            busy_retries: true,
         }
+    }
+
+    /// This client, returning a busy answer (`503` with `Retry-After`) to the caller at
+    /// once instead of backing off and sending again (for callers that measure or pace
+    /// their own retries).
+    pub fn without_busy_retries(mut self) -> Self {
+        self.busy_retries = false;
+        self
     }
 
     /// Base URL.
@@ -119,19 +161,32 @@ impl Client {
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<(u64, T)> {
-        let req = req.build().map_err(|e| ClientError::Unreachable {
+        let mut req = req.build().map_err(|e| ClientError::Unreachable {
             url: self.base.clone(),
             message: e.to_string(),
         })?;
         let url = req.url().to_string();
-        let resp = self
-            .http
-            .execute(req)
-            .await
-            .map_err(|e| ClientError::Unreachable {
-                url: url.clone(),
-                message: flotilla_core::error::chain(&e),
-            })?;
+        let mut tries = 1;
+        let resp = loop {
+            // A body that cannot be copied (a stream) is sent once, without retries.
+            let again = req.try_clone();
+            let resp = self
+                .http
+                .execute(req)
+                .await
+                .map_err(|e| ClientError::Unreachable {
+                    url: url.clone(),
+                    message: flotilla_core::error::chain(&e),
+                })?;
+            match (busy_retry_after(&resp), again) {
+                (Some(limit), Some(again)) if self.busy_retries && tries < BUSY_TRIES => {
+                    tokio::time::sleep(busy_backoff(tries, limit)).await;
+                    tries += 1;
+                    req = again;
+                }
+                _ => break resp,
+            }
+        };
         let index = resp
             .headers()
             .get("x-flotilla-index")

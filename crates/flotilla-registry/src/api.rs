@@ -40,6 +40,8 @@ pub struct ApiError {
     status: StatusCode,
     message: String,
     field: Option<String>,
+    /// Seconds for a `Retry-After` header (the store refused a write as busy).
+    retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -48,6 +50,7 @@ impl ApiError {
             status,
             message: message.into(),
             field: None,
+            retry_after: None,
         }
     }
     pub(crate) fn field(
@@ -59,13 +62,20 @@ impl ApiError {
             status,
             message: message.into(),
             field: Some(field.into()),
+            retry_after: None,
         }
     }
     pub(crate) fn not_found(what: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, format!("{what} not found"))
     }
+    /// A store error: 503, with `Retry-After` when the store refused the write as busy
+    /// (nothing was written; the client backs off and sends it again).
     pub(crate) fn store(e: flotilla_store::StoreError) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}"))
+        let busy = matches!(e, flotilla_store::StoreError::Busy { .. });
+        ApiError {
+            retry_after: busy.then_some(1),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}"))
+        }
     }
 }
 
@@ -81,7 +91,12 @@ impl IntoResponse for ApiError {
             Some(f) => json!({ "error": format!("{}: {}", f, self.message), "field": f }),
             None => json!({ "error": self.message }),
         };
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
     }
 }
 
@@ -781,6 +796,7 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    shared.refresh_metrics();
     let mut headers = HeaderMap::new();
     headers.insert(
         axum::http::header::CONTENT_TYPE,

@@ -60,6 +60,15 @@ pub struct Changes {
     pub checkins: bool,
 }
 
+impl Changes {
+    /// Adds what `other` changed to this set.
+    pub fn merge(&mut self, other: Changes) {
+        self.services.extend(other.services);
+        self.nodes |= other.nodes;
+        self.checkins |= other.checkins;
+    }
+}
+
 impl Catalog {
     /// Builds a catalog from a full snapshot.
     pub fn from_snapshot(snapshot: &Snapshot) -> Self {

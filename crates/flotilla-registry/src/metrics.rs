@@ -55,6 +55,18 @@ pub struct Metrics {
     pub resyncs: Counter,
     /// DNS queries answered.
     pub dns_queries: Counter,
+    /// Store commits (group-committed batches).
+    pub store_commits: Counter,
+    /// Writes carried by those commits.
+    pub store_writes: Counter,
+    /// Batches whose commit failed.
+    pub store_failed_commits: Counter,
+    /// Writes refused because the store's queue was full (answered 503).
+    pub store_rejected_writes: Counter,
+    /// Writes waiting for a commit.
+    pub store_queued_writes: Gauge,
+    /// Queue length past which writes are refused (follows the commit rate).
+    pub store_queue_limit: Gauge,
 }
 
 impl Default for Metrics {
@@ -75,6 +87,12 @@ impl Default for Metrics {
             store_errors: Counter::default(),
             resyncs: Counter::default(),
             dns_queries: Counter::default(),
+            store_commits: Counter::default(),
+            store_writes: Counter::default(),
+            store_failed_commits: Counter::default(),
+            store_rejected_writes: Counter::default(),
+            store_queued_writes: Gauge::default(),
+            store_queue_limit: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -131,11 +149,54 @@ impl Default for Metrics {
             m.resyncs.clone(),
         );
         registry.register("dns_queries", "DNS queries answered", m.dns_queries.clone());
+        registry.register(
+            "store_commits",
+            "Durable store commits (each a batch of writes)",
+            m.store_commits.clone(),
+        );
+        registry.register(
+            "store_writes",
+            "Writes carried by store commits",
+            m.store_writes.clone(),
+        );
+        registry.register(
+            "store_failed_commits",
+            "Store commits that failed (every write in them was answered with the error)",
+            m.store_failed_commits.clone(),
+        );
+        registry.register(
+            "store_rejected_writes",
+            "Writes refused with 503 because the store's queue was full",
+            m.store_rejected_writes.clone(),
+        );
+        registry.register(
+            "store_queued_writes",
+            "Writes waiting for a store commit",
+            m.store_queued_writes.clone(),
+        );
+        registry.register(
+            "store_queue_limit",
+            "Queued writes past which new writes are refused",
+            m.store_queue_limit.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
+    /// Brings the store counters up to the store's own (which count from its start).
+    pub fn observe_store(&self, c: &flotilla_store::WriteCounts) {
+        let catch_up = |counter: &Counter, total: u64| {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        };
+        catch_up(&self.store_commits, c.commits);
+        catch_up(&self.store_writes, c.writes);
+        catch_up(&self.store_failed_commits, c.failed_commits);
+        catch_up(&self.store_rejected_writes, c.rejected);
+        self.store_queued_writes.set(c.queued as i64);
+        self.store_queue_limit.set(c.limit as i64);
+    }
+
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();

@@ -1,11 +1,12 @@
 //! The embedded backend: one redb file, one process.
 //!
-//! Writes are serialised by a mutex that also orders the broadcast of their events, so a
-//! snapshot taken under the same mutex plus a subscription made there see every change
-//! exactly once.
+//! Writes are group-committed: each batch is one redb write transaction, and each write
+//! in it gets its own revision. Commits are serialised by a mutex that also orders the
+//! broadcast of their events, so a snapshot taken under the same mutex plus a
+//! subscription made there see every change exactly once.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,6 +15,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::{broadcast, watch};
 use tokio_stream::wrappers::BroadcastStream;
 
+use crate::group::{Committer, Limits, WriteCounts, WriteOp};
 use crate::{Entry, Event, EventStream, Leadership, Result, Snapshot, Store, StoreError};
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
@@ -26,11 +28,15 @@ const WATCH_BUFFER: usize = 65_536;
 #[derive(Clone)]
 pub struct EmbeddedStore {
     inner: Arc<Inner>,
+    /// Started on the first write, on the runtime that makes it (opening needs none).
+    committer: Arc<OnceLock<Committer>>,
 }
 
 struct Inner {
     db: Database,
     write: Mutex<broadcast::Sender<Event>>,
+    /// Commits left to fail on purpose (tests of the failure path).
+    fail_commits: std::sync::atomic::AtomicUsize,
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -73,8 +79,47 @@ impl EmbeddedStore {
             inner: Arc::new(Inner {
                 db,
                 write: Mutex::new(events),
+                fail_commits: Default::default(),
             }),
+            committer: Arc::new(OnceLock::new()),
         })
+    }
+
+    /// Makes the next `n` commits fail after their writes were staged, as a full disk
+    /// would: for tests that a failed batch answers every writer and changes nothing.
+    #[doc(hidden)]
+    pub fn fail_next_commits(&self, n: usize) {
+        self.inner
+            .fail_commits
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn committer(&self) -> &Committer {
+        self.committer.get_or_init(|| {
+            // Weak: dropping the last store handle closes the database at once (a reopen
+            // right after must not find it still locked by the committer task).
+            let inner = Arc::downgrade(&self.inner);
+            Committer::start(Limits::EMBEDDED, move |ops| {
+                let inner = inner.upgrade();
+                async move {
+                    let inner = inner.ok_or_else(|| {
+                        StoreError::Unavailable("the store has been closed".into())
+                    })?;
+                    tokio::task::spawn_blocking(move || inner.write_batch(&ops))
+                        .await
+                        .map_err(db_err)?
+                }
+            })
+        })
+    }
+
+    async fn write(&self, key: &str, value: Option<Vec<u8>>) -> Result<Option<u64>> {
+        self.committer()
+            .write(WriteOp {
+                key: key.to_owned(),
+                value,
+            })
+            .await
     }
 
     async fn blocking<T: Send + 'static>(
@@ -109,47 +154,69 @@ impl Inner {
         Ok(Snapshot { entries, revision })
     }
 
-    /// Applies one change in its own durable transaction and broadcasts it in order.
-    fn write(&self, key: &str, value: Option<&[u8]>) -> Result<Option<u64>> {
+    /// Applies a batch of writes in one durable transaction, each with its own revision,
+    /// and broadcasts their events in order once it is durable. All or nothing.
+    fn write_batch(&self, ops: &[WriteOp]) -> Result<Vec<Option<u64>>> {
         let events = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let tx = self.db.begin_write().map_err(db_err)?;
-        let revision;
+        let mut revisions = Vec::with_capacity(ops.len());
+        let mut changes = Vec::with_capacity(ops.len());
         {
             let mut kv = tx.open_table(KV).map_err(db_err)?;
             let mut meta = tx.open_table(META).map_err(db_err)?;
-            let current = meta
+            let mut revision = meta
                 .get(REVISION)
                 .map_err(db_err)?
                 .map(|v| v.value())
                 .unwrap_or(0);
-            revision = current + 1;
-            match value {
-                Some(v) => {
-                    kv.insert(key, encode(revision, v).as_slice())
-                        .map_err(db_err)?;
-                }
-                None => {
-                    if kv.remove(key).map_err(db_err)?.is_none() {
-                        return Ok(None);
+            for op in ops {
+                match &op.value {
+                    Some(v) => {
+                        revision += 1;
+                        kv.insert(op.key.as_str(), encode(revision, v).as_slice())
+                            .map_err(db_err)?;
+                        revisions.push(Some(revision));
+                        changes.push(Event::Put(Entry {
+                            key: op.key.clone(),
+                            value: v.clone(),
+                            revision,
+                        }));
+                    }
+                    None => {
+                        if kv.remove(op.key.as_str()).map_err(db_err)?.is_none() {
+                            revisions.push(None);
+                            continue;
+                        }
+                        revision += 1;
+                        revisions.push(Some(revision));
+                        changes.push(Event::Delete {
+                            key: op.key.clone(),
+                            revision,
+                        });
                     }
                 }
             }
             meta.insert(REVISION, revision).map_err(db_err)?;
         }
+        let injected = self
+            .fail_commits
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
+        if injected {
+            tx.abort().map_err(db_err)?;
+            return Err(StoreError::Database(
+                "commit failed (injected for a test)".into(),
+            ));
+        }
         tx.commit().map_err(db_err)?;
-        let event = match value {
-            Some(v) => Event::Put(Entry {
-                key: key.to_owned(),
-                value: v.to_vec(),
-                revision,
-            }),
-            None => Event::Delete {
-                key: key.to_owned(),
-                revision,
-            },
-        };
-        let _ = events.send(event);
-        Ok(Some(revision))
+        for event in changes {
+            let _ = events.send(event);
+        }
+        Ok(revisions)
     }
 }
 
@@ -167,18 +234,13 @@ impl Store for EmbeddedStore {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64> {
-        let key = key.to_owned();
-        self.blocking(move |inner| {
-            inner
-                .write(&key, Some(&value))
-                .map(|r| r.expect("put always writes"))
-        })
-        .await
+        self.write(key, Some(value))
+            .await
+            .map(|r| r.expect("a put always writes"))
     }
 
     async fn delete(&self, key: &str) -> Result<Option<u64>> {
-        let key = key.to_owned();
-        self.blocking(move |inner| inner.write(&key, None)).await
+        self.write(key, None).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Snapshot> {
@@ -236,5 +298,12 @@ impl Store for EmbeddedStore {
 
     fn kind(&self) -> &'static str {
         "embedded"
+    }
+
+    fn write_counts(&self) -> WriteCounts {
+        self.committer
+            .get()
+            .map(|c| c.stats().counts())
+            .unwrap_or_default()
     }
 }

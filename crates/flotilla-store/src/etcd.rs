@@ -1,20 +1,26 @@
 //! The etcd v3 backend: several servers share one catalog, and leader election runs on
 //! an etcd lease so a crashed leader's duty moves within the lease TTL.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use etcd_client::{
+    Client, ConnectOptions, EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
 use futures::StreamExt;
 use tokio::sync::{oneshot, watch};
 
+use crate::group::{Committer, Limits, WriteCounts, WriteOp};
 use crate::{Entry, Event, EventStream, Leadership, Result, Snapshot, Store, StoreError};
 
-/// A store in an etcd v3 cluster, with every key under `namespace`.
+/// A store in an etcd v3 cluster, with every key under `namespace`. Writes are
+/// group-committed: each batch is one etcd `Txn` (all its writes share one revision).
 #[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
     namespace: String,
+    committer: Arc<Committer>,
 }
 
 /// Retries of one call before giving up (20 ms doubling: ~1.2 s in all).
@@ -50,33 +56,25 @@ impl EtcdStore {
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(unavailable)?;
+        let committer = {
+            let (client, namespace) = (client.clone(), namespace.to_owned());
+            Committer::start(Limits::ETCD, move |ops| {
+                commit_txn(client.clone(), namespace.clone(), ops)
+            })
+        };
         Ok(EtcdStore {
             client,
             namespace: namespace.to_owned(),
+            committer: Arc::new(committer),
         })
     }
 
-    /// Runs one etcd call, retrying transport failures: the client balances over all
-    /// endpoints, and a call that landed on a dead member succeeds on a live one.
-    async fn retry<T, F, Fut>(&self, mut call: F) -> Result<T>
+    async fn retry<T, F, Fut>(&self, call: F) -> Result<T>
     where
         F: FnMut(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        let mut delay = Duration::from_millis(20);
-        let mut attempt = 0;
-        loop {
-            match call(self.client.clone()).await {
-                Ok(v) => return Ok(v),
-                Err(e) if attempt < RETRIES && is_transient(&e) => {
-                    tracing::debug!(error = %e, attempt, "etcd call failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                    attempt += 1;
-                }
-                Err(e) => return Err(unavailable(e)),
-            }
-        }
+        retry(&self.client, call).await
     }
 
     fn full(&self, key: &str) -> String {
@@ -133,25 +131,22 @@ impl Store for EtcdStore {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64> {
-        let key = self.full(key);
-        let resp = self
-            .retry(|c| {
-                let (key, value) = (key.clone(), value.clone());
-                async move { c.kv_client().put(key, value, None).await }
+        self.committer
+            .write(WriteOp {
+                key: key.to_owned(),
+                value: Some(value),
             })
-            .await?;
-        Ok(resp.header().map(|h| h.revision() as u64).unwrap_or(0))
+            .await
+            .map(|r| r.unwrap_or(0))
     }
 
     async fn delete(&self, key: &str) -> Result<Option<u64>> {
-        let key = self.full(key);
-        let resp = self
-            .retry(|c| {
-                let key = key.clone();
-                async move { c.kv_client().delete(key, None).await }
+        self.committer
+            .write(WriteOp {
+                key: key.to_owned(),
+                value: None,
             })
-            .await?;
-        Ok((resp.deleted() > 0).then(|| resp.header().map(|h| h.revision() as u64).unwrap_or(0)))
+            .await
     }
 
     async fn list(&self, prefix: &str) -> Result<Snapshot> {
@@ -287,6 +282,67 @@ impl Store for EtcdStore {
     fn kind(&self) -> &'static str {
         "etcd"
     }
+
+    fn write_counts(&self) -> WriteCounts {
+        self.committer.stats().counts()
+    }
+}
+
+/// Runs one etcd call, retrying transport failures: the client balances over all
+/// endpoints, and a call that landed on a dead member succeeds on a live one.
+async fn retry<T, F, Fut>(client: &Client, mut call: F) -> Result<T>
+where
+    F: FnMut(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut delay = Duration::from_millis(20);
+    let mut attempt = 0;
+    loop {
+        match call(client.clone()).await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt < RETRIES && is_transient(&e) => {
+                tracing::debug!(error = %e, attempt, "etcd call failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            Err(e) => return Err(unavailable(e)),
+        }
+    }
+}
+
+/// Commits a batch as one `Txn` (no compares: it always applies). Every write in it
+/// gets the transaction's revision; a delete that found nothing answers `None`. The
+/// batcher keeps keys distinct within a batch, as etcd requires.
+async fn commit_txn(
+    client: Client,
+    namespace: String,
+    ops: Vec<WriteOp>,
+) -> Result<Vec<Option<u64>>> {
+    let txn_ops: Vec<TxnOp> = ops
+        .iter()
+        .map(|op| {
+            let key = format!("{namespace}{}", op.key);
+            match &op.value {
+                Some(v) => TxnOp::put(key, v.clone(), None),
+                None => TxnOp::delete(key, None),
+            }
+        })
+        .collect();
+    let resp = retry(&client, |c| {
+        let txn = Txn::new().and_then(txn_ops.clone());
+        async move { c.kv_client().txn(txn).await }
+    })
+    .await?;
+    let revision = resp.header().map(|h| h.revision() as u64).unwrap_or(0);
+    Ok(resp
+        .op_responses()
+        .iter()
+        .map(|r| match r {
+            TxnOpResponse::Delete(d) => (d.deleted() > 0).then_some(revision),
+            _ => Some(revision),
+        })
+        .collect())
 }
 
 async fn wait_finished(task: &tokio::task::JoinHandle<()>) {

@@ -6,9 +6,14 @@
 //! proven by one conformance suite (`tests/conformance.rs`): a global revision that grows
 //! with every write, an atomic snapshot plus a gap-free stream of the changes after it,
 //! and leader election so periodic duties run on exactly one server.
+//!
+//! Writes are group-committed (`group.rs`): every write that queues while a commit is in
+//! flight goes into the next one, so the write rate is bounded by commit throughput, not
+//! by commit latency, and a full queue refuses new writes with [`StoreError::Busy`].
 
 mod embedded;
 mod etcd;
+mod group;
 
 use std::time::Duration;
 
@@ -18,6 +23,7 @@ use tokio::sync::watch;
 
 pub use embedded::EmbeddedStore;
 pub use etcd::EtcdStore;
+pub use group::{batch_len, Limits, WriteCounts, WriteOp};
 
 /// One key with its value and the revision that last wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +74,7 @@ pub struct Snapshot {
 pub type EventStream = BoxStream<'static, Result<Event, StoreError>>;
 
 /// What can go wrong talking to a store.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The backend failed; retrying may help (etcd member down, leader election...).
     #[error("store unavailable: {0}")]
@@ -82,12 +88,22 @@ pub enum StoreError {
     /// A key or value is not acceptable to the store.
     #[error("invalid key or value: {0}")]
     Invalid(String),
+    /// More writes are queued than the store commits within its target wait; nothing
+    /// was written. Retry after a short back-off.
+    #[error("store busy: {queued} writes queued; retry shortly")]
+    Busy {
+        /// Writes queued when this one was refused.
+        queued: usize,
+    },
 }
 
 impl StoreError {
     /// Whether retrying the same operation later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_) | StoreError::Lagged)
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::Lagged | StoreError::Busy { .. }
+        )
     }
 }
 
@@ -138,4 +154,6 @@ pub trait Store: Send + Sync + 'static {
     async fn campaign(&self, election: &str, candidate: &str, ttl: Duration) -> Result<Leadership>;
     /// Short backend name for logs and metrics.
     fn kind(&self) -> &'static str;
+    /// The write path's counters (commits, batched writes, refusals, queue).
+    fn write_counts(&self) -> WriteCounts;
 }

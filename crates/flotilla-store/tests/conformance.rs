@@ -86,6 +86,58 @@ async fn conformance(store: Arc<dyn Store>) {
         }
     }
 
+    // Concurrent writers (group-committed into shared batches): each reads its own write
+    // at once, puts answer the revision the watch stream then shows for that key, the
+    // stream's revisions never go backwards, and the last write to a key wins.
+    let (_, mut events) = store.snapshot_and_watch("c/").await.unwrap();
+    let mut writers = Vec::new();
+    for w in 0..64 {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            for i in 0..5 {
+                let key = format!("c/{w}/{i}");
+                let value = format!("{w}.{i}").into_bytes();
+                let rev = store.put(&key, value.clone()).await.unwrap();
+                let got = store.get(&key).await.unwrap().expect("own write visible");
+                assert_eq!((&got.value, got.revision), (&value, rev), "{key}");
+                // Every writer also writes one shared key: same-key writes never share
+                // a batch, and their order is their commit order.
+                let shared = store.put("c/shared", value).await.unwrap();
+                mine.push((key, rev, shared));
+            }
+            mine
+        }));
+    }
+    let mut expected = std::collections::HashMap::new();
+    let mut shared_revs = Vec::new();
+    for w in writers {
+        for (key, rev, shared) in w.await.unwrap() {
+            expected.insert(key, rev);
+            shared_revs.push(shared);
+        }
+    }
+    shared_revs.sort_unstable();
+    shared_revs.dedup();
+    assert_eq!(shared_revs.len(), 320, "each write of one key has its own revision");
+    let mut last = 0;
+    let mut last_shared = None;
+    for _ in 0..(expected.len() + 320) {
+        let Event::Put(e) = next_event(&mut events).await else {
+            panic!("only puts were made")
+        };
+        assert!(e.revision >= last, "revisions go backwards at {}", e.key);
+        last = e.revision;
+        if e.key == "c/shared" {
+            last_shared = Some(e);
+        } else {
+            assert_eq!(expected.remove(&e.key), Some(e.revision), "{}", e.key);
+        }
+    }
+    assert!(expected.is_empty(), "events missing for {expected:?}");
+    let stored = store.get("c/shared").await.unwrap().unwrap();
+    assert_eq!(Some(stored), last_shared, "the last committed write is the one stored");
+
     // Campaign: this candidate becomes leader.
     let leadership = store
         .campaign("election/test", "me", Duration::from_secs(2))
