@@ -29,6 +29,9 @@ pub(crate) struct Inner {
     pub(crate) client: Client,
     pub(crate) config: AgentConfig,
     pub(crate) node: String,
+    /// The address other hosts reach this host at (`--advertise`, or the source
+    /// address of the route to the first server).
+    pub(crate) advertise: Option<std::net::IpAddr>,
     pub(crate) metrics: Metrics,
     /// The cluster token: the agent's API requires it, and peers' APIs accept it.
     pub(crate) token: String,
@@ -90,12 +93,18 @@ impl Agent {
         let node = config.node.clone().context("agent needs a node name")?;
         let docker = docker::connect(&config.docker).await?;
         let client = Client::new(&config.server, Some(token.clone()));
+        let advertise = match config.advertise {
+            Some(ip) => Some(ip),
+            None => route_source(client.servers().first().map(String::as_str).unwrap_or_default()).await,
+        };
+        tracing::info!(node, advertise = ?advertise, "advertise address");
         Ok(Agent {
             inner: Arc::new(Inner {
                 docker,
                 client,
                 config,
                 node,
+                advertise,
                 metrics: Metrics::default(),
                 state: Mutex::new(State::default()),
                 resync_now: Notify::new(),
@@ -122,9 +131,14 @@ impl Agent {
             let l = tokio::net::TcpListener::bind(&inner.config.api_listen)
                 .await
                 .with_context(|| format!("binding the agent API on {}", inner.config.api_listen))?;
-            let url = match &inner.config.api_url {
-                Some(u) => u.clone(),
-                None => format!("http://{}", l.local_addr()?),
+            let bound = l.local_addr()?;
+            let url = match (&inner.config.api_url, inner.advertise) {
+                (Some(u), _) => u.clone(),
+                // Listening on every address: peers reach it at the advertise address.
+                (None, Some(ip)) if bound.ip().is_unspecified() => {
+                    format!("http://{}", std::net::SocketAddr::new(ip, bound.port()))
+                }
+                (None, _) => format!("http://{bound}"),
             };
             let _ = inner.api_bound.set(url);
             Some(l)
@@ -235,9 +249,12 @@ impl Inner {
     }
 
     async fn register_node(&self) -> anyhow::Result<()> {
-        let address = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .map(|h| h.trim().to_owned());
+        let address = match self.advertise {
+            Some(ip) => Some(ip.to_string()),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned()),
+        };
         self.client
             .register_node(
                 &self.node,
@@ -405,6 +422,7 @@ impl Inner {
             &self.node,
             &facts,
             self.config.default_network.as_deref(),
+            self.advertise,
         ) {
             Ok(spec) => spec,
             Err(e) => {
@@ -548,4 +566,26 @@ impl Inner {
         });
         state.exec_checks.insert(id.to_owned(), task);
     }
+}
+
+/// The source address of this host's route to `server_url`'s host: what other hosts on
+/// that network see this one as. A UDP "connect" only picks the route; nothing is sent.
+async fn route_source(server_url: &str) -> Option<std::net::IpAddr> {
+    let authority = server_url
+        .split_once("://")
+        .map_or(server_url, |(_, rest)| rest);
+    let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| !p.contains(']')) {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    let target = tokio::net::lookup_host(with_port).await.ok()?.next()?;
+    let bind: std::net::SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0".parse().ok()?
+    } else {
+        "[::]:0".parse().ok()?
+    };
+    let socket = tokio::net::UdpSocket::bind(bind).await.ok()?;
+    socket.connect(target).await.ok()?;
+    Some(socket.local_addr().ok()?.ip())
 }

@@ -44,9 +44,10 @@ pub async fn inspect(docker: &Docker, id: &str) -> anyhow::Result<Option<Contain
         return Ok(None);
     }
     let config = info.config.unwrap_or_default();
-    let networks: BTreeMap<_, _> = info
-        .network_settings
-        .and_then(|n| n.networks)
+    let settings = info.network_settings.unwrap_or_default();
+    let published = published_ports(settings.ports.unwrap_or_default());
+    let networks: BTreeMap<_, _> = settings
+        .networks
         .unwrap_or_default()
         .into_iter()
         .map(|(name, ep)| {
@@ -67,7 +68,33 @@ pub async fn inspect(docker: &Docker, id: &str) -> anyhow::Result<Option<Contain
         image: config.image.unwrap_or_default(),
         labels: config.labels.unwrap_or_default(),
         networks,
+        published,
     }))
+}
+
+/// TCP ports the engine published on all host addresses: container port → host port.
+/// A binding to one host address (`-p 127.0.0.1:8080:80`) is left out: other hosts
+/// cannot be assumed to reach it.
+fn published_ports(ports: bollard::models::PortMap) -> BTreeMap<u16, u16> {
+    let mut out = BTreeMap::new();
+    for (key, bindings) in ports {
+        let Some(port) = key
+            .strip_suffix("/tcp")
+            .and_then(|p| p.parse::<u16>().ok())
+        else {
+            continue;
+        };
+        let host_port = bindings.unwrap_or_default().into_iter().find_map(|b| {
+            let everywhere = matches!(b.host_ip.as_deref(), None | Some("") | Some("0.0.0.0") | Some("::"));
+            everywhere
+                .then(|| b.host_port?.parse::<u16>().ok())
+                .flatten()
+        });
+        if let Some(h) = host_port {
+            out.insert(port, h);
+        }
+    }
+    out
 }
 
 /// Ids of the running containers that carry the service label.

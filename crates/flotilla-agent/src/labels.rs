@@ -13,6 +13,11 @@ pub const SERVICE: &str = "flotilla.service";
 pub const PORT: &str = "flotilla.port";
 /// Label: which Docker network's address to register.
 pub const NETWORK: &str = "flotilla.network";
+/// Label: which address to register: `host` (this host's advertise address and the
+/// port the engine published the service port on) or `container` (the container's
+/// address on its network). Default: `host` when the port is published and the agent
+/// knows its advertise address, else `container`.
+pub const ADDRESS: &str = "flotilla.address";
 /// Label: static weight.
 pub const WEIGHT: &str = "flotilla.weight";
 /// Label prefix of check settings (`flotilla.check.http`, `.tcp`, `.exec`, `.ttl`,
@@ -34,6 +39,28 @@ pub struct ContainerFacts {
     pub labels: HashMap<String, String>,
     /// Networks and the container's address on each.
     pub networks: BTreeMap<String, Option<IpAddr>>,
+    /// TCP ports published on the host: container port → host port (bindings on all
+    /// addresses only; one bound to a single address other hosts may not reach).
+    pub published: BTreeMap<u16, u16>,
+}
+
+/// How an instance's address was chosen (kept in its metadata as `address_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressMode {
+    /// The host's advertise address and the published port: reachable from every
+    /// host on the LAN.
+    Host,
+    /// The container's address on its Docker network: one host, or routed networks.
+    Container,
+}
+
+impl AddressMode {
+    fn name(self) -> &'static str {
+        match self {
+            AddressMode::Host => "host",
+            AddressMode::Container => "container",
+        }
+    }
 }
 
 /// Registry id of a container's instance on `node`: stable for the container's life.
@@ -70,10 +97,15 @@ where
 
 /// Builds the registration for a container, `Ok(None)` if it carries no
 /// `flotilla.service` label. Errors name the label and its value.
+///
+/// `advertise` is the address other hosts reach this host at; with it, a container whose
+/// service port is published is registered as `advertise:host_port` (Registrator's
+/// model), so an lb or a watcher on another host can connect to it.
 pub fn spec_from_container(
     node: &str,
     c: &ContainerFacts,
     default_network: Option<&str>,
+    advertise: Option<IpAddr>,
 ) -> Result<Option<InstanceSpec>, FieldError> {
     let Some(service) = c.labels.get(SERVICE) else {
         return Ok(None);
@@ -115,6 +147,48 @@ pub fn spec_from_container(
             ))
         }
     };
+    let published = c.published.get(&port).copied();
+    let mode = match c.labels.get(ADDRESS).map(|v| v.trim()) {
+        Some("host") => AddressMode::Host,
+        Some("container") => AddressMode::Container,
+        Some(other) => return Err(label_err(ADDRESS, other, "expected host or container")),
+        None if published.is_some() && advertise.is_some() => AddressMode::Host,
+        None => AddressMode::Container,
+    };
+    let (address, port) = match mode {
+        AddressMode::Container => (address, port),
+        AddressMode::Host => {
+            let Some(host_port) = published else {
+                return Err(label_err(
+                    ADDRESS,
+                    "host",
+                    format!("container {} does not publish port {port} on all host addresses (docker run -p {port} ...)", c.name),
+                ));
+            };
+            let Some(advertise) = advertise else {
+                return Err(label_err(
+                    ADDRESS,
+                    "host",
+                    "this agent has no advertise address (flotilla agent --advertise IP)",
+                ));
+            };
+            (advertise, host_port)
+        }
+    };
+    // A check on another port of the container is reached the same way as the service:
+    // in host mode through that port's published host port.
+    let check_port = |label: &str, p: u16| -> Result<u16, FieldError> {
+        match mode {
+            AddressMode::Container => Ok(p),
+            AddressMode::Host => c.published.get(&p).copied().ok_or_else(|| {
+                label_err(
+                    label,
+                    &p.to_string(),
+                    "the instance is registered by host address, and this port is not published",
+                )
+            }),
+        }
+    };
     let weight = parse_num(&c.labels, WEIGHT)?.unwrap_or(100);
 
     let check = |k: &str| c.labels.get(&format!("{CHECK}{k}"));
@@ -130,10 +204,11 @@ pub fn spec_from_container(
     if let Some(v) = check("tcp") {
         let port = match v.as_str() {
             "" | "true" | "yes" | "1" => None,
-            p => Some(
+            p => Some(check_port(
+                "flotilla.check.tcp",
                 p.parse::<u16>()
                     .map_err(|e| label_err("flotilla.check.tcp", p, e))?,
-            ),
+            )?),
         };
         kinds.push(CheckKind::Tcp { port });
     }
@@ -175,6 +250,7 @@ pub fn spec_from_container(
     meta.insert("container_id".to_owned(), c.id.clone());
     meta.insert("image".to_owned(), c.image.clone());
     meta.insert("network".to_owned(), network);
+    meta.insert("address_mode".to_owned(), mode.name().to_owned());
     for (k, v) in &c.labels {
         if let Some(key) = k.strip_prefix(META) {
             meta.insert(key.to_owned(), v.clone());
@@ -216,12 +292,13 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             networks: [("front".to_string(), Some("198.18.5.2".parse().unwrap()))].into(),
+            published: Default::default(),
         }
     }
 
     #[test]
     fn unlabelled_is_ignored() {
-        assert_eq!(spec_from_container("n", &facts(&[]), None).unwrap(), None);
+        assert_eq!(spec_from_container("n", &facts(&[]), None, None).unwrap(), None);
     }
 
     #[test]
@@ -234,7 +311,7 @@ mod tests {
             ("flotilla.check.interval", "500ms"),
             ("flotilla.meta.version", "1.2"),
         ]);
-        let s = spec_from_container("n1", &f, None).unwrap().unwrap();
+        let s = spec_from_container("n1", &f, None, None).unwrap().unwrap();
         assert_eq!((s.service.as_str(), s.port, s.weight), ("web", 8080, 300));
         assert_eq!(s.address.to_string(), "198.18.5.2");
         assert_eq!(s.checks.len(), 1);
@@ -257,6 +334,7 @@ mod tests {
             "n",
             &facts(&[("flotilla.service", "web"), ("flotilla.port", "80")]),
             None,
+            None,
         )
         .unwrap()
         .unwrap();
@@ -265,11 +343,12 @@ mod tests {
 
     #[test]
     fn errors_name_the_label() {
-        let e = spec_from_container("n", &facts(&[("flotilla.service", "web")]), None).unwrap_err();
+        let e = spec_from_container("n", &facts(&[("flotilla.service", "web")]), None, None).unwrap_err();
         assert_eq!(e.field, "label flotilla.port");
         let e = spec_from_container(
             "n",
             &facts(&[("flotilla.service", "web"), ("flotilla.port", "http")]),
+            None,
             None,
         )
         .unwrap_err();
@@ -277,6 +356,7 @@ mod tests {
         let e = spec_from_container(
             "n",
             &facts(&[("flotilla.service", "Web!"), ("flotilla.port", "80")]),
+            None,
             None,
         )
         .unwrap_err();
@@ -289,6 +369,7 @@ mod tests {
                 ("flotilla.network", "back"),
             ]),
             None,
+            None,
         )
         .unwrap_err();
         assert_eq!(e.field, "label flotilla.network");
@@ -299,6 +380,7 @@ mod tests {
                 ("flotilla.port", "80"),
                 ("flotilla.check.interval", "soon"),
             ]),
+            None,
             None,
         )
         .unwrap_err();
@@ -311,10 +393,61 @@ mod tests {
         f.networks
             .insert("back".into(), Some("198.18.6.2".parse().unwrap()));
         assert_eq!(
-            spec_from_container("n", &f, None).unwrap_err().field,
+            spec_from_container("n", &f, None, None).unwrap_err().field,
             "label flotilla.network"
         );
-        let s = spec_from_container("n", &f, Some("back")).unwrap().unwrap();
+        let s = spec_from_container("n", &f, Some("back"), None).unwrap().unwrap();
         assert_eq!(s.address.to_string(), "198.18.6.2");
+    }
+
+    #[test]
+    fn a_published_port_is_registered_at_the_advertise_address() {
+        let advertise: IpAddr = "198.18.100.2".parse().unwrap();
+        let mut f = facts(&[
+            ("flotilla.service", "web"),
+            ("flotilla.port", "80"),
+            ("flotilla.check.tcp", "81"),
+        ]);
+        f.published = [(80, 32768), (81, 32769)].into();
+        let s = spec_from_container("n", &f, None, Some(advertise))
+            .unwrap()
+            .unwrap();
+        assert_eq!((s.address, s.port), (advertise, 32768));
+        assert_eq!(s.meta["address_mode"], "host");
+        assert_eq!(s.checks[0].kind, CheckKind::Tcp { port: Some(32769) });
+        // Without an advertise address (or forced), the container's own address.
+        let s = spec_from_container("n", &f, None, None).unwrap().unwrap();
+        assert_eq!((s.address.to_string(), s.port), ("198.18.5.2".into(), 80));
+        f.labels.insert(ADDRESS.into(), "container".into());
+        let s = spec_from_container("n", &f, None, Some(advertise))
+            .unwrap()
+            .unwrap();
+        assert_eq!((s.address.to_string(), s.port), ("198.18.5.2".into(), 80));
+        assert_eq!(s.meta["address_mode"], "container");
+        assert_eq!(s.checks[0].kind, CheckKind::Tcp { port: Some(81) });
+    }
+
+    #[test]
+    fn host_mode_without_a_published_port_is_refused_naming_container_and_label() {
+        let mut f = facts(&[
+            ("flotilla.service", "web"),
+            ("flotilla.port", "80"),
+            ("flotilla.address", "host"),
+        ]);
+        let advertise = Some("198.18.100.2".parse().unwrap());
+        let e = spec_from_container("n", &f, None, advertise).unwrap_err();
+        assert_eq!(e.field, "label flotilla.address");
+        assert!(e.message.contains("web-1") && e.message.contains("80"), "{e}");
+        f.published = [(80, 32768)].into();
+        let e = spec_from_container("n", &f, None, None).unwrap_err();
+        assert!(e.message.contains("--advertise"), "{e}");
+        f.labels.insert(ADDRESS.into(), "nat".into());
+        let e = spec_from_container("n", &f, None, advertise).unwrap_err();
+        assert_eq!(e.field, "label flotilla.address");
+        // A check port that is not published cannot be reached in host mode.
+        f.labels.insert(ADDRESS.into(), "host".into());
+        f.labels.insert("flotilla.check.tcp".into(), "9000".into());
+        let e = spec_from_container("n", &f, None, advertise).unwrap_err();
+        assert_eq!(e.field, "label flotilla.check.tcp");
     }
 }

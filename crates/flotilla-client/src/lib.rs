@@ -4,6 +4,8 @@
 //! same way; keeping that in one place keeps auth, error decoding and URLs consistent.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use flotilla_core::{InstanceSpec, InstanceView, NodeView, ServiceInstances, ServiceSummary};
@@ -100,14 +102,85 @@ pub fn busy_backoff(retry: u32, limit: Duration) -> Duration {
 /// A registry client.
 #[derive(Clone)]
 pub struct Client {
-    base: String,
+    servers: Arc<Servers>,
     token: Option<String>,
     http: reqwest::Client,
     busy_retries: bool,
 }
 
+/// The servers a client may use, and the one it uses now.
+struct Servers {
+    bases: Vec<String>,
+    current: AtomicUsize,
+}
+
+impl Servers {
+    /// `url` (made for any server of the list) with server `i`'s scheme, host and port.
+    fn url_on(&self, i: usize, url: &reqwest::Url) -> reqwest::Url {
+        let mut path = url.path().to_owned();
+        if let Some(q) = url.query() {
+            path.push('?');
+            path.push_str(q);
+        }
+        reqwest::Url::parse(&format!("{}{}", self.bases[i], path)).unwrap_or_else(|_| url.clone())
+    }
+}
+
+pub use flotilla_core::config::parse_server_list as parse_servers;
+
+/// A registry client.
+#[derive(Clone)]
+pub struct Client {
+    servers: Arc<Servers>,
+    token: Option<String>,
+    http: reqwest::Client,
+    busy_retries: bool,
+}
+
+/// The servers a client may use, and the one it uses now.
+struct Servers {
+    bases: Vec<String>,
+    current: AtomicUsize,
+}
+
+impl Servers {
+    /// `url` (made for any server of the list) with server `i`'s scheme, host and port.
+    fn url_on(&self, i: usize, url: &reqwest::Url) -> reqwest::Url {
+        let mut path = url.path().to_owned();
+        if let Some(q) = url.query() {
+            path.push('?');
+            path.push_str(q);
+        }
+        reqwest::Url::parse(&format!("{}{}", self.bases[i], path)).unwrap_or_else(|_| url.clone())
+    }
+}
+
+/// Splits a server list (`http://a:7700,http://b:7700`) and checks each entry is an
+/// http(s) URL with a host and no path; the error names the entry that is not.
+pub fn parse_servers(list: &str) -> std::result::Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for raw in list.split(',') {
+        let entry = raw.trim().trim_end_matches('/');
+        let url = reqwest::Url::parse(entry).map_err(|e| format!("{entry:?}: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("{entry:?}: not an http(s) URL"));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(format!("{entry:?}: no host"));
+        }
+        if url.path() != "/" || url.query().is_some() {
+            return Err(format!("{entry:?}: a server URL has no path"));
+        }
+        out.push(entry.to_owned());
+    }
+    Ok(out)
+}
+
 impl Client {
-    /// A client of the server at `base` (e.g. `http://127.0.0.1:7700`).
+    /// A client of the server at `base` (e.g. `http://127.0.0.1:7700`), or of several
+    /// (`http://a:7700,http://b:7700`): requests go to one of them and move to the next
+    /// when it cannot be reached or answers 5xx. Check a list from a user with
+    /// [`parse_servers`] first; here entries are only split.
     pub fn new(base: &str, token: Option<String>) -> Self {
         let http = reqwest::Client::builder()
             .no_proxy()
@@ -115,8 +188,19 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .expect("HTTP client");
+        let mut bases: Vec<String> = base
+            .split(',')
+            .map(|b| b.trim().trim_end_matches('/').to_owned())
+            .filter(|b| !b.is_empty())
+            .collect();
+        if bases.is_empty() {
+            bases.push(DEFAULT_SERVER.to_owned());
+        }
         Client {
-            base: base.trim_end_matches('/').to_owned(),
+            servers: Arc::new(Servers {
+                bases,
+                current: AtomicUsize::new(0),
+            }),
             token,
             http,
             busy_retries: true,
@@ -131,9 +215,15 @@ impl Client {
         self
     }
 
-    /// Base URL.
+    /// Base URL of the server in use now.
     pub fn base(&self) -> &str {
-        &self.base
+        let s = &self.servers;
+        &s.bases[s.current.load(Ordering::Relaxed) % s.bases.len()]
+    }
+
+    /// Every server this client may use, in order.
+    pub fn servers(&self) -> &[String] {
+        &self.servers.bases
     }
 
     fn request(
@@ -144,7 +234,7 @@ impl Client {
     ) -> reqwest::RequestBuilder {
         let mut req = self
             .http
-            .request(method, format!("{}{}", self.base, path))
+            .request(method, format!("{}{}", self.base(), path))
             .timeout(timeout);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
@@ -156,26 +246,19 @@ impl Client {
         self.send_with_index(req).await.map(|(_, v)| v)
     }
 
-    /// Like `send`, also returning the `X-Flotilla-Index` header (0 if absent).
-    async fn send_with_index<T: DeserializeOwned>(
-        &self,
-        req: reqwest::RequestBuilder,
-    ) -> Result<(u64, T)> {
-        let mut req = req.build().map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
-            message: e.to_string(),
-        })?;
-        let url = req.url().to_string();
+    /// Sends to one server, backing off and resending while it answers busy.
+    async fn execute_on(&self, mut req: reqwest::Request) -> Result<reqwest::Response> {
         let mut tries = 1;
-        let resp = loop {
+        loop {
             // A body that cannot be copied (a stream) is sent once, without retries.
             let again = req.try_clone();
+            let url = req.url().to_string();
             let resp = self
                 .http
                 .execute(req)
                 .await
                 .map_err(|e| ClientError::Unreachable {
-                    url: url.clone(),
+                    url,
                     message: flotilla_core::error::chain(&e),
                 })?;
             match (busy_retry_after(&resp), again) {
@@ -184,9 +267,73 @@ impl Client {
                     tries += 1;
                     req = again;
                 }
-                _ => break resp,
+                _ => return Ok(resp),
             }
-        };
+        }
+    }
+
+    /// Sends a request to the current server; when that one cannot be reached or
+    /// answers 5xx (not a busy answer: that one is retried on the same server), to the
+    /// next of the list, each at most once, and remembers the one that answered.
+    async fn execute(&self, req: reqwest::Request) -> Result<reqwest::Response> {
+        let n = self.servers.bases.len();
+        let start = self.servers.current.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let on_server = match req.try_clone() {
+                Some(mut r) => {
+                    *r.url_mut() = self.servers.url_on(i, req.url());
+                    r
+                }
+                // A streamed body is sent once, to the current server.
+                None if k == 0 => return self.execute_on(req).await,
+                None => break,
+            };
+            let failed_over = match self.execute_on(on_server).await {
+                Ok(resp)
+                    if resp.status().is_server_error() && busy_retry_after(&resp).is_none() =>
+                {
+                    Err(Ok(resp))
+                }
+                Ok(resp) => Ok(resp),
+                Err(e @ ClientError::Unreachable { .. }) => Err(Err(e)),
+                Err(e) => return Err(e),
+            };
+            match failed_over {
+                Ok(resp) => {
+                    self.servers.current.store(i, Ordering::Relaxed);
+                    return Ok(resp);
+                }
+                Err(outcome) => {
+                    self.servers
+                        .current
+                        .store((i + 1) % n, Ordering::Relaxed);
+                    last = Some(outcome);
+                }
+            }
+        }
+        match last {
+            Some(Ok(resp)) => Ok(resp),
+            Some(Err(e)) => Err(e),
+            None => Err(ClientError::Unreachable {
+                url: self.base().to_owned(),
+                message: "no server left to try".into(),
+            }),
+        }
+    }
+
+    /// Like `send`, also returning the `X-Flotilla-Index` header (0 if absent).
+    async fn send_with_index<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<(u64, T)> {
+        let req = req.build().map_err(|e| ClientError::Unreachable {
+            url: self.base().to_owned(),
+            message: e.to_string(),
+        })?;
+        let resp = self.execute(req).await?;
+        let url = resp.url().to_string();
         let index = resp
             .headers()
             .get("x-flotilla-index")

@@ -4,7 +4,7 @@
 //! The order of precedence is: defaults, then the file, then command-line overrides
 //! (applied by the binary), then `validate()`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -152,14 +152,57 @@ impl ServerConfig {
     }
 }
 
+/// Splits a server list (`http://a:7700,http://b:7700`) and checks each entry is an
+/// http(s) URL of a host (and port) with no path; the error names the entry that is not.
+pub fn parse_server_list(list: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for raw in list.split(',') {
+        let entry = raw.trim().trim_end_matches('/');
+        let Some(authority) = entry
+            .strip_prefix("http://")
+            .or_else(|| entry.strip_prefix("https://"))
+        else {
+            return Err(format!("{entry:?} is not an http(s) URL"));
+        };
+        if authority.is_empty() {
+            return Err(format!("{entry:?} has no host"));
+        }
+        if authority.contains(['/', '?', '#', ' ', '@']) {
+            return Err(format!("{entry:?}: a server URL is scheme://host[:port] only"));
+        }
+        // The port is what follows the last ':' outside an IPv6 literal's brackets.
+        let port = match authority.rsplit_once(':') {
+            Some((host, port)) if !port.contains(']') => {
+                if host.is_empty() {
+                    return Err(format!("{entry:?} has no host"));
+                }
+                Some(port)
+            }
+            _ => None,
+        };
+        if let Some(p) = port {
+            if p.parse::<u16>().map_or(true, |p| p == 0) {
+                return Err(format!("{entry:?}: port {p:?} is not 1..65535"));
+            }
+        }
+        out.push(entry.to_owned());
+    }
+    Ok(out)
+}
+
 /// `flotilla agent` settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
-    /// Registry URL.
+    /// Registry URL, or several separated by commas (the agent moves to the next when
+    /// one cannot be reached, and keeps its lease through any of them).
     pub server: String,
     /// File holding the bearer token.
     pub token_file: Option<PathBuf>,
+    /// The address other hosts reach this host at: published ports are registered on
+    /// it, and it is the node's address. Default: the source address of the route to
+    /// the first server.
+    pub advertise: Option<IpAddr>,
     /// This host's node name (default: the hostname).
     pub node: Option<String>,
     /// Docker Engine endpoint: `unix:///path` or `tcp://host:port`.
@@ -193,6 +236,7 @@ impl Default for AgentConfig {
         AgentConfig {
             server: "http://127.0.0.1:7700".into(),
             token_file: None,
+            advertise: None,
             node: None,
             docker: "unix:///var/run/docker.sock".into(),
             lease_ttl: Duration::from_secs(3),
@@ -210,11 +254,15 @@ impl Default for AgentConfig {
 impl AgentConfig {
     /// Checks values after file and overrides are applied.
     pub fn validate(&self) -> Result<(), FieldError> {
-        if !(self.server.starts_with("http://") || self.server.starts_with("https://")) {
-            return Err(FieldError::new(
-                "server",
-                format!("{:?} is not an http(s) URL", self.server),
-            ));
+        parse_server_list(&self.server).map_err(|e| FieldError::new("server", e))?;
+        if let Some(ip) = self.advertise {
+            // Binding a socket to it succeeds only for an address of this host.
+            if ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_err() {
+                return Err(FieldError::new(
+                    "advertise",
+                    format!("{ip} is not an address of this host"),
+                ));
+            }
         }
         if let Some(n) = &self.node {
             crate::validate_node_name("node", n)?;
@@ -318,5 +366,47 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(c.validate().unwrap_err().field, "leader_ttl");
+    }
+
+    #[test]
+    fn server_lists_name_the_bad_entry() {
+        assert_eq!(
+            parse_server_list("http://a:7700, https://198.18.0.2:7700/,http://[::1]:7700").unwrap(),
+            ["http://a:7700", "https://198.18.0.2:7700", "http://[::1]:7700"]
+        );
+        for (bad, named) in [
+            ("http://a:7700,ftp://b", "ftp://b"),
+            ("http://a:7700,", "\"\""),
+            ("http://a:7700/v1", "/v1"),
+            ("http://a:99999", "99999"),
+            ("http://:7700", "no host"),
+        ] {
+            let e = parse_server_list(bad).unwrap_err();
+            assert!(e.contains(named), "{bad}: {e}");
+        }
+        let c = AgentConfig {
+            server: "http://a:1,nope".into(),
+            ..Default::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "server");
+        assert!(e.message.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn advertise_must_be_an_address_of_this_host() {
+        let ok = AgentConfig {
+            advertise: Some("127.0.0.1".parse().unwrap()),
+            ..Default::default()
+        };
+        ok.validate().unwrap();
+        // TEST-NET-2: assigned to no interface here.
+        let bad = AgentConfig {
+            advertise: Some("198.51.100.7".parse().unwrap()),
+            ..Default::default()
+        };
+        let e = bad.validate().unwrap_err();
+        assert_eq!(e.field, "advertise");
+        assert!(e.message.contains("198.51.100.7"), "{e}");
     }
 }

@@ -42,9 +42,26 @@ pub struct RuntimeConfig {
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     /// Registry URL.
-    pub url: String,
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Several registry URLs: the lb uses one and moves to the next when it cannot be
+    /// reached or answers 5xx. Given with `url`, `url` comes first.
+    #[serde(default)]
+    pub urls: Vec<String>,
     /// Token file.
     pub token_file: Option<PathBuf>,
+}
+
+impl RegistryConfig {
+    /// Every server URL, `url` first, as the client's comma-separated list.
+    pub fn server_list(&self) -> String {
+        self.url
+            .iter()
+            .chain(&self.urls)
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 /// `[admin]`
@@ -434,10 +451,18 @@ impl LbConfig {
             })?;
         }
         if let Some(r) = &self.registry {
-            if !r.url.starts_with("http://") && !r.url.starts_with("https://") {
+            if let Some(url) = &r.url {
+                flotilla_core::config::parse_server_list(url)
+                    .map_err(|e| FieldError::new("registry.url", e))?;
+            }
+            for (i, url) in r.urls.iter().enumerate() {
+                flotilla_core::config::parse_server_list(url)
+                    .map_err(|e| FieldError::new(format!("registry.urls[{i}]"), e))?;
+            }
+            if r.url.is_none() && r.urls.is_empty() {
                 return Err(FieldError::new(
                     "registry.url",
-                    format!("{:?} is not an http(s) URL", r.url),
+                    "missing: give url = \"http://HOST:7700\" or urls = [...]",
                 ));
             }
         }
@@ -496,5 +521,25 @@ backends = ["127.0.0.1:9001", "127.0.0.1:9002 weight=3"]
         let e = parse("[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nservice = \"web\"\n")
             .unwrap_err();
         assert!(e.contains("registry"), "{e}");
+    }
+
+    #[test]
+    fn several_registry_urls() {
+        let listener = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nservice = \"web\"\n";
+        let c = parse(&format!(
+            "[registry]\nurl = \"http://198.18.0.1:7700\"\nurls = [\"http://198.18.0.2:7700\"]\n{listener}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.registry.unwrap().server_list(),
+            "http://198.18.0.1:7700,http://198.18.0.2:7700"
+        );
+        let e = parse(&format!(
+            "[registry]\nurls = [\"http://198.18.0.1:7700\", \"198.18.0.2:7700\"]\n{listener}"
+        ))
+        .unwrap_err();
+        assert!(e.contains("registry.urls[1]") && e.contains("198.18.0.2:7700"), "{e}");
+        let e = parse(&format!("[registry]\n{listener}")).unwrap_err();
+        assert!(e.contains("registry.url"), "{e}");
     }
 }

@@ -107,7 +107,7 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
                 Some(f) => Some(flotilla_client::read_token(f)?),
                 None => std::env::var("FLOTILLA_TOKEN").ok(),
             };
-            Some(flotilla_client::Client::new(&r.url, token))
+            Some(flotilla_client::Client::new(&r.server_list(), token))
         }
         None => None,
     };

@@ -831,4 +831,18 @@ mod tests {
         let e = parse_json::<InstanceSpec>(b"{not json").unwrap_err();
         assert_eq!(e.field.as_deref(), Some("body"));
     }
+
+    #[test]
+    fn a_busy_store_answers_503_with_retry_after_and_other_store_errors_without() {
+        let busy = ApiError::store(flotilla_store::StoreError::Busy { queued: 9 }).into_response();
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            busy.headers().get(axum::http::header::RETRY_AFTER).unwrap(),
+            "1"
+        );
+        let down = ApiError::store(flotilla_store::StoreError::Unavailable("etcd".into()))
+            .into_response();
+        assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(down.headers().get(axum::http::header::RETRY_AFTER).is_none());
+    }
 }

@@ -5,6 +5,7 @@
 //! `busybox-static` (no registry can be reached), and Docker networks inside
 //! 198.18.0.0/15. Everything started here is torn down on drop.
 
+pub mod hosts;
 pub mod netns;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -445,9 +446,7 @@ impl Drop for Dockerd {
         }
         // Its bridges would outlive it on the host.
         let _ = self.docker(&["network", "prune", "-f"]);
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
+        signal(self.child.id(), libc::SIGTERM);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while std::time::Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -458,17 +457,30 @@ impl Drop for Dockerd {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = ip(&["link", "del", &self.bridge]);
-        // Overlay mounts may linger under the data root; unmount before deleting.
-        let root = self.dir.path().to_string_lossy().into_owned();
-        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
-            for line in mounts.lines() {
-                if let Some(m) = line
-                    .split_whitespace()
-                    .nth(1)
-                    .filter(|m| m.starts_with(&root))
-                {
-                    let _ = Command::new("umount").args(["-l", m]).status();
-                }
+        unmount_under(self.dir.path());
+    }
+}
+
+/// Sends `sig` to process `pid` (a child of the test); errors (it is gone) are ignored.
+pub fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) has no memory-safety preconditions; a stale pid is only an error.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// Unmounts (lazily) everything mounted under `root`: an engine's overlay and shm
+/// mounts may linger under its data root, and the directory cannot be deleted before.
+pub fn unmount_under(root: &std::path::Path) {
+    let root = root.to_string_lossy().into_owned();
+    if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+        for line in mounts.lines() {
+            if let Some(m) = line
+                .split_whitespace()
+                .nth(1)
+                .filter(|m| m.starts_with(&root))
+            {
+                let _ = Command::new("umount").args(["-l", m]).status();
             }
         }
     }

@@ -90,12 +90,17 @@ pub struct AgentArgs {
     /// TOML config file (see docs/config.md); flags below override it.
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// Registry URL [default: http://127.0.0.1:7700].
+    /// Registry URL, or several separated by commas (moves to the next when one fails)
+    /// [default: http://127.0.0.1:7700].
     #[arg(long, env = "FLOTILLA_SERVER")]
     pub server: Option<String>,
     /// File holding the registry's bearer token.
     #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// The address other hosts reach this host at: published ports are registered on
+    /// it [default: the source address of the route to the first server].
+    #[arg(long)]
+    pub advertise: Option<std::net::IpAddr>,
     /// This host's node name [default: the hostname].
     #[arg(long)]
     pub node: Option<String>,
@@ -161,7 +166,8 @@ pub struct UpArgs {
 /// How the CLI finds the server.
 #[derive(Debug, Args, Clone)]
 pub struct ClientArgs {
-    /// Server URL [env: FLOTILLA_SERVER; default: the one `flotilla up` wrote, else
+    /// Server URL, or several separated by commas (the next is tried when one fails)
+    /// [env: FLOTILLA_SERVER; default: the one `flotilla up` wrote, else
     /// http://127.0.0.1:7700].
     #[arg(long, env = "FLOTILLA_SERVER")]
     pub server: Option<String>,

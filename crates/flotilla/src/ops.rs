@@ -25,6 +25,8 @@ pub fn client(args: &ClientArgs) -> anyhow::Result<Client> {
         .token_file
         .clone()
         .or_else(|| default_token.exists().then_some(default_token));
+    flotilla_client::parse_servers(&server)
+        .map_err(|e| crate::run::usage(format!("--server: {e}")))?;
     Ok(Client::new(&server, token_from(file.as_deref())?))
 }
 

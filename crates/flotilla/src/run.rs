@@ -34,7 +34,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn usage(e: impl std::fmt::Display) -> anyhow::Error {
+pub(crate) fn usage(e: impl std::fmt::Display) -> anyhow::Error {
     UsageError(e.to_string()).into()
 }
 
@@ -122,6 +122,9 @@ pub fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
     }
     if let Some(v) = &args.token_file {
         c.token_file = Some(v.clone());
+    }
+    if let Some(v) = args.advertise {
+        c.advertise = Some(v);
     }
     if let Some(v) = &args.node {
         c.node = Some(v.clone());

@@ -19,12 +19,17 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str], log: PathBuf) -> Proc {
+        Self::spawn_command(Command::new(BIN), args, log)
+    }
+
+    /// Spawns `command ARGS` (a `flotilla` invocation, e.g. wrapped in `nsenter`).
+    pub fn spawn_command(mut command: Command, args: &[&str], log: PathBuf) -> Proc {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .unwrap();
-        let child = Command::new(BIN)
+        let child = command
             .args(args)
             .env("RUST_LOG", "info")
             .env_remove("FLOTILLA_TOKEN")

@@ -1,0 +1,247 @@
+//! flotilla on hosts that share only a LAN (flotilla-testkit's `Hosts`: a network
+//! namespace and a Docker Engine per host, one bridge between them, no route from one
+//! host into another's container subnet). The server runs on host c, agents on a and b,
+//! the checks and requests come from a client namespace on the same LAN.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Proc, BIN};
+use flotilla_client::Client;
+use flotilla_testkit::hosts::Hosts;
+
+/// Spawns `flotilla ARGS` inside `node`'s namespace, logging to `log`.
+fn flotilla_on(hosts: &Hosts, node: &str, args: &[&str], log: &Path) -> Proc {
+    Proc::spawn_command(hosts.command(node, BIN), args, log.to_owned())
+}
+
+/// One HTTP GET with a short timeout: the body, or why not.
+async fn get(url: &str) -> Result<String, String> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    match client.get(url).send().await {
+        Ok(r) if r.status().is_success() => r.text().await.map_err(|e| e.to_string()),
+        Ok(r) => Err(format!("status {}", r.status())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Runs `body` on a thread inside `node`'s namespace (its sockets are that node's),
+/// on a runtime of its own.
+fn in_namespace<T: Send>(
+    hosts: &Hosts,
+    node: &str,
+    body: impl std::future::Future<Output = T> + Send,
+) -> T {
+    let path = format!("/run/netns/{}", hosts.lan.ns(node));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            flotilla_testkit::netns::enter(&path).unwrap();
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(body)
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+async fn wait_for<F, Fut>(within: Duration, what: &str, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if f().await {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out after {within:?} waiting for: {what}");
+}
+
+/// A busybox httpd answering `text` on port 8080, published on a port the engine picks.
+fn web_container(hosts: &Hosts, host: &str, image: &str, text: &str) -> String {
+    let script = format!("mkdir -p /www && echo {text} > /www/index.html && exec httpd -f -p 8080 -h /www");
+    hosts
+        .docker(
+            host,
+            &[
+                "run", "-d", "-p", "8080", "-l", "flotilla.service=web", "-l",
+                "flotilla.port=8080", "-l", "flotilla.check.http=/", "-l",
+                "flotilla.check.interval=200ms", image, "sh", "-c", &script,
+            ],
+        )
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn published_ports_cross_hosts_and_a_lost_host_leaves() {
+    let hosts = Hosts::create(&["a", "b", "c"], &["client"], 61).expect("hosts");
+    let image = flotilla_testkit::busybox_image().unwrap();
+    for h in ["a", "b"] {
+        hosts.load_image(h, image).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    let server_addr = format!("{}:7700", hosts.addr("c"));
+    let server_url = format!("http://{server_addr}");
+    let _server = flotilla_on(
+        &hosts,
+        "c",
+        &[
+            "server", "--listen", &server_addr, "--dns-listen", "", "--data-dir",
+            &dir.path().join("c").display().to_string(), "--token-file",
+            &token.display().to_string(),
+        ],
+        &dir.path().join("server.log"),
+    );
+    let mut agents = Vec::new();
+    for h in ["a", "b"] {
+        // No --advertise: the default is the source address of the route to the server.
+        agents.push(flotilla_on(
+            &hosts,
+            h,
+            &[
+                "agent", "--server", &server_url, "--token-file",
+                &token.display().to_string(), "--node", h, "--docker", hosts.engine(h),
+                "--api-listen", "0.0.0.0:7701", "--lease-ttl", "1s",
+            ],
+            &dir.path().join(format!("agent-{h}.log")),
+        ));
+    }
+    let lb_conf = dir.path().join("lb.toml");
+    std::fs::write(
+        &lb_conf,
+        format!(
+            "[admin]\nlisten = \"\"\n[registry]\nurl = \"{server_url}\"\ntoken_file = \"{}\"\n\
+             [[listener]]\nname = \"web\"\nbind = \"{}:8080\"\nscheduler = \"round-robin\"\n\
+             service = \"web\"\nslow_start = \"0s\"\n",
+            token.display(),
+            hosts.addr("c")
+        ),
+    )
+    .unwrap();
+    let (addr_a, addr_b, addr_c) = (hosts.addr("a"), hosts.addr("b"), hosts.addr("c"));
+
+    in_namespace(&hosts, "client", async {
+        // The token file appears once the server has started.
+        wait_for(Duration::from_secs(20), "server token", || async {
+            token.exists()
+        })
+        .await;
+        let client = Client::new(&server_url, Some(std::fs::read_to_string(&token).unwrap().trim().to_owned()));
+        wait_for(Duration::from_secs(30), "both agents joined", || async {
+            client.nodes().await.is_ok_and(|n| n.len() == 2)
+        })
+        .await;
+        // Each node's address is its LAN address, and its API is reachable there.
+        for n in client.nodes().await.unwrap() {
+            let want = if n.name == "a" { addr_a } else { addr_b };
+            assert_eq!(n.address.as_deref(), Some(want.to_string().as_str()), "{n:?}");
+            assert_eq!(n.api.as_deref(), Some(format!("http://{want}:7701").as_str()));
+        }
+
+        // A container on host a, joining: registered at a's LAN address and the
+        // published port, passing by the server's probe from host c.
+        let started = Instant::now();
+        let id_a = web_container(&hosts, "a", image, "host-a");
+        let join = wait_for(Duration::from_secs(30), "web on a passing", || async {
+            common::passing(&client, "web").await.len() == 1
+        })
+        .await;
+        eprintln!("join -> passing (container on a, server on c): {:.2}s", join.as_secs_f64());
+        let inst = common::passing(&client, "web").await.remove(0);
+        assert_eq!(inst.address, std::net::IpAddr::V4(addr_a));
+        assert_eq!(inst.meta["address_mode"], "host");
+        let host_port: u16 = hosts
+            .docker("a", &["port", &id_a, "8080/tcp"])
+            .unwrap()
+            .lines()
+            .next()
+            .and_then(|l| l.rsplit(':').next())
+            .and_then(|p| p.trim().parse().ok())
+            .expect("published port");
+        assert_eq!(inst.port, host_port);
+        assert!(started.elapsed() < Duration::from_secs(30));
+
+        // From the client: the registered address answers; the container's own address
+        // does not (no host routes into another host's container subnet).
+        assert_eq!(
+            get(&format!("http://{addr_a}:{host_port}/")).await.unwrap().trim(),
+            "host-a"
+        );
+        let bridge_ip = hosts
+            .docker("a", &["inspect", "-f", "{{.NetworkSettings.IPAddress}}", &id_a])
+            .unwrap();
+        let direct = get(&format!("http://{}:8080/", bridge_ip.trim())).await;
+        assert!(direct.is_err(), "container address reached across hosts: {direct:?}");
+
+        // A second replica on host b, and an lb on host c in front of both.
+        let id_b = web_container(&hosts, "b", image, "host-b");
+        wait_for(Duration::from_secs(30), "web on a and b passing", || async {
+            common::passing(&client, "web").await.len() == 2
+        })
+        .await;
+        let _lb = flotilla_on(
+            &hosts,
+            "c",
+            &["lb", "--config", &lb_conf.display().to_string()],
+            &dir.path().join("lb.log"),
+        );
+        let mut seen = std::collections::BTreeSet::new();
+        wait_for(Duration::from_secs(20), "the lb reaches both hosts", || {
+            let seen = &mut seen;
+            async move {
+                if let Ok(body) = get(&format!("http://{addr_c}:8080/")).await {
+                    seen.insert(body.trim().to_owned());
+                }
+                seen.len() == 2
+            }
+        })
+        .await;
+
+        // docker kill on b: its instance leaves.
+        hosts.docker("b", &["kill", &id_b]).unwrap();
+        let out = wait_for(Duration::from_secs(10), "killed replica out", || async {
+            common::passing(&client, "web").await.len() == 1
+        })
+        .await;
+        eprintln!("docker kill -> out: {:.2}s", out.as_secs_f64());
+
+        // Host a cut off from the LAN: its node and instance leave within the lease.
+        hosts.cut("a").unwrap();
+        let lost = wait_for(Duration::from_secs(10), "cut-off host's instances out", || async {
+            client
+                .instances()
+                .await
+                .is_ok_and(|all| all.iter().all(|i| i.node.as_deref() != Some("a")))
+        })
+        .await;
+        eprintln!("host a cut off -> its instances out: {:.2}s", lost.as_secs_f64());
+        assert!(
+            client.nodes().await.unwrap().iter().all(|n| n.name != "a"),
+            "node a still listed"
+        );
+        hosts.heal("a").unwrap();
+        // Healed, its agent registers again and resyncs its container.
+        wait_for(Duration::from_secs(30), "host a back with its replica", || async {
+            common::passing(&client, "web")
+                .await
+                .iter()
+                .any(|i| i.address == std::net::IpAddr::V4(addr_a))
+        })
+        .await;
+    });
+    drop(agents);
+}
