@@ -128,54 +128,6 @@ impl Servers {
 
 pub use flotilla_core::config::parse_server_list as parse_servers;
 
-/// A registry client.
-#[derive(Clone)]
-pub struct Client {
-    servers: Arc<Servers>,
-    token: Option<String>,
-    http: reqwest::Client,
-    busy_retries: bool,
-}
-
-/// The servers a client may use, and the one it uses now.
-struct Servers {
-    bases: Vec<String>,
-    current: AtomicUsize,
-}
-
-impl Servers {
-    /// `url` (made for any server of the list) with server `i`'s scheme, host and port.
-    fn url_on(&self, i: usize, url: &reqwest::Url) -> reqwest::Url {
-        let mut path = url.path().to_owned();
-        if let Some(q) = url.query() {
-            path.push('?');
-            path.push_str(q);
-        }
-        reqwest::Url::parse(&format!("{}{}", self.bases[i], path)).unwrap_or_else(|_| url.clone())
-    }
-}
-
-/// Splits a server list (`http://a:7700,http://b:7700`) and checks each entry is an
-/// http(s) URL with a host and no path; the error names the entry that is not.
-pub fn parse_servers(list: &str) -> std::result::Result<Vec<String>, String> {
-    let mut out = Vec::new();
-    for raw in list.split(',') {
-        let entry = raw.trim().trim_end_matches('/');
-        let url = reqwest::Url::parse(entry).map_err(|e| format!("{entry:?}: {e}"))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!("{entry:?}: not an http(s) URL"));
-        }
-        if url.host_str().is_none_or(str::is_empty) {
-            return Err(format!("{entry:?}: no host"));
-        }
-        if url.path() != "/" || url.query().is_some() {
-            return Err(format!("{entry:?}: a server URL has no path"));
-        }
-        out.push(entry.to_owned());
-    }
-    Ok(out)
-}
-
 impl Client {
     /// A client of the server at `base` (e.g. `http://127.0.0.1:7700`), or of several
     /// (`http://a:7700,http://b:7700`): requests go to one of them and move to the next

@@ -91,6 +91,10 @@ pub struct ServerConfig {
     /// Longest `wait` a blocking query may ask for.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
+    /// Writes (other than lease and TTL renewals) this server works on at once; past
+    /// it a write is refused at once with `503` + `Retry-After` and nothing written,
+    /// so an overload degrades to slower writers instead of unbounded latency.
+    pub max_inflight_writes: usize,
 }
 
 impl Default for ServerConfig {
@@ -106,6 +110,7 @@ impl Default for ServerConfig {
             leader_ttl: Duration::from_secs(3),
             max_body_bytes: 64 * 1024,
             max_wait: Duration::from_secs(300),
+            max_inflight_writes: 256,
         }
     }
 }
@@ -140,6 +145,12 @@ impl ServerConfig {
         }
         if !(1024..=16 * 1024 * 1024).contains(&self.max_body_bytes) {
             return Err(FieldError::new("max_body_bytes", "must be 1 KiB..=16 MiB"));
+        }
+        if !(8..=65_536).contains(&self.max_inflight_writes) {
+            return Err(FieldError::new(
+                "max_inflight_writes",
+                format!("{} must be 8..=65536", self.max_inflight_writes),
+            ));
         }
         Ok(())
     }

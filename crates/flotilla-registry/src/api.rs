@@ -174,6 +174,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/status", get(status))
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
+            admit_writes,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
             authorize,
         ));
     Router::new()
@@ -203,6 +207,33 @@ async fn count_requests(State(shared): State<Arc<Shared>>, req: Request, next: N
         })
         .inc();
     resp
+}
+
+/// Admission control for writes: past `max_inflight_writes` being worked on, a write is
+/// refused at once (`503`, `Retry-After: 1`, nothing written). Lease and TTL renewals
+/// always pass: refusing them under load would expire healthy nodes.
+async fn admit_writes(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    use std::sync::atomic::Ordering;
+    let write = !matches!(*req.method(), Method::GET | Method::HEAD);
+    if !write || req.uri().path().ends_with("/renew") {
+        return next.run(req).await;
+    }
+    let before = shared.writes_in_flight.fetch_add(1, Ordering::Relaxed);
+    let _done = scopeguard(|| {
+        shared.writes_in_flight.fetch_sub(1, Ordering::Relaxed);
+    });
+    if before >= shared.config.max_inflight_writes {
+        shared.metrics.busy_writes.inc();
+        return ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("server busy: {before} writes in flight; retry shortly"),
+            )
+        }
+        .into_response();
+    }
+    next.run(req).await
 }
 
 async fn authorize(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
@@ -485,29 +516,34 @@ impl Blocking {
 
 /// Blocks until `current()` moves past `index`, the wait ends, or the index went
 /// backwards (a client from another catalog: answer at once so it resyncs).
+///
+/// `rx` says when to look again: the service's own channel for a service query (a
+/// change elsewhere wakes no one waiting on it), the catalog index for the rest.
 pub(crate) async fn block_until(
     shared: &Shared,
     q: &Blocking,
+    mut rx: tokio::sync::watch::Receiver<u64>,
     current: impl Fn(&Shared) -> u64,
 ) -> Result<(), ApiError> {
     let wait = q.wait(shared.config.max_wait)?;
     let Some(index) = q.index.filter(|i| *i > 0) else {
         return Ok(());
     };
-    let mut rx = shared.index_watch();
-    let deadline = tokio::time::Instant::now() + wait;
+    let deadline = tokio::time::sleep(wait);
+    tokio::pin!(deadline);
     shared.metrics.waiting.inc();
     let _waiting = scopeguard(|| {
         shared.metrics.waiting.dec();
     });
     loop {
+        rx.borrow_and_update();
         let now_index = current(shared);
         if now_index > index || shared.catalog().index() < index {
             return Ok(());
         }
         tokio::select! {
             r = rx.changed() => if r.is_err() { return Ok(()) },
-            _ = tokio::time::sleep_until(deadline) => return Ok(()),
+            _ = &mut deadline => return Ok(()),
         }
     }
 }
@@ -526,7 +562,7 @@ async fn list_services(
     State(shared): State<Arc<Shared>>,
     Query(q): Query<Blocking>,
 ) -> Result<Response, ApiError> {
-    block_until(&shared, &q, |s| s.catalog().index()).await?;
+    block_until(&shared, &q, shared.index_watch(), |s| s.catalog().index()).await?;
     let catalog = shared.catalog();
     Ok(with_index(catalog.index(), catalog.services()))
 }
@@ -593,18 +629,29 @@ async fn get_service(
     Query(q): Query<Blocking>,
 ) -> Result<Response, ApiError> {
     validate_service_name("name", &name)?;
-    block_until(&shared, &q, |s| s.catalog().service_index(&name)).await?;
-    let catalog = shared.catalog();
-    let index = catalog.service_index(&name);
-    let instances = catalog.service(&name, q.passing.unwrap_or(false));
-    Ok(with_index(
-        index,
-        flotilla_core::ServiceInstances {
-            service: name,
+    block_until(&shared, &q, shared.service_watch(&name), |s| {
+        s.catalog().service_index(&name)
+    })
+    .await?;
+    let (index, body) = {
+        let catalog = shared.catalog();
+        let index = catalog.service_index(&name);
+        (
             index,
-            instances,
-        },
-    ))
+            catalog.service_json(&name, q.passing.unwrap_or(false)),
+        )
+    };
+    let mut resp = (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response();
+    resp.headers_mut()
+        .insert(INDEX_HEADER, HeaderValue::from(index));
+    Ok(resp)
 }
 
 /// Body of `PUT /v1/nodes/{name}`.

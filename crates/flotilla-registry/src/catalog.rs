@@ -45,6 +45,11 @@ pub struct Catalog {
     stacks: BTreeMap<String, flotilla_core::stack::StackRecord>,
     stacks_index: u64,
     index: u64,
+    /// Instances that have checks (the duty runs one checker for each).
+    checked: BTreeSet<String>,
+    /// Moves whenever an instance with checks is added, changed or removed, so the
+    /// duty re-plans its checkers only then, not on every change of the catalog.
+    checks_version: u64,
     /// Records that could not be decoded, by key (a newer writer, or corruption).
     pub undecodable: BTreeSet<String>,
 }
@@ -153,12 +158,19 @@ impl Catalog {
                 self.unindex(&old);
                 changes.services.insert(old.spec.service.clone());
             }
+            if self.checked.remove(id) {
+                self.checks_version += 1;
+            }
             if let Some(rec) = entry.and_then(|e| self.decode::<InstanceRecord>(e)) {
                 self.by_service
                     .entry(rec.spec.service.clone())
                     .or_default()
                     .insert(id.to_owned());
                 changes.services.insert(rec.spec.service.clone());
+                if !rec.spec.checks.is_empty() {
+                    self.checked.insert(id.to_owned());
+                    self.checks_version += 1;
+                }
                 self.instances.insert(id.to_owned(), rec);
             }
         } else if let Some(id) = key.strip_prefix(keys::HEALTH) {
@@ -232,6 +244,28 @@ impl Catalog {
         }
     }
 
+    /// Makes this (fresh) catalog's checks version follow `old`'s, so a reader that
+    /// saw `old` notices the swap even when both counted the same number of changes.
+    pub fn follow_checks_version(&mut self, old: &Catalog) {
+        self.checks_version += old.checks_version + 1;
+    }
+
+    /// Moves whenever an instance with checks is added, changed or removed.
+    pub fn checks_version(&self) -> u64 {
+        self.checks_version
+    }
+
+    /// The instances that have checks.
+    pub fn checked_instances(&self) -> impl Iterator<Item = &InstanceRecord> {
+        self.checked.iter().filter_map(|id| self.instances.get(id))
+    }
+
+    /// Node records by name (without the per-node instance counts of [`Catalog::nodes`],
+    /// which take a pass over every instance).
+    pub fn node_records(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.nodes.values()
+    }
+
     /// One instance by id.
     pub fn instance(&self, id: &str) -> Option<&InstanceRecord> {
         self.instances.get(id)
@@ -260,13 +294,39 @@ impl Catalog {
 
     /// Instance health: no checks means passing; otherwise critical until a verdict says so.
     pub fn health_of(&self, rec: &InstanceRecord) -> (HealthStatus, String) {
+        let (status, output) = self.health_ref(rec);
+        (status, output.to_owned())
+    }
+
+    fn health_ref<'a>(&'a self, rec: &InstanceRecord) -> (HealthStatus, &'a str) {
         if rec.spec.checks.is_empty() {
-            return (HealthStatus::Passing, "no checks".into());
+            return (HealthStatus::Passing, "no checks");
         }
         match self.health.get(&rec.id) {
-            Some(h) => (h.status, h.output.clone()),
-            None => (HealthStatus::Critical, "not yet checked".into()),
+            Some(h) => (h.status, h.output.as_str()),
+            None => (HealthStatus::Critical, "not yet checked"),
         }
+    }
+
+    fn feedback_weight_of(&self, rec: &InstanceRecord) -> Option<f64> {
+        self.weights
+            .get(&rec.spec.service)
+            .and_then(|w| {
+                w.weights
+                    .get(&std::net::SocketAddr::new(rec.spec.address, rec.spec.port).to_string())
+            })
+            .copied()
+    }
+
+    fn load_of(&self, rec: &InstanceRecord) -> Option<flotilla_core::InstanceLoad> {
+        self.loads.get(&rec.id).and_then(|(l, seen)| {
+            let age = seen.elapsed();
+            (age <= LOAD_TTL).then_some(flotilla_core::InstanceLoad {
+                cpu: l.cpu,
+                memory: l.memory,
+                age_ms: age.as_millis() as u64,
+            })
+        })
     }
 
     /// The stored verdict of an instance, if any.
@@ -293,24 +353,23 @@ impl Catalog {
             health,
             output,
             checks: rec.spec.checks.clone(),
-            feedback_weight: self
-                .weights
-                .get(&rec.spec.service)
-                .and_then(|w| {
-                    w.weights.get(
-                        &std::net::SocketAddr::new(rec.spec.address, rec.spec.port).to_string(),
-                    )
-                })
-                .copied(),
-            load: self.loads.get(&rec.id).and_then(|(l, seen)| {
-                let age = seen.elapsed();
-                (age <= LOAD_TTL).then_some(flotilla_core::InstanceLoad {
-                    cpu: l.cpu,
-                    memory: l.memory,
-                    age_ms: age.as_millis() as u64,
-                })
-            }),
+            feedback_weight: self.feedback_weight_of(rec),
+            load: self.load_of(rec),
         }
+    }
+
+    /// `GET /v1/services/{name}`'s body (a [`flotilla_core::ServiceInstances`]) written
+    /// straight from the catalog: serving a blocking watcher the whole service on every
+    /// change was the registry's largest cost (a third of its CPU at 2,000 changes/s
+    /// went into copying records into views), so nothing is copied here.
+    pub fn service_json(&self, name: &str, passing_only: bool) -> Vec<u8> {
+        let body = ServiceRef {
+            catalog: self,
+            name,
+            index: self.service_index(name),
+            passing_only,
+        };
+        serde_json::to_vec(&body).expect("catalog records serialise")
     }
 
     /// A service's instances, sorted by id; only passing ones if `passing_only`.
@@ -401,6 +460,75 @@ pub fn health_record(status: HealthStatus, output: String) -> HealthRecord {
     }
 }
 
+/// A service's instances, serialised as [`flotilla_core::ServiceInstances`].
+struct ServiceRef<'a> {
+    catalog: &'a Catalog,
+    name: &'a str,
+    index: u64,
+    passing_only: bool,
+}
+
+impl Serialize for ServiceRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("ServiceInstances", 3)?;
+        st.serialize_field("service", self.name)?;
+        st.serialize_field("index", &self.index)?;
+        st.serialize_field("instances", &InstancesRef(self))?;
+        st.end()
+    }
+}
+
+struct InstancesRef<'a, 'b>(&'b ServiceRef<'a>);
+
+impl Serialize for InstancesRef<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let c = self.0.catalog;
+        let records = c
+            .by_service
+            .get(self.0.name)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| c.instances.get(id))
+            .filter(|r| !self.0.passing_only || c.health_ref(r).0 == HealthStatus::Passing);
+        s.collect_seq(records.map(|rec| ViewRef { catalog: c, rec }))
+    }
+}
+
+/// One instance, serialised exactly as [`InstanceView`] (a test holds them equal).
+struct ViewRef<'a> {
+    catalog: &'a Catalog,
+    rec: &'a InstanceRecord,
+}
+
+impl Serialize for ViewRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let (rec, c) = (self.rec, self.catalog);
+        let (health, output) = c.health_ref(rec);
+        let mut st = s.serialize_struct("InstanceView", 13)?;
+        st.serialize_field("id", &rec.id)?;
+        st.serialize_field("service", &rec.spec.service)?;
+        st.serialize_field("node", &rec.spec.node)?;
+        st.serialize_field("address", &rec.spec.address)?;
+        st.serialize_field("port", &rec.spec.port)?;
+        st.serialize_field("weight", &rec.spec.weight)?;
+        st.serialize_field("meta", &rec.spec.meta)?;
+        st.serialize_field("health", &health)?;
+        st.serialize_field("output", output)?;
+        st.serialize_field("checks", &rec.spec.checks)?;
+        match c.feedback_weight_of(rec) {
+            Some(w) => st.serialize_field("feedback_weight", &w)?,
+            None => st.skip_field("feedback_weight")?,
+        }
+        match c.load_of(rec) {
+            Some(l) => st.serialize_field("load", &l)?,
+            None => st.skip_field("load")?,
+        }
+        st.end()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,6 +561,61 @@ mod tests {
             },
             registered_ms: 0,
         }
+    }
+
+    #[test]
+    fn service_json_is_the_service_view_serialised() {
+        let mut c = Catalog::default();
+        c.apply(&put("instances/a", instance("a", "web", true), 1));
+        c.apply(&put("instances/b", instance("b", "web", false), 2));
+        c.apply(&put("instances/x", instance("x", "api", false), 3));
+        c.apply(&put(
+            "health/a",
+            health_record(HealthStatus::Passing, "ok \"quoted\"".into()),
+            4,
+        ));
+        c.apply(&put(
+            &keys::weights("web"),
+            flotilla_core::WeightsRecord {
+                v: 1,
+                weights: [("198.18.0.2:80".to_string(), 1.5)].into(),
+                from: "lb".into(),
+                at_ms: unix_ms(),
+            },
+            5,
+        ));
+        c.apply(&put(
+            &keys::load("b"),
+            flotilla_core::LoadRecord {
+                v: 1,
+                cpu: 0.25,
+                memory: 0.5,
+                at_ms: unix_ms(),
+            },
+            6,
+        ));
+        // The load's age is read from the clock on each serialisation.
+        let strip_age = |mut v: serde_json::Value| {
+            for i in v["instances"].as_array_mut().unwrap() {
+                if let Some(load) = i.get_mut("load").and_then(|l| l.as_object_mut()) {
+                    load.remove("age_ms");
+                }
+            }
+            v
+        };
+        for passing in [false, true] {
+            let direct: serde_json::Value =
+                serde_json::from_slice(&c.service_json("web", passing)).unwrap();
+            let viewed = serde_json::to_value(flotilla_core::ServiceInstances {
+                service: "web".into(),
+                index: c.service_index("web"),
+                instances: c.service("web", passing),
+            })
+            .unwrap();
+            assert_eq!(strip_age(direct), strip_age(viewed), "passing={passing}");
+        }
+        let none: serde_json::Value = serde_json::from_slice(&c.service_json("nope", false)).unwrap();
+        assert_eq!(none["instances"], serde_json::json!([]));
     }
 
     #[test]

@@ -61,7 +61,8 @@ struct Duty {
     checkers: HashMap<String, Checker>,
     leases: LeaseTable,
     orphans: HashMap<String, Instant>,
-    seen_index: u64,
+    /// The catalog's checks version the checkers were last planned for.
+    seen_checks: u64,
     last_orphan_scan: Option<Instant>,
 }
 
@@ -80,7 +81,7 @@ impl Duty {
             checkers: HashMap::new(),
             leases: LeaseTable::default(),
             orphans: HashMap::new(),
-            seen_index: 0,
+            seen_checks: u64::MAX,
             last_orphan_scan: None,
         }
     }
@@ -95,9 +96,9 @@ impl Duty {
                 _ = index.changed() => {}
             }
             let now = tokio::time::Instant::now().into_std();
-            let current = self.shared.catalog().index();
-            if current != self.seen_index {
-                self.seen_index = current;
+            let current = self.shared.catalog().checks_version();
+            if current != self.seen_checks {
+                self.seen_checks = current;
                 self.reconcile_checkers();
             }
             self.expire_leases(now).await;
@@ -121,8 +122,8 @@ impl Duty {
             }
             keep
         });
-        for rec in catalog.instances() {
-            if rec.spec.checks.is_empty() || self.checkers.contains_key(&rec.id) {
+        for rec in catalog.checked_instances() {
+            if self.checkers.contains_key(&rec.id) {
                 continue;
             }
             let initial = catalog
@@ -143,16 +144,13 @@ impl Duty {
     async fn expire_leases(&mut self, now: Instant) {
         let expired = {
             let catalog = self.shared.catalog();
-            let nodes = catalog.nodes();
-            for n in &nodes {
-                if let Some(rec) = catalog.node(&n.name) {
-                    self.leases.observe(
-                        &n.name,
-                        Duration::from_millis(rec.ttl_ms),
-                        rec.renewals,
-                        now,
-                    );
-                }
+            for rec in catalog.node_records() {
+                self.leases.observe(
+                    &rec.name,
+                    Duration::from_millis(rec.ttl_ms),
+                    rec.renewals,
+                    now,
+                );
             }
             self.leases.retain(&|name| catalog.node(name).is_some());
             self.leases.expired(now)

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub store_queued_writes: Gauge,
     /// Queue length past which writes are refused (follows the commit rate).
     pub store_queue_limit: Gauge,
+    /// Writes refused because `max_inflight_writes` were being worked on.
+    pub busy_writes: Counter,
 }
 
 impl Default for Metrics {
@@ -93,6 +95,7 @@ impl Default for Metrics {
             store_rejected_writes: Counter::default(),
             store_queued_writes: Gauge::default(),
             store_queue_limit: Gauge::default(),
+            busy_writes: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -178,6 +181,11 @@ impl Default for Metrics {
             "store_queue_limit",
             "Queued writes past which new writes are refused",
             m.store_queue_limit.clone(),
+        );
+        registry.register(
+            "busy_writes",
+            "Writes refused with 503 because max_inflight_writes were in flight",
+            m.busy_writes.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -37,7 +37,10 @@ async fn list(
     State(shared): State<Arc<Shared>>,
     Query(q): Query<Blocking>,
 ) -> Result<Response, ApiError> {
-    block_until(&shared, &q, |s| s.catalog().stacks_index()).await?;
+    block_until(&shared, &q, shared.index_watch(), |s| {
+        s.catalog().stacks_index()
+    })
+    .await?;
     let c = shared.catalog();
     Ok(with_index(c.stacks_index(), c.stacks()))
 }

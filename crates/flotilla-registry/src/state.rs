@@ -1,5 +1,6 @@
 //! State shared by the API, the DNS server, the catalog sync and the duty loop.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
@@ -34,6 +35,10 @@ pub struct Shared {
     pub store: Arc<dyn Store>,
     catalog: RwLock<Catalog>,
     index_tx: watch::Sender<u64>,
+    /// One channel per service someone is waiting on, sent that service's index when
+    /// it changes: a blocking service query wakes for its service only (with a hundred
+    /// watchers, waking all of them on every change cost more than the change).
+    service_tx: std::sync::Mutex<HashMap<String, watch::Sender<u64>>>,
     events: broadcast::Sender<ServiceEvent>,
     /// Bearer token for writes (and reads unless open).
     pub token: String,
@@ -43,6 +48,8 @@ pub struct Shared {
     pub metrics: Metrics,
     leader: AtomicBool,
     synced: AtomicBool,
+    /// Writes being worked on now (see `ServerConfig::max_inflight_writes`).
+    pub(crate) writes_in_flight: std::sync::atomic::AtomicUsize,
     /// HTTP client for health probes.
     pub http: reqwest::Client,
 }
@@ -62,12 +69,14 @@ impl Shared {
             store,
             catalog: RwLock::new(Catalog::default()),
             index_tx,
+            service_tx: Default::default(),
             events,
             token,
             config,
             metrics: Metrics::default(),
             leader: AtomicBool::new(false),
             synced: AtomicBool::new(false),
+            writes_in_flight: Default::default(),
             http,
         })
     }
@@ -102,6 +111,23 @@ impl Shared {
         self.index_tx.subscribe()
     }
 
+    /// Subscribes to one service's index (changes of that service only).
+    pub fn service_watch(&self, service: &str) -> watch::Receiver<u64> {
+        let mut senders = self.service_tx.lock().unwrap_or_else(|p| p.into_inner());
+        match senders.get(service) {
+            Some(tx) => tx.subscribe(),
+            None => {
+                if senders.len() >= 1024 {
+                    // Queries for names that never change leave channels no one holds.
+                    senders.retain(|_, tx| tx.receiver_count() > 0);
+                }
+                let (tx, rx) = watch::channel(self.catalog().service_index(service));
+                senders.insert(service.to_owned(), tx);
+                rx
+            }
+        }
+    }
+
     /// Waits until the catalog has applied `index` (read-your-writes after a store write).
     pub async fn wait_applied(&self, index: u64, within: Duration) -> bool {
         let mut rx = self.index_tx.subscribe();
@@ -123,6 +149,18 @@ impl Shared {
             }
         }
         self.metrics.catalog_index.set(index as i64);
+        {
+            let mut senders = self.service_tx.lock().unwrap_or_else(|p| p.into_inner());
+            for service in &changes.services {
+                if let Some(tx) = senders.get(service) {
+                    if tx.receiver_count() == 0 {
+                        senders.remove(service);
+                    } else {
+                        tx.send_replace(catalog.service_index(service));
+                    }
+                }
+            }
+        }
         drop(catalog);
         self.index_tx.send_replace(index);
     }
@@ -156,13 +194,14 @@ impl Shared {
                 }
             };
             backoff = Duration::from_millis(100);
-            let fresh = Catalog::from_snapshot(&snapshot);
+            let mut fresh = Catalog::from_snapshot(&snapshot);
             let mut changes = Changes::default();
             {
                 let mut catalog = self.catalog.write().unwrap_or_else(|p| p.into_inner());
                 for s in catalog.services().into_iter().chain(fresh.services()) {
                     changes.services.insert(s.name);
                 }
+                fresh.follow_checks_version(&catalog);
                 *catalog = fresh;
             }
             if self.synced.swap(true, Ordering::Relaxed) {
