@@ -95,7 +95,16 @@ impl Agent {
         let client = Client::new(&config.server, Some(token.clone()));
         let advertise = match config.advertise {
             Some(ip) => Some(ip),
-            None => route_source(client.servers().first().map(String::as_str).unwrap_or_default()).await,
+            None => {
+                route_source(
+                    client
+                        .servers()
+                        .first()
+                        .map(String::as_str)
+                        .unwrap_or_default(),
+                )
+                .await
+            }
         };
         tracing::info!(node, advertise = ?advertise, "advertise address");
         Ok(Agent {
@@ -574,7 +583,10 @@ async fn route_source(server_url: &str) -> Option<std::net::IpAddr> {
     let authority = server_url
         .split_once("://")
         .map_or(server_url, |(_, rest)| rest);
-    let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| !p.contains(']')) {
+    let with_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| !p.contains(']'))
+    {
         authority.to_owned()
     } else {
         format!("{authority}:80")

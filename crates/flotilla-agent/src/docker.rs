@@ -78,14 +78,14 @@ pub async fn inspect(docker: &Docker, id: &str) -> anyhow::Result<Option<Contain
 fn published_ports(ports: bollard::models::PortMap) -> BTreeMap<u16, u16> {
     let mut out = BTreeMap::new();
     for (key, bindings) in ports {
-        let Some(port) = key
-            .strip_suffix("/tcp")
-            .and_then(|p| p.parse::<u16>().ok())
-        else {
+        let Some(port) = key.strip_suffix("/tcp").and_then(|p| p.parse::<u16>().ok()) else {
             continue;
         };
         let host_port = bindings.unwrap_or_default().into_iter().find_map(|b| {
-            let everywhere = matches!(b.host_ip.as_deref(), None | Some("") | Some("0.0.0.0") | Some("::"));
+            let everywhere = matches!(
+                b.host_ip.as_deref(),
+                None | Some("") | Some("0.0.0.0") | Some("::")
+            );
             everywhere
                 .then(|| b.host_port?.parse::<u16>().ok())
                 .flatten()

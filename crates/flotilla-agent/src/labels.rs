@@ -298,7 +298,10 @@ mod tests {
 
     #[test]
     fn unlabelled_is_ignored() {
-        assert_eq!(spec_from_container("n", &facts(&[]), None, None).unwrap(), None);
+        assert_eq!(
+            spec_from_container("n", &facts(&[]), None, None).unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -343,7 +346,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_label() {
-        let e = spec_from_container("n", &facts(&[("flotilla.service", "web")]), None, None).unwrap_err();
+        let e = spec_from_container("n", &facts(&[("flotilla.service", "web")]), None, None)
+            .unwrap_err();
         assert_eq!(e.field, "label flotilla.port");
         let e = spec_from_container(
             "n",
@@ -396,7 +400,9 @@ mod tests {
             spec_from_container("n", &f, None, None).unwrap_err().field,
             "label flotilla.network"
         );
-        let s = spec_from_container("n", &f, Some("back"), None).unwrap().unwrap();
+        let s = spec_from_container("n", &f, Some("back"), None)
+            .unwrap()
+            .unwrap();
         assert_eq!(s.address.to_string(), "198.18.6.2");
     }
 
@@ -437,7 +443,10 @@ mod tests {
         let advertise = Some("198.18.100.2".parse().unwrap());
         let e = spec_from_container("n", &f, None, advertise).unwrap_err();
         assert_eq!(e.field, "label flotilla.address");
-        assert!(e.message.contains("web-1") && e.message.contains("80"), "{e}");
+        assert!(
+            e.message.contains("web-1") && e.message.contains("80"),
+            "{e}"
+        );
         f.published = [(80, 32768)].into();
         let e = spec_from_container("n", &f, None, None).unwrap_err();
         assert!(e.message.contains("--advertise"), "{e}");

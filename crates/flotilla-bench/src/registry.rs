@@ -269,12 +269,7 @@ async fn write_change(
     WriteResult::Failed
 }
 
-async fn measure(
-    args: &Args,
-    server: &Server,
-    rate: u64,
-    phase: &str,
-) -> anyhow::Result<Outcome> {
+async fn measure(args: &Args, server: &Server, rate: u64, phase: &str) -> anyhow::Result<Outcome> {
     let (client, instances, services) = (&server.client, args.instances, args.watchers.max(1));
     let start = Instant::now();
     let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
@@ -357,7 +352,8 @@ async fn measure(
         let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
     }
     let cpu = cpu_seconds(pid) - cpu_before;
-    let commits = metric(&server.base, "flotilla_registry_store_commits_total").await - commits_before;
+    let commits =
+        metric(&server.base, "flotilla_registry_store_commits_total").await - commits_before;
     let writes = metric(&server.base, "flotilla_registry_store_writes_total").await - writes_before;
     let rss = peak_rss_mb(pid);
     let mut lat = latencies.lock().unwrap().clone();
@@ -490,12 +486,27 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     }
     if args.sweep {
         println!();
-        let stores: Vec<String> = outcomes.iter().map(|o| o.store.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let stores: Vec<String> = outcomes
+            .iter()
+            .map(|o| o.store.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         for store in &stores {
-            let of: Vec<Outcome> = outcomes.iter().filter(|o| &o.store == store).cloned().collect();
+            let of: Vec<Outcome> = outcomes
+                .iter()
+                .filter(|o| &o.store == store)
+                .cloned()
+                .collect();
             match knee(&of, args.knee_p99_ms) {
-                Some(k) => println!("knee ({store}): {k} changes/s (highest swept rate with p99 <= {} ms)", args.knee_p99_ms),
-                None => println!("knee ({store}): none of the swept rates kept p99 <= {} ms", args.knee_p99_ms),
+                Some(k) => println!(
+                    "knee ({store}): {k} changes/s (highest swept rate with p99 <= {} ms)",
+                    args.knee_p99_ms
+                ),
+                None => println!(
+                    "knee ({store}): none of the swept rates kept p99 <= {} ms",
+                    args.knee_p99_ms
+                ),
             }
         }
         println!(
@@ -555,7 +566,11 @@ where
     use plotters::prelude::*;
     root.fill(&WHITE)?;
     let sweep: Vec<&Outcome> = outcomes.iter().filter(|o| o.phase == "sweep").collect();
-    let rmin = sweep.iter().map(|o| o.rate as f64).fold(f64::MAX, f64::min).min(100.0);
+    let rmin = sweep
+        .iter()
+        .map(|o| o.rate as f64)
+        .fold(f64::MAX, f64::min)
+        .min(100.0);
     let rmax = sweep.iter().map(|o| o.rate as f64).fold(1.0, f64::max) * 1.3;
     let pmax = sweep
         .iter()

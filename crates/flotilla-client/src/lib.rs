@@ -258,9 +258,7 @@ impl Client {
                     return Ok(resp);
                 }
                 Err(outcome) => {
-                    self.servers
-                        .current
-                        .store((i + 1) % n, Ordering::Relaxed);
+                    self.servers.current.store((i + 1) % n, Ordering::Relaxed);
                     last = Some(outcome);
                 }
             }

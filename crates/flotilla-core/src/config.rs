@@ -179,7 +179,9 @@ pub fn parse_server_list(list: &str) -> Result<Vec<String>, String> {
             return Err(format!("{entry:?} has no host"));
         }
         if authority.contains(['/', '?', '#', ' ', '@']) {
-            return Err(format!("{entry:?}: a server URL is scheme://host[:port] only"));
+            return Err(format!(
+                "{entry:?}: a server URL is scheme://host[:port] only"
+            ));
         }
         // The port is what follows the last ':' outside an IPv6 literal's brackets.
         let port = match authority.rsplit_once(':') {
@@ -383,7 +385,11 @@ mod tests {
     fn server_lists_name_the_bad_entry() {
         assert_eq!(
             parse_server_list("http://a:7700, https://198.18.0.2:7700/,http://[::1]:7700").unwrap(),
-            ["http://a:7700", "https://198.18.0.2:7700", "http://[::1]:7700"]
+            [
+                "http://a:7700",
+                "https://198.18.0.2:7700",
+                "http://[::1]:7700"
+            ]
         );
         for (bad, named) in [
             ("http://a:7700,ftp://b", "ftp://b"),

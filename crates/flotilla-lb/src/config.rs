@@ -538,7 +538,10 @@ backends = ["127.0.0.1:9001", "127.0.0.1:9002 weight=3"]
             "[registry]\nurls = [\"http://198.18.0.1:7700\", \"198.18.0.2:7700\"]\n{listener}"
         ))
         .unwrap_err();
-        assert!(e.contains("registry.urls[1]") && e.contains("198.18.0.2:7700"), "{e}");
+        assert!(
+            e.contains("registry.urls[1]") && e.contains("198.18.0.2:7700"),
+            "{e}"
+        );
         let e = parse(&format!("[registry]\n{listener}")).unwrap_err();
         assert!(e.contains("registry.url"), "{e}");
     }

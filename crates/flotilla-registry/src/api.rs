@@ -887,9 +887,12 @@ mod tests {
             busy.headers().get(axum::http::header::RETRY_AFTER).unwrap(),
             "1"
         );
-        let down = ApiError::store(flotilla_store::StoreError::Unavailable("etcd".into()))
-            .into_response();
+        let down =
+            ApiError::store(flotilla_store::StoreError::Unavailable("etcd".into())).into_response();
         assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert!(down.headers().get(axum::http::header::RETRY_AFTER).is_none());
+        assert!(down
+            .headers()
+            .get(axum::http::header::RETRY_AFTER)
+            .is_none());
     }
 }

@@ -614,7 +614,8 @@ mod tests {
             .unwrap();
             assert_eq!(strip_age(direct), strip_age(viewed), "passing={passing}");
         }
-        let none: serde_json::Value = serde_json::from_slice(&c.service_json("nope", false)).unwrap();
+        let none: serde_json::Value =
+            serde_json::from_slice(&c.service_json("nope", false)).unwrap();
         assert_eq!(none["instances"], serde_json::json!([]));
     }
 

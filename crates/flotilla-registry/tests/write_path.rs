@@ -51,7 +51,10 @@ async fn a_failed_commit_answers_every_writer_and_changes_nothing() {
     let store = EmbeddedStore::open(&dir.path().join("data")).unwrap();
     let (server, client) = serve(dir.path(), Arc::new(store.clone())).await;
     for n in 0..5 {
-        client.register(&format!("kept-{n}"), &spec("web", n)).await.unwrap();
+        client
+            .register(&format!("kept-{n}"), &spec("web", n))
+            .await
+            .unwrap();
     }
     let before_index = server.shared.catalog().index();
     let before = client.instances().await.unwrap();
@@ -76,8 +79,16 @@ async fn a_failed_commit_answers_every_writer_and_changes_nothing() {
         counts.failed_commits >= 1 && counts.failed_commits < 40,
         "the writes were batched into fewer failed commits: {counts:?}"
     );
-    assert_eq!(server.shared.catalog().index(), before_index, "index unchanged");
-    assert_eq!(client.instances().await.unwrap(), before, "catalog unchanged");
+    assert_eq!(
+        server.shared.catalog().index(),
+        before_index,
+        "index unchanged"
+    );
+    assert_eq!(
+        client.instances().await.unwrap(),
+        before,
+        "catalog unchanged"
+    );
     assert_eq!(store.list("").await.unwrap().revision, revision_before);
     assert!(store
         .get(&flotilla_registry::keys::instance("lost-0"))
@@ -107,7 +118,10 @@ async fn writers_read_their_own_writes(client: Client) {
                 .service("ryw", 0, Duration::ZERO, false)
                 .await
                 .unwrap();
-            assert!(service.index >= index, "{id}: service index behind its write");
+            assert!(
+                service.index >= index,
+                "{id}: service index behind its write"
+            );
             assert!(service.instances.iter().any(|i| i.id == id), "{id}");
         }));
     }

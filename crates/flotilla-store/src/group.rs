@@ -398,7 +398,11 @@ mod tests {
         let mut tasks = Vec::new();
         for i in 0..10 {
             let c = committer.clone();
-            let key = if i == 5 { "bad".to_owned() } else { format!("k{i}") };
+            let key = if i == 5 {
+                "bad".to_owned()
+            } else {
+                format!("k{i}")
+            };
             tasks.push(tokio::spawn(async move { c.write(op(&key, 1)).await }));
         }
         assert!(first.await.unwrap().is_ok());

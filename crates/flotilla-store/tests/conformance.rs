@@ -119,7 +119,11 @@ async fn conformance(store: Arc<dyn Store>) {
     }
     shared_revs.sort_unstable();
     shared_revs.dedup();
-    assert_eq!(shared_revs.len(), 320, "each write of one key has its own revision");
+    assert_eq!(
+        shared_revs.len(),
+        320,
+        "each write of one key has its own revision"
+    );
     let mut last = 0;
     let mut last_shared = None;
     for _ in 0..(expected.len() + 320) {
@@ -136,7 +140,11 @@ async fn conformance(store: Arc<dyn Store>) {
     }
     assert!(expected.is_empty(), "events missing for {expected:?}");
     let stored = store.get("c/shared").await.unwrap().unwrap();
-    assert_eq!(Some(stored), last_shared, "the last committed write is the one stored");
+    assert_eq!(
+        Some(stored),
+        last_shared,
+        "the last committed write is the one stored"
+    );
 
     // Campaign: this candidate becomes leader.
     let leadership = store

@@ -37,7 +37,9 @@ pub struct Hosts {
 /// The main engine's storage driver, for the hosts' engines (another driver may not
 /// work on this machine's filesystem).
 fn storage_driver() -> Result<String> {
-    Ok(docker(&["info", "--format", "{{.Driver}}"])?.trim().to_owned())
+    Ok(docker(&["info", "--format", "{{.Driver}}"])?
+        .trim()
+        .to_owned())
 }
 
 impl Hosts {
@@ -54,7 +56,10 @@ impl Hosts {
         for (i, h) in hosts.iter().enumerate() {
             // Each host's containers get their own /24: the same on no two hosts, and
             // routed from none of the others.
-            let bip = format!("198.19.{}.1/24", (u32::from(subnet) * 7 + i as u32) % 250 + 1);
+            let bip = format!(
+                "198.19.{}.1/24",
+                (u32::from(subnet) * 7 + i as u32) % 250 + 1
+            );
             let engine = made.start_engine(h, &driver, &bip)?;
             made.engines.push((h.to_string(), engine));
         }
@@ -99,7 +104,12 @@ impl Hosts {
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while std::time::Instant::now() < deadline {
-            if docker_at(Some(&engine.endpoint), &["version", "--format", "{{.Server.Version}}"]).is_ok() {
+            if docker_at(
+                Some(&engine.endpoint),
+                &["version", "--format", "{{.Server.Version}}"],
+            )
+            .is_ok()
+            {
                 return Ok(engine);
             }
             std::thread::sleep(Duration::from_millis(200));

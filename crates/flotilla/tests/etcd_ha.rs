@@ -137,3 +137,154 @@ async fn two_servers_share_one_catalog_and_the_duty_moves_on_a_crash() {
     )
     .await;
 }
+
+/// An agent and an lb pointed at two servers: SIGKILL the server they use, and nothing on
+/// the healthy host goes critical or leaves, and the lb keeps answering.
+#[tokio::test]
+async fn agents_and_lbs_move_to_the_next_server_when_theirs_dies() {
+    let etcd = EtcdCluster::start(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = etcd.store_url();
+    let flags = ["--store", store.as_str()];
+    let mut a = Server::start(dir.path(), "a", &flags);
+    let b = Server::start(dir.path(), "b", &flags);
+    let both = format!("{},{}", a.url, b.url);
+    let token = a.token_file.display().to_string();
+    let node = flotilla_testkit::unique("fo");
+    let _agent = common::Proc::spawn(
+        &[
+            "agent",
+            "--server",
+            &both,
+            "--token-file",
+            &token,
+            "--node",
+            &node,
+            "--api-listen",
+            "127.0.0.1:0",
+            "--lease-ttl",
+            "2s",
+        ],
+        dir.path().join("agent.log"),
+    );
+    let net = flotilla_testkit::DockerNetwork::create("flotilla-fo").unwrap();
+    let image = flotilla_testkit::busybox_image().unwrap();
+    let service = flotilla_testkit::unique("fo")
+        .replace('_', "-")
+        .to_lowercase();
+    let service_label = format!("flotilla.service={service}");
+    let _web = flotilla_testkit::Container::run(
+        &flotilla_testkit::unique("flotilla-fo"),
+        &[
+            "--network",
+            &net.name,
+            "-l",
+            &service_label,
+            "-l",
+            "flotilla.port=80",
+            "-l",
+            "flotilla.check.http=/health",
+            "-l",
+            "flotilla.check.interval=200ms",
+            image,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    )
+    .unwrap();
+    let cb = b.client();
+    eventually(Duration::from_secs(20), "instance passing", || async {
+        passing(&cb, &service).await.len() == 1
+    })
+    .await;
+
+    let lb_port = flotilla_testkit::free_port();
+    let lb_conf = dir.path().join("lb.toml");
+    std::fs::write(
+        &lb_conf,
+        format!(
+            "[admin]\nlisten = \"\"\n[registry]\nurls = [\"{}\", \"{}\"]\ntoken_file = \"{token}\"\n\
+             [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:{lb_port}\"\nscheduler = \"round-robin\"\n\
+             service = \"{service}\"\nslow_start = \"0s\"\n",
+            a.url, b.url
+        ),
+    )
+    .unwrap();
+    let _lb = common::Proc::spawn(
+        &["lb", "--config", &lb_conf.display().to_string()],
+        dir.path().join("lb.log"),
+    );
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let lb_url = format!("http://127.0.0.1:{lb_port}/health");
+    eventually(Duration::from_secs(20), "lb answers", || async {
+        http.get(&lb_url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+
+    // Kill the first server of every list, then watch through the other for three lease
+    // TTLs plus the leader TTL: the node, its instance and the lb's backend all stay.
+    a.proc.kill();
+    let killed = Instant::now();
+    let (mut samples, mut lb_ok) = (0, 0);
+    while killed.elapsed() < Duration::from_secs(10) {
+        let nodes = cb.nodes().await.unwrap();
+        assert!(
+            nodes.iter().any(|n| n.name == node),
+            "node left after {:?}",
+            killed.elapsed()
+        );
+        let up = passing(&cb, &service).await;
+        assert_eq!(
+            up.len(),
+            1,
+            "instance not passing {:?} after the kill",
+            killed.elapsed()
+        );
+        samples += 1;
+        if http
+            .get(&lb_url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            lb_ok += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        lb_ok,
+        samples,
+        "the lb failed {} of {samples} requests",
+        samples - lb_ok
+    );
+    // The lease is still being renewed (through b): its renewal time keeps moving.
+    let renewed = cb
+        .nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|n| n.name == node)
+        .unwrap()
+        .renewed_ms;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = cb
+        .nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|n| n.name == node)
+        .unwrap()
+        .renewed_ms;
+    assert!(later > renewed, "lease not renewed after the server died");
+}

@@ -70,14 +70,28 @@ where
 
 /// A busybox httpd answering `text` on port 8080, published on a port the engine picks.
 fn web_container(hosts: &Hosts, host: &str, image: &str, text: &str) -> String {
-    let script = format!("mkdir -p /www && echo {text} > /www/index.html && exec httpd -f -p 8080 -h /www");
+    let script =
+        format!("mkdir -p /www && echo {text} > /www/index.html && exec httpd -f -p 8080 -h /www");
     hosts
         .docker(
             host,
             &[
-                "run", "-d", "-p", "8080", "-l", "flotilla.service=web", "-l",
-                "flotilla.port=8080", "-l", "flotilla.check.http=/", "-l",
-                "flotilla.check.interval=200ms", image, "sh", "-c", &script,
+                "run",
+                "-d",
+                "-p",
+                "8080",
+                "-l",
+                "flotilla.service=web",
+                "-l",
+                "flotilla.port=8080",
+                "-l",
+                "flotilla.check.http=/",
+                "-l",
+                "flotilla.check.interval=200ms",
+                image,
+                "sh",
+                "-c",
+                &script,
             ],
         )
         .unwrap()
@@ -100,26 +114,18 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
         &hosts,
         "c",
         &[
-            "server", "--listen", &server_addr, "--dns-listen", "", "--data-dir",
-            &dir.path().join("c").display().to_string(), "--token-file",
+            "server",
+            "--listen",
+            &server_addr,
+            "--dns-listen",
+            "",
+            "--data-dir",
+            &dir.path().join("c").display().to_string(),
+            "--token-file",
             &token.display().to_string(),
         ],
         &dir.path().join("server.log"),
     );
-    let mut agents = Vec::new();
-    for h in ["a", "b"] {
-        // No --advertise: the default is the source address of the route to the server.
-        agents.push(flotilla_on(
-            &hosts,
-            h,
-            &[
-                "agent", "--server", &server_url, "--token-file",
-                &token.display().to_string(), "--node", h, "--docker", hosts.engine(h),
-                "--api-listen", "0.0.0.0:7701", "--lease-ttl", "1s",
-            ],
-            &dir.path().join(format!("agent-{h}.log")),
-        ));
-    }
     let lb_conf = dir.path().join("lb.toml");
     std::fs::write(
         &lb_conf,
@@ -140,16 +146,72 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
             token.exists()
         })
         .await;
-        let client = Client::new(&server_url, Some(std::fs::read_to_string(&token).unwrap().trim().to_owned()));
-        wait_for(Duration::from_secs(30), "both agents joined", || async {
-            client.nodes().await.is_ok_and(|n| n.len() == 2)
-        })
-        .await;
+        let mut agents = Vec::new();
+        for h in ["a", "b"] {
+            // No --advertise: the default is the source address of the route to the server.
+            agents.push(flotilla_on(
+                &hosts,
+                h,
+                &[
+                    "agent",
+                    "--server",
+                    &server_url,
+                    "--token-file",
+                    &token.display().to_string(),
+                    "--node",
+                    h,
+                    "--docker",
+                    hosts.engine(h),
+                    "--api-listen",
+                    "0.0.0.0:7701",
+                    "--lease-ttl",
+                    "1s",
+                ],
+                &dir.path().join(format!("agent-{h}.log")),
+            ));
+        }
+        let client = Client::new(
+            &server_url,
+            Some(std::fs::read_to_string(&token).unwrap().trim().to_owned()),
+        );
+        let joined = async {
+            wait_for(Duration::from_secs(30), "both agents joined", || async {
+                client.nodes().await.is_ok_and(|n| n.len() == 2)
+            })
+            .await
+        };
+        if futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(joined))
+            .await
+            .is_err()
+        {
+            for log in ["server.log", "agent-a.log", "agent-b.log"] {
+                let text = std::fs::read_to_string(dir.path().join(log)).unwrap_or_default();
+                eprintln!(
+                    "--- {log}\n{}",
+                    text.lines()
+                        .rev()
+                        .take(30)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+            }
+            panic!("the agents did not join");
+        }
         // Each node's address is its LAN address, and its API is reachable there.
         for n in client.nodes().await.unwrap() {
             let want = if n.name == "a" { addr_a } else { addr_b };
-            assert_eq!(n.address.as_deref(), Some(want.to_string().as_str()), "{n:?}");
-            assert_eq!(n.api.as_deref(), Some(format!("http://{want}:7701").as_str()));
+            assert_eq!(
+                n.address.as_deref(),
+                Some(want.to_string().as_str()),
+                "{n:?}"
+            );
+            assert_eq!(
+                n.api.as_deref(),
+                Some(format!("http://{want}:7701").as_str())
+            );
         }
 
         // A container on host a, joining: registered at a's LAN address and the
@@ -160,7 +222,10 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
             common::passing(&client, "web").await.len() == 1
         })
         .await;
-        eprintln!("join -> passing (container on a, server on c): {:.2}s", join.as_secs_f64());
+        eprintln!(
+            "join -> passing (container on a, server on c): {:.2}s",
+            join.as_secs_f64()
+        );
         let inst = common::passing(&client, "web").await.remove(0);
         assert_eq!(inst.address, std::net::IpAddr::V4(addr_a));
         assert_eq!(inst.meta["address_mode"], "host");
@@ -178,20 +243,31 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
         // From the client: the registered address answers; the container's own address
         // does not (no host routes into another host's container subnet).
         assert_eq!(
-            get(&format!("http://{addr_a}:{host_port}/")).await.unwrap().trim(),
+            get(&format!("http://{addr_a}:{host_port}/"))
+                .await
+                .unwrap()
+                .trim(),
             "host-a"
         );
         let bridge_ip = hosts
-            .docker("a", &["inspect", "-f", "{{.NetworkSettings.IPAddress}}", &id_a])
+            .docker(
+                "a",
+                &["inspect", "-f", "{{.NetworkSettings.IPAddress}}", &id_a],
+            )
             .unwrap();
         let direct = get(&format!("http://{}:8080/", bridge_ip.trim())).await;
-        assert!(direct.is_err(), "container address reached across hosts: {direct:?}");
+        assert!(
+            direct.is_err(),
+            "container address reached across hosts: {direct:?}"
+        );
 
         // A second replica on host b, and an lb on host c in front of both.
         let id_b = web_container(&hosts, "b", image, "host-b");
-        wait_for(Duration::from_secs(30), "web on a and b passing", || async {
-            common::passing(&client, "web").await.len() == 2
-        })
+        wait_for(
+            Duration::from_secs(30),
+            "web on a and b passing",
+            || async { common::passing(&client, "web").await.len() == 2 },
+        )
         .await;
         let _lb = flotilla_on(
             &hosts,
@@ -199,49 +275,65 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
             &["lb", "--config", &lb_conf.display().to_string()],
             &dir.path().join("lb.log"),
         );
-        let mut seen = std::collections::BTreeSet::new();
-        wait_for(Duration::from_secs(20), "the lb reaches both hosts", || {
-            let seen = &mut seen;
-            async move {
+        let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
+        wait_for(
+            Duration::from_secs(20),
+            "the lb reaches both hosts",
+            || async {
                 if let Ok(body) = get(&format!("http://{addr_c}:8080/")).await {
-                    seen.insert(body.trim().to_owned());
+                    seen.lock().unwrap().insert(body.trim().to_owned());
                 }
-                seen.len() == 2
-            }
-        })
+                seen.lock().unwrap().len() == 2
+            },
+        )
         .await;
 
         // docker kill on b: its instance leaves.
+        let killed = Instant::now();
         hosts.docker("b", &["kill", &id_b]).unwrap();
-        let out = wait_for(Duration::from_secs(10), "killed replica out", || async {
+        wait_for(Duration::from_secs(10), "killed replica out", || async {
             common::passing(&client, "web").await.len() == 1
         })
         .await;
-        eprintln!("docker kill -> out: {:.2}s", out.as_secs_f64());
+        eprintln!(
+            "FIGURE docker kill on b -> out: {:.2}s",
+            killed.elapsed().as_secs_f64()
+        );
 
         // Host a cut off from the LAN: its node and instance leave within the lease.
         hosts.cut("a").unwrap();
-        let lost = wait_for(Duration::from_secs(10), "cut-off host's instances out", || async {
-            client
-                .instances()
-                .await
-                .is_ok_and(|all| all.iter().all(|i| i.node.as_deref() != Some("a")))
-        })
+        let lost = wait_for(
+            Duration::from_secs(10),
+            "cut-off host's instances out",
+            || async {
+                client
+                    .instances()
+                    .await
+                    .is_ok_and(|all| all.iter().all(|i| i.node.as_deref() != Some("a")))
+            },
+        )
         .await;
-        eprintln!("host a cut off -> its instances out: {:.2}s", lost.as_secs_f64());
+        eprintln!(
+            "host a cut off -> its instances out: {:.2}s",
+            lost.as_secs_f64()
+        );
         assert!(
             client.nodes().await.unwrap().iter().all(|n| n.name != "a"),
             "node a still listed"
         );
         hosts.heal("a").unwrap();
         // Healed, its agent registers again and resyncs its container.
-        wait_for(Duration::from_secs(30), "host a back with its replica", || async {
-            common::passing(&client, "web")
-                .await
-                .iter()
-                .any(|i| i.address == std::net::IpAddr::V4(addr_a))
-        })
+        wait_for(
+            Duration::from_secs(30),
+            "host a back with its replica",
+            || async {
+                common::passing(&client, "web")
+                    .await
+                    .iter()
+                    .any(|i| i.address == std::net::IpAddr::V4(addr_a))
+            },
+        )
         .await;
+        drop(agents);
     });
-    drop(agents);
 }
