@@ -60,6 +60,10 @@ pub struct SavedContainer {
     /// Whether Docker's init runs as PID 1 (forwards signals, reaps zombies).
     #[serde(default)]
     pub init: bool,
+    /// Container ports that were published on the host. A restore publishes them again
+    /// on ports the engine picks: a host port is the old host's, not the archive's.
+    #[serde(default)]
+    pub published: Vec<u16>,
 }
 
 /// What `backup` was asked to do.
@@ -464,6 +468,13 @@ fn saved_container(info: &bollard::models::ContainerInspectResponse) -> SavedCon
         networks,
         volumes,
         init: host.init.unwrap_or(false),
+        published: host
+            .port_bindings
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, b)| b.as_ref().is_some_and(|b| !b.is_empty()))
+            .filter_map(|(k, _)| k.strip_suffix("/tcp")?.parse().ok())
+            .collect(),
     }
 }
 
@@ -947,8 +958,16 @@ async fn create_container(
     if let Some(n) = saved.networks.first() {
         endpoints.insert(n.clone(), EndpointSettings::default());
     }
+    let mut exposed = HashMap::new();
+    let mut bindings = HashMap::new();
+    for port in &saved.published {
+        let (e, b) = crate::reconcile::published_port(*port, flotilla_core::stack::Publish::Auto);
+        exposed.extend(e.unwrap_or_default());
+        bindings.extend(b.unwrap_or_default());
+    }
     let config = Config {
         image: Some(saved.image_id.clone()),
+        exposed_ports: (!exposed.is_empty()).then_some(exposed),
         env: Some(saved.env.clone()),
         cmd: saved.cmd.clone(),
         entrypoint: saved.entrypoint.clone(),
@@ -956,6 +975,7 @@ async fn create_container(
         working_dir: Some(saved.workdir.clone()),
         labels: Some(saved.labels.clone().into_iter().collect()),
         host_config: Some(HostConfig {
+            port_bindings: (!bindings.is_empty()).then_some(bindings),
             mounts: Some(mounts),
             nano_cpus: saved.nano_cpus,
             memory: saved.memory,

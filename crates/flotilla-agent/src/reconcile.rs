@@ -404,10 +404,13 @@ impl Inner {
             })
             .collect();
         let memory = svc.spec.resources.memory_bytes().ok().flatten();
+        let (exposed, bindings) = published_port(svc.spec.port, svc.spec.publish);
         let config = Config {
             image: Some(svc.image.clone()),
             labels: Some(labels),
+            exposed_ports: exposed,
             host_config: Some(HostConfig {
+                port_bindings: bindings,
                 mounts: Some(mounts),
                 nano_cpus: svc.spec.resources.cpus.map(|c| (c * 1e9) as i64),
                 memory: memory.map(|m| m as i64),
@@ -563,4 +566,33 @@ mod tests {
         assert_eq!(parse_exit("Up 2 minutes"), 0);
         assert_eq!(parse_exit("Created"), 0);
     }
+}
+
+/// The engine settings that publish `port` as `publish` says: the exposed port and its
+/// binding on every host address (the agent registers such a replica at its advertise
+/// address and the host port), or nothing for `publish = "none"`.
+pub(crate) fn published_port(
+    port: u16,
+    publish: flotilla_core::stack::Publish,
+) -> (
+    Option<HashMap<String, HashMap<(), ()>>>,
+    Option<HashMap<String, Option<Vec<bollard::models::PortBinding>>>>,
+) {
+    let Some(host_port) = publish.host_port() else {
+        return (None, None);
+    };
+    let key = format!("{port}/tcp");
+    (
+        Some([(key.clone(), HashMap::new())].into()),
+        Some(
+            [(
+                key,
+                Some(vec![bollard::models::PortBinding {
+                    host_ip: None,
+                    host_port: Some(host_port),
+                }]),
+            )]
+            .into(),
+        ),
+    )
 }

@@ -29,6 +29,79 @@ pub struct StackSpec {
     pub services: BTreeMap<String, ServiceSpec>,
 }
 
+/// `[service.X] publish`: how a service's port is reached from other hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Publish {
+    /// On a host port the engine picks.
+    #[default]
+    Auto,
+    /// Not published: the container's own address.
+    None,
+    /// On this host port.
+    Port(u16),
+}
+
+impl Publish {
+    /// Whether this is the default, `"auto"`.
+    pub fn is_auto(&self) -> bool {
+        *self == Publish::Auto
+    }
+
+    /// The host port to ask the engine for: `Some("")` lets it pick, `None` publishes
+    /// nothing.
+    pub fn host_port(&self) -> Option<String> {
+        match self {
+            Publish::Auto => Some(String::new()),
+            Publish::None => None,
+            Publish::Port(p) => Some(p.to_string()),
+        }
+    }
+}
+
+impl Serialize for Publish {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Publish::Auto => s.serialize_str("auto"),
+            Publish::None => s.serialize_str("none"),
+            Publish::Port(p) => s.serialize_u16(*p),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Publish {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Publish;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"auto\", \"none\" or a host port 1..=65535")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Publish, E> {
+                match v {
+                    "auto" => Ok(Publish::Auto),
+                    "none" => Ok(Publish::None),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Publish, E> {
+                u16::try_from(v)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .map(Publish::Port)
+                    .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Publish, E> {
+                u16::try_from(v)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .map(Publish::Port)
+                    .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// One service of a stack.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,6 +128,12 @@ pub struct ServiceSpec {
     pub workdir: Option<String>,
     /// The port the service listens on (registered and balanced).
     pub port: u16,
+    /// How other hosts reach it: `"auto"` (default) publishes the port on a host port
+    /// the engine picks and the agent registers `ADVERTISE:HOSTPORT`; a number publishes
+    /// it on that host port (one replica per host can have it); `"none"` publishes
+    /// nothing and registers the container's address (one host, or routed networks).
+    #[serde(default, skip_serializing_if = "Publish::is_auto")]
+    pub publish: Publish,
     /// Docker network to attach to (default `flotilla-STACK`, created if missing).
     #[serde(default)]
     pub network: Option<String>,
@@ -549,6 +628,29 @@ dir = "/var/lib/flotilla/backups"
         assert_eq!(web.update, UpdatePolicy::default());
         assert_eq!(web.resources.memory_bytes().unwrap(), Some(64 << 20));
         assert_eq!(web.backup.as_ref().unwrap().retention, 7);
+    }
+
+    #[test]
+    fn publish_is_auto_none_or_a_port() {
+        let web = |text: &str| parse(text).map(|s| s.services["web"].publish);
+        assert_eq!(web(EXAMPLE).unwrap(), Publish::Auto);
+        let with =
+            |v: &str| EXAMPLE.replace("port = 8080\n", &format!("port = 8080\npublish = {v}\n"));
+        assert_eq!(web(&with("\"none\"")).unwrap(), Publish::None);
+        assert_eq!(web(&with("\"auto\"")).unwrap(), Publish::Auto);
+        assert_eq!(web(&with("18080")).unwrap(), Publish::Port(18080));
+        for bad in ["\"nat\"", "0", "70000", "-1"] {
+            let e = web(&with(bad)).unwrap_err();
+            assert!(e.contains("line 3") && e.contains("auto"), "{bad}: {e}");
+        }
+        // The default is left out of the serialised spec (and so of the image hash).
+        let spec = parse(EXAMPLE).unwrap();
+        let json = serde_json::to_value(&spec.services["web"]).unwrap();
+        assert!(json.get("publish").is_none());
+        assert_eq!(
+            serde_json::to_value(Publish::Port(9)).unwrap(),
+            serde_json::json!(9)
+        );
     }
 
     #[test]

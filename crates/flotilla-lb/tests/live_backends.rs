@@ -249,25 +249,38 @@ async fn feedback_weights_are_published_and_warm_a_standby() {
     wait_backends(&active, 2).await;
     let stop = Arc::new(AtomicBool::new(false));
     let (_, failed, tasks) = load(format!("http://{}/", active.addrs[0]), 8, stop.clone());
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Wait on the condition, not a fixed time: on a busy machine the fast backend is
+    // slower too and the controller needs more periods to separate them.
+    let published = |view: &flotilla_client::ServiceInstances, id: &str| {
+        view.instances
+            .iter()
+            .find(|i| i.id == id)
+            .and_then(|i| i.feedback_weight)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (wf, ws) = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let view = reg
+            .client
+            .service("web", 0, Duration::ZERO, false)
+            .await
+            .unwrap();
+        let got = (published(&view, "fast"), published(&view, "slow"));
+        if let (Some(wf), Some(ws)) = got {
+            if wf > ws * 1.5 || std::time::Instant::now() > deadline {
+                break (wf, ws);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no published weights: {got:?}"
+        );
+    };
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();
     }
     assert_eq!(failed.load(Ordering::Relaxed), 0);
-    let view = reg
-        .client
-        .service("web", 0, Duration::ZERO, false)
-        .await
-        .unwrap();
-    let published = |id: &str| {
-        view.instances
-            .iter()
-            .find(|i| i.id == id)
-            .and_then(|i| i.feedback_weight)
-            .expect("published weight")
-    };
-    let (wf, ws) = (published("fast"), published("slow"));
     assert!(
         wf > ws * 1.5,
         "registry shows the controller's weights: fast {wf}, slow {ws}"

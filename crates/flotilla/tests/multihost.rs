@@ -218,13 +218,13 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
         // published port, passing by the server's probe from host c.
         let started = Instant::now();
         let id_a = web_container(&hosts, "a", image, "host-a");
-        let join = wait_for(Duration::from_secs(30), "web on a passing", || async {
+        wait_for(Duration::from_secs(30), "web on a passing", || async {
             common::passing(&client, "web").await.len() == 1
         })
         .await;
         eprintln!(
-            "join -> passing (container on a, server on c): {:.2}s",
-            join.as_secs_f64()
+            "FIGURE docker run on a -> passing at a watcher on the client (server on c): {:.2}s",
+            started.elapsed().as_secs_f64()
         );
         let inst = common::passing(&client, "web").await.remove(0);
         assert_eq!(inst.address, std::net::IpAddr::V4(addr_a));
@@ -288,6 +288,74 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
         )
         .await;
 
+        // A stack deployed from the client: publish = "auto" (the default), one replica
+        // per host; each is registered at its host's address and a published port, and
+        // answers there from the client.
+        let stack = dir.path().join("stack");
+        std::fs::create_dir_all(stack.join("www")).unwrap();
+        std::fs::write(stack.join("www/index.html"), "stacked\n").unwrap();
+        std::fs::write(
+            stack.join("stack.toml"),
+            "name = \"mh\"\n[service.api]\nport = 8080\nreplicas = 2\n\
+             command = [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n\
+             health = { type = \"http\", path = \"/index.html\", interval = \"300ms\" }\n\
+             placement = { max_per_node = 1 }\n\
+             image = { base = \"busybox\", file = [{ src = \"www/index.html\", dest = \"/www/index.html\" }] }\n",
+        )
+        .unwrap();
+        let token_arg = token.display().to_string();
+        let spec_arg = stack.join("stack.toml").display().to_string();
+        let deploy = hosts
+            .command("client", BIN)
+            .args([
+                "deploy",
+                &spec_arg,
+                "--timeout",
+                "90s",
+                "--server",
+                &server_url,
+            ])
+            .args(["--token-file", &token_arg])
+            .output()
+            .unwrap();
+        assert!(
+            deploy.status.success(),
+            "deploy: {}{}",
+            String::from_utf8_lossy(&deploy.stdout),
+            String::from_utf8_lossy(&deploy.stderr)
+        );
+        let api = common::passing(&client, "api").await;
+        assert_eq!(api.len(), 2, "{api:?}");
+        let mut hosts_used: Vec<_> = api.iter().map(|i| i.address).collect();
+        hosts_used.sort();
+        assert_eq!(
+            hosts_used,
+            [std::net::IpAddr::V4(addr_a), std::net::IpAddr::V4(addr_b)]
+        );
+        for i in &api {
+            assert_eq!(i.meta["address_mode"], "host", "{i:?}");
+            assert_ne!(i.port, 8080, "registered on the published host port");
+            let body = get(&format!("http://{}:{}/", i.address, i.port)).await;
+            assert_eq!(body.as_deref().map(str::trim), Ok("stacked"), "{i:?}");
+        }
+        let rm = hosts
+            .command("client", BIN)
+            .args([
+                "rm",
+                "mh",
+                "--server",
+                &server_url,
+                "--token-file",
+                &token_arg,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            rm.status.success(),
+            "{}",
+            String::from_utf8_lossy(&rm.stderr)
+        );
+
         // docker kill on b: its instance leaves.
         let killed = Instant::now();
         hosts.docker("b", &["kill", &id_b]).unwrap();
@@ -304,23 +372,25 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
         hosts.cut("a").unwrap();
         let lost = wait_for(
             Duration::from_secs(10),
-            "cut-off host's instances out",
+            "cut-off host's node and instances out",
             || async {
-                client
+                let instances_gone = client
                     .instances()
                     .await
-                    .is_ok_and(|all| all.iter().all(|i| i.node.as_deref() != Some("a")))
+                    .is_ok_and(|all| all.iter().all(|i| i.node.as_deref() != Some("a")));
+                let node_gone = client
+                    .nodes()
+                    .await
+                    .is_ok_and(|n| n.iter().all(|n| n.name != "a"));
+                instances_gone && node_gone
             },
         )
         .await;
         eprintln!(
-            "host a cut off -> its instances out: {:.2}s",
+            "FIGURE host a cut off (lease TTL 1 s) -> its node and instances out: {:.2}s",
             lost.as_secs_f64()
         );
-        assert!(
-            client.nodes().await.unwrap().iter().all(|n| n.name != "a"),
-            "node a still listed"
-        );
+        assert!(lost <= Duration::from_secs(3), "host loss took {lost:?}");
         hosts.heal("a").unwrap();
         // Healed, its agent registers again and resyncs its container.
         wait_for(
