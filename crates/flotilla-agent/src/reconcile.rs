@@ -568,16 +568,16 @@ mod tests {
     }
 }
 
+/// The engine's `ExposedPorts`: port → empty object.
+pub(crate) type ExposedPorts = HashMap<String, HashMap<(), ()>>;
+
 /// The engine settings that publish `port` as `publish` says: the exposed port and its
 /// binding on every host address (the agent registers such a replica at its advertise
 /// address and the host port), or nothing for `publish = "none"`.
 pub(crate) fn published_port(
     port: u16,
     publish: flotilla_core::stack::Publish,
-) -> (
-    Option<HashMap<String, HashMap<(), ()>>>,
-    Option<HashMap<String, Option<Vec<bollard::models::PortBinding>>>>,
-) {
+) -> (Option<ExposedPorts>, Option<bollard::models::PortMap>) {
     let Some(host_port) = publish.host_port() else {
         return (None, None);
     };
