@@ -538,6 +538,35 @@ fn parse_exit(status: &str) -> i64 {
         .unwrap_or(0)
 }
 
+/// The engine's `ExposedPorts`: port → empty object.
+pub(crate) type ExposedPorts = HashMap<String, HashMap<(), ()>>;
+
+/// The engine settings that publish `port` as `publish` says: the exposed port and its
+/// binding on every host address (the agent registers such a replica at its advertise
+/// address and the host port), or nothing for `publish = "none"`.
+pub(crate) fn published_port(
+    port: u16,
+    publish: flotilla_core::stack::Publish,
+) -> (Option<ExposedPorts>, Option<bollard::models::PortMap>) {
+    let Some(host_port) = publish.host_port() else {
+        return (None, None);
+    };
+    let key = format!("{port}/tcp");
+    (
+        Some([(key.clone(), HashMap::new())].into()),
+        Some(
+            [(
+                key,
+                Some(vec![bollard::models::PortBinding {
+                    host_ip: None,
+                    host_port: Some(host_port),
+                }]),
+            )]
+            .into(),
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -566,33 +595,4 @@ mod tests {
         assert_eq!(parse_exit("Up 2 minutes"), 0);
         assert_eq!(parse_exit("Created"), 0);
     }
-}
-
-/// The engine's `ExposedPorts`: port → empty object.
-pub(crate) type ExposedPorts = HashMap<String, HashMap<(), ()>>;
-
-/// The engine settings that publish `port` as `publish` says: the exposed port and its
-/// binding on every host address (the agent registers such a replica at its advertise
-/// address and the host port), or nothing for `publish = "none"`.
-pub(crate) fn published_port(
-    port: u16,
-    publish: flotilla_core::stack::Publish,
-) -> (Option<ExposedPorts>, Option<bollard::models::PortMap>) {
-    let Some(host_port) = publish.host_port() else {
-        return (None, None);
-    };
-    let key = format!("{port}/tcp");
-    (
-        Some([(key.clone(), HashMap::new())].into()),
-        Some(
-            [(
-                key,
-                Some(vec![bollard::models::PortBinding {
-                    host_ip: None,
-                    host_port: Some(host_port),
-                }]),
-            )]
-            .into(),
-        ),
-    )
 }
