@@ -641,7 +641,7 @@ dir = "/var/lib/flotilla/backups"
         assert_eq!(web(&with("18080")).unwrap(), Publish::Port(18080));
         for bad in ["\"nat\"", "0", "70000", "-1"] {
             let e = web(&with(bad)).unwrap_err();
-            assert!(e.contains("line 3") && e.contains("auto"), "{bad}: {e}");
+            assert!(e.contains("line 6") && e.contains("auto"), "{bad}: {e}");
         }
         // The default is left out of the serialised spec (and so of the image hash).
         let spec = parse(EXAMPLE).unwrap();

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::netns::Lan;
-use crate::{docker, docker_at, unique};
+use crate::{docker, docker_at};
 
 /// A Docker Engine running inside one host's namespace.
 struct HostEngine {
@@ -70,54 +70,18 @@ impl Hosts {
         let dir = tempfile::Builder::new()
             .prefix(&format!("flotilla-host-{host}-"))
             .tempdir()?;
-        let d = dir.path().to_path_buf();
-        std::fs::write(
-            d.join("daemon.json"),
-            format!("{{\"storage-driver\": {driver:?}}}"),
+        let (child, endpoint) = crate::spawn_dockerd(
+            self.command(host, "dockerd"),
+            dir.path(),
+            host,
+            &format!("{{\"storage-driver\": {driver:?}}}"),
+            &["--bip", bip],
         )?;
-        let sock = d.join("docker.sock");
-        let ns = unique(&format!("flotilla-{host}"));
-        let log = std::fs::File::create(d.join("dockerd.log"))?;
-        let child = self
-            .command(host, "dockerd")
-            .arg("--config-file")
-            .arg(d.join("daemon.json"))
-            .arg("--data-root")
-            .arg(d.join("data"))
-            .arg("--exec-root")
-            .arg(d.join("exec"))
-            .arg("--pidfile")
-            .arg(d.join("docker.pid"))
-            .arg("-H")
-            .arg(format!("unix://{}", sock.display()))
-            .args(["--bip", bip])
-            .args(["--containerd-namespace", &ns])
-            .args(["--containerd-plugins-namespace", &format!("{ns}-p")])
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting dockerd in the host's namespace")?;
-        let engine = HostEngine {
-            endpoint: format!("unix://{}", sock.display()),
+        Ok(HostEngine {
+            endpoint,
             dir,
             child,
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::time::Instant::now() < deadline {
-            if docker_at(
-                Some(&engine.endpoint),
-                &["version", "--format", "{{.Server.Version}}"],
-            )
-            .is_ok()
-            {
-                return Ok(engine);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        bail!(
-            "dockerd on host {host} did not come up: {}",
-            std::fs::read_to_string(d.join("dockerd.log")).unwrap_or_default()
-        )
+        })
     }
 
     /// A command that runs in `node`'s network namespace (host or client), through

@@ -376,59 +376,87 @@ fn own_bridge() -> Result<String> {
     bail!("no bridge for an extra dockerd: {last}")
 }
 
+/// Starts `dockerd` through `command` (the program itself, or `nsenter … dockerd`) with
+/// its config, state, socket and log under `dir`, its own containerd namespaces, and
+/// `extra` flags; returns the child and its `unix://` endpoint once it answers (the child
+/// is killed if it does not within 30 s).
+pub(crate) fn spawn_dockerd(
+    mut command: Command,
+    dir: &std::path::Path,
+    name: &str,
+    daemon_json: &str,
+    extra: &[&str],
+) -> Result<(std::process::Child, String)> {
+    std::fs::write(dir.join("daemon.json"), daemon_json)?;
+    let sock = dir.join("docker.sock");
+    let ns = unique(&format!("flotilla-{name}"));
+    let log = std::fs::File::create(dir.join("dockerd.log"))?;
+    let mut child = command
+        .arg("--config-file")
+        .arg(dir.join("daemon.json"))
+        .arg("--data-root")
+        .arg(dir.join("data"))
+        .arg("--exec-root")
+        .arg(dir.join("exec"))
+        .arg("--pidfile")
+        .arg(dir.join("docker.pid"))
+        .arg("-H")
+        .arg(format!("unix://{}", sock.display()))
+        .args(["--containerd-namespace", &ns])
+        .args(["--containerd-plugins-namespace", &format!("{ns}-p")])
+        .args(extra)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting dockerd {name}"))?;
+    let endpoint = format!("unix://{}", sock.display());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if docker_at(
+            Some(&endpoint),
+            &["version", "--format", "{{.Server.Version}}"],
+        )
+        .is_ok()
+        {
+            return Ok((child, endpoint));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    bail!(
+        "dockerd {name} did not come up: {}",
+        std::fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default()
+    )
+}
+
 impl Dockerd {
     /// Starts a daemon and waits until it answers.
     pub fn start(name: &str) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("flotilla-dockerd-{name}-"))
             .tempdir()?;
-        let d = dir.path().to_path_buf();
-        std::fs::write(d.join("daemon.json"), "{}")?;
-        let sock = d.join("docker.sock");
-        let ns = unique(&format!("flotilla-{name}"));
-        let log = std::fs::File::create(d.join("dockerd.log"))?;
         let bridge = own_bridge()?;
-        let child = Command::new("dockerd")
-            .arg("--config-file")
-            .arg(d.join("daemon.json"))
-            .arg("--data-root")
-            .arg(d.join("data"))
-            .arg("--exec-root")
-            .arg(d.join("exec"))
-            .arg("--pidfile")
-            .arg(d.join("docker.pid"))
-            .arg("-H")
-            .arg(format!("unix://{}", sock.display()))
-            .args(["--bridge", &bridge, "--iptables=false", "--ip-masq=false"])
-            .args(["--containerd-namespace", &ns])
-            .args(["--containerd-plugins-namespace", &format!("{ns}-p")])
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting dockerd")?;
-        let host = format!("unix://{}", sock.display());
-        let daemon = Dockerd {
+        let started = spawn_dockerd(
+            Command::new("dockerd"),
+            dir.path(),
+            name,
+            "{}",
+            &["--bridge", &bridge, "--iptables=false", "--ip-masq=false"],
+        );
+        let (child, host) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = ip(&["link", "del", &bridge]);
+                return Err(e);
+            }
+        };
+        Ok(Dockerd {
             host,
             dir,
             child,
             bridge,
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::time::Instant::now() < deadline {
-            if docker_at(
-                Some(&daemon.host),
-                &["version", "--format", "{{.Server.Version}}"],
-            )
-            .is_ok()
-            {
-                return Ok(daemon);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        bail!(
-            "dockerd {name} did not come up: {}",
-            std::fs::read_to_string(d.join("dockerd.log")).unwrap_or_default()
-        )
+        })
     }
 
     /// Runs `docker ARGS` against this daemon.

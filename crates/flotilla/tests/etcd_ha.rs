@@ -269,22 +269,16 @@ async fn agents_and_lbs_move_to_the_next_server_when_theirs_dies() {
         samples - lb_ok
     );
     // The lease is still being renewed (through b): its renewal time keeps moving.
-    let renewed = cb
-        .nodes()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|n| n.name == node)
-        .unwrap()
-        .renewed_ms;
+    let renewed_ms = || async {
+        let nodes = cb.nodes().await.unwrap();
+        nodes
+            .into_iter()
+            .find(|n| n.name == node)
+            .unwrap()
+            .renewed_ms
+    };
+    let renewed = renewed_ms().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let later = cb
-        .nodes()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|n| n.name == node)
-        .unwrap()
-        .renewed_ms;
+    let later = renewed_ms().await;
     assert!(later > renewed, "lease not renewed after the server died");
 }

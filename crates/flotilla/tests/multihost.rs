@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Proc, BIN};
+use common::{eventually, Proc, BIN};
 use flotilla_client::Client;
 use flotilla_testkit::hosts::Hosts;
 
@@ -51,21 +51,6 @@ fn in_namespace<T: Send>(
         .join()
         .unwrap()
     })
-}
-
-async fn wait_for<F, Fut>(within: Duration, what: &str, mut f: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while start.elapsed() < within {
-        if f().await {
-            return start.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out after {within:?} waiting for: {what}");
 }
 
 /// A busybox httpd answering `text` on port 8080, published on a port the engine picks.
@@ -142,7 +127,7 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
 
     in_namespace(&hosts, "client", async {
         // The token file appears once the server has started.
-        wait_for(Duration::from_secs(20), "server token", || async {
+        eventually(Duration::from_secs(20), "server token", || async {
             token.exists()
         })
         .await;
@@ -175,7 +160,7 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
             Some(std::fs::read_to_string(&token).unwrap().trim().to_owned()),
         );
         let joined = async {
-            wait_for(Duration::from_secs(30), "both agents joined", || async {
+            eventually(Duration::from_secs(30), "both agents joined", || async {
                 client.nodes().await.is_ok_and(|n| n.len() == 2)
             })
             .await
@@ -218,7 +203,7 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
         // published port, passing by the server's probe from host c.
         let started = Instant::now();
         let id_a = web_container(&hosts, "a", image, "host-a");
-        wait_for(Duration::from_secs(30), "web on a passing", || async {
+        eventually(Duration::from_secs(30), "web on a passing", || async {
             common::passing(&client, "web").await.len() == 1
         })
         .await;
@@ -263,7 +248,7 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
 
         // A second replica on host b, and an lb on host c in front of both.
         let id_b = web_container(&hosts, "b", image, "host-b");
-        wait_for(
+        eventually(
             Duration::from_secs(30),
             "web on a and b passing",
             || async { common::passing(&client, "web").await.len() == 2 },
@@ -276,7 +261,7 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
             &dir.path().join("lb.log"),
         );
         let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
-        wait_for(
+        eventually(
             Duration::from_secs(20),
             "the lb reaches both hosts",
             || async {
@@ -359,7 +344,7 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
         // docker kill on b: its instance leaves.
         let killed = Instant::now();
         hosts.docker("b", &["kill", &id_b]).unwrap();
-        wait_for(Duration::from_secs(10), "killed replica out", || async {
+        eventually(Duration::from_secs(10), "killed replica out", || async {
             common::passing(&client, "web").await.len() == 1
         })
         .await;
@@ -370,7 +355,7 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
 
         // Host a cut off from the LAN: its node and instance leave within the lease.
         hosts.cut("a").unwrap();
-        let lost = wait_for(
+        let lost = eventually(
             Duration::from_secs(10),
             "cut-off host's node and instances out",
             || async {
@@ -393,7 +378,7 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
         assert!(lost <= Duration::from_secs(3), "host loss took {lost:?}");
         hosts.heal("a").unwrap();
         // Healed, its agent registers again and resyncs its container.
-        wait_for(
+        eventually(
             Duration::from_secs(30),
             "host a back with its replica",
             || async {
@@ -404,6 +389,194 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
             },
         )
         .await;
+        drop(agents);
+    });
+}
+
+/// The issue's host-loss figure: an lb on host c in front of three replicas of a stack on
+/// hosts a and b, 200 requests/s open loop from the client; host b is cut off. Counts the
+/// failed requests over the whole event and how long until the stack is back to three
+/// passing replicas on the hosts that are left.
+#[test]
+fn host_loss_under_load_fails_few_requests_and_replicas_come_back() {
+    let hosts = Hosts::create(&["a", "b", "c"], &["client"], 62).expect("hosts");
+    let image = flotilla_testkit::busybox_image().unwrap();
+    for h in ["a", "b"] {
+        hosts.load_image(h, image).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    let server_addr = format!("{}:7700", hosts.addr("c"));
+    let server_url = format!("http://{server_addr}");
+    let _server = flotilla_on(
+        &hosts,
+        "c",
+        &[
+            "server",
+            "--listen",
+            &server_addr,
+            "--dns-listen",
+            "",
+            "--data-dir",
+            &dir.path().join("c").display().to_string(),
+            "--token-file",
+            &token.display().to_string(),
+        ],
+        &dir.path().join("server.log"),
+    );
+    let addr_c = hosts.addr("c");
+    in_namespace(&hosts, "client", async {
+        eventually(Duration::from_secs(20), "server token", || async {
+            token.exists()
+        })
+        .await;
+        let token_arg = token.display().to_string();
+        let mut agents = Vec::new();
+        for h in ["a", "b"] {
+            agents.push(flotilla_on(
+                &hosts,
+                h,
+                &[
+                    "agent",
+                    "--server",
+                    &server_url,
+                    "--token-file",
+                    &token_arg,
+                    "--node",
+                    h,
+                    "--docker",
+                    hosts.engine(h),
+                    "--api-listen",
+                    "0.0.0.0:7701",
+                    "--lease-ttl",
+                    "1s",
+                ],
+                &dir.path().join(format!("agent-{h}.log")),
+            ));
+        }
+        let client = Client::new(
+            &server_url,
+            Some(std::fs::read_to_string(&token).unwrap().trim().to_owned()),
+        );
+        eventually(Duration::from_secs(30), "both agents joined", || async {
+            client.nodes().await.is_ok_and(|n| n.len() == 2)
+        })
+        .await;
+        let stack = dir.path().join("stack");
+        std::fs::create_dir_all(stack.join("www")).unwrap();
+        std::fs::write(stack.join("www/index.html"), "ok\n").unwrap();
+        std::fs::write(
+            stack.join("stack.toml"),
+            "name = \"loss\"\n[service.web]\nport = 8080\nreplicas = 3\n\
+             command = [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n\
+             health = { type = \"http\", path = \"/index.html\", interval = \"300ms\" }\n\
+             image = { base = \"busybox\", file = [{ src = \"www/index.html\", dest = \"/www/index.html\" }] }\n",
+        )
+        .unwrap();
+        let spec_arg = stack.join("stack.toml").display().to_string();
+        let deploy = hosts
+            .command("client", BIN)
+            .args([
+                "deploy",
+                &spec_arg,
+                "--timeout",
+                "90s",
+                "--server",
+                &server_url,
+            ])
+            .args(["--token-file", &token_arg])
+            .output()
+            .unwrap();
+        assert!(
+            deploy.status.success(),
+            "{}",
+            String::from_utf8_lossy(&deploy.stderr)
+        );
+        let on_b = common::passing(&client, "web")
+            .await
+            .iter()
+            .filter(|i| i.node.as_deref() == Some("b"))
+            .count();
+        assert!(on_b >= 1, "a replica on b to lose");
+
+        let lb_conf = dir.path().join("lb.toml");
+        std::fs::write(
+            &lb_conf,
+            format!(
+                "[admin]\nlisten = \"\"\n[registry]\nurl = \"{server_url}\"\ntoken_file = \"{token_arg}\"\n\
+                 [[listener]]\nname = \"web\"\nbind = \"{addr_c}:8080\"\nscheduler = \"round-robin\"\n\
+                 service = \"web\"\nslow_start = \"0s\"\nconnect_timeout = \"500ms\"\n"
+            ),
+        )
+        .unwrap();
+        let _lb = flotilla_on(
+            &hosts,
+            "c",
+            &["lb", "--config", &lb_conf.display().to_string()],
+            &dir.path().join("lb.log"),
+        );
+        let url = format!("http://{addr_c}:8080/");
+        eventually(Duration::from_secs(20), "lb answers", || async {
+            get(&url).await.is_ok()
+        })
+        .await;
+
+        // 200 requests/s for 20 s, open loop, each with a 5 s deadline; b is cut at 5 s.
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let start = Instant::now();
+        let mut requests = Vec::new();
+        let mut recovery = None;
+        for k in 0..4000u32 {
+            let due = start + Duration::from_millis(u64::from(k) * 5);
+            tokio::time::sleep_until(due.into()).await;
+            if recovery.is_none() && start.elapsed() >= Duration::from_secs(5) {
+                hosts.cut("b").unwrap();
+                let (cut_at, client) = (Instant::now(), client.clone());
+                // Back to three passing replicas, all on a: timed from the cut.
+                recovery = Some(tokio::spawn(async move {
+                    loop {
+                        let up = common::passing(&client, "web").await;
+                        if up.len() == 3 && up.iter().all(|i| i.node.as_deref() == Some("a")) {
+                            return cut_at.elapsed();
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }));
+            }
+            let (http, url) = (http.clone(), url.clone());
+            requests.push(tokio::spawn(async move {
+                http.get(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }));
+        }
+        let mut failed = 0;
+        let total = requests.len();
+        for r in requests {
+            if !r.await.unwrap() {
+                failed += 1;
+            }
+        }
+        let recovered = tokio::time::timeout(Duration::from_secs(30), recovery.unwrap())
+            .await
+            .expect("three replicas on a within 30 s of the cut")
+            .unwrap();
+        let share = failed as f64 * 100.0 / total as f64;
+        eprintln!(
+            "FIGURE host b cut off under 200 req/s: {failed} of {total} requests failed \
+             ({share:.2} %); three passing replicas on a {:.1}s after the cut",
+            recovered.as_secs_f64()
+        );
+        assert!(
+            recovered <= Duration::from_secs(10),
+            "replicas back after {recovered:?}"
+        );
+        hosts.heal("b").unwrap();
         drop(agents);
     });
 }
