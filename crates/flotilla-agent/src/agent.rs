@@ -223,7 +223,7 @@ impl Inner {
 
     /// Whether the agent registers this container (it carries a service label).
     pub(crate) async fn registers(&self, id: &str) -> bool {
-        docker::inspect(&self.docker, id)
+        docker::inspect(&self.docker, id, self.advertise)
             .await
             .ok()
             .flatten()
@@ -419,7 +419,7 @@ impl Inner {
     /// The spec for a running labelled container, or `None` (not ours, gone, or bad
     /// labels — which are logged with the label named).
     async fn desired(&self, container: &str) -> Option<InstanceSpec> {
-        let facts = match docker::inspect(&self.docker, container).await {
+        let facts = match docker::inspect(&self.docker, container, self.advertise).await {
             Ok(Some(f)) => f,
             Ok(None) => return None,
             Err(e) => {

@@ -323,6 +323,7 @@ async fn restore(
             start: q.start,
             relabel: &[(crate::reconcile::OWNER, &inner.node)],
             strip,
+            publish_on: inner.advertise,
         },
     )
     .await;

@@ -504,6 +504,9 @@ pub struct RestoreOptions<'a> {
     pub relabel: &'a [(&'a str, &'a str)],
     /// Labels dropped (a restored copy is no longer a stack's replica).
     pub strip: &'a [&'a str],
+    /// Host address the ports the container published are published on again (this
+    /// host's advertise address); `None`: every address.
+    pub publish_on: Option<std::net::IpAddr>,
 }
 
 /// Restores the archive at `path`, already checked whole by
@@ -554,7 +557,21 @@ pub async fn restore_checked_archive(
         );
     }
     let mut created = Created::default();
-    match restore_checked(docker, path, &saved, &name, has_image, start, &mut created).await {
+    let target = Target {
+        name: &name,
+        publish_on: opts.publish_on,
+    };
+    match restore_checked(
+        docker,
+        path,
+        &saved,
+        &target,
+        has_image,
+        start,
+        &mut created,
+    )
+    .await
+    {
         Ok(id) => Ok(Restored {
             name,
             id,
@@ -599,11 +616,17 @@ impl Created {
     }
 }
 
+/// The container a restore creates: its name and where its ports are published.
+struct Target<'a> {
+    name: &'a str,
+    publish_on: Option<std::net::IpAddr>,
+}
+
 async fn restore_checked(
     docker: &Docker,
     path: &Path,
     saved: &SavedContainer,
-    name: &str,
+    target: &Target<'_>,
     has_image: bool,
     start: bool,
     created: &mut Created,
@@ -613,7 +636,7 @@ async fn restore_checked(
         let wanted = if docker.inspect_volume(vol).await.is_err() {
             vol.clone()
         } else {
-            format!("{name}-{i}")
+            format!("{}-{i}", target.name)
         };
         if docker.inspect_volume(&wanted).await.is_ok() {
             bail!("volume {wanted:?} already exists on this engine");
@@ -670,7 +693,7 @@ async fn restore_checked(
             }
             PartKind::Volume => {
                 if container.is_none() {
-                    let id = create_container(docker, saved, name, &created.volumes).await?;
+                    let id = create_container(docker, saved, target, &created.volumes).await?;
                     created.container = Some(id.clone());
                     container = Some(id);
                 }
@@ -689,7 +712,7 @@ async fn restore_checked(
     let id = match container {
         Some(id) => id,
         None => {
-            let id = create_container(docker, saved, name, &created.volumes).await?;
+            let id = create_container(docker, saved, target, &created.volumes).await?;
             created.container = Some(id.clone());
             id
         }
@@ -941,9 +964,10 @@ fn tokio_stream_from(
 async fn create_container(
     docker: &Docker,
     saved: &SavedContainer,
-    name: &str,
+    target: &Target<'_>,
     volumes: &BTreeMap<String, String>,
 ) -> anyhow::Result<String> {
+    let name = target.name;
     let mounts = saved
         .volumes
         .iter()
@@ -961,7 +985,11 @@ async fn create_container(
     let mut exposed = HashMap::new();
     let mut bindings = HashMap::new();
     for port in &saved.published {
-        let (e, b) = crate::reconcile::published_port(*port, flotilla_core::stack::Publish::Auto);
+        let (e, b) = crate::reconcile::published_port(
+            *port,
+            flotilla_core::stack::Publish::Auto,
+            target.publish_on,
+        );
         exposed.extend(e.unwrap_or_default());
         bindings.extend(b.unwrap_or_default());
     }

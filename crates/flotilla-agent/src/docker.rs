@@ -27,8 +27,13 @@ pub async fn connect(endpoint: &str) -> anyhow::Result<Docker> {
         .with_context(|| format!("talking to the Docker Engine at {endpoint}"))
 }
 
-/// Facts about a running container, `None` if it is gone or not running.
-pub async fn inspect(docker: &Docker, id: &str) -> anyhow::Result<Option<ContainerFacts>> {
+/// Facts about a running container, `None` if it is gone or not running. `advertise`
+/// is this host's advertise address: a port published on it counts as published.
+pub async fn inspect(
+    docker: &Docker,
+    id: &str,
+    advertise: Option<std::net::IpAddr>,
+) -> anyhow::Result<Option<ContainerFacts>> {
     let info = match docker
         .inspect_container(id, None::<InspectContainerOptions>)
         .await
@@ -45,7 +50,7 @@ pub async fn inspect(docker: &Docker, id: &str) -> anyhow::Result<Option<Contain
     }
     let config = info.config.unwrap_or_default();
     let settings = info.network_settings.unwrap_or_default();
-    let published = published_ports(settings.ports.unwrap_or_default());
+    let published = published_ports(settings.ports.unwrap_or_default(), advertise);
     let networks: BTreeMap<_, _> = settings
         .networks
         .unwrap_or_default()
@@ -72,21 +77,24 @@ pub async fn inspect(docker: &Docker, id: &str) -> anyhow::Result<Option<Contain
     }))
 }
 
-/// TCP ports the engine published on all host addresses: container port → host port.
-/// A binding to one host address (`-p 127.0.0.1:8080:80`) is left out: other hosts
-/// cannot be assumed to reach it.
-fn published_ports(ports: bollard::models::PortMap) -> BTreeMap<u16, u16> {
+/// TCP ports the engine published on all host addresses or on the advertise address:
+/// container port → host port. A binding to another single address (`-p
+/// 127.0.0.1:8080:80` on a host advertising its LAN address) is left out: other hosts
+/// cannot reach it there.
+fn published_ports(
+    ports: bollard::models::PortMap,
+    advertise: Option<std::net::IpAddr>,
+) -> BTreeMap<u16, u16> {
     let mut out = BTreeMap::new();
     for (key, bindings) in ports {
         let Some(port) = key.strip_suffix("/tcp").and_then(|p| p.parse::<u16>().ok()) else {
             continue;
         };
         let host_port = bindings.unwrap_or_default().into_iter().find_map(|b| {
-            let everywhere = matches!(
-                b.host_ip.as_deref(),
-                None | Some("") | Some("0.0.0.0") | Some("::")
-            );
-            everywhere
+            let ip = b.host_ip.as_deref().unwrap_or("");
+            let reachable = matches!(ip, "" | "0.0.0.0" | "::")
+                || advertise.is_some_and(|a| ip.parse() == Ok(a));
+            reachable
                 .then(|| b.host_port?.parse::<u16>().ok())
                 .flatten()
         });
@@ -215,4 +223,44 @@ pub async fn sample(
         cpu_limit: quota.unwrap_or(online),
         at: std::time::Instant::now(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bollard::models::PortBinding;
+
+    fn binding(ip: &str, port: &str) -> PortBinding {
+        PortBinding {
+            host_ip: Some(ip.into()),
+            host_port: Some(port.into()),
+        }
+    }
+
+    #[test]
+    fn ports_published_everywhere_or_on_the_advertise_address_count() {
+        let ports = [
+            (
+                "80/tcp".to_string(),
+                Some(vec![binding("0.0.0.0", "32768")]),
+            ),
+            (
+                "81/tcp".to_string(),
+                Some(vec![binding("198.18.7.1", "32769")]),
+            ),
+            (
+                "82/tcp".to_string(),
+                Some(vec![binding("127.0.0.1", "32770")]),
+            ),
+            (
+                "83/udp".to_string(),
+                Some(vec![binding("0.0.0.0", "32771")]),
+            ),
+            ("84/tcp".to_string(), None),
+        ]
+        .into_iter()
+        .collect();
+        let got = published_ports(ports, Some("198.18.7.1".parse().unwrap()));
+        assert_eq!(got, [(80, 32768), (81, 32769)].into());
+    }
 }

@@ -39,8 +39,9 @@ pub struct ContainerFacts {
     pub labels: HashMap<String, String>,
     /// Networks and the container's address on each.
     pub networks: BTreeMap<String, Option<IpAddr>>,
-    /// TCP ports published on the host: container port → host port (bindings on all
-    /// addresses only; one bound to a single address other hosts may not reach).
+    /// TCP ports published on the host: container port → host port (bindings on every
+    /// address or on the agent's advertise address; one bound to another single
+    /// address is left out, since other hosts may not reach it).
     pub published: BTreeMap<u16, u16>,
 }
 
