@@ -95,6 +95,11 @@ pub struct ServerConfig {
     /// it a write is refused at once with `503` + `Retry-After` and nothing written,
     /// so an overload degrades to slower writers instead of unbounded latency.
     pub max_inflight_writes: usize,
+    /// How often the elected server compacts the store's history (etcd); `0s` never.
+    #[serde(with = "humantime_serde")]
+    pub compact_interval: Duration,
+    /// Revisions of history kept at a compaction: how far back a watch may resume.
+    pub compact_keep: u64,
 }
 
 impl Default for ServerConfig {
@@ -111,6 +116,8 @@ impl Default for ServerConfig {
             max_body_bytes: 64 * 1024,
             max_wait: Duration::from_secs(300),
             max_inflight_writes: 256,
+            compact_interval: Duration::from_secs(300),
+            compact_keep: 100_000,
         }
     }
 }
@@ -145,6 +152,9 @@ impl ServerConfig {
         }
         if !(1024..=16 * 1024 * 1024).contains(&self.max_body_bytes) {
             return Err(FieldError::new("max_body_bytes", "must be 1 KiB..=16 MiB"));
+        }
+        if self.compact_keep == 0 {
+            return Err(FieldError::new("compact_keep", "must be at least 1"));
         }
         if !(8..=65_536).contains(&self.max_inflight_writes) {
             return Err(FieldError::new(

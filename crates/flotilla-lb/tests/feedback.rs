@@ -56,18 +56,32 @@ async fn feedback_moves_traffic_off_a_slow_backend() {
     drop(rr);
 
     let fb = lb("feedback", &fast, &slow).await;
-    let fb_share = drive(&fb, &slow, Duration::from_secs(3)).await;
-    let st = &flotilla_lb::admin::status(&fb.listeners)[0];
-    let weight = |addr: std::net::SocketAddr| {
-        st.backends
-            .iter()
-            .find(|b| b.addr == addr.to_string())
-            .unwrap()
-            .feedback_weight
-            .expect("controller ran")
+    let weights = || {
+        let st = &flotilla_lb::admin::status(&fb.listeners)[0];
+        let weight = |addr: std::net::SocketAddr| {
+            st.backends
+                .iter()
+                .find(|b| b.addr == addr.to_string())
+                .unwrap()
+                .feedback_weight
+                .expect("controller ran")
+        };
+        (weight(fast.addr), weight(slow.addr))
     };
-    let (wf, ws) = (weight(fast.addr), weight(slow.addr));
-    eprintln!("slow backend share: round-robin {rr_share:.3}, feedback {fb_share:.3}; weights fast {wf:.1} slow {ws:.1}");
+    // Drive until the controller has separated them (3 s on a quiet machine; a loaded
+    // one slows the fast backend too and needs more periods), at most 8 rounds; the
+    // share is the last round's, once the weights have settled.
+    let mut fb_share = drive(&fb, &slow, Duration::from_secs(3)).await;
+    let mut rounds = 1;
+    while rounds < 8 && {
+        let (wf, ws) = weights();
+        wf <= ws * 1.5
+    } {
+        fb_share = drive(&fb, &slow, Duration::from_secs(2)).await;
+        rounds += 1;
+    }
+    let (wf, ws) = weights();
+    eprintln!("slow backend share: round-robin {rr_share:.3}, feedback {fb_share:.3}; weights fast {wf:.1} slow {ws:.1} after {rounds} rounds");
     assert!(
         (rr_share - 0.5).abs() < 0.02,
         "round-robin splits evenly: {rr_share}"

@@ -64,6 +64,7 @@ struct Duty {
     /// The catalog's checks version the checkers were last planned for.
     seen_checks: u64,
     last_orphan_scan: Option<Instant>,
+    last_compaction: Option<Instant>,
 }
 
 impl Drop for Duty {
@@ -83,6 +84,7 @@ impl Duty {
             orphans: HashMap::new(),
             seen_checks: u64::MAX,
             last_orphan_scan: None,
+            last_compaction: None,
         }
     }
 
@@ -108,6 +110,15 @@ impl Duty {
             {
                 self.last_orphan_scan = Some(now);
                 self.reap_orphans(now).await;
+            }
+            let every = self.shared.config.compact_interval;
+            if !every.is_zero()
+                && self
+                    .last_compaction
+                    .is_none_or(|t| now.saturating_duration_since(t) >= every)
+            {
+                self.last_compaction = Some(now);
+                self.compact().await;
             }
         }
     }
@@ -164,6 +175,25 @@ impl Duty {
                 self.leases.remove(&node);
                 self.shared.metrics.node_expirations.inc();
             }
+        }
+    }
+
+    /// Compacts the store's history to the newest `compact_keep` revisions (on etcd;
+    /// the embedded store keeps none). Runs on the leader only, so once per cluster.
+    async fn compact(&mut self) {
+        match self
+            .shared
+            .store
+            .compact(self.shared.config.compact_keep)
+            .await
+        {
+            Ok(Some(revision)) => {
+                tracing::info!(revision, "store history compacted");
+                self.shared.metrics.compactions.inc();
+                self.shared.metrics.compacted_revision.set(revision as i64);
+            }
+            Ok(None) => {}
+            Err(e) => self.shared.note_store_error(&e, "compaction"),
         }
     }
 

@@ -69,6 +69,10 @@ pub struct Metrics {
     pub store_queue_limit: Gauge,
     /// Writes refused because `max_inflight_writes` were being worked on.
     pub busy_writes: Counter,
+    /// Compactions of the store's history this server made.
+    pub compactions: Counter,
+    /// The revision the store's history was last compacted to by this server.
+    pub compacted_revision: Gauge,
 }
 
 impl Default for Metrics {
@@ -96,6 +100,8 @@ impl Default for Metrics {
             store_queued_writes: Gauge::default(),
             store_queue_limit: Gauge::default(),
             busy_writes: Counter::default(),
+            compactions: Counter::default(),
+            compacted_revision: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -186,6 +192,16 @@ impl Default for Metrics {
             "busy_writes",
             "Writes refused with 503 because max_inflight_writes were in flight",
             m.busy_writes.clone(),
+        );
+        registry.register(
+            "store_compactions",
+            "Compactions of the store's history (etcd) made by this server",
+            m.compactions.clone(),
+        );
+        registry.register(
+            "store_compacted_revision",
+            "Revision the store's history was last compacted to by this server",
+            m.compacted_revision.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -24,11 +24,19 @@ fn spec(service: &str, n: usize) -> InstanceSpec {
 }
 
 async fn serve(dir: &std::path::Path, store: Arc<dyn Store>) -> (RunningServer, Client) {
+    serve_with(dir, store, ServerConfig::default()).await
+}
+
+async fn serve_with(
+    dir: &std::path::Path,
+    store: Arc<dyn Store>,
+    base: ServerConfig,
+) -> (RunningServer, Client) {
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.to_owned(),
         dns_listen: String::new(),
-        ..ServerConfig::default()
+        ..base
     };
     let server = start(config.clone(), store).await.unwrap();
     let token = std::fs::read_to_string(config.token_path()).unwrap();
@@ -157,4 +165,59 @@ async fn concurrent_writers_read_their_own_writes_on_etcd() {
         counts.commits < counts.writes,
         "200 concurrent writers shared commits: {counts:?}"
     );
+}
+
+#[tokio::test]
+async fn the_leader_compacts_etcd_and_a_blocking_watch_across_it_answers() {
+    let cluster = EtcdCluster::start(1).unwrap();
+    let store = EtcdStore::connect(&cluster.endpoints(), &format!("/{}/", unique("compact")))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        compact_interval: Duration::from_millis(200),
+        compact_keep: 5,
+        ..ServerConfig::default()
+    };
+    let (server, client) = serve_with(dir.path(), Arc::new(store), config).await;
+    let index = client
+        .service("watched", 0, Duration::ZERO, false)
+        .await
+        .unwrap()
+        .index;
+    let watcher = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .service("watched", index, Duration::from_secs(20), false)
+                .await
+                .unwrap()
+        })
+    };
+    // Enough history for a compaction, then wait for one past the watcher's index.
+    for n in 0..30 {
+        client
+            .register(&format!("noise-{n}"), &spec("noise", n))
+            .await
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server.shared.metrics.compacted_revision.get() as u64 <= index {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no compaction past {index}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !watcher.is_finished(),
+        "the watch answered before its service changed"
+    );
+    client.register("w1", &spec("watched", 99)).await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(5), watcher)
+        .await
+        .expect("the blocking watch answers after the compaction")
+        .unwrap();
+    assert_eq!(seen.instances.len(), 1);
+    assert_eq!(seen.instances[0].id, "w1");
 }

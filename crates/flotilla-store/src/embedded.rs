@@ -300,6 +300,11 @@ impl Store for EmbeddedStore {
         "embedded"
     }
 
+    async fn compact(&self, _keep: u64) -> Result<Option<u64>> {
+        // redb keeps the current value of each key only: there is no history to discard.
+        Ok(None)
+    }
+
     fn write_counts(&self) -> WriteCounts {
         self.committer
             .get()

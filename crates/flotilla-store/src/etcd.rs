@@ -21,6 +21,8 @@ pub struct EtcdStore {
     client: Client,
     namespace: String,
     committer: Arc<Committer>,
+    /// The highest revision this process compacted to.
+    compacted: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Retries of one call before giving up (20 ms doubling: ~1.2 s in all).
@@ -66,6 +68,7 @@ impl EtcdStore {
             client,
             namespace: namespace.to_owned(),
             committer: Arc::new(committer),
+            compacted: Default::default(),
         })
     }
 
@@ -285,6 +288,39 @@ impl Store for EtcdStore {
 
     fn write_counts(&self) -> WriteCounts {
         self.committer.stats().counts()
+    }
+
+    async fn compact(&self, keep: u64) -> Result<Option<u64>> {
+        // The current revision, from the header of the smallest read there is.
+        let key = self.full("");
+        let resp = self
+            .retry(|c| {
+                let key = key.clone();
+                async move {
+                    c.kv_client()
+                        .get(key, Some(GetOptions::new().with_count_only()))
+                        .await
+                }
+            })
+            .await?;
+        let current = resp.header().map(|h| h.revision() as u64).unwrap_or(0);
+        let target = current.saturating_sub(keep);
+        if target == 0 || target <= self.compacted.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(None);
+        }
+        match self.client.kv_client().compact(target as i64, None).await {
+            Ok(_) => {}
+            // Another server (or an operator) compacted past it already.
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted") => {
+                self.compacted
+                    .fetch_max(target, std::sync::atomic::Ordering::Relaxed);
+                return Ok(None);
+            }
+            Err(e) => return Err(unavailable(e)),
+        }
+        self.compacted
+            .fetch_max(target, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(target))
     }
 }
 

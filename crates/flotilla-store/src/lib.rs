@@ -156,4 +156,10 @@ pub trait Store: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
     /// The write path's counters (commits, batched writes, refusals, queue).
     fn write_counts(&self) -> WriteCounts;
+    /// Discards the history of changes older than the newest `keep` revisions, so a
+    /// long-running cluster never fills its store (etcd keeps every revision until it is
+    /// compacted, up to its space quota). Returns the revision compacted to, or `None`
+    /// when there was nothing to discard or the backend keeps no history. A watch that
+    /// wants a discarded revision fails and its consumer takes a fresh snapshot.
+    async fn compact(&self, keep: u64) -> Result<Option<u64>>;
 }
