@@ -39,6 +39,9 @@ pub(crate) struct Inner {
     pub(crate) http: reqwest::Client,
     /// Containers the reconciler must not restart (on their way to another host).
     holds: Mutex<std::collections::HashSet<String>>,
+    /// Restores under way through the API: their container exists before its id can be
+    /// held, so while one runs the reconciler retires no container it does not want.
+    restores: std::sync::atomic::AtomicUsize,
     /// The API's URL once bound (an `api_listen` port of 0 is resolved here).
     api_bound: std::sync::OnceLock<String>,
     /// Restart backoff per container.
@@ -123,6 +126,7 @@ impl Agent {
                     .connect_timeout(Duration::from_secs(2))
                     .build()?,
                 holds: Mutex::new(Default::default()),
+                restores: Default::default(),
                 api_bound: std::sync::OnceLock::new(),
                 backoff: Mutex::new(HashMap::new()),
                 snapshots: Mutex::new(HashMap::new()),
@@ -214,6 +218,19 @@ impl Inner {
     /// Releases a hold.
     pub(crate) async fn unhold(&self, id: &str) {
         self.holds.lock().await.remove(id);
+    }
+
+    /// Marks a restore as under way until the returned guard is dropped (after the
+    /// restored container is held, when it is to be).
+    pub(crate) fn restoring(&self) -> RestoreGuard<'_> {
+        self.restores
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        RestoreGuard(&self.restores)
+    }
+
+    /// Whether a restore is under way.
+    pub(crate) fn is_restoring(&self) -> bool {
+        self.restores.load(std::sync::atomic::Ordering::SeqCst) > 0
     }
 
     /// Whether a container is held.
@@ -600,4 +617,13 @@ async fn route_source(server_url: &str) -> Option<std::net::IpAddr> {
     let socket = tokio::net::UdpSocket::bind(bind).await.ok()?;
     socket.connect(target).await.ok()?;
     Some(socket.local_addr().ok()?.ip())
+}
+
+/// Ends a restore's mark on drop (see [`Inner::restoring`]).
+pub(crate) struct RestoreGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for RestoreGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }

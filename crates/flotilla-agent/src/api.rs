@@ -313,6 +313,9 @@ async fn restore(
     } else {
         &crate::reconcile::STACK_LABELS
     };
+    // From before the container exists until it is held: the reconciler must not take
+    // a migration's incoming copy for a replica not wanted here and retire it.
+    let restoring = inner.restoring();
     let result = backup::restore_checked_archive(
         &inner.docker,
         &path,
@@ -333,6 +336,7 @@ async fn restore(
     if q.hold {
         inner.hold(&restored.id).await;
     }
+    drop(restoring);
     inner.metrics.restores.inc();
     let passing_after_ms = if q.start {
         match health_gate(&inner, &restored.id, gate).await {

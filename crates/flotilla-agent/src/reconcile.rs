@@ -239,7 +239,11 @@ impl Inner {
                 })
                 .await;
         }
-        // What is left here is not wanted here.
+        // What is left here is not wanted here. While a restore runs, its container may
+        // not be held yet: retire nothing this pass (the next one will).
+        if self.is_restoring() {
+            return Ok(());
+        }
         for (key, have) in by_key {
             let mut parts = key.splitn(3, '/');
             let (stack, service) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
