@@ -12,7 +12,6 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::{Child, Command};
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
@@ -153,24 +152,7 @@ impl Hosts {
 
 impl Drop for HostEngine {
     fn drop(&mut self) {
-        let at = Some(self.endpoint.as_str());
-        if let Ok(ids) = docker_at(at, &["ps", "-aq"]) {
-            for id in ids.split_whitespace() {
-                let _ = docker_at(at, &["rm", "-f", "-v", id]);
-            }
-        }
-        let _ = docker_at(at, &["network", "prune", "-f"]);
-        crate::signal(self.child.id(), libc::SIGTERM);
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        crate::unmount_under(self.dir.path());
+        crate::stop_dockerd(&self.endpoint, &mut self.child, self.dir.path());
     }
 }
 

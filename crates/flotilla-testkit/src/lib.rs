@@ -467,26 +467,33 @@ impl Dockerd {
 
 impl Drop for Dockerd {
     fn drop(&mut self) {
-        if let Ok(ids) = self.docker(&["ps", "-aq"]) {
-            for id in ids.split_whitespace() {
-                let _ = self.docker(&["rm", "-f", id]);
-            }
-        }
-        // Its bridges would outlive it on the host.
-        let _ = self.docker(&["network", "prune", "-f"]);
-        signal(self.child.id(), libc::SIGTERM);
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_dockerd(&self.host, &mut self.child, self.dir.path());
         let _ = ip(&["link", "del", &self.bridge]);
-        unmount_under(self.dir.path());
     }
+}
+
+/// Stops a test's dockerd for good: removes its containers (with their anonymous
+/// volumes) and networks (their bridges would outlive it), SIGTERM, up to 20 s to exit,
+/// then SIGKILL, and unmounts what lingers under its directory `dir`.
+pub(crate) fn stop_dockerd(endpoint: &str, child: &mut std::process::Child, dir: &std::path::Path) {
+    let at = Some(endpoint);
+    if let Ok(ids) = docker_at(at, &["ps", "-aq"]) {
+        for id in ids.split_whitespace() {
+            let _ = docker_at(at, &["rm", "-f", "-v", id]);
+        }
+    }
+    let _ = docker_at(at, &["network", "prune", "-f"]);
+    signal(child.id(), libc::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    unmount_under(dir);
 }
 
 /// Sends `sig` to process `pid` (a child of the test); errors (it is gone) are ignored.
