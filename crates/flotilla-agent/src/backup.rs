@@ -985,7 +985,7 @@ async fn create_container(
     let mut exposed = HashMap::new();
     let mut bindings = HashMap::new();
     for port in &saved.published {
-        let (e, b) = crate::reconcile::published_port(
+        let (e, b) = crate::docker::published_port(
             *port,
             flotilla_core::stack::Publish::Auto,
             target.publish_on,

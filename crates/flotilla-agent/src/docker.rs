@@ -225,6 +225,38 @@ pub async fn sample(
     })
 }
 
+/// The engine's `ExposedPorts`: port → empty object.
+pub(crate) type ExposedPorts = HashMap<String, HashMap<(), ()>>;
+
+/// The engine settings that publish `port` as `publish` says: the exposed port and its
+/// binding on `host_ip` — the agent's advertise address, so the service is reachable
+/// where the agent registers it and on no other address of the host (on loopback only
+/// for `flotilla up`); every address when it is `None` — or nothing for
+/// `publish = "none"`.
+pub(crate) fn published_port(
+    port: u16,
+    publish: flotilla_core::stack::Publish,
+    host_ip: Option<std::net::IpAddr>,
+) -> (Option<ExposedPorts>, Option<bollard::models::PortMap>) {
+    let Some(host_port) = publish.host_port() else {
+        return (None, None);
+    };
+    let key = format!("{port}/tcp");
+    (
+        Some([(key.clone(), HashMap::new())].into()),
+        Some(
+            [(
+                key,
+                Some(vec![bollard::models::PortBinding {
+                    host_ip: host_ip.map(|ip| ip.to_string()),
+                    host_port: Some(host_port),
+                }]),
+            )]
+            .into(),
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

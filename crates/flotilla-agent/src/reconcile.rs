@@ -408,7 +408,8 @@ impl Inner {
             })
             .collect();
         let memory = svc.spec.resources.memory_bytes().ok().flatten();
-        let (exposed, bindings) = published_port(svc.spec.port, svc.spec.publish, self.advertise);
+        let (exposed, bindings) =
+            crate::docker::published_port(svc.spec.port, svc.spec.publish, self.advertise);
         let config = Config {
             image: Some(svc.image.clone()),
             labels: Some(labels),
@@ -540,38 +541,6 @@ fn parse_exit(status: &str) -> i64 {
         .and_then(|s| s.split(')').next())
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
-}
-
-/// The engine's `ExposedPorts`: port → empty object.
-pub(crate) type ExposedPorts = HashMap<String, HashMap<(), ()>>;
-
-/// The engine settings that publish `port` as `publish` says: the exposed port and its
-/// binding on `host_ip` — the agent's advertise address, so the service is reachable
-/// where the agent registers it and on no other address of the host (on loopback only
-/// for `flotilla up`); every address when it is `None` — or nothing for
-/// `publish = "none"`.
-pub(crate) fn published_port(
-    port: u16,
-    publish: flotilla_core::stack::Publish,
-    host_ip: Option<std::net::IpAddr>,
-) -> (Option<ExposedPorts>, Option<bollard::models::PortMap>) {
-    let Some(host_port) = publish.host_port() else {
-        return (None, None);
-    };
-    let key = format!("{port}/tcp");
-    (
-        Some([(key.clone(), HashMap::new())].into()),
-        Some(
-            [(
-                key,
-                Some(vec![bollard::models::PortBinding {
-                    host_ip: host_ip.map(|ip| ip.to_string()),
-                    host_port: Some(host_port),
-                }]),
-            )]
-            .into(),
-        ),
-    )
 }
 
 #[cfg(test)]

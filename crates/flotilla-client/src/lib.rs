@@ -229,6 +229,10 @@ impl Client {
     /// next of the list, each at most once, and remembers the one that answered.
     async fn execute(&self, req: reqwest::Request) -> Result<reqwest::Response> {
         let n = self.servers.bases.len();
+        if n == 1 {
+            // One server: nothing to fail over to, no copy of the request to make.
+            return self.execute_on(req).await;
+        }
         let start = self.servers.current.load(Ordering::Relaxed) % n;
         let mut last = None;
         for k in 0..n {

@@ -84,11 +84,9 @@ impl<'de> Deserialize<'de> for Publish {
                 }
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Publish, E> {
-                u16::try_from(v)
-                    .ok()
-                    .filter(|p| *p > 0)
-                    .map(Publish::Port)
-                    .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+                let v = u64::try_from(v)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))?;
+                self.visit_u64(v)
             }
             fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Publish, E> {
                 u16::try_from(v)

@@ -7,7 +7,7 @@ pub const INSTANCES: &str = "instances/";
 pub const HEALTH: &str = "health/";
 /// `nodes/{name}` → [`flotilla_core::NodeRecord`]
 pub const NODES: &str = "nodes/";
-/// `checkins/{id}` → [`crate::catalog::CheckinRecord`] (TTL renewals, exec results)
+/// `checkins/{id}` → a `CheckinRecord` (catalog.rs) (TTL renewals, exec results)
 pub const CHECKINS: &str = "checkins/";
 /// `weights/{service}` → [`flotilla_core::WeightsRecord`] (published by the active lb)
 pub const WEIGHTS: &str = "weights/";

@@ -111,7 +111,7 @@ pub async fn start(config: ServerConfig, store: Arc<dyn Store>) -> anyhow::Resul
     let mut tasks = vec![tokio::spawn(shared.clone().run_catalog_sync())];
     let candidate = format!("{}@{}", http_addr, hostname());
     tasks.push(tokio::spawn(crate::duty::run(shared.clone(), candidate)));
-    let app = crate::api::router(shared.clone());
+    let app = crate::api::router(shared.clone(), crate::stacks::routes());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "HTTP server failed");

@@ -110,6 +110,19 @@ async fn a_failed_commit_answers_every_writer_and_changes_nothing() {
     assert_eq!(client.instances().await.unwrap().len(), 6);
 }
 
+/// 200 concurrent writers through a server on `store` read their own writes at once,
+/// and shared commits doing it.
+async fn writers_read_their_own_writes_on(store: Arc<dyn Store>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, client) = serve(dir.path(), store.clone()).await;
+    writers_read_their_own_writes(client).await;
+    let counts = store.write_counts();
+    assert!(
+        counts.commits < counts.writes,
+        "200 concurrent writers shared commits: {counts:?}"
+    );
+}
+
 async fn writers_read_their_own_writes(client: Client) {
     let mut writers = Vec::new();
     for n in 0..200 {
@@ -142,13 +155,7 @@ async fn writers_read_their_own_writes(client: Client) {
 async fn concurrent_writers_read_their_own_writes_on_the_embedded_store() {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(&dir.path().join("data")).unwrap();
-    let (_server, client) = serve(dir.path(), Arc::new(store.clone())).await;
-    writers_read_their_own_writes(client).await;
-    let counts = store.write_counts();
-    assert!(
-        counts.commits < counts.writes,
-        "200 concurrent writers shared commits: {counts:?}"
-    );
+    writers_read_their_own_writes_on(Arc::new(store)).await;
 }
 
 #[tokio::test]
@@ -157,14 +164,7 @@ async fn concurrent_writers_read_their_own_writes_on_etcd() {
     let store = EtcdStore::connect(&cluster.endpoints(), &format!("/{}/", unique("ryw")))
         .await
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (_server, client) = serve(dir.path(), Arc::new(store.clone())).await;
-    writers_read_their_own_writes(client).await;
-    let counts = store.write_counts();
-    assert!(
-        counts.commits < counts.writes,
-        "200 concurrent writers shared commits: {counts:?}"
-    );
+    writers_read_their_own_writes_on(Arc::new(store)).await;
 }
 
 #[tokio::test]

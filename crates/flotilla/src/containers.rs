@@ -5,6 +5,7 @@
 //! that run them), writes desired state to the server, and moves backup data directly
 //! between agents (and this machine), never through the server.
 
+use crate::home::usage;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -19,11 +20,6 @@ use tokio::io::AsyncWriteExt;
 
 use crate::cli::{BackupArgs, BuildArgs, DeployArgs, MigrateArgs, RestoreArgs, RmArgs, ScaleArgs};
 use crate::ops::client;
-use crate::UsageError;
-
-fn usage(e: impl std::fmt::Display) -> anyhow::Error {
-    UsageError(e.to_string()).into()
-}
 
 /// Build time: `SOURCE_DATE_EPOCH` (reproducible builds) or now.
 fn build_time() -> u64 {
@@ -207,13 +203,13 @@ impl AgentApi {
 }
 
 fn token_of(args: &crate::cli::ClientArgs) -> anyhow::Result<String> {
-    let home = crate::run::flotilla_home();
+    let home = crate::home::flotilla_home();
     let default_token = home.join("token");
     let file = args
         .token_file
         .clone()
         .or_else(|| default_token.exists().then_some(default_token));
-    crate::run::token_from(file.as_deref())?
+    crate::home::token_from(file.as_deref())?
         .context("no token: --token-file FILE, FLOTILLA_TOKEN_FILE or FLOTILLA_TOKEN")
 }
 

@@ -3,6 +3,7 @@
 
 mod cli;
 mod containers;
+mod home;
 mod ops;
 mod run;
 

@@ -6,7 +6,7 @@ use anyhow::Context;
 use flotilla_client::Client;
 
 use crate::cli::{ClientArgs, DeregisterArgs, PsArgs, WatchArgs};
-use crate::run::{flotilla_home, token_from};
+use crate::home::{flotilla_home, token_from, usage};
 
 /// Builds a client from flags, environment and what `flotilla up` wrote.
 pub fn client(args: &ClientArgs) -> anyhow::Result<Client> {
@@ -25,8 +25,7 @@ pub fn client(args: &ClientArgs) -> anyhow::Result<Client> {
         .token_file
         .clone()
         .or_else(|| default_token.exists().then_some(default_token));
-    flotilla_client::parse_servers(&server)
-        .map_err(|e| crate::run::usage(format!("--server: {e}")))?;
+    flotilla_client::parse_servers(&server).map_err(|e| usage(format!("--server: {e}")))?;
     Ok(Client::new(&server, token_from(file.as_deref())?))
 }
 

@@ -1,13 +1,13 @@
 //! The long-running commands: `server`, `agent`, `up`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use flotilla_core::config::{self, AgentConfig, ServerConfig};
 use flotilla_core::ConfigError;
 
 use crate::cli::{AgentArgs, Cli, Command, LbArgs, ServerArgs, UpArgs};
-use crate::UsageError;
+use crate::home::{flotilla_home, token_from, usage};
 
 /// Runs the chosen subcommand.
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -32,10 +32,6 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             .await?
             .map_err(anyhow::Error::msg),
     }
-}
-
-pub(crate) fn usage(e: impl std::fmt::Display) -> anyhow::Error {
-    UsageError(e.to_string()).into()
 }
 
 fn load<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> anyhow::Result<T> {
@@ -98,19 +94,6 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     tokio::select! {
         r = running.wait() => r,
         _ = shutdown_signal() => Ok(()),
-    }
-}
-
-/// The token for a client: `FLOTILLA_TOKEN`, else the token file.
-pub fn token_from(file: Option<&Path>) -> anyhow::Result<Option<String>> {
-    if let Ok(t) = std::env::var("FLOTILLA_TOKEN") {
-        if !t.trim().is_empty() {
-            return Ok(Some(t.trim().to_owned()));
-        }
-    }
-    match file {
-        Some(f) => Ok(Some(flotilla_client::read_token(f).map_err(usage)?)),
-        None => Ok(None),
     }
 }
 
@@ -203,17 +186,6 @@ fn axum_metrics_router(
             }
         }),
     )
-}
-
-/// `~/.flotilla` (or `$FLOTILLA_HOME`): where `up` keeps its data and the CLI looks.
-pub fn flotilla_home() -> PathBuf {
-    if let Some(h) = std::env::var_os("FLOTILLA_HOME") {
-        return PathBuf::from(h);
-    }
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib"))
-        .join(".flotilla")
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {

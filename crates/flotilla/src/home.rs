@@ -1,0 +1,35 @@
+//! Where the CLI finds things (its home directory, the token) and how it reports bad
+//! usage: shared by the commands, so `run.rs` only dispatches to them.
+
+use std::path::{Path, PathBuf};
+
+use crate::UsageError;
+
+/// An error that exits 2 (bad usage or config), with its message.
+pub(crate) fn usage(e: impl std::fmt::Display) -> anyhow::Error {
+    UsageError(e.to_string()).into()
+}
+
+/// The token for a client: `FLOTILLA_TOKEN`, else the token file.
+pub fn token_from(file: Option<&Path>) -> anyhow::Result<Option<String>> {
+    if let Ok(t) = std::env::var("FLOTILLA_TOKEN") {
+        if !t.trim().is_empty() {
+            return Ok(Some(t.trim().to_owned()));
+        }
+    }
+    match file {
+        Some(f) => Ok(Some(flotilla_client::read_token(f).map_err(usage)?)),
+        None => Ok(None),
+    }
+}
+
+/// `~/.flotilla` (or `$FLOTILLA_HOME`): where `up` keeps its data and the CLI looks.
+pub fn flotilla_home() -> PathBuf {
+    if let Some(h) = std::env::var_os("FLOTILLA_HOME") {
+        return PathBuf::from(h);
+    }
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib"))
+        .join(".flotilla")
+}
