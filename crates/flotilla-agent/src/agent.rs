@@ -52,6 +52,10 @@ pub(crate) struct Inner {
     /// Serialises event handling and resyncs so their decisions never interleave.
     state: Mutex<State>,
     resync_now: Notify,
+    /// Containers whose resources changed (`docker update`): the load loop reads their
+    /// CPU quota again before its next sample. `None` in the set means all of them
+    /// (events may have been missed).
+    quota_changed: std::sync::Mutex<std::collections::HashSet<Option<String>>>,
 }
 
 #[derive(Default)]
@@ -120,6 +124,7 @@ impl Agent {
                 metrics: Metrics::default(),
                 state: Mutex::new(State::default()),
                 resync_now: Notify::new(),
+                quota_changed: Default::default(),
                 token,
                 http: reqwest::Client::builder()
                     .no_proxy()
@@ -327,7 +332,7 @@ impl Inner {
         filters.insert("label".to_owned(), vec![SERVICE.to_owned()]);
         filters.insert(
             "event".to_owned(),
-            ["start", "die", "pause", "unpause", "destroy"]
+            ["start", "die", "pause", "unpause", "destroy", "update"]
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
@@ -350,6 +355,8 @@ impl Inner {
                         match ev.action.as_deref().unwrap_or_default() {
                             "start" | "unpause" => self.register_container(&id).await,
                             "die" | "pause" | "destroy" => self.deregister_container(&id).await,
+                            // A new CPU quota: load shares are relative to it.
+                            "update" => self.quota_changed(Some(id)),
                             _ => {}
                         }
                     }
@@ -363,7 +370,16 @@ impl Inner {
             tokio::time::sleep(Duration::from_millis(500)).await;
             events = self.subscribe_events();
             self.resync_now.notify_one();
+            self.quota_changed(None);
         }
+    }
+
+    /// Marks a container's CPU quota (`None`: every container's) to be read again.
+    fn quota_changed(&self, container: Option<String>) {
+        self.quota_changed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(container);
     }
 
     /// Samples every registered container's load each period and reports it.
@@ -385,7 +401,16 @@ impl Inner {
                     .collect()
             };
             tracker.retain(|c| registered.iter().any(|(_, rc)| rc == c));
-            quotas.retain(|c, _| registered.iter().any(|(_, rc)| rc == c));
+            let changed =
+                std::mem::take(&mut *self.quota_changed.lock().unwrap_or_else(|p| p.into_inner()));
+            quotas.retain(|c, _| {
+                registered.iter().any(|(_, rc)| rc == c)
+                    && !changed.contains(&None)
+                    && !changed
+                        .iter()
+                        .flatten()
+                        .any(|id| id.starts_with(c.as_str()) || c.starts_with(id.as_str()))
+            });
             for (_, container) in &registered {
                 if !quotas.contains_key(container) {
                     match docker::cpu_quota(&self.docker, container).await {

@@ -6,6 +6,15 @@
 //! intended send time and its latency is measured from it, so a stalled backend cannot
 //! hide queueing (no coordinated omission). Reports throughput, success rate and
 //! p50/p99/p99.9 per scenario and scheduler, as Markdown, JSON and SVG plots.
+//!
+//! Workload shapes: the test service's busy loop per request, a process forked per
+//! request (CGI-style, each request on a new connection), heavy-tailed (Pareto) CPU per
+//! request, and a backend whose CPU quota is cut mid-run. `--sweep` runs every scenario
+//! at 30, 50, 70, 85 and 95 % of the best scheduler's closed-loop saturation throughput,
+//! measured first in the same run, and plots p99 against offered load. Every flotilla
+//! run records, four times a second and per backend, the weight in force, the requests
+//! in flight, the requests served and the agent's last CPU report (`--json`), the
+//! evidence of what the controller believed.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -48,6 +57,16 @@ pub struct Args {
     /// Run nothing: print the tables and draw the plots of an earlier `--json` file.
     #[arg(long, value_name = "JSON")]
     replot: Option<PathBuf>,
+    /// Load sweep: every scenario at each of `--levels` × the best closed-loop
+    /// saturation throughput (default scenarios: the four workload shapes).
+    #[arg(long)]
+    sweep: bool,
+    /// Load levels of the sweep, as shares of the saturation throughput.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.3, 0.5, 0.7, 0.85, 0.95])]
+    levels: Vec<f64>,
+    /// Seconds of closed-loop load per scheduler when measuring saturation.
+    #[arg(long, default_value_t = 5)]
+    saturation_seconds: u64,
 }
 
 impl Args {
@@ -69,10 +88,21 @@ impl Args {
             );
         }
         let keep = |only: &[String], name: &str| only.is_empty() || only.iter().any(|o| o == name);
+        let keep_scenario = |s: &Scenario| {
+            if self.only_scenarios.is_empty() && self.sweep {
+                SWEEP_SCENARIOS.contains(&s.name)
+            } else {
+                keep(&self.only_scenarios, s.name)
+            }
+        };
+        for level in &self.levels {
+            anyhow::ensure!(
+                *level > 0.0 && *level <= 1.5,
+                "--levels {level}: a share of saturation, in (0, 1.5]"
+            );
+        }
         Ok((
-            all.into_iter()
-                .filter(|s| keep(&self.only_scenarios, s.name))
-                .collect(),
+            all.into_iter().filter(keep_scenario).collect(),
             SCHEDULERS
                 .into_iter()
                 .filter(|s| keep(&self.only_schedulers, s))
@@ -86,14 +116,71 @@ const CPU_US: u64 = 2000;
 /// Requests slower than this count as failed.
 const TIMEOUT: Duration = Duration::from_secs(2);
 
+/// What each request costs a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    /// The test service's busy loop, [`CPU_US`] per request, on kept-alive connections.
+    Spin,
+    /// A process forked and executed per request (CGI-style) doing [`CPU_US`] of work,
+    /// each request on a new connection.
+    Fork,
+    /// Pareto-distributed CPU per request with mean [`CPU_US`] (p99 ≈ 7× the mean).
+    HeavyTailed,
+}
+
+impl Workload {
+    /// The test service's flags for this workload.
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            Workload::Spin => &[],
+            Workload::Fork => &["--fork"],
+            Workload::HeavyTailed => &["--cpu-dist", "pareto"],
+        }
+    }
+}
+
 struct Scenario {
     name: &'static str,
     /// (CPU quota in cores, extra latency ms) per backend.
     backends: Vec<(f64, u64)>,
-    /// Share of total capacity offered, per third of the run.
+    /// Share of total capacity offered, per third of the run (outside `--sweep`).
     load: [f64; 3],
     /// Start a CPU burner in backend 0 at half time.
     antagonist: bool,
+    workload: Workload,
+    /// Cut backend 0's CPU quota to this share of its own at half time.
+    degrade: Option<f64>,
+}
+
+/// The scenarios a `--sweep` runs unless `--scenario` names others: one per workload
+/// shape.
+const SWEEP_SCENARIOS: [&str; 4] = [
+    "heterogeneous",
+    "fork-per-request",
+    "heavy-tailed",
+    "degrading",
+];
+
+impl Scenario {
+    /// Defaults: the busy-loop service, nothing happening mid-run.
+    const SPIN: Scenario = Scenario {
+        name: "",
+        backends: Vec::new(),
+        load: [0.8; 3],
+        antagonist: false,
+        workload: Workload::Spin,
+        degrade: None,
+    };
+
+    /// Requests/s the quotas allow, where a request's cost is known (the busy loop).
+    fn quota_capacity(&self) -> Option<f64> {
+        (self.workload == Workload::Spin && self.degrade.is_none()).then(|| {
+            self.backends
+                .iter()
+                .map(|(c, _)| c * 1e6 / CPU_US as f64)
+                .sum()
+        })
+    }
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -102,25 +189,47 @@ fn scenarios() -> Vec<Scenario> {
             name: "heterogeneous",
             backends: vec![(0.1, 0), (0.2, 0), (0.4, 0)],
             load: [0.85; 3],
-            antagonist: false,
+            ..Scenario::SPIN
         },
         Scenario {
             name: "antagonist",
             backends: vec![(0.2, 0), (0.2, 0), (0.2, 0)],
             load: [0.8; 3],
             antagonist: true,
+            ..Scenario::SPIN
         },
         Scenario {
             name: "slow-backend",
             backends: vec![(0.2, 5), (0.2, 0), (0.2, 0), (0.2, 0)],
             load: [0.6; 3],
-            antagonist: false,
+            ..Scenario::SPIN
         },
         Scenario {
             name: "load-steps",
             backends: vec![(0.2, 0), (0.2, 0), (0.2, 0)],
             load: [0.3, 0.9, 0.3],
-            antagonist: false,
+            ..Scenario::SPIN
+        },
+        Scenario {
+            name: "fork-per-request",
+            backends: vec![(0.1, 0), (0.2, 0), (0.4, 0)],
+            load: [0.67; 3],
+            workload: Workload::Fork,
+            ..Scenario::SPIN
+        },
+        Scenario {
+            name: "heavy-tailed",
+            backends: vec![(0.1, 0), (0.2, 0), (0.4, 0)],
+            load: [0.85; 3],
+            workload: Workload::HeavyTailed,
+            ..Scenario::SPIN
+        },
+        Scenario {
+            name: "degrading",
+            backends: vec![(0.2, 0), (0.2, 0), (0.2, 0)],
+            load: [0.8; 3],
+            degrade: Some(0.25),
+            ..Scenario::SPIN
         },
     ]
 }
@@ -151,9 +260,83 @@ struct RunResult {
     p999_ms: f64,
     /// (seconds since start, backend, weight) samples (flotilla only).
     weights: Vec<(f64, String, f64)>,
+    /// The sweep's load level (share of saturation), if part of one.
+    #[serde(default)]
+    level: Option<f64>,
+    /// Per-backend samples four times a second.
+    #[serde(default)]
+    trace: Vec<Sample>,
+}
+
+/// One backend at one instant of a run: what the lb had in force and saw, and what the
+/// agent last reported.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Sample {
+    /// Seconds since the balancer started.
+    t: f64,
+    /// Backend index (b0, b1, … in scenario order).
+    backend: usize,
+    /// Weight in force (flotilla only).
+    weight: Option<f64>,
+    /// Requests in flight to it (flotilla only).
+    in_flight: Option<u64>,
+    /// Requests sent to it so far (flotilla only).
+    #[serde(alias = "served")]
+    sent: Option<u64>,
+    /// Requests it finished so far (flotilla only).
+    #[serde(default)]
+    completed: Option<u64>,
+    /// The agent's last CPU report, share of the quota.
+    cpu: Option<f64>,
+    /// Age of that report, ms.
+    cpu_age_ms: Option<u64>,
 }
 
 use crate::stats::{median, percentile};
+
+/// The load generator's HTTP client: kept-alive connections, or a new one per request.
+fn load_client(new_connections: bool) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(if new_connections { 0 } else { 256 })
+        .timeout(TIMEOUT)
+        .build()
+        .expect("a plain HTTP client builds")
+}
+
+/// Workers sending back to back.
+const CLOSED_LOOP_WORKERS: usize = 32;
+
+/// Closed-loop throughput: [`CLOSED_LOOP_WORKERS`] clients each sending its next request
+/// when the last answered, for `secs` after one second of warm-up; successes per second.
+async fn closed_loop(url: &str, secs: u64, new_connections: bool) -> f64 {
+    let client = load_client(new_connections);
+    let warm = Instant::now() + Duration::from_secs(1);
+    let end = warm + Duration::from_secs(secs);
+    let workers: Vec<_> = (0..CLOSED_LOOP_WORKERS)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.to_owned());
+            tokio::spawn(async move {
+                let mut ok = 0u64;
+                while Instant::now() < end {
+                    let good = match client.get(&url).send().await {
+                        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                        Err(_) => false,
+                    };
+                    if good && Instant::now() >= warm && Instant::now() < end {
+                        ok += 1;
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for w in workers {
+        ok += w.await.unwrap_or(0);
+    }
+    ok as f64 / secs as f64
+}
 
 /// Open-loop load: request k is due at its intended time whatever happened before.
 async fn drive(
@@ -161,14 +344,10 @@ async fn drive(
     capacity: f64,
     load: [f64; 3],
     secs: u64,
+    new_connections: bool,
     on_half: impl FnOnce(),
 ) -> (Vec<f64>, u64, u64, f64) {
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(256)
-        .timeout(TIMEOUT)
-        .build()
-        .unwrap();
+    let client = load_client(new_connections);
     let results = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
     let third = secs as f64 / 3.0;
@@ -283,41 +462,57 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
             let backend_name = format!("b{i}");
             let (cpus, cpu_us, latency) =
                 (cpus.to_string(), CPU_US.to_string(), latency.to_string());
-            containers.push(Container::run(
-                &name,
-                &[
-                    "--network",
-                    &net.name,
-                    "--cpus",
-                    &cpus,
-                    "-l",
-                    &label,
-                    "-l",
-                    "flotilla.port=8080",
-                    "-l",
-                    "flotilla.check.http=/health",
-                    &image,
-                    "--listen",
-                    "0.0.0.0:8080",
-                    "--name",
-                    &backend_name,
-                    "--cpu-us",
-                    &cpu_us,
-                    "--latency-ms",
-                    &latency,
-                ],
-            )?);
+            let mut run_args = vec![
+                "--network",
+                &net.name,
+                "--cpus",
+                &cpus,
+                "-l",
+                &label,
+                "-l",
+                "flotilla.port=8080",
+                "-l",
+                "flotilla.check.http=/health",
+                &image,
+                "--listen",
+                "0.0.0.0:8080",
+                "--name",
+                &backend_name,
+                "--cpu-us",
+                &cpu_us,
+                "--latency-ms",
+                &latency,
+            ];
+            run_args.extend_from_slice(sc.workload.flags());
+            containers.push(Container::run(&name, &run_args)?);
         }
         let n = containers.len();
         let start = Instant::now();
         let addrs: Vec<SocketAddr> = loop {
             let s = client.service(&service, 0, Duration::ZERO, true).await?;
             if s.instances.len() == n {
-                break s
-                    .instances
-                    .iter()
-                    .map(|i| SocketAddr::new(i.address, i.port))
-                    .collect();
+                // In scenario order (b0, b1, …), as the traces name them.
+                let mut by_name: Vec<(String, SocketAddr)> = Vec::new();
+                for c in &containers {
+                    let ip = docker(&[
+                        "inspect",
+                        "-f",
+                        &format!(
+                            "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
+                            net.name
+                        ),
+                        &c.name,
+                    ])?;
+                    by_name.push((c.name.clone(), SocketAddr::new(ip.trim().parse()?, 8080)));
+                }
+                anyhow::ensure!(
+                    by_name.iter().all(|(_, a)| s
+                        .instances
+                        .iter()
+                        .any(|i| SocketAddr::new(i.address, i.port) == *a)),
+                    "{service}: registered addresses differ from the containers'"
+                );
+                break by_name.into_iter().map(|(_, a)| a).collect();
             }
             anyhow::ensure!(
                 start.elapsed() < Duration::from_secs(30),
@@ -325,11 +520,59 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let capacity: f64 = sc
-            .backends
-            .iter()
-            .map(|(c, _)| c * 1e6 / CPU_US as f64)
-            .sum();
+        let new_connections = sc.workload == Workload::Fork;
+        let quota = |share: f64| {
+            docker(&[
+                "update",
+                "--cpus",
+                &(sc.backends[0].0 * share).to_string(),
+                &containers[0].name,
+            ])
+            .map(|_| ())
+        };
+        let setup = Setup {
+            dir: dir.path(),
+            url: &url,
+            token: &token,
+            service: &service,
+            addrs: &addrs,
+            client: &client,
+        };
+        // Capacity: what the quotas allow where a request's cost is known and constant;
+        // otherwise, and always in a sweep, the best closed-loop throughput of any
+        // scheduler, measured now (for `degrading`, with the quota already cut: the
+        // levels are shares of what the cluster serves at its worst).
+        let capacity = match sc.quota_capacity() {
+            Some(c) if !args.sweep => c,
+            _ => {
+                if let Some(share) = sc.degrade {
+                    quota(share)?;
+                }
+                let mut best = 0.0f64;
+                for sched in &schedulers {
+                    let balancer = Balancer::start(&setup, sched).await?;
+                    let rps =
+                        closed_loop(&balancer.url, args.saturation_seconds, new_connections).await;
+                    eprintln!(
+                        "{:>16} {:>19}: closed-loop saturation {rps:.0} req/s",
+                        sc.name, sched
+                    );
+                    best = best.max(rps);
+                    drop(balancer);
+                    settle(&client, &service).await;
+                }
+                if sc.degrade.is_some() {
+                    quota(1.0)?;
+                }
+                anyhow::ensure!(best > 0.0, "{}: no scheduler served anything", sc.name);
+                best
+            }
+        };
+        let levels: Vec<Option<f64>> = if args.sweep {
+            args.levels.iter().copied().map(Some).collect()
+        } else {
+            vec![None]
+        };
         let order: Vec<(usize, &str)> = (0..args.repeat.max(1))
             .flat_map(|rep| {
                 let n = schedulers.len();
@@ -337,102 +580,235 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
             })
             .map(|(rep, i)| (rep, schedulers[(i + rep) % schedulers.len()]))
             .collect();
-        for (repeat, sched) in order {
-            let weights_log = Arc::new(Mutex::new(Vec::new()));
-            let (lb_url, _keep): (String, Box<dyn std::any::Any + Send>) = if let Some(balance) =
-                sched.strip_prefix("haproxy-")
-            {
-                let p = free_port();
-                (
-                    format!("http://127.0.0.1:{p}/"),
-                    Box::new(haproxy(dir.path(), p, balance, &addrs)?),
-                )
-            } else {
-                let text = format!(
-                    "[admin]\nlisten = \"\"\n[registry]\nurl = \"{url}\"\ntoken_file = \"{}\"\n[[listener]]\nname = \"exp\"\nbind = \"127.0.0.1:0\"\nscheduler = \"{sched}\"\nservice = \"{service}\"\nslow_start = \"0s\"\n",
-                    token.display()
-                );
-                let config: flotilla_lb::config::LbConfig =
-                    flotilla_core::config::parse_toml(std::path::Path::new("exp.toml"), &text)?;
-                let lb = flotilla_lb::start(config).await?;
-                while lb.listeners[0].backends().len() < n {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+        for level in levels {
+            let load = level.map_or(sc.load, |l| [l; 3]);
+            for &(repeat, sched) in &order {
+                if sc.degrade.is_some() {
+                    quota(1.0)?;
                 }
-                // Static weights for `weighted`: what an operator would configure (equal).
-                let url = format!("http://{}/", lb.addrs[0]);
-                let listeners = lb.listeners.clone();
-                let log = weights_log.clone();
-                let t0 = Instant::now();
-                let sampler = tokio::spawn(async move {
-                    loop {
-                        for b in listeners[0].backends().iter() {
-                            let w = b
-                                .dynamic_weight()
-                                .unwrap_or_else(|| b.effective_weight(Instant::now()));
-                            log.lock().unwrap().push((
-                                t0.elapsed().as_secs_f64(),
-                                b.addr.to_string(),
-                                w,
-                            ));
+                let balancer = Balancer::start(&setup, sched).await?;
+                let antagonist = sc.antagonist.then(|| containers[0].name.clone());
+                let degrade = sc
+                    .degrade
+                    .map(|share| (containers[0].name.clone(), sc.backends[0].0 * share));
+                let secs = args.seconds;
+                let (lat, ok, sent, elapsed) = drive(
+                    &balancer.url,
+                    capacity,
+                    load,
+                    secs,
+                    new_connections,
+                    move || {
+                        if let Some(c) = antagonist {
+                            // A CPU-burning neighbour inside backend 0's quota, for the rest
+                            // of the run.
+                            let _ = docker(&[
+                                "exec",
+                                "-d",
+                                &c,
+                                "/bin/busybox",
+                                "timeout",
+                                &(secs / 2 + 1).to_string(),
+                                "/bin/busybox",
+                                "sh",
+                                "-c",
+                                "while :; do :; done",
+                            ]);
                         }
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                    }
-                });
-                (url, Box::new((lb, AbortOnDrop(sampler))))
-            };
-            let antagonist = sc.antagonist.then(|| containers[0].name.clone());
-            let secs = args.seconds;
-            let (lat, ok, sent, elapsed) = drive(&lb_url, capacity, sc.load, secs, move || {
-                if let Some(c) = antagonist {
-                    // A CPU-burning neighbour inside backend 0's quota, for the rest of the run.
-                    let _ = docker(&[
-                        "exec",
-                        "-d",
-                        &c,
-                        "/bin/busybox",
-                        "timeout",
-                        &(secs / 2 + 1).to_string(),
-                        "/bin/busybox",
-                        "sh",
-                        "-c",
-                        "while :; do :; done",
-                    ]);
+                        if let Some((c, cpus)) = degrade {
+                            // The host under backend 0 loses most of its CPU.
+                            let _ = docker(&["update", "--cpus", &cpus.to_string(), &c]);
+                        }
+                    },
+                )
+                .await;
+                let (weights, trace) = balancer.finish();
+                let offered = sent as f64 / elapsed;
+                let r = RunResult {
+                    scenario: sc.name.into(),
+                    scheduler: sched.into(),
+                    repeat,
+                    offered_rps: offered,
+                    throughput_rps: ok as f64 / elapsed,
+                    success: ok as f64 / sent.max(1) as f64,
+                    p50_ms: percentile(&lat, 0.5),
+                    p99_ms: percentile(&lat, 0.99),
+                    p999_ms: percentile(&lat, 0.999),
+                    weights,
+                    level,
+                    trace,
+                };
+                eprintln!(
+                    "{:>16} {:>5} {:>19}: {:.0}/{:.0} req/s ok, success {:.1} %, p50 {:.1} ms, p99 {:.1} ms",
+                    r.scenario,
+                    level.map(|l| format!("{:.0}%", l * 100.0)).unwrap_or_default(),
+                    r.scheduler,
+                    r.throughput_rps,
+                    r.offered_rps,
+                    r.success * 100.0,
+                    r.p50_ms,
+                    r.p99_ms
+                );
+                all.push(r);
+                if let Some(path) = &args.json {
+                    // Written after every run: a long sweep keeps what it measured.
+                    std::fs::write(path, serde_json::to_string_pretty(&all)?)?;
                 }
-            })
-            .await;
-            drop(_keep);
-            let weights = std::mem::take(&mut *weights_log.lock().unwrap());
-            let offered = sent as f64 / elapsed;
-            let r = RunResult {
-                scenario: sc.name.into(),
-                scheduler: sched.into(),
-                repeat,
-                offered_rps: offered,
-                throughput_rps: ok as f64 / elapsed,
-                success: ok as f64 / sent.max(1) as f64,
-                p50_ms: percentile(&lat, 0.5),
-                p99_ms: percentile(&lat, 0.99),
-                p999_ms: percentile(&lat, 0.999),
-                weights,
-            };
-            eprintln!(
-                "{:>14} {:>19}: {:.0}/{:.0} req/s ok, success {:.1} %, p50 {:.1} ms, p99 {:.1} ms",
-                r.scenario,
-                r.scheduler,
-                r.throughput_rps,
-                r.offered_rps,
-                r.success * 100.0,
-                r.p50_ms,
-                r.p99_ms
-            );
-            all.push(r);
-            // Let queues drain before the next scheduler.
-            tokio::time::sleep(Duration::from_secs(2)).await;
+                settle(&client, &service).await;
+            }
         }
         drop(containers);
     }
 
     report(&args, &selected, &all)
+}
+
+/// Waits until the last run's work has left the backends: requests the client gave up
+/// on may still be running there (a forked child outlives its connection), and the next
+/// scheduler must not start on a backlog. Idle = every backend's fresh CPU report under
+/// a fifth of its quota; at most 20 s.
+async fn settle(client: &flotilla_client::Client, service: &str) {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deadline = Instant::now() + Duration::from_secs(18);
+    while Instant::now() < deadline {
+        if let Ok(s) = client.service(service, 0, Duration::ZERO, false).await {
+            let idle = s.instances.iter().all(|i| {
+                i.load
+                    .as_ref()
+                    .is_some_and(|l| l.cpu < 0.2 && l.age_ms < 1500)
+            });
+            if idle {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!("{service}: backends still busy 20 s after the run");
+}
+
+/// What every balancer of a scenario is started with.
+struct Setup<'a> {
+    dir: &'a std::path::Path,
+    url: &'a str,
+    token: &'a std::path::Path,
+    service: &'a str,
+    /// Backends in scenario order.
+    addrs: &'a [SocketAddr],
+    client: &'a flotilla_client::Client,
+}
+
+/// One balancer under test (flotilla lb or HAProxy) and the sampler tracing it.
+struct Balancer {
+    url: String,
+    _keep: Box<dyn std::any::Any + Send>,
+    sampler: tokio::task::JoinHandle<()>,
+    trace: Arc<Mutex<Vec<Sample>>>,
+}
+
+impl Balancer {
+    async fn start(setup: &Setup<'_>, sched: &str) -> anyhow::Result<Balancer> {
+        let n = setup.addrs.len();
+        let (url, keep, listeners): (String, Box<dyn std::any::Any + Send>, _) = if let Some(
+            balance,
+        ) =
+            sched.strip_prefix("haproxy-")
+        {
+            let p = free_port();
+            (
+                format!("http://127.0.0.1:{p}/"),
+                Box::new(haproxy(setup.dir, p, balance, setup.addrs)?),
+                None,
+            )
+        } else {
+            let text = format!(
+                    "[admin]\nlisten = \"\"\n[registry]\nurl = \"{}\"\ntoken_file = \"{}\"\n[[listener]]\nname = \"exp\"\nbind = \"127.0.0.1:0\"\nscheduler = \"{sched}\"\nservice = \"{}\"\nslow_start = \"0s\"\n",
+                    setup.url,
+                    setup.token.display(),
+                    setup.service
+                );
+            let config: flotilla_lb::config::LbConfig =
+                flotilla_core::config::parse_toml(std::path::Path::new("exp.toml"), &text)?;
+            let lb = flotilla_lb::start(config).await?;
+            while lb.listeners[0].backends().len() < n {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let url = format!("http://{}/", lb.addrs[0]);
+            let listeners = lb.listeners.clone();
+            (url, Box::new(lb), Some(listeners))
+        };
+        let trace = Arc::new(Mutex::new(Vec::new()));
+        let (log, client, service, addrs) = (
+            trace.clone(),
+            setup.client.clone(),
+            setup.service.to_owned(),
+            setup.addrs.to_vec(),
+        );
+        let t0 = Instant::now();
+        let sampler = tokio::spawn(async move {
+            loop {
+                let reports: BTreeMap<SocketAddr, (f64, u64)> =
+                    match client.service(&service, 0, Duration::ZERO, false).await {
+                        Ok(s) => s
+                            .instances
+                            .iter()
+                            .filter_map(|i| {
+                                let l = i.load.as_ref()?;
+                                Some((SocketAddr::new(i.address, i.port), (l.cpu, l.age_ms)))
+                            })
+                            .collect(),
+                        Err(_) => BTreeMap::new(),
+                    };
+                let t = t0.elapsed().as_secs_f64();
+                let backends = listeners.as_ref().map(|l| l[0].backends());
+                let samples: Vec<Sample> = addrs
+                    .iter()
+                    .enumerate()
+                    .map(|(index, addr)| {
+                        let b = backends
+                            .as_ref()
+                            .and_then(|bs| bs.iter().find(|b| b.addr == *addr).cloned());
+                        let report = reports.get(addr);
+                        Sample {
+                            t,
+                            backend: index,
+                            weight: b.as_ref().map(|b| {
+                                b.dynamic_weight()
+                                    .unwrap_or_else(|| b.effective_weight(Instant::now()))
+                            }),
+                            in_flight: b.as_ref().map(|b| b.in_flight()),
+                            sent: b
+                                .as_ref()
+                                .map(|b| b.requests.load(std::sync::atomic::Ordering::Relaxed)),
+                            completed: b
+                                .as_ref()
+                                .map(|b| b.completed.load(std::sync::atomic::Ordering::Relaxed)),
+                            cpu: report.map(|r| r.0),
+                            cpu_age_ms: report.map(|r| r.1),
+                        }
+                    })
+                    .collect();
+                log.lock().unwrap().extend(samples);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+        Ok(Balancer {
+            url,
+            _keep: keep,
+            sampler,
+            trace,
+        })
+    }
+
+    /// Stops the balancer; the weight samples (for the weights plot) and the trace.
+    fn finish(self) -> (Vec<(f64, String, f64)>, Vec<Sample>) {
+        self.sampler.abort();
+        let trace = std::mem::take(&mut *self.trace.lock().unwrap());
+        let weights = trace
+            .iter()
+            .filter_map(|s| Some((s.t, format!("b{}", s.backend), s.weight?)))
+            .collect();
+        (weights, trace)
+    }
 }
 
 /// The Markdown tables, the JSON file and the plots of a finished (or loaded) run.
@@ -441,6 +817,13 @@ fn report(args: &Args, selected: &[Scenario], all: &[RunResult]) -> anyhow::Resu
     let repeats = all.iter().map(|r| r.repeat + 1).max().unwrap_or(1);
     println!("\n### Scheduler experiment ({} s per run, capacity from Docker CPU quotas at {} µs CPU per request{})\n", args.seconds, CPU_US, if repeats > 1 { format!("; medians of {repeats} runs") } else { String::new() });
     for sc in selected {
+        if all
+            .iter()
+            .any(|r| r.scenario == sc.name && r.level.is_some())
+        {
+            sweep_report(&args.plots, sc.name, all, &summary)?;
+            continue;
+        }
         println!("\n#### {}\n\n| scheduler | offered req/s | throughput req/s | success % | p50 ms | p99 ms | p99 of each run | p99.9 ms |\n|---|---|---|---|---|---|---|---|", sc.name);
         for r in summary.iter().filter(|r| r.scenario == sc.name) {
             let runs: Vec<String> = all
@@ -472,21 +855,221 @@ fn report(args: &Args, selected: &[Scenario], all: &[RunResult]) -> anyhow::Resu
     Ok(())
 }
 
+/// Schedulers `feedback` must match or beat at every point of a sweep.
+const RIVALS: [&str; 3] = ["least-conn", "p2c-ewma", "haproxy-leastconn"];
+/// Static schedulers `feedback` must beat by 2× from 70 % load up.
+const STATIC: [&str; 3] = ["round-robin", "weighted", "haproxy-roundrobin"];
+
+/// One scenario of a sweep: p99 per scheduler and load level (median and the range of
+/// the runs), throughput and success, the verdict against the rivals, and the plot of
+/// p99 against offered load.
+fn sweep_report(
+    dir: &std::path::Path,
+    scenario: &str,
+    all: &[RunResult],
+    summary: &[RunResult],
+) -> anyhow::Result<()> {
+    let points: Vec<&RunResult> = summary
+        .iter()
+        .filter(|r| r.scenario == scenario && r.level.is_some())
+        .collect();
+    let mut levels: Vec<f64> = points.iter().filter_map(|r| r.level).collect();
+    levels.sort_by(f64::total_cmp);
+    levels.dedup();
+    let mut schedulers: Vec<&str> = Vec::new();
+    for r in &points {
+        if !schedulers.contains(&r.scheduler.as_str()) {
+            schedulers.push(&r.scheduler);
+        }
+    }
+    let runs = |sched: &str, level: f64| -> Vec<f64> {
+        all.iter()
+            .filter(|a| a.scenario == scenario && a.scheduler == sched && a.level == Some(level))
+            .map(|a| a.p99_ms)
+            .collect()
+    };
+    let point = |sched: &str, level: f64| {
+        points
+            .iter()
+            .find(|r| r.scheduler == sched && r.level == Some(level))
+    };
+    println!(
+        "\n#### {scenario}: p99 ms by load (median [min–max] of the runs)\n\n| load | offered req/s | {} | feedback ÷ best rival | within spread | best static ÷ feedback |\n|---|---|{}---|---|---|",
+        schedulers.join(" | "),
+        "---|".repeat(schedulers.len())
+    );
+    for &level in &levels {
+        let offered = point("feedback", level)
+            .or_else(|| point(schedulers[0], level))
+            .map_or(f64::NAN, |r| r.offered_rps);
+        let cells: Vec<String> = schedulers
+            .iter()
+            .map(|s| {
+                let r = runs(s, level);
+                let (lo, hi) = (
+                    r.iter().copied().fold(f64::INFINITY, f64::min),
+                    r.iter().copied().fold(0.0, f64::max),
+                );
+                point(s, level).map_or("–".into(), |p| {
+                    format!("{:.1} [{lo:.1}–{hi:.1}]", p.p99_ms)
+                })
+            })
+            .collect();
+        let fb = point("feedback", level).map(|p| p.p99_ms);
+        let rival = RIVALS
+            .iter()
+            .filter_map(|s| point(s, level).map(|p| (*s, p.p99_ms)))
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        let stat = STATIC
+            .iter()
+            .filter_map(|s| point(s, level).map(|p| p.p99_ms))
+            .min_by(f64::total_cmp);
+        let (ratio, within) = match (fb, rival) {
+            (Some(f), Some((name, best))) => {
+                let worst_run = runs(name, level).into_iter().fold(0.0, f64::max);
+                (
+                    format!("{:.2} ({name})", f / best),
+                    if f <= worst_run { "yes" } else { "no" },
+                )
+            }
+            _ => ("–".into(), "–"),
+        };
+        let static_ratio = match (fb, stat) {
+            (Some(f), Some(st)) => format!("{:.1}", st / f),
+            _ => "–".into(),
+        };
+        println!(
+            "| {:.0} % | {offered:.0} | {} | {ratio} | {within} | {static_ratio} |",
+            level * 100.0,
+            cells.join(" | ")
+        );
+    }
+    println!(
+        "\n{scenario}: throughput req/s and success % (medians)\n\n| load | {} |\n|---|{}",
+        schedulers.join(" | "),
+        "---|".repeat(schedulers.len())
+    );
+    for &level in &levels {
+        let cells: Vec<String> = schedulers
+            .iter()
+            .map(|s| {
+                point(s, level).map_or("–".into(), |p| {
+                    format!("{:.0} / {:.1}", p.throughput_rps, p.success * 100.0)
+                })
+            })
+            .collect();
+        println!("| {:.0} % | {} |", level * 100.0, cells.join(" | "));
+    }
+    use plotters::prelude::*;
+    let path = dir.join(format!("{scenario}-sweep-p99"));
+    let size = (900, 500);
+    draw_sweep(
+        SVGBackend::new(&path.with_extension("svg"), size).into_drawing_area(),
+        scenario,
+        &schedulers,
+        &levels,
+        &point,
+        &runs,
+    )?;
+    draw_sweep(
+        BitMapBackend::new(&path.with_extension("png"), size).into_drawing_area(),
+        scenario,
+        &schedulers,
+        &levels,
+        &point,
+        &runs,
+    )?;
+    Ok(())
+}
+
+/// p99 against offered load, a line per scheduler, the runs' range as error bars.
+fn draw_sweep<'a, DB: plotters::prelude::DrawingBackend>(
+    root: Area<DB>,
+    scenario: &str,
+    schedulers: &[&str],
+    levels: &[f64],
+    point: &dyn Fn(&str, f64) -> Option<&'a &'a RunResult>,
+    runs: &dyn Fn(&str, f64) -> Vec<f64>,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    use plotters::prelude::*;
+    root.fill(&WHITE)?;
+    let all_p99: Vec<f64> = schedulers
+        .iter()
+        .flat_map(|s| levels.iter().flat_map(|l| runs(s, *l)))
+        .collect();
+    let ymax = all_p99.iter().copied().fold(10.0, f64::max) * 1.5;
+    let ymin = all_p99
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        .clamp(0.1, 1.0);
+    let xmax = levels.iter().copied().fold(0.0, f64::max) * 100.0 + 5.0;
+    let xmin = (levels.iter().copied().fold(1.0, f64::min) * 100.0 - 5.0).max(0.0);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{scenario}: p99 against offered load (median of runs, bars: range)"),
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(xmin..xmax, (ymin..ymax).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("offered load, % of the best closed-loop saturation throughput")
+        .y_desc("p99 ms (log scale)")
+        .draw()?;
+    for (i, sched) in schedulers.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let width = if *sched == "feedback" { 4 } else { 2 };
+        let pts: Vec<(f64, f64)> = levels
+            .iter()
+            .filter_map(|l| point(sched, *l).map(|p| (l * 100.0, p.p99_ms)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(width)))?
+            .label(*sched)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(width))
+            });
+        for l in levels {
+            let r = runs(sched, *l);
+            if r.is_empty() {
+                continue;
+            }
+            let (lo, hi) = (
+                r.iter().copied().fold(f64::INFINITY, f64::min),
+                r.iter().copied().fold(0.0, f64::max),
+            );
+            let x = l * 100.0 + (i as f64 - schedulers.len() as f64 / 2.0) * 0.4;
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![(x, lo.max(ymin)), (x, hi)],
+                color.stroke_width(1),
+            )))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
 /// One row per scenario and scheduler, in first-run order: the median of every figure
 /// over the repeats, with the first run's weights.
 fn medians(all: &[RunResult]) -> Vec<RunResult> {
     let mut out: Vec<RunResult> = Vec::new();
     for r in all {
-        if out
-            .iter()
-            .any(|o| o.scenario == r.scenario && o.scheduler == r.scheduler)
-        {
+        if out.iter().any(|o| same_point(o, r)) {
             continue;
         }
-        let same: Vec<&RunResult> = all
-            .iter()
-            .filter(|a| a.scenario == r.scenario && a.scheduler == r.scheduler)
-            .collect();
+        let same: Vec<&RunResult> = all.iter().filter(|a| same_point(a, r)).collect();
         let of = |f: fn(&RunResult) -> f64| median(same.iter().map(|a| f(a)).collect());
         out.push(RunResult {
             scenario: r.scenario.clone(),
@@ -499,16 +1082,16 @@ fn medians(all: &[RunResult]) -> Vec<RunResult> {
             p99_ms: of(|a| a.p99_ms),
             p999_ms: of(|a| a.p999_ms),
             weights: r.weights.clone(),
+            level: r.level,
+            trace: Vec::new(),
         });
     }
     out
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+/// Runs of one scheduler at one point of one scenario.
+fn same_point(a: &RunResult, b: &RunResult) -> bool {
+    a.scenario == b.scenario && a.scheduler == b.scheduler && a.level == b.level
 }
 
 /// Font file for the plots' text (Debian's `fonts-dejavu-core`): plotters lays text

@@ -163,6 +163,9 @@ pub struct Backend {
     pub(crate) swrr_credit: AtomicI64,
     /// Requests sent.
     pub requests: AtomicU64,
+    /// Requests finished (answered, failed or abandoned): what the backend got through,
+    /// which at saturation is its capacity, where `requests` is what it was given.
+    pub completed: AtomicU64,
     /// Requests that failed (connect error, 5xx, timeout).
     pub failures: AtomicU64,
     /// Times ejected.
@@ -238,6 +241,7 @@ impl Backend {
             swrr_credit: AtomicI64::new(0),
             dynamic_weight: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
             latency: Histogram::default(),
@@ -400,6 +404,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.backend.completed.fetch_add(1, Ordering::Relaxed);
     }
 }
 

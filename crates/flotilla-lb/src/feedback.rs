@@ -111,7 +111,8 @@ pub struct Observation {
     pub base_weight: u32,
     /// The lb's latency estimate, ns (0 = none yet).
     pub latency_ns: f64,
-    /// Requests completed in the period.
+    /// Requests completed in the period (finished, not sent: at saturation what a
+    /// backend finishes is its capacity, what it is sent is only the split).
     pub requests: u64,
     /// Of which failed.
     pub errors: u64,

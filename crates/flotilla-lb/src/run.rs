@@ -377,7 +377,9 @@ async fn feedback_loop(listener: Arc<Listener>, registry: Option<flotilla_client
         let set = listener.backends();
         let mut observations = std::collections::HashMap::new();
         for b in set.iter() {
-            let requests = b.requests.load(std::sync::atomic::Ordering::Relaxed);
+            // Completed, not sent: an overloaded backend is given more than it serves,
+            // and a capacity estimated from what it was given would confirm any split.
+            let requests = b.completed.load(std::sync::atomic::Ordering::Relaxed);
             let failures = b.failures.load(std::sync::atomic::Ordering::Relaxed);
             let (r0, f0) = last
                 .insert(b.addr, (requests, failures))

@@ -11,13 +11,16 @@
 //! - `--tcp ADDR` also runs a TCP echo listener (half-close aware).
 //!
 //! Command-line knobs set defaults for every request (`--latency-ms`, `--cpu-us`,
-//! `--fail-rate`).
+//! `--fail-rate`). `--fork` burns each request's CPU in a child process of its own (a
+//! real fork + exec of this binary, CGI-style: the cost of process churn is part of the
+//! request); `--cpu-dist pareto` draws each request's CPU from a heavy-tailed
+//! distribution with `--cpu-us` as its mean.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
@@ -53,6 +56,46 @@ pub struct Args {
     /// Worker threads.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Run each request's CPU work in a child process (fork + exec of this binary).
+    #[arg(long)]
+    pub fork: bool,
+    /// How each request's CPU cost is drawn around `--cpu-us`.
+    #[arg(long, value_enum, default_value_t = CpuDist::Fixed)]
+    pub cpu_dist: CpuDist,
+    /// Child mode (used by `--fork`): burn this many µs of CPU and exit.
+    #[arg(long, hide = true)]
+    pub burn_us: Option<u64>,
+}
+
+/// Distribution of the CPU a request costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CpuDist {
+    /// Every request costs `--cpu-us`.
+    Fixed,
+    /// Pareto with shape 1.5 and mean `--cpu-us`, capped at 50× the mean: most
+    /// requests are cheap, a few cost tens of times the mean (p99 ≈ 7× the mean).
+    Pareto,
+}
+
+/// Pareto shape: 1.5 has a finite mean and an infinite variance, the classic heavy tail
+/// of web service times.
+const PARETO_SHAPE: f64 = 1.5;
+/// Pareto draws are capped at this many times the mean (one request never costs seconds).
+const PARETO_CAP: f64 = 50.0;
+
+impl CpuDist {
+    /// One request's CPU in µs, for mean `mean_us` and a uniform draw `u` in (0, 1].
+    pub fn draw(self, mean_us: u64, u: f64) -> u64 {
+        match self {
+            CpuDist::Fixed => mean_us,
+            CpuDist::Pareto => {
+                // Inverse transform: x = xm / u^(1/α), mean α·xm/(α−1).
+                let xm = mean_us as f64 * (PARETO_SHAPE - 1.0) / PARETO_SHAPE;
+                let x = xm / u.max(f64::MIN_POSITIVE).powf(1.0 / PARETO_SHAPE);
+                x.min(PARETO_CAP * mean_us as f64) as u64
+            }
+        }
+    }
 }
 
 struct State {
@@ -73,11 +116,32 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
-fn burn(us: u64) {
-    let until = Instant::now() + Duration::from_micros(us);
-    while Instant::now() < until {
-        std::hint::spin_loop();
+/// Burns `us` µs of CPU time on this thread (the child mode of `--fork` calls it too).
+///
+/// CPU time, not wall time: a request is a fixed amount of work, so a container
+/// throttled by its CPU quota takes longer to finish it, as a real CPU-bound handler
+/// does (a wall-clock spin would finish early whenever throttled, and a quota'd
+/// container would serve more requests than its quota allows).
+pub fn burn(us: u64) {
+    let until = thread_cpu_time() + Duration::from_micros(us);
+    while thread_cpu_time() < until {
+        for _ in 0..64 {
+            std::hint::spin_loop();
+        }
     }
+}
+
+/// CPU time this thread has used.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID exists on
+    // every Linux since 2.6.12, and the call writes only `ts`.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 async fn handle(
@@ -150,8 +214,28 @@ async fn handle(
         _ => {}
     }
     let latency = query(&req, "latency_ms").unwrap_or(state.args.latency_ms);
-    let cpu = query(&req, "cpu_us").unwrap_or(state.args.cpu_us);
-    if cpu > 0 {
+    let mean = query(&req, "cpu_us").unwrap_or(state.args.cpu_us);
+    let cpu = state
+        .args
+        .cpu_dist
+        .draw(mean, 1.0 - rand::thread_rng().gen::<f64>());
+    if state.args.fork {
+        // CGI-style: a process per request does the work; the request waits for it.
+        let exe = std::env::current_exe().unwrap_or_else(|_| "flotilla-testsvc".into());
+        let status = tokio::process::Command::new(exe)
+            .arg("--burn-us")
+            .arg(cpu.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await;
+        if !status.is_ok_and(|s| s.success()) {
+            return Ok(respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                full("child process failed\n"),
+            ));
+        }
+    } else if cpu > 0 {
         burn(cpu);
     }
     if latency > 0 {
@@ -283,5 +367,49 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{burn, thread_cpu_time, CpuDist};
+
+    #[test]
+    fn burn_spends_cpu_time_not_wall_time() {
+        let (cpu0, wall0) = (thread_cpu_time(), std::time::Instant::now());
+        burn(20_000);
+        let (cpu, wall) = (thread_cpu_time() - cpu0, wall0.elapsed());
+        assert!(cpu >= std::time::Duration::from_millis(20), "cpu {cpu:?}");
+        assert!(
+            wall >= cpu.saturating_sub(std::time::Duration::from_millis(1)),
+            "wall {wall:?} cpu {cpu:?}"
+        );
+    }
+
+    /// Draws at evenly spaced quantiles: the distribution's shape without sampling noise.
+    fn quantiles(dist: CpuDist, mean: u64) -> Vec<u64> {
+        let n = 100_000;
+        let mut v: Vec<u64> = (0..n)
+            .map(|k| dist.draw(mean, (k as f64 + 0.5) / n as f64))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn pareto_has_the_asked_mean_and_a_heavy_tail() {
+        let v = quantiles(CpuDist::Pareto, 2000);
+        let mean = v.iter().sum::<u64>() as f64 / v.len() as f64;
+        // The cap at 50× takes a little of the mean (the tail beyond it).
+        assert!((1800.0..=2000.0).contains(&mean), "mean {mean}");
+        let (p50, p99) = (v[v.len() / 2], v[v.len() * 99 / 100]);
+        assert!(p50 < 1200, "median {p50} well under the mean");
+        assert!(p99 > 10_000, "p99 {p99} several times the mean");
+        assert!(*v.last().unwrap() <= 100_000, "capped at 50× the mean");
+    }
+
+    #[test]
+    fn fixed_costs_the_mean() {
+        assert!(quantiles(CpuDist::Fixed, 2000).iter().all(|&x| x == 2000));
     }
 }
