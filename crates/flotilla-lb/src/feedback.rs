@@ -126,6 +126,9 @@ pub struct Observation {
 #[derive(Debug, Clone)]
 struct State {
     weight: f64,
+    /// The weight to hold until capacity is measured: the one already in force when
+    /// this controller first saw the backend (a warm start), else the static weight.
+    prior: f64,
     /// Multiplier from the feedback rule on top of the capacity share.
     trim: f64,
     /// Smoothed capacity estimate, requests/s at 100 % of the quota.
@@ -175,12 +178,23 @@ impl Controller {
         let cfg = &self.cfg;
         self.state.retain(|addr, _| observations.contains_key(addr));
         for (addr, o) in observations {
-            self.state.entry(*addr).or_insert_with(|| State {
-                weight: o.base_weight as f64,
-                trim: 1.0,
-                capacity: None,
-                load: None,
-                published: o.base_weight as f64,
+            self.state.entry(*addr).or_insert_with(|| {
+                // A weight already in force (published by the lb before a restart or by
+                // the other lb of a pair) is where this controller starts: resetting it
+                // to the static weight would undo what was learned and overload a small
+                // backend for the periods it takes to learn it again.
+                let start = o
+                    .current_weight
+                    .filter(|w| w.is_finite() && *w > 0.0)
+                    .unwrap_or(o.base_weight as f64);
+                State {
+                    weight: start,
+                    prior: start,
+                    trim: 1.0,
+                    capacity: None,
+                    load: None,
+                    published: start,
+                }
             });
         }
         let stale = cfg.period * cfg.stale_periods;
@@ -281,11 +295,12 @@ impl Controller {
                 // fades instead of pushing the weight past its capacity share.
                 st.trim = st.trim.powf(1.0 - TRIM_LEAK);
             }
-            // 3. Weight = capacity share (the operator's static weight until measured) ×
-            //    trim, clamped: never zero or negative.
+            // 3. Weight = capacity share (until measured, the weight in force when first
+            //    seen, else the operator's static weight) × trim, clamped: never zero or
+            //    negative.
             let prior = match st.capacity {
                 Some(cap) if mean_capacity > 0.0 => mean_base * (cap / mean_capacity).powf(c.cpu),
-                _ => base,
+                _ => st.prior,
             };
             st.weight = (prior * st.trim).clamp(lo, hi);
         }
@@ -463,6 +478,93 @@ mod tests {
                 assert!(
                     (hi - lo) / hi < 0.05,
                     "load {load}: backend {i} moves: {tail:?}"
+                );
+            }
+        }
+    }
+
+    /// A saturated heterogeneous cluster as the lb and agents see it: each backend
+    /// finishes at most its capacity per period whatever it is sent (the rest queues,
+    /// so its latency is high), the agents report ~100 % of the quota (with ±3 % noise
+    /// and half a period old), and the lb counts what finished.
+    fn run_saturated(
+        c: &mut Controller,
+        caps: &[f64],
+        rate: f64,
+        periods: usize,
+        t: &mut Instant,
+    ) -> Vec<HashMap<SocketAddr, f64>> {
+        let period = std::cell::Cell::new(0usize);
+        run_observed(c, caps, rate, periods, t, |obs, now| {
+            let k = period.get();
+            period.set(k + 1);
+            for (i, cap) in caps.iter().enumerate() {
+                let o = obs.get_mut(&addr(i)).unwrap();
+                let sent = o.requests as f64;
+                let utilisation = (sent / cap).min(1.0);
+                let noise = [1.0, 1.03, 0.97, 1.01, 0.99][(k + i) % 5];
+                o.requests = sent.min(*cap) as u64;
+                o.latency_ns = 2e6 / (1.0 - utilisation).max(0.01);
+                o.report = Some(LoadReport {
+                    cpu: utilisation * noise,
+                    memory: 0.1,
+                    at: now - Duration::from_millis(500),
+                });
+            }
+        })
+    }
+
+    #[test]
+    fn a_warm_start_keeps_the_weights_in_force_until_it_measures_better() {
+        // Weights 40 / 80 / 180 in force (published by an earlier lb), equal latencies,
+        // no load reports yet: the first steps keep them instead of resetting to 100.
+        let mut c = Controller::new(FeedbackConfig::default());
+        let t = Instant::now();
+        let obs: HashMap<SocketAddr, Observation> = [40.0, 80.0, 180.0]
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                (
+                    addr(i),
+                    Observation {
+                        base_weight: 100,
+                        latency_ns: 3e6,
+                        requests: 50,
+                        errors: 0,
+                        report: None,
+                        current_weight: Some(*w),
+                    },
+                )
+            })
+            .collect();
+        for k in 1..=3 {
+            c.step(t + Duration::from_secs(k), &obs);
+            let w = c.weights();
+            for (i, want) in [40.0, 80.0, 180.0].iter().enumerate() {
+                assert!(
+                    (w[&addr(i)] / want - 1.0).abs() < 0.05,
+                    "step {k}: backend {i} at {} (started at {want})",
+                    w[&addr(i)]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn weights_stay_near_the_true_capacities_when_every_backend_is_saturated() {
+        // 50 / 100 / 200 req/s, offered 95 % and 120 % of the total (every backend at
+        // 100 % of its quota once overloaded), starting from equal weights.
+        let caps = [50.0, 100.0, 200.0];
+        for load in [0.95, 1.2] {
+            let mut c = Controller::new(FeedbackConfig::default());
+            let mut t = Instant::now();
+            let h = run_saturated(&mut c, &caps, 350.0 * load, 30, &mut t);
+            for (k, w) in h.iter().enumerate().skip(5) {
+                let (r20, r10) = (ratio(w, 2, 0), ratio(w, 1, 0));
+                assert!(
+                    (r20 / 4.0 - 1.0).abs() < 0.2 && (r10 / 2.0 - 1.0).abs() < 0.2,
+                    "load {load}, period {}: ratios {r20:.2} (want 4) and {r10:.2} (want 2)",
+                    k + 1
                 );
             }
         }
