@@ -200,7 +200,7 @@ impl Lab {
     /// SIGTERM to node `i`'s failover daemon (flotilla lb / keepalived), then waits.
     pub fn terminate(&mut self, i: usize) {
         if let Some(p) = self.lbs[i].last_mut() {
-            unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) };
+            flotilla_testkit::signal(p.child.id(), libc::SIGTERM);
             let t = Instant::now();
             while t.elapsed() < Duration::from_secs(5) {
                 if let Ok(Some(_)) = p.child.try_wait() {

@@ -18,6 +18,7 @@ impl Drop for Proc {
     fn drop(&mut self) {
         // The whole process group: Nginx's workers outlive a killed master otherwise.
         let pgid = self.child.id() as libc::pid_t;
+        // SAFETY: killpg(2) has no memory-safety preconditions; a gone group is an error.
         unsafe { libc::killpg(pgid, libc::SIGKILL) };
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -57,6 +57,7 @@ pub struct Args {
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
+    // SAFETY: sysconf(3) reads a constant; no memory is involved.
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let mut total = 0.0;
     let mut stack = vec![pid];
@@ -121,8 +122,10 @@ struct HttpRun {
 
 /// Sets the CPU affinity of every thread of every process in process group `pgid`.
 fn pin_group(pgid: u32, cpus: &[usize]) {
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     for &c in cpus {
+        // SAFETY: `set` is a live cpu_set_t; CPU_SET ignores CPUs beyond its size.
         unsafe { libc::CPU_SET(c, &mut set) };
     }
     let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -147,6 +150,8 @@ fn pin_group(pgid: u32, cpus: &[usize]) {
         };
         for t in tasks.flatten() {
             if let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>() {
+                // SAFETY: `set` is a live cpu_set_t of the size given; a gone thread is
+                // only an error.
                 unsafe {
                     libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
                 };
@@ -387,6 +392,7 @@ fn raise_fd_limit() {
         rlim_cur: 65536,
         rlim_max: 65536,
     };
+    // SAFETY: `lim` is a live rlimit; setrlimit(2) only reads it.
     unsafe {
         libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
     }

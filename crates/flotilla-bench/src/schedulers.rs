@@ -979,6 +979,30 @@ fn sweep_report(
         &point,
         &runs,
     )?;
+    // The controller's weights in the first feedback run at 85 % (or the highest level
+    // under it): what it believed near saturation.
+    let near = levels
+        .iter()
+        .copied()
+        .filter(|l| *l <= 0.85)
+        .fold(None, |m: Option<f64>, l| Some(m.map_or(l, |m| m.max(l))));
+    if let Some(fb) = near.and_then(|level| {
+        all.iter()
+            .find(|r| r.scenario == scenario && r.scheduler == "feedback" && r.level == Some(level))
+    }) {
+        let path = dir.join(format!("{scenario}-sweep-feedback-weights"));
+        let size = (900, 420);
+        draw_weights(
+            SVGBackend::new(&path.with_extension("svg"), size).into_drawing_area(),
+            scenario,
+            fb,
+        )?;
+        draw_weights(
+            BitMapBackend::new(&path.with_extension("png"), size).into_drawing_area(),
+            scenario,
+            fb,
+        )?;
+    }
     Ok(())
 }
 

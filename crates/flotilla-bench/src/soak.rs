@@ -130,7 +130,7 @@ pub async fn run(args: Args) -> Result<()> {
                 let i = master.unwrap_or(0);
                 if let Some(mut p) = lbs[i].take() {
                     if kind == FaultKind::StopMasterLb {
-                        unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) };
+                        flotilla_testkit::signal(p.child.id(), libc::SIGTERM);
                         let t = Instant::now();
                         while t.elapsed() < Duration::from_secs(5)
                             && !matches!(p.child.try_wait(), Ok(Some(_)))

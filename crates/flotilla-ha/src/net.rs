@@ -33,6 +33,7 @@ impl Interface {
     pub fn lookup(name: &str, v6: bool) -> io::Result<Interface> {
         let cname = std::ffi::CString::new(name)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface name"))?;
+        // SAFETY: `cname` is a NUL-terminated string that outlives the call.
         let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
         if index == 0 {
             return Err(io::Error::new(
@@ -71,22 +72,29 @@ impl Interface {
 /// its IPv6 link-local address.
 fn primary_addr(name: &str, v6: bool) -> io::Result<Option<IpAddr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: `head` is a valid out-pointer; the list is freed below with freeifaddrs.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
         return Err(io::Error::last_os_error());
     }
     let mut found = None;
     let mut cur = head;
     while !cur.is_null() {
+        // SAFETY: `cur` is a non-null node of the list getifaddrs returned, alive until
+        // freeifaddrs below.
         let ifa = unsafe { &*cur };
+        // SAFETY: the kernel gives every entry a NUL-terminated interface name.
         let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
         if ifname.to_bytes() == name.as_bytes() && !ifa.ifa_addr.is_null() {
+            // SAFETY: checked non-null just above; it points into the live list.
             let sa = unsafe { &*ifa.ifa_addr };
             if !v6 && i32::from(sa.sa_family) == libc::AF_INET {
+                // SAFETY: the family is AF_INET, so the address is a sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
                 found = Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into());
                 break;
             }
             if v6 && i32::from(sa.sa_family) == libc::AF_INET6 {
+                // SAFETY: the family is AF_INET6, so the address is a sockaddr_in6.
                 let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
                 let a = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
                 if a.segments()[0] & 0xffc0 == 0xfe80 {
@@ -97,6 +105,7 @@ fn primary_addr(name: &str, v6: bool) -> io::Result<Option<IpAddr>> {
         }
         cur = ifa.ifa_next;
     }
+    // SAFETY: `head` came from getifaddrs and no reference into the list outlives this.
     unsafe { libc::freeifaddrs(head) };
     Ok(found)
 }
@@ -213,16 +222,21 @@ impl VrrpSocket {
 /// neighbour updates its cache entry for the VIP to point at us.
 pub fn gratuitous_arp(iface: &Interface, vip: Ipv4Addr) -> io::Result<()> {
     const ETH_P_ARP: u16 = 0x0806;
-    let fd = unsafe {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: a plain socket(2) call with constant arguments.
+    let raw = unsafe {
         libc::socket(
             libc::AF_PACKET,
             libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
             i32::from(ETH_P_ARP.to_be()),
         )
     };
-    if fd < 0 {
+    if raw < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: `raw` is a socket we just opened and nothing else owns; dropping the
+    // OwnedFd closes it on every path.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let mut arp = Vec::with_capacity(28);
     arp.extend_from_slice(&1u16.to_be_bytes()); // Ethernet
     arp.extend_from_slice(&0x0800u16.to_be_bytes()); // IPv4
@@ -233,15 +247,17 @@ pub fn gratuitous_arp(iface: &Interface, vip: Ipv4Addr) -> io::Result<()> {
     arp.extend_from_slice(&vip.octets());
     arp.extend_from_slice(&[0; 6]);
     arp.extend_from_slice(&vip.octets());
+    // SAFETY: sockaddr_ll is plain old data; all zeroes is a valid value.
     let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     to.sll_family = libc::AF_PACKET as u16;
     to.sll_protocol = ETH_P_ARP.to_be();
     to.sll_ifindex = iface.index as i32;
     to.sll_halen = 6;
     to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    // SAFETY: `arp` and `to` are live for the call and their lengths are the ones given.
     let r = unsafe {
         libc::sendto(
-            fd,
+            fd.as_raw_fd(),
             arp.as_ptr() as *const libc::c_void,
             arp.len(),
             0,
@@ -249,10 +265,8 @@ pub fn gratuitous_arp(iface: &Interface, vip: Ipv4Addr) -> io::Result<()> {
             std::mem::size_of::<libc::sockaddr_ll>() as u32,
         )
     };
-    let err = io::Error::last_os_error();
-    unsafe { libc::close(fd) };
     if r < 0 {
-        return Err(err);
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
@@ -279,12 +293,14 @@ fn set_int(s: &Socket, level: i32, name: i32, value: i32) -> io::Result<()> {
 /// limit (IPV6_HOPLIMIT).
 fn recvmsg_v6(s: &Socket, buf: &mut [u8]) -> io::Result<(usize, Ipv6Addr, Ipv6Addr, u8)> {
     use std::os::fd::AsRawFd;
+    // SAFETY: sockaddr_in6 is plain old data; all zeroes is a valid value.
     let mut from: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
     };
     let mut control = [0u64; 16]; // 128 bytes, aligned for cmsghdr
+                                  // SAFETY: msghdr is plain old data; all zeroes (null pointers, zero lengths) is valid.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_name = &mut from as *mut libc::sockaddr_in6 as *mut libc::c_void;
     msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as u32;

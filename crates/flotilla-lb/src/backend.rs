@@ -174,6 +174,9 @@ pub struct Backend {
     pub latency: Histogram,
     /// Idle upstream HTTP connections.
     pub(crate) pool: crate::pool::Pool,
+    /// Set once the backend has left the listener's set (see [`Backend::retire`]).
+    retired: std::sync::atomic::AtomicBool,
+    retired_signal: tokio::sync::Notify,
 }
 
 /// Upper bounds of the latency histogram buckets, in seconds.
@@ -246,6 +249,8 @@ impl Backend {
             ejections: AtomicU64::new(0),
             latency: Histogram::default(),
             pool: crate::pool::Pool::default(),
+            retired: std::sync::atomic::AtomicBool::new(false),
+            retired_signal: tokio::sync::Notify::new(),
         })
     }
 
@@ -385,6 +390,28 @@ impl Backend {
     /// Whether ejected at `now`.
     pub fn ejected(&self, now: Instant) -> bool {
         !self.available(now)
+    }
+
+    /// Marks the backend as gone from the listener's set (deregistered, failed its
+    /// checks, or its host's lease lapsed); wakes every [`Backend::retired_for`].
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+        self.retired_signal.notify_waiters();
+    }
+
+    /// Completes `grace` after the backend left the set (never while it is in it).
+    pub async fn retired_for(&self, grace: Duration) {
+        loop {
+            let signal = self.retired_signal.notified();
+            tokio::pin!(signal);
+            // Registered before the flag is read, so a retire in between still wakes us.
+            signal.as_mut().enable();
+            if self.retired.load(Ordering::SeqCst) {
+                break;
+            }
+            signal.await;
+        }
+        tokio::time::sleep(grace).await;
     }
 }
 

@@ -4,15 +4,20 @@
 //! parameters and the stability argument).
 //!
 //! Per backend *i* and period:
-//! 1. Load `Lᵢ` (1.0 = the cluster average): a weighted sum of the agent's report
-//!    (CPU share of quota, memory share of limit) when fresh, and the lb's own view —
-//!    latency relative to the weighted mean, and the error rate. Inputs are smoothed
-//!    with an EWMA so one noisy period cannot swing a weight.
-//! 2. The LVS rule moved to the log domain: `wᵢ ← wᵢ · exp(A · −ln Lᵢ)` (target
-//!    `T = 1`), with a dead band around `T`, the step bounded to ±`max_step`, and `wᵢ`
-//!    clamped to `[min_fraction · base, scale · base]` (never zero or negative). The
-//!    classic `A·∛(T − L)` has unbounded slope at the set point and dithered around it.
-//! 3. Weights are published only when some weight moved by more than `threshold`.
+//! 1. **Capacity (feed-forward)**: requests it *finished* ÷ the CPU share of its quota
+//!    the agent reported — what it would serve at 100 % — smoothed across periods. It
+//!    does not depend on how traffic was split, so following it closes no loop, and a
+//!    saturated backend (share 1) shows exactly its capacity. The capacity factor is
+//!    `(cᵢ / mean c)^cpu` times the mean static weight; until measured, the weight in
+//!    force when the backend was first seen (a warm start) or its static weight.
+//! 2. **Trim (feedback)**: what capacity does not explain — latency relative to the
+//!    traffic-weighted mean (at its 4th root), memory pressure, CPU busy with none of
+//!    our traffic, errors — through the LVS rule moved to the log domain,
+//!    `trim ← trim · exp(clamp(A · −ln L̄, ±max_step))` with a dead band; the trim leaks
+//!    back towards 1 where capacity is measured, so a transient fades.
+//! 3. Weight = capacity factor × trim, clamped to `[max(1, min_fraction · base),
+//!    scale · base]` (never zero or negative); published only when some weight moved by
+//!    more than `threshold`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

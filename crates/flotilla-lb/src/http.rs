@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -101,6 +101,11 @@ fn wants_upgrade(req: &Request<Incoming>) -> bool {
 }
 
 /// Requests that may be sent again after a reset: idempotent and without a body.
+/// How long an idempotent request still waits for a backend that left the set before
+/// it is sent to another: long enough for a draining backend's usual answer, short
+/// next to a client's deadline (a lost host leaves the set after its lease TTL).
+const RETIRED_GRACE: Duration = Duration::from_millis(500);
+
 fn replayable(req: &Request<Incoming>) -> bool {
     let idempotent = matches!(
         *req.method(),
@@ -273,11 +278,25 @@ pub async fn proxy(
         resend = false;
         let guard = backend.start();
         let started = Instant::now();
-        let exchanged = tokio::time::timeout(
+        let exchange = tokio::time::timeout(
             cfg.request_timeout,
             crate::upstream::exchange(&mut conn, &parts.method, path, &parts.headers, req_body),
-        )
-        .await;
+        );
+        // A request that may be sent twice and is still waiting for its answer when its
+        // backend leaves the set (its host lost: the lease lapsed, so nothing answers
+        // on the pooled connection it went out on) goes to another backend a grace
+        // after: a draining backend has that long to answer before the retry.
+        let exchanged = tokio::select! {
+            r = exchange => r,
+            _ = backend.retired_for(RETIRED_GRACE), if replay => {
+                tracing::debug!(backend = %backend.addr, "backend left the set with the request unanswered; trying another");
+                last_error = Some(text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("502 bad gateway: backend {} left the set before answering", backend.addr),
+                ));
+                continue;
+            }
+        };
         let now = Instant::now();
         let failed = |backend: &Arc<Backend>| {
             backend.record(

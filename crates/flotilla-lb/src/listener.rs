@@ -91,6 +91,7 @@ impl Listener {
         let n_removed = removed.len();
         for b in &removed {
             tracing::info!(listener = self.cfg.name, backend = %b.addr, in_flight = b.in_flight(), "backend removed: draining");
+            b.retire();
         }
         for b in &next {
             if !current.iter().any(|c| Arc::ptr_eq(c, b)) {

@@ -59,6 +59,14 @@ pub fn build(kind: SchedulerKind) -> Box<dyn Scheduler> {
     }
 }
 
+/// `feedback` passes over a backend whose recent latency is this many times the
+/// fastest's …
+const SLOW_FACTOR: f64 = 3.0;
+/// … and at least this much more (ns), so fast backends' noise never trips it.
+const SLOW_MARGIN_NS: f64 = 5e6;
+/// How fast a slow response stops counting when no new one arrives.
+const SLOW_FADE: Duration = Duration::from_millis(250);
+
 /// `feedback`: smooth weighted round robin on the feedback controller's weights, that
 /// passes over a backend holding more than its weighted share of the requests in
 /// flight.
@@ -69,15 +77,11 @@ pub fn build(kind: SchedulerKind) -> Box<dyn Scheduler> {
 /// gets throttled for the rest of it, the queue the P2C family built at low even
 /// load); the in-flight guard reacts within one request to a backend that stalls
 /// between two control periods. A passed-over backend keeps the credit it earned, up
-/// to one round's worth, so it catches up on its share without a burst.
-/// `feedback` passes over a backend whose recent latency is this many times the
-/// fastest's …
-const SLOW_FACTOR: f64 = 3.0;
-/// … and at least this much more (ns), so fast backends' noise never trips it.
-const SLOW_MARGIN_NS: f64 = 5e6;
-/// How fast a slow response stops counting when no new one arrives.
-const SLOW_FADE: Duration = Duration::from_millis(250);
-
+/// to one round's worth, so it catches up on its share without a burst. Near saturation
+/// the guard is what decides: in-flight counts stay in proportion to the weights, which
+/// equalises each backend's expected wait when the weights follow capacity — weighted
+/// least-request, where plain least-connections equalises the counts and queues the
+/// smallest backend's requests longest (issue 17, docs/feedback.md).
 #[derive(Default)]
 pub struct Feedback {
     lock: Mutex<()>,

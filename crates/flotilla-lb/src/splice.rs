@@ -3,7 +3,7 @@
 //! EOF as a write shutdown, so half-closed connections keep working.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -11,9 +11,10 @@ use tokio::net::TcpStream;
 /// Bytes moved per splice call (the pipe is sized to match).
 const CHUNK: usize = 1 << 20;
 
+/// Both ends of a pipe, closed when dropped.
 struct Pipe {
-    read: RawFd,
-    write: RawFd,
+    read: OwnedFd,
+    write: OwnedFd,
 }
 
 impl Pipe {
@@ -26,20 +27,9 @@ impl Pipe {
         // A larger pipe means fewer splice round trips; failure just keeps the default.
         // SAFETY: fcntl on a pipe fd we own.
         unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
-        Ok(Pipe {
-            read: fds[0],
-            write: fds[1],
-        })
-    }
-}
-
-impl Drop for Pipe {
-    fn drop(&mut self) {
-        // SAFETY: closing fds we own exactly once.
-        unsafe {
-            libc::close(self.read);
-            libc::close(self.write);
-        }
+        // SAFETY: pipe2 just opened both fds and nothing else owns them.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Ok(Pipe { read, write })
     }
 }
 
@@ -71,7 +61,7 @@ async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
         let n = loop {
             src.readable().await?;
             match src.try_io(Interest::READABLE, || {
-                splice(src.as_raw_fd(), pipe.write, CHUNK)
+                splice(src.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)
             }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -89,7 +79,7 @@ async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
         while left > 0 {
             dst.writable().await?;
             match dst.try_io(Interest::WRITABLE, || {
-                splice(pipe.read, dst.as_raw_fd(), left)
+                splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), left)
             }) {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

@@ -350,3 +350,95 @@ async fn agent_load_reports_steer_the_feedback_weights() {
         "the idle backend should outweigh the saturated one: hot {wh}, cool {wc}"
     );
 }
+
+/// A backend whose host is gone: connections were open, nothing ever answers again
+/// (the listener accepts and reads, and never writes).
+async fn silent_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(sock.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_requests_waiting_on_a_backend_that_leaves_the_set_go_to_another() {
+    let reg = registry().await;
+    let a = Running::start("a", |_| {}).unwrap();
+    let (silent, _task) = silent_backend().await;
+    reg.client.register("a", &spec(a.addr)).await.unwrap();
+    reg.client.register("lost", &spec(silent)).await.unwrap();
+    let lb = lb(
+        &reg,
+        "scheduler = \"round-robin\"\nslow_start = \"0s\"\nrequest_timeout = \"30s\"",
+    )
+    .await;
+    wait_backends(&lb, 2).await;
+    let url = format!("http://{}/", lb.addrs[0]);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    // Half of these go to the silent backend and wait there.
+    let gets: Vec<_> = (0..8)
+        .map(|_| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move {
+                let r = http
+                    .get(&url)
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let status = r.status().as_u16();
+                Ok::<_, String>((status, r.text().await.map_err(|e| e.to_string())?))
+            })
+        })
+        .collect();
+    // A POST may not be sent twice: it keeps waiting on the backend it went to.
+    let post = {
+        let (http, url) = (http.clone(), url.clone());
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                // Round robin: one of two consecutive POSTs lands on the silent backend.
+                let r = http
+                    .post(&url)
+                    .body("x")
+                    .timeout(Duration::from_secs(3))
+                    .send()
+                    .await;
+                if r.is_err() {
+                    return true;
+                }
+            }
+            false
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        requests_of(&lb, silent) >= 4,
+        "requests went to the silent backend"
+    );
+    let removed = Instant::now();
+    reg.client.deregister("lost").await.unwrap();
+    for g in gets {
+        let (status, body) = g.await.unwrap().expect("every GET is answered");
+        assert_eq!((status, body.trim()), (200, "a"));
+    }
+    let waited = removed.elapsed();
+    assert!(
+        waited < Duration::from_secs(3),
+        "GETs answered {waited:?} after the backend left (grace 0.5 s)"
+    );
+    assert!(
+        post.await.unwrap(),
+        "a POST on the lost backend is not sent again elsewhere"
+    );
+}

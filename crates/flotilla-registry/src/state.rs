@@ -174,7 +174,10 @@ impl Shared {
             let (instances, passing) = catalog.counts();
             self.metrics.instances.set(instances as i64);
             self.metrics.passing.set(passing as i64);
-            self.metrics.nodes.set(catalog.nodes().len() as i64);
+            // The records alone: `nodes()` would count every instance per node first.
+            self.metrics
+                .nodes
+                .set(catalog.node_records().count() as i64);
         }
         self.metrics.observe_store(&self.store.write_counts());
     }

@@ -496,7 +496,11 @@ pub(crate) fn stop_dockerd(endpoint: &str, child: &mut std::process::Child, dir:
     unmount_under(dir);
 }
 
+/// The signals tests send with [`signal`].
+pub use libc::{SIGKILL, SIGTERM};
+
 /// Sends `sig` to process `pid` (a child of the test); errors (it is gone) are ignored.
+/// The one way tests signal a process (no shelling out to `kill`, no `extern "C"`).
 pub fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) has no memory-safety preconditions; a stale pid is only an error.
     unsafe {

@@ -36,18 +36,13 @@ impl Lb {
     }
     fn terminate(&mut self) {
         if let Some(mut c) = self.child.take() {
-            unsafe { libc_kill(c.id() as i32, 15) };
+            flotilla_testkit::signal(c.id(), flotilla_testkit::SIGTERM);
             let _ = c.wait();
         }
     }
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
-}
-
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 impl Drop for Lb {
@@ -642,11 +637,11 @@ fn kill_keepalived(p: &Pair, node: &str, mut k: Child) {
     // pid file (a pkill would reach other tests' daemons).
     let vpid = p.dir.path().join(format!("keepalived-vrrp-{node}.pid"));
     if let Ok(pid) = std::fs::read_to_string(&vpid) {
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            unsafe { libc_kill(pid, 9) };
+        if let Ok(pid) = pid.trim().parse::<u32>() {
+            flotilla_testkit::signal(pid, flotilla_testkit::SIGKILL);
         }
     }
-    unsafe { libc_kill(k.id() as i32, 9) };
+    flotilla_testkit::signal(k.id(), flotilla_testkit::SIGKILL);
     let _ = k.wait();
     let _ = std::fs::remove_file(vpid);
 }

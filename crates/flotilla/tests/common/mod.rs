@@ -55,7 +55,7 @@ impl Proc {
     /// SIGTERM and wait: a graceful stop.
     pub fn terminate(&mut self) {
         if let Some(mut c) = self.child.take() {
-            unsafe_kill(c.id(), 15);
+            flotilla_testkit::signal(c.id(), flotilla_testkit::SIGTERM);
             let _ = c.wait();
         }
     }
@@ -63,13 +63,6 @@ impl Proc {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
-}
-
-fn unsafe_kill(pid: u32, sig: i32) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status();
 }
 
 impl Drop for Proc {
