@@ -410,6 +410,18 @@ mod tests {
         w[&addr(a)] / w[&addr(b)]
     }
 
+    /// Every period after the first `skip` has weights within `tolerance` of 1:2:4.
+    fn assert_one_two_four(h: &[HashMap<SocketAddr, f64>], skip: usize, tolerance: f64, load: f64) {
+        for (k, w) in h.iter().enumerate().skip(skip) {
+            let (r20, r10) = (ratio(w, 2, 0), ratio(w, 1, 0));
+            assert!(
+                (r20 / 4.0 - 1.0).abs() < tolerance && (r10 / 2.0 - 1.0).abs() < tolerance,
+                "load {load}, period {}: ratios {r20:.2} (want 4) and {r10:.2} (want 2)",
+                k + 1
+            );
+        }
+    }
+
     #[test]
     fn converges_on_heterogeneous_capacity() {
         let mut c = Controller::new(FeedbackConfig::default());
@@ -466,14 +478,7 @@ mod tests {
             let mut c = Controller::new(FeedbackConfig::default());
             let mut t = Instant::now();
             let h = run_with_cpu(&mut c, &caps, 350.0 * load, 16, &mut t);
-            for (k, w) in h.iter().enumerate().skip(4) {
-                let (r20, r10) = (ratio(w, 2, 0), ratio(w, 1, 0));
-                assert!(
-                    (r20 / 4.0 - 1.0).abs() < 0.15 && (r10 / 2.0 - 1.0).abs() < 0.15,
-                    "load {load}, period {}: ratios {r20:.2} (want 4) and {r10:.2} (want 2)",
-                    k + 1
-                );
-            }
+            assert_one_two_four(&h, 4, 0.15, load);
             // Settled: no weight moves more than 5 % over the last periods.
             for i in 0..3 {
                 let tail: Vec<f64> = h[8..].iter().map(|w| w[&addr(i)]).collect();
@@ -564,14 +569,7 @@ mod tests {
             let mut c = Controller::new(FeedbackConfig::default());
             let mut t = Instant::now();
             let h = run_saturated(&mut c, &caps, 350.0 * load, 30, &mut t);
-            for (k, w) in h.iter().enumerate().skip(5) {
-                let (r20, r10) = (ratio(w, 2, 0), ratio(w, 1, 0));
-                assert!(
-                    (r20 / 4.0 - 1.0).abs() < 0.2 && (r10 / 2.0 - 1.0).abs() < 0.2,
-                    "load {load}, period {}: ratios {r20:.2} (want 4) and {r10:.2} (want 2)",
-                    k + 1
-                );
-            }
+            assert_one_two_four(&h, 5, 0.2, load);
         }
     }
 
