@@ -65,6 +65,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         .route("/v1/restore", post(restore))
         .route("/v1/restore/apply", post(apply))
         .route("/v1/retire", post(retire))
+        .route("/v1/stacks/{stack}/containers", get(stack_containers))
         .route("/v1/release", post(release))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(
@@ -519,6 +520,24 @@ async fn retire(
     inner.hold(&id).await;
     inner.retire(&id, drain).await.map_err(failed)?;
     Ok(Json(json!({ "retired": q.container })))
+}
+
+/// `GET /v1/stacks/{stack}/containers`: the containers of `stack` this node's agent
+/// made that still exist on its engine (running, draining or stopped); `flotilla rm`
+/// waits until every node answers none.
+async fn stack_containers(
+    State(inner): State<Arc<Inner>>,
+    axum::extract::Path(stack): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let names: Vec<String> = inner
+        .stack_containers()
+        .await
+        .map_err(failed)?
+        .into_iter()
+        .filter(|l| l.stack == stack)
+        .map(|l| l.name)
+        .collect();
+    Ok(Json(json!({ "stack": stack, "containers": names })))
 }
 
 /// Undoes the first step of a failed migration: lets the reconciler manage the

@@ -278,7 +278,40 @@ impl Inner {
                 }
             }
         }
+        self.remove_unwanted_networks(stacks).await;
         Ok(())
+    }
+
+    /// Removes the networks this agent made for stacks that are no longer desired
+    /// (`flotilla rm`): volumes stay, networks go. Only networks carrying the stack
+    /// label, which only the agent sets (a network the operator made and named in a
+    /// spec is never touched); the engine refuses one that still has containers
+    /// attached, and a later pass tries again.
+    async fn remove_unwanted_networks(&self, stacks: &[StackRecord]) {
+        let mut filters = HashMap::new();
+        filters.insert("label".to_owned(), vec![STACK.to_owned()]);
+        let Ok(list) = self
+            .docker
+            .list_networks(Some(bollard::network::ListNetworksOptions::<String> {
+                filters,
+            }))
+            .await
+        else {
+            return;
+        };
+        for n in list {
+            let stack = n.labels.as_ref().and_then(|l| l.get(STACK)).cloned();
+            let (Some(name), Some(stack)) = (n.name, stack) else {
+                continue;
+            };
+            if stacks.iter().any(|s| s.name == stack) {
+                continue;
+            }
+            match self.docker.remove_network(&name).await {
+                Ok(()) => tracing::info!(network = name, stack, "stack removed: network removed"),
+                Err(e) => tracing::debug!(network = name, error = %e, "network kept (in use?)"),
+            }
+        }
     }
 
     async fn converge_replica(

@@ -256,6 +256,11 @@ impl DockerNetwork {
 
     /// Creates network `name` on the engine at `host` (default engine if `None`).
     pub fn create_on(host: Option<&str>, name: &str) -> Result<Self> {
+        Self::create_with(host, name, &[])
+    }
+
+    /// [`DockerNetwork::create_on`] with more `docker network create` flags (labels).
+    pub fn create_with(host: Option<&str>, name: &str, flags: &[&str]) -> Result<Self> {
         let name = name.to_owned();
         let mut last = String::new();
         for _ in 0..40 {
@@ -266,16 +271,11 @@ impl DockerNetwork {
                 last = format!("198.18.{n}.0/24 is routed already");
                 continue;
             }
-            match docker_at(
-                host,
-                &[
-                    "network",
-                    "create",
-                    "--subnet",
-                    &format!("198.18.{n}.0/24"),
-                    &name,
-                ],
-            ) {
+            let subnet = format!("198.18.{n}.0/24");
+            let mut args = vec!["network", "create", "--subnet", &subnet];
+            args.extend_from_slice(flags);
+            args.push(&name);
+            match docker_at(host, &args) {
                 Ok(id) => {
                     return Ok(DockerNetwork {
                         name,

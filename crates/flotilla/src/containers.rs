@@ -414,6 +414,7 @@ pub async fn rm(args: RmArgs) -> anyhow::Result<()> {
         args.stack
     );
     let t0 = Instant::now();
+    let token = token_of(&args.client)?;
     loop {
         let left = c
             .instances()
@@ -421,22 +422,61 @@ pub async fn rm(args: RmArgs) -> anyhow::Result<()> {
             .into_iter()
             .filter(|i| i.meta.get("stack") == Some(&args.stack))
             .count();
-        if left == 0 {
+        // Deregistered is not gone: a replica drains (deregistered, still running)
+        // before its container is removed. Done when every node's agent has none left.
+        let containers = if left == 0 {
+            stack_containers_left(&c, &token, &args.stack).await?
+        } else {
+            Vec::new()
+        };
+        if left == 0 && containers.is_empty() {
             println!(
-                "stack {} is gone ({:.1}s); its volumes are kept",
+                "stack {} is gone ({:.1}s): its containers and networks removed, its volumes kept",
                 args.stack,
                 t0.elapsed().as_secs_f64()
             );
             return Ok(());
         }
         if t0.elapsed() > Duration::from_secs(60) {
+            if left > 0 {
+                bail!(
+                    "{left} instances of stack {} are still registered after 60s",
+                    args.stack
+                );
+            }
             bail!(
-                "{left} instances of stack {} are still registered after 60s",
-                args.stack
+                "stack {}: containers still on their engines after 60s: {}",
+                args.stack,
+                containers.join(", ")
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Containers of `stack` that still exist, on every live node's engine, as
+/// `node/container` (a node that serves no agent API cannot be asked and is skipped).
+async fn stack_containers_left(
+    c: &Client,
+    token: &str,
+    stack: &str,
+) -> anyhow::Result<Vec<String>> {
+    let mut left = Vec::new();
+    for node in c.nodes().await? {
+        let Ok(agent) = AgentApi::of(&node, token) else {
+            continue;
+        };
+        let reply = agent
+            .json(agent.req(
+                reqwest::Method::GET,
+                &format!("/v1/stacks/{stack}/containers"),
+            ))
+            .await?;
+        for name in reply["containers"].as_array().into_iter().flatten() {
+            left.push(format!("{}/{}", node.name, name.as_str().unwrap_or("?")));
+        }
+    }
+    Ok(left)
 }
 
 /// Resolves an instance by registry id or container name; a service name gives all of

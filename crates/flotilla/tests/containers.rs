@@ -401,7 +401,12 @@ async fn deploy_scale_restart_and_rm_converge() {
     let _cleanup = Cleanup(stack.clone());
     let server = Server::start(dir.path(), "s", &[]);
     let client = server.client();
-    let net = DockerNetwork::create("flotilla-deploy").unwrap();
+    // Labelled as the agent labels the networks it makes for a stack (in 198.18/15,
+    // which a network the agent made itself would not be): `rm` must remove it.
+    let stack_label = format!("flotilla.stack={stack}");
+    let net =
+        DockerNetwork::create_with(None, &unique("flotilla-deploy"), &["--label", &stack_label])
+            .unwrap();
     let node = unique("node").replace('_', "-");
     let _agent = agent_on(dir.path(), &server, &node, None, None);
     node_up(&client, 1).await;
@@ -473,16 +478,25 @@ async fn deploy_scale_restart_and_rm_converge() {
     .await;
 
     ok(cli(&server, home, &["rm", &stack], &[]).await);
-    eventually(Duration::from_secs(20), "stack containers gone", || async {
+    // `rm` returns only when every container is removed (not when the replicas are
+    // deregistered and still draining).
+    assert_eq!(
         docker(&[
             "ps",
             "-aq",
             "--filter",
             &format!("label=flotilla.stack={stack}"),
         ])
-        .unwrap()
-        .is_empty()
-    })
+        .unwrap(),
+        "",
+        "containers of {stack} left after rm returned"
+    );
+    // The agent removes the stack's network once nothing is attached.
+    eventually(
+        Duration::from_secs(10),
+        "the stack's network removed",
+        || async { docker(&["network", "inspect", &net.name]).is_err() },
+    )
     .await;
 }
 
