@@ -7,63 +7,19 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bollard::system::EventsOptions;
-use bollard::Docker;
 use flotilla_client::Client;
 use flotilla_core::config::AgentConfig;
 use flotilla_core::{CheckKind, InstanceSpec};
 use futures::StreamExt;
-use tokio::sync::{Mutex, Notify};
 use tokio::task::JoinHandle;
 
 use crate::docker;
 use crate::labels::{self, instance_id, SERVICE};
-use crate::metrics::Metrics;
+use crate::state::{Inner, State};
 
 /// A configured agent, ready to run.
 pub struct Agent {
     inner: Arc<Inner>,
-}
-
-pub(crate) struct Inner {
-    pub(crate) docker: Docker,
-    pub(crate) client: Client,
-    pub(crate) config: AgentConfig,
-    pub(crate) node: String,
-    /// The address other hosts reach this host at (`--advertise`, or the source
-    /// address of the route to the first server).
-    pub(crate) advertise: Option<std::net::IpAddr>,
-    pub(crate) metrics: Metrics,
-    /// The cluster token: the agent's API requires it, and peers' APIs accept it.
-    pub(crate) token: String,
-    /// HTTP client for peer agents.
-    pub(crate) http: reqwest::Client,
-    /// Containers the reconciler must not restart (on their way to another host).
-    holds: Mutex<std::collections::HashSet<String>>,
-    /// Restores under way through the API: their container exists before its id can be
-    /// held, so while one runs the reconciler retires no container it does not want.
-    restores: std::sync::atomic::AtomicUsize,
-    /// The API's URL once bound (an `api_listen` port of 0 is resolved here).
-    api_bound: std::sync::OnceLock<String>,
-    /// Restart backoff per container.
-    pub(crate) backoff: Mutex<HashMap<String, crate::reconcile::Backoff>>,
-    /// Volume snapshots of migration pre-copies, by the id the CLI gave: (taken at,
-    /// container id, per volume). The final pass sends only what changed since.
-    pub(crate) snapshots: Mutex<HashMap<String, crate::backup::Snapshots>>,
-    /// Serialises event handling and resyncs so their decisions never interleave.
-    state: Mutex<State>,
-    resync_now: Notify,
-    /// Containers whose resources changed (`docker update`): the load loop reads their
-    /// CPU quota again before its next sample. `None` in the set means all of them
-    /// (events may have been missed).
-    quota_changed: std::sync::Mutex<std::collections::HashSet<Option<String>>>,
-}
-
-#[derive(Default)]
-struct State {
-    /// Instances this agent registered: id → spec.
-    registered: HashMap<String, InstanceSpec>,
-    /// Running exec-check loops by instance id.
-    exec_checks: HashMap<String, JoinHandle<()>>,
 }
 
 /// A running agent's tasks.
@@ -115,27 +71,7 @@ impl Agent {
         };
         tracing::info!(node, advertise = ?advertise, "advertise address");
         Ok(Agent {
-            inner: Arc::new(Inner {
-                docker,
-                client,
-                config,
-                node,
-                advertise,
-                metrics: Metrics::default(),
-                state: Mutex::new(State::default()),
-                resync_now: Notify::new(),
-                quota_changed: Default::default(),
-                token,
-                http: reqwest::Client::builder()
-                    .no_proxy()
-                    .connect_timeout(Duration::from_secs(2))
-                    .build()?,
-                holds: Mutex::new(Default::default()),
-                restores: Default::default(),
-                api_bound: std::sync::OnceLock::new(),
-                backoff: Mutex::new(HashMap::new()),
-                snapshots: Mutex::new(HashMap::new()),
-            }),
+            inner: Arc::new(Inner::new(docker, client, config, node, advertise, token)?),
         })
     }
 
@@ -143,24 +79,7 @@ impl Agent {
     pub async fn start(self) -> anyhow::Result<AgentHandle> {
         let inner = self.inner;
         // Bind the API first: its URL goes into the node record.
-        let api = if inner.config.api_listen.is_empty() {
-            None
-        } else {
-            let l = tokio::net::TcpListener::bind(&inner.config.api_listen)
-                .await
-                .with_context(|| format!("binding the agent API on {}", inner.config.api_listen))?;
-            let bound = l.local_addr()?;
-            let url = match (&inner.config.api_url, inner.advertise) {
-                (Some(u), _) => u.clone(),
-                // Listening on every address: peers reach it at the advertise address.
-                (None, Some(ip)) if bound.ip().is_unspecified() => {
-                    format!("http://{}", std::net::SocketAddr::new(ip, bound.port()))
-                }
-                (None, _) => format!("http://{bound}"),
-            };
-            let _ = inner.api_bound.set(url);
-            Some(l)
-        };
+        let api = crate::api::bind(&inner).await?;
         let mut backoff = Duration::from_millis(100);
         loop {
             match inner.register_node().await {
@@ -174,10 +93,7 @@ impl Agent {
         }
         let mut tasks = vec![tokio::spawn(inner.clone().lease_loop())];
         if let Some(l) = api {
-            let app = crate::api::router(inner.clone());
-            tasks.push(tokio::spawn(async move {
-                let _ = axum::serve(l, app).await;
-            }));
+            tasks.push(crate::api::serve(inner.clone(), l));
         }
         tasks.push(tokio::spawn(inner.clone().reconcile_loop()));
         tasks.push(tokio::spawn(inner.clone().backup_loop()));
@@ -210,75 +126,6 @@ type EventStream = futures::stream::BoxStream<
 >;
 
 impl Inner {
-    /// The URL peers reach this agent's API at, if it serves one.
-    pub(crate) fn api_url(&self) -> Option<String> {
-        self.api_bound.get().cloned()
-    }
-
-    /// Keeps the reconciler away from a container (a migration is moving it).
-    pub(crate) async fn hold(&self, id: &str) {
-        self.holds.lock().await.insert(id.to_owned());
-    }
-
-    /// Releases a hold.
-    pub(crate) async fn unhold(&self, id: &str) {
-        self.holds.lock().await.remove(id);
-    }
-
-    /// Marks a restore as under way until the returned guard is dropped (after the
-    /// restored container is held, when it is to be).
-    pub(crate) fn restoring(&self) -> RestoreGuard<'_> {
-        self.restores
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        RestoreGuard(&self.restores)
-    }
-
-    /// Whether a restore is under way.
-    pub(crate) fn is_restoring(&self) -> bool {
-        self.restores.load(std::sync::atomic::Ordering::SeqCst) > 0
-    }
-
-    /// Whether a container is held.
-    pub(crate) async fn is_held(&self, id: &str) -> bool {
-        self.holds.lock().await.contains(id)
-    }
-
-    /// Whether the agent registers this container (it carries a service label).
-    pub(crate) async fn registers(&self, id: &str) -> bool {
-        docker::inspect(&self.docker, id, self.advertise)
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|c| c.labels.contains_key(SERVICE))
-    }
-
-    /// Waits up to `within` (zero: checks once) for the container's instance to pass.
-    pub(crate) async fn wait_passing(&self, id: &str, within: Duration) -> bool {
-        let iid = instance_id(&self.node, id);
-        crate::backup::wait_until(within, || async {
-            self.client
-                .instances_of_node(&self.node)
-                .await
-                .map(|l| {
-                    l.iter()
-                        .any(|i| i.id == iid && i.health == flotilla_core::HealthStatus::Passing)
-                })
-                .unwrap_or(false)
-        })
-        .await
-    }
-
-    /// Deregisters, drains, then removes a container and its volumes (after a migration).
-    pub(crate) async fn retire(&self, id: &str, drain: Duration) -> anyhow::Result<()> {
-        let _ = self.client.deregister(&instance_id(&self.node, id)).await;
-        if !drain.is_zero() {
-            tokio::time::sleep(drain).await;
-        }
-        crate::backup::remove_with_volumes(&self.docker, id).await?;
-        self.holds.lock().await.remove(id);
-        Ok(())
-    }
-
     async fn register_node(&self) -> anyhow::Result<()> {
         let address = match self.advertise {
             Some(ip) => Some(ip.to_string()),
@@ -642,13 +489,4 @@ async fn route_source(server_url: &str) -> Option<std::net::IpAddr> {
     let socket = tokio::net::UdpSocket::bind(bind).await.ok()?;
     socket.connect(target).await.ok()?;
     Some(socket.local_addr().ok()?.ip())
-}
-
-/// Ends a restore's mark on drop (see [`Inner::restoring`]).
-pub(crate) struct RestoreGuard<'a>(&'a std::sync::atomic::AtomicUsize);
-
-impl Drop for RestoreGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
 }

@@ -23,8 +23,8 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use crate::agent::Inner;
 use crate::backup::{self, BackupOptions};
+use crate::state::Inner;
 
 /// Largest restore upload accepted.
 pub const MAX_UPLOAD: u64 = 64 << 30;
@@ -54,6 +54,40 @@ fn bad(e: impl std::fmt::Display) -> AppError {
 }
 fn failed(e: anyhow::Error) -> AppError {
     AppError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+}
+
+/// Binds the API's listener (none when `api_listen` is empty) and records the URL peers
+/// reach it at: `api_url` when configured, else the bound address, with the advertise
+/// address in place of an unspecified one.
+pub(crate) async fn bind(inner: &Inner) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    if inner.config.api_listen.is_empty() {
+        return Ok(None);
+    }
+    let l = tokio::net::TcpListener::bind(&inner.config.api_listen)
+        .await
+        .with_context(|| format!("binding the agent API on {}", inner.config.api_listen))?;
+    let bound = l.local_addr()?;
+    let url = match (&inner.config.api_url, inner.advertise) {
+        (Some(u), _) => u.clone(),
+        // Listening on every address: peers reach it at the advertise address.
+        (None, Some(ip)) if bound.ip().is_unspecified() => {
+            format!("http://{}", std::net::SocketAddr::new(ip, bound.port()))
+        }
+        (None, _) => format!("http://{bound}"),
+    };
+    let _ = inner.api_bound.set(url);
+    Ok(Some(l))
+}
+
+/// Serves the API on `listener` until the task is aborted.
+pub(crate) fn serve(
+    inner: Arc<Inner>,
+    listener: tokio::net::TcpListener,
+) -> tokio::task::JoinHandle<()> {
+    let app = router(inner);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    })
 }
 
 /// The router; `inner` carries the engine, the registry client and the token.

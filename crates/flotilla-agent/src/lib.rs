@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod backoff;
 pub mod backup;
 pub mod build;
 pub mod docker;
@@ -16,5 +17,6 @@ pub mod load;
 pub mod metrics;
 pub mod reconcile;
 pub mod schedule;
+pub(crate) mod state;
 
 pub use agent::{Agent, AgentHandle};

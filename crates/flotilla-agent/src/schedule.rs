@@ -13,8 +13,8 @@ use anyhow::Context;
 use flotilla_core::stack::BackupPolicy;
 use tokio::io::AsyncWriteExt;
 
-use crate::agent::Inner;
 use crate::backup::{self, BackupOptions};
+use crate::state::Inner;
 
 const SUFFIX: &str = ".flotilla-backup";
 

@@ -1,0 +1,172 @@
+//! The agent's shared state: what its loops (`agent.rs`), its API (`api.rs`) and the
+//! stack reconciler (`reconcile.rs`) all read and change. It lives apart from all three
+//! so that none of them imports another's internals.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::Docker;
+use flotilla_client::Client;
+use flotilla_core::config::AgentConfig;
+use flotilla_core::InstanceSpec;
+use tokio::sync::{Mutex, Notify};
+use tokio::task::JoinHandle;
+
+use crate::docker;
+use crate::labels::{instance_id, SERVICE};
+use crate::metrics::Metrics;
+
+/// An agent's shared state.
+pub(crate) struct Inner {
+    pub(crate) docker: Docker,
+    pub(crate) client: Client,
+    pub(crate) config: AgentConfig,
+    pub(crate) node: String,
+    /// The address other hosts reach this host at (`--advertise`, or the source
+    /// address of the route to the first server).
+    pub(crate) advertise: Option<std::net::IpAddr>,
+    pub(crate) metrics: Metrics,
+    /// The cluster token: the agent's API requires it, and peers' APIs accept it.
+    pub(crate) token: String,
+    /// HTTP client for peer agents.
+    pub(crate) http: reqwest::Client,
+    /// Containers the reconciler must not restart (on their way to another host).
+    pub(crate) holds: Mutex<std::collections::HashSet<String>>,
+    /// Restores under way through the API: their container exists before its id can be
+    /// held, so while one runs the reconciler retires no container it does not want.
+    pub(crate) restores: std::sync::atomic::AtomicUsize,
+    /// The API's URL once bound (an `api_listen` port of 0 is resolved here).
+    pub(crate) api_bound: std::sync::OnceLock<String>,
+    /// Restart backoff per container.
+    pub(crate) backoff: Mutex<HashMap<String, crate::backoff::Backoff>>,
+    /// Volume snapshots of migration pre-copies, by the id the CLI gave: (taken at,
+    /// container id, per volume). The final pass sends only what changed since.
+    pub(crate) snapshots: Mutex<HashMap<String, crate::backup::Snapshots>>,
+    /// Serialises event handling and resyncs so their decisions never interleave.
+    pub(crate) state: Mutex<State>,
+    pub(crate) resync_now: Notify,
+    /// Containers whose resources changed (`docker update`): the load loop reads their
+    /// CPU quota again before its next sample. `None` in the set means all of them
+    /// (events may have been missed).
+    pub(crate) quota_changed: std::sync::Mutex<std::collections::HashSet<Option<String>>>,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    /// Instances this agent registered: id → spec.
+    pub(crate) registered: HashMap<String, InstanceSpec>,
+    /// Running exec-check loops by instance id.
+    pub(crate) exec_checks: HashMap<String, JoinHandle<()>>,
+}
+
+impl Inner {
+    /// The shared state of an agent on `docker`, speaking to the registry through `client`.
+    pub(crate) fn new(
+        docker: Docker,
+        client: Client,
+        config: AgentConfig,
+        node: String,
+        advertise: Option<std::net::IpAddr>,
+        token: String,
+    ) -> anyhow::Result<Self> {
+        Ok(Inner {
+            docker,
+            client,
+            config,
+            node,
+            advertise,
+            metrics: Metrics::default(),
+            state: Mutex::new(State::default()),
+            resync_now: Notify::new(),
+            quota_changed: Default::default(),
+            token,
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .connect_timeout(Duration::from_secs(2))
+                .build()?,
+            holds: Mutex::new(Default::default()),
+            restores: Default::default(),
+            api_bound: std::sync::OnceLock::new(),
+            backoff: Mutex::new(HashMap::new()),
+            snapshots: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The URL peers reach this agent's API at, if it serves one.
+    pub(crate) fn api_url(&self) -> Option<String> {
+        self.api_bound.get().cloned()
+    }
+
+    /// Keeps the reconciler away from a container (a migration is moving it).
+    pub(crate) async fn hold(&self, id: &str) {
+        self.holds.lock().await.insert(id.to_owned());
+    }
+
+    /// Releases a hold.
+    pub(crate) async fn unhold(&self, id: &str) {
+        self.holds.lock().await.remove(id);
+    }
+
+    /// Marks a restore as under way until the returned guard is dropped (after the
+    /// restored container is held, when it is to be).
+    pub(crate) fn restoring(&self) -> RestoreGuard<'_> {
+        self.restores
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        RestoreGuard(&self.restores)
+    }
+
+    /// Whether a restore is under way.
+    pub(crate) fn is_restoring(&self) -> bool {
+        self.restores.load(std::sync::atomic::Ordering::SeqCst) > 0
+    }
+
+    /// Whether a container is held.
+    pub(crate) async fn is_held(&self, id: &str) -> bool {
+        self.holds.lock().await.contains(id)
+    }
+
+    /// Whether the agent registers this container (it carries a service label).
+    pub(crate) async fn registers(&self, id: &str) -> bool {
+        docker::inspect(&self.docker, id, self.advertise)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|c| c.labels.contains_key(SERVICE))
+    }
+
+    /// Waits up to `within` (zero: checks once) for the container's instance to pass.
+    pub(crate) async fn wait_passing(&self, id: &str, within: Duration) -> bool {
+        let iid = instance_id(&self.node, id);
+        crate::backup::wait_until(within, || async {
+            self.client
+                .instances_of_node(&self.node)
+                .await
+                .map(|l| {
+                    l.iter()
+                        .any(|i| i.id == iid && i.health == flotilla_core::HealthStatus::Passing)
+                })
+                .unwrap_or(false)
+        })
+        .await
+    }
+
+    /// Deregisters, drains, then removes a container and its volumes (after a migration).
+    pub(crate) async fn retire(&self, id: &str, drain: Duration) -> anyhow::Result<()> {
+        let _ = self.client.deregister(&instance_id(&self.node, id)).await;
+        if !drain.is_zero() {
+            tokio::time::sleep(drain).await;
+        }
+        crate::backup::remove_with_volumes(&self.docker, id).await?;
+        self.holds.lock().await.remove(id);
+        Ok(())
+    }
+}
+
+/// Ends a restore's mark on drop (see [`Inner::restoring`]).
+pub(crate) struct RestoreGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for RestoreGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
