@@ -55,7 +55,12 @@ impl Agent {
     pub async fn connect(config: AgentConfig, token: String) -> anyhow::Result<Self> {
         let node = config.node.clone().context("agent needs a node name")?;
         let docker = docker::connect(&config.docker).await?;
-        let client = Client::new(&config.server, Some(token.clone()));
+        let tls = crate::node_tls::NodeTls::obtain(&config, &node, Some(&token)).await?;
+        // With a node certificate the agent speaks for its node only: no token.
+        let client = match &tls {
+            Some(t) => Client::with_tls(&config.server, None, Some(t.client.clone())),
+            None => Client::new(&config.server, Some(token.clone())),
+        };
         let advertise = match config.advertise {
             Some(ip) => Some(ip),
             None => {
@@ -71,7 +76,9 @@ impl Agent {
         };
         tracing::info!(node, advertise = ?advertise, "advertise address");
         Ok(Agent {
-            inner: Arc::new(Inner::new(docker, client, config, node, advertise, token)?),
+            inner: Arc::new(Inner::new(
+                docker, client, config, node, advertise, token, tls,
+            )?),
         })
     }
 
@@ -92,6 +99,12 @@ impl Agent {
             }
         }
         let mut tasks = vec![tokio::spawn(inner.clone().lease_loop())];
+        if let Some(tls) = &inner.tls {
+            tasks.push(tokio::spawn(
+                tls.clone()
+                    .renew_loop(inner.client.clone(), Some(inner.token.clone())),
+            ));
+        }
         if let Some(l) = api {
             tasks.push(crate::api::serve(inner.clone(), l));
         }

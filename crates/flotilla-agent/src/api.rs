@@ -67,13 +67,14 @@ pub(crate) async fn bind(inner: &Inner) -> anyhow::Result<Option<tokio::net::Tcp
         .await
         .with_context(|| format!("binding the agent API on {}", inner.config.api_listen))?;
     let bound = l.local_addr()?;
+    let scheme = if inner.tls.is_some() { "https" } else { "http" };
     let url = match (&inner.config.api_url, inner.advertise) {
         (Some(u), _) => u.clone(),
         // Listening on every address: peers reach it at the advertise address.
         (None, Some(ip)) if bound.ip().is_unspecified() => {
-            format!("http://{}", std::net::SocketAddr::new(ip, bound.port()))
+            format!("{scheme}://{}", std::net::SocketAddr::new(ip, bound.port()))
         }
-        (None, _) => format!("http://{bound}"),
+        (None, _) => format!("{scheme}://{bound}"),
     };
     let _ = inner.api_bound.set(url);
     Ok(Some(l))
@@ -84,10 +85,12 @@ pub(crate) fn serve(
     inner: Arc<Inner>,
     listener: tokio::net::TcpListener,
 ) -> tokio::task::JoinHandle<()> {
+    let options = match &inner.tls {
+        Some(tls) => flotilla_tls::ServeOptions::tls(tls.server.clone()),
+        None => flotilla_tls::ServeOptions::plain(),
+    };
     let app = router(inner);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    })
+    tokio::spawn(flotilla_tls::serve(listener, app, options))
 }
 
 /// The router; `inner` carries the engine, the registry client and the token.
@@ -119,9 +122,33 @@ async fn authorize(State(inner): State<Arc<Inner>>, req: Request, next: Next) ->
     .unwrap_or_default();
     let same = flotilla_core::auth::token_matches(given.as_bytes(), inner.token.as_bytes());
     if same {
-        next.run(req).await
-    } else {
-        AppError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response()
+        return next.run(req).await;
+    }
+    // A peer agent (its node certificate, no token) may fetch an image it lacks, and
+    // nothing else: volumes, restores and retirements stay with the token's holder.
+    let peer_node = req
+        .extensions()
+        .get::<flotilla_tls::Peer>()
+        .and_then(|p| p.identity.clone());
+    match peer_node {
+        Some(flotilla_tls::PeerIdentity::Node(node)) if given.is_empty() => {
+            if req.method() == axum::http::Method::GET && req.uri().path() == "/v1/images/save" {
+                next.run(req).await
+            } else {
+                AppError::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "node {node:?}'s certificate may only fetch images from this agent, not {} {}",
+                        req.method(),
+                        req.uri().path()
+                    ),
+                )
+                .into_response()
+            }
+        }
+        _ => {
+            AppError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response()
+        }
     }
 }
 
@@ -339,6 +366,7 @@ async fn restore(
     let Spooled {
         dir,
         path,
+        _held,
         total,
         manifest,
         config,
@@ -402,7 +430,10 @@ async fn restore(
 /// An upload spooled to the work directory and checked whole.
 struct Spooled {
     dir: std::path::PathBuf,
+    /// `/proc/self/fd/N` of `_held`.
     path: std::path::PathBuf,
+    /// The spool file, open from creation to the end of the restore.
+    _held: std::fs::File,
     total: u64,
     manifest: flotilla_archive::backup::Manifest,
     config: Vec<u8>,
@@ -414,14 +445,27 @@ struct Spooled {
 async fn spool_checked(inner: &Inner, body: Body) -> Result<Spooled, AppError> {
     // The upload is spooled, and checked whole (digests, sizes, every volume entry)
     // while it arrives; nothing is created unless the check passes.
-    let dir = tempfile_dir(&inner.config.work_dir).map_err(failed)?;
-    let path = dir.join("upload.flotilla-backup");
+    let dir = spool_dir(&inner.config.work_dir).map_err(failed)?;
+    let spool_path = dir.join("upload.flotilla-backup");
+    let held = match create_spool(&spool_path) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(failed(
+                anyhow::Error::new(e).context("creating the spool file"),
+            ));
+        }
+    };
+    // Everything after the check reads the file through this descriptor's /proc link:
+    // the same file that was checked, whatever happens to its name meanwhile.
+    let path = std::path::PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&held)
+    ));
     let (tx, reader) = flotilla_archive::backup::ChannelReader::<bytes::Bytes>::new(16);
     let checker = std::thread::spawn(move || flotilla_archive::backup::check_with_config(reader));
     let spooled = async {
-        let mut f = tokio::fs::File::create(&path)
-            .await
-            .map_err(|e| failed(e.into()))?;
+        let mut f = tokio::fs::File::from_std(held.try_clone().map_err(|e| failed(e.into()))?);
         let mut s = body.into_data_stream();
         let mut total = 0u64;
         let mut checking = true;
@@ -467,6 +511,7 @@ async fn spool_checked(inner: &Inner, body: Body) -> Result<Spooled, AppError> {
     Ok(Spooled {
         dir,
         path,
+        _held: held,
         total,
         manifest,
         config,
@@ -497,6 +542,7 @@ async fn apply(
     let Spooled {
         dir,
         path,
+        _held,
         total,
         manifest,
         ..
@@ -625,26 +671,53 @@ async fn health_gate(inner: &Inner, id: &str, gate: Duration) -> anyhow::Result<
     Ok(Some(t0.elapsed().as_millis() as u64))
 }
 
-/// A container by name or id, or 404 naming it.
+/// A container flotilla manages, by name or id: 404 naming it if there is none, 403 if
+/// it carries neither a service nor a stack label (the API backs up, restores over and
+/// removes containers: never one the operator runs beside flotilla).
 async fn inspect(
     inner: &Inner,
     container: &str,
 ) -> Result<bollard::models::ContainerInspectResponse, AppError> {
-    inner
+    let info = inner
         .docker
         .inspect_container(container, None)
         .await
-        .map_err(|_| AppError::new(StatusCode::NOT_FOUND, format!("no container {container:?}")))
+        .map_err(|_| AppError::new(StatusCode::NOT_FOUND, format!("no container {container:?}")))?;
+    let labels = info.config.as_ref().and_then(|c| c.labels.as_ref());
+    let managed = labels.is_some_and(|l| {
+        l.contains_key(crate::labels::SERVICE) || l.contains_key(crate::build::STACK)
+    });
+    if !managed {
+        return Err(AppError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "container {container:?} is not flotilla's (no {} or {} label): the agent API acts on flotilla's containers only",
+                crate::labels::SERVICE,
+                crate::build::STACK
+            ),
+        ));
+    }
+    Ok(info)
 }
 
-fn tempfile_dir(base: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let dir = base.join(format!(
-        "flotilla-restore-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// A new private spool directory under `base`: made with `mkdtemp` (a fresh, unguessable
+/// name, mode 0700), so nothing another user placed there is reused or followed.
+fn spool_dir(base: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    Ok(tempfile::Builder::new()
+        .prefix("flotilla-restore-")
+        .tempdir_in(base)
+        .with_context(|| format!("making a spool directory in {}", base.display()))?
+        .keep())
+}
+
+/// Creates the spool file: new (`O_EXCL`), not through a symlink (`O_NOFOLLOW`), 0600.
+fn create_spool(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(path)
 }

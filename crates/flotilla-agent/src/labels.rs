@@ -25,6 +25,14 @@ pub const WEIGHT: &str = "flotilla.weight";
 pub const CHECK: &str = "flotilla.check.";
 /// Label prefix copied into instance metadata (`flotilla.meta.version=1.2`).
 pub const META: &str = "flotilla.meta.";
+/// Metadata keys the agent sets from the engine's facts; labels may not set them.
+pub const RESERVED_META: [&str; 5] = [
+    "container_name",
+    "container_id",
+    "image",
+    "network",
+    "address_mode",
+];
 
 /// What the agent knows about a container, from `docker inspect`.
 #[derive(Debug, Clone, Default)]
@@ -247,16 +255,25 @@ pub fn spec_from_container(
         .collect();
 
     let mut meta = BTreeMap::new();
+    for (k, v) in &c.labels {
+        if let Some(key) = k.strip_prefix(META) {
+            // The agent's own facts are what backups, migrations and exec checks act
+            // on: a label must never stand in for them.
+            if RESERVED_META.contains(&key) {
+                return Err(label_err(
+                    k,
+                    v,
+                    "reserved: the agent sets this metadata key itself",
+                ));
+            }
+            meta.insert(key.to_owned(), v.clone());
+        }
+    }
     meta.insert("container_name".to_owned(), c.name.clone());
     meta.insert("container_id".to_owned(), c.id.clone());
     meta.insert("image".to_owned(), c.image.clone());
     meta.insert("network".to_owned(), network);
     meta.insert("address_mode".to_owned(), mode.name().to_owned());
-    for (k, v) in &c.labels {
-        if let Some(key) = k.strip_prefix(META) {
-            meta.insert(key.to_owned(), v.clone());
-        }
-    }
     let spec = InstanceSpec {
         service: service.clone(),
         node: Some(node.to_owned()),
@@ -295,6 +312,24 @@ mod tests {
             networks: [("front".to_string(), Some("198.18.5.2".parse().unwrap()))].into(),
             published: Default::default(),
         }
+    }
+
+    #[test]
+    fn meta_labels_cannot_set_what_the_agent_acts_on() {
+        for key in RESERVED_META {
+            let label = format!("{META}{key}");
+            let f = facts(&[
+                ("flotilla.service", "web"),
+                ("flotilla.port", "8080"),
+                (label.as_str(), "ffffffffffff0000"),
+            ]);
+            let err = spec_from_container("n1", &f, None, None).unwrap_err();
+            assert!(err.to_string().contains(&label), "{err}");
+            assert!(err.to_string().contains("reserved"), "{err}");
+        }
+        let f = facts(&[("flotilla.service", "web"), ("flotilla.port", "8080")]);
+        let s = spec_from_container("n1", &f, None, None).unwrap().unwrap();
+        assert_eq!(s.meta["container_id"], "0123456789abcdef0123");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod docker;
 pub mod labels;
 pub mod load;
 pub mod metrics;
+pub mod node_tls;
 pub mod reconcile;
 pub mod schedule;
 pub(crate) mod state;

@@ -463,13 +463,12 @@ impl Inner {
         for n in nodes.iter().filter(|n| n.name != self.node) {
             let Some(api) = &n.api else { continue };
             let url = format!("{api}/v1/images/save");
-            let resp = self
-                .http
-                .get(&url)
-                .query(&[("tag", &svc.image)])
-                .bearer_auth(&self.token)
-                .send()
-                .await;
+            let mut req = self.http.get(&url).query(&[("tag", &svc.image)]);
+            // With TLS the node certificate is the credential; the token stays home.
+            if self.tls.is_none() {
+                req = req.bearer_auth(&self.token);
+            }
+            let resp = req.send().await;
             let Ok(resp) = resp else { continue };
             if !resp.status().is_success() {
                 continue;

@@ -30,6 +30,8 @@ pub(crate) struct Inner {
     pub(crate) token: String,
     /// HTTP client for peer agents.
     pub(crate) http: reqwest::Client,
+    /// The node certificate and the cluster CA, when the cluster speaks TLS.
+    pub(crate) tls: Option<std::sync::Arc<crate::node_tls::NodeTls>>,
     /// Containers the reconciler must not restart (on their way to another host).
     pub(crate) holds: Mutex<std::collections::HashSet<String>>,
     /// Restores under way through the API: their container exists before its id can be
@@ -68,6 +70,7 @@ impl Inner {
         node: String,
         advertise: Option<std::net::IpAddr>,
         token: String,
+        tls: Option<std::sync::Arc<crate::node_tls::NodeTls>>,
     ) -> anyhow::Result<Self> {
         Ok(Inner {
             docker,
@@ -80,10 +83,8 @@ impl Inner {
             resync_now: Notify::new(),
             quota_changed: Default::default(),
             token,
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .connect_timeout(Duration::from_secs(2))
-                .build()?,
+            http: flotilla_client::http_builder(tls.as_ref().map(|t| t.client.clone())).build()?,
+            tls,
             holds: Mutex::new(Default::default()),
             restores: Default::default(),
             api_bound: std::sync::OnceLock::new(),

@@ -106,6 +106,8 @@ impl ServerProc {
             path_str(&data)?,
             "--token-file",
             path_str(&token_file)?,
+            // The scheduler benches measure the data plane; the registry is a local peer.
+            "--insecure-http",
         ])?;
         flotilla_testkit::wait_for_port(listen.parse()?, std::time::Duration::from_secs(20))?;
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;

@@ -61,6 +61,10 @@ pub struct Args {
     /// Watcher p99 (ms) a rate must stay within to count below the knee.
     #[arg(long, default_value_t = 50.0)]
     knee_p99_ms: f64,
+    /// Serve the registry over TLS (the default of `flotilla server`); without it the
+    /// server runs `--insecure-http`, so one session can compare the two.
+    #[arg(long)]
+    tls: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -129,6 +133,8 @@ fn spec(service: usize, n: usize, stamp_us: u64) -> InstanceSpec {
 struct Server {
     proc: crate::procs::Proc,
     client: Client,
+    /// A plain client trusting the server's CA, for `/metrics`.
+    http: reqwest::Client,
     base: String,
     store: String,
     setup_seconds: f64,
@@ -154,8 +160,9 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// A counter or gauge from the server's /metrics (NaN when absent: an older server).
-async fn metric(base: &str, name: &str) -> f64 {
-    let Ok(resp) = reqwest::get(format!("{base}/metrics")).await else {
+async fn metric(server: &Server, name: &str) -> f64 {
+    let base = &server.base;
+    let Ok(resp) = server.http.get(format!("{base}/metrics")).send().await else {
         return f64::NAN;
     };
     let text = resp.text().await.unwrap_or_default();
@@ -184,6 +191,11 @@ async fn start_server(args: &Args, store_name: &str, store_url: &str) -> anyhow:
         .arg("--token-file")
         .arg(&token_file)
         .args(["--store", store_url])
+        .args(if args.tls {
+            None
+        } else {
+            Some("--insecure-http")
+        })
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -199,8 +211,14 @@ async fn start_server(args: &Args, store_name: &str, store_url: &str) -> anyhow:
     )?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let token = flotilla_client::read_token(&token_file)?;
-    let base = format!("http://127.0.0.1:{port}");
-    let client = Client::new(&base, Some(token));
+    let (base, tls) = if args.tls {
+        let tls = flotilla_client::tls_config(&token_file.with_file_name("ca.pem"))?;
+        (format!("https://127.0.0.1:{port}"), Some(tls))
+    } else {
+        (format!("http://127.0.0.1:{port}"), None)
+    };
+    let http = flotilla_client::http_builder(tls.clone()).build()?;
+    let client = Client::with_tls(&base, Some(token), tls);
 
     let (instances, services) = (args.instances, args.watchers.max(1));
     let setup = Instant::now();
@@ -223,6 +241,7 @@ async fn start_server(args: &Args, store_name: &str, store_url: &str) -> anyhow:
     Ok(Server {
         proc,
         client: client.without_busy_retries(),
+        http,
         base,
         store: store_name.to_owned(),
         setup_seconds,
@@ -319,8 +338,8 @@ async fn measure(args: &Args, server: &Server, rate: u64, phase: &str) -> anyhow
     let results = Arc::new(Mutex::new(Vec::<WriteResult>::new()));
     let pid = server.proc.child.id();
     let cpu_before = cpu_seconds(pid);
-    let commits_before = metric(&server.base, "flotilla_registry_store_commits_total").await;
-    let writes_before = metric(&server.base, "flotilla_registry_store_writes_total").await;
+    let commits_before = metric(server, "flotilla_registry_store_commits_total").await;
+    let writes_before = metric(server, "flotilla_registry_store_writes_total").await;
     let gen_start = Instant::now();
     let inflight = Arc::new(tokio::sync::Semaphore::new(512));
     let mut jobs = Vec::with_capacity(total as usize);
@@ -352,9 +371,8 @@ async fn measure(args: &Args, server: &Server, rate: u64, phase: &str) -> anyhow
         let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
     }
     let cpu = cpu_seconds(pid) - cpu_before;
-    let commits =
-        metric(&server.base, "flotilla_registry_store_commits_total").await - commits_before;
-    let writes = metric(&server.base, "flotilla_registry_store_writes_total").await - writes_before;
+    let commits = metric(server, "flotilla_registry_store_commits_total").await - commits_before;
+    let writes = metric(server, "flotilla_registry_store_writes_total").await - writes_before;
     let rss = peak_rss_mb(pid);
     let mut lat = latencies.lock().unwrap().clone();
     lat.sort_by(|a, b| a.total_cmp(b));

@@ -34,8 +34,8 @@ pub enum ClientError {
         /// The server's error message (names the field when a field was wrong).
         message: String,
     },
-    /// A token file could not be read.
-    #[error("token file {path}: {message}")]
+    /// A token or CA file could not be read.
+    #[error("{path}: {message}")]
     Token {
         /// The file.
         path: String,
@@ -99,6 +99,42 @@ pub fn busy_backoff(retry: u32, limit: Duration) -> Duration {
         .mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5))
 }
 
+/// The builder of every HTTP client that talks to flotilla's servers and agents: no
+/// proxy, a short connect timeout, and (with `tls`) the cluster's TLS configuration —
+/// the cluster CA as the only trust root, and the node certificate when there is one.
+pub fn http_builder(tls: Option<Arc<rustls::ClientConfig>>) -> reqwest::ClientBuilder {
+    install_crypto_provider();
+    let b = reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(2));
+    match tls {
+        Some(config) => b.use_preconfigured_tls((*config).clone()),
+        None => b,
+    }
+}
+
+/// Makes ring the process's rustls crypto provider (once), so that clients built
+/// without the cluster's configuration fail an `https://` URL with a certificate error,
+/// not a panic.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// The TLS configuration of a client that trusts the CA in `ca_file` (the CLI, the lb).
+pub fn tls_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    let pem = std::fs::read_to_string(ca_file).map_err(|e| ClientError::Token {
+        path: ca_file.display().to_string(),
+        message: e.to_string(),
+    })?;
+    flotilla_tls::client_config(&pem, None).map_err(|e| ClientError::Token {
+        path: ca_file.display().to_string(),
+        message: format!("{e:#}"),
+    })
+}
+
 /// A registry client.
 #[derive(Clone)]
 pub struct Client {
@@ -134,10 +170,18 @@ impl Client {
     /// when it cannot be reached or answers 5xx. Check a list from a user with
     /// [`parse_servers`] first; here entries are only split.
     pub fn new(base: &str, token: Option<String>) -> Self {
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .connect_timeout(Duration::from_secs(2))
-            .pool_idle_timeout(Duration::from_secs(30))
+        Self::with_tls(base, token, None)
+    }
+
+    /// Like [`Client::new`], speaking TLS with `tls` (see [`tls_config`]) to `https://`
+    /// servers. Without it an `https://` server is refused (no trust roots).
+    pub fn with_tls(
+        base: &str,
+        token: Option<String>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Self {
+        let http = http_builder(tls)
+            .pool_idle_timeout(Duration::from_secs(20))
             .build()
             .expect("HTTP client");
         let mut bases: Vec<String> = base
@@ -599,4 +643,59 @@ impl Client {
         )
         .await
     }
+
+    /// `POST /v1/certs`: a node certificate for `node` from `csr_pem` (needs the cluster
+    /// token). Answers the certificate and the CA's, PEM.
+    pub async fn join_node(&self, node: &str, csr_pem: &str) -> Result<CertReply> {
+        self.send(
+            self.request(reqwest::Method::POST, "/v1/certs", Self::SHORT)
+                .json(&json!({ "node": node, "csr": csr_pem })),
+        )
+        .await
+    }
+
+    /// `POST /v1/certs/renew`: a new certificate for the node whose certificate this
+    /// client presents.
+    pub async fn renew_cert(&self, csr_pem: &str) -> Result<CertReply> {
+        self.send(
+            self.request(reqwest::Method::POST, "/v1/certs/renew", Self::SHORT)
+                .json(&json!({ "csr": csr_pem })),
+        )
+        .await
+    }
+}
+
+/// A certificate the server issued.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct CertReply {
+    /// The node certificate, PEM.
+    pub cert: String,
+    /// The CA certificate, PEM.
+    pub ca: String,
+}
+
+/// Fetches the CA certificate from `server` (`https://host:port`) without trusting the
+/// connection, and returns it only if it matches the pinned `sha256:HEX`. No token is
+/// sent. The error says which happened: unreachable, or a different CA.
+pub async fn fetch_pinned_ca(server: &str, pinned: &str) -> std::result::Result<String, String> {
+    #[derive(serde::Deserialize)]
+    struct CaReply {
+        ca: String,
+    }
+    let http = http_builder(Some(flotilla_tls::unverified_fetch_config()))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let url = format!("{}/v1/ca", server.trim_end_matches('/'));
+    let resp = http
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("{url} answered {}", resp.status()));
+    }
+    let reply: CaReply = resp.json().await.map_err(|e| format!("{url}: {e}"))?;
+    flotilla_tls::check_ca_hash(&reply.ca, pinned).map_err(|e| format!("{e:#}"))?;
+    Ok(reply.ca)
 }

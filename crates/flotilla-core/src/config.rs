@@ -100,6 +100,21 @@ pub struct ServerConfig {
     pub compact_interval: Duration,
     /// Revisions of history kept at a compaction: how far back a watch may resume.
     pub compact_keep: u64,
+    /// Serve plain HTTP instead of TLS. Only for a listener no one else can reach
+    /// (loopback); everything else speaks TLS with the cluster CA.
+    pub insecure_http: bool,
+    /// Names (host names or IP addresses) put into the server certificate besides
+    /// `server.flotilla` and the listen address, for tools that check host names.
+    pub tls_names: Vec<String>,
+    /// How long a node certificate issued to an agent is valid (agents renew at half).
+    #[serde(with = "humantime_serde")]
+    pub node_cert_lifetime: Duration,
+    /// Most client connections open at once.
+    pub max_connections: usize,
+    /// Longest wait for a request's headers, and for the next request on an idle
+    /// connection.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -118,6 +133,11 @@ impl Default for ServerConfig {
             max_inflight_writes: 256,
             compact_interval: Duration::from_secs(300),
             compact_keep: 100_000,
+            insecure_http: false,
+            tls_names: Vec::new(),
+            node_cert_lifetime: Duration::from_secs(24 * 3600),
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -162,6 +182,38 @@ impl ServerConfig {
                 format!("{} must be 8..=65536", self.max_inflight_writes),
             ));
         }
+        if !(16..=1_000_000).contains(&self.max_connections) {
+            return Err(FieldError::new(
+                "max_connections",
+                format!("{} must be 16..=1000000", self.max_connections),
+            ));
+        }
+        if self.header_read_timeout < Duration::from_secs(1) {
+            return Err(FieldError::new(
+                "header_read_timeout",
+                "must be at least 1s",
+            ));
+        }
+        if self.node_cert_lifetime < Duration::from_secs(10) {
+            return Err(FieldError::new(
+                "node_cert_lifetime",
+                "must be at least 10s (agents renew at half of it)",
+            ));
+        }
+        for n in &self.tls_names {
+            let ok = n.parse::<std::net::IpAddr>().is_ok()
+                || (!n.is_empty()
+                    && n.len() <= 253
+                    && n.split('.').all(|l| {
+                        !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    }));
+            if !ok {
+                return Err(FieldError::new(
+                    "tls_names",
+                    format!("{n:?} is neither an IP address nor a host name"),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -170,6 +222,11 @@ impl ServerConfig {
         self.token_file
             .clone()
             .unwrap_or_else(|| self.data_dir.join("token"))
+    }
+
+    /// Where the CLI finds the cluster CA's certificate: `ca.pem` beside the token file.
+    pub fn ca_path(&self) -> PathBuf {
+        self.token_path().with_file_name("ca.pem")
     }
 }
 
@@ -252,6 +309,14 @@ pub struct AgentConfig {
     pub api_url: Option<String>,
     /// Directory for restore uploads while they are checked.
     pub work_dir: PathBuf,
+    /// Where the agent keeps its node key and certificate and the cluster CA it
+    /// pinned (created 0700; the key 0600).
+    pub data_dir: PathBuf,
+    /// The cluster CA's certificate, when the operator copied it here; otherwise it is
+    /// fetched on the first join and checked against `ca_hash`.
+    pub ca_file: Option<PathBuf>,
+    /// `sha256:HEX` of the cluster CA (printed by `flotilla server`): what a join pins.
+    pub ca_hash: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -270,6 +335,9 @@ impl Default for AgentConfig {
             api_listen: "127.0.0.1:7701".into(),
             api_url: None,
             work_dir: std::env::temp_dir(),
+            data_dir: PathBuf::from("/var/lib/flotilla/agent"),
+            ca_file: None,
+            ca_hash: None,
         }
     }
 }
@@ -277,7 +345,23 @@ impl Default for AgentConfig {
 impl AgentConfig {
     /// Checks values after file and overrides are applied.
     pub fn validate(&self) -> Result<(), FieldError> {
-        parse_server_list(&self.server).map_err(|e| FieldError::new("server", e))?;
+        let servers = parse_server_list(&self.server).map_err(|e| FieldError::new("server", e))?;
+        let https = servers.iter().filter(|s| s.starts_with("https://")).count();
+        if https != 0 && https != servers.len() {
+            return Err(FieldError::new(
+                "server",
+                "mixes http:// and https:// servers; a cluster speaks one or the other",
+            ));
+        }
+        if let Some(h) = &self.ca_hash {
+            let hex = h.strip_prefix("sha256:").unwrap_or_default();
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(FieldError::new(
+                    "ca_hash",
+                    format!("{h:?} is not `sha256:` and 64 hex digits"),
+                ));
+            }
+        }
         if let Some(ip) = self.advertise {
             // Binding a socket to it succeeds only for an address of this host.
             if ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_err() {

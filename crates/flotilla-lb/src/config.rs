@@ -50,6 +50,10 @@ pub struct RegistryConfig {
     pub urls: Vec<String>,
     /// Token file.
     pub token_file: Option<PathBuf>,
+    /// The cluster CA's certificate, for `https://` registry URLs [default: `ca.pem`
+    /// beside the token file, where `flotilla server` writes it].
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl RegistryConfig {

@@ -107,7 +107,23 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
                 Some(f) => Some(flotilla_client::read_token(f)?),
                 None => std::env::var("FLOTILLA_TOKEN").ok(),
             };
-            Some(flotilla_client::Client::new(&r.server_list(), token))
+            let ca = r.ca_file.clone().or_else(|| {
+                r.token_file
+                    .as_ref()
+                    .map(|t| t.with_file_name("ca.pem"))
+                    .filter(|f| f.exists())
+            });
+            let tls = match ca {
+                Some(f) if r.server_list().contains("https://") => {
+                    Some(flotilla_client::tls_config(&f)?)
+                }
+                _ => None,
+            };
+            Some(flotilla_client::Client::with_tls(
+                &r.server_list(),
+                token,
+                tls,
+            ))
         }
         None => None,
     };

@@ -31,11 +31,13 @@ async fn registry() -> Registry {
     };
     let store = flotilla_registry::open_store(&config).await.unwrap();
     let server = flotilla_registry::start(config, store).await.unwrap();
-    let url = format!("http://{}", server.http_addr);
+    // TLS, as a real registry serves: the lb finds the CA beside the token file.
+    let url = format!("https://{}", server.http_addr);
     let token_file = dir.path().join("token");
-    let client = Client::new(
+    let client = Client::with_tls(
         &url,
         Some(flotilla_client::read_token(&token_file).unwrap()),
+        Some(flotilla_client::tls_config(&token_file.with_file_name("ca.pem")).unwrap()),
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
     Registry {

@@ -238,26 +238,95 @@ async fn admit_writes(State(shared): State<Arc<Shared>>, req: Request, next: Nex
     next.run(req).await
 }
 
-async fn authorize(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+/// Who made a request, as the auth layer found; in every authorised request's
+/// extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// Presented the cluster token: may do everything.
+    Admin,
+    /// Presented node `N`'s certificate and no token: may speak for node `N` only.
+    Node(String),
+    /// Presented nothing (open reads, the CA certificate).
+    Anonymous,
+}
+
+async fn authorize(State(shared): State<Arc<Shared>>, mut req: Request, next: Next) -> Response {
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
-    if read && shared.config.open_reads {
-        return next.run(req).await;
-    }
     let given = flotilla_core::auth::bearer(
         req.headers()
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok()),
     );
-    match given {
-        Some(t) if flotilla_core::auth::token_matches(t.as_bytes(), shared.token.as_bytes()) => {
-            next.run(req).await
+    let identity = req
+        .extensions()
+        .get::<flotilla_tls::Peer>()
+        .and_then(|p| p.identity.clone());
+    let caller = match (given, identity) {
+        (Some(t), _)
+            if flotilla_core::auth::token_matches(t.as_bytes(), shared.token.as_bytes()) =>
+        {
+            Caller::Admin
         }
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "wrong bearer token").into_response(),
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing `Authorization: Bearer <token>`",
-        )
-        .into_response(),
+        (Some(_), _) => {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "wrong bearer token").into_response()
+        }
+        (None, Some(flotilla_tls::PeerIdentity::Node(n))) => Caller::Node(n),
+        // The CA certificate is public: a joining agent fetches it before it trusts the
+        // connection enough to send its token.
+        (None, _) if read && (shared.config.open_reads || req.uri().path() == "/v1/ca") => {
+            Caller::Anonymous
+        }
+        (None, _) => {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing `Authorization: Bearer <token>` (or a node certificate)",
+            )
+            .into_response()
+        }
+    };
+    if let Caller::Node(node) = &caller {
+        if let Err(e) = node_may(&shared, node, req.method(), req.uri().path()) {
+            shared.metrics.refused_node_requests.inc();
+            return e.into_response();
+        }
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// What a node's certificate allows: reads; its own node record and lease; writes to
+/// instances registered on it (a new instance's node is checked by `put_instance`);
+/// renewing its certificate; reporting a failed rollout. Anything else is `403`, before any handler runs.
+fn node_may(shared: &Shared, node: &str, method: &Method, path: &str) -> Result<(), ApiError> {
+    if matches!(*method, Method::GET | Method::HEAD) {
+        return Ok(());
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let allowed = match segments.as_slice() {
+        ["v1", "nodes", name] | ["v1", "nodes", name, "renew"] => *name == node,
+        ["v1", "instances", id] | ["v1", "instances", id, "renew" | "load"] => {
+            let catalog = shared.catalog();
+            match catalog.resolve(id) {
+                Some(full) => catalog
+                    .instance(&full)
+                    .is_some_and(|i| i.spec.node.as_deref() == Some(node)),
+                None => *method == Method::PUT && segments.len() == 3,
+            }
+        }
+        ["v1", "certs", "renew"] => true,
+        // A replica's version failed its health gate on this node: the agent reports
+        // it, and the server returns the service to its previous version (only if the
+        // named version is still the current one).
+        ["v1", "stacks", _, "rollback"] => *method == Method::POST,
+        _ => false,
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("node {node:?}'s certificate may not {method} {path}"),
+        ))
     }
 }
 
@@ -296,12 +365,28 @@ pub(crate) async fn applied(shared: &Shared, revision: u64) -> Result<u64, ApiEr
 async fn put_instance(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
+    axum::Extension(caller): axum::Extension<Caller>,
     JsonBody(spec): JsonBody<InstanceSpec>,
 ) -> Result<Response, ApiError> {
     validate_instance_id("id", &id)?;
     spec.validate()?;
     let existing = {
         let catalog = shared.catalog();
+        if let Caller::Node(n) = &caller {
+            let other = |node: Option<&str>| node != Some(n.as_str());
+            if other(spec.node.as_deref())
+                || catalog
+                    .instance(&id)
+                    .is_some_and(|e| other(e.spec.node.as_deref()))
+            {
+                shared.metrics.refused_node_requests.inc();
+                return Err(ApiError::field(
+                    StatusCode::FORBIDDEN,
+                    "node",
+                    format!("node {n:?}'s certificate may register instances on {n:?} only"),
+                ));
+            }
+        }
         if let Some(node) = &spec.node {
             if catalog.node(node).is_none() {
                 return Err(ApiError::field(

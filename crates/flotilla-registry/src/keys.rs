@@ -46,3 +46,10 @@ pub fn stack(name: &str) -> String {
 pub fn load(id: &str) -> String {
     format!("{LOADS}{id}")
 }
+
+/// `tls/ca` → the cluster CA (certificate and key, JSON) when the store is shared by
+/// several servers (etcd); the embedded store's server keeps it in its data directory.
+pub const CA: &str = "tls/ca";
+/// Election that serialises making the cluster CA, so two servers starting together on
+/// an empty etcd make one CA, not two.
+pub const CA_ELECTION: &str = "election/ca";

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod catalog;
+pub mod certs;
 pub mod dns;
 pub mod duty;
 pub mod hysteresis;
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod server;
 pub mod stacks;
 pub mod state;
+pub mod tls;
 
 pub use server::{load_or_create_token, open_store, start, RunningServer};
 pub use state::{ServiceEvent, Shared};

@@ -69,6 +69,10 @@ pub struct Metrics {
     pub store_queue_limit: Gauge,
     /// Writes refused because `max_inflight_writes` were being worked on.
     pub busy_writes: Counter,
+    /// Requests made with a node certificate for something that node may not do.
+    pub refused_node_requests: Counter,
+    /// Node certificates issued (joins and renewals).
+    pub node_certs_issued: Counter,
     /// Compactions of the store's history this server made.
     pub compactions: Counter,
     /// The revision the store's history was last compacted to by this server.
@@ -100,6 +104,8 @@ impl Default for Metrics {
             store_queued_writes: Gauge::default(),
             store_queue_limit: Gauge::default(),
             busy_writes: Counter::default(),
+            refused_node_requests: Counter::default(),
+            node_certs_issued: Counter::default(),
             compactions: Counter::default(),
             compacted_revision: Gauge::default(),
             registry: Registry::default(),
@@ -192,6 +198,16 @@ impl Default for Metrics {
             "busy_writes",
             "Writes refused with 503 because max_inflight_writes were in flight",
             m.busy_writes.clone(),
+        );
+        registry.register(
+            "refused_node_requests",
+            "Requests refused (403) because a node certificate may not make them",
+            m.refused_node_requests.clone(),
+        );
+        registry.register(
+            "node_certs_issued",
+            "Node certificates issued to joining and renewing agents",
+            m.node_certs_issued.clone(),
         );
         registry.register(
             "store_compactions",

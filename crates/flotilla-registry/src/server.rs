@@ -80,6 +80,26 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     f.write_all(b"\n")
 }
 
+/// Tells the operator how an agent joins: the server's URL, the token file, the pin.
+fn print_join_line(config: &ServerConfig, bound: SocketAddr, hash: &str) {
+    let host = if bound.ip().is_unspecified() {
+        config
+            .tls_names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "THIS_HOST".into())
+    } else {
+        bound.ip().to_string()
+    };
+    let line = format!(
+        "flotilla agent --join https://{host}:{} --token \"$(cat {})\" --ca-hash {hash}",
+        bound.port(),
+        config.token_path().display()
+    );
+    tracing::info!(ca_hash = hash, "agents pin this CA hash to join");
+    println!("join an agent with:\n  {line}");
+}
+
 /// Opens the configured store. With etcd every key lives under `/flotilla/`.
 pub async fn open_store(config: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
     let url: StoreUrl = config.store.parse()?;
@@ -111,12 +131,21 @@ pub async fn start(config: ServerConfig, store: Arc<dyn Store>) -> anyhow::Resul
     let mut tasks = vec![tokio::spawn(shared.clone().run_catalog_sync())];
     let candidate = format!("{}@{}", http_addr, hostname());
     tasks.push(tokio::spawn(crate::duty::run(shared.clone(), candidate)));
-    let app = crate::api::router(shared.clone(), crate::stacks::routes());
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    }));
+    let mut options = flotilla_tls::ServeOptions::plain();
+    options.header_read_timeout = config.header_read_timeout;
+    options.max_connections = config.max_connections;
+    if !config.insecure_http {
+        let tls = crate::tls::ServerTls::load(&config, &shared.store).await?;
+        options.tls = Some(tls.config.clone());
+        tasks.push(tokio::spawn(tls.clone().renew_loop()));
+        print_join_line(&config, http_addr, &tls.ca.hash());
+        let _ = shared.tls.set(tls);
+    }
+    let app = crate::api::router(
+        shared.clone(),
+        crate::stacks::routes().merge(crate::certs::routes()),
+    );
+    tasks.push(tokio::spawn(flotilla_tls::serve(listener, app, options)));
     let mut dns_addr = None;
     if !config.dns_listen.is_empty() {
         let addr: SocketAddr = config.dns_listen.parse()?;

@@ -52,6 +52,8 @@ pub struct Shared {
     pub(crate) writes_in_flight: std::sync::atomic::AtomicUsize,
     /// HTTP client for health probes.
     pub http: reqwest::Client,
+    /// The cluster CA and this server's certificate; unset when serving plain HTTP.
+    pub tls: std::sync::OnceLock<Arc<crate::tls::ServerTls>>,
 }
 
 impl Shared {
@@ -78,6 +80,7 @@ impl Shared {
             synced: AtomicBool::new(false),
             writes_in_flight: Default::default(),
             http,
+            tls: Default::default(),
         })
     }
 

@@ -33,6 +33,7 @@ async fn serve_with(
     base: ServerConfig,
 ) -> (RunningServer, Client) {
     let config = ServerConfig {
+        insecure_http: true,
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.to_owned(),
         dns_listen: String::new(),
@@ -175,6 +176,7 @@ async fn the_leader_compacts_etcd_and_a_blocking_watch_across_it_answers() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = ServerConfig {
+        insecure_http: true,
         compact_interval: Duration::from_millis(200),
         compact_keep: 5,
         ..ServerConfig::default()

@@ -7,6 +7,7 @@
 
 pub mod hosts;
 pub mod netns;
+pub mod tap;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;

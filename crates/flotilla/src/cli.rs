@@ -82,6 +82,15 @@ pub struct ServerArgs {
     /// Serve reads (GET) without a token.
     #[arg(long)]
     pub open_reads: bool,
+    /// Serve plain HTTP instead of TLS (only where no one else can reach the listener).
+    #[arg(long)]
+    pub insecure_http: bool,
+    /// Extra name (host name or IP) in the server certificate; repeat for several.
+    #[arg(long = "tls-name")]
+    pub tls_names: Vec<String>,
+    /// Lifetime of node certificates issued to agents [default: 24h].
+    #[arg(long)]
+    pub node_cert_lifetime: Option<humantime::Duration>,
 }
 
 /// Flags of `flotilla agent`.
@@ -92,11 +101,25 @@ pub struct AgentArgs {
     pub config: Option<PathBuf>,
     /// Registry URL, or several separated by commas (moves to the next when one fails)
     /// [default: http://127.0.0.1:7700].
-    #[arg(long, env = "FLOTILLA_SERVER")]
+    #[arg(long, visible_alias = "join", env = "FLOTILLA_SERVER")]
     pub server: Option<String>,
     /// File holding the registry's bearer token.
     #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// The token itself (to join; prefer --token-file or FLOTILLA_TOKEN, which do not
+    /// show in the process list).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// The cluster CA's certificate, for `https://` servers.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// `sha256:HEX` of the cluster CA, as `flotilla server` printed it: the CA is
+    /// fetched on the first join and checked against it.
+    #[arg(long)]
+    pub ca_hash: Option<String>,
+    /// Where the agent keeps its node key and certificate [default: /var/lib/flotilla/agent].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
     /// The address other hosts reach this host at: published ports are registered on
     /// it [default: the source address of the route to the first server].
     #[arg(long)]
@@ -175,6 +198,10 @@ pub struct ClientArgs {
     /// itself may be given in FLOTILLA_TOKEN instead.
     #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// The cluster CA's certificate, for `https://` servers [env: FLOTILLA_CA; default:
+    /// ca.pem beside the token file, where `flotilla server` writes it].
+    #[arg(long, env = "FLOTILLA_CA")]
+    pub ca: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -149,17 +149,22 @@ struct AgentApi {
     http: reqwest::Client,
 }
 
+/// What the CLI shows agents: the token, and the cluster CA to check them by.
+pub(crate) struct AgentCreds {
+    pub(crate) token: String,
+    pub(crate) tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
 impl AgentApi {
-    fn of(node: &NodeView, token: &str) -> anyhow::Result<Self> {
+    fn of(node: &NodeView, creds: &AgentCreds) -> anyhow::Result<Self> {
         let url = node
             .api
             .clone()
             .with_context(|| format!("node {} serves no agent API", node.name))?;
         Ok(AgentApi {
             url,
-            token: token.to_owned(),
-            http: reqwest::Client::builder()
-                .no_proxy()
+            token: creds.token.clone(),
+            http: flotilla_client::http_builder(creds.tls.clone())
                 .connect_timeout(Duration::from_secs(3))
                 .build()?,
         })
@@ -202,21 +207,20 @@ impl AgentApi {
     }
 }
 
-fn token_of(args: &crate::cli::ClientArgs) -> anyhow::Result<String> {
-    let home = crate::home::flotilla_home();
-    let default_token = home.join("token");
-    let file = args
-        .token_file
-        .clone()
-        .or_else(|| default_token.exists().then_some(default_token));
-    crate::home::token_from(file.as_deref())?
-        .context("no token: --token-file FILE, FLOTILLA_TOKEN_FILE or FLOTILLA_TOKEN")
+fn token_of(args: &crate::cli::ClientArgs) -> anyhow::Result<AgentCreds> {
+    let file = crate::home::token_file(args);
+    let token = crate::home::token_from(file.as_deref())?
+        .context("no token: --token-file FILE, FLOTILLA_TOKEN_FILE or FLOTILLA_TOKEN")?;
+    Ok(AgentCreds {
+        token,
+        tls: crate::home::tls_for(args, file.as_deref())?,
+    })
 }
 
 /// Sends each image to every live node that lacks it.
 async fn push_images(
     nodes: &[NodeView],
-    token: &str,
+    token: &AgentCreds,
     built: &BTreeMap<String, Built>,
 ) -> anyhow::Result<()> {
     for n in nodes {
@@ -246,7 +250,7 @@ async fn push_images(
 /// (unless `detach`) waits until every replica of the new version passes.
 pub async fn deploy_file(
     c: &Client,
-    token: &str,
+    token: &AgentCreds,
     path: &Path,
     docker: &str,
     wait: Option<Duration>,
@@ -458,7 +462,7 @@ pub async fn rm(args: RmArgs) -> anyhow::Result<()> {
 /// `node/container` (a node that serves no agent API cannot be asked and is skipped).
 async fn stack_containers_left(
     c: &Client,
-    token: &str,
+    token: &AgentCreds,
     stack: &str,
 ) -> anyhow::Result<Vec<String>> {
     let mut left = Vec::new();

@@ -33,3 +33,29 @@ pub fn flotilla_home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/lib"))
         .join(".flotilla")
 }
+
+/// The token file a client command uses: `--token-file`, else `flotilla up`'s.
+pub fn token_file(args: &crate::cli::ClientArgs) -> Option<PathBuf> {
+    let default_token = flotilla_home().join("token");
+    args.token_file
+        .clone()
+        .or_else(|| default_token.exists().then_some(default_token))
+}
+
+/// The TLS configuration a client command trusts the cluster with: `--ca FILE`, else
+/// the `ca.pem` the server wrote beside the token file; `None` when neither exists
+/// (then only `http://` servers can be used).
+pub fn tls_for(
+    args: &crate::cli::ClientArgs,
+    token_file: Option<&Path>,
+) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
+    let beside = token_file.map(|t| t.with_file_name("ca.pem"));
+    let ca = match (&args.ca, beside) {
+        (Some(f), _) => f.clone(),
+        (None, Some(f)) if f.exists() => f,
+        _ => return Ok(None),
+    };
+    flotilla_client::tls_config(&ca)
+        .map(Some)
+        .map_err(|e| usage(format!("--ca: {e}")))
+}

@@ -20,13 +20,14 @@ pub fn client(args: &ClientArgs) -> anyhow::Result<Client> {
                 .map(|s| s.trim().to_owned())
         })
         .unwrap_or_else(|| flotilla_client::DEFAULT_SERVER.to_owned());
-    let default_token = home.join("token");
-    let file = args
-        .token_file
-        .clone()
-        .or_else(|| default_token.exists().then_some(default_token));
+    let file = crate::home::token_file(args);
     flotilla_client::parse_servers(&server).map_err(|e| usage(format!("--server: {e}")))?;
-    Ok(Client::new(&server, token_from(file.as_deref())?))
+    let tls = if server.contains("https://") {
+        crate::home::tls_for(args, file.as_deref())?
+    } else {
+        None
+    };
+    Ok(Client::with_tls(&server, token_from(file.as_deref())?, tls))
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {

@@ -73,6 +73,11 @@ pub fn server_config(args: &ServerArgs) -> anyhow::Result<ServerConfig> {
         c.dns_listen = v.clone();
     }
     c.open_reads |= args.open_reads;
+    c.insecure_http |= args.insecure_http;
+    c.tls_names.extend(args.tls_names.iter().cloned());
+    if let Some(v) = args.node_cert_lifetime {
+        c.node_cert_lifetime = v.into();
+    }
     checked(args.config.as_deref(), c.validate())?;
     Ok(c)
 }
@@ -130,6 +135,33 @@ pub fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
     if let Some(v) = &args.api_url {
         c.api_url = Some(v.clone());
     }
+    if let Some(v) = &args.ca {
+        c.ca_file = Some(v.clone());
+    }
+    if let Some(v) = &args.ca_hash {
+        c.ca_hash = Some(v.clone());
+    }
+    if let Some(v) = &args.data_dir {
+        c.data_dir = v.clone();
+    }
+    // Like the CLI: the CA the server wrote beside the token file, when the operator
+    // copied both and pinned nothing.
+    if c.ca_file.is_none() && c.ca_hash.is_none() {
+        c.ca_file = c
+            .token_file
+            .as_ref()
+            .map(|t| t.with_file_name("ca.pem"))
+            .filter(|f| f.exists());
+    }
+    // Like the CLI: the CA the server wrote beside the token file, when the operator
+    // copied both and pinned nothing.
+    if c.ca_file.is_none() && c.ca_hash.is_none() {
+        c.ca_file = c
+            .token_file
+            .as_ref()
+            .map(|t| t.with_file_name("ca.pem"))
+            .filter(|f| f.exists());
+    }
     if c.node.is_none() {
         c.node = Some(hostname());
     }
@@ -145,8 +177,12 @@ fn hostname() -> String {
 
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let config = agent_config(&args)?;
-    let token = token_from(config.token_file.as_deref())?.ok_or_else(|| {
-        usage("the agent needs a token: --token-file FILE, FLOTILLA_TOKEN_FILE or FLOTILLA_TOKEN")
+    let token = match &args.token {
+        Some(t) => Some(t.trim().to_owned()),
+        None => token_from(config.token_file.as_deref())?,
+    }
+    .ok_or_else(|| {
+        usage("the agent needs a token: --token, --token-file FILE, FLOTILLA_TOKEN_FILE or FLOTILLA_TOKEN")
     })?;
     let metrics_listen = config.metrics_listen.clone();
     let agent = flotilla_agent::Agent::connect(config, token).await?;
@@ -195,12 +231,24 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         data_dir: home.clone(),
         token_file: Some(home.join("token")),
         dns_listen: args.dns_listen.clone(),
+        // Plain HTTP only while no other host can reach the API (docs/security.md).
+        insecure_http: args.listen.ip().is_loopback(),
         ..ServerConfig::default()
     };
     checked(None, config.validate())?;
     let store = flotilla_registry::open_store(&config).await?;
     let mut running = flotilla_registry::start(config.clone(), store).await?;
-    let url = format!("http://{}", running.http_addr);
+    let scheme = if config.insecure_http {
+        "http"
+    } else {
+        "https"
+    };
+    let url = format!("{scheme}://{}", running.http_addr);
+    let tls = if config.insecure_http {
+        None
+    } else {
+        Some(flotilla_client::tls_config(&config.ca_path())?)
+    };
     std::fs::write(home.join("server"), format!("{url}\n"))
         .context("writing the server URL file")?;
     let agent = if args.no_agent {
@@ -213,6 +261,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             docker: args.docker.clone(),
             api_listen: args.api_listen.clone(),
             default_network: args.default_network.clone(),
+            data_dir: home.join("agent"),
+            ca_file: tls.is_some().then(|| config.ca_path()),
             ..AgentConfig::default()
         };
         let agent = flotilla_agent::Agent::connect(agent_config, running.shared.token.clone())
@@ -274,8 +324,15 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             "  demo stack     {} (deploying: web x3 behind the lb, notes with a volume)",
             dir.join("stack.toml").display()
         );
-        let client = flotilla_client::Client::new(&url, Some(running.shared.token.clone()));
-        let token = running.shared.token.clone();
+        let client = flotilla_client::Client::with_tls(
+            &url,
+            Some(running.shared.token.clone()),
+            tls.clone(),
+        );
+        let token = crate::containers::AgentCreds {
+            token: running.shared.token.clone(),
+            tls: tls.clone(),
+        };
         let docker = args.docker.clone();
         tokio::spawn(async move {
             let spec = dir.join("stack.toml");

@@ -761,7 +761,8 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
         )
         .await;
         assert_eq!(o.status.code(), Some(2), "{what}: {}", text(&o));
-        let resp = reqwest::Client::new()
+        let resp = server
+            .http()
             .post(format!("{api}/v1/restore"))
             .query(&[("name", name.as_str())])
             .bearer_auth(server.token())
@@ -1120,7 +1121,7 @@ async fn flotilla_server_and_lb_migrate_between_engines() {
 [service.registry]
 port = 7700
 network = "{net_name}"
-command = ["server", "--listen", "0.0.0.0:7700", "--data-dir", "/var/lib/flotilla", "--dns-listen", ""]
+command = ["server", "--listen", "0.0.0.0:7700", "--data-dir", "/var/lib/flotilla", "--dns-listen", "", "--insecure-http"]
 image = {{ base = "flotilla" }}
 health = {{ type = "http", path = "/healthz", interval = "300ms" }}
 
@@ -1367,4 +1368,50 @@ async fn up_deploys_the_demo_stack_behind_the_lb() {
     up.kill();
     cleanup();
     drop(net);
+}
+
+/// The agent API backs up, retires, restores over and releases containers: never one
+/// the operator runs beside flotilla, whatever the caller names (issue 14).
+#[tokio::test]
+async fn the_agent_api_refuses_containers_flotilla_does_not_manage() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let node = unique("node").replace('_', "-");
+    let _agent = agent_on(dir.path(), &server, &node, None, None);
+    node_up(&client, 1).await;
+    let api = client.nodes().await.unwrap()[0].api.clone().unwrap();
+    let name = unique("bystander");
+    let image = flotilla_testkit::busybox_image().unwrap();
+    docker(&["run", "-d", "--name", &name, image, "sleep", "300"]).unwrap();
+    struct Remove(String);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = docker(&["rm", "-f", &self.0]);
+        }
+    }
+    let _remove = Remove(name.clone());
+    let http = server.http();
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/backup"),
+        (reqwest::Method::POST, "/v1/retire"),
+        (reqwest::Method::POST, "/v1/release"),
+        (reqwest::Method::POST, "/v1/restore/apply"),
+    ] {
+        let r = http
+            .request(method.clone(), format!("{api}{path}"))
+            .query(&[("container", name.as_str())])
+            .bearer_auth(server.token())
+            .body(Vec::new())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap();
+        assert_eq!(status, 403, "{method} {path}: {body}");
+        assert!(body.contains("not flotilla's"), "{body}");
+    }
+    // Still there, still running.
+    let state = docker(&["inspect", "-f", "{{.State.Running}}", &name]).unwrap();
+    assert_eq!(state.trim(), "true");
 }

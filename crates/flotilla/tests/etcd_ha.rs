@@ -10,10 +10,8 @@ use flotilla_testkit::EtcdCluster;
 use serde_json::json;
 
 async fn is_leader(server: &Server) -> bool {
-    let resp = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
+    let resp = server
+        .http()
         .get(format!("{}/v1/status", server.url))
         .bearer_auth(server.token())
         .send()

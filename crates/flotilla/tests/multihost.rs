@@ -124,7 +124,7 @@ impl Cluster {
             hosts,
             dir,
             token,
-            server_url: format!("http://{server_addr}"),
+            server_url: format!("https://{server_addr}"),
             _server: server,
         }
     }
@@ -138,17 +138,41 @@ impl Cluster {
         })
         .await;
         let token = self.token.display().to_string();
+        // Join as the server's printed line says: its URL, the token, the CA's pin.
+        let server_log = self.dir.path().join("server.log");
+        let mut pin = String::new();
+        eventually(Duration::from_secs(20), "the server's join line", || {
+            let text = std::fs::read_to_string(&server_log).unwrap_or_default();
+            pin = text
+                .split_whitespace()
+                .skip_while(|w| *w != "--ca-hash")
+                .nth(1)
+                .unwrap_or_default()
+                .to_owned();
+            std::future::ready(pin.starts_with("sha256:"))
+        })
+        .await;
         let mut agents = Vec::new();
         for h in ["a", "b"] {
+            let data = self
+                .dir
+                .path()
+                .join(format!("agent-{h}"))
+                .display()
+                .to_string();
             agents.push(flotilla_on(
                 &self.hosts,
                 h,
                 &[
                     "agent",
-                    "--server",
+                    "--join",
                     &self.server_url,
                     "--token-file",
                     &token,
+                    "--ca-hash",
+                    &pin,
+                    "--data-dir",
+                    &data,
                     "--node",
                     h,
                     "--docker",
@@ -161,7 +185,7 @@ impl Cluster {
                 &self.dir.path().join(format!("agent-{h}.log")),
             ));
         }
-        let client = Client::new(
+        let client = Client::with_tls(
             &self.server_url,
             Some(
                 std::fs::read_to_string(&self.token)
@@ -169,6 +193,7 @@ impl Cluster {
                     .trim()
                     .to_owned(),
             ),
+            Some(flotilla_client::tls_config(&self.token.with_file_name("ca.pem")).unwrap()),
         );
         let joined = async {
             eventually(Duration::from_secs(30), "both agents joined", || async {
@@ -272,7 +297,7 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
             );
             assert_eq!(
                 n.api.as_deref(),
-                Some(format!("http://{want}:7701").as_str())
+                Some(format!("https://{want}:7701").as_str())
             );
         }
 

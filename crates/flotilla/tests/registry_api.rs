@@ -10,16 +10,13 @@ use common::{eventually, passing, Server};
 use serde_json::{json, Value};
 
 async fn raw(
+    server: &Server,
     method: reqwest::Method,
     url: &str,
     token: Option<&str>,
     body: Option<Vec<u8>>,
 ) -> (u16, Value) {
-    let mut req = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .request(method, url);
+    let mut req = server.http().request(method, url);
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
@@ -53,9 +50,17 @@ async fn writes_need_the_token_and_bad_input_changes_nothing() {
     let url = format!("{}/v1/instances/a1", server.url);
     let body = serde_json::to_vec(&spec(1)).unwrap();
 
-    let (s, _) = raw(reqwest::Method::PUT, &url, None, Some(body.clone())).await;
+    let (s, _) = raw(
+        &server,
+        reqwest::Method::PUT,
+        &url,
+        None,
+        Some(body.clone()),
+    )
+    .await;
     assert_eq!(s, 401);
     let (s, _) = raw(
+        &server,
         reqwest::Method::PUT,
         &url,
         Some("not-the-token"),
@@ -64,6 +69,7 @@ async fn writes_need_the_token_and_bad_input_changes_nothing() {
     .await;
     assert_eq!(s, 401);
     let (s, _) = raw(
+        &server,
         reqwest::Method::GET,
         &format!("{}/v1/services", server.url),
         None,
@@ -73,6 +79,7 @@ async fn writes_need_the_token_and_bad_input_changes_nothing() {
     assert_eq!(s, 401, "reads need the token unless open_reads");
 
     let (s, v) = raw(
+        &server,
         reqwest::Method::PUT,
         &url,
         Some(&token),
@@ -81,6 +88,7 @@ async fn writes_need_the_token_and_bad_input_changes_nothing() {
     .await;
     assert_eq!((s, v["field"].as_str()), (400, Some("body")), "{v}");
     let (s, v) = raw(
+        &server,
         reqwest::Method::PUT,
         &url,
         Some(&token),
@@ -89,6 +97,7 @@ async fn writes_need_the_token_and_bad_input_changes_nothing() {
     .await;
     assert_eq!((s, v["field"].as_str()), (400, Some("port")), "{v}");
     let (s, v) = raw(
+        &server,
         reqwest::Method::PUT,
         &url,
         Some(&token),
@@ -98,6 +107,7 @@ async fn writes_need_the_token_and_bad_input_changes_nothing() {
     assert_eq!((s, v["field"].as_str()), (400, Some("service")), "{v}");
     let bad_check = json!({"service":"api","address":"127.0.0.1","port":7,"checks":[{"type":"http","path":"/","fall":0}]});
     let (s, v) = raw(
+        &server,
         reqwest::Method::PUT,
         &url,
         Some(&token),
@@ -110,6 +120,7 @@ async fn writes_need_the_token_and_bad_input_changes_nothing() {
         "{v}"
     );
     let (s, v) = raw(
+        &server,
         reqwest::Method::PUT,
         &url,
         Some(&token),
@@ -120,6 +131,7 @@ async fn writes_need_the_token_and_bad_input_changes_nothing() {
     let big =
         json!({"service":"api","address":"127.0.0.1","port":7,"meta":{"x":"y".repeat(100_000)}});
     let (s, v) = raw(
+        &server,
         reqwest::Method::PUT,
         &url,
         Some(&token),
@@ -128,6 +140,7 @@ async fn writes_need_the_token_and_bad_input_changes_nothing() {
     .await;
     assert_eq!((s, v["field"].as_str()), (413, Some("body")), "{v}");
     let (s, v) = raw(
+        &server,
         reqwest::Method::PUT,
         &format!("{}/v1/instances/..%2Fetc", server.url),
         Some(&token),
@@ -137,6 +150,7 @@ async fn writes_need_the_token_and_bad_input_changes_nothing() {
     assert_eq!((s, v["field"].as_str()), (400, Some("id")), "{v}");
     let with_node = json!({"service":"api","address":"127.0.0.1","port":7,"node":"ghost"});
     let (s, v) = raw(
+        &server,
         reqwest::Method::PUT,
         &url,
         Some(&token),
@@ -147,6 +161,7 @@ async fn writes_need_the_token_and_bad_input_changes_nothing() {
 
     // Nothing above changed the catalog.
     let (s, v) = raw(
+        &server,
         reqwest::Method::GET,
         &format!("{}/v1/instances", server.url),
         Some(&token),
@@ -155,6 +170,7 @@ async fn writes_need_the_token_and_bad_input_changes_nothing() {
     .await;
     assert_eq!((s, v), (200, json!([])));
     let (_, status) = raw(
+        &server,
         reqwest::Method::GET,
         &format!("{}/v1/status", server.url),
         Some(&token),
@@ -164,9 +180,17 @@ async fn writes_need_the_token_and_bad_input_changes_nothing() {
     assert_eq!(status["index"], 0, "no write reached the store: {status}");
 
     // And the valid request works.
-    let (s, v) = raw(reqwest::Method::PUT, &url, Some(&token), Some(body)).await;
+    let (s, v) = raw(
+        &server,
+        reqwest::Method::PUT,
+        &url,
+        Some(&token),
+        Some(body),
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     let (s, _) = raw(
+        &server,
         reqwest::Method::GET,
         &format!("{}/metrics", server.url),
         None,
@@ -538,10 +562,8 @@ async fn sse_stream_reports_each_service_change_with_its_instances() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), "s", &[]);
     let client = server.client();
-    let resp = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
+    let resp = server
+        .http()
         .get(format!("{}/v1/events?service=api", server.url))
         .bearer_auth(server.token())
         .send()
@@ -592,6 +614,7 @@ async fn published_weights_are_validated_and_served_per_instance() {
     let url = format!("{}/v1/services/api/weights", server.url);
     let token = server.token();
     let (s, v) = raw(
+        &server,
         reqwest::Method::PUT,
         &url,
         Some(&token),
@@ -604,6 +627,7 @@ async fn published_weights_are_validated_and_served_per_instance() {
         "{v}"
     );
     let (s, v) = raw(
+        &server,
         reqwest::Method::PUT,
         &url,
         Some(&token),
@@ -616,6 +640,7 @@ async fn published_weights_are_validated_and_served_per_instance() {
         "{v}"
     );
     let (s, _) = raw(
+        &server,
         reqwest::Method::PUT,
         &url,
         None,

@@ -90,10 +90,15 @@ impl Server {
         let data_dir = dir.join(name);
         let token_file = dir.join("token");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let scheme = if extra.iter().any(|a| a == "--insecure-http") {
+            "http"
+        } else {
+            "https"
+        };
         let proc = Self::spawn(dir, name, port, dns_port, &data_dir, &token_file, &extra);
         let s = Server {
             proc,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("{scheme}://127.0.0.1:{port}"),
             port,
             dns_port,
             token_file,
@@ -151,15 +156,53 @@ impl Server {
         )
         .unwrap_or_else(|e| panic!("{e}\n{}", self.proc.log_text()));
         let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(r) = raw::blocking_get(&format!("{}/healthz", self.url)) {
-                if r == 200 {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let url = format!("{}/healthz", self.url);
+        // Its own thread and runtime: callers may be inside a runtime already.
+        // The port opens before the CA is written: wait for it first.
+        while self.url.starts_with("https://")
+            && !self.ca_file().exists()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("server not healthy\n{}", self.proc.log_text());
+        let http = self.http();
+        let healthy = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                while Instant::now() < deadline {
+                    if let Ok(r) = http.get(&url).send().await {
+                        if r.status() == 200 {
+                            return true;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                false
+            })
+        })
+        .join()
+        .unwrap();
+        assert!(healthy, "server not healthy\n{}", self.proc.log_text());
+    }
+
+    /// The cluster CA's certificate the server wrote beside the token file.
+    pub fn ca_file(&self) -> PathBuf {
+        self.token_file.with_file_name("ca.pem")
+    }
+
+    /// The TLS configuration of a client of this server (`None` for plain HTTP).
+    pub fn tls(&self) -> Option<std::sync::Arc<rustls::ClientConfig>> {
+        self.url
+            .starts_with("https://")
+            .then(|| flotilla_client::tls_config(&self.ca_file()).unwrap())
+    }
+
+    /// A plain HTTP client that trusts this server (for raw requests in tests).
+    pub fn http(&self) -> reqwest::Client {
+        flotilla_client::http_builder(self.tls()).build().unwrap()
     }
 
     pub fn token(&self) -> String {
@@ -170,7 +213,7 @@ impl Server {
     }
 
     pub fn client(&self) -> Client {
-        Client::new(&self.url, Some(self.token()))
+        Client::with_tls(&self.url, Some(self.token()), self.tls())
     }
 }
 
@@ -212,6 +255,7 @@ pub fn agent_on(
 ) -> Proc {
     let token = server.token_file.display().to_string();
     let api = "127.0.0.1:0".to_owned();
+    let data = dir.join(format!("agent-{node}")).display().to_string();
     let mut args = vec![
         "agent",
         "--server",
@@ -222,6 +266,8 @@ pub fn agent_on(
         node,
         "--api-listen",
         &api,
+        "--data-dir",
+        &data,
     ];
     if let Some(n) = network {
         args.extend(["--default-network", n]);
