@@ -523,6 +523,11 @@ pub async fn restore_checked_archive(
     let (name, start, relabel, strip) = (opts.name, opts.start, opts.relabel, opts.strip);
     let mut saved: SavedContainer =
         serde_json::from_slice(config).context("the archive's container config")?;
+    // An archive names its own networks only: never the host's or another container's.
+    for n in &saved.networks {
+        flotilla_core::stack::validate_network_name("networks", n)
+            .map_err(|e| anyhow::anyhow!("the archive's config: {e}"))?;
+    }
     for (k, v) in relabel {
         if let Some(old) = saved.labels.get_mut(*k) {
             *old = (*v).to_owned();

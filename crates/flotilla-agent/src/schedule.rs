@@ -148,7 +148,7 @@ impl Inner {
     ) -> anyhow::Result<flotilla_archive::Manifest> {
         let part = file.with_extension("partial");
         let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
-        let mut out = tokio::fs::File::create(&part).await?;
+        let mut out = tokio::fs::File::from_std(flotilla_archive::create_archive_file(&part)?);
         let writer = async {
             while let Some(b) = rx.recv().await {
                 out.write_all(&b).await?;

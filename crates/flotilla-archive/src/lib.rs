@@ -15,3 +15,19 @@ pub mod tarcheck;
 
 pub use backup::{ArchiveError, Manifest, PartInfo, PartKind, MANIFEST_VERSION};
 pub use tarcheck::{TarCheckError, TarChecker};
+
+/// Creates (or truncates) the file a backup archive is written to, readable by its
+/// owner only (0600, also when the file was there before): an archive holds a
+/// container's volumes, and a registry's holds its token. Never through a symlink.
+pub fn create_archive_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(f)
+}

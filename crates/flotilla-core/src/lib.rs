@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod hash;
 pub mod id;
 pub mod record;
 pub mod spec;

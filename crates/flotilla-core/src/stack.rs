@@ -384,10 +384,35 @@ impl StackSpec {
     }
 }
 
+/// Checks a Docker network a stack or an archive names: a user-defined network only.
+/// `host` (the host's own stack), `none`, `bridge` and `container:ID` (another
+/// container's namespace) would reach outside the replica's own network.
+pub fn validate_network_name(field: &str, name: &str) -> Result<(), FieldError> {
+    let reserved = matches!(name, "host" | "none" | "bridge" | "default");
+    let well_formed = !name.is_empty()
+        && name.len() <= 64
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if reserved || !well_formed {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "{name:?}: a user-defined network name is needed (letters, digits, `_.-`); host, none, bridge and container:… are refused"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl ServiceSpec {
     /// Checks the values, naming fields under `f`.
     pub fn validate(&self, f: &str) -> Result<(), FieldError> {
         let err = |field: &str, msg: String| Err(FieldError::new(format!("{f}.{field}"), msg));
+        if let Some(n) = &self.network {
+            validate_network_name(&format!("{f}.network"), n)?;
+        }
         let base = self.image.base.as_str();
         let base_ok = matches!(base, "scratch" | "busybox" | "flotilla")
             || base.strip_prefix("image:").is_some_and(|n| !n.is_empty())
@@ -574,20 +599,23 @@ pub fn place(service: &str, svc: &DeployedService, live: &[String]) -> BTreeMap<
 }
 
 fn fnv(s: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    // A final mix, so nearby strings spread over the whole range.
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^ (h >> 33)
+    crate::hash::stable_hash(s.as_bytes())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn networks_outside_the_replica_are_refused_naming_the_field() {
+        for bad in ["host", "none", "bridge", "container:abc", "", "-x", "a/b"] {
+            let err = validate_network_name("service.web.network", bad).unwrap_err();
+            assert_eq!(err.field, "service.web.network", "{bad}");
+        }
+        for good in ["flotilla-demo", "front_1", "n.2"] {
+            validate_network_name("service.web.network", good).unwrap();
+        }
+    }
     use proptest::prelude::*;
 
     const EXAMPLE: &str = r#"

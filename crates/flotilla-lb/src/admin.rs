@@ -206,8 +206,14 @@ pub async fn serve(
     use http_body_util::Full;
     use hyper::{Response, StatusCode};
     loop {
-        let Ok((stream, _)) = tcp.accept().await else {
-            continue;
+        let stream = match tcp.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: pause instead of spinning on the error.
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let listeners = listeners.clone();
         let ha = ha.clone();

@@ -74,13 +74,70 @@ impl RegistryConfig {
 pub struct AdminConfig {
     /// Address of the admin HTTP listener; "" disables it.
     pub listen: String,
+    /// 502/503/504 pages name the backend and the error (for debugging); off, they say
+    /// only what went wrong.
+    pub verbose_errors: bool,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: "127.0.0.1:9901".into(),
+            verbose_errors: false,
         }
+    }
+}
+
+/// An address or a network (`198.18.0.1`, `198.18.0.0/15`, `::1/128`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or ADDRESS/PREFIX"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| format!("{s:?}: prefix must be 0..={max}"))?,
+        };
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+impl IpNet {
+    /// Whether `ip` is in this network (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        let (a, b, bits) = match (self.addr, ip) {
+            (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b)) => {
+                (u32::from(a) as u128, u32::from(b) as u128, 32)
+            }
+            (std::net::IpAddr::V6(a), std::net::IpAddr::V6(b)) => {
+                (u128::from(a), u128::from(b), 128)
+            }
+            _ => return false,
+        };
+        let shift = bits - self.prefix as u32;
+        shift >= bits || (a >> shift) == (b >> shift)
     }
 }
 
@@ -169,9 +226,14 @@ pub struct ListenerConfig {
     /// Time allowed for a backend to send response headers.
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// Idle client keep-alive connections are closed after this.
+    /// Idle client keep-alive connections are closed after this; a TCP session with no
+    /// bytes either way for this long is closed too.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Client connections open at once on this listener; past it, new ones wait in the
+    /// kernel's backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
     /// New backends ramp their weight from ~0 to full over this (0 = off).
     #[serde(default = "default_slow_start", with = "humantime_serde")]
     pub slow_start: Duration,
@@ -188,6 +250,11 @@ pub struct ListenerConfig {
     /// Dynamic-feedback controller parameters (`scheduler = "feedback"`).
     #[serde(default)]
     pub feedback: crate::feedback::FeedbackConfig,
+    /// Peers (addresses or networks) whose `X-Forwarded-For`, `Forwarded` and
+    /// `X-Real-IP` are passed on; from anyone else they are replaced (XFF) or dropped,
+    /// so a client cannot pose as another address to the backends.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 /// `[listener.tls]`: certificates served by SNI; the first is the default.
@@ -229,6 +296,9 @@ fn default_request_timeout() -> Duration {
 }
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_max_connections() -> usize {
+    65_536
 }
 fn default_slow_start() -> Duration {
     Duration::from_secs(5)
@@ -318,6 +388,16 @@ impl ListenerConfig {
         for (j, b) in self.backends.iter().enumerate() {
             parse_backend(b)
                 .map_err(|e| FieldError::new(format!("listener[{i}].backends[{j}]"), e))?;
+        }
+        if !(1..=10_000_000).contains(&self.max_connections) {
+            return Err(FieldError::new(
+                f("max_connections"),
+                format!("{} must be 1..=10000000", self.max_connections),
+            ));
+        }
+        for (j, n) in self.trusted_proxies.iter().enumerate() {
+            n.parse::<IpNet>()
+                .map_err(|e| FieldError::new(format!("listener[{i}].trusted_proxies[{j}]"), e))?;
         }
         if !(self.hash_key == "source-ip"
             || self
@@ -477,6 +557,25 @@ impl LbConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trusted_proxy_networks() {
+        let n: IpNet = "198.18.0.0/15".parse().unwrap();
+        assert!(n.contains("198.19.255.1".parse().unwrap()));
+        assert!(!n.contains("198.20.0.1".parse().unwrap()));
+        assert!(n.contains("::ffff:198.18.0.9".parse().unwrap()));
+        let one: IpNet = "127.0.0.1".parse().unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        let all: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("203.0.113.7".parse().unwrap()));
+        let v6: IpNet = "fd00::/8".parse().unwrap();
+        assert!(v6.contains("fd12::1".parse().unwrap()));
+        assert!(!v6.contains("10.0.0.1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "x", "10.0.0.0/", "::/129"] {
+            assert!(bad.parse::<IpNet>().is_err(), "{bad}");
+        }
+    }
 
     fn parse(text: &str) -> Result<LbConfig, String> {
         let c: LbConfig = flotilla_core::config::parse_toml(Path::new("lb.toml"), text)

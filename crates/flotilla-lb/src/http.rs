@@ -22,6 +22,30 @@ use crate::upstream::{BoxError, ExchangeError, UpstreamBody};
 /// Body type used both ways through the proxy.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
+/// A 502/503/504 page: the status line's words, plus `detail` (which names backends)
+/// only when the operator asked for verbose errors. The detail is always logged.
+fn error_page(listener: &Listener, status: StatusCode, detail: String) -> Response<ProxyBody> {
+    let head = format!(
+        "{} {}",
+        status.as_u16(),
+        status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase()
+    );
+    if listener.verbose_errors {
+        text(status, format!("{head}: {detail}"))
+    } else {
+        tracing::debug!(
+            listener = listener.cfg.name,
+            status = status.as_u16(),
+            detail,
+            "error page"
+        );
+        text(status, head)
+    }
+}
+
 fn text(status: StatusCode, msg: String) -> Response<ProxyBody> {
     Response::builder()
         .status(status)
@@ -204,14 +228,24 @@ pub async fn proxy(
     if let Some(h) = host {
         parts.headers.insert(header::HOST, h);
     }
-    let xff = match parts
+    // What a client says about where requests came from is kept only from a proxy the
+    // listener trusts; from anyone else it is replaced by what the lb saw.
+    let trusted = listener
+        .trusted_proxies
+        .iter()
+        .any(|n| n.contains(peer.ip()));
+    if !trusted {
+        parts.headers.remove(header::FORWARDED);
+        parts.headers.remove("x-real-ip");
+    }
+    let prev = parts
         .headers
         .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", peer.ip()))
+        .and_then(|v| v.to_str().ok());
+    let xff = match prev {
+        Some(prev) if trusted => HeaderValue::from_str(&format!("{prev}, {}", peer.ip()))
             .expect("a valid header value and an IP are a valid header value"),
-        None => client.ip,
+        _ => client.ip,
     };
     parts.headers.insert("x-forwarded-for", xff);
     parts.headers.insert(
@@ -262,9 +296,10 @@ pub async fn proxy(
                     &cfg.outlier,
                 );
                 tracing::debug!(backend = %backend.addr, error = %e, "connect failed; trying another backend");
-                last_error = Some(text(
+                last_error = Some(error_page(
+                    &listener,
                     StatusCode::BAD_GATEWAY,
-                    format!("502 bad gateway: backend {}: {e}", backend.addr),
+                    format!("backend {}: {e}", backend.addr),
                 ));
                 continue;
             }
@@ -290,9 +325,10 @@ pub async fn proxy(
             r = exchange => r,
             _ = backend.retired_for(RETIRED_GRACE), if replay => {
                 tracing::debug!(backend = %backend.addr, "backend left the set with the request unanswered; trying another");
-                last_error = Some(text(
+                last_error = Some(error_page(
+                    &listener,
                     StatusCode::BAD_GATEWAY,
-                    format!("502 bad gateway: backend {} left the set before answering", backend.addr),
+                    format!("backend {} left the set before answering", backend.addr),
                 ));
                 continue;
             }
@@ -318,10 +354,11 @@ pub async fn proxy(
             }
             Err(_) => {
                 failed(&backend);
-                return text(
+                return error_page(
+                    &listener,
                     StatusCode::GATEWAY_TIMEOUT,
                     format!(
-                        "504 gateway timeout: backend {} sent no response within {:?}",
+                        "backend {} sent no response within {:?}",
                         backend.addr, cfg.request_timeout
                     ),
                 );
@@ -331,15 +368,29 @@ pub async fn proxy(
                 // backend's fault, and the request never reached it. Try again on a
                 // fresh connection without counting an attempt.
                 tracing::debug!(backend = %backend.addr, error = %e, "stale pooled connection");
+                if !replay {
+                    // The body went into the failed attempt: sending the request again
+                    // would send it without one.
+                    last_error = Some(error_page(
+                        &listener,
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "backend {} closed the connection before the request body was sent",
+                            backend.addr
+                        ),
+                    ));
+                    break;
+                }
                 attempt -= 1;
                 tried[attempt] = SocketAddr::from(([0, 0, 0, 0], 0));
                 resend = true;
             }
             Ok(Err(ExchangeError::Failed(e))) => {
                 failed(&backend);
-                last_error = Some(text(
+                last_error = Some(error_page(
+                    &listener,
                     StatusCode::BAD_GATEWAY,
-                    format!("502 bad gateway: backend {}: {e}", backend.addr),
+                    format!("backend {}: {e}", backend.addr),
                 ));
                 if !replay {
                     break;

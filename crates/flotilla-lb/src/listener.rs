@@ -22,14 +22,20 @@ pub struct Listener {
     pub scheduler: Box<dyn Scheduler>,
     /// The hash key, when the scheduler hashes (parsed once, not per request).
     pub hash: Option<crate::config::HashKey>,
+    /// Peers whose `X-Forwarded-For`, `Forwarded` and `X-Real-IP` are kept (parsed once).
+    pub trusted_proxies: Vec<crate::config::IpNet>,
+    /// Error pages name backends (`[admin] verbose_errors`); otherwise they say only what
+    /// went wrong, so clients learn nothing of the addresses behind the lb.
+    pub verbose_errors: bool,
     backends: ArcSwap<Vec<Arc<Backend>>>,
     /// Backends removed from the set that still had requests in flight, for status.
     draining: std::sync::Mutex<Vec<Arc<Backend>>>,
 }
 
 impl Listener {
-    /// A listener with its static backends (none for a registry-fed one).
-    pub fn new(cfg: ListenerConfig) -> Arc<Self> {
+    /// A listener with its static backends (none for a registry-fed one); `cfg` must be
+    /// validated.
+    pub fn new(cfg: ListenerConfig, verbose_errors: bool) -> Arc<Self> {
         let now = Instant::now();
         let initial: Vec<Arc<Backend>> = cfg
             .static_backends()
@@ -40,6 +46,12 @@ impl Listener {
         Arc::new(Listener {
             scheduler: scheduler::build(cfg.scheduler),
             hash: (cfg.scheduler == crate::config::SchedulerKind::Hash).then(|| cfg.hash_key()),
+            trusted_proxies: cfg
+                .trusted_proxies
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect(),
+            verbose_errors,
             cfg,
             backends: ArcSwap::from_pointee(initial),
             draining: Default::default(),

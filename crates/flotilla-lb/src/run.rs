@@ -141,7 +141,7 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
             .listeners
             .iter()
             .cloned()
-            .map(Listener::new)
+            .map(|l| Listener::new(l, config.admin.verbose_errors))
             .collect(),
     );
     let workers = Arc::new(crate::workers::Workers::start(
@@ -290,14 +290,20 @@ async fn accept_loop(
     tls: Option<tokio_rustls::TlsAcceptor>,
     workers: Arc<crate::workers::Workers>,
 ) {
+    // Past `max_connections` open, new connections wait in the kernel's backlog.
+    let slots = Arc::new(tokio::sync::Semaphore::new(listener.cfg.max_connections));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         match socket.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let listener = listener.clone();
                 let tls = tls.clone();
-                workers.serve(stream, move |stream| {
-                    serve_accepted(listener, stream, peer, tls)
+                workers.serve(stream, move |stream| async move {
+                    let _permit = permit;
+                    serve_accepted(listener, stream, peer, tls).await
                 });
             }
             Err(e) => {

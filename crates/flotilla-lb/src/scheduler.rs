@@ -4,7 +4,6 @@
 //! already tried for this request. Per-backend state (in-flight counts, latency EWMA,
 //! smooth-WRR credit) lives in the `Backend`, so it survives backend-set updates.
 
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -356,21 +355,23 @@ impl Scheduler for P2c {
 /// Removing a backend moves only the keys it owned; adding one takes only its share.
 pub struct RendezvousHash;
 
-/// Hash of a key for [`PickContext::key`].
+/// Hash of a key for [`PickContext::key`]: [`flotilla_core::hash::stable_hash`], so two
+/// lbs, whatever Rust built them, send a key to the same backend.
 pub fn hash_key(bytes: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    h.finish()
+    flotilla_core::hash::stable_hash(bytes)
 }
 
+/// The score input of (key, backend): the stable hash of the key's bytes, the backend's
+/// address bytes and port, mapped to (0, 1), never 0 or 1.
 fn mix(key: u64, addr: &std::net::SocketAddr) -> f64 {
-    // DefaultHasher's keys are fixed (SipHash with zero keys), so this is stable across
-    // processes: two lbs map a key to the same backend.
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
-    addr.hash(&mut h);
-    let x = h.finish();
-    // Map to (0, 1), never 0 or 1.
+    let mut bytes = Vec::with_capacity(8 + 16 + 2);
+    bytes.extend_from_slice(&key.to_le_bytes());
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) => bytes.extend_from_slice(&ip.octets()),
+        std::net::IpAddr::V6(ip) => bytes.extend_from_slice(&ip.octets()),
+    }
+    bytes.extend_from_slice(&addr.port().to_be_bytes());
+    let x = flotilla_core::hash::stable_hash(&bytes);
     ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
 }
 
@@ -397,6 +398,16 @@ impl Scheduler for RendezvousHash {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hashed_keys_use_the_named_pinned_hash() {
+        // Not std's DefaultHasher: its output may change with the compiler.
+        assert_eq!(hash_key(b"web/0/node-a"), 0xe699_e368_80a4_1d94);
+        let a: std::net::SocketAddr = "198.18.0.1:80".parse().unwrap();
+        let x = mix(hash_key(b"user-42"), &a);
+        assert!(x > 0.0 && x < 1.0);
+        assert_eq!(x, mix(hash_key(b"user-42"), &a));
+    }
     use crate::config::OutlierConfig;
     use proptest::prelude::*;
     use std::time::Duration;

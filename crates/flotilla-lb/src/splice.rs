@@ -4,6 +4,8 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -52,8 +54,14 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// Moves bytes from `src` to `dst` until EOF, then shuts `dst` down for writing.
-async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+/// Moves bytes from `src` to `dst` until EOF, then shuts `dst` down for writing; each
+/// move stamps `last` (milliseconds since `t0`).
+async fn one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    t0: Instant,
+    last: &AtomicU64,
+) -> io::Result<u64> {
     let pipe = Pipe::new()?;
     let mut total = 0u64;
     loop {
@@ -87,12 +95,42 @@ async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
             }
         }
         total += n as u64;
+        last.store(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
-/// Relays both directions until both have seen EOF; returns bytes (client→backend,
-/// backend→client).
-pub async fn relay(client: &TcpStream, backend: &TcpStream) -> io::Result<(u64, u64)> {
-    let (up, down) = tokio::join!(one_way(client, backend), one_way(backend, client));
-    Ok((up?, down?))
+/// Relays both directions until both have seen EOF, or until no byte has moved either
+/// way for `idle` (then `TimedOut`: a silent peer holds no connection forever); returns
+/// bytes (client→backend, backend→client).
+pub async fn relay(
+    client: &TcpStream,
+    backend: &TcpStream,
+    idle: Duration,
+) -> io::Result<(u64, u64)> {
+    let t0 = Instant::now();
+    let last = AtomicU64::new(0);
+    let both = async {
+        tokio::join!(
+            one_way(client, backend, t0, &last),
+            one_way(backend, client, t0, &last)
+        )
+    };
+    let watchdog = async {
+        loop {
+            let quiet = t0
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+            if quiet >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - quiet).await;
+        }
+    };
+    tokio::select! {
+        (up, down) = both => Ok((up?, down?)),
+        () = watchdog => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no bytes either way for {idle:?}"),
+        )),
+    }
 }

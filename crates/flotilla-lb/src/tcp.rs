@@ -53,7 +53,7 @@ pub async fn serve_connection(listener: Arc<Listener>, client: TcpStream, peer: 
         let started = Instant::now();
         // splice(2) moves the bytes inside the kernel; each direction forwards EOF as a
         // write shutdown on its own, so a half-closed client still reads the answer.
-        match crate::splice::relay(&client, &upstream).await {
+        match crate::splice::relay(&client, &upstream, cfg.idle_timeout).await {
             Ok((up, down)) => {
                 tracing::debug!(backend = %backend.addr, up, down, secs = started.elapsed().as_secs_f64(), "tcp session done")
             }

@@ -241,15 +241,28 @@ async fn read_head_once(conn: &mut Conn, method: &Method) -> Result<Option<Respo
 /// Parses a final response head from the front of `conn.buf`, consuming it; `None`
 /// while incomplete.
 fn parse_head(conn: &mut Conn, method: &Method) -> Result<Option<ResponseHead>, String> {
+    parse_response_head(&mut conn.buf, method)
+}
+
+/// Parses a backend's response head from the front of `buf` (consuming it, and any
+/// 1xx interim heads before it): `Ok(None)` until the head is complete. Framing is
+/// strict, because a proxy that guesses where a body ends hands the client a truncated
+/// or smuggled response: `Content-Length` must be digits only and agree with any
+/// repeat, `Transfer-Encoding` must end in `chunked`, and a response with both is
+/// refused (each an error, which the caller answers as 502).
+pub fn parse_response_head(
+    buf: &mut bytes::BytesMut,
+    method: &Method,
+) -> Result<Option<ResponseHead>, String> {
     loop {
         // Parse, keeping only where each header sits, so the buffer can be split after.
-        let base = conn.buf.as_ptr() as usize;
+        let base = buf.as_ptr() as usize;
         let (n, code, http10, fields) = {
             let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut parsed = httparse::Response::new(&mut slots);
-            let n = match parsed.parse(&conn.buf) {
+            let n = match parsed.parse(buf) {
                 Ok(httparse::Status::Complete(n)) => n,
-                Ok(httparse::Status::Partial) if conn.buf.len() > MAX_HEAD => {
+                Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
                     return Err(format!("response head larger than {MAX_HEAD} bytes"))
                 }
                 Ok(httparse::Status::Partial) => return Ok(None),
@@ -271,13 +284,14 @@ fn parse_head(conn: &mut Conn, method: &Method) -> Result<Option<ResponseHead>, 
         };
         let status = StatusCode::from_u16(code).map_err(|_| format!("bad status code {code}"))?;
         if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
-            conn.buf.advance(n);
+            buf.advance(n);
             continue;
         }
-        let raw = conn.buf.split_to(n).freeze();
+        let raw = buf.split_to(n).freeze();
         let mut headers = HeaderMap::with_capacity(fields.len());
         let mut length: Option<u64> = None;
         let mut chunked = false;
+        let mut transfer_encoding = false;
         let mut close = http10;
         for (name, from, to) in fields {
             let bytes = raw.slice(from..to);
@@ -287,13 +301,17 @@ fn parse_head(conn: &mut Conn, method: &Method) -> Result<Option<ResponseHead>, 
                 let v = value
                     .to_str()
                     .ok()
-                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|s| s.parse::<u64>().ok())
                     .ok_or_else(|| format!("bad content-length {value:?}"))?;
                 if length.is_some_and(|l| l != v) {
                     return Err("conflicting content-length headers".into());
                 }
                 length = Some(v);
             } else if name == header::TRANSFER_ENCODING {
+                // Several headers are one list; what counts is the last coding.
+                transfer_encoding = true;
                 chunked = value
                     .to_str()
                     .map(|v| {
@@ -313,6 +331,12 @@ fn parse_head(conn: &mut Conn, method: &Method) -> Result<Option<ResponseHead>, 
                 }
             }
             headers.append(name, value);
+        }
+        if transfer_encoding && length.is_some() {
+            return Err("response has both transfer-encoding and content-length".into());
+        }
+        if transfer_encoding && !chunked {
+            return Err("response transfer-encoding does not end in chunked".into());
         }
         let no_body = *method == Method::HEAD
             || status == StatusCode::NO_CONTENT
@@ -569,6 +593,57 @@ pub fn tunnel(client: hyper::upgrade::OnUpgrade, mut conn: Conn) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn head(raw: &str) -> Result<Option<ResponseHead>, String> {
+        let mut buf = bytes::BytesMut::from(raw.as_bytes());
+        parse_response_head(&mut buf, &Method::GET)
+    }
+
+    #[test]
+    fn response_framing_is_strict() {
+        let ok = |raw: &str| head(raw).unwrap().unwrap().framing;
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            Framing::Length(5)
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\ncontent-length:  5 \r\n\r\n"),
+            Framing::Length(5)
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\n"),
+            Framing::Length(5)
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"),
+            Framing::Chunked
+        );
+        assert_eq!(ok("HTTP/1.1 200 OK\r\n\r\n"), Framing::UntilClose);
+        assert_eq!(
+            ok("HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n"),
+            Framing::Length(0)
+        );
+        assert!(
+            head("HTTP/1.1 200 OK\r\ncontent-").unwrap().is_none(),
+            "partial"
+        );
+        for bad in [
+            "HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 0x5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: identity\r\n\r\n",
+            "HTTP/1.1 999x OK\r\n\r\n",
+        ] {
+            assert!(head(bad).is_err(), "accepted {bad:?}");
+        }
+    }
 
     #[test]
     fn chunk_sizes() {

@@ -10,8 +10,13 @@ use flotilla_testsvc::Running;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn lb(listener: &str) -> (flotilla_lb::RunningLb, String) {
+    lb_with("", listener).await
+}
+
+/// An lb with `admin` lines in its `[admin]` table.
+async fn lb_with(admin: &str, listener: &str) -> (flotilla_lb::RunningLb, String) {
     let text = format!(
-        "[admin]\nlisten = \"\"\n[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\n{listener}\n"
+        "[admin]\nlisten = \"\"\n{admin}\n[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\n{listener}\n"
     );
     let config: LbConfig =
         flotilla_core::config::parse_toml(std::path::Path::new("test.toml"), &text).unwrap();
@@ -123,6 +128,8 @@ async fn forwards_headers_and_strips_hop_by_hop() {
     let r = client()
         .get(format!("{url}/headers"))
         .header("x-forwarded-for", "198.18.9.9")
+        .header("forwarded", "for=198.18.9.9")
+        .header("x-real-ip", "198.18.9.9")
         .header("connection", "keep-alive, x-secret")
         .header("x-secret", "hop")
         .header("keep-alive", "timeout=5")
@@ -134,10 +141,9 @@ async fn forwards_headers_and_strips_hop_by_hop() {
         .get("via")
         .is_some_and(|v| v.to_str().unwrap().contains("flotilla")));
     let body = r.text().await.unwrap();
-    assert!(
-        body.contains("x-forwarded-for: 198.18.9.9, 127.0.0.1"),
-        "{body}"
-    );
+    // An untrusted client cannot pose as another address: its claims are replaced.
+    assert!(body.contains("x-forwarded-for: 127.0.0.1"), "{body}");
+    assert!(!body.contains("198.18.9.9"), "{body}");
     assert!(body.contains("x-forwarded-proto: http"), "{body}");
     assert!(body.contains("via: 1.1 flotilla"), "{body}");
     assert!(
@@ -146,6 +152,63 @@ async fn forwards_headers_and_strips_hop_by_hop() {
     );
     assert!(!body.contains("keep-alive: timeout"), "{body}");
     assert!(body.contains("host: 127.0.0.1"), "{body}");
+
+    // From a trusted proxy the chain is kept and extended.
+    let (_lb2, url2) = lb(&format!(
+        "trusted_proxies = [\"127.0.0.0/8\"]\n{}",
+        backends_line(&[a.addr.to_string()])
+    ))
+    .await;
+    let body = client()
+        .get(format!("{url2}/headers"))
+        .header("x-forwarded-for", "198.18.9.9")
+        .header("x-real-ip", "198.18.9.9")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        body.contains("x-forwarded-for: 198.18.9.9, 127.0.0.1"),
+        "{body}"
+    );
+    assert!(body.contains("x-real-ip: 198.18.9.9"), "{body}");
+}
+
+/// A backend that answers every connection with `response` (raw bytes) and closes.
+async fn raw_backend(response: &'static [u8]) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        // Bounded: a test makes a handful of connections.
+        for _ in 0..64 {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(response).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misframed_backend_responses_become_502_never_a_body() {
+    for raw in [
+        &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n"[..],
+        &b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello"[..],
+        &b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nhello"[..],
+    ] {
+        let backend = raw_backend(raw).await;
+        let (_lb, url) = lb(&format!("retries = 0\n{}", backends_line(&[backend.to_string()]))).await;
+        let (status, body) = get(&client(), &url).await;
+        assert_eq!(status, 502, "{body}");
+        assert!(!body.contains("hello"), "{body}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,16 +224,29 @@ async fn errors_say_what_happened() {
     .await;
     let (status, body) = get(&client(), &url).await;
     assert_eq!(status, 502);
+    // By default the page names no backend.
+    assert!(!body.contains(&dead.to_string()), "{body}");
+    assert!(body.contains("bad gateway"), "{body}");
+    let (_lbv, urlv) = lb_with(
+        "verbose_errors = true",
+        &format!("retries = 1\n{}", backends_line(&[dead.to_string()])),
+    )
+    .await;
+    let (status, body) = get(&client(), &urlv).await;
+    assert_eq!(status, 502);
     assert!(
         body.contains(&dead.to_string()) && body.contains("connect"),
         "{body}"
     );
 
     let slow = Running::start("slow", |a| a.latency_ms = 2000).unwrap();
-    let (_lb2, url2) = lb(&format!(
-        "request_timeout = \"300ms\"\n{}",
-        backends_line(&[slow.addr.to_string()])
-    ))
+    let (_lb2, url2) = lb_with(
+        "verbose_errors = true",
+        &format!(
+            "request_timeout = \"300ms\"\n{}",
+            backends_line(&[slow.addr.to_string()])
+        ),
+    )
     .await;
     let (status, body) = get(&client(), &url2).await;
     assert_eq!(status, 504, "{body}");
@@ -298,6 +374,42 @@ async fn tcp_mode_keeps_half_close_and_retries_connects() {
             "every byte echoed after our half-close"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_sessions_with_no_bytes_either_way_are_closed_after_the_idle_timeout() {
+    let echo = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let _svc = Running::start("tcp-idle", |a| a.tcp = Some(echo)).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (lb, _) = lb(&format!(
+        "protocol = \"tcp\"\nidle_timeout = \"1s\"\n{}",
+        backends_line(&[echo.to_string()])
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(lb.addrs[0]).await.unwrap();
+    // Traffic keeps it open past the timeout...
+    for _ in 0..3 {
+        s.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // ...silence closes it.
+    let t0 = Instant::now();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the lb closed the idle session")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
+        "closed after {waited:?}"
+    );
 }
 
 /// Drives `concurrency` request loops for `dur`; returns (ok, failed).

@@ -616,7 +616,7 @@ async fn fetch_backup(
                 flotilla_archive::backup::check_structure(r)
             }
         });
-        let mut out = tokio::fs::File::create(&part).await?;
+        let mut out = tokio::fs::File::from_std(flotilla_archive::create_archive_file(&part)?);
         let pb = progress(&format!("backup {container}"));
         let mut s = resp.bytes_stream();
         while let Some(chunk) = s.next().await {

@@ -711,6 +711,11 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
         .unwrap();
     let m = flotilla_archive::backup::verify(std::fs::File::open(&newest).unwrap()).unwrap();
     assert_eq!(m.parts.len(), 3, "config, image, volume");
+    let mode = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&newest), 0o600, "scheduled archives are private");
 
     let bdir = dir.path().join("backups");
     let o = ok(cli(
@@ -727,6 +732,7 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
         .unwrap()
         .unwrap()
         .path();
+    assert_eq!(mode(&archive), 0o600, "the CLI's archives are private");
 
     // Destroy the stack and the replica's volume.
     ok(cli(&server, home, &["rm", &stack], &[]).await);

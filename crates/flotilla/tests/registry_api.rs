@@ -40,6 +40,32 @@ fn spec(port: u16) -> Value {
 async fn writes_need_the_token_and_bad_input_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), "s", &[]);
+    // Made-up methods are counted as "other": they cannot add metric labels.
+    for m in ["BREW", "WHEN", "FOO"] {
+        let _ = server
+            .http()
+            .request(
+                reqwest::Method::from_bytes(m.as_bytes()).unwrap(),
+                format!("{}/v1/instances", server.url),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+    let metrics = server
+        .http()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains("BREW") && !metrics.contains("FOO"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("method=\"other\""), "{metrics}");
     let token = server.token();
     let meta = std::fs::metadata(&server.token_file).unwrap();
     assert_eq!(
