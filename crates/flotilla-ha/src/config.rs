@@ -33,8 +33,12 @@ pub struct HaConfig {
     #[serde(default, with = "humantime_serde")]
     pub preempt_delay: Duration,
     /// Peers to send adverts to by unicast; empty: multicast to 224.0.0.18 (ff02::12).
+    /// When set, adverts from any other source are dropped (and counted as `source`).
     #[serde(default)]
     pub unicast_peers: Vec<IpAddr>,
+    /// With multicast: the only sources whose adverts count; empty: any on the link.
+    #[serde(default)]
+    pub allowed_sources: Vec<IpAddr>,
     /// Checksum convention of the adverts we send. Received adverts are accepted in
     /// either convention unless `strict_checksum`.
     #[serde(default = "default_checksum")]
@@ -115,6 +119,18 @@ pub struct Vip {
 }
 
 impl HaConfig {
+    /// Whether an advert from `src` may count: from a unicast peer when peers are set,
+    /// else from an allowed source when those are set, else from anyone on the link.
+    pub fn accepts_source(&self, src: IpAddr) -> bool {
+        if !self.unicast_peers.is_empty() {
+            self.unicast_peers.contains(&src)
+        } else if !self.allowed_sources.is_empty() {
+            self.allowed_sources.contains(&src)
+        } else {
+            true
+        }
+    }
+
     /// Checks every field; errors name it as `ha.FIELD`.
     pub fn validate(&self) -> Result<(), FieldError> {
         if self.interface.is_empty() || self.interface.len() > 15 {
@@ -213,6 +229,7 @@ pub fn parse_vip(s: &str) -> Result<Vip, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use std::net::Ipv4Addr;
 
     fn base() -> HaConfig {
@@ -221,6 +238,18 @@ mod tests {
             "advert_interval": "100ms"
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn advert_sources_follow_unicast_peers_then_allowed_sources() {
+        let mut c = base();
+        let (a, b): (IpAddr, IpAddr) =
+            ("198.18.0.1".parse().unwrap(), "198.18.0.2".parse().unwrap());
+        assert!(c.accepts_source(a));
+        c.allowed_sources = vec![a];
+        assert!(c.accepts_source(a) && !c.accepts_source(b));
+        c.unicast_peers = vec![b];
+        assert!(!c.accepts_source(a) && c.accepts_source(b));
     }
 
     #[test]

@@ -250,6 +250,11 @@ impl Driver {
                 r = self.sock.recv_advert(&mut buf, self.cfg.virtual_router_id, accept) => match r {
                     Ok(decoded) => match decoded {
                         Ok(rx) if rx.src == self.iface.addr => Vec::new(),
+                        Ok(rx) if !self.cfg.accepts_source(rx.src) => {
+                            tracing::debug!(src = %rx.src, "advert from a source not allowed dropped");
+                            self.with_status(|s| *s.dropped.entry("source").or_default() += 1);
+                            Vec::new()
+                        }
                         Ok(rx) => {
                             self.with_status(|s| s.adverts_received += 1);
                             machine.handle(

@@ -591,6 +591,45 @@ fn forged_and_malformed_adverts_are_dropped_and_counted() {
     assert!(m.contains("flotilla_ha_state{state=\"master\"} 1"));
 }
 
+#[test]
+fn with_unicast_peers_a_valid_advert_from_anyone_else_is_dropped_and_counted() {
+    use flotilla_ha::codec::{Advert, ChecksumMode};
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let p = Pair::new(71);
+    let peer = p.lan.addr("lb2");
+    let _lb1 = p.start_lb("lb1", 150, &format!("unicast_peers = [\"{peer}\"]"));
+    p.wait_state("lb1", "master", Duration::from_secs(5));
+    let me = p.lan.addr("client");
+    let lb1 = p.lan.addr("lb1");
+    let vip = p.vip();
+    p.lan
+        .run_in("client", move || {
+            let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(112))).unwrap();
+            s.set_ttl_v4(255).unwrap();
+            let to = SockAddr::from(SocketAddr::from((lb1, 0)));
+            // Well formed, right router, higher priority, sent straight to lb1: only its
+            // source is wrong.
+            let advert = Advert {
+                vrid: 51,
+                priority: 254,
+                interval_cs: 10,
+                addrs: vec![vip],
+            }
+            .encode(me.into(), lb1.into(), ChecksumMode::PseudoHeader);
+            for _ in 0..20 {
+                s.send_to(&advert, &to).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .join()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(p.state("lb1"), "master", "an outsider took over");
+    let m = p.metrics("lb1");
+    let line = "flotilla_ha_dropped_total{reason=\"source\"} 20";
+    assert!(m.contains(line), "{line} in\n{m}");
+}
+
 fn keepalived(p: &Pair, node: &str, priority: u8, extra: &str) -> Child {
     let conf = format!(
         r#"
