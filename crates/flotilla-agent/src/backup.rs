@@ -27,6 +27,8 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::beneath;
+
 /// The container settings a restore needs, saved as the archive's config part.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -313,30 +315,41 @@ pub struct Delta {
 }
 
 /// Every entry under `dir` (not `dir` itself), parents before children, sorted by
-/// name, with their stamps; symlinks are not followed.
+/// name, with their stamps. Nothing is reached through a symlink (see [`beneath`]): a
+/// directory swapped for a link while we walk is listed as the link, not entered.
 fn walk_volume(dir: &Path) -> std::io::Result<Vec<(PathBuf, Stamp)>> {
-    fn visit(root: &Path, rel: &Path, out: &mut Vec<(PathBuf, Stamp)>) -> std::io::Result<()> {
-        let mut names: Vec<_> = std::fs::read_dir(root.join(rel))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()?;
+    fn visit(
+        here: &std::fs::File,
+        rel: &Path,
+        out: &mut Vec<(PathBuf, Stamp)>,
+    ) -> std::io::Result<()> {
+        let mut names = beneath::list(here)?;
         names.sort();
         for name in names {
             let child = rel.join(&name);
-            let meta = match std::fs::symlink_metadata(root.join(&child)) {
-                Ok(m) => m,
-                // Removed while we walked: it is simply not part of this copy.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            // A directory to enter, else the entry itself (a symlink as a symlink).
+            let (opened, is_dir) = match beneath::open_at(here, &name, beneath::How::Dir) {
+                Ok(d) => (d, true),
+                Err(e) if beneath::changed_under_us(&e) => {
+                    match beneath::open_at(here, &name, beneath::How::Path) {
+                        Ok(f) => (f, false),
+                        // Removed while we walked: it is simply not part of this copy.
+                        Err(e) if beneath::changed_under_us(&e) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
                 Err(e) => return Err(e),
             };
+            let meta = opened.metadata()?;
             out.push((child.clone(), Stamp::of(&meta)));
-            if meta.is_dir() {
-                visit(root, &child, out)?;
+            if is_dir {
+                visit(&opened, &child, out)?;
             }
         }
         Ok(())
     }
     let mut out = Vec::new();
-    visit(dir, Path::new(""), &mut out)?;
+    visit(&beneath::open_root(dir)?, Path::new(""), &mut out)?;
     Ok(out)
 }
 
@@ -360,6 +373,43 @@ fn changed_since(
         .cloned()
         .collect();
     (wanted, removed)
+}
+
+/// Appends the entry `rel` of the volume opened as `root` under `name`: opened without
+/// following any symlink, and described by the descriptor that was opened (a regular
+/// file's bytes are read from that descriptor, exactly as many as its header says:
+/// zeros if it shrank meanwhile, cut if it grew).
+fn append_beneath<W: std::io::Write>(
+    b: &mut tar::Builder<W>,
+    root: &std::fs::File,
+    rel: &Path,
+    name: &Path,
+) -> std::io::Result<()> {
+    use std::io::Read;
+    let entry = beneath::open_beneath(root, rel, beneath::How::Path)?;
+    let meta = entry.metadata()?;
+    let mut header = tar::Header::new_gnu();
+    if meta.is_file() {
+        let file = beneath::open_beneath(root, rel, beneath::How::File)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            // Swapped for something else between the two opens.
+            return Err(std::io::Error::from_raw_os_error(libc::ENXIO));
+        }
+        header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+        let size = meta.len();
+        let data = file.chain(std::io::repeat(0)).take(size);
+        b.append_data(&mut header, name, data)
+    } else if meta.file_type().is_symlink() {
+        header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+        header.set_size(0);
+        let target = beneath::read_link(&entry)?;
+        b.append_link(&mut header, name, target)
+    } else {
+        header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+        header.set_size(0);
+        b.append_data(&mut header, name, std::io::empty())
+    }
 }
 
 /// Writes a tar of the volume at `dir` into `tx` in 1 MiB pieces: the root as `top/`,
@@ -405,12 +455,16 @@ fn tar_entries(
     // only, and the contents come back identical.
     b.sparse(false);
     let result = (|| {
-        b.append_path_with_name(dir, top)?;
+        let root = beneath::open_root(dir)?;
+        let mut header = tar::Header::new_gnu();
+        header.set_metadata_in_mode(&root.metadata()?, tar::HeaderMode::Complete);
+        b.append_data(&mut header, top, std::io::empty())?;
         for rel in paths {
-            match b.append_path_with_name(dir.join(rel), Path::new(top).join(rel)) {
+            match append_beneath(&mut b, &root, rel, &Path::new(top).join(rel)) {
                 Ok(()) => {}
-                // Removed since the walk: the next delta lists it as removed.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // Removed, or swapped for a symlink, since the walk: left out (the next
+                // delta sees what is there then).
+                Err(e) if beneath::changed_under_us(&e) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -1140,6 +1194,70 @@ mod tests {
         let (wanted, removed) = changed_since(&again, &walk_volume(root).unwrap());
         assert_eq!(names(&wanted), ["becomes-dir", "dir"]);
         assert!(removed.is_empty());
+    }
+
+    /// The tar `tar_entries` writes for `paths` of the volume at `dir`.
+    fn tar_of(dir: &Path, paths: &[PathBuf]) -> Vec<u8> {
+        let (tx, mut rx) = mpsc::channel(64);
+        let dir = dir.to_owned();
+        let paths = paths.to_vec();
+        let t = std::thread::spawn(move || tar_entries(&dir, "data", &paths, tx).unwrap());
+        let mut out = Vec::new();
+        while let Some(chunk) = rx.blocking_recv() {
+            out.extend(chunk.unwrap());
+        }
+        t.join().unwrap();
+        out
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_symlink_after_the_walk_leaks_nothing_outside() {
+        let d = tempfile::tempdir().unwrap();
+        let (vol, outside) = (d.path().join("v"), d.path().join("host"));
+        std::fs::create_dir_all(vol.join("d")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(vol.join("d/secret"), "inside").unwrap();
+        std::fs::write(outside.join("secret"), "HOST-SECRET").unwrap();
+        std::fs::write(vol.join("plain"), "plain").unwrap();
+        let walked: Vec<PathBuf> = walk_volume(&vol)
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        assert!(walked.contains(&PathBuf::from("d/secret")));
+        // The container swaps d for a link to the host's directory before the read.
+        std::fs::rename(vol.join("d"), vol.join("d.old")).unwrap();
+        std::os::unix::fs::symlink(&outside, vol.join("d")).unwrap();
+        let tar = tar_of(&vol, &walked);
+        let text = String::from_utf8_lossy(&tar);
+        assert!(!text.contains("HOST-SECRET"), "host file archived");
+        assert!(text.contains("plain"));
+        // And a walk now lists the link as a link, without entering it.
+        let again = walk_volume(&vol).unwrap();
+        assert!(
+            again
+                .iter()
+                .all(|(p, _)| !p.starts_with("d") || p == Path::new("d")),
+            "{again:?}"
+        );
+        let mut a = tar::Archive::new(&tar[..]);
+        let kinds: Vec<(String, tar::EntryType)> = a
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.header().entry_type(),
+                )
+            })
+            .collect();
+        assert!(
+            kinds
+                .iter()
+                .any(|(p, k)| p == "data/plain" && *k == tar::EntryType::Regular),
+            "{kinds:?}"
+        );
     }
 
     #[test]

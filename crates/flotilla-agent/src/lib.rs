@@ -10,6 +10,7 @@ pub mod agent;
 pub mod api;
 pub mod backoff;
 pub mod backup;
+pub mod beneath;
 pub mod build;
 pub mod docker;
 pub mod labels;
