@@ -124,6 +124,20 @@ async fn authorize(State(inner): State<Arc<Inner>>, req: Request, next: Next) ->
     if same {
         return next.run(req).await;
     }
+    // Any other token: the registry says what it is (the agent may hold only a join
+    // token, and admins make their own). Only an admin token uses this API.
+    if !given.is_empty() {
+        return match inner.token_role(given).await {
+            Some(flotilla_core::token::Role::Admin) => next.run(req).await,
+            Some(role) => AppError::new(
+                StatusCode::FORBIDDEN,
+                format!("a {} token may not use the agent API", role.name()),
+            )
+            .into_response(),
+            None => AppError::new(StatusCode::UNAUTHORIZED, "wrong or revoked bearer token")
+                .into_response(),
+        };
+    }
     // A peer agent (its node certificate, no token) may fetch an image it lacks, and
     // nothing else: volumes, restores and retirements stay with the token's holder.
     let peer_node = req
@@ -234,6 +248,9 @@ struct BackupQuery {
     /// Send only what changed since the snapshot with this id (its final pass).
     #[serde(default)]
     since: Option<String>,
+    /// Keep secret environment values in the archive (migrations; `backup --with-secrets`).
+    #[serde(default)]
+    secrets: bool,
 }
 
 /// Pre-copy snapshots older than this are dropped.
@@ -258,6 +275,7 @@ async fn backup_stream(
         consistency: q.consistency.unwrap_or_default(),
         include_image: q.image,
         leave_stopped: q.leave_stopped,
+        include_secrets: q.secrets,
     };
     // A delta needs its snapshot, for this container: refused before anything stops.
     let mut delta = backup::Delta::default();

@@ -77,6 +77,10 @@ pub struct BackupOptions {
     pub include_image: bool,
     /// Leave the container stopped afterwards (the first step of a cold migration).
     pub leave_stopped: bool,
+    /// Keep the secret environment values (those named by the container's
+    /// `flotilla.secret_env` label) in the archive: a migration within the cluster
+    /// needs them; a backup leaves them out unless asked.
+    pub include_secrets: bool,
 }
 
 /// Streams a backup of `container` into `out`, chunk by chunk; returns the manifest.
@@ -93,7 +97,7 @@ pub async fn backup(
         .await
         .with_context(|| format!("no container {container:?}"))?;
     let id = info.id.clone().unwrap_or_default();
-    let saved = saved_container(&info);
+    let saved = saved_container(&info, opts.include_secrets);
     let state = info.state.clone().unwrap_or_default();
     let running = state.running.unwrap_or(false);
     let paused = state.paused.unwrap_or(false);
@@ -480,8 +484,18 @@ fn tar_entries(
     Ok(())
 }
 
-fn saved_container(info: &bollard::models::ContainerInspectResponse) -> SavedContainer {
+fn saved_container(
+    info: &bollard::models::ContainerInspectResponse,
+    include_secrets: bool,
+) -> SavedContainer {
     let config = info.config.clone().unwrap_or_default();
+    let secret_names: Vec<String> = match (include_secrets, &config.labels) {
+        (false, Some(labels)) => labels
+            .get(crate::build::SECRET_ENV)
+            .map(|v| v.split(',').map(|n| format!("{n}=")).collect())
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
     let host = info.host_config.clone().unwrap_or_default();
     let mut volumes: Vec<(String, String)> = info
         .mounts
@@ -511,7 +525,12 @@ fn saved_container(info: &bollard::models::ContainerInspectResponse) -> SavedCon
             .to_owned(),
         image: config.image.clone().unwrap_or_default(),
         image_id: info.image.clone().unwrap_or_default(),
-        env: config.env.unwrap_or_default(),
+        env: config
+            .env
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|kv| !secret_names.iter().any(|n| kv.starts_with(n.as_str())))
+            .collect(),
         cmd: config.cmd,
         entrypoint: config.entrypoint,
         user: config.user.unwrap_or_default(),

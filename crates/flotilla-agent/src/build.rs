@@ -21,6 +21,9 @@ use sha2::{Digest, Sha256};
 
 /// Label: the stack a container or image belongs to.
 pub const STACK: &str = "flotilla.stack";
+/// Label naming a replica's secret environment variables (comma-separated): given at
+/// create time, left out of backups unless asked for.
+pub const SECRET_ENV: &str = "flotilla.secret_env";
 /// Label: replica number within its service.
 pub const REPLICA: &str = "flotilla.replica";
 /// Label: hash of the spec the image was built from.

@@ -409,8 +409,37 @@ impl Inner {
         let memory = svc.spec.resources.memory_bytes().ok().flatten();
         let (exposed, bindings) =
             crate::docker::published_port(svc.spec.port, svc.spec.publish, self.advertise);
+        // Secret values are given to the container here, never baked into its image;
+        // the label names them so backups can leave them out.
+        let mut env = None;
+        if !svc.spec.secret_env.is_empty() {
+            let stored = self
+                .client
+                .secrets(stack, name)
+                .await
+                .with_context(|| format!("fetching the secrets of {stack}/{name}"))?;
+            let mut vars = Vec::new();
+            for key in svc.spec.secret_env.keys() {
+                let value = stored
+                    .values
+                    .get(key)
+                    .with_context(|| format!("secret {key} of {stack}/{name} is not stored"))?;
+                vars.push(format!("{key}={value}"));
+            }
+            labels.insert(
+                crate::build::SECRET_ENV.into(),
+                svc.spec
+                    .secret_env
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
+            env = Some(vars);
+        }
         let config = Config {
             image: Some(svc.image.clone()),
+            env,
             labels: Some(labels),
             exposed_ports: exposed,
             host_config: Some(HostConfig {

@@ -121,6 +121,7 @@ impl Inner {
                     consistency: policy.consistency,
                     include_image: true,
                     leave_stopped: false,
+                    include_secrets: false,
                 },
             )
             .await?;

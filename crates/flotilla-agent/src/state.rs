@@ -30,6 +30,9 @@ pub(crate) struct Inner {
     pub(crate) token: String,
     /// HTTP client for peer agents.
     pub(crate) http: reqwest::Client,
+    /// Roles of tokens presented to the API, as the registry told (kept 10 s).
+    pub(crate) token_roles:
+        std::sync::Mutex<HashMap<String, (flotilla_core::token::Role, std::time::Instant)>>,
     /// The node certificate and the cluster CA, when the cluster speaks TLS.
     pub(crate) tls: Option<std::sync::Arc<crate::node_tls::NodeTls>>,
     /// Containers the reconciler must not restart (on their way to another host).
@@ -83,6 +86,7 @@ impl Inner {
             resync_now: Notify::new(),
             quota_changed: Default::default(),
             token,
+            token_roles: Default::default(),
             http: flotilla_client::http_builder(tls.as_ref().map(|t| t.client.clone())).build()?,
             tls,
             holds: Mutex::new(Default::default()),
@@ -114,6 +118,26 @@ impl Inner {
         self.restores
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         RestoreGuard(&self.restores)
+    }
+
+    /// The role of `token` (presented to the agent's API), asked of the registry and
+    /// kept for 10 s; `None` if the registry does not know it (or cannot be reached).
+    pub(crate) async fn token_role(&self, token: &str) -> Option<flotilla_core::token::Role> {
+        const KEEP: Duration = Duration::from_secs(10);
+        let now = std::time::Instant::now();
+        {
+            let mut roles = self.token_roles.lock().unwrap_or_else(|p| p.into_inner());
+            roles.retain(|_, (_, at)| now.duration_since(*at) < KEEP);
+            if let Some((role, _)) = roles.get(token) {
+                return Some(*role);
+            }
+        }
+        let info = self.client.token_info(token).await.ok()?;
+        let mut roles = self.token_roles.lock().unwrap_or_else(|p| p.into_inner());
+        if roles.len() < 1024 {
+            roles.insert(token.to_owned(), (info.role, now));
+        }
+        Some(info.role)
     }
 
     /// Whether a restore is under way.

@@ -34,6 +34,10 @@ pub struct Args {
     /// Write the figures as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run the registry, agents and CLI over TLS (the cluster default) instead of
+    /// plain HTTP: backup, restore and migration streams then cross mutual TLS.
+    #[arg(long)]
+    tls: bool,
 }
 
 async fn cli(server: &ServerProc, args: &[&str]) -> anyhow::Result<String> {
@@ -122,10 +126,11 @@ fn drop_caches() {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut report = serde_json::Map::new();
     report.insert("machine".into(), machine().into());
+    report.insert("tls".into(), args.tls.into());
     let work = tempfile::tempdir()?;
 
     // --- Deploy of N replicas on a warm image cache, one engine.
-    let server = ServerProc::start().await?;
+    let server = ServerProc::start_with("127.0.0.1", args.tls).await?;
     let _agent = server.agent("bench-main")?;
     wait_nodes(&server, 1).await?;
     let net = DockerNetwork::create("flotilla-bench-ct")?;
@@ -269,7 +274,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let image = testsvc_image().await?;
     let da = Dockerd::start("bench-a")?;
     let db = Dockerd::start("bench-b")?;
-    let server = ServerProc::start().await?;
+    let server = ServerProc::start_with("127.0.0.1", args.tls).await?;
     let net_name = "flotilla-bench-mig";
     let _na = DockerNetwork::create_on(Some(&da.host), net_name)?;
     let _nb = DockerNetwork::create_on(Some(&db.host), net_name)?;

@@ -91,12 +91,20 @@ impl ServerProc {
     /// Like [`ServerProc::start`], listening on `ip` (e.g. a Docker bridge's address,
     /// for clients in other namespaces).
     pub async fn start_on(ip: &str) -> anyhow::Result<ServerProc> {
+        // The scheduler and discovery benches measure the data plane and detection;
+        // the registry is a local peer, reached in plain HTTP as before TLS existed.
+        Self::start_with(ip, false).await
+    }
+
+    /// Like [`ServerProc::start_on`]; with `tls` the server, its agents and the CLI
+    /// speak TLS with the cluster CA (the default of a real cluster).
+    pub async fn start_with(ip: &str, tls: bool) -> anyhow::Result<ServerProc> {
         let dir = tempfile::tempdir()?;
         let port = flotilla_testkit::free_port();
         let token_file = dir.path().join("token");
         let data = dir.path().join("data");
         let listen = format!("{ip}:{port}");
-        let proc = flotilla(&[
+        let mut args = vec![
             "server",
             "--listen",
             &listen,
@@ -106,14 +114,27 @@ impl ServerProc {
             path_str(&data)?,
             "--token-file",
             path_str(&token_file)?,
-            // The scheduler benches measure the data plane; the registry is a local peer.
-            "--insecure-http",
-        ])?;
+        ];
+        if !tls {
+            args.push("--insecure-http");
+        }
+        let proc = flotilla(&args)?;
         flotilla_testkit::wait_for_port(listen.parse()?, std::time::Duration::from_secs(20))?;
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        let url = format!("http://{listen}");
-        let client =
-            flotilla_client::Client::new(&url, Some(flotilla_client::read_token(&token_file)?));
+        let (url, client_tls) = if tls {
+            let ca = token_file.with_file_name("ca.pem");
+            (
+                format!("https://{listen}"),
+                Some(flotilla_client::tls_config(&ca)?),
+            )
+        } else {
+            (format!("http://{listen}"), None)
+        };
+        let client = flotilla_client::Client::with_tls(
+            &url,
+            Some(flotilla_client::read_token(&token_file)?),
+            client_tls,
+        );
         Ok(ServerProc {
             _proc: proc,
             url,
@@ -134,6 +155,7 @@ impl ServerProc {
     }
 
     fn agent_with(&self, node: &str, extra: &[&str]) -> anyhow::Result<Proc> {
+        let data = self._dir.path().join(format!("agent-{node}"));
         let mut args = vec![
             "agent",
             "--server",
@@ -144,6 +166,8 @@ impl ServerProc {
             node,
             "--api-listen",
             "127.0.0.1:0",
+            "--data-dir",
+            path_str(&data)?,
         ];
         args.extend_from_slice(extra);
         flotilla(&args)

@@ -228,11 +228,22 @@ impl Client {
         path: &str,
         timeout: Duration,
     ) -> reqwest::RequestBuilder {
+        self.request_as(method, path, timeout, self.token.as_deref())
+    }
+
+    /// A request carrying `bearer` (instead of this client's own token).
+    fn request_as(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        timeout: Duration,
+        bearer: Option<&str>,
+    ) -> reqwest::RequestBuilder {
         let mut req = self
             .http
             .request(method, format!("{}{}", self.base(), path))
             .timeout(timeout);
-        if let Some(t) = &self.token {
+        if let Some(t) = bearer {
             req = req.bearer_auth(t);
         }
         req
@@ -644,6 +655,81 @@ impl Client {
         .await
     }
 
+    /// `PUT /v1/stacks/{stack}/secrets/{service}`: a service's secret values (admin).
+    pub async fn put_secrets(
+        &self,
+        stack: &str,
+        service: &str,
+        values: &std::collections::BTreeMap<String, String>,
+    ) -> Result<serde_json::Value> {
+        self.send(
+            self.request(
+                reqwest::Method::PUT,
+                &format!("/v1/stacks/{stack}/secrets/{service}"),
+                Self::SHORT,
+            )
+            .json(&json!({ "values": values })),
+        )
+        .await
+    }
+
+    /// `GET /v1/stacks/{stack}/secrets/{service}`: an admin's, or the agent of a node
+    /// a replica is placed on.
+    pub async fn secrets(
+        &self,
+        stack: &str,
+        service: &str,
+    ) -> Result<flotilla_core::stack::SecretsRecord> {
+        self.send(self.request(
+            reqwest::Method::GET,
+            &format!("/v1/stacks/{stack}/secrets/{service}"),
+            Self::SHORT,
+        ))
+        .await
+    }
+
+    /// `POST /v1/tokens`: a new scoped token (shown once: the reply holds it).
+    pub async fn create_token(
+        &self,
+        role: flotilla_core::token::Role,
+        service: Option<&str>,
+        node: Option<&str>,
+    ) -> Result<CreatedToken> {
+        self.send(
+            self.request(reqwest::Method::POST, "/v1/tokens", Self::SHORT)
+                .json(&json!({ "role": role, "service": service, "node": node })),
+        )
+        .await
+    }
+
+    /// `GET /v1/tokens`: every scoped token, without secrets.
+    pub async fn tokens(&self) -> Result<Vec<flotilla_core::token::TokenView>> {
+        self.send(self.request(reqwest::Method::GET, "/v1/tokens", Self::SHORT))
+            .await
+    }
+
+    /// `DELETE /v1/tokens/{id}`.
+    pub async fn revoke_token(&self, id: &str) -> Result<serde_json::Value> {
+        self.send(self.request(
+            reqwest::Method::DELETE,
+            &format!("/v1/tokens/{id}"),
+            Self::SHORT,
+        ))
+        .await
+    }
+
+    /// `GET /v1/tokens/self` with `token` as the bearer (not this client's own): what
+    /// that token is. The agents ask this about tokens presented to their APIs.
+    pub async fn token_info(&self, token: &str) -> Result<flotilla_core::token::TokenView> {
+        self.send(self.request_as(
+            reqwest::Method::GET,
+            "/v1/tokens/self",
+            Self::SHORT,
+            Some(token),
+        ))
+        .await
+    }
+
     /// `POST /v1/certs`: a node certificate for `node` from `csr_pem` (needs the cluster
     /// token). Answers the certificate and the CA's, PEM.
     pub async fn join_node(&self, node: &str, csr_pem: &str) -> Result<CertReply> {
@@ -663,6 +749,23 @@ impl Client {
         )
         .await
     }
+}
+
+/// A token just made.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct CreatedToken {
+    /// The token: shown this once.
+    pub token: String,
+    /// Its id (for `token revoke`).
+    pub id: String,
+    /// Its role.
+    pub role: flotilla_core::token::Role,
+    /// Its service scope.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Its node scope.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 /// A certificate the server issued.

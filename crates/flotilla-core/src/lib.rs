@@ -13,6 +13,7 @@ pub mod id;
 pub mod record;
 pub mod spec;
 pub mod stack;
+pub mod token;
 
 pub use error::{ConfigError, FieldError};
 pub use id::{validate_instance_id, validate_node_name, validate_service_name};

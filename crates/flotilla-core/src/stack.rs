@@ -6,7 +6,7 @@
 //! ([`place`]), so every agent computes the same answer without a central scheduler.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -100,6 +100,23 @@ impl<'de> Deserialize<'de> for Publish {
     }
 }
 
+/// Where a secret environment value comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    /// A file holding the value (trailing newline dropped), relative to the spec.
+    pub file: PathBuf,
+}
+
+/// A service's secret values as the server keeps them (`secrets/STACK/SERVICE`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretsRecord {
+    /// Record version.
+    pub v: u32,
+    /// Name → value.
+    pub values: BTreeMap<String, String>,
+}
+
 /// One service of a stack.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,6 +135,12 @@ pub struct ServiceSpec {
     /// Environment.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Environment values that are secrets (`DB_PASSWORD = { file = "db.pass" }`, the
+    /// path relative to the spec): read by the CLI at deploy, kept by the server apart
+    /// from the stack, given to the container when it is created — never in an image,
+    /// never served with the stack, left out of backups unless asked for.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_env: BTreeMap<String, SecretSource>,
     /// User to run as (name or uid[:gid]).
     #[serde(default)]
     pub user: Option<String>,
@@ -412,6 +435,26 @@ impl ServiceSpec {
         let err = |field: &str, msg: String| Err(FieldError::new(format!("{f}.{field}"), msg));
         if let Some(n) = &self.network {
             validate_network_name(&format!("{f}.network"), n)?;
+        }
+        for (name, src) in &self.secret_env {
+            let field = format!("secret_env.{name}");
+            let ok = name
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok {
+                return err(
+                    &field,
+                    format!("{name:?} is not an environment variable name"),
+                );
+            }
+            if self.env.contains_key(name) {
+                return err(&field, format!("{name} is also in env: give it once"));
+            }
+            if src.file.as_os_str().is_empty() {
+                return err(&format!("{field}.file"), "empty path".into());
+            }
         }
         let base = self.image.base.as_str();
         let base_ok = matches!(base, "scratch" | "busybox" | "flotilla")

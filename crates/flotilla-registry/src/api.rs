@@ -261,6 +261,8 @@ pub enum Caller {
     Admin,
     /// Presented node `N`'s certificate and no token: may speak for node `N` only.
     Node(String),
+    /// Presented a scoped token (`flotilla token create`): may do what its role allows.
+    Token(flotilla_core::token::TokenView),
     /// Presented nothing (open reads, the CA certificate).
     Anonymous,
 }
@@ -282,9 +284,14 @@ async fn authorize(State(shared): State<Arc<Shared>>, mut req: Request, next: Ne
         {
             Caller::Admin
         }
-        (Some(_), _) => {
-            return ApiError::new(StatusCode::UNAUTHORIZED, "wrong bearer token").into_response()
-        }
+        (Some(t), _) => match scoped_token(&shared, t) {
+            Some(view) if view.role == flotilla_core::token::Role::Admin => Caller::Admin,
+            Some(view) => Caller::Token(view),
+            None => {
+                return ApiError::new(StatusCode::UNAUTHORIZED, "wrong or revoked bearer token")
+                    .into_response()
+            }
+        },
         (None, Some(flotilla_tls::PeerIdentity::Node(n))) => Caller::Node(n),
         // The CA certificate is public: a joining agent fetches it before it trusts the
         // connection enough to send its token.
@@ -305,8 +312,33 @@ async fn authorize(State(shared): State<Arc<Shared>>, mut req: Request, next: Ne
             return e.into_response();
         }
     }
+    if let Caller::Token(view) = &caller {
+        let (method, path) = (req.method().as_str(), req.uri().path());
+        if !flotilla_core::token::allows(view.role, view.service.as_deref(), method, path) {
+            shared.metrics.refused_token_requests.inc();
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "a {} token ({}) may not {method} {path}",
+                    view.role.name(),
+                    view.id
+                ),
+            )
+            .into_response();
+        }
+    }
     req.extensions_mut().insert(caller);
     next.run(req).await
+}
+
+/// The scoped token `token` names, if it exists and matches its stored hash.
+fn scoped_token(shared: &Shared, token: &str) -> Option<flotilla_core::token::TokenView> {
+    let id = flotilla_core::token::token_id(token)?;
+    let catalog = shared.catalog();
+    let record = catalog.token(id)?;
+    let hash = crate::tokens::token_hash(token);
+    flotilla_core::auth::token_matches(hash.as_bytes(), record.hash.as_bytes())
+        .then(|| record.into())
 }
 
 /// What a node's certificate allows: reads; its own node record and lease; writes to

@@ -44,6 +44,7 @@ pub struct Catalog {
     nodes_index: u64,
     stacks: BTreeMap<String, flotilla_core::stack::StackRecord>,
     stacks_index: u64,
+    tokens: BTreeMap<String, flotilla_core::token::TokenRecord>,
     index: u64,
     /// Instances that have checks (the duty runs one checker for each).
     checked: BTreeSet<String>,
@@ -144,6 +145,16 @@ impl Catalog {
         self.stacks.get(name)
     }
 
+    /// A scoped token's record by id.
+    pub fn token(&self, id: &str) -> Option<&flotilla_core::token::TokenRecord> {
+        self.tokens.get(id)
+    }
+
+    /// Every scoped token, without hashes.
+    pub fn tokens(&self) -> Vec<flotilla_core::token::TokenView> {
+        self.tokens.values().map(Into::into).collect()
+    }
+
     /// Applies one store event and says what it changed.
     pub fn apply(&mut self, event: &Event) -> Changes {
         let mut changes = Changes::default();
@@ -202,6 +213,11 @@ impl Catalog {
                 None => self.weights.remove(service),
             };
             changes.services.insert(service.to_owned());
+        } else if let Some(id) = key.strip_prefix(keys::TOKENS) {
+            match entry.and_then(|e| self.decode::<flotilla_core::token::TokenRecord>(e)) {
+                Some(rec) => self.tokens.insert(id.to_owned(), rec),
+                None => self.tokens.remove(id),
+            };
         } else if let Some(name) = key.strip_prefix(keys::STACKS) {
             match entry.and_then(|e| self.decode::<flotilla_core::stack::StackRecord>(e)) {
                 Some(rec) => self.stacks.insert(name.to_owned(), rec),

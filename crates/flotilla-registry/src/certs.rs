@@ -76,13 +76,24 @@ async fn join(
     Extension(caller): Extension<Caller>,
     JsonBody(body): JsonBody<JoinBody>,
 ) -> Result<Response, ApiError> {
-    if caller != Caller::Admin {
+    validate_node_name("node", &body.node)?;
+    let allowed = match &caller {
+        Caller::Admin => true,
+        Caller::Token(t) => {
+            t.role == flotilla_core::token::Role::Agent
+                && t.node.as_ref().is_none_or(|n| *n == body.node)
+        }
+        _ => false,
+    };
+    if !allowed {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "joining needs the cluster token",
+            format!(
+                "joining as {:?} needs the cluster token or an agent token for that node",
+                body.node
+            ),
         ));
     }
-    validate_node_name("node", &body.node)?;
     if !flotilla_tls::ca::valid_node_name(&body.node) {
         return Err(ApiError::field(
             StatusCode::BAD_REQUEST,

@@ -15,6 +15,10 @@ pub const WEIGHTS: &str = "weights/";
 pub const LOADS: &str = "loads/";
 /// `stacks/{name}` → [`flotilla_core::stack::StackRecord`] (desired state)
 pub const STACKS: &str = "stacks/";
+/// `tokens/{id}` → [`flotilla_core::token::TokenRecord`] (scoped tokens, hashed)
+pub const TOKENS: &str = "tokens/";
+/// `secrets/{stack}/{service}` → [`flotilla_core::stack::SecretsRecord`]
+pub const SECRETS: &str = "secrets/";
 /// Election name for the checking duty.
 pub const DUTY_ELECTION: &str = "election/duty";
 
@@ -53,3 +57,13 @@ pub const CA: &str = "tls/ca";
 /// Election that serialises making the cluster CA, so two servers starting together on
 /// an empty etcd make one CA, not two.
 pub const CA_ELECTION: &str = "election/ca";
+
+/// Key of a scoped token.
+pub fn token(id: &str) -> String {
+    format!("{TOKENS}{id}")
+}
+
+/// Key of a stack service's secret values.
+pub fn secrets(stack: &str, service: &str) -> String {
+    format!("{SECRETS}{stack}/{service}")
+}

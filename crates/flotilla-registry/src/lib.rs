@@ -15,10 +15,12 @@ pub mod hysteresis;
 pub mod keys;
 pub mod lease;
 pub mod metrics;
+pub mod secrets;
 pub mod server;
 pub mod stacks;
 pub mod state;
 pub mod tls;
+pub mod tokens;
 
 pub use server::{load_or_create_token, open_store, start, RunningServer};
 pub use state::{ServiceEvent, Shared};

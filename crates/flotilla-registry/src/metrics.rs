@@ -71,6 +71,8 @@ pub struct Metrics {
     pub busy_writes: Counter,
     /// Requests made with a node certificate for something that node may not do.
     pub refused_node_requests: Counter,
+    /// Requests refused because a scoped token's role may not make them.
+    pub refused_token_requests: Counter,
     /// Node certificates issued (joins and renewals).
     pub node_certs_issued: Counter,
     /// Compactions of the store's history this server made.
@@ -106,6 +108,7 @@ impl Default for Metrics {
             busy_writes: Counter::default(),
             refused_node_requests: Counter::default(),
             node_certs_issued: Counter::default(),
+            refused_token_requests: Counter::default(),
             compactions: Counter::default(),
             compacted_revision: Gauge::default(),
             registry: Registry::default(),
@@ -203,6 +206,11 @@ impl Default for Metrics {
             "refused_node_requests",
             "Requests refused (403) because a node certificate may not make them",
             m.refused_node_requests.clone(),
+        );
+        registry.register(
+            "refused_token_requests",
+            "Requests refused (403) because a scoped token's role may not make them",
+            m.refused_token_requests.clone(),
         );
         registry.register(
             "node_certs_issued",

@@ -92,12 +92,14 @@ fn print_join_line(config: &ServerConfig, bound: SocketAddr, hash: &str) {
         bound.ip().to_string()
     };
     let line = format!(
-        "flotilla agent --join https://{host}:{} --token \"$(cat {})\" --ca-hash {hash}",
+        "flotilla agent --join https://{host}:{} --token JOIN_TOKEN --ca-hash {hash}",
         bound.port(),
-        config.token_path().display()
     );
     tracing::info!(ca_hash = hash, "agents pin this CA hash to join");
-    println!("join an agent with:\n  {line}");
+    println!(
+        "join an agent with (JOIN_TOKEN: `flotilla token create --role agent [--node NAME]`, or the cluster token in {}):\n  {line}",
+        config.token_path().display()
+    );
 }
 
 /// Opens the configured store. With etcd every key lives under `/flotilla/`.
@@ -143,7 +145,10 @@ pub async fn start(config: ServerConfig, store: Arc<dyn Store>) -> anyhow::Resul
     }
     let app = crate::api::router(
         shared.clone(),
-        crate::stacks::routes().merge(crate::certs::routes()),
+        crate::stacks::routes()
+            .merge(crate::certs::routes())
+            .merge(crate::tokens::routes())
+            .merge(crate::secrets::routes()),
     );
     tasks.push(tokio::spawn(flotilla_tls::serve(listener, app, options)));
     let mut dns_addr = None;

@@ -161,8 +161,20 @@ async fn remove(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let _w = WRITE.lock().await;
-    if shared.catalog().stack(&name).is_none() {
+    let Some(services) = shared
+        .catalog()
+        .stack(&name)
+        .map(|s| s.services.keys().cloned().collect::<Vec<_>>())
+    else {
         return Err(ApiError::not_found(&format!("stack {name:?}")));
+    };
+    // Its secrets go with it (first: a failure leaves the stack, to be removed again).
+    for svc in services {
+        shared
+            .store
+            .delete(&keys::secrets(&name, &svc))
+            .await
+            .map_err(ApiError::store)?;
     }
     let revision = shared
         .store

@@ -52,6 +52,9 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Move an instance to another node (blue/green if stateless, cold if stateful).
     Migrate(MigrateArgs),
+    /// Scoped API tokens: create (shown once), list, revoke (docs/security.md).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Internal: the lb's crash guard (started by `flotilla lb` when `[ha]` is set).
     #[command(hide = true)]
     HaGuard,
@@ -327,6 +330,10 @@ pub struct BackupArgs {
     /// contents as it writes, and a restore checks every digest again).
     #[arg(long)]
     pub verify: bool,
+    /// Keep the replica's secret environment values in the archive (left out by
+    /// default; the archive is 0600 either way).
+    #[arg(long)]
+    pub with_secrets: bool,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -360,6 +367,43 @@ pub struct MigrateArgs {
     /// Drain time before a stateless source is stopped.
     #[arg(long, default_value = "2s")]
     pub drain: humantime::Duration,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `flotilla token …`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token and print it (this once; the server keeps only its hash).
+    Create(TokenCreateArgs),
+    /// List tokens: id, role, scope, age (never the tokens themselves).
+    List(ClientArgs),
+    /// Revoke a token by id: it stops working at once.
+    Revoke(TokenRevokeArgs),
+}
+
+/// Flags of `flotilla token create`.
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    /// admin (everything), agent (join a node), lb (read services, publish weights),
+    /// read (catalog, metrics, events).
+    #[arg(long)]
+    pub role: flotilla_core::token::Role,
+    /// For an lb token: the one service it may publish weights for.
+    #[arg(long)]
+    pub service: Option<String>,
+    /// For an agent token: the one node it may join as.
+    #[arg(long)]
+    pub node: Option<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Flags of `flotilla token revoke`.
+#[derive(Debug, Args)]
+pub struct TokenRevokeArgs {
+    /// The token's id (`flotilla token list`).
+    pub id: String,
     #[command(flatten)]
     pub client: ClientArgs,
 }

@@ -246,6 +246,37 @@ async fn push_images(
     Ok(())
 }
 
+/// The secret values of every service that has some, read from their files (relative
+/// to the spec's directory; one trailing newline dropped). The error names the service,
+/// the variable and the file.
+fn read_secrets(
+    spec: &flotilla_core::stack::StackSpec,
+    dir: &Path,
+) -> anyhow::Result<BTreeMap<String, BTreeMap<String, String>>> {
+    let mut out = BTreeMap::new();
+    for (service, s) in &spec.services {
+        if s.secret_env.is_empty() {
+            continue;
+        }
+        let mut values = BTreeMap::new();
+        for (name, src) in &s.secret_env {
+            let file = dir.join(&src.file);
+            let mut v = std::fs::read_to_string(&file).map_err(|e| {
+                usage(format!(
+                    "service.{service}.secret_env.{name}: {}: {e}",
+                    file.display()
+                ))
+            })?;
+            if v.ends_with('\n') {
+                v.pop();
+            }
+            values.insert(name.clone(), v);
+        }
+        out.insert(service.clone(), values);
+    }
+    Ok(out)
+}
+
 /// Deploys a stack file: builds, distributes images, stores the desired state, and
 /// (unless `detach`) waits until every replica of the new version passes.
 pub async fn deploy_file(
@@ -256,10 +287,20 @@ pub async fn deploy_file(
     wait: Option<Duration>,
 ) -> anyhow::Result<()> {
     let (spec, dir) = load_spec(path)?;
+    // Secret values are read before anything is built or sent: a missing file stops the
+    // deploy with nothing changed.
+    let secrets = read_secrets(&spec, &dir)?;
     let built = build_all(&spec, &dir, docker).await?;
     let nodes = c.nodes().await?;
     if nodes.is_empty() {
         bail!("no live nodes: start an agent first");
+    }
+    // Stored apart from the stack, before it: the agents find them when they create
+    // the replicas.
+    for (service, values) in &secrets {
+        c.put_secrets(&spec.name, service, values)
+            .await
+            .with_context(|| format!("storing the secrets of service {service}"))?;
     }
     push_images(&nodes, token, &built).await?;
     let services: BTreeMap<String, DeployedService> = spec
@@ -560,6 +601,7 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
             &container,
             &args.consistency,
             !args.no_image,
+            args.with_secrets,
             &file,
             args.verify,
         )
@@ -587,6 +629,7 @@ async fn fetch_backup(
     container: &str,
     consistency: &str,
     image: bool,
+    with_secrets: bool,
     file: &Path,
     full_check: bool,
 ) -> anyhow::Result<flotilla_archive::Manifest> {
@@ -598,6 +641,7 @@ async fn fetch_backup(
                 ("container", container),
                 ("consistency", consistency),
                 ("image", if image { "true" } else { "false" }),
+                ("secrets", if with_secrets { "true" } else { "false" }),
             ])
             .send()
             .await?;
@@ -743,6 +787,8 @@ async fn pre_copy(
             ("consistency", "live"),
             ("image", image),
             ("snapshot", snapshot.as_str()),
+            // A move within the cluster keeps the replica's secrets.
+            ("secrets", "true"),
         ])
         .send()
         .await?
@@ -887,6 +933,7 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
                     "leave_stopped",
                     if stateful { "true" } else { "false" }.to_owned(),
                 ),
+                ("secrets", "true".to_owned()),
             ];
             if let Some(p) = &precopy {
                 backup_query.push(("since", p.snapshot.clone()));

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use flotilla_client::Client;
 
-use crate::cli::{ClientArgs, DeregisterArgs, PsArgs, WatchArgs};
+use crate::cli::{ClientArgs, DeregisterArgs, PsArgs, TokenCommand, WatchArgs};
 use crate::home::{flotilla_home, token_from, usage};
 
 /// Builds a client from flags, environment and what `flotilla up` wrote.
@@ -211,4 +211,59 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// `flotilla token create|list|revoke`.
+pub async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
+    match cmd {
+        TokenCommand::Create(args) => {
+            let made = client(&args.client)?
+                .create_token(args.role, args.service.as_deref(), args.node.as_deref())
+                .await?;
+            if args.client.json {
+                return print_json(&made);
+            }
+            let scope = made
+                .service
+                .as_deref()
+                .map(|s| format!(" for service {s}"))
+                .or_else(|| made.node.as_deref().map(|n| format!(" for node {n}")))
+                .unwrap_or_default();
+            eprintln!(
+                "{} token {}{scope} (shown once; revoke with `flotilla token revoke {}`):",
+                made.role.name(),
+                made.id,
+                made.id
+            );
+            println!("{}", made.token);
+        }
+        TokenCommand::List(args) => {
+            let list = client(&args)?.tokens().await?;
+            if args.json {
+                return print_json(&list);
+            }
+            println!("{:<18} {:<6} {:<24} CREATED", "ID", "ROLE", "SCOPE");
+            let now = flotilla_core::record::unix_ms();
+            for t in list {
+                let scope = t
+                    .service
+                    .map(|s| format!("service {s}"))
+                    .or_else(|| t.node.map(|n| format!("node {n}")))
+                    .unwrap_or_else(|| "-".into());
+                let age = Duration::from_millis(now.saturating_sub(t.created_ms) / 1000 * 1000);
+                println!(
+                    "{:<18} {:<6} {:<24} {} ago",
+                    t.id,
+                    t.role.name(),
+                    scope,
+                    humantime::format_duration(age)
+                );
+            }
+        }
+        TokenCommand::Revoke(args) => {
+            client(&args.client)?.revoke_token(&args.id).await?;
+            println!("revoked {}", args.id);
+        }
+    }
+    Ok(())
 }

@@ -28,6 +28,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Backup(args) => crate::containers::backup(args).await,
         Command::Restore(args) => crate::containers::restore(args).await,
         Command::Migrate(args) => crate::containers::migrate(args).await,
+        Command::Token(cmd) => crate::ops::token(cmd).await,
         Command::HaGuard => tokio::task::spawn_blocking(flotilla_ha::guard::run)
             .await?
             .map_err(anyhow::Error::msg),

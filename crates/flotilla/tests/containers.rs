@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::{agent_on, eventually, Proc, Server};
 use flotilla_client::Client;
 use flotilla_core::{HealthStatus, InstanceView};
-use flotilla_testkit::{docker, docker_at, unique, DockerNetwork, Dockerd};
+use flotilla_testkit::{docker, docker_at, free_port, unique, DockerNetwork, Dockerd};
 
 /// Runs the CLI against `server`.
 ///
@@ -908,8 +908,24 @@ async fn replicas_move_between_engines_that_share_nothing() {
     );
 
     // Node b joins after the deploy, so it never received the images: its agent fetches
-    // them from node a's when the spread placement gives it a web replica.
-    let mut agent_b: Proc = agent_on(dir.path(), &server, &node_b, None, Some(&db.host));
+    // them from node a's when the spread placement gives it a web replica. Everything
+    // that reaches b's API (the peer's image fetch, the CLI's migration streams) passes
+    // a socket tap, which must see no token and no volume bytes in clear.
+    let b_api = free_port();
+    let tap =
+        flotilla_testkit::tap::Tap::start(format!("127.0.0.1:{b_api}").parse().unwrap()).unwrap();
+    let (listen_b, url_b) = (
+        format!("127.0.0.1:{b_api}"),
+        format!("https://{}", tap.addr),
+    );
+    let mut agent_b: Proc = common::agent_with(
+        dir.path(),
+        &server,
+        &node_b,
+        None,
+        Some(&db.host),
+        &["--api-listen", &listen_b, "--api-url", &url_b],
+    );
     node_up(&client, 2).await;
     eventually(
         Duration::from_secs(60),
@@ -1050,6 +1066,21 @@ async fn replicas_move_between_engines_that_share_nothing() {
         "stateful migration: {} acknowledged writes, all present",
         acked.len()
     );
+    // The notes volume crossed b's API inside TLS: a run of its lines (12+ bytes) or
+    // the token in the tapped bytes would be plaintext.
+    let seen = tap.seen();
+    let run = format!("w{}\nw{}\n", acked[10], acked[11]);
+    assert!(
+        seen.len() > 100_000,
+        "the tap saw only {} bytes",
+        seen.len()
+    );
+    assert!(!tap.saw(run.as_bytes()), "volume bytes crossed in clear");
+    assert!(
+        !tap.saw(server.token().as_bytes()),
+        "the token crossed in clear"
+    );
+    assert!(!tap.saw(b"HTTP/1.1"), "HTTP crossed in clear");
 
     // Node loss: node b dies (agent and containers); its replicas come back on node a.
     agent_b.kill();
@@ -1420,4 +1451,149 @@ async fn the_agent_api_refuses_containers_flotilla_does_not_manage() {
     // Still there, still running.
     let state = docker(&["inspect", "-f", "{{.State.Running}}", &name]).unwrap();
     assert_eq!(state.trim(), "true");
+}
+
+/// A secret env value reaches the container at start and nothing else: not its image,
+/// not the stack as served, not a read token, not a backup unless asked (issue 14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_env_reaches_the_container_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = unique("sec").replace('_', "-");
+    let _cleanup = Cleanup(stack.clone());
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let net = DockerNetwork::create("flotilla-sec").unwrap();
+    let node = unique("node").replace('_', "-");
+    let _agent = agent_on(dir.path(), &server, &node, None, None);
+    node_up(&client, 1).await;
+    let home = dir.path();
+    let secret = format!("s3cret-{}", unique("v"));
+    let spec_dir = dir.path().join("spec");
+    let spec = write_stack(
+        &spec_dir,
+        &stack,
+        &net.name,
+        1,
+        "secret_env = { DB_PASSWORD = { file = \"db.pass\" } }",
+        false,
+        None,
+    );
+    // A missing secret file stops the deploy before anything is stored.
+    let o = cli(&server, home, &["deploy", spec.to_str().unwrap()], &[]).await;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("secret_env.DB_PASSWORD"), "{}", text(&o));
+    assert!(client.stack(&stack).await.is_err());
+    std::fs::write(spec_dir.join("db.pass"), format!("{secret}\n")).unwrap();
+    ok(cli(
+        &server,
+        home,
+        &["deploy", spec.to_str().unwrap(), "--timeout", "60s"],
+        &[],
+    )
+    .await);
+
+    let web = passing_in(&client, &stack, "web").await[0].clone();
+    let container = web.meta["container_id"].clone();
+    let env = docker(&["inspect", "-f", "{{json .Config.Env}}", &container]).unwrap();
+    assert!(env.contains(&format!("DB_PASSWORD={secret}")), "{env}");
+    let image = docker(&["inspect", "-f", "{{.Config.Image}}", &container]).unwrap();
+    let image_env = docker(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{json .Config.Env}}",
+        image.trim(),
+    ])
+    .unwrap();
+    assert!(
+        !image_env.contains(&secret),
+        "baked into the image: {image_env}"
+    );
+    let served = serde_json::to_string(&client.stack(&stack).await.unwrap()).unwrap();
+    assert!(!served.contains(&secret), "served with the stack");
+    assert!(served.contains("DB_PASSWORD"), "{served}");
+    let read_token = String::from_utf8(
+        std::process::Command::new(common::BIN)
+            .args([
+                "token",
+                "create",
+                "--role",
+                "read",
+                "--server",
+                &server.url,
+                "--token-file",
+            ])
+            .arg(&server.token_file)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let reader = Client::with_tls(
+        &server.url,
+        Some(read_token.trim().to_owned()),
+        server.tls(),
+    );
+    assert_eq!(
+        reader
+            .secrets(&stack, "web")
+            .await
+            .err()
+            .and_then(|e| e.status()),
+        Some(403)
+    );
+    assert_eq!(
+        client.secrets(&stack, "web").await.unwrap().values["DB_PASSWORD"],
+        secret
+    );
+
+    // Backups leave it out unless asked; either way the archive is private.
+    let plain = dir.path().join("plain");
+    ok(cli(
+        &server,
+        home,
+        &["backup", &web.id, "--to", plain.to_str().unwrap()],
+        &[],
+    )
+    .await);
+    let with = dir.path().join("with");
+    ok(cli(
+        &server,
+        home,
+        &[
+            "backup",
+            &web.id,
+            "--with-secrets",
+            "--to",
+            with.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await);
+    let archive = |d: &Path| {
+        let f = std::fs::read_dir(d)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::read(f).unwrap()
+    };
+    let has = |bytes: &[u8]| bytes.windows(secret.len()).any(|w| w == secret.as_bytes());
+    assert!(
+        !has(&archive(&plain)),
+        "the secret went into a plain backup"
+    );
+    assert!(has(&archive(&with)), "--with-secrets kept it");
+
+    // Removing the stack removes its secrets.
+    ok(cli(&server, home, &["rm", &stack], &[]).await);
+    assert_eq!(
+        client
+            .secrets(&stack, "web")
+            .await
+            .err()
+            .and_then(|e| e.status()),
+        Some(404)
+    );
 }

@@ -354,3 +354,186 @@ async fn node_certificates_renew_without_the_lease_lapsing() {
         .unwrap();
     assert!(metrics.contains("node_certs_issued_total"), "{metrics}");
 }
+
+/// `flotilla token create` through the CLI, as an operator would; the token printed.
+fn create_token(server: &Server, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(["token", "create", "--server", &server.url, "--token-file"])
+        .arg(&server.token_file)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn code(r: Result<serde_json::Value, flotilla_client::ClientError>) -> Option<u16> {
+    r.err().and_then(|e| e.status())
+}
+
+#[tokio::test]
+async fn scoped_tokens_do_their_job_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let admin = server.client();
+    let as_token =
+        |t: &str| flotilla_client::Client::with_tls(&server.url, Some(t.to_owned()), server.tls());
+    let lb_token = create_token(&server, &["--role", "lb", "--service", "web"]);
+    let read_token = create_token(&server, &["--role", "read"]);
+    let join_token = create_token(&server, &["--role", "agent", "--node", "n1"]);
+    assert!(lb_token.starts_with("flt_") && read_token != lb_token);
+
+    // The lb's token: reads, publishes weights for its service; nothing else.
+    let lb = as_token(&lb_token);
+    lb.services().await.unwrap();
+    let none = std::collections::BTreeMap::new();
+    let web = lb.publish_weights("web", "lb-1", &none).await;
+    assert_ne!(code(web), Some(403));
+    assert_eq!(
+        code(lb.publish_weights("api", "lb-1", &none).await),
+        Some(403)
+    );
+    let services = std::collections::BTreeMap::new();
+    assert_eq!(code(lb.deploy("s", &services).await), Some(403));
+    assert!(admin.stacks(0, Duration::ZERO).await.unwrap().1.is_empty());
+    let spec: flotilla_core::InstanceSpec =
+        serde_json::from_value(json!({"service": "web", "address": "127.0.0.1", "port": 9}))
+            .unwrap();
+    assert_eq!(code(lb.register("i1", &spec).await), Some(403));
+    assert!(!has_instance(&admin, "i1").await);
+
+    // The read token: reads only, and not the token list.
+    let read = as_token(&read_token);
+    read.instances().await.unwrap();
+    assert_eq!(code(read.register("i1", &spec).await), Some(403));
+    assert_eq!(
+        read.tokens().await.err().and_then(|e| e.status()),
+        Some(403)
+    );
+
+    // The join token: joins n1 (a real agent) and nothing else; not as another node.
+    let _agent = Proc::spawn(
+        &[
+            "agent",
+            "--join",
+            &server.url,
+            "--token",
+            &join_token,
+            "--ca",
+            &server.ca_file().display().to_string(),
+            "--data-dir",
+            &dir.path().join("agent-n1").display().to_string(),
+            "--node",
+            "n1",
+            "--api-listen",
+            "127.0.0.1:0",
+        ],
+        dir.path().join("agent-n1.log"),
+    );
+    eventually(
+        Duration::from_secs(20),
+        "n1 joined with a join token",
+        || node_is_up(&server, "n1"),
+    )
+    .await;
+    assert_eq!(
+        as_token(&join_token)
+            .instances()
+            .await
+            .err()
+            .and_then(|e| e.status()),
+        Some(403)
+    );
+    let out = Command::new(BIN)
+        .args([
+            "agent",
+            "--join",
+            &server.url,
+            "--token",
+            &join_token,
+            "--ca",
+        ])
+        .arg(server.ca_file())
+        .args(["--node", "n2", "--api-listen", ""])
+        .arg("--data-dir")
+        .arg(dir.path().join("agent-n2"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("refused the join"),
+        "{err}"
+    );
+
+    // That agent holds no admin token, yet its API takes the admin's (the registry says
+    // what a token is) and refuses the lb's.
+    let api = admin
+        .nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|n| n.name == "n1")
+        .and_then(|n| n.api)
+        .unwrap();
+    let ask = |t: String| {
+        let http = server.http();
+        let url = format!("{api}/v1/stacks/none/containers");
+        async move {
+            http.get(url)
+                .bearer_auth(t)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(ask(server.token()).await, 200);
+    assert_eq!(ask(lb_token.clone()).await, 403);
+    let admin2 = create_token(&server, &["--role", "admin"]);
+    assert_eq!(ask(admin2).await, 200);
+
+    // Listing shows ids and roles, never the tokens; a revoked token stops at once.
+    let out = Command::new(BIN)
+        .args([
+            "token",
+            "list",
+            "--json",
+            "--server",
+            &server.url,
+            "--token-file",
+        ])
+        .arg(&server.token_file)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        listed.contains("\"lb\"") && listed.contains("\"web\""),
+        "{listed}"
+    );
+    assert!(!listed.contains(&lb_token[20..]), "a secret was listed");
+    let id = flotilla_core::token::token_id(&lb_token)
+        .unwrap()
+        .to_owned();
+    let out = Command::new(BIN)
+        .args([
+            "token",
+            "revoke",
+            &id,
+            "--server",
+            &server.url,
+            "--token-file",
+        ])
+        .arg(&server.token_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        lb.services().await.err().and_then(|e| e.status()),
+        Some(401)
+    );
+}

@@ -253,8 +253,26 @@ pub fn agent_on(
     network: Option<&str>,
     docker: Option<&str>,
 ) -> Proc {
+    agent_with(
+        dir,
+        server,
+        node,
+        network,
+        docker,
+        &["--api-listen", "127.0.0.1:0"],
+    )
+}
+
+/// Like [`agent_on`], with `extra` flags (the API's listen address among them).
+pub fn agent_with(
+    dir: &Path,
+    server: &Server,
+    node: &str,
+    network: Option<&str>,
+    docker: Option<&str>,
+    extra: &[&str],
+) -> Proc {
     let token = server.token_file.display().to_string();
-    let api = "127.0.0.1:0".to_owned();
     let data = dir.join(format!("agent-{node}")).display().to_string();
     let mut args = vec![
         "agent",
@@ -264,11 +282,10 @@ pub fn agent_on(
         &token,
         "--node",
         node,
-        "--api-listen",
-        &api,
         "--data-dir",
         &data,
     ];
+    args.extend_from_slice(extra);
     if let Some(n) = network {
         args.extend(["--default-network", n]);
     }
