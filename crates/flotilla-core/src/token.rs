@@ -98,6 +98,15 @@ impl From<&TokenRecord> for TokenView {
     }
 }
 
+/// `sha256:HEX` of a whole token: what the store keeps of it.
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest;
+    format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(token.as_bytes()))
+    )
+}
+
 /// The id of a token in the `flt_ID_SECRET` form (none for the bootstrap token).
 pub fn token_id(token: &str) -> Option<&str> {
     let rest = token.strip_prefix("flt_")?;

@@ -336,7 +336,7 @@ fn scoped_token(shared: &Shared, token: &str) -> Option<flotilla_core::token::To
     let id = flotilla_core::token::token_id(token)?;
     let catalog = shared.catalog();
     let record = catalog.token(id)?;
-    let hash = crate::tokens::token_hash(token);
+    let hash = flotilla_core::token::token_hash(token);
     flotilla_core::auth::token_matches(hash.as_bytes(), record.hash.as_bytes())
         .then(|| record.into())
 }

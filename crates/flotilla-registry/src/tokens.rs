@@ -15,7 +15,6 @@ use flotilla_core::{validate_node_name, validate_service_name, RECORD_VERSION};
 use rand::RngCore;
 use serde::Deserialize;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use crate::api::{applied, put_record, ApiError, Caller, JsonBody};
 use crate::keys;
@@ -27,11 +26,6 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/v1/tokens", get(list).post(create))
         .route("/v1/tokens/self", get(whoami))
         .route("/v1/tokens/{id}", delete(revoke))
-}
-
-/// `sha256:HEX` of a whole token: what the store keeps.
-pub(crate) fn token_hash(token: &str) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(token.as_bytes())))
 }
 
 fn admin_only(caller: &Caller) -> Result<(), ApiError> {
@@ -92,7 +86,7 @@ async fn create(
         role: body.role,
         service: body.service,
         node: body.node,
-        hash: token_hash(&token),
+        hash: flotilla_core::token::token_hash(&token),
         created_ms: unix_ms(),
     };
     let revision = put_record(&shared, &keys::token(&id), &record).await?;

@@ -302,6 +302,19 @@ mod tests {
     }
 
     #[test]
+    fn a_reloaded_ca_signs_certificates_that_chain_to_the_stored_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let first = ClusterCa::load_or_create(dir.path(), now).unwrap();
+        let again = ClusterCa::load_or_create(dir.path(), now).unwrap();
+        let csr = node_csr("a").unwrap();
+        let cert = again
+            .sign_node_csr(&csr.cert_pem, "a", now, Duration::from_secs(60))
+            .unwrap();
+        verify_chain(first.cert_pem(), &cert, now).unwrap();
+    }
+
+    #[test]
     fn a_slot_takes_a_certificate_and_refuses_garbage() {
         let now = SystemTime::now();
         let ca = ClusterCa::generate(now).unwrap();

@@ -69,6 +69,18 @@ async fn has_instance(client: &flotilla_client::Client, id: &str) -> bool {
     client.instances().await.unwrap().iter().any(|i| i.id == id)
 }
 
+/// The agent API URL node `node` registered.
+async fn api_of(admin: &flotilla_client::Client, node: &str) -> String {
+    admin
+        .nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|n| n.name == node)
+        .and_then(|n| n.api)
+        .unwrap()
+}
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
@@ -236,14 +248,7 @@ async fn a_node_certificate_speaks_for_its_node_only() {
     );
 
     // The agent's API: a peer's certificate may fetch images, nothing else.
-    let api = admin
-        .nodes()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|n| n.name == "n1")
-        .and_then(|n| n.api)
-        .unwrap();
+    let api = api_of(&admin, "n1").await;
     assert!(api.starts_with("https://"), "{api}");
     let r = node
         .post(format!("{api}/v1/retire"))
@@ -471,14 +476,7 @@ async fn scoped_tokens_do_their_job_only() {
 
     // That agent holds no admin token, yet its API takes the admin's (the registry says
     // what a token is) and refuses the lb's.
-    let api = admin
-        .nodes()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|n| n.name == "n1")
-        .and_then(|n| n.api)
-        .unwrap();
+    let api = api_of(&admin, "n1").await;
     let ask = |t: String| {
         let http = server.http();
         let url = format!("{api}/v1/stacks/none/containers");
