@@ -35,8 +35,14 @@ pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, Con
 pub enum StoreUrl {
     /// redb file under the data dir.
     Embedded,
-    /// An etcd v3 cluster, by client endpoints.
-    Etcd(Vec<String>),
+    /// An etcd v3 cluster, by client endpoints; `tls` for `etcds://` (TLS with the
+    /// server's `etcd_ca`, and a client certificate when `etcd_cert`/`etcd_key` are set).
+    Etcd {
+        /// `host:port` of each member.
+        endpoints: Vec<String>,
+        /// Speak TLS to them.
+        tls: bool,
+    },
 }
 
 impl std::str::FromStr for StoreUrl {
@@ -45,11 +51,17 @@ impl std::str::FromStr for StoreUrl {
         if s == "embedded" {
             return Ok(StoreUrl::Embedded);
         }
-        let Some(rest) = s.strip_prefix("etcd://") else {
-            return Err(FieldError::new(
-                "store",
-                format!("{s:?}: expected \"embedded\" or \"etcd://host:port,host:port\""),
-            ));
+        let (rest, tls) = match (s.strip_prefix("etcd://"), s.strip_prefix("etcds://")) {
+            (Some(rest), _) => (rest, false),
+            (_, Some(rest)) => (rest, true),
+            _ => {
+                return Err(FieldError::new(
+                    "store",
+                    format!(
+                        "{s:?}: expected \"embedded\", \"etcd://host:port,host:port\" or \"etcds://…\" (TLS)"
+                    ),
+                ))
+            }
         };
         let endpoints: Vec<String> = rest.split(',').map(|e| e.trim().to_owned()).collect();
         for e in &endpoints {
@@ -60,7 +72,7 @@ impl std::str::FromStr for StoreUrl {
                 return Err(FieldError::new("store", format!("{e:?} is not host:port")));
             }
         }
-        Ok(StoreUrl::Etcd(endpoints))
+        Ok(StoreUrl::Etcd { endpoints, tls })
     }
 }
 
@@ -115,6 +127,13 @@ pub struct ServerConfig {
     /// connection.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// With `etcds://`: the CA that signed etcd's certificates (PEM).
+    pub etcd_ca: Option<PathBuf>,
+    /// With `etcds://`: this server's client certificate for etcd (PEM), when etcd asks
+    /// for one (`--client-cert-auth`); with `etcd_key`.
+    pub etcd_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub etcd_key: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -138,6 +157,9 @@ impl Default for ServerConfig {
             node_cert_lifetime: Duration::from_secs(24 * 3600),
             max_connections: 4096,
             header_read_timeout: Duration::from_secs(30),
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
         }
     }
 }
@@ -145,7 +167,30 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// Checks values after file and overrides are applied.
     pub fn validate(&self) -> Result<(), FieldError> {
-        self.store.parse::<StoreUrl>()?;
+        let store: StoreUrl = self.store.parse()?;
+        let tls = matches!(store, StoreUrl::Etcd { tls: true, .. });
+        if tls && self.etcd_ca.is_none() {
+            return Err(FieldError::new(
+                "etcd_ca",
+                "etcds:// needs the CA of etcd's certificates (--etcd-ca FILE)",
+            ));
+        }
+        if !tls && (self.etcd_ca.is_some() || self.etcd_cert.is_some() || self.etcd_key.is_some()) {
+            return Err(FieldError::new(
+                "store",
+                format!("{:?}: etcd TLS files are set; use etcds://", self.store),
+            ));
+        }
+        if self.etcd_cert.is_some() != self.etcd_key.is_some() {
+            return Err(FieldError::new(
+                if self.etcd_cert.is_some() {
+                    "etcd_key"
+                } else {
+                    "etcd_cert"
+                },
+                "etcd_cert and etcd_key go together",
+            ));
+        }
         if !self.dns_listen.is_empty() {
             self.dns_listen.parse::<SocketAddr>().map_err(|_| {
                 FieldError::new(
@@ -458,7 +503,10 @@ mod tests {
             "etcd://127.0.0.1:2379,127.0.0.1:22379"
                 .parse::<StoreUrl>()
                 .unwrap(),
-            StoreUrl::Etcd(vec!["127.0.0.1:2379".into(), "127.0.0.1:22379".into()])
+            StoreUrl::Etcd {
+                endpoints: vec!["127.0.0.1:2379".into(), "127.0.0.1:22379".into()],
+                tls: false
+            }
         );
         assert!("etcd://nohost".parse::<StoreUrl>().is_err());
         assert!("redis://x:1".parse::<StoreUrl>().is_err());

@@ -54,6 +54,10 @@ pub struct RegistryConfig {
     /// beside the token file, where `flotilla server` writes it].
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// `sha256:HEX` of the cluster CA (as `flotilla server` printed it): with no CA file,
+    /// the CA is fetched at start and used only if it matches.
+    #[serde(default)]
+    pub ca_hash: Option<String>,
 }
 
 impl RegistryConfig {
@@ -535,6 +539,15 @@ impl LbConfig {
             })?;
         }
         if let Some(r) = &self.registry {
+            if let Some(h) = &r.ca_hash {
+                let hex = h.strip_prefix("sha256:").unwrap_or_default();
+                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(FieldError::new(
+                        "registry.ca_hash",
+                        format!("{h:?} is not `sha256:` and 64 hex digits"),
+                    ));
+                }
+            }
             if let Some(url) = &r.url {
                 flotilla_core::config::parse_server_list(url)
                     .map_err(|e| FieldError::new("registry.url", e))?;

@@ -99,6 +99,21 @@ pub fn load_tls(config: &LbConfig) -> anyhow::Result<Vec<Option<ListenerTls>>> {
         .collect()
 }
 
+/// The cluster CA fetched from the first server that answers, checked against `pin`.
+async fn pinned_ca(servers: &str, pin: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut errors = Vec::new();
+    for s in servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match flotilla_client::fetch_pinned_ca(s, pin).await {
+            Ok(pem) => return flotilla_tls::client_config(&pem, None),
+            Err(e) => errors.push(e),
+        }
+    }
+    anyhow::bail!(
+        "registry.ca_hash: no server gave the pinned CA: {}",
+        errors.join("; ")
+    )
+}
+
 /// Starts the lb on the current runtime. `config` must be validated.
 pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
     let client = match &config.registry {
@@ -113,10 +128,12 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
                     .map(|t| t.with_file_name("ca.pem"))
                     .filter(|f| f.exists())
             });
-            let tls = match ca {
-                Some(f) if r.server_list().contains("https://") => {
-                    Some(flotilla_client::tls_config(&f)?)
-                }
+            let https = r.server_list().contains("https://");
+            let tls = match (ca, &r.ca_hash) {
+                (Some(f), _) if https => Some(flotilla_client::tls_config(&f)?),
+                // Joins the way an agent does: the CA fetched from a server and kept
+                // only if it matches the pinned hash, before the token is sent.
+                (None, Some(pin)) if https => Some(pinned_ca(&r.server_list(), pin).await?),
                 _ => None,
             };
             Some(flotilla_client::Client::with_tls(

@@ -114,11 +114,27 @@ pub async fn open_store(config: &ServerConfig) -> anyhow::Result<Arc<dyn Store>>
                 )
             })?)
         }
-        StoreUrl::Etcd(endpoints) => Arc::new(
-            EtcdStore::connect(&endpoints, "/flotilla/")
-                .await
-                .context("connecting to etcd")?,
-        ),
+        StoreUrl::Etcd { endpoints, tls } => {
+            let tls = if tls {
+                let read = |p: &std::path::PathBuf| {
+                    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+                };
+                Some(flotilla_store::EtcdTls {
+                    ca_pem: read(config.etcd_ca.as_ref().context("etcds:// needs etcd_ca")?)?,
+                    identity: match (&config.etcd_cert, &config.etcd_key) {
+                        (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                        _ => None,
+                    },
+                })
+            } else {
+                None
+            };
+            Arc::new(
+                EtcdStore::connect_with(&endpoints, "/flotilla/", tls)
+                    .await
+                    .context("connecting to etcd")?,
+            )
+        }
     })
 }
 

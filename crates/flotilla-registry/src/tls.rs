@@ -40,7 +40,7 @@ impl ServerTls {
         let now = SystemTime::now();
         let ca = match config.store.parse::<StoreUrl>()? {
             StoreUrl::Embedded => ClusterCa::load_or_create(&config.data_dir, now)?,
-            StoreUrl::Etcd(_) => shared_ca(store.as_ref(), now).await?,
+            StoreUrl::Etcd { .. } => shared_ca(store.as_ref(), now).await?,
         };
         let mut names = config.tls_names.clone();
         if !config.listen.ip().is_unspecified() {

@@ -14,6 +14,24 @@ use tokio::sync::{oneshot, watch};
 use crate::group::{Committer, Limits, WriteCounts, WriteOp};
 use crate::{Entry, Event, EventStream, Leadership, Result, Snapshot, Store, StoreError};
 
+/// TLS to etcd (`etcds://`): the CA of the members' certificates and, when etcd asks
+/// for client certificates, this client's certificate and key (all PEM).
+#[derive(Clone)]
+pub struct EtcdTls {
+    /// CA certificate(s).
+    pub ca_pem: Vec<u8>,
+    /// Client certificate and key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// A store in an etcd v3 cluster, with every key under `namespace`. Writes are
 /// group-committed: each batch is one etcd `Txn` (all its writes share one revision).
 #[derive(Clone)]
@@ -50,11 +68,30 @@ impl EtcdStore {
     /// Connects to the cluster (any reachable member will do) and keeps every key under
     /// `namespace` so several flotilla clusters (or test runs) can share one etcd.
     pub async fn connect(endpoints: &[String], namespace: &str) -> Result<Self> {
-        let options = ConnectOptions::new()
+        Self::connect_with(endpoints, namespace, None).await
+    }
+
+    /// Like [`EtcdStore::connect`]; with `tls`, over TLS to members whose certificates
+    /// `tls.ca_pem` signed, presenting `tls.identity` when given (etcd's
+    /// `--client-cert-auth`).
+    pub async fn connect_with(
+        endpoints: &[String],
+        namespace: &str,
+        tls: Option<EtcdTls>,
+    ) -> Result<Self> {
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_keep_alive_while_idle(true);
+        if let Some(tls) = tls {
+            let mut t = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                t = t.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(t);
+        }
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(unavailable)?;

@@ -22,7 +22,7 @@ use futures::stream::BoxStream;
 use tokio::sync::watch;
 
 pub use embedded::EmbeddedStore;
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdStore, EtcdTls};
 pub use group::{batch_len, Limits, WriteCounts, WriteOp};
 
 /// One key with its value and the revision that last wrote it.

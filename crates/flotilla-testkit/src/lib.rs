@@ -76,10 +76,24 @@ impl Drop for EtcdMember {
     }
 }
 
+/// Certificate files for an etcd that serves TLS (PEM): its certificate and key, and the
+/// CA that signed it and that client certificates must chain to.
+#[derive(Debug, Clone)]
+pub struct EtcdTlsFiles {
+    /// Server certificate (for 127.0.0.1).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// The CA.
+    pub ca: PathBuf,
+}
+
 /// A real etcd v3 cluster on loopback, in a temporary directory.
 pub struct EtcdCluster {
     /// The members, in start order.
     pub members: Vec<EtcdMember>,
+    /// Whether clients speak TLS to it.
+    tls: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -92,6 +106,21 @@ impl EtcdCluster {
     /// Like [`EtcdCluster::start`], with the members' data under `base` (e.g. a tmpfs,
     /// to separate etcd's fsync cost from flotilla's in a benchmark).
     pub fn start_in(n: usize, base: Option<&std::path::Path>) -> Result<Self> {
+        Self::start_with(n, base, None)
+    }
+
+    /// Like [`EtcdCluster::start`], serving clients over TLS with `tls`'s certificate
+    /// and requiring client certificates signed by its CA (`--client-cert-auth`).
+    pub fn start_tls(n: usize, tls: &EtcdTlsFiles) -> Result<Self> {
+        Self::start_with(n, None, Some(tls))
+    }
+
+    fn start_with(
+        n: usize,
+        base: Option<&std::path::Path>,
+        tls: Option<&EtcdTlsFiles>,
+    ) -> Result<Self> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let dir = match base {
             Some(b) => tempfile::tempdir_in(b)?,
             None => tempfile::tempdir()?,
@@ -108,17 +137,27 @@ impl EtcdCluster {
         for (i, (client, peer)) in ports.iter().enumerate() {
             let data: PathBuf = dir.path().join(format!("m{i}"));
             let log = std::fs::File::create(dir.path().join(format!("m{i}.log")))?;
-            let child = Command::new("etcd")
+            let mut etcd = Command::new("etcd");
+            if let Some(t) = tls {
+                etcd.arg("--cert-file")
+                    .arg(&t.cert)
+                    .arg("--key-file")
+                    .arg(&t.key)
+                    .arg("--trusted-ca-file")
+                    .arg(&t.ca)
+                    .arg("--client-cert-auth");
+            }
+            let child = etcd
                 .args(["--name", &format!("m{i}")])
                 .arg("--data-dir")
                 .arg(&data)
                 .args([
                     "--listen-client-urls",
-                    &format!("http://127.0.0.1:{client}"),
+                    &format!("{scheme}://127.0.0.1:{client}"),
                 ])
                 .args([
                     "--advertise-client-urls",
-                    &format!("http://127.0.0.1:{client}"),
+                    &format!("{scheme}://127.0.0.1:{client}"),
                 ])
                 .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
                 .args([
@@ -146,10 +185,20 @@ impl EtcdCluster {
         // Wait for a leader: a write through etcdctl succeeds only then.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let ok = Command::new("etcdctl")
+            let mut etcdctl = Command::new("etcdctl");
+            if let Some(t) = tls {
+                etcdctl
+                    .arg("--cacert")
+                    .arg(&t.ca)
+                    .arg("--cert")
+                    .arg(&t.cert)
+                    .arg("--key")
+                    .arg(&t.key);
+            }
+            let ok = etcdctl
                 .args([
                     "--endpoints",
-                    &members[0].client,
+                    &format!("{scheme}://{}", members[0].client),
                     "put",
                     "/flotilla-testkit/ready",
                     "1",
@@ -168,7 +217,11 @@ impl EtcdCluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(EtcdCluster { members, _dir: dir })
+        Ok(EtcdCluster {
+            members,
+            tls: tls.is_some(),
+            _dir: dir,
+        })
     }
 
     /// Client endpoints of every member.
@@ -178,7 +231,8 @@ impl EtcdCluster {
 
     /// `etcd://a,b,c` for `flotilla server --store`.
     pub fn store_url(&self) -> String {
-        format!("etcd://{}", self.endpoints().join(","))
+        let scheme = if self.tls { "etcds" } else { "etcd" };
+        format!("{scheme}://{}", self.endpoints().join(","))
     }
 }
 

@@ -76,7 +76,8 @@ pub struct ServerArgs {
     /// [default: DATA_DIR/token].
     #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// Store: "embedded" or "etcd://host:port,host:port,..." [default: embedded].
+    /// Store: "embedded", "etcd://host:port,host:port,..." or "etcds://…" (TLS)
+    /// [default: embedded].
     #[arg(long)]
     pub store: Option<String>,
     /// DNS listener for NAME.service.flotilla; "" disables [default: 127.0.0.1:8600].
@@ -94,6 +95,15 @@ pub struct ServerArgs {
     /// Lifetime of node certificates issued to agents [default: 24h].
     #[arg(long)]
     pub node_cert_lifetime: Option<humantime::Duration>,
+    /// With `--store etcds://…`: the CA of etcd's certificates (PEM).
+    #[arg(long)]
+    pub etcd_ca: Option<PathBuf>,
+    /// With `etcds://`: the client certificate etcd asks for (PEM).
+    #[arg(long)]
+    pub etcd_cert: Option<PathBuf>,
+    /// Its key (PEM).
+    #[arg(long)]
+    pub etcd_key: Option<PathBuf>,
 }
 
 /// Flags of `flotilla agent`.

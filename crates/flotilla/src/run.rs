@@ -79,6 +79,15 @@ pub fn server_config(args: &ServerArgs) -> anyhow::Result<ServerConfig> {
     if let Some(v) = args.node_cert_lifetime {
         c.node_cert_lifetime = v.into();
     }
+    for (flag, field) in [
+        (&args.etcd_ca, &mut c.etcd_ca),
+        (&args.etcd_cert, &mut c.etcd_cert),
+        (&args.etcd_key, &mut c.etcd_key),
+    ] {
+        if let Some(v) = flag {
+            *field = Some(v.clone());
+        }
+    }
     checked(args.config.as_deref(), c.validate())?;
     Ok(c)
 }

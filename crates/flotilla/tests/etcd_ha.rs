@@ -280,3 +280,96 @@ async fn agents_and_lbs_move_to_the_next_server_when_theirs_dies() {
     let later = renewed_ms().await;
     assert!(later > renewed, "lease not renewed after the server died");
 }
+
+/// `--store etcds://`: the server talks TLS to an etcd that requires client
+/// certificates, with its own CA, certificate and key (issue 14); without the CA the
+/// config is refused before anything starts.
+#[tokio::test]
+async fn the_catalog_lives_in_an_etcd_reached_over_tls_with_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = std::time::SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let etcd_ca = flotilla_tls::ClusterCa::generate(now).unwrap();
+    let served = etcd_ca
+        .issue_server(&["127.0.0.1".into()], now, hour)
+        .unwrap();
+    let csr = flotilla_tls::node_csr("flotilla-server").unwrap();
+    let client_cert = etcd_ca
+        .sign_node_csr(&csr.cert_pem, "flotilla-server", now, hour)
+        .unwrap();
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let files = flotilla_testkit::EtcdTlsFiles {
+        cert: file("etcd.pem", &served.cert_pem),
+        key: file("etcd.key", &served.key_pem),
+        ca: file("etcd-ca.pem", etcd_ca.cert_pem()),
+    };
+    let (cert, key) = (
+        file("client.pem", &client_cert),
+        file("client.key", &csr.key_pem),
+    );
+    let etcd = flotilla_testkit::EtcdCluster::start_tls(1, &files).unwrap();
+    let url = etcd.store_url();
+    assert!(url.starts_with("etcds://"), "{url}");
+
+    // No CA: exit 2 naming the field, nothing bound.
+    let out = std::process::Command::new(common::BIN)
+        .args(["server", "--store", &url, "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("etcd_ca"), "{err}");
+
+    let (ca, cert, key) = (
+        files.ca.display().to_string(),
+        cert.display().to_string(),
+        key.display().to_string(),
+    );
+    let server = Server::start(
+        dir.path(),
+        "s",
+        &[
+            "--store",
+            &url,
+            "--etcd-ca",
+            &ca,
+            "--etcd-cert",
+            &cert,
+            "--etcd-key",
+            &key,
+        ],
+    );
+    let client = server.client();
+    client
+        .register_node("n1", Duration::from_secs(60), None, None)
+        .await
+        .unwrap();
+    let spec: flotilla_core::InstanceSpec = serde_json::from_value(
+        json!({"service": "web", "address": "127.0.0.1", "port": 9, "node": "n1"}),
+    )
+    .unwrap();
+    client.register("n1-000000000001", &spec).await.unwrap();
+    assert!(client
+        .instances()
+        .await
+        .unwrap()
+        .iter()
+        .any(|i| i.id == "n1-000000000001"));
+    // The cluster CA the server made lives in that etcd too (one CA for all servers).
+    let out = std::process::Command::new("etcdctl")
+        .args(["--cacert", &ca, "--cert", &cert, "--key", &key])
+        .args(["--endpoints", &format!("https://{}", etcd.endpoints()[0])])
+        .args(["get", "--keys-only", "--prefix", "/flotilla/tls/"])
+        .env("ETCDCTL_API", "3")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("/flotilla/tls/ca"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -92,6 +92,8 @@ struct Cluster {
     token: std::path::PathBuf,
     server_url: String,
     _server: Proc,
+    /// The CA hash the server printed (set by `join`).
+    pin: std::sync::OnceLock<String>,
 }
 
 impl Cluster {
@@ -126,6 +128,7 @@ impl Cluster {
             token,
             server_url: format!("https://{server_addr}"),
             _server: server,
+            pin: std::sync::OnceLock::new(),
         }
     }
 
@@ -195,6 +198,20 @@ impl Cluster {
             ),
             Some(flotilla_client::tls_config(&self.token.with_file_name("ca.pem")).unwrap()),
         );
+        let _ = self.pin.set(pin.clone());
+        // The lb's own credential: an lb token for service web, in a directory with no
+        // CA beside it (the lb pins the CA by hash, as the agents do).
+        let lb_token = eventually(Duration::from_secs(10), "an lb token", || async {
+            client
+                .create_token(flotilla_core::token::Role::Lb, Some("web"), None)
+                .await
+                .is_ok_and(|t| {
+                    let d = self.dir.path().join("lb");
+                    std::fs::create_dir_all(&d).unwrap();
+                    std::fs::write(d.join("lb.token"), t.token).is_ok()
+                })
+        });
+        lb_token.await;
         let joined = async {
             eventually(Duration::from_secs(30), "both agents joined", || async {
                 client.nodes().await.is_ok_and(|n| n.len() == 2)
@@ -260,11 +277,12 @@ impl Cluster {
         std::fs::write(
             &conf,
             format!(
-                "[admin]\nlisten = \"\"\n[registry]\nurl = \"{}\"\ntoken_file = \"{}\"\n\
+                "[admin]\nlisten = \"\"\n[registry]\nurl = \"{}\"\ntoken_file = \"{}\"\nca_hash = \"{}\"\n\
                  [[listener]]\nname = \"web\"\nbind = \"{}:8080\"\nscheduler = \"round-robin\"\n\
                  service = \"web\"\nslow_start = \"0s\"\n{extra}",
                 self.server_url,
-                self.token.display(),
+                self.dir.path().join("lb/lb.token").display(),
+                self.pin.get().expect("joined first"),
                 self.hosts.addr("c")
             ),
         )
