@@ -177,6 +177,10 @@ pub struct Backend {
     /// Set once the backend has left the listener's set (see [`Backend::retire`]).
     retired: std::sync::atomic::AtomicBool,
     retired_signal: tokio::sync::Notify,
+    /// When the backend last made progress while busy (ns since `added_at`): a request
+    /// started on an idle backend, or a response arrived. With requests in flight, the
+    /// time since is how long it has been stuck on one (see [`Backend::stalled_ns`]).
+    progress_ns: AtomicU64,
 }
 
 /// Upper bounds of the latency histogram buckets, in seconds.
@@ -251,6 +255,7 @@ impl Backend {
             pool: crate::pool::Pool::default(),
             retired: std::sync::atomic::AtomicBool::new(false),
             retired_signal: tokio::sync::Notify::new(),
+            progress_ns: AtomicU64::new(0),
         })
     }
 
@@ -325,15 +330,36 @@ impl Backend {
 
     /// Marks a request started; the guard ends it.
     pub fn start(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) == 0 {
+            // Idle until now: the silence before this request says nothing.
+            self.mark_progress(Instant::now());
+        }
         self.requests.fetch_add(1, Ordering::Relaxed);
         InFlight {
             backend: self.clone(),
         }
     }
 
+    fn mark_progress(&self, now: Instant) {
+        let at = now.saturating_duration_since(self.added_at).as_nanos() as u64;
+        self.progress_ns.fetch_max(at, Ordering::Relaxed);
+    }
+
+    /// How long the backend has had requests in flight without answering any (0 when
+    /// idle): a lower bound on the wait of a request sent to it now. A first-in-first-out
+    /// backend busy with one long request answers nothing for that long, and its latency
+    /// estimate, fed only by answers, cannot show it.
+    pub fn stalled_ns(&self, now: Instant) -> f64 {
+        if self.in_flight() == 0 {
+            return 0.0;
+        }
+        let at = now.saturating_duration_since(self.added_at).as_nanos() as u64;
+        at.saturating_sub(self.progress_ns.load(Ordering::Relaxed)) as f64
+    }
+
     /// Records the latency of a response (time to headers).
     pub fn observe_latency(&self, rtt: Duration, now: Instant) {
+        self.mark_progress(now);
         self.latency.observe(rtt);
         self.ewma
             .lock()

@@ -115,7 +115,11 @@ impl Scheduler for Feedback {
             .filter(|&i| ctx.eligible(backends, i))
             .map(|i| {
                 let b = &backends[i];
-                let recent = b.recent_latency_ns(ctx.now, SLOW_FADE);
+                // Answers make the estimate; a backend stuck on a long request
+                // answers nothing, so how long it has been stuck counts as well.
+                let recent = b
+                    .recent_latency_ns(ctx.now, SLOW_FADE)
+                    .max(b.stalled_ns(ctx.now));
                 (i, Self::weight(b, ctx.now), b.in_flight(), recent)
             })
             .collect();
@@ -610,6 +614,34 @@ mod tests {
         }
         let c = counts(&s, &bs, 60, later);
         assert!(c[0] >= 15, "recovered backend gets its share back: {c:?}");
+    }
+
+    #[test]
+    fn feedback_passes_over_a_backend_stuck_on_a_long_request_within_its_share() {
+        let t0 = Instant::now();
+        let bs = backends(&[1, 1, 1], t0);
+        for (b, w) in bs.iter().zip([10.0, 20.0, 40.0]) {
+            b.set_dynamic_weight(w);
+        }
+        // In flight 1:2:4, exactly the weights: nobody is over its share. Backends 1
+        // and 2 keep answering in 3 ms; backend 0 has answered nothing for 100 ms (a
+        // single-threaded backend busy with one request from a heavy tail).
+        let _held: Vec<_> = [(0, 1), (1, 2), (2, 4)]
+            .iter()
+            .flat_map(|&(i, n)| (0..n).map(move |_| i))
+            .map(|i| bs[i].start())
+            .collect();
+        let later = t0 + Duration::from_millis(100);
+        for b in &bs[1..] {
+            b.observe_latency(Duration::from_millis(3), later);
+        }
+        let s = Feedback::default();
+        let c = counts(&s, &bs, 60, later);
+        assert_eq!(c[0], 0, "a stuck backend still picked: {c:?}");
+        // Once it answers it is an ordinary backend again.
+        bs[0].observe_latency(Duration::from_millis(3), later);
+        let c = counts(&s, &bs, 70, later);
+        assert!(c[0] >= 5, "{c:?}");
     }
 
     #[test]
