@@ -232,18 +232,9 @@ async fn cluster_ca(
         let pinned = config.ca_hash.as_deref().context(
             "an https:// server needs the cluster CA: --ca FILE, or --ca-hash sha256:… as printed by `flotilla server`",
         )?;
-        let mut errors = Vec::new();
-        let mut found = None;
-        for s in servers {
-            match flotilla_client::fetch_pinned_ca(s, pinned).await {
-                Ok(pem) => {
-                    found = Some(pem);
-                    break;
-                }
-                Err(e) => errors.push(e),
-            }
-        }
-        let pem = found.with_context(|| format!("fetching the CA: {}", errors.join("; ")))?;
+        let pem = flotilla_client::fetch_pinned_ca(servers, pinned)
+            .await
+            .map_err(|e| anyhow::anyhow!("fetching the CA: {e}"))?;
         flotilla_tls::ca::write_public(&stored, &pem)?;
         pem
     };

@@ -777,10 +777,28 @@ pub struct CertReply {
     pub ca: String,
 }
 
-/// Fetches the CA certificate from `server` (`https://host:port`) without trusting the
-/// connection, and returns it only if it matches the pinned `sha256:HEX`. No token is
-/// sent. The error says which happened: unreachable, or a different CA.
-pub async fn fetch_pinned_ca(server: &str, pinned: &str) -> std::result::Result<String, String> {
+/// Fetches the CA certificate from the first of `servers` (`https://host:port`) that
+/// gives one matching the pinned `sha256:HEX`, without trusting the connection (no
+/// token is sent). The error says, per server, what happened: unreachable, or a
+/// different CA.
+pub async fn fetch_pinned_ca(
+    servers: &[String],
+    pinned: &str,
+) -> std::result::Result<String, String> {
+    let mut errors = Vec::new();
+    for s in servers {
+        match fetch_pinned_ca_from(s, pinned).await {
+            Ok(pem) => return Ok(pem),
+            Err(e) => errors.push(e),
+        }
+    }
+    Err(format!(
+        "no server gave the pinned CA: {}",
+        errors.join("; ")
+    ))
+}
+
+async fn fetch_pinned_ca_from(server: &str, pinned: &str) -> std::result::Result<String, String> {
     #[derive(serde::Deserialize)]
     struct CaReply {
         ca: String,

@@ -271,8 +271,26 @@ impl ServerConfig {
 
     /// Where the CLI finds the cluster CA's certificate: `ca.pem` beside the token file.
     pub fn ca_path(&self) -> PathBuf {
-        self.token_path().with_file_name("ca.pem")
+        ca_beside(&self.token_path())
     }
+}
+
+/// The cluster CA's certificate beside a token file (`DIR/ca.pem`): where `flotilla
+/// server` writes it and where the CLI, agents and lbs look when told nothing else.
+pub fn ca_beside(token_file: &Path) -> PathBuf {
+    token_file.with_file_name("ca.pem")
+}
+
+/// Checks a pinned CA hash: `sha256:` and 64 hex digits; the error names `field`.
+pub fn validate_ca_hash(field: &str, hash: &str) -> Result<(), FieldError> {
+    let hex = hash.strip_prefix("sha256:").unwrap_or_default();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(FieldError::new(
+            field,
+            format!("{hash:?} is not `sha256:` and 64 hex digits"),
+        ));
+    }
+    Ok(())
 }
 
 /// Splits a server list (`http://a:7700,http://b:7700`) and checks each entry is an
@@ -399,13 +417,7 @@ impl AgentConfig {
             ));
         }
         if let Some(h) = &self.ca_hash {
-            let hex = h.strip_prefix("sha256:").unwrap_or_default();
-            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(FieldError::new(
-                    "ca_hash",
-                    format!("{h:?} is not `sha256:` and 64 hex digits"),
-                ));
-            }
+            validate_ca_hash("ca_hash", h)?;
         }
         if let Some(ip) = self.advertise {
             // Binding a socket to it succeeds only for an address of this host.

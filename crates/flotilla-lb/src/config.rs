@@ -540,13 +540,7 @@ impl LbConfig {
         }
         if let Some(r) = &self.registry {
             if let Some(h) = &r.ca_hash {
-                let hex = h.strip_prefix("sha256:").unwrap_or_default();
-                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(FieldError::new(
-                        "registry.ca_hash",
-                        format!("{h:?} is not `sha256:` and 64 hex digits"),
-                    ));
-                }
+                flotilla_core::config::validate_ca_hash("registry.ca_hash", h)?;
             }
             if let Some(url) = &r.url {
                 flotilla_core::config::parse_server_list(url)

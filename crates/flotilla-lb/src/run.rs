@@ -99,21 +99,6 @@ pub fn load_tls(config: &LbConfig) -> anyhow::Result<Vec<Option<ListenerTls>>> {
         .collect()
 }
 
-/// The cluster CA fetched from the first server that answers, checked against `pin`.
-async fn pinned_ca(servers: &str, pin: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let mut errors = Vec::new();
-    for s in servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        match flotilla_client::fetch_pinned_ca(s, pin).await {
-            Ok(pem) => return flotilla_tls::client_config(&pem, None),
-            Err(e) => errors.push(e),
-        }
-    }
-    anyhow::bail!(
-        "registry.ca_hash: no server gave the pinned CA: {}",
-        errors.join("; ")
-    )
-}
-
 /// Starts the lb on the current runtime. `config` must be validated.
 pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
     let client = match &config.registry {
@@ -125,7 +110,7 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
             let ca = r.ca_file.clone().or_else(|| {
                 r.token_file
                     .as_ref()
-                    .map(|t| t.with_file_name("ca.pem"))
+                    .map(|t| flotilla_core::config::ca_beside(t))
                     .filter(|f| f.exists())
             });
             let https = r.server_list().contains("https://");
@@ -133,7 +118,14 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
                 (Some(f), _) if https => Some(flotilla_client::tls_config(&f)?),
                 // Joins the way an agent does: the CA fetched from a server and kept
                 // only if it matches the pinned hash, before the token is sent.
-                (None, Some(pin)) if https => Some(pinned_ca(&r.server_list(), pin).await?),
+                (None, Some(pin)) if https => {
+                    let servers = flotilla_core::config::parse_server_list(&r.server_list())
+                        .map_err(anyhow::Error::msg)?;
+                    let pem = flotilla_client::fetch_pinned_ca(&servers, pin)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("registry.ca_hash: {e}"))?;
+                    Some(flotilla_tls::client_config(&pem, None)?)
+                }
                 _ => None,
             };
             Some(flotilla_client::Client::with_tls(

@@ -325,11 +325,6 @@ pub fn validity(pem: &str) -> anyhow::Result<(SystemTime, SystemTime)> {
     ))
 }
 
-/// When the first certificate in `pem` stops being valid.
-pub fn not_after(pem: &str) -> anyhow::Result<SystemTime> {
-    Ok(validity(pem)?.1)
-}
-
 /// Reads a whole file, naming it in the error.
 pub fn read(path: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
@@ -392,7 +387,7 @@ mod tests {
             identity_of(&parse(&server.unwrap().cert_pem)),
             Some(PeerIdentity::Server)
         );
-        let left = not_after(&cert).unwrap().duration_since(now).unwrap();
+        let left = validity(&cert).unwrap().1.duration_since(now).unwrap();
         assert!(left <= Duration::from_secs(60) && left >= Duration::from_secs(58));
     }
 

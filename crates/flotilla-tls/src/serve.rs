@@ -147,3 +147,67 @@ where
         tracing::debug!(error = %e, "connection ended with an error");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    /// Reads until the peer closes (or 5 s pass); the bytes read.
+    async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        out
+    }
+
+    #[tokio::test]
+    async fn slow_headers_are_cut_off_and_connections_past_the_cap_wait() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let options = ServeOptions {
+            tls: None,
+            header_read_timeout: Duration::from_millis(500),
+            max_connections: 2,
+        };
+        let server = tokio::spawn(serve(listener, app, options));
+
+        // Two clients that start a request and never finish its headers hold both slots.
+        let mut slow = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+            slow.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A third, complete request is answered only once a slot frees: after the
+        // header deadline cut one of the slow ones off.
+        let t0 = Instant::now();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_to_close(&mut s).await;
+        let waited = t0.elapsed();
+        assert!(
+            String::from_utf8_lossy(&answer).contains("200 OK"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        assert!(
+            waited >= Duration::from_millis(350),
+            "answered after {waited:?}"
+        );
+        assert!(waited < Duration::from_secs(3), "answered after {waited:?}");
+        // The slow ones were closed (with a 408 or nothing), never served.
+        for mut s in slow {
+            let got = read_to_close(&mut s).await;
+            assert!(!String::from_utf8_lossy(&got).contains("200 OK"));
+        }
+        server.abort();
+    }
+}

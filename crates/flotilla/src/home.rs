@@ -49,7 +49,7 @@ pub fn tls_for(
     args: &crate::cli::ClientArgs,
     token_file: Option<&Path>,
 ) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
-    let beside = token_file.map(|t| t.with_file_name("ca.pem"));
+    let beside = token_file.map(flotilla_core::config::ca_beside);
     let ca = match (&args.ca, beside) {
         (Some(f), _) => f.clone(),
         (None, Some(f)) if f.exists() => f,

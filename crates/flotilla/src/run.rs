@@ -160,16 +160,7 @@ pub fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
         c.ca_file = c
             .token_file
             .as_ref()
-            .map(|t| t.with_file_name("ca.pem"))
-            .filter(|f| f.exists());
-    }
-    // Like the CLI: the CA the server wrote beside the token file, when the operator
-    // copied both and pinned nothing.
-    if c.ca_file.is_none() && c.ca_hash.is_none() {
-        c.ca_file = c
-            .token_file
-            .as_ref()
-            .map(|t| t.with_file_name("ca.pem"))
+            .map(|t| flotilla_core::config::ca_beside(t))
             .filter(|f| f.exists());
     }
     if c.node.is_none() {

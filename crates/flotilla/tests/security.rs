@@ -277,12 +277,13 @@ async fn a_node_certificate_speaks_for_its_node_only() {
     let foreign_cert = foreign
         .sign_node_csr(&key.cert_pem, "n1", now, Duration::from_secs(600))
         .unwrap();
-    let stranger = client_with(&ca, &foreign_cert, &key.key_pem);
-    assert!(stranger
-        .get(format!("{}/v1/nodes", server.url))
-        .send()
-        .await
-        .is_err());
+    // `GET /v1/nodes` presenting `cert` (with the one key).
+    let nodes_with = |cert: &str| {
+        client_with(&ca, cert, &key.key_pem)
+            .get(format!("{}/v1/nodes", server.url))
+            .send()
+    };
+    assert!(nodes_with(&foreign_cert).await.is_err());
     let real_ca = flotilla_tls::ClusterCa::load_or_create(&server.data_dir, now).unwrap();
     let expired_cert = real_ca
         .sign_node_csr(
@@ -292,23 +293,13 @@ async fn a_node_certificate_speaks_for_its_node_only() {
             Duration::from_secs(3600),
         )
         .unwrap();
-    let expired = client_with(&ca, &expired_cert, &key.key_pem);
-    assert!(expired
-        .get(format!("{}/v1/nodes", server.url))
-        .send()
-        .await
-        .is_err());
+    assert!(nodes_with(&expired_cert).await.is_err());
     // The same key with a good certificate from that CA is let in: the refusals above
     // are the certificates', not the client's.
     let good = real_ca
         .sign_node_csr(&key.cert_pem, "n1", now, Duration::from_secs(600))
         .unwrap();
-    let r = client_with(&ca, &good, &key.key_pem)
-        .get(format!("{}/v1/nodes", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
+    assert!(nodes_with(&good).await.unwrap().status().is_success());
 }
 
 #[tokio::test]
