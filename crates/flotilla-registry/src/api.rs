@@ -307,7 +307,7 @@ async fn authorize(State(shared): State<Arc<Shared>>, mut req: Request, next: Ne
         }
     };
     if let Caller::Node(node) = &caller {
-        if let Err(e) = node_may(&shared, node, req.method(), req.uri().path()) {
+        if let Err(e) = node_may(&shared, node, req.method(), req.uri().path()).await {
             shared.metrics.refused_node_requests.inc();
             return e.into_response();
         }
@@ -344,7 +344,12 @@ fn scoped_token(shared: &Shared, token: &str) -> Option<flotilla_core::token::To
 /// What a node's certificate allows: reads; its own node record and lease; writes to
 /// instances registered on it (a new instance's node is checked by `put_instance`);
 /// renewing its certificate; reporting a failed rollout. Anything else is `403`, before any handler runs.
-fn node_may(shared: &Shared, node: &str, method: &Method, path: &str) -> Result<(), ApiError> {
+async fn node_may(
+    shared: &Shared,
+    node: &str,
+    method: &Method,
+    path: &str,
+) -> Result<(), ApiError> {
     if matches!(*method, Method::GET | Method::HEAD) {
         return Ok(());
     }
@@ -352,9 +357,9 @@ fn node_may(shared: &Shared, node: &str, method: &Method, path: &str) -> Result<
     let allowed = match segments.as_slice() {
         ["v1", "nodes", name] | ["v1", "nodes", name, "renew"] => *name == node,
         ["v1", "instances", id] | ["v1", "instances", id, "renew" | "load"] => {
-            let catalog = shared.catalog();
-            match catalog.resolve(id) {
-                Some(full) => catalog
+            match resolve_caught_up(shared, id).await? {
+                Some(full) => shared
+                    .catalog()
                     .instance(&full)
                     .is_some_and(|i| i.spec.node.as_deref() == Some(node)),
                 None => *method == Method::PUT && segments.len() == 3,
@@ -470,18 +475,39 @@ async fn put_instance(
     ))
 }
 
-fn resolve(shared: &Shared, id_or_name: &str) -> Result<String, ApiError> {
-    shared
-        .catalog()
-        .resolve(id_or_name)
+/// Finds an instance by id or name. On a miss it asks the store whether the id exists
+/// and, if so, waits until this server has applied that write: with several servers an
+/// agent may register through one and check in through another a moment later, and
+/// that must not be a 404 just because this server's watch is a few milliseconds behind.
+async fn resolve(shared: &Shared, id_or_name: &str) -> Result<String, ApiError> {
+    resolve_caught_up(shared, id_or_name)
+        .await?
         .ok_or_else(|| ApiError::not_found(&format!("instance {id_or_name:?}")))
+}
+
+/// [`resolve`] without the 404: `None` when the instance exists neither here nor in the store.
+async fn resolve_caught_up(shared: &Shared, id_or_name: &str) -> Result<Option<String>, ApiError> {
+    if let Some(id) = shared.catalog().resolve(id_or_name) {
+        return Ok(Some(id));
+    }
+    if validate_instance_id("id", id_or_name).is_err() {
+        return Ok(None);
+    }
+    match shared.store.get(&keys::instance(id_or_name)).await {
+        Ok(Some(entry)) => {
+            applied(shared, entry.revision).await?;
+            Ok(shared.catalog().resolve(id_or_name))
+        }
+        Ok(None) => Ok(None),
+        Err(e) => Err(ApiError::store(e)),
+    }
 }
 
 async fn get_instance(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = resolve(&shared, &id)?;
+    let id = resolve(&shared, &id).await?;
     let catalog = shared.catalog();
     let rec = catalog
         .instance(&id)
@@ -493,7 +519,7 @@ async fn delete_instance(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = resolve(&shared, &id)?;
+    let id = resolve(&shared, &id).await?;
     let revision = remove_instance(&shared, &id)
         .await
         .map_err(ApiError::store)?;
@@ -524,7 +550,7 @@ async fn renew_instance(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let id = resolve(&shared, &id)?;
+    let id = resolve(&shared, &id).await?;
     let body: RenewBody = if body.is_empty() {
         RenewBody {
             status: passing(),
@@ -575,7 +601,7 @@ async fn put_load(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<LoadBody>,
 ) -> Result<Response, ApiError> {
-    let id = resolve(&shared, &id)?;
+    let id = resolve(&shared, &id).await?;
     if !body.cpu.is_finite() || !(0.0..=1000.0).contains(&body.cpu) {
         return Err(ApiError::field(
             StatusCode::BAD_REQUEST,

@@ -64,6 +64,25 @@ async fn two_servers_share_one_catalog_and_the_duty_moves_on_a_crash() {
         .unwrap();
     assert_eq!(seen.instances.len(), 1, "b sees a's write");
 
+    // Read-your-writes across servers: an agent may register through one server and check
+    // in through another at once (its server died in between); that is never a 404.
+    let burst = (0..40).map(|i| {
+        let (ca, cb) = (ca.clone(), cb.clone());
+        tokio::spawn(async move {
+            let id = format!("x{i}");
+            let spec = json!({"service":"burst","address":"127.0.0.1","port":10+i});
+            ca.register(&id, &serde_json::from_value(spec).unwrap())
+                .await
+                .unwrap();
+            cb.check_in(&id, true, "").await.unwrap_or_else(|e| {
+                panic!("check-in of {id} through b right after a wrote it: {e}")
+            });
+        })
+    });
+    for task in futures::future::join_all(burst).await {
+        task.unwrap();
+    }
+
     // Exactly one server holds the duty.
     eventually(Duration::from_secs(10), "a leader", || async {
         is_leader(&a).await ^ is_leader(&b).await
