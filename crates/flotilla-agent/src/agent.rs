@@ -1,4 +1,4 @@
-//! The agent's loops: node lease, Docker events, anti-entropy resync, exec checks.
+//! The agent's loops: node lease, Docker events, anti-entropy resync, load reports.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -9,7 +9,7 @@ use anyhow::Context;
 use bollard::system::EventsOptions;
 use flotilla_client::Client;
 use flotilla_core::config::AgentConfig;
-use flotilla_core::{CheckKind, InstanceSpec};
+use flotilla_core::InstanceSpec;
 use futures::StreamExt;
 use tokio::task::JoinHandle;
 
@@ -35,7 +35,7 @@ impl AgentHandle {
         for t in &self.tasks {
             t.abort();
         }
-        for (_, t) in self.inner.state.lock().await.exec_checks.drain() {
+        for (_, t) in self.inner.state.lock().await.checks.drain() {
             t.abort();
         }
         match self.inner.client.leave_node(&self.inner.node).await {
@@ -165,7 +165,12 @@ impl Inner {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            match self.client.renew_node(&self.node, period).await {
+            let loads_age = self
+                .loads_confirmed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .map(|at| at.elapsed());
+            match self.client.renew_node(&self.node, period, loads_age).await {
                 Ok(_) => {
                     self.metrics.renewals.inc();
                 }
@@ -242,14 +247,18 @@ impl Inner {
             .insert(container);
     }
 
-    /// Samples every registered container's load each period and reports it.
+    /// Samples every registered container's load each period and reports the ones that
+    /// moved past the dead band; a round in which every sample worked is vouched for by
+    /// the next lease renewal, which keeps the unchanged reports fresh at no store cost.
     async fn load_loop(self: Arc<Self>) {
         let mut tracker = crate::load::LoadTracker::default();
+        let mut sent: HashMap<String, crate::load::Load> = HashMap::new();
         let mut quotas: std::collections::HashMap<String, Option<f64>> = Default::default();
         let mut tick = tokio::time::interval(self.config.load_period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            let round = std::time::Instant::now();
             let registered: Vec<(String, String)> = {
                 let state = self.state.lock().await;
                 state
@@ -261,6 +270,7 @@ impl Inner {
                     .collect()
             };
             tracker.retain(|c| registered.iter().any(|(_, rc)| rc == c));
+            sent.retain(|id, _| registered.iter().any(|(rid, _)| rid == id));
             let changed =
                 std::mem::take(&mut *self.quota_changed.lock().unwrap_or_else(|p| p.into_inner()));
             quotas.retain(|c, _| {
@@ -292,18 +302,41 @@ impl Inner {
                 Some(async move { (id, c, docker::sample(docker, c, quota).await) })
             }))
             .await;
+            let mut all_held = samples.len() == registered.len();
             for (id, container, sample) in samples {
                 match sample {
                     Ok(sample) => {
-                        if let Some(load) = tracker.observe(container, sample) {
-                            if let Err(e) = self.client.report_load(id, load.cpu, load.memory).await
-                            {
+                        let Some(load) = tracker.observe(container, sample) else {
+                            continue;
+                        };
+                        if sent
+                            .get(id)
+                            .is_some_and(|last| last.within_dead_band(&load))
+                        {
+                            continue;
+                        }
+                        match self.client.report_load(id, load.cpu, load.memory).await {
+                            Ok(_) => {
+                                self.metrics.load_reports.inc();
+                                sent.insert(id.clone(), load);
+                            }
+                            Err(e) => {
+                                all_held = false;
                                 tracing::debug!(id, error = %e, "load report failed");
                             }
                         }
                     }
-                    Err(e) => tracing::debug!(id, error = %e, "load sample failed"),
+                    Err(e) => {
+                        all_held = false;
+                        tracing::debug!(id, error = %e, "load sample failed");
+                    }
                 }
+            }
+            if all_held {
+                *self
+                    .loads_confirmed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(round);
             }
         }
     }
@@ -362,10 +395,13 @@ impl Inner {
             }
         }
         match result {
-            Ok(_) => {
+            Ok(answer) => {
                 tracing::info!(id, service = spec.service, address = %spec.address, port = spec.port, "registered");
                 self.metrics.registrations.inc();
-                self.start_exec_checks(state, id, &spec);
+                let stored = answer
+                    .get("health")
+                    .and_then(|h| serde_json::from_value(h.clone()).ok());
+                self.start_checks(state, id, &spec, stored);
                 state.registered.insert(id.to_owned(), spec);
                 self.metrics.instances.set(state.registered.len() as i64);
             }
@@ -382,7 +418,7 @@ impl Inner {
     }
 
     async fn deregister(&self, state: &mut State, id: &str) {
-        if let Some(t) = state.exec_checks.remove(id) {
+        if let Some(t) = state.checks.remove(id) {
             t.abort();
         }
         state.registered.remove(id);
@@ -436,46 +472,28 @@ impl Inner {
         self.metrics.resyncs.inc();
     }
 
-    fn start_exec_checks(self: &Arc<Self>, state: &mut State, id: &str, spec: &InstanceSpec) {
+    /// (Re)starts an instance's check loop when its spec changed or the loop ended.
+    fn start_checks(
+        self: &Arc<Self>,
+        state: &mut State,
+        id: &str,
+        spec: &InstanceSpec,
+        stored: Option<flotilla_core::HealthStatus>,
+    ) {
+        // A registry that holds no verdict (the instance was registered anew, say after
+        // our lease lapsed) gets a fresh loop, whose first verdict it then receives.
         if state.registered.get(id) == Some(spec)
-            && state.exec_checks.get(id).is_some_and(|t| !t.is_finished())
+            && state.checks.get(id).is_some_and(|t| !t.is_finished())
+            && (stored.is_some() || !spec.node_checks)
         {
             return;
         }
-        if let Some(t) = state.exec_checks.remove(id) {
+        if let Some(t) = state.checks.remove(id) {
             t.abort();
         }
-        let Some(check) = spec
-            .checks
-            .iter()
-            .find(|c| matches!(c.kind, CheckKind::Exec { .. }))
-            .cloned()
-        else {
-            return;
-        };
-        let CheckKind::Exec { command } = check.kind.clone() else {
-            return;
-        };
-        let container = spec.meta.get("container_id").cloned().unwrap_or_default();
-        let this = self.clone();
-        let id_owned = id.to_owned();
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(check.interval);
-            loop {
-                tick.tick().await;
-                let (ok, output) = docker::exec_check(
-                    &this.docker,
-                    &container,
-                    &command,
-                    check.effective_timeout(),
-                )
-                .await;
-                if let Err(e) = this.client.check_in(&id_owned, ok, &output).await {
-                    tracing::debug!(id = id_owned, error = %e, "exec check report failed");
-                }
-            }
-        });
-        state.exec_checks.insert(id.to_owned(), task);
+        if let Some(task) = crate::checks::spawn(self, id, spec, stored) {
+            state.checks.insert(id.to_owned(), task);
+        }
     }
 }
 

@@ -239,7 +239,7 @@ pub fn spec_from_container(
     let rise = parse_num(&c.labels, "flotilla.check.rise")?;
     let fall = parse_num(&c.labels, "flotilla.check.fall")?;
     let deregister_after = parse_duration(&c.labels, "flotilla.check.deregister_after")?;
-    let checks = kinds
+    let checks: Vec<CheckSpec> = kinds
         .into_iter()
         .map(|kind| {
             let mut spec = CheckSpec::new(kind);
@@ -274,6 +274,11 @@ pub fn spec_from_container(
     meta.insert("image".to_owned(), c.image.clone());
     meta.insert("network".to_owned(), network);
     meta.insert("address_mode".to_owned(), mode.name().to_owned());
+    // This agent runs the checks on its own host (the server may not reach the address
+    // at all); a TTL is a promise the service renews itself, judged by the server.
+    let node_checks = !checks
+        .iter()
+        .any(|c| matches!(c.kind, CheckKind::Ttl { .. }));
     let spec = InstanceSpec {
         service: service.clone(),
         node: Some(node.to_owned()),
@@ -282,6 +287,7 @@ pub fn spec_from_container(
         weight,
         meta,
         checks,
+        node_checks,
     };
     spec.validate().map_err(|e| {
         let label = match e.field.split(['.', '[']).next().unwrap_or_default() {

@@ -4,7 +4,8 @@
 //! the moment they start and deregistered the moment they die, a node lease proves the
 //! host is alive, and a full resync (anti-entropy) on start and periodically guarantees
 //! that no registration survives that the engine does not back — whatever crashed, in
-//! whatever order. Exec health checks run here, inside the containers, and are reported.
+//! whatever order. Health checks of this host's instances run here (HTTP and TCP from the
+//! host, exec inside the container), and only verdict changes reach the registry.
 
 pub mod agent;
 pub mod api;
@@ -12,6 +13,7 @@ pub mod backoff;
 pub mod backup;
 pub mod beneath;
 pub mod build;
+pub(crate) mod checks;
 pub mod docker;
 pub mod labels;
 pub mod load;

@@ -30,6 +30,20 @@ pub struct Load {
     pub memory: f64,
 }
 
+/// How far a load may move (as a share of quota or limit) before it is reported again.
+/// The feedback controller smooths loads over several periods; a move of less than
+/// five points does not change a weight it would act on, and not resending it keeps an
+/// idle or steady cluster's store writes at its lease renewals.
+pub const LOAD_DEAD_BAND: f64 = 0.05;
+
+impl Load {
+    /// Whether `now` is close enough to this (last reported) load not to be resent.
+    pub fn within_dead_band(&self, now: &Load) -> bool {
+        (self.cpu - now.cpu).abs() < LOAD_DEAD_BAND
+            && (self.memory - now.memory).abs() < LOAD_DEAD_BAND
+    }
+}
+
 /// Turns successive samples into loads, per container.
 #[derive(Debug, Default)]
 pub struct LoadTracker {
@@ -66,6 +80,24 @@ impl LoadTracker {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn only_a_move_past_the_dead_band_is_resent() {
+        let last = Load {
+            cpu: 0.40,
+            memory: 0.20,
+        };
+        let near = Load {
+            cpu: 0.44,
+            memory: 0.16,
+        };
+        assert!(last.within_dead_band(&near));
+        assert!(!last.within_dead_band(&Load { cpu: 0.46, ..near }));
+        assert!(!last.within_dead_band(&Load {
+            memory: 0.26,
+            ..near
+        }));
+    }
 
     #[test]
     fn cpu_share_is_relative_to_the_quota() {

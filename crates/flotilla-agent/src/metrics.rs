@@ -33,6 +33,12 @@ pub struct Metrics {
     pub backups: Counter,
     /// Restores completed.
     pub restores: Counter,
+    /// Health probes this agent ran for its own instances.
+    pub checks_run: Counter,
+    /// Verdict changes this agent reported to the registry.
+    pub verdicts_reported: Counter,
+    /// Load reports sent (a load that stayed within the dead band is not sent).
+    pub load_reports: Counter,
 }
 
 impl Default for Metrics {
@@ -53,6 +59,9 @@ impl Default for Metrics {
             rollbacks: Counter::default(),
             backups: Counter::default(),
             restores: Counter::default(),
+            checks_run: Counter::default(),
+            verdicts_reported: Counter::default(),
+            load_reports: Counter::default(),
         };
         for (name, help, c) in [
             (
@@ -68,6 +77,21 @@ impl Default for Metrics {
             ("rollbacks", "Rolling updates rolled back", &m.rollbacks),
             ("backups", "Backups streamed", &m.backups),
             ("restores", "Restores completed", &m.restores),
+            (
+                "checks_run",
+                "Health probes run on this host for this node's instances",
+                &m.checks_run,
+            ),
+            (
+                "verdicts_reported",
+                "Health verdict changes reported to the registry",
+                &m.verdicts_reported,
+            ),
+            (
+                "load_reports",
+                "Load reports sent (loads within the dead band are not resent)",
+                &m.load_reports,
+            ),
         ] {
             registry.register(name, help, c.clone());
         }

@@ -30,6 +30,11 @@ pub(crate) struct Inner {
     pub(crate) token: String,
     /// HTTP client for peer agents.
     pub(crate) http: reqwest::Client,
+    /// HTTP client for health probes of this node's instances.
+    pub(crate) probe_http: reqwest::Client,
+    /// When the load loop last sampled every container and found each report still
+    /// within its dead band (or sent it): lease renewals vouch for the loads up to then.
+    pub(crate) loads_confirmed: std::sync::Mutex<Option<std::time::Instant>>,
     /// Roles of tokens presented to the API, as the registry told (kept 10 s).
     pub(crate) token_roles:
         std::sync::Mutex<HashMap<String, (flotilla_core::token::Role, std::time::Instant)>>,
@@ -60,8 +65,8 @@ pub(crate) struct Inner {
 pub(crate) struct State {
     /// Instances this agent registered: id → spec.
     pub(crate) registered: HashMap<String, InstanceSpec>,
-    /// Running exec-check loops by instance id.
-    pub(crate) exec_checks: HashMap<String, JoinHandle<()>>,
+    /// Running check loops by instance id (`checks.rs`).
+    pub(crate) checks: HashMap<String, JoinHandle<()>>,
 }
 
 impl Inner {
@@ -88,6 +93,8 @@ impl Inner {
             token,
             token_roles: Default::default(),
             http: flotilla_client::http_builder(tls.as_ref().map(|t| t.client.clone())).build()?,
+            probe_http: flotilla_check::probe_client(),
+            loads_confirmed: std::sync::Mutex::new(None),
             tls,
             holds: Mutex::new(Default::default()),
             restores: Default::default(),

@@ -126,6 +126,7 @@ fn spec(service: usize, n: usize, stamp_us: u64) -> InstanceSpec {
         weight: 100,
         meta: [("t".to_string(), stamp_us.to_string())].into(),
         checks: vec![],
+        node_checks: false,
     }
 }
 

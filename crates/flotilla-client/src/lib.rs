@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use flotilla_core::HealthStatus;
 pub use flotilla_core::{InstanceSpec, InstanceView, NodeView, ServiceInstances, ServiceSummary};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -396,13 +397,22 @@ impl Client {
     }
 
     /// `PUT /v1/nodes/{name}/renew`; a 404 means the lease expired: register again.
-    pub async fn renew_node(&self, name: &str, timeout: Duration) -> Result<serde_json::Value> {
-        self.send(self.request(
+    /// `loads_age`: how long ago the agent last confirmed every load report still holds.
+    pub async fn renew_node(
+        &self,
+        name: &str,
+        timeout: Duration,
+        loads_age: Option<Duration>,
+    ) -> Result<serde_json::Value> {
+        let mut req = self.request(
             reqwest::Method::PUT,
             &format!("/v1/nodes/{name}/renew"),
             timeout,
-        ))
-        .await
+        );
+        if let Some(age) = loads_age {
+            req = req.json(&json!({ "loads_age_ms": age.as_millis() as u64 }));
+        }
+        self.send(req).await
     }
 
     /// `DELETE /v1/nodes/{name}`: leaves gracefully, removing the node's instances.
@@ -490,6 +500,25 @@ impl Client {
             self.request(
                 reqwest::Method::PUT,
                 &format!("/v1/instances/{id}/load"),
+                Self::SHORT,
+            )
+            .json(&body),
+        )
+        .await
+    }
+
+    /// `PUT /v1/instances/{id}/health`: an agent's verdict on an instance it checks.
+    pub async fn report_health(
+        &self,
+        id: &str,
+        status: HealthStatus,
+        output: &str,
+    ) -> Result<serde_json::Value> {
+        let body = json!({ "status": status, "output": output });
+        self.send(
+            self.request(
+                reqwest::Method::PUT,
+                &format!("/v1/instances/{id}/health"),
                 Self::SHORT,
             )
             .json(&body),

@@ -65,6 +65,12 @@ pub struct NodeRecord {
     pub renewals: u64,
     /// Wall-clock time of the last renewal, unix milliseconds.
     pub renewed_ms: u64,
+    /// Up to when (server clock, unix ms) the agent vouches that its instances' load
+    /// reports are current: it reports a load only when it moves past a dead band, so
+    /// an unchanged load stays fresh through the lease renewal instead of costing a
+    /// store write per instance per period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loads_ms: Option<u64>,
 }
 
 /// An instance as the API serves it: spec, id and current health.
@@ -175,6 +181,9 @@ pub struct NodeView {
     pub ttl_ms: u64,
     /// Wall-clock time of the last renewal (unix ms).
     pub renewed_ms: u64,
+    /// Lease renewals since the node registered.
+    #[serde(default)]
+    pub renewals: u64,
     /// Instances the node owns.
     pub instances: usize,
 }

@@ -37,6 +37,11 @@ pub struct InstanceSpec {
     /// Health checks run by the registry (http, tcp) or reported to it (ttl, exec).
     #[serde(default)]
     pub checks: Vec<CheckSpec>,
+    /// The owning node's agent runs this instance's checks on its own host and reports
+    /// each verdict change (`PUT /v1/instances/{id}/health`); the elected server then
+    /// does not probe it. Needs `node` and no TTL check (a TTL is judged by the server).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub node_checks: bool,
 }
 
 fn default_weight() -> u32 {
@@ -232,6 +237,24 @@ impl InstanceSpec {
         for (i, c) in self.checks.iter().enumerate() {
             c.validate(&format!("checks[{i}]"))?;
         }
+        if self.node_checks {
+            if self.node.is_none() {
+                return Err(FieldError::new(
+                    "node_checks",
+                    "needs `node`: only an instance's own agent can run its checks",
+                ));
+            }
+            if let Some(i) = self
+                .checks
+                .iter()
+                .position(|c| matches!(c.kind, CheckKind::Ttl { .. }))
+            {
+                return Err(FieldError::new(
+                    format!("checks[{i}]"),
+                    "a TTL check is judged by the server: it cannot be combined with node_checks",
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -246,6 +269,22 @@ mod tests {
                 "checks":[{"type":"http","path":"/health","interval":"500ms"}]}"#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn node_checks_need_a_node_and_no_ttl() {
+        let mut s = spec();
+        s.node_checks = true;
+        assert_eq!(s.validate().unwrap_err().field, "node_checks");
+        s.node = Some("a".into());
+        s.validate().unwrap();
+        s.checks.push(CheckSpec::new(CheckKind::Ttl {
+            ttl: Duration::from_secs(5),
+        }));
+        assert_eq!(s.validate().unwrap_err().field, "checks[1]");
+        // Absent from the JSON when off, so records written before it read the same.
+        let plain = serde_json::to_value(spec()).unwrap();
+        assert!(plain.get("node_checks").is_none());
     }
 
     #[test]

@@ -58,6 +58,7 @@ fn spec(addr: std::net::SocketAddr) -> InstanceSpec {
         weight: 100,
         meta: Default::default(),
         checks: vec![],
+        node_checks: false,
     }
 }
 

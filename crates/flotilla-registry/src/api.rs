@@ -162,6 +162,7 @@ pub fn router(shared: Arc<Shared>, more: Router<Arc<Shared>>) -> Router {
         )
         .route("/v1/instances/{id}/renew", put(renew_instance))
         .route("/v1/instances/{id}/load", put(put_load))
+        .route("/v1/instances/{id}/health", put(report_health))
         .route("/v1/services", get(list_services))
         .route("/v1/services/{name}", get(get_service))
         .route("/v1/services/{name}/weights", put(put_weights))
@@ -356,7 +357,7 @@ async fn node_may(
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let allowed = match segments.as_slice() {
         ["v1", "nodes", name] | ["v1", "nodes", name, "renew"] => *name == node,
-        ["v1", "instances", id] | ["v1", "instances", id, "renew" | "load"] => {
+        ["v1", "instances", id] | ["v1", "instances", id, "renew" | "load" | "health"] => {
             match resolve_caught_up(shared, id).await? {
                 Some(full) => shared
                     .catalog()
@@ -453,11 +454,15 @@ async fn put_instance(
         catalog.instance(&id).cloned()
     };
     if let Some(existing) = existing.filter(|e| e.spec == spec) {
-        // Idempotent re-registration (agent resync): no write, no watcher wake-up.
-        let index = shared.catalog().service_index(&existing.spec.service);
+        // Idempotent re-registration (agent resync): no write, no watcher wake-up. The
+        // stored verdict goes back, so an agent that restarts resumes checking from it
+        // instead of flapping its healthy instances through critical.
+        let catalog = shared.catalog();
+        let index = catalog.service_index(&existing.spec.service);
+        let health = catalog.health_record(&id).map(|h| h.status);
         return Ok(with_index(
             index,
-            json!({ "id": id, "index": index, "changed": false }),
+            json!({ "id": id, "index": index, "changed": false, "health": health }),
         ));
     }
     let rec = InstanceRecord {
@@ -469,9 +474,10 @@ async fn put_instance(
     let revision = put_record(&shared, &keys::instance(&id), &rec).await?;
     let index = applied(&shared, revision).await?;
     tracing::info!(id, service = rec.spec.service, address = %rec.spec.address, port = rec.spec.port, "registered");
+    let health = shared.catalog().health_record(&id).map(|h| h.status);
     Ok(with_index(
         index,
-        json!({ "id": id, "index": index, "changed": true }),
+        json!({ "id": id, "index": index, "changed": true, "health": health }),
     ))
 }
 
@@ -585,6 +591,63 @@ async fn renew_instance(
     };
     let revision = put_record(&shared, &keys::checkin(&id), &rec).await?;
     Ok(with_index(revision, json!({ "id": id, "index": revision })))
+}
+
+/// Body of `PUT /v1/instances/{id}/health`: an agent's verdict on an instance it checks.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthBody {
+    status: flotilla_core::HealthStatus,
+    #[serde(default)]
+    output: String,
+}
+
+/// An agent's verdict on one of its `node_checks` instances. Written only when the
+/// status differs from the stored one (or none is stored), so an agent may repeat its
+/// verdicts at every resync without costing a store write.
+async fn report_health(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<HealthBody>,
+) -> Result<Response, ApiError> {
+    let id = resolve(&shared, &id).await?;
+    if body.output.len() > 4096 {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "output",
+            "at most 4096 bytes",
+        ));
+    }
+    let stored = {
+        let catalog = shared.catalog();
+        let node_checks = catalog
+            .instance(&id)
+            .is_some_and(|rec| rec.spec.node_checks);
+        if !node_checks {
+            return Err(ApiError::field(
+                StatusCode::CONFLICT,
+                "node_checks",
+                format!("instance {id:?} is checked by the server, not by its agent"),
+            ));
+        }
+        catalog.health_record(&id).map(|h| h.status)
+    };
+    if stored == Some(body.status) {
+        let index = shared.catalog().index();
+        return Ok(with_index(
+            index,
+            json!({ "id": id, "index": index, "changed": false }),
+        ));
+    }
+    let rec = crate::catalog::health_record(body.status, body.output.clone());
+    let revision = put_record(&shared, &keys::health(&id), &rec).await?;
+    let index = applied(&shared, revision).await?;
+    tracing::info!(id, status = ?body.status, output = body.output, "health changed (reported by its agent)");
+    shared.metrics.transitions.inc();
+    Ok(with_index(
+        index,
+        json!({ "id": id, "index": index, "changed": true }),
+    ))
 }
 
 /// Body of `PUT /v1/instances/{id}/load`.
@@ -836,6 +899,7 @@ async fn write_node(
     ttl_ms: u64,
     address: Option<String>,
     api: Option<String>,
+    loads_ms: Option<u64>,
 ) -> Result<u64, ApiError> {
     let renewals = shared
         .catalog()
@@ -850,6 +914,7 @@ async fn write_node(
         api,
         renewals,
         renewed_ms: unix_ms(),
+        loads_ms,
     };
     let revision = put_record(shared, &keys::node(name), &rec).await?;
     applied(shared, revision).await
@@ -897,21 +962,42 @@ async fn put_node(
         ttl.as_millis() as u64,
         body.address,
         body.api,
+        None,
     )
     .await?;
     Ok(with_index(index, json!({ "node": name, "index": index })))
 }
 
+/// Optional body of a node lease renewal.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenewNodeBody {
+    /// How long ago the agent last sampled every container's load and found each within
+    /// its dead band of the last report (so the reports still hold).
+    #[serde(default)]
+    loads_age_ms: Option<u64>,
+}
+
 async fn renew_node(
     State(shared): State<Arc<Shared>>,
     Path(name): Path<String>,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
+    let body: RenewNodeBody = if body.is_empty() {
+        RenewNodeBody::default()
+    } else {
+        parse_json(&body)?
+    };
     let Some(rec) = shared.catalog().node(&name).cloned() else {
         return Err(ApiError::not_found(&format!(
             "node {name:?} (lease expired or never registered)"
         )));
     };
-    let index = write_node(&shared, &name, rec.ttl_ms, rec.address, rec.api).await?;
+    let loads_ms = body
+        .loads_age_ms
+        .filter(|age| Duration::from_millis(*age) <= crate::catalog::LOAD_TTL)
+        .map(|age| unix_ms().saturating_sub(age));
+    let index = write_node(&shared, &name, rec.ttl_ms, rec.address, rec.api, loads_ms).await?;
     Ok(with_index(index, json!({ "node": name, "index": index })))
 }
 

@@ -178,7 +178,8 @@ impl Catalog {
                     .or_default()
                     .insert(id.to_owned());
                 changes.services.insert(rec.spec.service.clone());
-                if !rec.spec.checks.is_empty() {
+                // The server checks what no agent checks for it.
+                if !rec.spec.checks.is_empty() && !rec.spec.node_checks {
                     self.checked.insert(id.to_owned());
                     self.checks_version += 1;
                 }
@@ -194,7 +195,12 @@ impl Catalog {
             }
         } else if let Some(name) = key.strip_prefix(keys::NODES) {
             match entry.and_then(|e| self.decode::<NodeRecord>(e)) {
-                Some(rec) => self.nodes.insert(name.to_owned(), rec),
+                Some(rec) => {
+                    if let Some(loads_ms) = rec.loads_ms {
+                        self.vouch_loads(name, loads_ms);
+                    }
+                    self.nodes.insert(name.to_owned(), rec)
+                }
                 None => self.nodes.remove(name),
             };
             changes.nodes = true;
@@ -235,6 +241,24 @@ impl Catalog {
             self.service_index.insert(s.clone(), revision);
         }
         changes
+    }
+
+    /// A node's renewal vouches that its load reports held as of `loads_ms`: each of its
+    /// instances' loads counts as seen then (never earlier than it was).
+    fn vouch_loads(&mut self, node: &str, loads_ms: u64) {
+        let age = std::time::Duration::from_millis(unix_ms().saturating_sub(loads_ms));
+        let Some(at) = std::time::Instant::now().checked_sub(age) else {
+            return;
+        };
+        for (id, (_, seen)) in self.loads.iter_mut() {
+            let of_node = self
+                .instances
+                .get(id)
+                .is_some_and(|r| r.spec.node.as_deref() == Some(node));
+            if of_node && *seen < at {
+                *seen = at;
+            }
+        }
     }
 
     fn decode<T: serde::de::DeserializeOwned>(&mut self, e: &Entry) -> Option<T> {
@@ -436,6 +460,7 @@ impl Catalog {
                 api: n.api.clone(),
                 ttl_ms: n.ttl_ms,
                 renewed_ms: n.renewed_ms,
+                renewals: n.renewals,
                 instances: counts.get(n.name.as_str()).copied().unwrap_or(0),
             })
             .collect()
@@ -574,6 +599,7 @@ mod tests {
                 } else {
                     vec![]
                 },
+                node_checks: false,
             },
             registered_ms: 0,
         }

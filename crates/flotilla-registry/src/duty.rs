@@ -2,7 +2,6 @@
 //! It runs on exactly one server at a time, the one elected through the store.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,11 +9,11 @@ use flotilla_core::{CheckKind, CheckSpec, HealthStatus, InstanceRecord};
 use tokio::task::JoinHandle;
 
 use crate::catalog::health_record;
-use crate::hysteresis::Hysteresis;
 use crate::keys;
 use crate::lease::LeaseTable;
 use crate::metrics::ProbeLabels;
 use crate::state::Shared;
+use flotilla_check::Hysteresis;
 
 /// How often the duty looks at leases and the catalog.
 /// How often the duty looks at leases: it bounds how late past its TTL a node expires.
@@ -378,34 +377,16 @@ async fn probe(
     run: &mut CheckRun,
     now: Instant,
 ) -> (bool, String) {
-    let timeout = run.spec.effective_timeout();
-    let target =
-        |port: Option<u16>| SocketAddr::new(rec.spec.address, port.unwrap_or(rec.spec.port));
     match &run.spec.kind {
-        CheckKind::Http { path, port } => {
-            let url = format!("http://{}{}", target(*port), path);
-            match shared.http.get(&url).timeout(timeout).send().await {
-                Ok(resp) if resp.status().is_success() => {
-                    (true, format!("HTTP {}", resp.status().as_u16()))
-                }
-                Ok(resp) => (false, format!("HTTP {} from {url}", resp.status().as_u16())),
-                Err(e) => (
-                    false,
-                    format!("GET {url}: {}", flotilla_core::error::chain(&e)),
-                ),
-            }
-        }
-        CheckKind::Tcp { port } => {
-            let addr = target(*port);
-            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
-                Ok(Ok(_)) => (true, format!("TCP connect {addr} ok")),
-                Ok(Err(e)) => (false, format!("TCP connect {addr}: {e}")),
-                Err(_) => (
-                    false,
-                    format!("TCP connect {addr}: timed out after {timeout:?}"),
-                ),
-            }
-        }
+        CheckKind::Http { .. } | CheckKind::Tcp { .. } => flotilla_check::probe(
+            &shared.http,
+            &run.spec.kind,
+            rec.spec.address,
+            rec.spec.port,
+            run.spec.effective_timeout(),
+        )
+        .await
+        .unwrap_or_else(|| (false, "not a network check".into())),
         CheckKind::Ttl { ttl } => pushed(shared, rec, run, *ttl, now),
         CheckKind::Exec { .. } => {
             let freshness = run.spec.interval * 2 + Duration::from_secs(2);

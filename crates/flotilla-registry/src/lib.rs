@@ -11,7 +11,6 @@ pub mod catalog;
 pub mod certs;
 pub mod dns;
 pub mod duty;
-pub mod hysteresis;
 pub mod keys;
 pub mod lease;
 pub mod metrics;

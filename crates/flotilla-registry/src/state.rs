@@ -61,12 +61,7 @@ impl Shared {
     pub fn new(store: Arc<dyn Store>, config: ServerConfig, token: String) -> Arc<Self> {
         let (index_tx, _) = watch::channel(0);
         let (events, _) = broadcast::channel(4096);
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("flotilla-health/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("HTTP client");
+        let http = flotilla_check::probe_client();
         Arc::new(Shared {
             store,
             catalog: RwLock::new(Catalog::default()),

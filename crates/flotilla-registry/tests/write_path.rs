@@ -20,6 +20,7 @@ fn spec(service: &str, n: usize) -> InstanceSpec {
         weight: 100,
         meta: Default::default(),
         checks: vec![],
+        node_checks: false,
     }
 }
 

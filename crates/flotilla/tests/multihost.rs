@@ -418,6 +418,120 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
             killed.elapsed().as_secs_f64()
         );
 
+        // Checks where the containers are: a container on a registered by its container
+        // address, which the server on c cannot reach (shown above), passes because a's
+        // agent checks it on its own host; its failure and recovery reach the catalog.
+        let local = hosts
+            .docker(
+                "a",
+                &[
+                    "run",
+                    "-d",
+                    "-l",
+                    "flotilla.service=local",
+                    "-l",
+                    "flotilla.port=8080",
+                    "-l",
+                    "flotilla.address=container",
+                    "-l",
+                    "flotilla.check.http=/",
+                    "-l",
+                    "flotilla.check.interval=200ms",
+                    image,
+                    "sh",
+                    "-c",
+                    "mkdir -p /www && echo ok > /www/index.html && exec httpd -f -p 8080 -h /www",
+                ],
+            )
+            .unwrap();
+        let local = local.trim();
+        eventually(
+            Duration::from_secs(20),
+            "container-address instance passing",
+            || async { common::passing(&client, "local").await.len() == 1 },
+        )
+        .await;
+        let inst = common::passing(&client, "local").await.remove(0);
+        assert_eq!(inst.meta["address_mode"], "container");
+        assert_ne!(inst.address, std::net::IpAddr::V4(addr_a));
+        assert!(
+            get(&format!("http://{}:8080/", inst.address))
+                .await
+                .is_err(),
+            "the container address must not be reachable from off host a"
+        );
+        hosts
+            .docker("a", &["exec", local, "rm", "/www/index.html"])
+            .unwrap();
+        let failed = eventually(
+            Duration::from_secs(10),
+            "its agent's verdict: critical",
+            || async {
+                client.instances().await.is_ok_and(|all| {
+                    all.iter().any(|i| {
+                        i.service == "local"
+                            && i.health == flotilla_core::HealthStatus::Critical
+                            && i.output.contains("HTTP 404")
+                    })
+                })
+            },
+        )
+        .await;
+        eprintln!(
+            "FIGURE check fails on host a -> critical in the catalog (interval 200 ms, fall 2): {:.2}s",
+            failed.as_secs_f64()
+        );
+        hosts
+            .docker(
+                "a",
+                &["exec", local, "sh", "-c", "echo ok > /www/index.html"],
+            )
+            .unwrap();
+        eventually(Duration::from_secs(10), "passing again", || async {
+            common::passing(&client, "local").await.len() == 1
+        })
+        .await;
+
+        // Steady state: with every instance healthy and idle, the store takes the lease
+        // renewals and nothing else (no probe results, no unchanged load reports).
+        let scrape = || async {
+            let http = flotilla_client::http_builder(Some(
+                flotilla_client::tls_config(&cluster.token.with_file_name("ca.pem")).unwrap(),
+            ))
+            .build()
+            .unwrap();
+            let text = http
+                .get(format!("{}/metrics", cluster.server_url))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let writes = common::metric_value(&text, "flotilla_registry_store_writes_total");
+            let renewals: u64 = client
+                .nodes()
+                .await
+                .unwrap()
+                .iter()
+                .map(|n| n.renewals)
+                .sum();
+            (writes, renewals)
+        };
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (w0, r0) = scrape().await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let (w1, r1) = scrape().await;
+        let (writes, renewals) = (w1 - w0, (r1 - r0) as f64);
+        eprintln!(
+            "FIGURE steady state, 2 nodes, 3 healthy checked instances, 5 s: {writes} store writes, {renewals} of them lease renewals"
+        );
+        assert!(
+            writes <= renewals + 2.0,
+            "{writes} store writes in 5 s with {renewals} lease renewals"
+        );
+        hosts.docker("a", &["rm", "-f", local]).unwrap();
+
         // Host a cut off from the LAN: its node and instance leave within the lease.
         hosts.cut("a").unwrap();
         let lost = eventually(

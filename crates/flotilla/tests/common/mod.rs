@@ -320,6 +320,13 @@ pub async fn passing(client: &Client, service: &str) -> Vec<flotilla_core::Insta
         .unwrap_or_default()
 }
 
+/// The value of an unlabelled sample `name` in Prometheus text (0 when absent).
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// The test service's image on the default engine (built once per machine). Cargo
 /// builds only this package's binaries for its tests: the test service is built here
 /// (same profile, same target dir) when a clean `cargo nextest run` has not.
