@@ -12,6 +12,7 @@ mod registry;
 mod schedulers;
 mod soak;
 mod stats;
+mod steady;
 
 use clap::{Parser, Subcommand};
 
@@ -41,6 +42,9 @@ enum Cmd {
     /// Container lifecycle: deploy time, backup/restore vs tar|sha256sum, migration
     /// between two engines (stateful downtime, stateless failed requests).
     Containers(containers::Args),
+    /// What a healthy, idle cluster costs the store: writes/s and CPU at N checked
+    /// instances over several engines (checks and load reports write only on change).
+    Steady(steady::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,5 +60,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Failover(args) => rt.block_on(failover::run(args)),
         Cmd::Soak(args) => rt.block_on(soak::run(args)),
         Cmd::Containers(args) => rt.block_on(containers::run(args)),
+        Cmd::Steady(args) => rt.block_on(steady::run(args)),
     }
 }

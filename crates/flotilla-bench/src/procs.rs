@@ -83,6 +83,11 @@ pub struct ServerProc {
 }
 
 impl ServerProc {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self._proc.child.id()
+    }
+
     /// Starts `flotilla server` (embedded store, no DNS) and waits until it answers.
     pub async fn start() -> anyhow::Result<ServerProc> {
         Self::start_on("127.0.0.1").await
@@ -176,6 +181,33 @@ impl ServerProc {
 
 fn path_str(p: &std::path::Path) -> anyhow::Result<&str> {
     p.to_str().context("non-UTF-8 temporary path")
+}
+
+/// User + system CPU seconds so far of a process and all its descendants.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    // SAFETY: sysconf(3) reads a constant; no memory is involved.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut total = 0.0;
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
+            let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+            let f: Vec<&str> = after.split_whitespace().collect();
+            if f.len() > 13 {
+                total += (f[11].parse::<f64>().unwrap_or(0.0)
+                    + f[12].parse::<f64>().unwrap_or(0.0))
+                    / tick;
+            }
+        }
+        if let Ok(children) = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")) {
+            stack.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    total
 }
 
 /// "N cores; Linux version X" for the report.

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use flotilla_testkit::{free_port, wait_for_port};
 
-use crate::procs::{flotilla_binary, spawn, Proc};
+use crate::procs::{cpu_seconds, flotilla_binary, spawn, Proc};
 use crate::stats::median;
 use serde::Serialize;
 
@@ -54,32 +54,6 @@ pub struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    // SAFETY: sysconf(3) reads a constant; no memory is involved.
-    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let mut total = 0.0;
-    let mut stack = vec![pid];
-    while let Some(p) = stack.pop() {
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
-            let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
-            let f: Vec<&str> = after.split_whitespace().collect();
-            if f.len() > 13 {
-                total += (f[11].parse::<f64>().unwrap_or(0.0)
-                    + f[12].parse::<f64>().unwrap_or(0.0))
-                    / tick;
-            }
-        }
-        if let Ok(children) = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")) {
-            stack.extend(
-                children
-                    .split_whitespace()
-                    .filter_map(|c| c.parse::<u32>().ok()),
-            );
-        }
-    }
-    total
 }
 
 fn rss_mb(pid: u32) -> f64 {
