@@ -99,6 +99,14 @@ impl Agent {
             }
         }
         let mut tasks = vec![tokio::spawn(inner.clone().lease_loop())];
+        if let Some(cidr) = inner.config.cluster_cidr {
+            let routed = crate::routed::set_up(&inner, cidr).await?;
+            let _ = inner.routed.set(routed);
+            tasks.push(tokio::spawn(crate::routed::route_loop(
+                inner.clone(),
+                routed,
+            )));
+        }
         if let Some(tls) = &inner.tls {
             tasks.push(tokio::spawn(
                 tls.clone()

@@ -20,6 +20,7 @@ pub mod load;
 pub mod metrics;
 pub mod node_tls;
 pub mod reconcile;
+pub mod routed;
 pub mod schedule;
 pub(crate) mod state;
 

@@ -363,7 +363,18 @@ impl Inner {
         svc: &DeployedService,
         r: u32,
     ) -> anyhow::Result<String> {
-        let network = network_of(stack, svc);
+        // On the routed cluster network, a stack without a network of its own uses the
+        // node's routed bridge, and "auto" means its container address (reached from
+        // every host without NAT) rather than a published port.
+        let routed = self.routed.get().is_some();
+        let network = match (&svc.spec.network, routed) {
+            (None, true) => crate::routed::ROUTED_NETWORK.to_owned(),
+            _ => network_of(stack, svc),
+        };
+        let publish = match svc.spec.publish {
+            flotilla_core::stack::Publish::Auto if routed => flotilla_core::stack::Publish::None,
+            p => p,
+        };
         if self
             .docker
             .inspect_network::<String>(&network, None)
@@ -408,7 +419,7 @@ impl Inner {
             .collect();
         let memory = svc.spec.resources.memory_bytes().ok().flatten();
         let (exposed, bindings) =
-            crate::docker::published_port(svc.spec.port, svc.spec.publish, self.advertise);
+            crate::docker::published_port(svc.spec.port, publish, self.advertise);
         // Secret values are given to the container here, never baked into its image;
         // the label names them so backups can leave them out.
         let mut env = None;

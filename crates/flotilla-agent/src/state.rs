@@ -30,6 +30,8 @@ pub(crate) struct Inner {
     pub(crate) token: String,
     /// HTTP client for peer agents.
     pub(crate) http: reqwest::Client,
+    /// This node's place in the routed cluster network, once set up (`cluster_cidr`).
+    pub(crate) routed: std::sync::OnceLock<crate::routed::Routed>,
     /// HTTP client for health probes of this node's instances.
     pub(crate) probe_http: reqwest::Client,
     /// When the load loop last sampled every container and found each report still
@@ -94,6 +96,7 @@ impl Inner {
             token_roles: Default::default(),
             http: flotilla_client::http_builder(tls.as_ref().map(|t| t.client.clone())).build()?,
             probe_http: flotilla_check::probe_client(),
+            routed: Default::default(),
             loads_confirmed: std::sync::Mutex::new(None),
             tls,
             holds: Mutex::new(Default::default()),

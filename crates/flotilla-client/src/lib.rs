@@ -415,6 +415,41 @@ impl Client {
         self.send(req).await
     }
 
+    /// `PUT /v1/nodes/{name}/subnet`: this node's /24 of the routed cluster network.
+    pub async fn claim_subnet(
+        &self,
+        name: &str,
+        cluster_cidr: flotilla_core::subnet::Ipv4Net,
+    ) -> Result<flotilla_core::subnet::Ipv4Net> {
+        #[derive(serde::Deserialize)]
+        struct Claimed {
+            subnet: flotilla_core::subnet::Ipv4Net,
+        }
+        let claimed: Claimed = self
+            .send(
+                self.request(
+                    reqwest::Method::PUT,
+                    &format!("/v1/nodes/{name}/subnet"),
+                    Self::SHORT,
+                )
+                .json(&json!({ "cluster_cidr": cluster_cidr })),
+            )
+            .await?;
+        Ok(claimed.subnet)
+    }
+
+    /// `GET /v1/subnets`: every node's share of the routed cluster network.
+    pub async fn subnets(&self) -> Result<Vec<flotilla_core::subnet::SubnetView>> {
+        #[derive(serde::Deserialize)]
+        struct List {
+            subnets: Vec<flotilla_core::subnet::SubnetView>,
+        }
+        let list: List = self
+            .send(self.request(reqwest::Method::GET, "/v1/subnets", Self::SHORT))
+            .await?;
+        Ok(list.subnets)
+    }
+
     /// `DELETE /v1/nodes/{name}`: leaves gracefully, removing the node's instances.
     pub async fn leave_node(&self, name: &str) -> Result<serde_json::Value> {
         self.send(self.request(

@@ -380,6 +380,11 @@ pub struct AgentConfig {
     pub ca_file: Option<PathBuf>,
     /// `sha256:HEX` of the cluster CA (printed by `flotilla server`): what a join pins.
     pub ca_hash: Option<String>,
+    /// The routed cluster network: each node is given its own /24 of this (through the
+    /// registry), puts its stack containers on a bridge in it, and routes the other
+    /// nodes' /24s via their advertise addresses, so container addresses cross hosts
+    /// without NAT. Every agent of a cluster names the same CIDR.
+    pub cluster_cidr: Option<crate::subnet::Ipv4Net>,
 }
 
 impl Default for AgentConfig {
@@ -401,6 +406,7 @@ impl Default for AgentConfig {
             data_dir: PathBuf::from("/var/lib/flotilla/agent"),
             ca_file: None,
             ca_hash: None,
+            cluster_cidr: None,
         }
     }
 }
@@ -418,6 +424,17 @@ impl AgentConfig {
         }
         if let Some(h) = &self.ca_hash {
             validate_ca_hash("ca_hash", h)?;
+        }
+        if let Some(cidr) = &self.cluster_cidr {
+            crate::subnet::validate_cluster_cidr("cluster_cidr", cidr)?;
+            if let Some(IpAddr::V4(ip)) = self.advertise {
+                if cidr.contains(&ip) {
+                    return Err(FieldError::new(
+                        "cluster_cidr",
+                        format!("{cidr} contains this host's advertise address {ip}"),
+                    ));
+                }
+            }
         }
         if let Some(ip) = self.advertise {
             // Binding a socket to it succeeds only for an address of this host.

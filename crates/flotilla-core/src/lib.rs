@@ -13,6 +13,7 @@ pub mod id;
 pub mod record;
 pub mod spec;
 pub mod stack;
+pub mod subnet;
 pub mod token;
 
 pub use error::{ConfigError, FieldError};

@@ -19,6 +19,11 @@ pub const STACKS: &str = "stacks/";
 pub const TOKENS: &str = "tokens/";
 /// `secrets/{stack}/{service}` → [`flotilla_core::stack::SecretsRecord`]
 pub const SECRETS: &str = "secrets/";
+/// `subnets/{node}` → a `SubnetRecord` (subnets.rs): the node's /24 of the routed
+/// cluster network, kept when the node leaves so a returning host finds it again.
+pub const SUBNETS: &str = "subnets/";
+/// Election that serialises subnet allocations between servers.
+pub const SUBNET_ELECTION: &str = "election/subnets";
 /// Election name for the checking duty.
 pub const DUTY_ELECTION: &str = "election/duty";
 

@@ -18,6 +18,7 @@ pub mod secrets;
 pub mod server;
 pub mod stacks;
 pub mod state;
+pub mod subnets;
 pub mod tls;
 pub mod tokens;
 

@@ -164,7 +164,8 @@ pub async fn start(config: ServerConfig, store: Arc<dyn Store>) -> anyhow::Resul
         crate::stacks::routes()
             .merge(crate::certs::routes())
             .merge(crate::tokens::routes())
-            .merge(crate::secrets::routes()),
+            .merge(crate::secrets::routes())
+            .merge(crate::subnets::routes()),
     );
     tasks.push(tokio::spawn(flotilla_tls::serve(listener, app, options)));
     let mut dns_addr = None;

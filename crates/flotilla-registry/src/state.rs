@@ -54,6 +54,9 @@ pub struct Shared {
     pub http: reqwest::Client,
     /// The cluster CA and this server's certificate; unset when serving plain HTTP.
     pub tls: std::sync::OnceLock<Arc<crate::tls::ServerTls>>,
+    /// Serialises subnet allocations within this server (the store's election
+    /// serialises them between servers).
+    pub(crate) subnet_lock: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -76,6 +79,7 @@ impl Shared {
             writes_in_flight: Default::default(),
             http,
             tls: Default::default(),
+            subnet_lock: Default::default(),
         })
     }
 

@@ -137,6 +137,10 @@ pub struct AgentArgs {
     /// it [default: the source address of the route to the first server].
     #[arg(long)]
     pub advertise: Option<std::net::IpAddr>,
+    /// The routed cluster network (e.g. 10.244.0.0/16): this node gets a /24 of it,
+    /// routes the others', and container addresses cross hosts without NAT.
+    #[arg(long, value_name = "CIDR")]
+    pub cluster_cidr: Option<flotilla_core::subnet::Ipv4Net>,
     /// This host's node name [default: the hostname].
     #[arg(long)]
     pub node: Option<String>,

@@ -124,6 +124,9 @@ pub fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
     if let Some(v) = args.advertise {
         c.advertise = Some(v);
     }
+    if let Some(v) = args.cluster_cidr {
+        c.cluster_cidr = Some(v);
+    }
     if let Some(v) = &args.node {
         c.node = Some(v.clone());
     }
@@ -187,7 +190,14 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     })?;
     let metrics_listen = config.metrics_listen.clone();
     let agent = flotilla_agent::Agent::connect(config, token).await?;
-    let handle = agent.start().await?;
+    // A cluster setting the registry refuses (a cluster_cidr other agents do not share)
+    // is the operator's to fix: exit 2 like any other bad setting.
+    let handle = agent.start().await.map_err(|e| {
+        match e.downcast_ref::<flotilla_agent::routed::RefusedSetting>() {
+            Some(refused) => usage(refused.to_string()),
+            None => e,
+        }
+    })?;
     let handle = std::sync::Arc::new(tokio::sync::Mutex::new(Some(handle)));
     if !metrics_listen.is_empty() {
         let listener = tokio::net::TcpListener::bind(&metrics_listen)

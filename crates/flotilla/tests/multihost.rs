@@ -94,10 +94,16 @@ struct Cluster {
     _server: Proc,
     /// The CA hash the server printed (set by `join`).
     pin: std::sync::OnceLock<String>,
+    /// Flags every agent gets besides the usual ones.
+    agent_flags: Vec<String>,
 }
 
 impl Cluster {
     fn start(subnet: u8) -> Cluster {
+        Self::start_with(subnet, &[])
+    }
+
+    fn start_with(subnet: u8, agent_flags: &[&str]) -> Cluster {
         let hosts = Hosts::create(&["a", "b", "c"], &["client"], subnet).expect("hosts");
         let image = flotilla_testkit::busybox_image().unwrap();
         for h in ["a", "b"] {
@@ -129,6 +135,7 @@ impl Cluster {
             server_url: format!("https://{server_addr}"),
             _server: server,
             pin: std::sync::OnceLock::new(),
+            agent_flags: agent_flags.iter().map(|f| f.to_string()).collect(),
         }
     }
 
@@ -163,28 +170,30 @@ impl Cluster {
                 .join(format!("agent-{h}"))
                 .display()
                 .to_string();
+            let mut args = vec![
+                "agent",
+                "--join",
+                &self.server_url,
+                "--token-file",
+                &token,
+                "--ca-hash",
+                &pin,
+                "--data-dir",
+                &data,
+                "--node",
+                h,
+                "--docker",
+                self.hosts.engine(h),
+                "--api-listen",
+                "0.0.0.0:7701",
+                "--lease-ttl",
+                "1s",
+            ];
+            args.extend(self.agent_flags.iter().map(String::as_str));
             agents.push(flotilla_on(
                 &self.hosts,
                 h,
-                &[
-                    "agent",
-                    "--join",
-                    &self.server_url,
-                    "--token-file",
-                    &token,
-                    "--ca-hash",
-                    &pin,
-                    "--data-dir",
-                    &data,
-                    "--node",
-                    h,
-                    "--docker",
-                    self.hosts.engine(h),
-                    "--api-listen",
-                    "0.0.0.0:7701",
-                    "--lease-ttl",
-                    "1s",
-                ],
+                &args,
                 &self.dir.path().join(format!("agent-{h}.log")),
             ));
         }
@@ -660,4 +669,131 @@ fn host_loss_under_load_fails_few_requests_and_replicas_come_back() {
         hosts.heal("b").unwrap();
         drop(agents);
     });
+}
+
+/// The routed cluster network: agents on a and b with `--cluster-cidr` get a /24 each,
+/// a stack's replicas register their container addresses in them, and those addresses
+/// cross hosts without NAT (a container on b sees a container on a by its own address);
+/// an agent naming another CIDR is refused with exit 2 naming `cluster_cidr`.
+#[test]
+fn routed_cluster_network_crosses_hosts_without_nat() {
+    const CIDR: &str = "198.18.224.0/20";
+    let cluster = Cluster::start_with(64, &["--cluster-cidr", CIDR]);
+    let hosts = &cluster.hosts;
+    let cidr: flotilla_core::subnet::Ipv4Net = CIDR.parse().unwrap();
+    in_namespace(hosts, "client", async {
+        let (agents, client) = cluster.join().await;
+        let subnets = eventually(Duration::from_secs(10), "both subnets", || async {
+            client.subnets().await.is_ok_and(|s| s.len() == 2)
+        });
+        subnets.await;
+        let subnets = client.subnets().await.unwrap();
+        assert_ne!(subnets[0].subnet, subnets[1].subnet, "{subnets:?}");
+        assert!(subnets.iter().all(|s| cidr.contains(&s.subnet)));
+
+        cluster.deploy(
+            "routed",
+            "[service.api]\nport = 8080\nreplicas = 2\nplacement = { max_per_node = 1 }\n",
+            "routed\n",
+        );
+        let api = common::passing(&client, "api").await;
+        assert_eq!(api.len(), 2, "{api:?}");
+        for i in &api {
+            let node = i.node.as_deref().unwrap();
+            let own = subnets.iter().find(|s| s.node == node).unwrap();
+            let std::net::IpAddr::V4(ip) = i.address else {
+                panic!("{i:?}")
+            };
+            assert!(own.subnet.contains(&ip), "{i:?} not in {own:?}");
+            assert_eq!(i.port, 8080, "the container port, nothing published");
+        }
+        let on = |node: &str| {
+            api.iter()
+                .find(|i| i.node.as_deref() == Some(node))
+                .unwrap()
+                .clone()
+        };
+        let (api_a, api_b) = (on("a"), on("b"));
+        // Host a's namespace reaches b's container address through a's route.
+        let url_b = format!("http://{}:8080/index.html", api_b.address);
+        let got = in_namespace(hosts, "a", async { get(&url_b).await });
+        assert_eq!(got.as_deref().map(str::trim), Ok("routed"));
+        // The client, with no agent and no route, does not.
+        assert!(get(&url_b).await.is_err());
+
+        // Container to container, without NAT: a's replica fetches from b's by its
+        // container address, and b's side of the connection names a's container
+        // address as the peer (a masquerade would show host a's LAN address).
+        let container = |node: &str| {
+            hosts
+                .docker(
+                    node,
+                    &["ps", "-q", "--filter", "label=flotilla.stack=routed"],
+                )
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        let (ca, cb) = (container("a"), container("b"));
+        let fetched = hosts
+            .docker("a", &["exec", &ca, "wget", "-q", "-O", "-", &url_b])
+            .unwrap();
+        assert_eq!(fetched.trim(), "routed");
+        let netstat = hosts.docker("b", &["exec", &cb, "netstat", "-tn"]).unwrap();
+        let peers = connection_peers(&netstat, 8080);
+        assert!(
+            peers.contains(&api_a.address),
+            "b's peers on 8080 {peers:?} lack a's container address {}",
+            api_a.address
+        );
+
+        // An agent naming another cluster CIDR: refused, exit 2, naming the setting.
+        let out = hosts
+            .command("c", BIN)
+            .args([
+                "agent",
+                "--join",
+                &cluster.server_url,
+                "--token-file",
+                &cluster.token.display().to_string(),
+                "--ca-hash",
+                cluster.pin.get().unwrap(),
+                "--data-dir",
+                &cluster.dir.path().join("agent-x").display().to_string(),
+                "--node",
+                "x",
+                "--docker",
+                hosts.engine("a"),
+                "--api-listen",
+                "",
+                "--cluster-cidr",
+                "198.18.240.0/20",
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("cluster_cidr"), "{stderr}");
+        cluster.cli(&["rm", "routed"]);
+        drop(agents);
+    });
+}
+
+/// The peer addresses of connections to local `port` in busybox `netstat -tn` output
+/// (IPv4-mapped IPv6 addresses as IPv4), in any state.
+fn connection_peers(netstat: &str, port: u16) -> Vec<std::net::IpAddr> {
+    let strip = |a: &str| -> Option<(std::net::IpAddr, u16)> {
+        let (ip, p) = a.rsplit_once(':')?;
+        let ip = ip.trim_start_matches("::ffff:").parse().ok()?;
+        Some((ip, p.parse().ok()?))
+    };
+    netstat
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (_, local_port) = strip(f.get(3)?)?;
+            let (peer, _) = strip(f.get(4)?)?;
+            (local_port == port).then_some(peer)
+        })
+        .collect()
 }
