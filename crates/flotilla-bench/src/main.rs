@@ -6,6 +6,7 @@
 mod containers;
 mod discovery;
 mod failover;
+mod nat;
 mod procs;
 mod proxy;
 mod registry;
@@ -45,6 +46,9 @@ enum Cmd {
     /// What a healthy, idle cluster costs the store: writes/s and CPU at N checked
     /// instances over several engines (checks and load reports write only on change).
     Steady(steady::Args),
+    /// What the NAT costs: lb throughput to a container on another host by published
+    /// port vs routed container address vs a same-host container address.
+    Nat(nat::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,5 +65,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Soak(args) => rt.block_on(soak::run(args)),
         Cmd::Containers(args) => rt.block_on(containers::run(args)),
         Cmd::Steady(args) => rt.block_on(steady::run(args)),
+        Cmd::Nat(args) => rt.block_on(nat::run(args)),
     }
 }
