@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use bollard::models::{Ipam, IpamConfig};
 use bollard::network::CreateNetworkOptions;
-use flotilla_core::subnet::{gateway, Ipv4Net, SubnetView};
+use flotilla_core::subnet::{gateway, Ipv4Net, NodeNetwork, SubnetView};
 
 use crate::state::Inner;
 
@@ -27,15 +27,6 @@ use crate::state::Inner;
 pub const ROUTED_NETWORK: &str = "flotilla-routed";
 /// Its Linux bridge (named, so the firewall rules can name it).
 pub const ROUTED_BRIDGE: &str = "flt-routed";
-
-/// This node's place in the routed cluster network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Routed {
-    /// The whole cluster network.
-    pub cluster_cidr: Ipv4Net,
-    /// This node's /24 of it.
-    pub subnet: Ipv4Net,
-}
 
 /// A cluster-network setting the registry or this host refuses: the operator must
 /// change a flag or a config key (the binary exits 2 on it).
@@ -51,7 +42,7 @@ impl std::fmt::Display for RefusedSetting {
 impl std::error::Error for RefusedSetting {}
 
 /// Claims this node's /24, makes the network and the firewall rules.
-pub(crate) async fn set_up(inner: &Inner, cluster_cidr: Ipv4Net) -> anyhow::Result<Routed> {
+pub(crate) async fn set_up(inner: &Inner, cluster_cidr: Ipv4Net) -> anyhow::Result<NodeNetwork> {
     let subnet = match inner.client.claim_subnet(&inner.node, cluster_cidr).await {
         Ok(s) => s,
         Err(e) if e.status() == Some(409) || e.status() == Some(400) => {
@@ -62,7 +53,7 @@ pub(crate) async fn set_up(inner: &Inner, cluster_cidr: Ipv4Net) -> anyhow::Resu
     ensure_network(inner, subnet).await?;
     ensure_firewall(cluster_cidr, subnet)?;
     tracing::info!(%cluster_cidr, %subnet, "routed cluster network ready");
-    Ok(Routed {
+    Ok(NodeNetwork {
         cluster_cidr,
         subnet,
     })
@@ -212,7 +203,7 @@ pub fn wanted_routes(
 }
 
 /// Keeps the routes to the other nodes' subnets current, every two seconds.
-pub(crate) async fn route_loop(inner: Arc<Inner>, routed: Routed) {
+pub(crate) async fn route_loop(inner: Arc<Inner>, routed: NodeNetwork) {
     let (conn, handle, _) = match rtnetlink::new_connection() {
         Ok(c) => c,
         Err(e) => {

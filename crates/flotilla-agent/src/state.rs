@@ -31,7 +31,7 @@ pub(crate) struct Inner {
     /// HTTP client for peer agents.
     pub(crate) http: reqwest::Client,
     /// This node's place in the routed cluster network, once set up (`cluster_cidr`).
-    pub(crate) routed: std::sync::OnceLock<crate::routed::Routed>,
+    pub(crate) routed: std::sync::OnceLock<flotilla_core::subnet::NodeNetwork>,
     /// HTTP client for health probes of this node's instances.
     pub(crate) probe_http: reqwest::Client,
     /// When the load loop last sampled every container and found each report still

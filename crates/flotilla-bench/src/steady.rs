@@ -13,6 +13,9 @@ use flotilla_testkit::Dockerd;
 
 use crate::procs::{cpu_seconds, machine, Proc, ServerProc};
 
+/// The network every container of the bench is on (one per engine).
+const STEADY_NET: &str = "flotilla-steady";
+
 /// Arguments of `flotilla-bench steady`.
 #[derive(Debug, Parser)]
 pub struct Args {
@@ -53,6 +56,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             ))
             .status()?;
         anyhow::ensure!(status.success(), "loading {image} into {name}");
+        // A /22 per engine: the default bridge's /24 holds 253 containers at most.
+        engine.docker(&[
+            "network",
+            "create",
+            "--subnet",
+            &format!("198.19.{}.0/22", 4 * e),
+            STEADY_NET,
+        ])?;
         agents.push(server.agent_on(&name, &engine.host)?);
         engines.push(engine);
     }
@@ -149,6 +160,8 @@ fn start_containers(engines: &[Dockerd], args: &Args, image: &str) -> anyhow::Re
                             .docker(&[
                                 "run",
                                 "-d",
+                                "--network",
+                                STEADY_NET,
                                 "-l",
                                 "flotilla.service=steady",
                                 "-l",

@@ -22,6 +22,15 @@ pub struct SubnetView {
     pub address: Option<String>,
 }
 
+/// A node's place in the routed cluster network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeNetwork {
+    /// The whole cluster network.
+    pub cluster_cidr: Ipv4Net,
+    /// This node's /24 of it.
+    pub subnet: Ipv4Net,
+}
+
 /// Prefix length of each node's share of the cluster CIDR.
 pub const NODE_PREFIX: u8 = 24;
 
