@@ -808,3 +808,133 @@ fn routed_cluster_network_crosses_hosts_without_nat() {
         drop(agents);
     });
 }
+
+/// A stateful replica migrates from one host to the other across the LAN (no shared
+/// network, no route between their container subnets): written to through an lb on
+/// host c all along, every acknowledged write is on the target afterwards, and it
+/// serves there by its published port.
+#[test]
+fn a_stateful_replica_migrates_between_hosts_with_every_acknowledged_write() {
+    let cluster = Cluster::start(65);
+    let hosts = &cluster.hosts;
+    let addr_c = hosts.addr("c");
+    in_namespace(hosts, "client", async {
+        let (agents, client) = cluster.join().await;
+        let stack_dir = cluster.dir.path().join("notes");
+        std::fs::create_dir_all(&stack_dir).unwrap();
+        std::fs::write(stack_dir.join("health"), "ok\n").unwrap();
+        std::fs::write(
+            stack_dir.join("append.cgi"),
+            "#!/bin/sh\nprintf '%s\\n' \"$QUERY_STRING\" >> /data/notes && sync && printf 'Content-Type: text/plain\\r\\n\\r\\nok\\n' && exit 0\nprintf 'Status: 500 Internal Server Error\\r\\n\\r\\n'\n",
+        )
+        .unwrap();
+        std::fs::write(
+            stack_dir.join("read.cgi"),
+            "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\ncat /data/notes 2>/dev/null\n",
+        )
+        .unwrap();
+        std::fs::write(
+            stack_dir.join("stack.toml"),
+            r#"name = "notes"
+
+[service.web]
+port = 8080
+command = ["httpd", "-f", "-p", "8080", "-h", "/www"]
+health = { type = "http", path = "/health", interval = "300ms" }
+
+[service.web.image]
+base = "busybox"
+file = [
+    { src = "append.cgi", dest = "/www/cgi-bin/append", mode = "0755" },
+    { src = "read.cgi", dest = "/www/cgi-bin/read", mode = "0755" },
+    { src = "health", dest = "/www/health" },
+]
+
+[[service.web.volume]]
+name = "data"
+path = "/data"
+"#,
+        )
+        .unwrap();
+        cluster.cli(&[
+            "deploy",
+            &stack_dir.join("stack.toml").display().to_string(),
+            "--timeout",
+            "90s",
+        ]);
+        let source = common::passing(&client, "web").await.remove(0);
+        let from = source.node.clone().unwrap();
+        let to = if from == "a" { "b" } else { "a" };
+        let _lb = cluster.lb("connect_timeout = \"500ms\"\n");
+        let base = format!("http://{addr_c}:8080");
+        eventually(Duration::from_secs(20), "lb answers", || async {
+            get(&format!("{base}/health")).await.is_ok()
+        })
+        .await;
+
+        // A writer acknowledging sequence numbers every 20 ms, through the lb.
+        let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (acked, stop, base) = (acked.clone(), stop.clone(), base.clone());
+            tokio::spawn(async move {
+                for n in 0..100_000u64 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    if get(&format!("{base}/cgi-bin/append?w{n}"))
+                        .await
+                        .is_ok_and(|b| b.trim() == "ok")
+                    {
+                        acked.lock().unwrap().push(n);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cluster.cli(&["migrate", &source.id, "--to", to]);
+        eventually(
+            Duration::from_secs(30),
+            "web passing on the target",
+            || async {
+                common::passing(&client, "web")
+                    .await
+                    .iter()
+                    .any(|i| i.node.as_deref() == Some(to))
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.await.unwrap();
+        let moved = common::passing(&client, "web").await;
+        assert!(
+            moved.iter().all(|i| i.node.as_deref() == Some(to)),
+            "{moved:?}"
+        );
+        // Read on the target itself, by its registered (published) address.
+        let target = &moved[0];
+        let written = get(&format!(
+            "http://{}:{}/cgi-bin/read",
+            target.address, target.port
+        ))
+        .await
+        .unwrap();
+        let lines: std::collections::HashSet<&str> = written.lines().collect();
+        let acked = acked.lock().unwrap().clone();
+        assert!(acked.len() > 50, "only {} writes acknowledged", acked.len());
+        for n in &acked {
+            assert!(
+                lines.contains(format!("w{n}").as_str()),
+                "acknowledged write w{n} lost in the move from {from} to {to}"
+            );
+        }
+        eprintln!(
+            "FIGURE stateful migration {from} -> {to} across the LAN: {} acknowledged writes, all on the target",
+            acked.len()
+        );
+        cluster.cli(&["rm", "notes"]);
+        drop(agents);
+    });
+}
