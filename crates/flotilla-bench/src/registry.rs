@@ -150,12 +150,7 @@ async fn metric(server: &Server, name: &str) -> f64 {
         return f64::NAN;
     };
     let text = resp.text().await.unwrap_or_default();
-    text.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            (k == name).then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(f64::NAN)
+    flotilla_testkit::metric_value(&text, name).unwrap_or(f64::NAN)
 }
 
 async fn start_server(args: &Args, store_name: &str, store_url: &str) -> anyhow::Result<Server> {

@@ -206,17 +206,7 @@ async fn sample(server: &ServerProc, agents: &[u32]) -> anyhow::Result<Sample> {
         .await?
         .text()
         .await?;
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(name)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-            })
-            .unwrap_or(f64::NAN)
-    };
+    let value = |name: &str| flotilla_testkit::metric_value(&text, name).unwrap_or(f64::NAN);
     let renewals = server
         .client
         .nodes()

@@ -576,13 +576,7 @@ async fn renew_instance(
             ))
         }
     };
-    if body.output.len() > 4096 {
-        return Err(ApiError::field(
-            StatusCode::BAD_REQUEST,
-            "output",
-            "at most 4096 bytes",
-        ));
-    }
+    check_output(&body.output)?;
     let rec = CheckinRecord {
         v: RECORD_VERSION,
         passing,
@@ -591,6 +585,18 @@ async fn renew_instance(
     };
     let revision = put_record(&shared, &keys::checkin(&id), &rec).await?;
     Ok(with_index(revision, json!({ "id": id, "index": revision })))
+}
+
+/// A check's output as a renewal or a verdict carries it: at most 4096 bytes.
+fn check_output(output: &str) -> Result<(), ApiError> {
+    if output.len() > 4096 {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "output",
+            "at most 4096 bytes",
+        ));
+    }
+    Ok(())
 }
 
 /// Body of `PUT /v1/instances/{id}/health`: an agent's verdict on an instance it checks.
@@ -611,13 +617,7 @@ async fn report_health(
     JsonBody(body): JsonBody<HealthBody>,
 ) -> Result<Response, ApiError> {
     let id = resolve(&shared, &id).await?;
-    if body.output.len() > 4096 {
-        return Err(ApiError::field(
-            StatusCode::BAD_REQUEST,
-            "output",
-            "at most 4096 bytes",
-        ));
-    }
+    check_output(&body.output)?;
     let stored = {
         let catalog = shared.catalog();
         let node_checks = catalog

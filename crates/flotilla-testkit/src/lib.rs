@@ -20,6 +20,18 @@ use anyhow::{bail, Context, Result};
 /// Name of the local busybox image tests run as service nodes.
 pub const BUSYBOX_IMAGE: &str = "flotilla-test/busybox:latest";
 
+/// The value of the unlabelled sample `name` in Prometheus text, if present.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        if k == name {
+            v.trim().parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
 /// A free loopback TCP port (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -63,16 +63,8 @@ fn write_stack(
     std::fs::create_dir_all(dir.join("www")).unwrap();
     std::fs::write(dir.join("www/index.html"), format!("hello from {stack}\n")).unwrap();
     std::fs::write(dir.join("www/health"), "ok\n").unwrap();
-    std::fs::write(
-        dir.join("append.cgi"),
-        "#!/bin/sh\nprintf '%s\\n' \"$QUERY_STRING\" >> /data/notes && sync && printf 'Content-Type: text/plain\\r\\n\\r\\nok\\n' && exit 0\nprintf 'Status: 500 Internal Server Error\\r\\n\\r\\n'\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("read.cgi"),
-        "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\ncat /data/notes 2>/dev/null\n",
-    )
-    .unwrap();
+    std::fs::write(dir.join("append.cgi"), common::NOTES_APPEND_CGI).unwrap();
+    std::fs::write(dir.join("read.cgi"), common::NOTES_READ_CGI).unwrap();
     let (command, image) = match web_image {
         Some(img) => (
             r#"["--listen", "0.0.0.0:8080", "--name", "web"]"#.to_owned(),

@@ -517,7 +517,9 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
                 .text()
                 .await
                 .unwrap();
-            let writes = common::metric_value(&text, "flotilla_registry_store_writes_total");
+            let writes =
+                flotilla_testkit::metric_value(&text, "flotilla_registry_store_writes_total")
+                    .expect("store writes metric");
             let renewals: u64 = client
                 .nodes()
                 .await
@@ -539,6 +541,12 @@ fn published_ports_cross_hosts_and_a_lost_host_leaves() {
             writes <= renewals + 2.0,
             "{writes} store writes in 5 s with {renewals} lease renewals"
         );
+        // ... and yet the loads stay current: the renewals vouch for the unchanged
+        // reports, so each instance's load is younger than the lb's staleness window.
+        for i in client.instances().await.unwrap() {
+            let load = i.load.unwrap_or_else(|| panic!("no load for {}", i.id));
+            assert!(load.age_ms <= 3000, "{}: load {} ms old", i.id, load.age_ms);
+        }
         hosts.docker("a", &["rm", "-f", local]).unwrap();
 
         // Host a cut off from the LAN: its node and instance leave within the lease.
@@ -823,16 +831,8 @@ fn a_stateful_replica_migrates_between_hosts_with_every_acknowledged_write() {
         let stack_dir = cluster.dir.path().join("notes");
         std::fs::create_dir_all(&stack_dir).unwrap();
         std::fs::write(stack_dir.join("health"), "ok\n").unwrap();
-        std::fs::write(
-            stack_dir.join("append.cgi"),
-            "#!/bin/sh\nprintf '%s\\n' \"$QUERY_STRING\" >> /data/notes && sync && printf 'Content-Type: text/plain\\r\\n\\r\\nok\\n' && exit 0\nprintf 'Status: 500 Internal Server Error\\r\\n\\r\\n'\n",
-        )
-        .unwrap();
-        std::fs::write(
-            stack_dir.join("read.cgi"),
-            "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\ncat /data/notes 2>/dev/null\n",
-        )
-        .unwrap();
+        std::fs::write(stack_dir.join("append.cgi"), common::NOTES_APPEND_CGI).unwrap();
+        std::fs::write(stack_dir.join("read.cgi"), common::NOTES_READ_CGI).unwrap();
         std::fs::write(
             stack_dir.join("stack.toml"),
             r#"name = "notes"

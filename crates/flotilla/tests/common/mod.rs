@@ -320,13 +320,6 @@ pub async fn passing(client: &Client, service: &str) -> Vec<flotilla_core::Insta
         .unwrap_or_default()
 }
 
-/// The value of an unlabelled sample `name` in Prometheus text (0 when absent).
-pub fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// The test service's image on the default engine (built once per machine). Cargo
 /// builds only this package's binaries for its tests: the test service is built here
 /// (same profile, same target dir) when a clean `cargo nextest run` has not.
@@ -349,3 +342,11 @@ pub fn testsvc_image() -> String {
     );
     flotilla_testkit::testsvc_image(&testsvc).unwrap()
 }
+
+/// A CGI appending its query string to `/data/notes` (synced before it answers `ok`):
+/// the stateful service of the migration tests, which count acknowledged writes.
+pub const NOTES_APPEND_CGI: &str = "#!/bin/sh\nprintf '%s\\n' \"$QUERY_STRING\" >> /data/notes && sync && printf 'Content-Type: text/plain\\r\\n\\r\\nok\\n' && exit 0\nprintf 'Status: 500 Internal Server Error\\r\\n\\r\\n'\n";
+
+/// A CGI answering the whole of `/data/notes`.
+pub const NOTES_READ_CGI: &str =
+    "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\ncat /data/notes 2>/dev/null\n";
