@@ -424,7 +424,12 @@ async fn idempotent_requests_waiting_on_a_backend_that_leaves_the_set_go_to_anot
             false
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until half of the GETs sit on the silent backend (polled: on a loaded
+    // machine the spawned requests may take longer than any fixed sleep to arrive).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while requests_of(&lb, silent) < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
         requests_of(&lb, silent) >= 4,
         "requests went to the silent backend"
