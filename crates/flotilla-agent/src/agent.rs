@@ -118,6 +118,7 @@ impl Agent {
         }
         tasks.push(tokio::spawn(inner.clone().reconcile_loop()));
         tasks.push(tokio::spawn(inner.clone().backup_loop()));
+        tasks.push(tokio::spawn(inner.clone().fence_loop()));
         // Subscribe to events before the first resync, so nothing between them is lost.
         let events = inner.subscribe_events();
         tasks.push(tokio::spawn(inner.clone().event_loop(events)));
@@ -154,6 +155,7 @@ impl Inner {
                 .ok()
                 .map(|h| h.trim().to_owned()),
         };
+        let sent = std::time::Instant::now();
         self.client
             .register_node(
                 &self.node,
@@ -162,6 +164,7 @@ impl Inner {
                 self.api_url().as_deref(),
             )
             .await?;
+        self.lease_held_since(sent);
         Ok(())
     }
 
@@ -178,9 +181,11 @@ impl Inner {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .map(|at| at.elapsed());
+            let sent = std::time::Instant::now();
             match self.client.renew_node(&self.node, period, loads_age).await {
                 Ok(_) => {
                     self.metrics.renewals.inc();
+                    self.lease_held_since(sent);
                 }
                 Err(e) if e.status() == Some(404) => {
                     tracing::warn!(

@@ -104,6 +104,11 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         .route("/v1/retire", post(retire))
         .route("/v1/stacks/{stack}/containers", get(stack_containers))
         .route("/v1/release", post(release))
+        .route("/v1/backups/{stack}/{service}", get(backups_list))
+        .route(
+            "/v1/backups/{stack}/{service}/{file}",
+            get(backup_file).put(backup_copy),
+        )
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(
             inner.clone(),
@@ -139,20 +144,24 @@ async fn authorize(State(inner): State<Arc<Inner>>, req: Request, next: Next) ->
         };
     }
     // A peer agent (its node certificate, no token) may fetch an image it lacks, and
-    // nothing else: volumes, restores and retirements stay with the token's holder.
+    // store, list and fetch the backups of replicas assigned to it — nothing else:
+    // volumes, restores and retirements stay with the token's holder.
     let peer_node = req
         .extensions()
         .get::<flotilla_tls::Peer>()
         .and_then(|p| p.identity.clone());
     match peer_node {
         Some(flotilla_tls::PeerIdentity::Node(node)) if given.is_empty() => {
-            if req.method() == axum::http::Method::GET && req.uri().path() == "/v1/images/save" {
+            let image =
+                req.method() == axum::http::Method::GET && req.uri().path() == "/v1/images/save";
+            if image || peer_may_use_backups(&inner, &node, req.uri().path()).await {
                 next.run(req).await
             } else {
                 AppError::new(
                     StatusCode::FORBIDDEN,
                     format!(
-                        "node {node:?}'s certificate may only fetch images from this agent, not {} {}",
+                        "node {node:?}'s certificate may only fetch images from this agent \
+                         and reach the backups of replicas assigned to it, not {} {}",
                         req.method(),
                         req.uri().path()
                     ),
@@ -164,6 +173,119 @@ async fn authorize(State(inner): State<Arc<Inner>>, req: Request, next: Next) ->
             AppError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response()
         }
     }
+}
+
+/// Whether peer `node` may use backup route `path`: the copies and archives of a
+/// replica are for the node that runs it (a fresh assignment is read from the
+/// registry; the last pass's, if the registry cannot be reached).
+async fn peer_may_use_backups(inner: &Inner, node: &str, path: &str) -> bool {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (stack, service, replica) = match parts.as_slice() {
+        ["v1", "backups", stack, service] => (*stack, *service, None),
+        ["v1", "backups", stack, service, file] => {
+            match crate::copies::parse_archive_name(stack, service, file) {
+                Some((r, _)) => (*stack, *service, Some(r)),
+                None => return false,
+            }
+        }
+        _ => return false,
+    };
+    let assignments = match inner.client.assignments(0, Duration::ZERO).await {
+        Ok((_, a)) => a,
+        Err(_) => inner.desired_now().assignments,
+    };
+    let prefix = format!("{stack}/{service}/");
+    assignments.iter().any(|(key, a)| {
+        a.node == node
+            && key.strip_prefix(&prefix).is_some_and(|r| {
+                replica.is_none_or(|want| r.parse::<u32>().is_ok_and(|r| r == want))
+            })
+    })
+}
+
+/// The backup directory of `stack`/`service` per the registry's stack record.
+async fn backup_dir(
+    inner: &Inner,
+    stack: &str,
+    service: &str,
+) -> Result<flotilla_core::stack::BackupPolicy, AppError> {
+    let stacks = inner.current_stacks().await;
+    crate::copies::policy_of(&stacks, stack, service)
+        .cloned()
+        .ok_or_else(|| {
+            AppError::new(
+                StatusCode::NOT_FOUND,
+                format!("{stack}/{service} has no backup policy"),
+            )
+        })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupsQuery {
+    #[serde(default)]
+    replica: Option<u32>,
+}
+
+/// `GET /v1/backups/{stack}/{service}[?replica=R]`: the archives of the service's
+/// replicas this node keeps (its own and copies), oldest first.
+async fn backups_list(
+    State(inner): State<Arc<Inner>>,
+    axum::extract::Path((stack, service)): axum::extract::Path<(String, String)>,
+    Query(q): Query<BackupsQuery>,
+) -> Result<Json<Vec<crate::copies::ArchiveEntry>>, AppError> {
+    let policy = backup_dir(&inner, &stack, &service).await?;
+    let dir = inner.config.backup_dir(&policy.dir);
+    Ok(Json(
+        crate::copies::archives_in(&dir, &stack, &service, q.replica).await,
+    ))
+}
+
+/// `GET /v1/backups/{stack}/{service}/{file}`: one archive, as stored.
+async fn backup_file(
+    State(inner): State<Arc<Inner>>,
+    axum::extract::Path((stack, service, file)): axum::extract::Path<(String, String, String)>,
+) -> Result<Response, AppError> {
+    if crate::copies::parse_archive_name(&stack, &service, &file).is_none() {
+        return Err(bad(format!(
+            "{file:?} is not an archive of {stack}/{service}"
+        )));
+    }
+    let policy = backup_dir(&inner, &stack, &service).await?;
+    let f = tokio::fs::File::open(inner.config.backup_dir(&policy.dir).join(&file))
+        .await
+        .map_err(|e| AppError::new(StatusCode::NOT_FOUND, format!("{file}: {e}")))?;
+    let s = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20);
+    Ok(Body::from_stream(s).into_response())
+}
+
+/// `PUT /v1/backups/{stack}/{service}/{file}`: a copy of a replica's archive from the
+/// node that runs it; checked whole before it is kept, then retention applies.
+async fn backup_copy(
+    State(inner): State<Arc<Inner>>,
+    axum::extract::Path((stack, service, file)): axum::extract::Path<(String, String, String)>,
+    body: Body,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let Some((r, _)) = crate::copies::parse_archive_name(&stack, &service, &file) else {
+        return Err(bad(format!(
+            "{file:?} is not an archive of {stack}/{service}"
+        )));
+    };
+    let policy = backup_dir(&inner, &stack, &service).await?;
+    let spooled = spool_checked(&inner, body).await?;
+    let prefix = format!("{stack}-{service}-{r}-");
+    let kept = inner
+        .keep_copy(
+            &spooled.path,
+            &inner.config.backup_dir(&policy.dir),
+            &file,
+            &prefix,
+            policy.retention,
+        )
+        .await;
+    let _ = tokio::fs::remove_dir_all(&spooled.dir).await;
+    kept.map_err(failed)?;
+    Ok(Json(json!({ "kept": file, "bytes": spooled.total })))
 }
 
 async fn metrics(State(inner): State<Arc<Inner>>) -> String {

@@ -804,6 +804,46 @@ async fn restore_checked(
     Ok(id)
 }
 
+/// Fills the volumes of `container` (created from its current spec, not started) from
+/// a checked archive: each volume part goes to the volume mounted at its mount point.
+/// An archive whose volumes the container does not mount is refused.
+pub async fn fill_volumes(docker: &Docker, container: &str, path: &Path) -> anyhow::Result<()> {
+    let info = docker
+        .inspect_container(container, None)
+        .await
+        .with_context(|| format!("no container {container:?}"))?;
+    let id = info.id.clone().unwrap_or_default();
+    let mounts: std::collections::HashSet<String> = info
+        .mounts
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.typ == Some(bollard::models::MountPointTypeEnum::VOLUME))
+        .filter_map(|m| m.destination)
+        .collect();
+    let mut parts = PartStream::open(path);
+    while let Some(header) = parts.next().await? {
+        let (data_tx, data_rx) = mpsc::channel::<Bytes>(8);
+        let sink: futures::future::BoxFuture<'_, anyhow::Result<()>> =
+            match (header.kind, &header.mount) {
+                (PartKind::Volume, Some(m)) if mounts.contains(m) => Box::pin(write_volume(
+                    docker,
+                    id.clone(),
+                    m.clone(),
+                    tokio_stream_from(data_rx),
+                )),
+                (PartKind::Volume, m) => {
+                    bail!("the archive holds volume {m:?}, which the replica does not mount")
+                }
+                _ => {
+                    drop(data_rx);
+                    Box::pin(async { Ok(()) })
+                }
+            };
+        parts.pump(data_tx, sink).await?;
+    }
+    parts.finish().await
+}
+
 /// Writes a volume part's tar (entries under the mount's last component) into the
 /// container through the engine, which replaces what is there; a directory never
 /// silently replaces a file or the other way round.

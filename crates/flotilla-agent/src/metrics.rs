@@ -39,6 +39,18 @@ pub struct Metrics {
     pub verdicts_reported: Counter,
     /// Load reports sent (a load that stayed within the dead band is not sent).
     pub load_reports: Counter,
+    /// Stateful replicas restored from a backup after their node was lost.
+    pub recoveries: Counter,
+    /// Backups that failed verification when a recovery tried them.
+    pub recovery_refused: Counter,
+    /// Stateful replicas this node stopped because its own lease lapsed.
+    pub fenced: Counter,
+    /// Stale copies (older assignment generation) stopped and kept as orphans.
+    pub orphans_kept: Counter,
+    /// Backup copies sent to other nodes.
+    pub copies_sent: Counter,
+    /// Backup copies received from other nodes (checked whole).
+    pub copies_received: Counter,
 }
 
 impl Default for Metrics {
@@ -62,6 +74,12 @@ impl Default for Metrics {
             checks_run: Counter::default(),
             verdicts_reported: Counter::default(),
             load_reports: Counter::default(),
+            recoveries: Counter::default(),
+            recovery_refused: Counter::default(),
+            fenced: Counter::default(),
+            orphans_kept: Counter::default(),
+            copies_sent: Counter::default(),
+            copies_received: Counter::default(),
         };
         for (name, help, c) in [
             (
@@ -77,6 +95,36 @@ impl Default for Metrics {
             ("rollbacks", "Rolling updates rolled back", &m.rollbacks),
             ("backups", "Backups streamed", &m.backups),
             ("restores", "Restores completed", &m.restores),
+            (
+                "recoveries",
+                "Stateful replicas restored from a backup after their node was lost",
+                &m.recoveries,
+            ),
+            (
+                "recovery_refused_backups",
+                "Backups that failed verification when a recovery tried them",
+                &m.recovery_refused,
+            ),
+            (
+                "fenced_replicas",
+                "Stateful replicas stopped because this node's lease lapsed",
+                &m.fenced,
+            ),
+            (
+                "orphans_kept",
+                "Stale copies stopped and kept as orphans",
+                &m.orphans_kept,
+            ),
+            (
+                "backup_copies_sent",
+                "Backup copies sent to other nodes",
+                &m.copies_sent,
+            ),
+            (
+                "backup_copies_received",
+                "Backup copies received from other nodes",
+                &m.copies_received,
+            ),
             (
                 "checks_run",
                 "Health probes run on this host for this node's instances",

@@ -17,6 +17,7 @@ use anyhow::Context;
 use bollard::container::{Config, CreateContainerOptions, ListContainersOptions};
 use bollard::models::{HostConfig, Mount, MountTypeEnum};
 use bollard::network::CreateNetworkOptions;
+use flotilla_core::recovery::{self, replica_key, AssignmentRecord};
 use flotilla_core::stack::{place, DeployedService, RestartPolicy, StackRecord};
 use flotilla_core::HealthStatus;
 use futures::StreamExt;
@@ -27,13 +28,17 @@ use crate::state::Inner;
 
 /// Label: the node whose reconciler manages the container.
 pub const OWNER: &str = "flotilla.node";
+/// Label: the assignment generation a stateful replica's container was made under
+/// ([`flotilla_core::recovery`]); a copy from an older generation is never started.
+pub const GENERATION: &str = "flotilla.generation";
 
 /// Labels that make a container a stack's replica.
-pub const STACK_LABELS: [&str; 7] = [
+pub const STACK_LABELS: [&str; 8] = [
     STACK,
     OWNER,
     REPLICA,
     SPEC_HASH,
+    GENERATION,
     "flotilla.meta.stack",
     "flotilla.meta.replica",
     "flotilla.meta.spec",
@@ -50,6 +55,8 @@ pub(crate) struct Local {
     pub(crate) hash: String,
     pub(crate) running: bool,
     pub(crate) exit_code: i64,
+    /// The assignment generation it was made under (stateful replicas).
+    pub(crate) generation: Option<u64>,
 }
 
 /// Name of replica `r` of `service` in `stack` built from `hash`.
@@ -57,9 +64,15 @@ pub fn container_name(stack: &str, service: &str, r: u32, hash: &str) -> String 
     format!("{stack}-{service}-{r}-{}", &hash[..hash.len().min(8)])
 }
 
-/// Docker volume of replica `r`'s volume `vol`.
-pub fn volume_name(stack: &str, service: &str, r: u32, vol: &str) -> String {
-    format!("{stack}-{service}-{r}-{vol}")
+/// Docker volume of replica `r`'s volume `vol` under assignment `generation`: the
+/// first generation keeps the plain name; a replica recovered after a node loss gets
+/// volumes of its own, so a stale copy left on a node (an orphan) is never reused.
+pub fn volume_name(stack: &str, service: &str, r: u32, vol: &str, generation: u64) -> String {
+    if generation <= 1 {
+        format!("{stack}-{service}-{r}-{vol}")
+    } else {
+        format!("{stack}-{service}-{r}-g{generation}-{vol}")
+    }
 }
 
 /// Default network of a stack.
@@ -69,6 +82,16 @@ pub fn network_of(stack: &str, svc: &DeployedService) -> String {
         .clone()
         .unwrap_or_else(|| format!("flotilla-{stack}"))
 }
+
+/// A replica this node should run: its stack, service name, service, replica number,
+/// and assignment (stateful replicas).
+type Wanted<'a> = (
+    &'a StackRecord,
+    &'a str,
+    &'a DeployedService,
+    u32,
+    Option<&'a AssignmentRecord>,
+);
 
 impl Inner {
     /// Runs reconcile passes: on every change of desired state, and at least every second.
@@ -134,6 +157,7 @@ impl Inner {
                 hash: hash.clone(),
                 running: c.state.as_deref() == Some("running"),
                 exit_code: parse_exit(&status),
+                generation: labels.get(GENERATION).and_then(|g| g.parse().ok()),
             });
         }
         Ok(out)
@@ -156,21 +180,42 @@ impl Inner {
                 }
             }
         }
+        let (_, assignments) = self.client.assignments(0, Duration::ZERO).await?;
+        self.remember_desired(stacks, &assignments);
         let locals = self.stack_containers().await?;
         let mut by_key: BTreeMap<String, Vec<Local>> = BTreeMap::new();
+        let mut stale = Vec::new();
         for l in locals {
-            by_key
-                .entry(format!("{}/{}/{}", l.stack, l.service, l.replica))
-                .or_default()
-                .push(l);
+            let key = replica_key(&l.stack, &l.service, l.replica);
+            // A copy from before its replica was recovered elsewhere is never started
+            // again, nor removed: it is kept, stopped, for an operator (an orphan).
+            if assignments
+                .get(&key)
+                .is_some_and(|a| l.generation.unwrap_or(1) < a.generation)
+            {
+                stale.push(l);
+                continue;
+            }
+            by_key.entry(key).or_default().push(l);
         }
-        let mut wanted: BTreeMap<String, (&StackRecord, &str, &DeployedService, u32)> =
-            BTreeMap::new();
+        self.keep_stale(stale).await;
+        let mut wanted: BTreeMap<String, Wanted> = BTreeMap::new();
         for st in stacks {
             for (name, svc) in &st.services {
+                if recovery::stateful(&svc.spec) {
+                    // Stateful replicas run where they are assigned (by the elected
+                    // server), not wherever placement would put them today.
+                    for r in 0..svc.spec.replicas {
+                        let key = replica_key(&st.name, name, r);
+                        if let Some(a) = assignments.get(&key).filter(|a| a.node == self.node) {
+                            wanted.insert(key, (st, name, svc, r, Some(a)));
+                        }
+                    }
+                    continue;
+                }
                 for (r, node) in place(name, svc, &live) {
                     if node == self.node {
-                        wanted.insert(format!("{}/{name}/{r}", st.name), (st, name, svc, r));
+                        wanted.insert(replica_key(&st.name, name, r), (st, name, svc, r, None));
                     }
                 }
             }
@@ -178,7 +223,7 @@ impl Inner {
         // Replicas of one service converge `update.parallelism` at a time (a rolling
         // update waits for each new replica's health check); services one after another.
         let mut groups: BTreeMap<String, Vec<(String, Vec<Local>)>> = BTreeMap::new();
-        for (key, (st, name, _, _)) in &wanted {
+        for (key, (st, name, _, _, _)) in &wanted {
             let have = by_key.remove(key).unwrap_or_default();
             groups
                 .entry(format!("{}/{name}", st.name))
@@ -192,9 +237,12 @@ impl Inner {
                 .unwrap_or(1);
             futures::stream::iter(members)
                 .for_each_concurrent(parallel, |(key, have)| {
-                    let (st, name, svc, r) = wanted[&key];
+                    let (st, name, svc, r, assigned) = wanted[&key];
                     async move {
-                        if let Err(e) = self.converge_replica(st, name, svc, r, have).await {
+                        let converged = self
+                            .converge_replica(st, name, svc, r, assigned, have)
+                            .await;
+                        if let Err(e) = converged {
                             tracing::warn!(
                                 replica = key,
                                 error = format!("{e:#}"),
@@ -286,8 +334,13 @@ impl Inner {
         name: &str,
         svc: &DeployedService,
         r: u32,
+        assigned: Option<&AssignmentRecord>,
         have: Vec<Local>,
     ) -> anyhow::Result<()> {
+        // A node whose lease lapsed starts no replica another node may be given.
+        if assigned.is_some() && self.fenced_now() {
+            return Ok(());
+        }
         let (current, old): (Vec<Local>, Vec<Local>) =
             have.into_iter().partition(|l| l.hash == svc.spec_hash);
         if let Some(c) = current.first() {
@@ -297,7 +350,10 @@ impl Inner {
                     RestartPolicy::OnFailure => c.exit_code != 0,
                     RestartPolicy::Never => false,
                 };
-                if restart && self.backoff_allows(&c.id).await {
+                // A replica this node stopped itself when its lease lapsed comes back
+                // whatever its restart policy (it did not fail).
+                let fenced = self.unfence(&c.id);
+                if (restart || fenced) && self.backoff_allows(&c.id).await {
                     tracing::info!(container = c.name, exit = c.exit_code, "restarting replica");
                     self.metrics.restarts.inc();
                     self.docker.start_container::<String>(&c.id, None).await?;
@@ -311,9 +367,23 @@ impl Inner {
             }
             return Ok(());
         }
-        // No container of the current version: create one.
+        // No container of the current version: create one. The first one of a
+        // generation recovered by restore is filled from the newest verified backup.
         self.ensure_image(svc).await?;
-        let id = self.create_replica(&st.name, name, svc, r).await?;
+        let generation = assigned.map(|a| a.generation).unwrap_or(1);
+        let restore = assigned
+            .and_then(|a| a.recovered.as_ref())
+            .filter(|rc| rc.how == recovery::OnNodeLoss::Restore);
+        let id = match restore {
+            Some(rc) if !self.has_volumes(&st.name, name, svc, r, generation).await => {
+                self.restore_replica(st, name, svc, r, generation, rc)
+                    .await?
+            }
+            _ => {
+                self.create_replica(&st.name, name, svc, r, generation, Vec::new())
+                    .await?
+            }
+        };
         self.docker.start_container::<String>(&id, None).await?;
         self.metrics.containers_started.inc();
         if old.is_empty() {
@@ -356,12 +426,16 @@ impl Inner {
         Ok(())
     }
 
-    async fn create_replica(
+    /// Creates (does not start) replica `r` of `name` under assignment `generation`,
+    /// with `extra` labels besides the usual ones.
+    pub(crate) async fn create_replica(
         &self,
         stack: &str,
         name: &str,
         svc: &DeployedService,
         r: u32,
+        generation: u64,
+        extra: Vec<(String, String)>,
     ) -> anyhow::Result<String> {
         // On the routed cluster network, a stack without a network of its own uses the
         // node's routed bridge, and "auto" means its container address (reached from
@@ -406,13 +480,17 @@ impl Inner {
             "flotilla.meta.spec".into(),
             svc.spec_hash[..svc.spec_hash.len().min(12)].to_owned(),
         );
+        if recovery::stateful(&svc.spec) {
+            labels.insert(GENERATION.into(), generation.to_string());
+        }
+        labels.extend(extra);
         let mounts = svc
             .spec
             .volumes
             .iter()
             .map(|v| Mount {
                 target: Some(v.path.clone()),
-                source: Some(volume_name(stack, name, r, &v.name)),
+                source: Some(volume_name(stack, name, r, &v.name, generation)),
                 typ: Some(MountTypeEnum::VOLUME),
                 ..Default::default()
             })
@@ -466,7 +544,12 @@ impl Inner {
             }),
             ..Default::default()
         };
-        let cname = container_name(stack, name, r, &svc.spec_hash);
+        // A recovered generation's containers are named apart: a stale copy of the same
+        // version may sit on this engine as an orphan, and must not be replaced.
+        let cname = match generation {
+            0 | 1 => container_name(stack, name, r, &svc.spec_hash),
+            g => format!("{}-g{g}", container_name(stack, name, r, &svc.spec_hash)),
+        };
         // A leftover of an interrupted pass (created, never started) is replaced.
         let _ = self
             .docker
@@ -503,12 +586,11 @@ impl Inner {
         for n in nodes.iter().filter(|n| n.name != self.node) {
             let Some(api) = &n.api else { continue };
             let url = format!("{api}/v1/images/save");
-            let mut req = self.http.get(&url).query(&[("tag", &svc.image)]);
-            // With TLS the node certificate is the credential; the token stays home.
-            if self.tls.is_none() {
-                req = req.bearer_auth(&self.token);
-            }
-            let resp = req.send().await;
+            let resp = self
+                .peer_request(reqwest::Method::GET, &url)
+                .query(&[("tag", &svc.image)])
+                .send()
+                .await;
             let Ok(resp) = resp else { continue };
             if !resp.status().is_success() {
                 continue;

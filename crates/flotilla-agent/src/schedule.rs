@@ -16,7 +16,8 @@ use tokio::io::AsyncWriteExt;
 use crate::backup::{self, BackupOptions};
 use crate::state::Inner;
 
-const SUFFIX: &str = ".flotilla-backup";
+/// The file name suffix of an archive.
+pub const SUFFIX: &str = ".flotilla-backup";
 
 /// Archives of one replica in `names` (file names), oldest first, with their times.
 pub fn archives_of(prefix: &str, names: &[String]) -> Vec<(u64, String)> {
@@ -85,12 +86,20 @@ impl Inner {
                 continue;
             };
             let prefix = format!("{}-{}-{}-", l.stack, l.service, l.replica);
-            if let Err(e) = self.backup_if_due(&l.id, &prefix, &policy).await {
-                tracing::warn!(
-                    replica = prefix,
-                    error = format!("{e:#}"),
-                    "scheduled backup failed"
-                );
+            let due = self.backup_if_due(&l.id, &prefix, &policy).await;
+            match due {
+                Ok(Some(file)) => {
+                    self.ship_copies(&l.stack, &l.service, &prefix, &file, &policy)
+                        .await
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(
+                        replica = prefix,
+                        error = format!("{e:#}"),
+                        "scheduled backup failed"
+                    )
+                }
             }
         }
         Ok(())
@@ -101,15 +110,15 @@ impl Inner {
         id: &str,
         prefix: &str,
         policy: &BackupPolicy,
-    ) -> anyhow::Result<()> {
-        let dir = PathBuf::from(&policy.dir);
+    ) -> anyhow::Result<Option<PathBuf>> {
+        let dir = self.config.backup_dir(&policy.dir);
         tokio::fs::create_dir_all(&dir)
             .await
             .with_context(|| format!("creating {}", dir.display()))?;
-        let names = list(&dir).await?;
+        let names = list_dir(&dir).await?;
         let now = flotilla_core::record::unix_ms();
         if !due(&archives_of(prefix, &names), now, policy.interval) {
-            return Ok(());
+            return Ok(None);
         }
         let file = dir.join(format!("{prefix}{now}{SUFFIX}"));
         let t0 = std::time::Instant::now();
@@ -132,11 +141,11 @@ impl Inner {
             ms = t0.elapsed().as_millis() as u64,
             "scheduled backup written"
         );
-        let names = list(&dir).await?;
+        let names = list_dir(&dir).await?;
         for old in expired(&archives_of(prefix, &names), policy.retention) {
             let _ = tokio::fs::remove_file(dir.join(&old)).await;
         }
-        Ok(())
+        Ok(Some(file))
     }
 
     /// Writes a backup of container `id` to `file` (via a `.partial` file, so a crash
@@ -180,7 +189,8 @@ impl Inner {
     }
 }
 
-async fn list(dir: &Path) -> anyhow::Result<Vec<String>> {
+/// The names of the entries of `dir`.
+pub async fn list_dir(dir: &Path) -> anyhow::Result<Vec<String>> {
     let mut names = Vec::new();
     let mut rd = tokio::fs::read_dir(dir).await?;
     while let Some(e) = rd.next_entry().await? {

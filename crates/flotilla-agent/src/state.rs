@@ -61,6 +61,22 @@ pub(crate) struct Inner {
     /// CPU quota again before its next sample. `None` in the set means all of them
     /// (events may have been missed).
     pub(crate) quota_changed: std::sync::Mutex<std::collections::HashSet<Option<String>>>,
+    /// When the last lease renewal that succeeded was sent: past the lease TTL the
+    /// registry has given this node up, and its stateful replicas must stop
+    /// (`recover.rs`).
+    pub(crate) renewed_at: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Containers stopped because the lease lapsed (started again once it holds).
+    pub(crate) fenced: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The desired state of the last reconcile pass (stacks and assignments), for
+    /// fencing and the backup API while the registry cannot be read.
+    pub(crate) desired: std::sync::Mutex<Desired>,
+}
+
+/// Stacks and stateful replicas' assignments as last read from the registry.
+#[derive(Default, Clone)]
+pub(crate) struct Desired {
+    pub(crate) stacks: Vec<flotilla_core::stack::StackRecord>,
+    pub(crate) assignments: flotilla_client::Assignments,
 }
 
 #[derive(Default)]
@@ -104,7 +120,33 @@ impl Inner {
             api_bound: std::sync::OnceLock::new(),
             backoff: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
+            renewed_at: std::sync::Mutex::new(None),
+            fenced: Default::default(),
+            desired: Default::default(),
         })
+    }
+
+    /// A request to a peer agent's API: with TLS the node certificate is the
+    /// credential (the token stays home); without, the cluster token.
+    pub(crate) fn peer_request(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+    ) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, url);
+        if self.tls.is_none() {
+            req.bearer_auth(&self.token)
+        } else {
+            req
+        }
+    }
+
+    /// The desired state as the last reconcile pass read it.
+    pub(crate) fn desired_now(&self) -> Desired {
+        self.desired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The URL peers reach this agent's API at, if it serves one.

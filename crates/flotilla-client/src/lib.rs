@@ -136,6 +136,10 @@ pub fn tls_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>> {
     })
 }
 
+/// Stateful replicas' assignments by `STACK/SERVICE/REPLICA`.
+pub type Assignments =
+    std::collections::BTreeMap<String, flotilla_core::recovery::AssignmentRecord>;
+
 /// A registry client.
 #[derive(Clone)]
 pub struct Client {
@@ -624,6 +628,28 @@ impl Client {
                 ("wait", format!("{}ms", wait.as_millis())),
             ]);
         self.send_with_index(req).await
+    }
+
+    /// `GET /v1/assignments`: where each stateful replica lives, by
+    /// `STACK/SERVICE/REPLICA`; blocking on the desired state's index like
+    /// [`Client::stacks`].
+    pub async fn assignments(&self, index: u64, wait: Duration) -> Result<(u64, Assignments)> {
+        #[derive(serde::Deserialize)]
+        struct Reply {
+            assignments: Assignments,
+        }
+        let req = self
+            .request(
+                reqwest::Method::GET,
+                "/v1/assignments",
+                wait + Duration::from_secs(10),
+            )
+            .query(&[
+                ("index", index.to_string()),
+                ("wait", format!("{}ms", wait.as_millis())),
+            ]);
+        let (i, r): (u64, Reply) = self.send_with_index(req).await?;
+        Ok((i, r.assignments))
     }
 
     /// `GET /v1/stacks/{name}`.

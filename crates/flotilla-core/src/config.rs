@@ -385,6 +385,11 @@ pub struct AgentConfig {
     /// nodes' /24s via their advertise addresses, so container addresses cross hosts
     /// without NAT. Every agent of a cluster names the same CIDR.
     pub cluster_cidr: Option<crate::subnet::Ipv4Net>,
+    /// The directory a service's backup `dir` is taken relative to (default `/`: the
+    /// path as written). Several agents on one machine (a test rig, or hosts sharing a
+    /// file system) each need their own, or copies meant for other hosts land on the
+    /// same files.
+    pub backup_root: PathBuf,
 }
 
 impl Default for AgentConfig {
@@ -407,11 +412,17 @@ impl Default for AgentConfig {
             ca_file: None,
             ca_hash: None,
             cluster_cidr: None,
+            backup_root: PathBuf::from("/"),
         }
     }
 }
 
 impl AgentConfig {
+    /// Where this agent keeps the archives of a service whose backup `dir` is `dir`.
+    pub fn backup_dir(&self, dir: &str) -> PathBuf {
+        self.backup_root.join(dir.trim_start_matches('/'))
+    }
+
     /// Checks values after file and overrides are applied.
     pub fn validate(&self) -> Result<(), FieldError> {
         let servers = parse_server_list(&self.server).map_err(|e| FieldError::new("server", e))?;

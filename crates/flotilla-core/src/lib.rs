@@ -11,6 +11,7 @@ pub mod error;
 pub mod hash;
 pub mod id;
 pub mod record;
+pub mod recovery;
 pub mod spec;
 pub mod stack;
 pub mod subnet;

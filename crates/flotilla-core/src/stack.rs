@@ -185,6 +185,10 @@ pub struct ServiceSpec {
     /// Scheduled backups.
     #[serde(default)]
     pub backup: Option<BackupPolicy>,
+    /// What happens to a replica (with volumes) whose node is lost
+    /// (`[service.NAME.recovery]`, see [`crate::recovery`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<crate::recovery::RecoveryPolicy>,
 }
 
 fn default_version() -> String {
@@ -366,7 +370,18 @@ pub struct BackupPolicy {
     pub consistency: Consistency,
     /// Directory on the replica's node where archives go.
     pub dir: String,
+    /// How many other nodes also keep each archive (in the same directory there), so
+    /// a replica's backups outlive its host.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub copies: u32,
 }
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Most copies of a backup a spec may ask for.
+pub const MAX_BACKUP_COPIES: u32 = 16;
 
 fn default_retention() -> u32 {
     7
@@ -554,7 +569,14 @@ impl ServiceSpec {
             if !b.dir.starts_with('/') {
                 return err("backup.dir", format!("{:?} must be absolute", b.dir));
             }
+            if b.copies > MAX_BACKUP_COPIES {
+                return err(
+                    "backup.copies",
+                    format!("{} is more than {MAX_BACKUP_COPIES}", b.copies),
+                );
+            }
         }
+        crate::recovery::validate(f, self)?;
         Ok(())
     }
 }

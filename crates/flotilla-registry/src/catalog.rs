@@ -44,6 +44,9 @@ pub struct Catalog {
     nodes_index: u64,
     stacks: BTreeMap<String, flotilla_core::stack::StackRecord>,
     stacks_index: u64,
+    /// Stateful replicas' assignments by `STACK/SERVICE/REPLICA` (part of the desired
+    /// state: they move `stacks_index`).
+    assignments: BTreeMap<String, flotilla_core::recovery::AssignmentRecord>,
     tokens: BTreeMap<String, flotilla_core::token::TokenRecord>,
     index: u64,
     /// Instances that have checks (the duty runs one checker for each).
@@ -140,6 +143,11 @@ impl Catalog {
         self.stacks.values().cloned().collect()
     }
 
+    /// Every stateful replica's assignment, by `STACK/SERVICE/REPLICA`.
+    pub fn assignments(&self) -> &BTreeMap<String, flotilla_core::recovery::AssignmentRecord> {
+        &self.assignments
+    }
+
     /// One stack's desired state.
     pub fn stack(&self, name: &str) -> Option<&flotilla_core::stack::StackRecord> {
         self.stacks.get(name)
@@ -228,6 +236,13 @@ impl Catalog {
             match entry.and_then(|e| self.decode::<flotilla_core::stack::StackRecord>(e)) {
                 Some(rec) => self.stacks.insert(name.to_owned(), rec),
                 None => self.stacks.remove(name),
+            };
+            self.stacks_index = revision;
+        } else if let Some(replica) = key.strip_prefix(keys::ASSIGNMENTS) {
+            type Rec = flotilla_core::recovery::AssignmentRecord;
+            match entry.and_then(|e| self.decode::<Rec>(e)) {
+                Some(rec) => self.assignments.insert(replica.to_owned(), rec),
+                None => self.assignments.remove(replica),
             };
             self.stacks_index = revision;
         } else if let Some(id) = key.strip_prefix(keys::CHECKINS) {

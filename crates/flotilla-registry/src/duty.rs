@@ -1,5 +1,7 @@
-//! The checking duty: health probes, pushed check-ins, node lease expiry and reaping.
-//! It runs on exactly one server at a time, the one elected through the store.
+//! The checking duty: health probes, pushed check-ins, node lease expiry and reaping,
+//! and the assignments of stateful replicas (who runs them, and their recovery when a
+//! node is lost). It runs on exactly one server at a time, the one elected through the
+//! store.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,6 +66,10 @@ struct Duty {
     seen_checks: u64,
     last_orphan_scan: Option<Instant>,
     last_compaction: Option<Instant>,
+    /// Nodes named by an assignment but not live, and since when this duty has seen
+    /// them gone (monotonic: a new duty holder starts counting afresh, so a failover
+    /// can delay a recovery by up to its grace but never hurry one).
+    gone_since: HashMap<String, Instant>,
 }
 
 impl Drop for Duty {
@@ -84,6 +90,7 @@ impl Duty {
             seen_checks: u64::MAX,
             last_orphan_scan: None,
             last_compaction: None,
+            gone_since: HashMap::new(),
         }
     }
 
@@ -103,6 +110,7 @@ impl Duty {
                 self.reconcile_checkers();
             }
             self.expire_leases(now).await;
+            self.assign(now).await;
             if self
                 .last_orphan_scan
                 .is_none_or(|t| now.saturating_duration_since(t) >= ORPHAN_SCAN)
@@ -173,6 +181,60 @@ impl Duty {
             if remove_node(&self.shared, &node).await.is_ok() {
                 self.leases.remove(&node);
                 self.shared.metrics.node_expirations.inc();
+            }
+        }
+    }
+
+    /// Brings the stateful replicas' assignments in line with the stacks and the live
+    /// nodes ([`flotilla_core::recovery::plan`]); writes only what changes.
+    async fn assign(&mut self, now: Instant) {
+        let now_ms = flotilla_core::record::unix_ms();
+        let changes = {
+            let catalog = self.shared.catalog();
+            let live: Vec<String> = catalog.node_records().map(|n| n.name.clone()).collect();
+            let current = catalog.assignments();
+            self.gone_since.retain(|n, _| !live.contains(n));
+            for a in current.values() {
+                if !live.contains(&a.node) {
+                    self.gone_since.entry(a.node.clone()).or_insert(now);
+                }
+            }
+            let gone = &self.gone_since;
+            let gone_for = |n: &str| {
+                gone.get(n)
+                    .map(|t| now.saturating_duration_since(*t))
+                    .unwrap_or_default()
+            };
+            flotilla_core::recovery::plan(&catalog.stacks(), &live, &gone_for, current, now_ms)
+        };
+        for (replica, rec) in changes {
+            let key = keys::assignment(&replica);
+            let result = match &rec {
+                Some(r) => {
+                    if let Some(how) = &r.recovered {
+                        // Just moved by a recovery (not a later note on the record).
+                        if r.since_ms == now_ms {
+                            tracing::warn!(
+                                replica,
+                                from = how.from_node,
+                                to = r.node,
+                                generation = r.generation,
+                                how = how.how.name(),
+                                "node lost past its grace: replica reassigned"
+                            );
+                        }
+                    }
+                    self.shared
+                        .store
+                        .put(&key, serde_json::to_vec(r).expect("records serialise"))
+                        .await
+                        .map(|_| ())
+                }
+                None => self.shared.store.delete(&key).await.map(|_| ()),
+            };
+            if let Err(e) = result {
+                self.shared.note_store_error(&e, "assignment");
+                return;
             }
         }
     }

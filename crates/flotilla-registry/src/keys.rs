@@ -22,6 +22,10 @@ pub const SECRETS: &str = "secrets/";
 /// `subnets/{node}` → a `SubnetRecord` (subnets.rs): the node's /24 of the routed
 /// cluster network, kept when the node leaves so a returning host finds it again.
 pub const SUBNETS: &str = "subnets/";
+/// `assignments/{stack}/{service}/{replica}` →
+/// [`flotilla_core::recovery::AssignmentRecord`]: where a stateful replica lives
+/// (written by the duty only).
+pub const ASSIGNMENTS: &str = "assignments/";
 /// Election that serialises subnet allocations between servers.
 pub const SUBNET_ELECTION: &str = "election/subnets";
 /// Election name for the checking duty.
@@ -50,6 +54,10 @@ pub fn weights(service: &str) -> String {
 /// Key of a stack's desired state.
 pub fn stack(name: &str) -> String {
     format!("{STACKS}{name}")
+}
+/// Key of a stateful replica's assignment (`replica` is `STACK/SERVICE/REPLICA`).
+pub fn assignment(replica: &str) -> String {
+    format!("{ASSIGNMENTS}{replica}")
 }
 /// Key of an instance's latest load report.
 pub fn load(id: &str) -> String {

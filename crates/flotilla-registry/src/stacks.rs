@@ -31,6 +31,55 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/v1/stacks/{name}/services/{svc}/replicas", put(scale))
         .route("/v1/stacks/{name}/services/{svc}/pins", put(pin))
         .route("/v1/stacks/{name}/rollback", post(rollback))
+        .route("/v1/assignments", get(assignments))
+}
+
+/// `GET /v1/assignments` → `{"assignments": {"STACK/SERVICE/REPLICA": record}}`: where
+/// each stateful replica lives. Blocking queries wait on the desired state's index
+/// (stacks and assignments move it together), so one watch covers both.
+async fn assignments(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<Blocking>,
+) -> Result<Response, ApiError> {
+    block_until(&shared, &q, shared.index_watch(), |s| {
+        s.catalog().stacks_index()
+    })
+    .await?;
+    let c = shared.catalog();
+    Ok(with_index(
+        c.stacks_index(),
+        json!({ "assignments": c.assignments() }),
+    ))
+}
+
+/// A lost node stops its own stateful replicas once its lease has lapsed; the restore
+/// elsewhere waits `grace` more. So `grace` must be at least the longest lease TTL of
+/// the nodes (or a replica could start elsewhere before its old copy stops itself).
+fn check_grace(shared: &Shared, name: &str, s: &DeployedService) -> Result<(), ApiError> {
+    if s.spec.recovery.is_none() || !flotilla_core::recovery::stateful(&s.spec) {
+        return Ok(());
+    }
+    let grace = flotilla_core::recovery::grace(&s.spec);
+    let longest = shared
+        .catalog()
+        .node_records()
+        .map(|n| (n.ttl_ms, n.name.clone()))
+        .max();
+    if let Some((ttl_ms, node)) = longest {
+        if grace < std::time::Duration::from_millis(ttl_ms) {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                format!("services.{name}.spec.recovery.grace"),
+                format!(
+                    "{} is shorter than node {node}'s lease TTL of {} ms: a lost node \
+                     must be able to stop its own copy before the restore elsewhere",
+                    humantime::format_duration(grace),
+                    ttl_ms
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn list(
@@ -115,6 +164,7 @@ async fn deploy(
     }
     for (svc, s) in &body.services {
         validate_service(svc, s)?;
+        check_grace(&shared, svc, s)?;
     }
     let _w = WRITE.lock().await;
     let old = shared.catalog().stack(&name).cloned();

@@ -141,6 +141,9 @@ pub struct AgentArgs {
     /// routes the others', and container addresses cross hosts without NAT.
     #[arg(long, value_name = "CIDR")]
     pub cluster_cidr: Option<flotilla_core::subnet::Ipv4Net>,
+    /// The directory services' backup `dir`s are taken relative to [default: /].
+    #[arg(long, value_name = "DIR")]
+    pub backup_root: Option<PathBuf>,
     /// This host's node name [default: the hostname].
     #[arg(long)]
     pub node: Option<String>,

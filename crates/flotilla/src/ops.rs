@@ -91,8 +91,46 @@ pub async fn ps(args: PsArgs) -> anyhow::Result<()> {
             });
         }
     }
+    let (_, assignments) = c.assignments(0, Duration::ZERO).await?;
+    let now_ms = flotilla_core::record::unix_ms();
+    let replicas: Vec<ReplicaRow> = assignments
+        .iter()
+        .filter(|(key, _)| {
+            args.service
+                .as_ref()
+                .is_none_or(|s| key.split('/').nth(1) == Some(s.as_str()))
+        })
+        .map(|(key, a)| {
+            let mut parts = key.splitn(3, '/');
+            let (stack, service) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let replica = parts.next().unwrap_or("");
+            let meta = all
+                .iter()
+                .find(|i| {
+                    i.service == service
+                        && i.meta.get("stack").map(String::as_str) == Some(stack)
+                        && i.meta.get("replica").map(String::as_str) == Some(replica)
+                        && i.node.as_deref() == Some(a.node.as_str())
+                })
+                .map(|i| &i.meta);
+            let svc = stacks
+                .iter()
+                .find(|s| s.name == stack)
+                .and_then(|s| s.services.get(service));
+            ReplicaRow {
+                replica: key.clone(),
+                node: a.node.clone(),
+                generation: a.generation,
+                state: flotilla_core::recovery::describe(a, meta, svc.map(|s| &s.spec), now_ms),
+            }
+        })
+        .collect();
     if args.client.json {
-        return print_json(&serde_json::json!({ "instances": list, "stacks": rows }));
+        return print_json(&serde_json::json!({
+            "instances": list,
+            "stacks": rows,
+            "replicas": replicas,
+        }));
     }
     println!(
         "{:<24} {:<14} {:<22} {:<10} {:>9}  {:<16} OUTPUT",
@@ -125,7 +163,26 @@ pub async fn ps(args: PsArgs) -> anyhow::Result<()> {
             );
         }
     }
+    if !replicas.is_empty() {
+        println!();
+        println!("{:<28} {:<12} {:>4}  STATE", "REPLICA", "NODE", "GEN");
+        for r in &replicas {
+            println!(
+                "{:<28} {:<12} {:>4}  {}",
+                r.replica, r.node, r.generation, r.state
+            );
+        }
+    }
     Ok(())
+}
+
+/// A stateful replica's line in `flotilla ps`.
+#[derive(Debug, serde::Serialize)]
+struct ReplicaRow {
+    replica: String,
+    node: String,
+    generation: u64,
+    state: String,
 }
 
 /// `flotilla services`.

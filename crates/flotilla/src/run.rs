@@ -127,6 +127,9 @@ pub fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
     if let Some(v) = args.cluster_cidr {
         c.cluster_cidr = Some(v);
     }
+    if let Some(v) = &args.backup_root {
+        c.backup_root = v.clone();
+    }
     if let Some(v) = &args.node {
         c.node = Some(v.clone());
     }

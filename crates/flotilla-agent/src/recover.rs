@@ -1,0 +1,363 @@
+//! The agent's side of key-node recovery ([`flotilla_core::recovery`]).
+//!
+//! - **Fencing**: once this node's last successful lease renewal is older than the
+//!   lease TTL, the registry has given the node up (or is about to), and a stateful
+//!   replica with a `restore`/`empty` policy may be started elsewhere after its grace.
+//!   So the node stops those replicas itself, first: it measures from when it *sent*
+//!   the renewal, the registry from when it received it, so the node always acts
+//!   earlier (the timing argument is in docs/spec.md).
+//! - **Orphans**: a copy made under an older assignment generation is stale (the
+//!   replica was recovered elsewhere meanwhile); it is stopped and kept, never started
+//!   and never removed (`flotilla rm --orphans` is the operator's call).
+//! - **Restore**: the first container of a generation made by a `restore` recovery is
+//!   filled from the newest archive of the replica that verifies, wherever it is (this
+//!   node's backup directory, or a peer's copy); an archive that fails verification is
+//!   skipped for the next older one, and the container's labels say what was used.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use flotilla_core::recovery::{self, OnNodeLoss, Recovered, FENCE_STOP_TIMEOUT};
+use flotilla_core::stack::{DeployedService, StackRecord};
+
+use crate::backup;
+use crate::copies::{archives_in, ArchiveEntry};
+use crate::reconcile::{volume_name, Local};
+use crate::state::{Desired, Inner};
+
+/// The container label that becomes instance meta `key` (what a restored replica
+/// carries for `flotilla ps`: [`flotilla_core::recovery::meta`]).
+fn meta_label(key: &str) -> String {
+    format!("flotilla.meta.{key}")
+}
+
+/// Where an archive of a replica is.
+enum Source {
+    /// In this node's backup directory.
+    Here(PathBuf),
+    /// On a peer: its name and API URL.
+    Peer(String, String),
+}
+
+impl Inner {
+    /// Notes that the lease held as of a request sent at `sent`.
+    pub(crate) fn lease_held_since(&self, sent: Instant) {
+        let mut at = self.renewed_at.lock().unwrap_or_else(|p| p.into_inner());
+        if at.is_none_or(|t| t < sent) {
+            *at = Some(sent);
+        }
+    }
+
+    /// Whether this node's lease has lapsed by its own clock (no renewal sent within
+    /// the last TTL succeeded): it must not run replicas another node may be given.
+    pub(crate) fn fenced_now(&self) -> bool {
+        self.renewed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none_or(|t| t.elapsed() >= self.config.lease_ttl)
+    }
+
+    /// Forgets that `id` was stopped by fencing; says whether it was.
+    pub(crate) fn unfence(&self, id: &str) -> bool {
+        self.fenced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+    }
+
+    /// Keeps the desired state a reconcile pass read, for fencing while the registry
+    /// cannot be reached.
+    pub(crate) fn remember_desired(
+        &self,
+        stacks: &[StackRecord],
+        assignments: &flotilla_client::Assignments,
+    ) {
+        *self.desired.lock().unwrap_or_else(|p| p.into_inner()) = Desired {
+            stacks: stacks.to_vec(),
+            assignments: assignments.clone(),
+        };
+    }
+
+    /// Stops every running stateful replica that would be recovered elsewhere, as soon
+    /// as this node's lease has lapsed; checks every 100 ms.
+    pub(crate) async fn fence_loop(self: std::sync::Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !self.fenced_now() {
+                continue;
+            }
+            if let Err(e) = self.fence().await {
+                tracing::warn!(error = format!("{e:#}"), "fencing failed");
+            }
+        }
+    }
+
+    async fn fence(&self) -> anyhow::Result<()> {
+        let desired = self.desired_now();
+        for l in self.stack_containers().await? {
+            if !l.running {
+                continue;
+            }
+            let policy = desired
+                .stacks
+                .iter()
+                .find(|s| s.name == l.stack)
+                .and_then(|s| s.services.get(&l.service))
+                .and_then(|s| recovery::on_node_loss(&s.spec));
+            if !matches!(policy, Some(OnNodeLoss::Restore | OnNodeLoss::Empty)) {
+                continue;
+            }
+            tracing::warn!(
+                container = l.name,
+                ttl_ms = self.config.lease_ttl.as_millis() as u64,
+                "lease lapsed: stopping this stateful replica before it is recovered elsewhere"
+            );
+            self.fenced
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(l.id.clone());
+            self.docker
+                .stop_container(
+                    &l.id,
+                    Some(bollard::container::StopContainerOptions {
+                        t: FENCE_STOP_TIMEOUT.as_secs() as i64,
+                    }),
+                )
+                .await
+                .with_context(|| format!("stopping {}", l.name))?;
+            self.metrics.fenced.inc();
+        }
+        Ok(())
+    }
+
+    /// Stops stale copies (made under an older assignment generation) and keeps them.
+    pub(crate) async fn keep_stale(&self, stale: Vec<Local>) {
+        for l in stale {
+            if !l.running {
+                continue;
+            }
+            tracing::warn!(
+                container = l.name,
+                generation = l.generation.unwrap_or(1),
+                "stale copy of a replica recovered elsewhere: stopped and kept as an orphan"
+            );
+            let stopped = self
+                .docker
+                .stop_container(
+                    &l.id,
+                    Some(bollard::container::StopContainerOptions {
+                        t: FENCE_STOP_TIMEOUT.as_secs() as i64,
+                    }),
+                )
+                .await;
+            match stopped {
+                Ok(()) => {
+                    self.metrics.orphans_kept.inc();
+                }
+                Err(e) => tracing::warn!(container = l.name, error = %e, "stopping a stale copy"),
+            }
+        }
+    }
+
+    /// Whether replica `r`'s volumes of `generation` already exist on this engine.
+    pub(crate) async fn has_volumes(
+        &self,
+        stack: &str,
+        service: &str,
+        svc: &DeployedService,
+        r: u32,
+        generation: u64,
+    ) -> bool {
+        for v in &svc.spec.volumes {
+            let name = volume_name(stack, service, r, &v.name, generation);
+            if self.docker.inspect_volume(&name).await.is_err() {
+                return false;
+            }
+        }
+        !svc.spec.volumes.is_empty()
+    }
+
+    /// Every archive of replica `r` of `stack`/`service` this node and its peers hold,
+    /// newest first.
+    async fn archives_everywhere(
+        &self,
+        stack: &str,
+        service: &str,
+        r: u32,
+        dir: &str,
+    ) -> Vec<(ArchiveEntry, Source)> {
+        let dir = self.config.backup_dir(dir);
+        let mut out: Vec<(ArchiveEntry, Source)> = archives_in(&dir, stack, service, Some(r))
+            .await
+            .into_iter()
+            .map(|a| {
+                let path = dir.join(&a.name);
+                (a, Source::Here(path))
+            })
+            .collect();
+        let nodes = self.client.nodes().await.unwrap_or_default();
+        for n in nodes.iter().filter(|n| n.name != self.node) {
+            let Some(api) = &n.api else { continue };
+            let url = format!("{api}/v1/backups/{stack}/{service}");
+            let listed = async {
+                let resp = self
+                    .peer_request(reqwest::Method::GET, &url)
+                    .query(&[("replica", r)])
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await?
+                    .error_for_status()?;
+                resp.json::<Vec<ArchiveEntry>>().await
+            };
+            match listed.await {
+                Ok(list) => out.extend(
+                    list.into_iter()
+                        .filter(|a| a.replica == r)
+                        .map(|a| (a, Source::Peer(n.name.clone(), api.clone()))),
+                ),
+                Err(e) => tracing::warn!(node = n.name, error = %e, "listing a peer's backups"),
+            }
+        }
+        // Newest first; a copy here before the same archive on a peer.
+        out.sort_by(|a, b| {
+            b.0.taken_ms
+                .cmp(&a.0.taken_ms)
+                .then_with(|| matches!(b.1, Source::Here(_)).cmp(&matches!(a.1, Source::Here(_))))
+        });
+        out
+    }
+
+    /// Creates replica `r` of generation `generation` with its volumes filled from the
+    /// newest archive that verifies (or the one `recovered.archive` names); nothing is
+    /// left behind when none does.
+    pub(crate) async fn restore_replica(
+        &self,
+        st: &StackRecord,
+        name: &str,
+        svc: &DeployedService,
+        r: u32,
+        generation: u64,
+        recovered: &Recovered,
+    ) -> anyhow::Result<String> {
+        let policy = svc
+            .spec
+            .backup
+            .as_ref()
+            .context("the service has no backup policy to restore from")?;
+        let mut candidates = self
+            .archives_everywhere(&st.name, name, r, &policy.dir)
+            .await;
+        if let Some(wanted) = &recovered.archive {
+            candidates.retain(|(a, _)| &a.name == wanted);
+        }
+        // Archives refused (`NAME@NODE`): a copy of the same archive on another node is
+        // a separate file and is tried on its own.
+        let mut skipped: Vec<String> = Vec::new();
+        for (archive, source) in candidates {
+            let (path, fetched, from) = match &source {
+                Source::Here(p) => (p.clone(), false, self.node.clone()),
+                Source::Peer(node, api) => {
+                    match self.fetch_archive(api, &st.name, name, &archive.name).await {
+                        Ok(p) => (p, true, node.clone()),
+                        Err(e) => {
+                            tracing::warn!(
+                                archive = archive.name,
+                                node,
+                                error = format!("{e:#}"),
+                                "fetching a backup failed; trying the next"
+                            );
+                            continue;
+                        }
+                    }
+                }
+            };
+            let check = path.clone();
+            let verified = tokio::task::spawn_blocking(move || backup::verify_file(&check)).await?;
+            let result = match verified {
+                Err(e) => Err(e),
+                Ok(_) => {
+                    use flotilla_core::recovery::meta;
+                    let extra = vec![
+                        (
+                            meta_label(meta::RESTORED_FROM),
+                            format!("{}@{from}", archive.name),
+                        ),
+                        (
+                            meta_label(meta::RESTORED_TAKEN_MS),
+                            archive.taken_ms.to_string(),
+                        ),
+                        (
+                            meta_label(meta::LOST_AT_MS),
+                            recovered.lost_at_ms.to_string(),
+                        ),
+                    ]
+                    .into_iter()
+                    .chain(
+                        (!skipped.is_empty())
+                            .then(|| (meta_label(meta::RESTORE_SKIPPED), skipped.join(","))),
+                    )
+                    .collect();
+                    self.restore_into_new(st, name, svc, r, generation, extra, &path)
+                        .await
+                }
+            };
+            if fetched {
+                let _ = tokio::fs::remove_file(&path).await;
+            }
+            match result {
+                Ok(id) => {
+                    self.metrics.recoveries.inc();
+                    tracing::warn!(
+                        replica = recovery::replica_key(&st.name, name, r),
+                        archive = archive.name,
+                        from,
+                        taken_ms = archive.taken_ms,
+                        lost_at_ms = recovered.lost_at_ms,
+                        skipped = skipped.len(),
+                        "replica restored from its newest verified backup"
+                    );
+                    return Ok(id);
+                }
+                Err(e) => {
+                    self.metrics.recovery_refused.inc();
+                    tracing::warn!(
+                        archive = archive.name,
+                        from,
+                        error = format!("{e:#}"),
+                        "backup refused; trying the next older one"
+                    );
+                    skipped.push(format!("{}@{from}", archive.name));
+                }
+            }
+        }
+        anyhow::bail!(
+            "no verified backup of replica {} to restore (refused: {:?}); not starting it empty",
+            recovery::replica_key(&st.name, name, r),
+            skipped
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn restore_into_new(
+        &self,
+        st: &StackRecord,
+        name: &str,
+        svc: &DeployedService,
+        r: u32,
+        generation: u64,
+        extra: Vec<(String, String)>,
+        archive: &std::path::Path,
+    ) -> anyhow::Result<String> {
+        let id = self
+            .create_replica(&st.name, name, svc, r, generation, extra)
+            .await?;
+        if let Err(e) = backup::fill_volumes(&self.docker, &id, archive).await {
+            let _ = backup::remove_with_volumes(&self.docker, &id).await;
+            return Err(e);
+        }
+        Ok(id)
+    }
+}
