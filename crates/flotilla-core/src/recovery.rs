@@ -18,62 +18,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::FieldError;
 use crate::stack::{place, ServiceSpec, StackRecord};
-
-/// What happens to a stateful replica whose node is gone for longer than `grace`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnNodeLoss {
-    /// Stay assigned to the lost node until it returns (or an operator recovers it).
-    Wait,
-    /// Restore the newest verified backup of the replica on a live node.
-    Restore,
-    /// Start the replica with empty volumes on a live node (the data is expendable).
-    Empty,
-}
-
-impl OnNodeLoss {
-    /// The policy's name as the spec spells it.
-    pub fn name(self) -> &'static str {
-        match self {
-            OnNodeLoss::Wait => "wait",
-            OnNodeLoss::Restore => "restore",
-            OnNodeLoss::Empty => "empty",
-        }
-    }
-}
-
-/// `[service.NAME.recovery]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RecoveryPolicy {
-    /// What to do when the replica's node is lost (default: `restore` when the service
-    /// has a backup schedule, else `wait`).
-    #[serde(default)]
-    pub on_node_loss: Option<OnNodeLoss>,
-    /// How long the node must be gone before acting.
-    #[serde(default = "default_grace", with = "humantime_serde")]
-    pub grace: Duration,
-}
-
-impl Default for RecoveryPolicy {
-    fn default() -> Self {
-        RecoveryPolicy {
-            on_node_loss: None,
-            grace: default_grace(),
-        }
-    }
-}
-
-fn default_grace() -> Duration {
-    Duration::from_secs(10)
-}
-
-/// Shortest `grace` a spec may ask for: a node that lost its lease stops its stateful
-/// replicas itself, and a stop takes up to this long (docker stop's timeout plus the
-/// engine round trips), so the restore elsewhere must wait at least this much longer.
-pub const MIN_GRACE: Duration = Duration::from_secs(2);
+pub use crate::stack::{OnNodeLoss, RecoveryPolicy, MIN_GRACE};
 
 /// How long a fenced agent gives a replica to stop before it is killed.
 pub const FENCE_STOP_TIMEOUT: Duration = Duration::from_secs(1);
@@ -102,32 +48,7 @@ pub fn grace(spec: &ServiceSpec) -> Duration {
     spec.recovery
         .as_ref()
         .map(|r| r.grace)
-        .unwrap_or_else(default_grace)
-}
-
-/// Checks a recovery table (field paths under `f`, e.g. `service.web`).
-pub fn validate(f: &str, spec: &ServiceSpec) -> Result<(), FieldError> {
-    let Some(r) = &spec.recovery else {
-        return Ok(());
-    };
-    if r.grace < MIN_GRACE {
-        return Err(FieldError::new(
-            format!("{f}.recovery.grace"),
-            format!(
-                "{} is shorter than the {} a lost node needs to stop its own copy",
-                humantime::format_duration(r.grace),
-                humantime::format_duration(MIN_GRACE)
-            ),
-        ));
-    }
-    if r.on_node_loss == Some(OnNodeLoss::Restore) && spec.backup.is_none() {
-        return Err(FieldError::new(
-            format!("{f}.recovery.on_node_loss"),
-            "\"restore\" needs backups: add a [backup] table to the service (with copies \
-             on other nodes, or a dir on shared storage)",
-        ));
-    }
-    Ok(())
+        .unwrap_or_else(crate::stack::default_grace)
 }
 
 /// Warnings for a spec that is valid but probably not what its author meant.
@@ -586,7 +507,7 @@ copies = 1
     fn validation_names_the_field() {
         let mut s = stack("[service.notes.recovery]\ngrace = \"1s\"", 1);
         let spec = &s.services["notes"].spec;
-        let e = validate("service.notes", spec).unwrap_err();
+        let e = spec.validate("service.notes").unwrap_err();
         assert_eq!(e.field, "service.notes.recovery.grace");
         let svc = s.services.get_mut("notes").unwrap();
         svc.spec.recovery = Some(RecoveryPolicy {
@@ -594,7 +515,7 @@ copies = 1
             grace: Duration::from_secs(5),
         });
         svc.spec.backup = None;
-        let e = validate("service.notes", &svc.spec).unwrap_err();
+        let e = svc.spec.validate("service.notes").unwrap_err();
         assert_eq!(e.field, "service.notes.recovery.on_node_loss");
         svc.spec.volumes.clear();
         svc.spec.recovery.as_mut().unwrap().on_node_loss = Some(OnNodeLoss::Empty);

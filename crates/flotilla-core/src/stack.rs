@@ -186,9 +186,9 @@ pub struct ServiceSpec {
     #[serde(default)]
     pub backup: Option<BackupPolicy>,
     /// What happens to a replica (with volumes) whose node is lost
-    /// (`[service.NAME.recovery]`, see [`crate::recovery`]).
+    /// (`[service.NAME.recovery]`, see the `recovery` module).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub recovery: Option<crate::recovery::RecoveryPolicy>,
+    pub recovery: Option<RecoveryPolicy>,
 }
 
 fn default_version() -> String {
@@ -379,6 +379,60 @@ pub struct BackupPolicy {
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }
+
+/// What happens to a stateful replica whose node is gone for longer than `grace`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNodeLoss {
+    /// Stay assigned to the lost node until it returns (or an operator recovers it).
+    Wait,
+    /// Restore the newest verified backup of the replica on a live node.
+    Restore,
+    /// Start the replica with empty volumes on a live node (the data is expendable).
+    Empty,
+}
+
+impl OnNodeLoss {
+    /// The policy's name as the spec spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            OnNodeLoss::Wait => "wait",
+            OnNodeLoss::Restore => "restore",
+            OnNodeLoss::Empty => "empty",
+        }
+    }
+}
+
+/// `[service.NAME.recovery]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryPolicy {
+    /// What to do when the replica's node is lost (default: `restore` when the service
+    /// has a backup schedule, else `wait`).
+    #[serde(default)]
+    pub on_node_loss: Option<OnNodeLoss>,
+    /// How long the node must be gone before acting.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+impl Default for RecoveryPolicy {
+    fn default() -> Self {
+        RecoveryPolicy {
+            on_node_loss: None,
+            grace: default_grace(),
+        }
+    }
+}
+
+pub(crate) fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Shortest `grace` a spec may ask for: a node that lost its lease stops its stateful
+/// replicas itself, and a stop takes up to this long (docker stop's timeout plus the
+/// engine round trips), so the restore elsewhere must wait at least this much longer.
+pub const MIN_GRACE: Duration = Duration::from_secs(2);
 
 /// Most copies of a backup a spec may ask for.
 pub const MAX_BACKUP_COPIES: u32 = 16;
@@ -576,7 +630,7 @@ impl ServiceSpec {
                 );
             }
         }
-        crate::recovery::validate(f, self)?;
+        validate_recovery(f, self)?;
         Ok(())
     }
 }
@@ -614,6 +668,31 @@ pub struct StackRecord {
     /// Set when an update was rolled back: which service and why.
     #[serde(default)]
     pub rolled_back: Option<String>,
+}
+
+/// Checks a recovery table (field paths under `f`, e.g. `service.web`).
+fn validate_recovery(f: &str, spec: &ServiceSpec) -> Result<(), FieldError> {
+    let Some(r) = &spec.recovery else {
+        return Ok(());
+    };
+    if r.grace < MIN_GRACE {
+        return Err(FieldError::new(
+            format!("{f}.recovery.grace"),
+            format!(
+                "{} is shorter than the {} a lost node needs to stop its own copy",
+                humantime::format_duration(r.grace),
+                humantime::format_duration(MIN_GRACE)
+            ),
+        ));
+    }
+    if r.on_node_loss == Some(OnNodeLoss::Restore) && spec.backup.is_none() {
+        return Err(FieldError::new(
+            format!("{f}.recovery.on_node_loss"),
+            "\"restore\" needs backups: add a [backup] table to the service (with copies \
+             on other nodes, or a dir on shared storage)",
+        ));
+    }
+    Ok(())
 }
 
 /// Assigns replicas `0..replicas` of `service` to nodes.
