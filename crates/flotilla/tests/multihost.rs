@@ -1264,3 +1264,130 @@ fn a_cut_off_host_s_stateful_replica_is_restored_elsewhere_and_its_old_copy_stay
         drop(agents);
     });
 }
+
+/// Policy `wait`: a cut-off host's stateful replica stays assigned to it, nothing moves
+/// after the grace, and `ps` says what it waits for. Switched to `restore` by a deploy,
+/// the replica is restored on the other host — from the previous archive, since the
+/// newest copy there fails verification (corrupted here), and `ps` says so.
+#[test]
+fn policy_wait_holds_a_replica_and_a_corrupt_newest_backup_falls_back_to_the_previous() {
+    let cluster = Cluster::start_with(67, &["--backup-root", "{dir}/backups-{host}"]);
+    let hosts = &cluster.hosts;
+    in_namespace(hosts, "client", async {
+        let (agents, client) = cluster.join().await;
+        let stack_dir = cluster.dir.path().join("notes");
+        let backup = "\n[service.web.backup]\ninterval = \"2s\"\ndir = \"/backups\"\ncopies = 1\n";
+        let spec = notes_stack(
+            &stack_dir,
+            &format!("{backup}\n[service.web.recovery]\non_node_loss = \"wait\"\ngrace = \"2s\"\n"),
+        );
+        cluster.cli(&["deploy", &spec, "--timeout", "90s"]);
+        let first = common::passing(&client, "web").await.remove(0);
+        let from = first.node.clone().unwrap();
+        let to = if from == "a" { "b" } else { "a" };
+        let base = format!("http://{}:{}", first.address, first.port);
+        for n in 0..5 {
+            assert_eq!(
+                get(&format!("{base}/cgi-bin/append?w{n}"))
+                    .await
+                    .unwrap()
+                    .trim(),
+                "ok"
+            );
+        }
+        let copies_dir = cluster.dir.path().join(format!("backups-{to}/backups"));
+        let archives = || {
+            let mut v: Vec<String> = std::fs::read_dir(&copies_dir)
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| n.ends_with(".flotilla-backup"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.sort();
+            v
+        };
+        eventually(
+            Duration::from_secs(30),
+            "two backup copies on the other host",
+            || std::future::ready(archives().len() >= 2),
+        )
+        .await;
+        hosts.cut(&from).unwrap();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let (_, assigned) = client.assignments(0, Duration::ZERO).await.unwrap();
+        let a = &assigned["notes/web/0"];
+        assert_eq!((a.node.as_str(), a.generation), (from.as_str(), 1), "{a:?}");
+        assert!(a.lost_at_ms.is_some(), "{a:?}");
+        let ps: serde_json::Value =
+            serde_json::from_str(&cluster.cli_output(&["ps", "--json"])).unwrap();
+        let state = ps["replicas"][0]["state"].as_str().unwrap().to_owned();
+        assert!(
+            state.starts_with(&format!("waiting for node {from} (lost ")),
+            "{state}"
+        );
+        let on_to = hosts
+            .docker(to, &["ps", "-q", "--filter", "label=flotilla.stack=notes"])
+            .unwrap();
+        assert!(on_to.trim().is_empty(), "nothing moves under wait: {on_to}");
+
+        // Corrupt the newest copy (one byte in the middle), then switch to restore.
+        let list = archives();
+        let newest = copies_dir.join(list.last().unwrap());
+        let previous = list[list.len() - 2].clone();
+        let mut bytes = std::fs::read(&newest).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&newest, bytes).unwrap();
+        let spec = notes_stack(
+            &stack_dir,
+            &format!(
+                "{backup}\n[service.web.recovery]\non_node_loss = \"restore\"\ngrace = \"2s\"\n"
+            ),
+        );
+        cluster.cli(&["deploy", &spec, "--timeout", "90s"]);
+        eventually(
+            Duration::from_secs(40),
+            "restored on the other host",
+            || async {
+                common::passing(&client, "web")
+                    .await
+                    .iter()
+                    .any(|i| i.node.as_deref() == Some(to))
+            },
+        )
+        .await;
+        let restored = common::passing(&client, "web")
+            .await
+            .into_iter()
+            .find(|i| i.node.as_deref() == Some(to))
+            .unwrap();
+        assert_eq!(
+            restored.meta["restored-from"],
+            format!("{previous}@{to}"),
+            "the previous archive is used"
+        );
+        let written = get(&format!(
+            "http://{}:{}/cgi-bin/read",
+            restored.address, restored.port
+        ))
+        .await
+        .unwrap();
+        for n in 0..5 {
+            assert!(
+                written.lines().any(|l| l == format!("w{n}")),
+                "w{n} in {written:?}"
+            );
+        }
+        let ps: serde_json::Value =
+            serde_json::from_str(&cluster.cli_output(&["ps", "--json"])).unwrap();
+        let state = ps["replicas"][0]["state"].as_str().unwrap().to_owned();
+        assert!(
+            state.contains("newer archives failed verification")
+                && state.contains(list.last().unwrap()),
+            "{state}"
+        );
+        drop(agents);
+    });
+}
