@@ -104,6 +104,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         .route("/v1/retire", post(retire))
         .route("/v1/stacks/{stack}/containers", get(stack_containers))
         .route("/v1/release", post(release))
+        .route("/v1/orphans", get(orphans_list).delete(orphans_remove))
         .route("/v1/backups/{stack}/{service}", get(backups_list))
         .route(
             "/v1/backups/{stack}/{service}/{file}",
@@ -175,6 +176,34 @@ async fn authorize(State(inner): State<Arc<Inner>>, req: Request, next: Next) ->
     }
 }
 
+/// `GET /v1/orphans`: stale copies of recovered replicas kept on this engine.
+async fn orphans_list(
+    State(inner): State<Arc<Inner>>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let orphans = inner.orphans().await.map_err(failed)?;
+    Ok(Json(json!({ "node": inner.node, "orphans": orphans })))
+}
+
+/// `DELETE /v1/orphans`: removes the stale copies with their volumes (the operator's
+/// decision: their data is older than the replica's recovered copy).
+async fn orphans_remove(
+    State(inner): State<Arc<Inner>>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let mut removed = Vec::new();
+    for o in inner.orphans().await.map_err(failed)? {
+        backup::remove_with_volumes(&inner.docker, &o.id)
+            .await
+            .map_err(failed)?;
+        tracing::warn!(
+            container = o.container,
+            replica = o.replica,
+            "orphan removed with its volumes"
+        );
+        removed.push(o);
+    }
+    Ok(Json(json!({ "node": inner.node, "removed": removed })))
+}
+
 /// Whether peer `node` may use backup route `path`: the copies and archives of a
 /// replica are for the node that runs it (a fresh assignment is read from the
 /// registry; the last pass's, if the registry cannot be reached).
@@ -225,6 +254,9 @@ async fn backup_dir(
 struct BackupsQuery {
     #[serde(default)]
     replica: Option<u32>,
+    /// Read each archive whole and say whether it verifies.
+    #[serde(default)]
+    verify: bool,
 }
 
 /// `GET /v1/backups/{stack}/{service}[?replica=R]`: the archives of the service's
@@ -236,9 +268,17 @@ async fn backups_list(
 ) -> Result<Json<Vec<crate::copies::ArchiveEntry>>, AppError> {
     let policy = backup_dir(&inner, &stack, &service).await?;
     let dir = inner.config.backup_dir(&policy.dir);
-    Ok(Json(
-        crate::copies::archives_in(&dir, &stack, &service, q.replica).await,
-    ))
+    let mut list = crate::copies::archives_in(&dir, &stack, &service, q.replica).await;
+    if q.verify {
+        for a in &mut list {
+            let path = dir.join(&a.name);
+            let ok = tokio::task::spawn_blocking(move || backup::verify_file(&path).is_ok())
+                .await
+                .unwrap_or(false);
+            a.verified = Some(ok);
+        }
+    }
+    Ok(Json(list))
 }
 
 /// `GET /v1/backups/{stack}/{service}/{file}`: one archive, as stored.

@@ -31,6 +31,9 @@ pub struct ArchiveEntry {
     pub taken_ms: u64,
     /// Size in bytes.
     pub bytes: u64,
+    /// Whether it verified whole (digests, every volume entry), when asked to check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
 }
 
 /// The replica and time an archive name stands for, if `file` is an archive of a
@@ -110,6 +113,7 @@ pub async fn archives_in(
             replica: r,
             taken_ms: ms,
             bytes: meta.len(),
+            verified: None,
         });
     }
     out.sort_by_key(|a| (a.taken_ms, a.replica));

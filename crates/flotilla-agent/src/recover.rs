@@ -32,6 +32,23 @@ fn meta_label(key: &str) -> String {
     format!("flotilla.meta.{key}")
 }
 
+/// A stale copy kept on this engine (`GET /v1/orphans`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Orphan {
+    /// `STACK/SERVICE/REPLICA`.
+    pub replica: String,
+    /// Container name.
+    pub container: String,
+    /// Container id.
+    pub id: String,
+    /// The generation it was made under.
+    pub generation: u64,
+    /// The replica's generation now.
+    pub current: u64,
+    /// Whether it runs (only until the reconciler's next pass stops it).
+    pub running: bool,
+}
+
 /// Where an archive of a replica is.
 enum Source {
     /// In this node's backup directory.
@@ -160,6 +177,35 @@ impl Inner {
                 Err(e) => tracing::warn!(container = l.name, error = %e, "stopping a stale copy"),
             }
         }
+    }
+
+    /// Copies on this engine made under an older generation than their replica's
+    /// assignment (the registry's now, else the last pass's): kept, stopped, until an
+    /// operator removes them.
+    pub(crate) async fn orphans(&self) -> anyhow::Result<Vec<Orphan>> {
+        let assignments = match self.client.assignments(0, Duration::ZERO).await {
+            Ok((_, a)) => a,
+            Err(_) => self.desired_now().assignments,
+        };
+        let mut out = Vec::new();
+        for l in self.stack_containers().await? {
+            let key = recovery::replica_key(&l.stack, &l.service, l.replica);
+            let Some(a) = assignments.get(&key) else {
+                continue;
+            };
+            let generation = l.generation.unwrap_or(1);
+            if generation < a.generation {
+                out.push(Orphan {
+                    replica: key,
+                    container: l.name,
+                    id: l.id,
+                    generation,
+                    current: a.generation,
+                    running: l.running,
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Whether replica `r`'s volumes of `generation` already exist on this engine.

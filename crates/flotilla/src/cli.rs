@@ -46,6 +46,8 @@ pub enum Command {
     Scale(ScaleArgs),
     /// Remove a deployed stack (its containers stop; volumes are kept).
     Rm(RmArgs),
+    /// List the backups of stateful services on every node (scheduled ones and copies).
+    Backups(BackupsArgs),
     /// Back up an instance (or every instance of a service) to a verified archive.
     Backup(BackupArgs),
     /// Restore a backup archive to a new container on a node.
@@ -323,7 +325,24 @@ pub struct ScaleArgs {
 #[derive(Debug, Args)]
 pub struct RmArgs {
     /// Stack name.
-    pub stack: String,
+    #[arg(required_unless_present = "orphans", conflicts_with = "orphans")]
+    pub stack: Option<String>,
+    /// Instead of a stack: remove every node's orphans (stale copies of stateful
+    /// replicas recovered elsewhere), with their volumes.
+    #[arg(long)]
+    pub orphans: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Flags of `flotilla backups`.
+#[derive(Debug, Args)]
+pub struct BackupsArgs {
+    /// Only this service (`SERVICE` or `STACK/SERVICE`).
+    pub service: Option<String>,
+    /// Read every archive whole and say whether it verifies.
+    #[arg(long)]
+    pub verify: bool,
     #[command(flatten)]
     pub client: ClientArgs,
 }

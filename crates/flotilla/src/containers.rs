@@ -18,8 +18,9 @@ use flotilla_core::{HealthStatus, InstanceView, NodeView};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
+use crate::agent_api::{token_of, AgentApi, AgentCreds};
 use crate::cli::{BackupArgs, BuildArgs, DeployArgs, MigrateArgs, RestoreArgs, RmArgs, ScaleArgs};
-use crate::ops::client;
+use crate::home::client;
 
 /// Build time: `SOURCE_DATE_EPOCH` (reproducible builds) or now.
 fn build_time() -> u64 {
@@ -140,81 +141,6 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// A client for a node's agent API.
-struct AgentApi {
-    url: String,
-    token: String,
-    http: reqwest::Client,
-}
-
-/// What the CLI shows agents: the token, and the cluster CA to check them by.
-pub(crate) struct AgentCreds {
-    pub(crate) token: String,
-    pub(crate) tls: Option<std::sync::Arc<rustls::ClientConfig>>,
-}
-
-impl AgentApi {
-    fn of(node: &NodeView, creds: &AgentCreds) -> anyhow::Result<Self> {
-        let url = node
-            .api
-            .clone()
-            .with_context(|| format!("node {} serves no agent API", node.name))?;
-        Ok(AgentApi {
-            url,
-            token: creds.token.clone(),
-            http: flotilla_client::http_builder(creds.tls.clone())
-                .connect_timeout(Duration::from_secs(3))
-                .build()?,
-        })
-    }
-
-    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.url))
-            .bearer_auth(&self.token)
-    }
-
-    async fn json(&self, req: reqwest::RequestBuilder) -> anyhow::Result<serde_json::Value> {
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("agent at {}", self.url))?;
-        let status = resp.status();
-        let v: serde_json::Value = resp.json().await.unwrap_or_default();
-        if !status.is_success() {
-            bail!(
-                "agent at {}: {}",
-                self.url,
-                v.get("error")
-                    .and_then(|e| e.as_str())
-                    .unwrap_or(status.as_str())
-            );
-        }
-        Ok(v)
-    }
-
-    /// Whether the agent's engine has image `tag`.
-    async fn has_image(&self, tag: &str) -> anyhow::Result<bool> {
-        let v = self
-            .json(
-                self.req(reqwest::Method::GET, "/v1/images")
-                    .query(&[("tag", tag)]),
-            )
-            .await?;
-        Ok(v["present"].as_bool() == Some(true))
-    }
-}
-
-fn token_of(args: &crate::cli::ClientArgs) -> anyhow::Result<AgentCreds> {
-    let file = crate::home::token_file(args);
-    let token = crate::home::token_from(file.as_deref())?
-        .context("no token: --token-file FILE, FLOTILLA_TOKEN_FILE or FLOTILLA_TOKEN")?;
-    Ok(AgentCreds {
-        token,
-        tls: crate::home::tls_for(args, file.as_deref())?,
-    })
 }
 
 /// Sends each image to every live node that lacks it.
@@ -453,10 +379,11 @@ pub async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
 /// `flotilla rm STACK`.
 pub async fn rm(args: RmArgs) -> anyhow::Result<()> {
     let c = client(&args.client)?;
-    c.remove_stack(&args.stack).await?;
+    let stack = args.stack.clone().context("a stack name")?;
+    c.remove_stack(&stack).await?;
     println!(
         "stack {} removed from the desired state; waiting for its replicas to stop",
-        args.stack
+        stack
     );
     let t0 = Instant::now();
     let token = token_of(&args.client)?;
@@ -465,19 +392,19 @@ pub async fn rm(args: RmArgs) -> anyhow::Result<()> {
             .instances()
             .await?
             .into_iter()
-            .filter(|i| i.meta.get("stack") == Some(&args.stack))
+            .filter(|i| i.meta.get("stack") == Some(&stack))
             .count();
         // Deregistered is not gone: a replica drains (deregistered, still running)
         // before its container is removed. Done when every node's agent has none left.
         let containers = if left == 0 {
-            stack_containers_left(&c, &token, &args.stack).await?
+            stack_containers_left(&c, &token, &stack).await?
         } else {
             Vec::new()
         };
         if left == 0 && containers.is_empty() {
             println!(
                 "stack {} is gone ({:.1}s): its containers and networks removed, its volumes kept",
-                args.stack,
+                stack,
                 t0.elapsed().as_secs_f64()
             );
             return Ok(());
@@ -486,12 +413,12 @@ pub async fn rm(args: RmArgs) -> anyhow::Result<()> {
             if left > 0 {
                 bail!(
                     "{left} instances of stack {} are still registered after 60s",
-                    args.stack
+                    stack
                 );
             }
             bail!(
                 "stack {}: containers still on their engines after 60s: {}",
-                args.stack,
+                stack,
                 containers.join(", ")
             );
         }

@@ -3,6 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use flotilla_client::Client;
+
+use crate::cli::ClientArgs;
 use crate::UsageError;
 
 /// An error that exits 2 (bad usage or config), with its message.
@@ -58,4 +61,26 @@ pub fn tls_for(
     flotilla_client::tls_config(&ca)
         .map(Some)
         .map_err(|e| usage(format!("--ca: {e}")))
+}
+
+/// Builds a client from flags, environment and what `flotilla up` wrote.
+pub fn client(args: &ClientArgs) -> anyhow::Result<Client> {
+    let home = flotilla_home();
+    let server = args
+        .server
+        .clone()
+        .or_else(|| {
+            std::fs::read_to_string(home.join("server"))
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| flotilla_client::DEFAULT_SERVER.to_owned());
+    let file = token_file(args);
+    flotilla_client::parse_servers(&server).map_err(|e| usage(format!("--server: {e}")))?;
+    let tls = if server.contains("https://") {
+        tls_for(args, file.as_deref())?
+    } else {
+        None
+    };
+    Ok(Client::with_tls(&server, token_from(file.as_deref())?, tls))
 }

@@ -1,9 +1,11 @@
 //! `flotilla`: one binary for the whole cluster — the registry server, the per-host
 //! agent, the one-command `up`, and the operator CLI (a thin client of the server's API).
 
+mod agent_api;
 mod cli;
 mod containers;
 mod home;
+mod keynodes;
 mod ops;
 mod run;
 

@@ -3,32 +3,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use flotilla_client::Client;
 
 use crate::cli::{ClientArgs, DeregisterArgs, PsArgs, TokenCommand, WatchArgs};
-use crate::home::{flotilla_home, token_from, usage};
-
-/// Builds a client from flags, environment and what `flotilla up` wrote.
-pub fn client(args: &ClientArgs) -> anyhow::Result<Client> {
-    let home = flotilla_home();
-    let server = args
-        .server
-        .clone()
-        .or_else(|| {
-            std::fs::read_to_string(home.join("server"))
-                .ok()
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_else(|| flotilla_client::DEFAULT_SERVER.to_owned());
-    let file = crate::home::token_file(args);
-    flotilla_client::parse_servers(&server).map_err(|e| usage(format!("--server: {e}")))?;
-    let tls = if server.contains("https://") {
-        crate::home::tls_for(args, file.as_deref())?
-    } else {
-        None
-    };
-    Ok(Client::with_tls(&server, token_from(file.as_deref())?, tls))
-}
+use crate::home::client;
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
@@ -125,11 +102,19 @@ pub async fn ps(args: PsArgs) -> anyhow::Result<()> {
             }
         })
         .collect();
+    // Orphans only exist where replicas were recovered: ask the agents only then.
+    let orphans = if assignments.values().any(|a| a.generation > 1) {
+        let creds = crate::agent_api::token_of(&args.client)?;
+        crate::keynodes::orphans(&c, &creds).await?
+    } else {
+        Vec::new()
+    };
     if args.client.json {
         return print_json(&serde_json::json!({
             "instances": list,
             "stacks": rows,
             "replicas": replicas,
+            "orphans": orphans,
         }));
     }
     println!(
@@ -170,6 +155,28 @@ pub async fn ps(args: PsArgs) -> anyhow::Result<()> {
             println!(
                 "{:<28} {:<12} {:>4}  {}",
                 r.replica, r.node, r.generation, r.state
+            );
+        }
+    }
+    if !orphans.is_empty() {
+        println!();
+        println!(
+            "{:<28} {:<12} {:<28} STALE (flotilla rm --orphans removes them)",
+            "ORPHAN OF", "NODE", "CONTAINER"
+        );
+        for o in &orphans {
+            println!(
+                "{:<28} {:<12} {:<28} generation {} < {}{}",
+                o["replica"].as_str().unwrap_or("?"),
+                o["node"].as_str().unwrap_or("?"),
+                o["container"].as_str().unwrap_or("?"),
+                o["generation"],
+                o["current"],
+                if o["running"] == true {
+                    " (still running)"
+                } else {
+                    ""
+                }
             );
         }
     }

@@ -24,7 +24,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Build(args) => crate::containers::build(args).await,
         Command::Deploy(args) => crate::containers::deploy(args).await,
         Command::Scale(args) => crate::containers::scale(args).await,
+        Command::Rm(args) if args.orphans => crate::keynodes::rm_orphans(args.client).await,
         Command::Rm(args) => crate::containers::rm(args).await,
+        Command::Backups(args) => crate::keynodes::backups(args).await,
         Command::Backup(args) => crate::containers::backup(args).await,
         Command::Restore(args) => crate::containers::restore(args).await,
         Command::Migrate(args) => crate::containers::migrate(args).await,
@@ -343,7 +345,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             Some(running.shared.token.clone()),
             tls.clone(),
         );
-        let token = crate::containers::AgentCreds {
+        let token = crate::agent_api::AgentCreds {
             token: running.shared.token.clone(),
             tls: tls.clone(),
         };

@@ -1248,6 +1248,30 @@ fn a_cut_off_host_s_stateful_replica_is_restored_elsewhere_and_its_old_copy_stay
             stale.lines().any(|l| l.ends_with("exited")),
             "the old copy is kept, stopped: {stale}"
         );
+        // ps lists it as an orphan; rm --orphans removes it with its volume.
+        let ps: serde_json::Value =
+            serde_json::from_str(&cluster.cli_output(&["ps", "--json"])).unwrap();
+        let orphans = ps["orphans"].as_array().unwrap();
+        assert!(
+            orphans.len() == 1
+                && orphans[0]["node"] == from.as_str()
+                && orphans[0]["replica"] == "notes/web/0"
+                && orphans[0]["generation"] == 1
+                && orphans[0]["current"] == 2,
+            "{orphans:?}"
+        );
+        cluster.cli(&["rm", "--orphans"]);
+        let left = hosts
+            .docker(
+                &from,
+                &["ps", "-aq", "--filter", "label=flotilla.stack=notes"],
+            )
+            .unwrap();
+        assert!(left.trim().is_empty(), "orphan removed: {left}");
+        let volumes = hosts.docker(&from, &["volume", "ls", "-q"]).unwrap();
+        assert!(!volumes.contains("notes-web-0-data"), "{volumes}");
+        let web = common::passing(&client, "web").await;
+        assert!(web.iter().any(|i| i.node.as_deref() == Some(to)), "{web:?}");
         eprintln!(
             "FIGURE key-node recovery (grace 3 s, lease TTL 1 s, backups every 2 s, 1 copy): \
              cut -> old copy stopped {:.2} s, restored copy running {:.2} s, passing at the \
@@ -1340,6 +1364,17 @@ fn policy_wait_holds_a_replica_and_a_corrupt_newest_backup_falls_back_to_the_pre
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0xff;
         std::fs::write(&newest, bytes).unwrap();
+        // `flotilla backups --verify` lists the copies on the live host and finds it.
+        let listed: serde_json::Value =
+            serde_json::from_str(&cluster.cli_output(&["backups", "web", "--verify", "--json"]))
+                .unwrap();
+        let listed = listed.as_array().unwrap();
+        let newest_name = list.last().unwrap().as_str();
+        assert!(listed.len() >= 2, "{listed:?}");
+        for a in listed {
+            assert_eq!(a["node"], to, "{a}");
+            assert_eq!(a["verified"], a["name"] != newest_name, "{a}");
+        }
         let spec = notes_stack(
             &stack_dir,
             &format!(
