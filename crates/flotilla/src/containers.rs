@@ -221,6 +221,20 @@ pub async fn deploy_file(
     if nodes.is_empty() {
         bail!("no live nodes: start an agent first");
     }
+    for (name, s) in &spec.services {
+        let field = format!("service.{name}");
+        for w in flotilla_core::recovery::warnings(&field, s) {
+            eprintln!("warning: {w}");
+        }
+        let others = nodes.len().saturating_sub(1);
+        if let Some(b) = s.backup.as_ref().filter(|b| b.copies as usize > others) {
+            eprintln!(
+                "warning: {field}.backup.copies = {} but only {others} other nodes are live: \
+                 each backup is copied to {others} (more as nodes join)",
+                b.copies
+            );
+        }
+    }
     // Stored apart from the stack, before it: the agents find them when they create
     // the replicas.
     for (service, values) in &secrets {
