@@ -745,6 +745,26 @@ impl Client {
         .await
     }
 
+    /// `POST /v1/assignments/{stack}/{service}/{replica}/recover`: restore a stateful
+    /// replica now (on `to`, from `archive`; defaults: placement, the newest that
+    /// verifies). The elected server carries it out.
+    pub async fn recover(
+        &self,
+        replica_key: &str,
+        to: Option<&str>,
+        archive: Option<&str>,
+    ) -> Result<serde_json::Value> {
+        self.send(
+            self.request(
+                reqwest::Method::POST,
+                &format!("/v1/assignments/{replica_key}/recover"),
+                Self::SHORT,
+            )
+            .json(&json!({ "to": to, "archive": archive })),
+        )
+        .await
+    }
+
     /// `PUT /v1/stacks/{stack}/secrets/{service}`: a service's secret values (admin).
     pub async fn put_secrets(
         &self,

@@ -173,6 +173,90 @@ pub fn plan(
     out
 }
 
+/// An operator's `flotilla recover`: restore a replica now, on `to` (default: where
+/// placement puts it among the live nodes, its current node if that is the only one),
+/// from `archive` (default: the newest that verifies).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverRequest {
+    /// Record version.
+    #[serde(default)]
+    pub v: u32,
+    /// Target node.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// Archive file name to restore.
+    #[serde(default)]
+    pub archive: Option<String>,
+    /// When it was asked for (unix ms).
+    #[serde(default)]
+    pub at_ms: u64,
+}
+
+/// [`plan`], then the operators' recover requests on top: each request for a replica
+/// that has an assignment moves it with the next generation as a `restore` recovery
+/// (the copy it leaves behind, if its node is live, becomes stale and stops). Returns
+/// the changes and the request keys consumed (every request is consumed once seen:
+/// one for a replica without an assignment or a service without backups is dropped,
+/// the API having refused what it could tell).
+pub fn plan_with_requests(
+    stacks: &[StackRecord],
+    live: &[String],
+    gone_for: &dyn Fn(&str) -> Duration,
+    current: &BTreeMap<String, AssignmentRecord>,
+    requests: &BTreeMap<String, RecoverRequest>,
+    now_ms: u64,
+) -> (Vec<AssignmentChange>, Vec<String>) {
+    let mut changes = plan(stacks, live, gone_for, current, now_ms);
+    let mut consumed = Vec::new();
+    for (key, req) in requests {
+        consumed.push(key.clone());
+        let after = changes
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, r)| r.clone())
+            .unwrap_or_else(|| current.get(key).cloned());
+        let Some(cur) = after else { continue };
+        let mut parts = key.splitn(3, '/');
+        let (stack, service, r) = (parts.next(), parts.next(), parts.next());
+        let svc = stacks
+            .iter()
+            .find(|s| Some(s.name.as_str()) == stack)
+            .and_then(|s| service.and_then(|n| s.services.get(n).map(|svc| (n, svc))));
+        let (Some((name, svc)), Some(r)) = (svc, r.and_then(|r| r.parse::<u32>().ok())) else {
+            continue;
+        };
+        if svc.spec.backup.is_none() {
+            continue;
+        }
+        let others: Vec<String> = live.iter().filter(|n| **n != cur.node).cloned().collect();
+        let target = match &req.to {
+            Some(to) if live.contains(to) => to.clone(),
+            Some(_) => continue,
+            None => place(name, svc, if others.is_empty() { live } else { &others })
+                .remove(&r)
+                .unwrap_or_else(|| cur.node.clone()),
+        };
+        let rec = AssignmentRecord {
+            v: crate::RECORD_VERSION,
+            node: target,
+            generation: cur.generation + 1,
+            lost_at_ms: None,
+            recovered: Some(Recovered {
+                how: OnNodeLoss::Restore,
+                from_node: cur.node.clone(),
+                lost_at_ms: cur.lost_at_ms.unwrap_or(now_ms),
+                archive: req.archive.clone(),
+            }),
+            since_ms: now_ms,
+        };
+        changes.retain(|(k, _)| k != key);
+        changes.push((key.clone(), Some(rec)));
+    }
+    (changes, consumed)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn decide(
     cur: Option<&AssignmentRecord>,
@@ -560,6 +644,43 @@ copies = 1
             "{s}"
         );
         assert!(describe(&a, None, Some(spec), 70_000).starts_with("restoring on b"));
+    }
+
+    #[test]
+    fn a_recover_request_moves_a_waiting_replica_now_and_is_consumed() {
+        let st = [stack(
+            "[service.notes.recovery]\non_node_loss = \"wait\"",
+            1,
+        )];
+        let mut cur = BTreeMap::new();
+        step(&st, &nodes(&["a"]), &|_| Duration::ZERO, &mut cur, 1);
+        step(
+            &st,
+            &nodes(&["b"]),
+            &|_| Duration::from_secs(60),
+            &mut cur,
+            5,
+        );
+        let req = RecoverRequest {
+            v: 1,
+            to: None,
+            archive: Some("db-notes-0-3.flotilla-backup".into()),
+            at_ms: 6,
+        };
+        let requests: BTreeMap<String, RecoverRequest> = [
+            ("db/notes/0".to_string(), req.clone()),
+            ("db/gone/0".to_string(), req),
+        ]
+        .into();
+        let (changes, consumed) =
+            plan_with_requests(&st, &nodes(&["b"]), &|_| Duration::ZERO, &cur, &requests, 7);
+        assert_eq!(consumed.len(), 2, "both consumed, the unknown one dropped");
+        assert_eq!(changes.len(), 1);
+        let r = changes[0].1.as_ref().unwrap();
+        assert_eq!((r.node.as_str(), r.generation), ("b", 2));
+        let how = r.recovered.as_ref().unwrap();
+        assert_eq!(how.archive.as_deref(), Some("db-notes-0-3.flotilla-backup"));
+        assert_eq!((how.from_node.as_str(), how.lost_at_ms), ("a", 5));
     }
 
     proptest! {

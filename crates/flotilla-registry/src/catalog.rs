@@ -47,6 +47,8 @@ pub struct Catalog {
     /// Stateful replicas' assignments by `STACK/SERVICE/REPLICA` (part of the desired
     /// state: they move `stacks_index`).
     assignments: BTreeMap<String, flotilla_core::recovery::AssignmentRecord>,
+    /// Operators' recover requests by `STACK/SERVICE/REPLICA` (until the duty acts).
+    recoveries: BTreeMap<String, flotilla_core::recovery::RecoverRequest>,
     tokens: BTreeMap<String, flotilla_core::token::TokenRecord>,
     index: u64,
     /// Instances that have checks (the duty runs one checker for each).
@@ -148,6 +150,11 @@ impl Catalog {
         &self.assignments
     }
 
+    /// Recover requests waiting for the duty.
+    pub fn recoveries(&self) -> &BTreeMap<String, flotilla_core::recovery::RecoverRequest> {
+        &self.recoveries
+    }
+
     /// One stack's desired state.
     pub fn stack(&self, name: &str) -> Option<&flotilla_core::stack::StackRecord> {
         self.stacks.get(name)
@@ -245,6 +252,12 @@ impl Catalog {
                 None => self.assignments.remove(replica),
             };
             self.stacks_index = revision;
+        } else if let Some(replica) = key.strip_prefix(keys::RECOVERIES) {
+            type Rec = flotilla_core::recovery::RecoverRequest;
+            match entry.and_then(|e| self.decode::<Rec>(e)) {
+                Some(rec) => self.recoveries.insert(replica.to_owned(), rec),
+                None => self.recoveries.remove(replica),
+            };
         } else if let Some(id) = key.strip_prefix(keys::CHECKINS) {
             match entry.and_then(|e| self.decode::<CheckinRecord>(e)) {
                 Some(rec) => self.checkins.insert(id.to_owned(), (rec, revision)),

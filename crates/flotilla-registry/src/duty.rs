@@ -189,7 +189,7 @@ impl Duty {
     /// nodes ([`flotilla_core::recovery::plan`]); writes only what changes.
     async fn assign(&mut self, now: Instant) {
         let now_ms = flotilla_core::record::unix_ms();
-        let changes = {
+        let (changes, consumed) = {
             let catalog = self.shared.catalog();
             let live: Vec<String> = catalog.node_records().map(|n| n.name.clone()).collect();
             let current = catalog.assignments();
@@ -205,7 +205,14 @@ impl Duty {
                     .map(|t| now.saturating_duration_since(*t))
                     .unwrap_or_default()
             };
-            flotilla_core::recovery::plan(&catalog.stacks(), &live, &gone_for, current, now_ms)
+            flotilla_core::recovery::plan_with_requests(
+                &catalog.stacks(),
+                &live,
+                &gone_for,
+                current,
+                catalog.recoveries(),
+                now_ms,
+            )
         };
         for (replica, rec) in changes {
             let key = keys::assignment(&replica);
@@ -234,6 +241,15 @@ impl Duty {
             };
             if let Err(e) = result {
                 self.shared.note_store_error(&e, "assignment");
+                return;
+            }
+        }
+        // Requests go once their assignment is written (a failed write above keeps
+        // them for the next tick).
+        for replica in consumed {
+            tracing::info!(replica, "recover request carried out");
+            if let Err(e) = self.shared.store.delete(&keys::recovery(&replica)).await {
+                self.shared.note_store_error(&e, "recover request");
                 return;
             }
         }

@@ -26,6 +26,10 @@ pub const SUBNETS: &str = "subnets/";
 /// [`flotilla_core::recovery::AssignmentRecord`]: where a stateful replica lives
 /// (written by the duty only).
 pub const ASSIGNMENTS: &str = "assignments/";
+/// `recoveries/{stack}/{service}/{replica}` →
+/// [`flotilla_core::recovery::RecoverRequest`]: an operator's `flotilla recover`,
+/// consumed by the duty.
+pub const RECOVERIES: &str = "recoveries/";
 /// Election that serialises subnet allocations between servers.
 pub const SUBNET_ELECTION: &str = "election/subnets";
 /// Election name for the checking duty.
@@ -58,6 +62,10 @@ pub fn stack(name: &str) -> String {
 /// Key of a stateful replica's assignment (`replica` is `STACK/SERVICE/REPLICA`).
 pub fn assignment(replica: &str) -> String {
     format!("{ASSIGNMENTS}{replica}")
+}
+/// Key of an operator's recover request for a replica (`STACK/SERVICE/REPLICA`).
+pub fn recovery(replica: &str) -> String {
+    format!("{RECOVERIES}{replica}")
 }
 /// Key of an instance's latest load report.
 pub fn load(id: &str) -> String {

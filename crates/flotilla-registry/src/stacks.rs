@@ -32,6 +32,85 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/v1/stacks/{name}/services/{svc}/pins", put(pin))
         .route("/v1/stacks/{name}/rollback", post(rollback))
         .route("/v1/assignments", get(assignments))
+        .route(
+            "/v1/assignments/{stack}/{service}/{replica}/recover",
+            post(recover),
+        )
+}
+
+/// Body of `POST /v1/assignments/{stack}/{service}/{replica}/recover`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecoverBody {
+    #[serde(default)]
+    to: Option<String>,
+    #[serde(default)]
+    archive: Option<String>,
+}
+
+/// An operator's `flotilla recover`: checked here (the replica has an assignment and
+/// backups, the node is live, the archive is a plain archive name), then left for the
+/// duty, which moves the assignment (`202`).
+async fn recover(
+    State(shared): State<Arc<Shared>>,
+    Path((stack, service, replica)): Path<(String, String, u32)>,
+    JsonBody(body): JsonBody<RecoverBody>,
+) -> Result<Response, ApiError> {
+    let key = flotilla_core::recovery::replica_key(&stack, &service, replica);
+    {
+        let c = shared.catalog();
+        if !c.assignments().contains_key(&key) {
+            return Err(ApiError::not_found(&format!(
+                "stateful replica {key:?} (no assignment)"
+            )));
+        }
+        let has_backups = c
+            .stack(&stack)
+            .and_then(|s| s.services.get(&service))
+            .is_some_and(|s| s.spec.backup.is_some());
+        if !has_backups {
+            return Err(ApiError::field(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "service",
+                format!("{stack}/{service} has no backups to restore from"),
+            ));
+        }
+        if let Some(to) = &body.to {
+            validate_node_name("to", to)?;
+            if c.node(to).is_none() {
+                return Err(ApiError::field(
+                    StatusCode::BAD_REQUEST,
+                    "to",
+                    format!("node {to:?} is not live"),
+                ));
+            }
+        }
+    }
+    if let Some(a) = &body.archive {
+        let plain = a.len() <= 255
+            && a.ends_with(".flotilla-backup")
+            && a.starts_with(&format!("{stack}-{service}-{replica}-"))
+            && a.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !plain {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "archive",
+                format!("{a:?} is not an archive name of replica {key}"),
+            ));
+        }
+    }
+    let request = flotilla_core::recovery::RecoverRequest {
+        v: RECORD_VERSION,
+        to: body.to,
+        archive: body.archive,
+        at_ms: flotilla_core::record::unix_ms(),
+    };
+    let revision = put_record(&shared, &keys::recovery(&key), &request).await?;
+    let index = applied(&shared, revision).await?;
+    let mut resp = with_index(index, json!({ "requested": key }));
+    *resp.status_mut() = StatusCode::ACCEPTED;
+    Ok(resp)
 }
 
 /// `GET /v1/assignments` → `{"assignments": {"STACK/SERVICE/REPLICA": record}}`: where

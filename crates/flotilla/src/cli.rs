@@ -46,6 +46,9 @@ pub enum Command {
     Scale(ScaleArgs),
     /// Remove a deployed stack (its containers stop; volumes are kept).
     Rm(RmArgs),
+    /// Restore a stateful replica now from its newest verified backup (or --from), on
+    /// --to or where placement puts it; its old copy, if any, is kept as an orphan.
+    Recover(RecoverArgs),
     /// List the backups of stateful services on every node (scheduled ones and copies).
     Backups(BackupsArgs),
     /// Back up an instance (or every instance of a service) to a verified archive.
@@ -331,6 +334,25 @@ pub struct RmArgs {
     /// replicas recovered elsewhere), with their volumes.
     #[arg(long)]
     pub orphans: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Flags of `flotilla recover`.
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    /// `STACK/SERVICE/REPLICA`, a service name (every replica), or an instance id or
+    /// container name.
+    pub what: String,
+    /// Node to restore on [default: where placement puts it among the live nodes].
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Archive file name to restore [default: the newest that verifies].
+    #[arg(long = "from", value_name = "ARCHIVE")]
+    pub archive: Option<String>,
+    /// How long to wait for the restored replicas to pass.
+    #[arg(long, default_value = "120s")]
+    pub timeout: humantime::Duration,
     #[command(flatten)]
     pub client: ClientArgs,
 }

@@ -7,7 +7,7 @@ use flotilla_client::Client;
 use serde_json::Value;
 
 use crate::agent_api::{token_of, AgentApi, AgentCreds};
-use crate::cli::{BackupsArgs, ClientArgs};
+use crate::cli::{BackupsArgs, ClientArgs, RecoverArgs};
 
 /// Every live node's orphans (stale copies of recovered replicas), as
 /// `{"node", "replica", "container", "generation", "current", "running"}`; a node whose
@@ -152,6 +152,102 @@ pub async fn backups(args: BackupsArgs) -> anyhow::Result<()> {
             a["bytes"],
             verified,
             a["name"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// `flotilla recover WHAT [--to NODE] [--from ARCHIVE]`: asks the server to restore the
+/// replicas now, then waits for each to pass on its new node and says what it came from.
+pub async fn recover(args: RecoverArgs) -> anyhow::Result<()> {
+    let c = crate::home::client(&args.client)?;
+    let (_, assignments) = c.assignments(0, std::time::Duration::ZERO).await?;
+    let instances = c.instances().await?;
+    let keys: Vec<String> = if assignments.contains_key(&args.what) {
+        vec![args.what.clone()]
+    } else if let Some(i) = instances
+        .iter()
+        .find(|i| i.id == args.what || i.meta.get("container_name") == Some(&args.what))
+    {
+        let (Some(stack), Some(r)) = (i.meta.get("stack"), i.meta.get("replica")) else {
+            anyhow::bail!("{} is not a stack replica", args.what);
+        };
+        vec![format!("{stack}/{}/{r}", i.service)]
+    } else {
+        assignments
+            .keys()
+            .filter(|k| k.split('/').nth(1) == Some(args.what.as_str()))
+            .cloned()
+            .collect()
+    };
+    if keys.is_empty() {
+        return Err(crate::home::usage(format!(
+            "{:?} names no stateful replica (STACK/SERVICE/REPLICA, a service, or an instance)",
+            args.what
+        )));
+    }
+    let before: std::collections::BTreeMap<String, u64> = keys
+        .iter()
+        .map(|k| (k.clone(), assignments[k].generation))
+        .collect();
+    for k in &keys {
+        c.recover(k, args.to.as_deref(), args.archive.as_deref())
+            .await
+            .with_context(|| format!("recover {k}"))?;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from(args.timeout);
+    let mut done = std::collections::BTreeMap::new();
+    while done.len() < keys.len() {
+        if std::time::Instant::now() > deadline {
+            let waiting: Vec<&String> = keys.iter().filter(|k| !done.contains_key(*k)).collect();
+            anyhow::bail!(
+                "not restored and passing within {}: {waiting:?}",
+                args.timeout
+            );
+        }
+        let (_, now) = c.assignments(0, std::time::Duration::ZERO).await?;
+        let instances = c.instances().await?;
+        for k in &keys {
+            let Some(a) = now.get(k).filter(|a| a.generation > before[k]) else {
+                continue;
+            };
+            let mut parts = k.splitn(3, '/');
+            let (stack, service, r) = (parts.next(), parts.next(), parts.next());
+            let passing = instances.iter().find(|i| {
+                Some(i.service.as_str()) == service
+                    && i.meta.get("stack").map(String::as_str) == stack
+                    && i.meta.get("replica").map(String::as_str) == r
+                    && i.node.as_deref() == Some(a.node.as_str())
+                    && i.health == flotilla_core::HealthStatus::Passing
+            });
+            if let Some(i) = passing {
+                done.insert(k.clone(), (a.clone(), i.meta.clone()));
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let now_ms = flotilla_core::record::unix_ms();
+    if args.client.json {
+        let rows: Vec<Value> = done
+            .iter()
+            .map(|(k, (a, meta))| {
+                serde_json::json!({
+                    "replica": k,
+                    "node": a.node,
+                    "generation": a.generation,
+                    "state": flotilla_core::recovery::describe(a, Some(meta), None, now_ms),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    for (k, (a, meta)) in &done {
+        println!(
+            "{k}: on {} (generation {}): {}",
+            a.node,
+            a.generation,
+            flotilla_core::recovery::describe(a, Some(meta), None, now_ms)
         );
     }
     Ok(())

@@ -27,6 +27,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Rm(args) if args.orphans => crate::keynodes::rm_orphans(args.client).await,
         Command::Rm(args) => crate::containers::rm(args).await,
         Command::Backups(args) => crate::keynodes::backups(args).await,
+        Command::Recover(args) => crate::keynodes::recover(args).await,
         Command::Backup(args) => crate::containers::backup(args).await,
         Command::Restore(args) => crate::containers::restore(args).await,
         Command::Migrate(args) => crate::containers::migrate(args).await,

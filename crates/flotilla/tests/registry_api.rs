@@ -691,3 +691,131 @@ async fn published_weights_are_validated_and_served_per_instance() {
         .unwrap();
     assert_eq!(view.instances[0].feedback_weight, Some(137.5));
 }
+
+/// A deploy refuses a recovery grace shorter than a live node's lease TTL (naming the
+/// field, storing nothing); the elected server assigns each stateful replica to a node;
+/// `recover` refuses a node that is not live, an archive that is not the replica's, and
+/// a service without backups — each naming what was wrong.
+#[tokio::test]
+async fn stateful_replicas_are_assigned_and_bad_recovery_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let token = server.token();
+    client
+        .register_node("n1", Duration::from_secs(5), Some("127.0.0.1"), None)
+        .await
+        .unwrap();
+    let deploy_body = |grace: &str, with_backup: bool| {
+        let policy = if with_backup { "restore" } else { "wait" };
+        let backup = if with_backup {
+            "[service.web.backup]\ninterval = \"1h\"\ndir = \"/tmp/bk\"\n"
+        } else {
+            ""
+        };
+        let text = format!(
+            "name = \"x\"\n[service.web]\nport = 80\nimage = {{ base = \"busybox\" }}\n\
+             [[service.web.volume]]\nname = \"data\"\npath = \"/data\"\n{backup}\
+             [service.web.recovery]\non_node_loss = \"{policy}\"\ngrace = \"{grace}\"\n"
+        );
+        let file = dir.path().join("stack.toml");
+        std::fs::write(&file, text).unwrap();
+        let spec = flotilla_core::stack::StackSpec::load(&file).unwrap();
+        let web = spec.services["web"].clone();
+        serde_json::to_vec(&json!({ "services": { "web": {
+            "spec": web, "image": "flotilla/x-web:1", "image_id": "sha256:1",
+            "spec_hash": "0123456789abcdef" } } }))
+        .unwrap()
+    };
+    let url = format!("{}/v1/stacks/x", server.url);
+    let (status, body) = raw(
+        &server,
+        reqwest::Method::PUT,
+        &url,
+        Some(&token),
+        Some(deploy_body("3s", true)),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["field"], "services.web.spec.recovery.grace", "{body}");
+    assert!(client.stack("x").await.is_err(), "nothing stored");
+    let (status, body) = raw(
+        &server,
+        reqwest::Method::PUT,
+        &url,
+        Some(&token),
+        Some(deploy_body("6s", true)),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    eventually(Duration::from_secs(10), "the replica assigned", || async {
+        client
+            .assignments(0, Duration::ZERO)
+            .await
+            .is_ok_and(|(_, a)| {
+                a.get("x/web/0")
+                    .is_some_and(|r| r.node == "n1" && r.generation == 1)
+            })
+    })
+    .await;
+    let recover = format!("{}/v1/assignments/x/web/0/recover", server.url);
+    for (body, field) in [
+        (json!({ "to": "nope" }), "to"),
+        (
+            json!({ "archive": "../x-web-0-1.flotilla-backup" }),
+            "archive",
+        ),
+        (json!({ "archive": "x-web-1-1.flotilla-backup" }), "archive"),
+    ] {
+        let (status, reply) = raw(
+            &server,
+            reqwest::Method::POST,
+            &recover,
+            Some(&token),
+            Some(serde_json::to_vec(&body).unwrap()),
+        )
+        .await;
+        assert_eq!(
+            (status, reply["field"].as_str()),
+            (400, Some(field)),
+            "{reply}"
+        );
+    }
+    let (status, _) = raw(
+        &server,
+        reqwest::Method::POST,
+        &format!("{}/v1/assignments/x/web/9/recover", server.url),
+        Some(&token),
+        Some(b"{}".to_vec()),
+    )
+    .await;
+    assert_eq!(status, 404);
+    // Without backups there is nothing to restore from.
+    let (status, body) = raw(
+        &server,
+        reqwest::Method::PUT,
+        &url,
+        Some(&token),
+        Some(deploy_body("6s", false)),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, reply) = raw(
+        &server,
+        reqwest::Method::POST,
+        &recover,
+        Some(&token),
+        Some(b"{}".to_vec()),
+    )
+    .await;
+    assert_eq!(
+        (status, reply["field"].as_str()),
+        (422, Some("service")),
+        "{reply}"
+    );
+    let (_, a) = client.assignments(0, Duration::ZERO).await.unwrap();
+    assert_eq!(
+        a["x/web/0"].generation, 1,
+        "no refused request moved anything"
+    );
+}
