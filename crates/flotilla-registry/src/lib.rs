@@ -21,6 +21,7 @@ pub mod state;
 pub mod subnets;
 pub mod tls;
 pub mod tokens;
+pub mod ui;
 
 pub use server::{load_or_create_token, open_store, start, RunningServer};
 pub use state::{ServiceEvent, Shared};

@@ -166,7 +166,8 @@ pub async fn start(config: ServerConfig, store: Arc<dyn Store>) -> anyhow::Resul
             .merge(crate::tokens::routes())
             .merge(crate::secrets::routes())
             .merge(crate::subnets::routes()),
-    );
+    )
+    .merge(crate::ui::routes());
     tasks.push(tokio::spawn(flotilla_tls::serve(listener, app, options)));
     let mut dns_addr = None;
     if !config.dns_listen.is_empty() {

@@ -317,6 +317,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         );
     }
     println!("  metrics        {url}/metrics");
+    println!("  dashboard      {url}/ui   (sign in with the token)");
     if let Some(lb) = &lb {
         println!(
             "  lb             http://{}   -> service {:?} (p2c-ewma)",

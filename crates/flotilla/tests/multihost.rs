@@ -1453,3 +1453,123 @@ fn policy_wait_holds_a_replica_and_recover_falls_back_past_a_corrupt_newest_back
         drop(agents);
     });
 }
+
+/// flotilla's own key node: a registry server run as a stateful stack service (the
+/// `flotilla` base image, its catalog and token on a volume, backed up every 2 s with a
+/// copy on the other host). Its host is cut off; it is restored on the other host from
+/// that copy and answers with the same token and the catalog of its last backup.
+#[test]
+fn a_registry_run_as_a_stack_service_is_restored_with_its_token_and_catalog() {
+    let cluster = Cluster::start_with(69, &["--backup-root", "{dir}/backups-{host}"]);
+    let hosts = &cluster.hosts;
+    in_namespace(hosts, "client", async {
+        let (agents, client) = cluster.join().await;
+        let stack_dir = cluster.dir.path().join("ctl");
+        std::fs::create_dir_all(&stack_dir).unwrap();
+        std::fs::write(
+            stack_dir.join("stack.toml"),
+            r#"name = "ctl"
+
+[service.registry]
+port = 7700
+command = ["server", "--listen", "0.0.0.0:7700", "--data-dir", "/var/lib/flotilla", "--dns-listen", "", "--insecure-http"]
+image = { base = "flotilla" }
+health = { type = "http", path = "/healthz", interval = "300ms" }
+
+[[service.registry.volume]]
+name = "data"
+path = "/var/lib/flotilla"
+
+[service.registry.backup]
+interval = "2s"
+dir = "/backups"
+copies = 1
+
+[service.registry.recovery]
+grace = "3s"
+"#,
+        )
+        .unwrap();
+        cluster.cli(&[
+            "deploy",
+            &stack_dir.join("stack.toml").display().to_string(),
+            "--timeout",
+            "120s",
+        ]);
+        let reg = common::passing(&client, "registry").await.remove(0);
+        let from = reg.node.clone().unwrap();
+        let to = if from == "a" { "b" } else { "a" };
+        let token = hosts
+            .docker(
+                &from,
+                &[
+                    "exec",
+                    &reg.meta["container_name"],
+                    "cat",
+                    "/var/lib/flotilla/token",
+                ],
+            )
+            .unwrap()
+            .trim()
+            .to_owned();
+        let inner = |i: &flotilla_core::InstanceView| {
+            Client::new(
+                &format!("http://{}:{}", i.address, i.port),
+                Some(token.clone()),
+            )
+        };
+        // A record in the inner registry's catalog: this stack itself, kept as "kept".
+        let services = client.stack("ctl").await.unwrap().services;
+        inner(&reg).deploy("kept", &services).await.unwrap();
+        let written_ms = flotilla_core::record::unix_ms();
+        // Wait for a copy on the other host taken after the write.
+        let copies_dir = cluster.dir.path().join(format!("backups-{to}/backups"));
+        eventually(
+            Duration::from_secs(60),
+            "a copy taken after the write",
+            || {
+                let newer = std::fs::read_dir(&copies_dir)
+                    .map(|d| {
+                        d.filter_map(Result::ok).any(|e| {
+                            let name = e.file_name().to_string_lossy().into_owned();
+                            name.strip_prefix("ctl-registry-0-")
+                                .and_then(|r| r.strip_suffix(".flotilla-backup"))
+                                .and_then(|ms| ms.parse::<u64>().ok())
+                                .is_some_and(|ms| ms > written_ms)
+                        })
+                    })
+                    .unwrap_or(false);
+                std::future::ready(newer)
+            },
+        )
+        .await;
+        hosts.cut(&from).unwrap();
+        eventually(
+            Duration::from_secs(60),
+            "the registry restored on the other host",
+            || async {
+                common::passing(&client, "registry")
+                    .await
+                    .iter()
+                    .any(|i| i.node.as_deref() == Some(to))
+            },
+        )
+        .await;
+        let restored = common::passing(&client, "registry")
+            .await
+            .into_iter()
+            .find(|i| i.node.as_deref() == Some(to))
+            .unwrap();
+        let record = inner(&restored)
+            .stack("kept")
+            .await
+            .expect("the same token and the catalog of the last backup");
+        assert_eq!(record.services, services);
+        assert!(
+            restored.meta["restored-from"].starts_with("ctl-registry-0-"),
+            "{:?}",
+            restored.meta
+        );
+        drop(agents);
+    });
+}

@@ -1,0 +1,419 @@
+// flotilla's dashboard: plain JavaScript, no build step, no dependencies.
+//
+// It reads the registry's API with the token the operator gives it (kept in this tab's
+// session storage only) and stays live: service changes arrive over the SSE stream
+// (/v1/events, read with fetch so the token goes in a header, never in a URL), the
+// service list, stacks and assignments over blocking queries, nodes every second.
+// Every string from the server is set as text, never as HTML.
+'use strict';
+
+const state = {
+  token: null,
+  summaries: [],
+  instances: new Map(), // service -> InstanceView[]
+  nodes: [],
+  stacks: [],
+  assignments: {},
+  events: [], // newest first: {at, service, passing, total}
+  history: new Map(), // service -> [{t, w: {id: weight}}]
+  live: false,
+  generation: 0, // bumped on logout: loops of an old session stop
+};
+const HISTORY_MS = 5 * 60 * 1000;
+
+class AuthError extends Error {}
+
+function el(tag, attrs, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === 'class') e.className = v;
+    else if (k.startsWith('data-')) e.setAttribute(k, v);
+    else e[k] = v;
+  }
+  for (const kid of kids.flat()) {
+    if (kid === null || kid === undefined) continue;
+    e.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
+  }
+  return e;
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function api(path, opts = {}) {
+  const resp = await fetch(path, {
+    ...opts,
+    headers: { Authorization: 'Bearer ' + state.token, ...(opts.headers || {}) },
+  });
+  if (resp.status === 401 || resp.status === 403) {
+    let why = '';
+    try { why = (await resp.json()).error || ''; } catch (_) { /* not JSON */ }
+    throw new AuthError(`The server refused this token (${resp.status}${why ? ': ' + why : ''}). ` +
+      'Enter a token with the read role, or an admin token.');
+  }
+  if (!resp.ok) throw new Error(`${path}: ${resp.status}`);
+  return { body: await resp.json(), index: Number(resp.headers.get('x-flotilla-index') || 0) };
+}
+
+// ---- sign in -------------------------------------------------------------------
+
+// A link may carry the token in its fragment (never sent to the server); it is moved
+// to session storage and taken out of the address bar. Says whether there was one.
+function tokenFromHash() {
+  const m = location.hash.match(/[#&]token=([^&]+)/);
+  if (!m) return false;
+  sessionStorage.setItem('flotilla-token', decodeURIComponent(m[1]));
+  history.replaceState(null, '', location.pathname + '#/');
+  return true;
+}
+
+function start() {
+  tokenFromHash();
+  const t = sessionStorage.getItem('flotilla-token');
+  if (t) signIn(t); else showLogin('');
+}
+
+function showLogin(message) {
+  state.generation++;
+  state.token = null;
+  document.getElementById('logout').hidden = true;
+  setLive(false);
+  const main = document.getElementById('main');
+  main.replaceChildren(document.getElementById('login').content.cloneNode(true));
+  document.getElementById('login-error').textContent = message;
+  document.getElementById('login-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const t = document.getElementById('token').value.trim();
+    if (t) signIn(t);
+  });
+}
+
+async function signIn(token) {
+  state.token = token;
+  const gen = ++state.generation;
+  try {
+    await loadAll();
+  } catch (e) {
+    sessionStorage.removeItem('flotilla-token');
+    showLogin(e instanceof AuthError ? e.message : `Cannot reach the server: ${e.message}`);
+    return;
+  }
+  sessionStorage.setItem('flotilla-token', token);
+  document.getElementById('logout').hidden = false;
+  render();
+  follow(gen, streamEvents);
+  follow(gen, watch('/v1/services', (b) => { state.summaries = b; }));
+  follow(gen, watch('/v1/stacks', (b) => { state.stacks = b; }));
+  follow(gen, watch('/v1/assignments', (b) => { state.assignments = b.assignments || {}; }));
+  follow(gen, pollNodes);
+}
+
+// Runs `loop(gen)` until the session changes; an auth failure ends the session.
+async function follow(gen, loop) {
+  try {
+    await loop(gen);
+  } catch (e) {
+    if (e instanceof AuthError && gen === state.generation) showLogin(e.message);
+  }
+}
+
+async function loadAll() {
+  const [services, nodes, stacks, assignments, instances] = await Promise.all([
+    api('/v1/services'), api('/v1/nodes'), api('/v1/stacks'), api('/v1/assignments'),
+    api('/v1/instances'),
+  ]);
+  state.summaries = services.body;
+  state.nodes = nodes.body;
+  state.stacks = stacks.body;
+  state.assignments = assignments.body.assignments || {};
+  state.instances = new Map();
+  for (const i of instances.body) {
+    if (!state.instances.has(i.service)) state.instances.set(i.service, []);
+    state.instances.get(i.service).push(i);
+  }
+  const now = Date.now();
+  for (const [s, list] of state.instances) remember(s, list, now);
+}
+
+// ---- live updates --------------------------------------------------------------
+
+function setLive(on) {
+  state.live = on;
+  const l = document.getElementById('live');
+  l.textContent = on ? 'live' : 'reconnecting…';
+  l.className = 'live ' + (on ? 'on' : 'off');
+}
+
+async function streamEvents(gen) {
+  while (gen === state.generation) {
+    try {
+      const resp = await fetch('/v1/events', {
+        headers: { Authorization: 'Bearer ' + state.token, Accept: 'text/event-stream' },
+      });
+      if (resp.status === 401 || resp.status === 403) {
+        throw new AuthError(`The server refused this token (${resp.status}).`);
+      }
+      if (!resp.ok) throw new Error(String(resp.status));
+      setLive(true);
+      const reader = resp.body.getReader();
+      const decoder = new TextDecoder();
+      let buf = '';
+      while (gen === state.generation) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += decoder.decode(value, { stream: true });
+        let cut;
+        while ((cut = buf.indexOf('\n\n')) >= 0) {
+          onEvent(buf.slice(0, cut));
+          buf = buf.slice(cut + 2);
+        }
+      }
+    } catch (e) {
+      if (e instanceof AuthError) throw e;
+    }
+    setLive(false);
+    await sleep(1000);
+    // Anything missed while away comes back whole.
+    try { await loadAll(); scheduleRender(); } catch (e) { if (e instanceof AuthError) throw e; }
+  }
+}
+
+function onEvent(chunk) {
+  let kind = 'message';
+  const data = [];
+  for (const line of chunk.split('\n')) {
+    if (line.startsWith('event:')) kind = line.slice(6).trim();
+    else if (line.startsWith('data:')) data.push(line.slice(5).replace(/^ /, ''));
+  }
+  if (kind === 'resync') { loadAll().then(scheduleRender, () => {}); return; }
+  if (kind !== 'service' || !data.length) return;
+  const ev = JSON.parse(data.join('\n'));
+  state.instances.set(ev.service, ev.instances);
+  const now = Date.now();
+  remember(ev.service, ev.instances, now);
+  state.events.unshift({
+    at: now,
+    service: ev.service,
+    passing: ev.instances.filter((i) => i.health === 'passing').length,
+    total: ev.instances.length,
+  });
+  state.events.length = Math.min(state.events.length, 50);
+  scheduleRender();
+}
+
+// A blocking query loop: each answer is applied, then the next waits for a change.
+function watch(path, apply) {
+  return async (gen) => {
+    let index = 0;
+    while (gen === state.generation) {
+      try {
+        const r = await api(`${path}?index=${index}&wait=30s`);
+        if (gen !== state.generation) return;
+        if (r.index !== index) { apply(r.body); scheduleRender(); }
+        index = r.index;
+      } catch (e) {
+        if (e instanceof AuthError) throw e;
+        await sleep(1000);
+      }
+    }
+  };
+}
+
+async function pollNodes(gen) {
+  while (gen === state.generation) {
+    try {
+      state.nodes = (await api('/v1/nodes')).body;
+      scheduleRender();
+    } catch (e) {
+      if (e instanceof AuthError) throw e;
+    }
+    await sleep(1000);
+  }
+}
+
+// Feedback weights over time, per service, for the plot.
+function remember(service, instances, now) {
+  const h = state.history.get(service) || [];
+  const w = {};
+  for (const i of instances) w[i.id] = i.feedback_weight ?? i.weight;
+  h.push({ t: now, w });
+  while (h.length && h[0].t < now - HISTORY_MS) h.shift();
+  state.history.set(service, h);
+}
+
+// ---- pages ---------------------------------------------------------------------
+
+let renderQueued = false;
+function scheduleRender() {
+  if (renderQueued) return;
+  renderQueued = true;
+  requestAnimationFrame(() => { renderQueued = false; render(); });
+}
+
+function render() {
+  if (!state.token) return;
+  const main = document.getElementById('main');
+  const m = location.hash.match(/^#\/service\/(.+)$/);
+  const page = m ? servicePage(decodeURIComponent(m[1])) : overview();
+  main.replaceChildren(page);
+}
+
+function health(h) {
+  return el('span', { class: 'badge ' + h }, h);
+}
+
+function ago(ms) {
+  const s = Math.max(0, Math.round(ms / 100) / 10);
+  return s < 60 ? `${s.toFixed(1)} s` : `${Math.round(s / 60)} min`;
+}
+
+function table(headers, rows, empty) {
+  if (!rows.length) return el('p', { class: 'empty' }, empty);
+  return el('table', {},
+    el('thead', {}, el('tr', {}, headers.map((h) =>
+      el('th', { class: h.endsWith('#') ? 'num' : '' }, h.replace(/#$/, ''))))),
+    el('tbody', {}, rows));
+}
+
+function passingOf(stack, service, spec) {
+  return (state.instances.get(service) || []).filter((i) =>
+    i.meta.stack === stack && i.meta.spec === spec && i.health === 'passing').length;
+}
+
+function overview() {
+  const now = Date.now();
+  const nodes = table(['Node', 'Address', 'Lease age#', 'TTL#', 'Instances#'],
+    state.nodes.map((n) => el('tr', { 'data-node': n.name },
+      el('td', {}, n.name), el('td', {}, n.address || ''),
+      el('td', { class: 'num' }, ago(now - n.renewed_ms)),
+      el('td', { class: 'num' }, ago(n.ttl_ms)),
+      el('td', { class: 'num' }, n.instances))),
+    'No node holds a lease.');
+  const services = table(['Service', 'Passing#', 'Instances#'],
+    state.summaries.map((s) => el('tr', { 'data-service': s.name, class: s.passing < s.instances ? 'critical' : '' },
+      el('td', {}, el('a', { href: '#/service/' + encodeURIComponent(s.name) }, s.name)),
+      el('td', { class: 'num' }, s.passing), el('td', { class: 'num' }, s.instances))),
+    'No services registered.');
+  const stackRows = [];
+  for (const st of state.stacks) {
+    for (const [name, svc] of Object.entries(st.services)) {
+      const spec = svc.spec_hash.slice(0, 12);
+      const passing = passingOf(st.name, name, spec);
+      const desired = svc.spec.replicas ?? 1;
+      stackRows.push(el('tr', { 'data-stack': st.name + '/' + name, class: passing < desired ? 'critical' : '' },
+        el('td', {}, st.name), el('td', {}, el('a', { href: '#/service/' + encodeURIComponent(name) }, name)),
+        el('td', {}, svc.spec.version ?? '1'), el('td', { class: 'num' }, desired),
+        el('td', { class: 'num' }, passing), el('td', { class: 'muted' }, spec),
+        el('td', {}, st.rolled_back && st.rolled_back.startsWith(name) ? 'rolled back: ' + st.rolled_back : '')));
+    }
+  }
+  const stacks = table(['Stack', 'Service', 'Version', 'Desired#', 'Passing#', 'Spec', 'Note'],
+    stackRows, 'No stacks deployed.');
+  const replicas = table(['Replica', 'Node', 'Generation#', 'State'],
+    Object.entries(state.assignments).map(([key, a]) => el('tr', { 'data-replica': key },
+      el('td', {}, key), el('td', {}, a.node), el('td', { class: 'num' }, a.generation),
+      el('td', {}, replicaState(a, now)))),
+    'No stateful replicas.');
+  const events = table(['When', 'Service', 'Passing'],
+    state.events.slice(0, 15).map((e) => el('tr', {},
+      el('td', { class: 'muted' }, new Date(e.at).toLocaleTimeString()),
+      el('td', {}, e.service), el('td', {}, `${e.passing} of ${e.total}`))),
+    'No changes since this page opened.');
+  return el('div', {},
+    el('h1', {}, 'Cluster'),
+    el('h2', {}, 'Nodes'), nodes,
+    el('h2', {}, 'Services'), services,
+    el('h2', {}, 'Stacks'), stacks,
+    el('h2', {}, 'Stateful replicas'), replicas,
+    el('h2', {}, 'Recent changes'), events);
+}
+
+function replicaState(a, now) {
+  if (a.lost_at_ms) {
+    return el('span', { class: 'badge warn' }, `node ${a.node} lost ${ago(now - a.lost_at_ms)} ago`);
+  }
+  if (a.recovered) return `recovered (${a.recovered.how}) from node ${a.recovered.from_node}`;
+  return 'assigned';
+}
+
+function loadBar(share) {
+  if (share === undefined || share === null) return el('span', { class: 'muted' }, '–');
+  const pct = Math.max(0, Math.min(100, share * 100));
+  return el('span', {},
+    el('span', { class: 'bar-box' }, el('span', { class: 'bar', style: `width:${pct}%` })),
+    `${pct.toFixed(0)} %`);
+}
+
+function servicePage(name) {
+  const list = (state.instances.get(name) || []).slice().sort((a, b) => a.id.localeCompare(b.id));
+  const rows = list.map((i) => el('tr', { 'data-instance': i.id, class: i.health },
+    el('td', {}, i.id), el('td', {}, i.node || ''), el('td', {}, `${i.address}:${i.port}`),
+    el('td', {}, health(i.health)),
+    el('td', { class: 'num' }, i.feedback_weight != null
+      ? `${i.weight} → ${Math.round(i.feedback_weight)}` : String(i.weight)),
+    el('td', {}, loadBar(i.load && i.load.cpu)), el('td', {}, loadBar(i.load && i.load.memory)),
+    el('td', { class: 'muted' }, i.output || '')));
+  return el('div', {},
+    el('h1', {}, `Service ${name}`),
+    el('p', { class: 'muted' }, `${list.filter((i) => i.health === 'passing').length} of ${list.length} passing`),
+    table(['Instance', 'Node', 'Address', 'Health', 'Weight (static → feedback)#', 'CPU', 'Memory', 'Check output'],
+      rows, 'No instances.'),
+    el('h2', {}, 'Weights over the last minutes'),
+    weightPlot(name));
+}
+
+const COLORS = ['#2457a6', '#c62828', '#1a7f37', '#a15c00', '#6a3fa0', '#00838f', '#5d4037', '#ad1457'];
+
+function weightPlot(service) {
+  const h = state.history.get(service) || [];
+  const ns = 'http://www.w3.org/2000/svg';
+  const svg = document.createElementNS(ns, 'svg');
+  svg.setAttribute('class', 'plot');
+  svg.setAttribute('viewBox', '0 0 600 180');
+  svg.setAttribute('preserveAspectRatio', 'none');
+  const ids = [...new Set(h.flatMap((p) => Object.keys(p.w)))].sort();
+  if (!h.length || !ids.length) return el('p', { class: 'empty' }, 'No weights seen yet.');
+  const now = Date.now();
+  // The last five minutes, or since the page began watching if that is shorter.
+  const t0 = Math.max(now - HISTORY_MS, Math.min(h[0].t, now - 10000));
+  const span = now - t0;
+  const max = Math.max(1, ...h.flatMap((p) => Object.values(p.w)));
+  const x = (t) => ((t - t0) / span) * 600;
+  const y = (w) => 170 - (w / max) * 160;
+  const legend = el('div', { class: 'legend' });
+  ids.forEach((id, k) => {
+    const pts = [];
+    let last = null;
+    for (const p of h) {
+      if (p.w[id] === undefined) continue;
+      if (last !== null) pts.push(`${x(p.t).toFixed(1)},${y(last).toFixed(1)}`);
+      pts.push(`${x(p.t).toFixed(1)},${y(p.w[id]).toFixed(1)}`);
+      last = p.w[id];
+    }
+    if (last !== null) pts.push(`${x(now).toFixed(1)},${y(last).toFixed(1)}`);
+    const line = document.createElementNS(ns, 'polyline');
+    line.setAttribute('points', pts.join(' '));
+    line.setAttribute('fill', 'none');
+    line.setAttribute('stroke', COLORS[k % COLORS.length]);
+    line.setAttribute('stroke-width', '2');
+    line.setAttribute('data-instance', id);
+    svg.append(line);
+    legend.append(el('span', {}, el('i', { style: `background:${COLORS[k % COLORS.length]}` }), id));
+  });
+  const scale = el('p', { class: 'muted' },
+    `0 to ${Math.round(max)} over the last ${ago(span)}; the feedback weight where the lb published one, else the static weight`);
+  return el('div', {}, svg, legend, scale);
+}
+
+window.addEventListener('hashchange', () => {
+  // A link with another token, followed from this page: sign in with that one.
+  if (tokenFromHash()) start();
+  else if (state.token) render();
+});
+document.getElementById('logout').addEventListener('click', () => {
+  sessionStorage.removeItem('flotilla-token');
+  showLogin('');
+});
+// Lease ages move even when nothing else does.
+setInterval(() => { if (state.token && !location.hash.startsWith('#/service/')) scheduleRender(); }, 1000);
+start();

@@ -1,0 +1,202 @@
+//! The dashboard (`/ui`) in a real browser: headless Chromium driven over WebDriver
+//! (chromedriver), against a real server, agent, engine and container. What an operator
+//! sees must change without a reload when the cluster does.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{agent, eventually, Proc, Server};
+use fantoccini::{Client as Browser, ClientBuilder};
+use flotilla_testkit::{busybox_image, docker, unique, Container, DockerNetwork};
+use serde_json::{json, Value};
+
+/// chromedriver on a free port, and a headless Chromium session through it that
+/// accepts the test server's certificate (made by its own CA).
+async fn browser(dir: &std::path::Path) -> (Proc, Browser) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let driver = Proc::spawn_command(
+        std::process::Command::new("chromedriver"),
+        &[&format!("--port={port}")],
+        dir.join("chromedriver.log"),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    eventually(Duration::from_secs(20), "chromedriver answers", || async {
+        reqwest::get(format!("{url}/status")).await.is_ok()
+    })
+    .await;
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({ "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                          "--disable-gpu", "--window-size=1280,1000"] }),
+    );
+    caps.insert("acceptInsecureCerts".into(), json!(true));
+    let client = ClientBuilder::rustls()
+        .expect("a TLS connector")
+        .capabilities(caps)
+        .connect(&url)
+        .await
+        .expect("a Chromium session");
+    (driver, client)
+}
+
+/// Runs `script` in the page and returns its value.
+async fn js(b: &Browser, script: &str) -> Value {
+    b.execute(script, vec![]).await.unwrap_or(Value::Null)
+}
+
+/// The text of the first element matching `css`, if any.
+async fn text(b: &Browser, css: &str) -> Option<String> {
+    let script = format!(
+        "const e = document.querySelector({}); return e ? e.textContent : null;",
+        json!(css)
+    );
+    js(b, &script).await.as_str().map(str::to_owned)
+}
+
+/// Writes a screenshot to docs/img/NAME.png when FLOTILLA_SCREENSHOTS is set (how the
+/// README's pictures are made).
+async fn screenshot(b: &Browser, name: &str) {
+    if std::env::var_os("FLOTILLA_SCREENSHOTS").is_none() {
+        return;
+    }
+    let png = b.screenshot().await.unwrap();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/img");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+}
+
+fn web_container(net: &DockerNetwork) -> Container {
+    let image = busybox_image().unwrap();
+    Container::run(
+        &unique("flotilla-ui-web"),
+        &[
+            "--network",
+            &net.name,
+            "-l",
+            "flotilla.service=web",
+            "-l",
+            "flotilla.port=80",
+            "-l",
+            "flotilla.check.http=/health",
+            "-l",
+            "flotilla.check.interval=200ms",
+            image,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_dashboard_follows_the_cluster_live_and_refuses_a_wrong_token_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let net = DockerNetwork::create("flotilla-ui").unwrap();
+    let _agent = agent(dir.path(), &server, "host-a", None);
+    let c = web_container(&net);
+    eventually(Duration::from_secs(20), "web passing", || async {
+        common::passing(&client, "web").await.len() == 1
+    })
+    .await;
+    let (_driver, b) = browser(dir.path()).await;
+
+    // A wrong token: a clear message, not a blank page.
+    b.goto(&format!("{}/ui#token=not-a-token", server.url))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(20), "the refusal explained", || async {
+        text(&b, "#login-error")
+            .await
+            .is_some_and(|t| t.contains("refused this token (401"))
+    })
+    .await;
+
+    // The token in the link's fragment: the overview lists the node and the service.
+    b.goto(&format!("{}/ui#token={}", server.url, server.token()))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "overview with node and service",
+        || async {
+            text(&b, "tr[data-service='web'] td:nth-child(2)")
+                .await
+                .as_deref()
+                == Some("1")
+                && text(&b, "tr[data-node='host-a'] td").await.as_deref() == Some("host-a")
+        },
+    )
+    .await;
+    assert_eq!(
+        js(&b, "return location.hash").await,
+        "#/",
+        "the token left the address bar"
+    );
+    eventually(Duration::from_secs(10), "live", || async {
+        text(&b, "#live").await.as_deref() == Some("live")
+    })
+    .await;
+    screenshot(&b, "dashboard-overview").await;
+
+    // From here on nothing reloads the page: a marker set now must survive.
+    js(&b, "window.__noReload = 42; return true").await;
+    js(&b, "location.hash = '#/service/web'; return true").await;
+    let instance = common::passing(&client, "web").await.remove(0);
+    let row = format!("tr[data-instance='{}']", instance.id);
+    eventually(
+        Duration::from_secs(10),
+        "the instance row, passing",
+        || async { text(&b, &format!("{row} .badge")).await.as_deref() == Some("passing") },
+    )
+    .await;
+
+    // A feedback weight published (as the active lb does) shows next to the static one.
+    let mut weights = std::collections::BTreeMap::new();
+    weights.insert(format!("{}:{}", instance.address, instance.port), 37.0);
+    client.publish_weights("web", "lb", &weights).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the weight changed live",
+        || async {
+            text(&b, &format!("{row} td:nth-child(5)"))
+                .await
+                .is_some_and(|t| t.contains("→ 37"))
+        },
+    )
+    .await;
+    screenshot(&b, "dashboard-service").await;
+
+    // Its health check starts failing: the row turns critical.
+    docker(&["exec", &c.name, "rm", "/www/health"]).unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the row turned critical",
+        || async { text(&b, &format!("{row} .badge")).await.as_deref() == Some("critical") },
+    )
+    .await;
+    // Killed: the row goes.
+    docker(&["kill", &c.name]).unwrap();
+    eventually(Duration::from_secs(20), "the row removed", || async {
+        text(&b, &row).await.is_none()
+            && text(&b, "p.empty").await.as_deref() == Some("No instances.")
+    })
+    .await;
+    assert_eq!(
+        js(&b, "return window.__noReload").await,
+        42,
+        "all of it without a reload"
+    );
+    b.close().await.unwrap();
+}
