@@ -105,6 +105,8 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         .route("/v1/stacks/{stack}/containers", get(stack_containers))
         .route("/v1/release", post(release))
         .route("/v1/orphans", get(orphans_list).delete(orphans_remove))
+        .route("/v1/logs", get(logs))
+        .route("/v1/exec", post(exec))
         .route("/v1/backups/{stack}/{service}", get(backups_list))
         .route(
             "/v1/backups/{stack}/{service}/{file}",
@@ -174,6 +176,91 @@ async fn authorize(State(inner): State<Arc<Inner>>, req: Request, next: Next) ->
             AppError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response()
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    container: String,
+    #[serde(default)]
+    follow: bool,
+    /// Only lines since this unix time (seconds).
+    #[serde(default)]
+    since: Option<i64>,
+    /// Only the last N lines.
+    #[serde(default)]
+    tail: Option<u64>,
+}
+
+/// `GET /v1/logs?container=C&follow=&since=&tail=`: a container's output (stdout and
+/// stderr as they came) as a stream of text; with `follow` it ends when the container
+/// stops. flotilla's containers only.
+async fn logs(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, AppError> {
+    let info = inspect(&inner, &q.container).await?;
+    let id = info.id.unwrap_or_default();
+    let opts = bollard::container::LogsOptions::<String> {
+        follow: q.follow,
+        stdout: true,
+        stderr: true,
+        since: q.since.unwrap_or(0),
+        tail: q
+            .tail
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| "all".to_owned()),
+        ..Default::default()
+    };
+    let s = inner
+        .docker
+        .logs(&id, Some(opts))
+        .map(|r| r.map(|o| o.into_bytes()).map_err(std::io::Error::other));
+    let mut resp = Body::from_stream(s).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    Ok(resp)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContainerQuery {
+    container: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecBody {
+    cmd: Vec<String>,
+}
+
+/// Most output `POST /v1/exec` returns.
+const EXEC_OUTPUT_LIMIT: usize = 1 << 20;
+
+/// `POST /v1/exec?container=C` with `{"cmd": [...]}`: runs a command in one of
+/// flotilla's running containers (admin only, like every route here) and answers
+/// `{"exit_code", "output", "truncated"}` (output up to 1 MiB).
+async fn exec(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<ContainerQuery>,
+    Json(body): Json<ExecBody>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    if body.cmd.is_empty() || body.cmd.len() > 256 || body.cmd.iter().any(|a| a.len() > 8192) {
+        return Err(bad("cmd: 1..=256 arguments of at most 8192 bytes"));
+    }
+    let info = inspect(&inner, &q.container).await?;
+    let id = info.id.unwrap_or_default();
+    let r = crate::docker::exec(&inner.docker, &id, &body.cmd, EXEC_OUTPUT_LIMIT)
+        .await
+        .map_err(|e| failed(e.into()))?;
+    tracing::info!(container = q.container, cmd = ?body.cmd, code = r.code, "exec through the agent API");
+    Ok(Json(json!({
+        "exit_code": r.code,
+        "output": r.output,
+        "truncated": r.truncated,
+    })))
 }
 
 /// `GET /v1/orphans`: stale copies of recovered replicas kept on this engine.

@@ -120,6 +120,71 @@ pub async fn labelled_running(docker: &Docker) -> anyhow::Result<Vec<String>> {
     Ok(list.into_iter().filter_map(|c| c.id).collect())
 }
 
+/// What [`exec`] saw: the exit code (-1 when the container is not running), the
+/// output (stdout and stderr as they came), and whether the output was cut at `limit`.
+#[derive(Debug, Clone)]
+pub struct ExecResult {
+    /// Exit code.
+    pub code: i64,
+    /// The first `limit` bytes of output (lossy UTF-8).
+    pub output: String,
+    /// Whether there was more.
+    pub truncated: bool,
+}
+
+/// Runs `command` inside a running container and collects up to `limit` bytes of its
+/// output (the rest is read and dropped, so the command never blocks on a full pipe).
+pub async fn exec(
+    docker: &Docker,
+    container: &str,
+    command: &[String],
+    limit: usize,
+) -> Result<ExecResult, bollard::errors::Error> {
+    // Never exec into a paused container: runc would block in the frozen cgroup.
+    let state = docker
+        .inspect_container(container, None::<InspectContainerOptions>)
+        .await?
+        .state
+        .unwrap_or_default();
+    if state.paused.unwrap_or(false) || !state.running.unwrap_or(false) {
+        return Ok(ExecResult {
+            code: -1,
+            output: "container is not running".to_owned(),
+            truncated: false,
+        });
+    }
+    let exec = docker
+        .create_exec(
+            container,
+            CreateExecOptions {
+                cmd: Some(command.to_vec()),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut output = Vec::new();
+    let mut truncated = false;
+    if let StartExecResults::Attached {
+        output: mut stream, ..
+    } = docker.start_exec(&exec.id, None).await?
+    {
+        while let Some(chunk) = stream.next().await {
+            let bytes = chunk?.into_bytes();
+            let room = limit.saturating_sub(output.len());
+            truncated |= bytes.len() > room;
+            output.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        }
+    }
+    let code = docker.inspect_exec(&exec.id).await?.exit_code.unwrap_or(-1);
+    Ok(ExecResult {
+        code,
+        output: String::from_utf8_lossy(&output).into_owned(),
+        truncated,
+    })
+}
+
 /// Runs `command` inside the container; passing iff it exits 0 within `timeout`.
 pub async fn exec_check(
     docker: &Docker,
@@ -128,39 +193,8 @@ pub async fn exec_check(
     timeout: Duration,
 ) -> (bool, String) {
     let run = async {
-        // Never exec into a paused container: runc would block in the frozen cgroup.
-        let state = docker
-            .inspect_container(container, None::<InspectContainerOptions>)
-            .await?
-            .state
-            .unwrap_or_default();
-        if state.paused.unwrap_or(false) || !state.running.unwrap_or(false) {
-            return Ok((-1, "container is not running".to_owned()));
-        }
-        let exec = docker
-            .create_exec(
-                container,
-                CreateExecOptions {
-                    cmd: Some(command.to_vec()),
-                    attach_stdout: Some(true),
-                    attach_stderr: Some(true),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        let mut output = String::new();
-        if let StartExecResults::Attached {
-            output: mut stream, ..
-        } = docker.start_exec(&exec.id, None).await?
-        {
-            while let Some(chunk) = stream.next().await {
-                if output.len() < 1024 {
-                    output.push_str(&chunk?.to_string());
-                }
-            }
-        }
-        let code = docker.inspect_exec(&exec.id).await?.exit_code.unwrap_or(-1);
-        Ok::<_, bollard::errors::Error>((code, output))
+        let r = exec(docker, container, command, 1024).await?;
+        Ok::<_, bollard::errors::Error>((r.code, r.output))
     };
     match tokio::time::timeout(timeout, run).await {
         Ok(Ok((0, out))) => (true, out.trim().chars().take(512).collect()),

@@ -136,13 +136,7 @@ impl Inner {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(l.id.clone());
-            self.docker
-                .stop_container(
-                    &l.id,
-                    Some(bollard::container::StopContainerOptions {
-                        t: FENCE_STOP_TIMEOUT.as_secs() as i64,
-                    }),
-                )
+            self.stop_quickly(&l.id)
                 .await
                 .with_context(|| format!("stopping {}", l.name))?;
             self.metrics.fenced.inc();
@@ -161,16 +155,7 @@ impl Inner {
                 generation = l.generation.unwrap_or(1),
                 "stale copy of a replica recovered elsewhere: stopped and kept as an orphan"
             );
-            let stopped = self
-                .docker
-                .stop_container(
-                    &l.id,
-                    Some(bollard::container::StopContainerOptions {
-                        t: FENCE_STOP_TIMEOUT.as_secs() as i64,
-                    }),
-                )
-                .await;
-            match stopped {
+            match self.stop_quickly(&l.id).await {
                 Ok(()) => {
                     self.metrics.orphans_kept.inc();
                 }
@@ -206,6 +191,15 @@ impl Inner {
             }
         }
         Ok(out)
+    }
+
+    /// Stops a container, killing it after [`FENCE_STOP_TIMEOUT`]: the bound the
+    /// fencing argument counts on.
+    async fn stop_quickly(&self, id: &str) -> Result<(), bollard::errors::Error> {
+        let t = FENCE_STOP_TIMEOUT.as_secs() as i64;
+        self.docker
+            .stop_container(id, Some(bollard::container::StopContainerOptions { t }))
+            .await
     }
 
     /// Whether replica `r`'s volumes of `generation` already exist on this engine.

@@ -46,6 +46,11 @@ pub enum Command {
     Scale(ScaleArgs),
     /// Remove a deployed stack (its containers stop; volumes are kept).
     Rm(RmArgs),
+    /// Print a container's output (every instance of a service, prefixed), through the
+    /// agent that runs it; -f follows across restarts.
+    Logs(LogsArgs),
+    /// Run a command in an instance's container, through its agent (admin token).
+    Exec(ExecArgs),
     /// Restore a stateful replica now from its newest verified backup (or --from), on
     /// --to or where placement puts it; its old copy, if any, is kept as an orphan.
     Recover(RecoverArgs),
@@ -334,6 +339,36 @@ pub struct RmArgs {
     /// replicas recovered elsewhere), with their volumes.
     #[arg(long)]
     pub orphans: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Flags of `flotilla logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Instance id, container name, or service name (all its instances).
+    pub what: String,
+    /// Keep following (across restarts and replacements of the replica).
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only output since this long ago, e.g. "10m".
+    #[arg(long)]
+    pub since: Option<humantime::Duration>,
+    /// Only the last N lines (of each instance).
+    #[arg(long)]
+    pub tail: Option<u64>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Flags of `flotilla exec`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Instance id or container name (a service with one instance will do).
+    pub instance: String,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true)]
+    pub cmd: Vec<String>,
     #[command(flatten)]
     pub client: ClientArgs,
 }

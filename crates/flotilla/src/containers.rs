@@ -467,7 +467,7 @@ async fn stack_containers_left(
 
 /// Resolves an instance by registry id or container name; a service name gives all of
 /// its instances.
-async fn resolve(c: &Client, what: &str) -> anyhow::Result<Vec<InstanceView>> {
+pub(crate) async fn resolve(c: &Client, what: &str) -> anyhow::Result<Vec<InstanceView>> {
     let list = c.instances().await?;
     let exact: Vec<InstanceView> = list
         .iter()
@@ -486,7 +486,7 @@ async fn resolve(c: &Client, what: &str) -> anyhow::Result<Vec<InstanceView>> {
     Ok(of_service)
 }
 
-async fn node_of(c: &Client, name: &str) -> anyhow::Result<NodeView> {
+pub(crate) async fn node_of(c: &Client, name: &str) -> anyhow::Result<NodeView> {
     c.nodes()
         .await?
         .into_iter()
@@ -494,7 +494,7 @@ async fn node_of(c: &Client, name: &str) -> anyhow::Result<NodeView> {
         .ok_or_else(|| usage(format!("no live node {name:?}")))
 }
 
-fn container_of(i: &InstanceView) -> anyhow::Result<String> {
+pub(crate) fn container_of(i: &InstanceView) -> anyhow::Result<String> {
     i.meta
         .get("container_id")
         .or_else(|| i.meta.get("container_name"))

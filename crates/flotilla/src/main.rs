@@ -4,6 +4,7 @@
 mod agent_api;
 mod cli;
 mod containers;
+mod daily;
 mod home;
 mod keynodes;
 mod ops;

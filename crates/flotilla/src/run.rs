@@ -28,6 +28,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Rm(args) => crate::containers::rm(args).await,
         Command::Backups(args) => crate::keynodes::backups(args).await,
         Command::Recover(args) => crate::keynodes::recover(args).await,
+        Command::Logs(args) => crate::daily::logs(args).await,
+        Command::Exec(args) => crate::daily::exec(args).await,
         Command::Backup(args) => crate::containers::backup(args).await,
         Command::Restore(args) => crate::containers::restore(args).await,
         Command::Migrate(args) => crate::containers::migrate(args).await,

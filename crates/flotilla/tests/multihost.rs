@@ -1000,6 +1000,43 @@ path = "/data"
     dir.join("stack.toml").display().to_string()
 }
 
+/// The archive file names in `dir` (a host's backup directory), oldest first (the
+/// names end in the time they were taken).
+fn archive_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".flotilla-backup"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Waits (up to `within`) until `service` passes on `node`; returns that instance.
+async fn passing_on(
+    client: &Client,
+    service: &str,
+    node: &str,
+    within: Duration,
+) -> flotilla_core::InstanceView {
+    let what = format!("{service} passing on {node}");
+    eventually(within, &what, || async {
+        common::passing(client, service)
+            .await
+            .iter()
+            .any(|i| i.node.as_deref() == Some(node))
+    })
+    .await;
+    common::passing(client, service)
+        .await
+        .into_iter()
+        .find(|i| i.node.as_deref() == Some(node))
+        .expect("passing")
+}
+
 /// The notes replicas running (or paused) on an engine, by container name.
 async fn running_notes(docker: &bollard::Docker) -> Vec<String> {
     let mut filters = std::collections::HashMap::new();
@@ -1114,20 +1151,7 @@ fn cut_off_and_recover(subnet: u8, mib: u32, grace: &str, interval: &str) {
         eventually(
             Duration::from_secs(90),
             "a backup copy on the other host",
-            || {
-                let n = std::fs::read_dir(&copies_dir)
-                    .map(|d| {
-                        d.filter_map(Result::ok)
-                            .filter(|e| {
-                                e.file_name()
-                                    .to_string_lossy()
-                                    .ends_with(".flotilla-backup")
-                            })
-                            .count()
-                    })
-                    .unwrap_or(0);
-                std::future::ready(n >= 2)
-            },
+            || std::future::ready(archive_names(&copies_dir).len() >= 2),
         )
         .await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -1167,23 +1191,8 @@ fn cut_off_and_recover(subnet: u8, mib: u32, grace: &str, interval: &str) {
         writer.await.unwrap();
 
         // Restored on the other host, passing at the client's watch.
-        eventually(
-            Duration::from_secs(90),
-            "web restored and passing on the other host",
-            || async {
-                common::passing(&client, "web")
-                    .await
-                    .iter()
-                    .any(|i| i.node.as_deref() == Some(to))
-            },
-        )
-        .await;
+        let restored = passing_on(&client, "web", to, Duration::from_secs(90)).await;
         let rto = cut_at.elapsed();
-        let restored = common::passing(&client, "web")
-            .await
-            .into_iter()
-            .find(|i| i.node.as_deref() == Some(to))
-            .unwrap();
         let taken_ms: u64 = restored.meta["restored-taken-ms"].parse().unwrap();
         let written = get(&format!(
             "http://{}:{}/cgi-bin/read",
@@ -1359,18 +1368,7 @@ fn policy_wait_holds_a_replica_and_recover_falls_back_past_a_corrupt_newest_back
             );
         }
         let copies_dir = cluster.dir.path().join(format!("backups-{to}/backups"));
-        let archives = || {
-            let mut v: Vec<String> = std::fs::read_dir(&copies_dir)
-                .map(|d| {
-                    d.filter_map(Result::ok)
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .filter(|n| n.ends_with(".flotilla-backup"))
-                        .collect()
-                })
-                .unwrap_or_default();
-            v.sort();
-            v
-        };
+        let archives = || archive_names(&copies_dir);
         eventually(
             Duration::from_secs(30),
             "two backup copies on the other host",
@@ -1420,11 +1418,7 @@ fn policy_wait_holds_a_replica_and_recover_falls_back_past_a_corrupt_newest_back
             serde_json::from_str(&cluster.cli_output(&["recover", "web", "--json"])).unwrap();
         assert_eq!(out[0]["node"], to, "{out}");
         assert_eq!(out[0]["generation"], 2, "{out}");
-        let restored = common::passing(&client, "web")
-            .await
-            .into_iter()
-            .find(|i| i.node.as_deref() == Some(to))
-            .unwrap();
+        let restored = passing_on(&client, "web", to, Duration::from_secs(10)).await;
         assert_eq!(
             restored.meta["restored-from"],
             format!("{previous}@{to}"),
@@ -1528,38 +1522,18 @@ grace = "3s"
             Duration::from_secs(60),
             "a copy taken after the write",
             || {
-                let newer = std::fs::read_dir(&copies_dir)
-                    .map(|d| {
-                        d.filter_map(Result::ok).any(|e| {
-                            let name = e.file_name().to_string_lossy().into_owned();
-                            name.strip_prefix("ctl-registry-0-")
-                                .and_then(|r| r.strip_suffix(".flotilla-backup"))
-                                .and_then(|ms| ms.parse::<u64>().ok())
-                                .is_some_and(|ms| ms > written_ms)
-                        })
-                    })
-                    .unwrap_or(false);
+                let newer = archive_names(&copies_dir).iter().any(|name| {
+                    name.strip_prefix("ctl-registry-0-")
+                        .and_then(|r| r.strip_suffix(".flotilla-backup"))
+                        .and_then(|ms| ms.parse::<u64>().ok())
+                        .is_some_and(|ms| ms > written_ms)
+                });
                 std::future::ready(newer)
             },
         )
         .await;
         hosts.cut(&from).unwrap();
-        eventually(
-            Duration::from_secs(60),
-            "the registry restored on the other host",
-            || async {
-                common::passing(&client, "registry")
-                    .await
-                    .iter()
-                    .any(|i| i.node.as_deref() == Some(to))
-            },
-        )
-        .await;
-        let restored = common::passing(&client, "registry")
-            .await
-            .into_iter()
-            .find(|i| i.node.as_deref() == Some(to))
-            .unwrap();
+        let restored = passing_on(&client, "registry", to, Duration::from_secs(60)).await;
         let record = inner(&restored)
             .stack("kept")
             .await

@@ -1,0 +1,139 @@
+//! `flotilla logs` and `flotilla exec` against a real server, agent and container: the
+//! output comes from the engine through the agent that runs the container.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{agent, eventually, Server};
+use flotilla_testkit::{busybox_image, docker, unique, Container, DockerNetwork};
+
+fn cli(server: &Server, args: &[&str]) -> Command {
+    let mut c = Command::new(common::BIN);
+    c.args(args)
+        .env("FLOTILLA_SERVER", &server.url)
+        .env("FLOTILLA_TOKEN_FILE", &server.token_file)
+        .env("FLOTILLA_HOME", server.data_dir.join("cli-home"))
+        .env_remove("FLOTILLA_TOKEN");
+    c
+}
+
+fn run(server: &Server, args: &[&str]) -> Output {
+    cli(server, args).output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_a_container_across_a_restart_and_exec_returns_its_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let net = DockerNetwork::create("flotilla-ops").unwrap();
+    let _agent = agent(dir.path(), &server, "host-a", None);
+    // httpd in the background (the service port), and a line every 200 ms.
+    let c = Container::run(
+        &unique("flotilla-ticker"),
+        &[
+            "--network",
+            &net.name,
+            "-l",
+            "flotilla.service=ticker",
+            "-l",
+            "flotilla.port=80",
+            busybox_image().unwrap(),
+            "sh",
+            "-c",
+            "httpd -p 80 -h /www; echo started; i=0; while true; do echo tick $i; \
+             i=$((i+1)); sleep 0.2; done",
+        ],
+    )
+    .unwrap();
+    eventually(Duration::from_secs(20), "ticker registered", || async {
+        client
+            .service("ticker", 0, Duration::ZERO, false)
+            .await
+            .is_ok_and(|s| s.instances.len() == 1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The whole output by container name; the last lines by service name.
+    let o = run(&server, &["logs", &c.name]);
+    let all = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{all}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(all.lines().next(), Some("started"), "{all}");
+    let o = run(&server, &["logs", "ticker", "--tail", "3"]);
+    let last = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(last.lines().count(), 3, "{last}");
+    assert!(last.lines().all(|l| l.starts_with("tick ")), "{last}");
+
+    // An unknown name: exit 1, naming it.
+    let o = run(&server, &["logs", "no-such-thing"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no-such-thing"));
+
+    // exec: the command's output, and its exit code as the CLI's.
+    let o = run(
+        &server,
+        &[
+            "exec",
+            "ticker",
+            "--",
+            "sh",
+            "-c",
+            "echo hi from $HOSTNAME; exit 3",
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("hi from "));
+
+    // -f follows across a restart: "started" arrives a second time.
+    let mut follower = cli(&server, &["logs", "-f", "ticker", "--tail", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    docker(&["restart", "-t", "1", &c.name]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    let restarted = loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                let started = line == "started";
+                seen.push(line);
+                if started {
+                    break true;
+                }
+            }
+            Err(_) if Instant::now() > deadline => break false,
+            Err(_) => {}
+        }
+    };
+    let _ = follower.kill();
+    let _ = follower.wait();
+    assert!(
+        restarted,
+        "the follower did not see the restart: {:?}",
+        &seen[seen.len().saturating_sub(5)..]
+    );
+}
