@@ -87,6 +87,7 @@ impl Agent {
         let inner = self.inner;
         // Bind the API first: its URL goes into the node record.
         let api = crate::api::bind(&inner).await?;
+        let fence = inner.fence_from_start();
         let mut backoff = Duration::from_millis(100);
         loop {
             match inner.register_node().await {
@@ -98,7 +99,7 @@ impl Agent {
                 }
             }
         }
-        let mut tasks = vec![tokio::spawn(inner.clone().lease_loop())];
+        let mut tasks = vec![fence, tokio::spawn(inner.clone().lease_loop())];
         if let Some(cidr) = inner.config.cluster_cidr {
             let routed = crate::routed::set_up(&inner, cidr).await?;
             let _ = inner.routed.set(routed);
@@ -118,7 +119,6 @@ impl Agent {
         }
         tasks.push(tokio::spawn(inner.clone().reconcile_loop()));
         tasks.push(tokio::spawn(inner.clone().backup_loop()));
-        tasks.push(tokio::spawn(inner.clone().fence_loop()));
         // Subscribe to events before the first resync, so nothing between them is lost.
         let events = inner.subscribe_events();
         tasks.push(tokio::spawn(inner.clone().event_loop(events)));

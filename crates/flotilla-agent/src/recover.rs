@@ -49,6 +49,26 @@ pub struct Orphan {
     pub running: bool,
 }
 
+/// Writes `value` as JSON to `path` (mode 0600, via a temporary file and a rename).
+fn write_private<T: serde::Serialize>(path: &std::path::Path, value: &T) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&serde_json::to_vec(value)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
 /// Where an archive of a replica is.
 enum Source {
     /// In this node's backup directory.
@@ -90,10 +110,42 @@ impl Inner {
         stacks: &[StackRecord],
         assignments: &flotilla_client::Assignments,
     ) {
-        *self.desired.lock().unwrap_or_else(|p| p.into_inner()) = Desired {
+        let next = Desired {
             stacks: stacks.to_vec(),
             assignments: assignments.clone(),
         };
+        let mut held = self.desired.lock().unwrap_or_else(|p| p.into_inner());
+        if *held == next {
+            return;
+        }
+        // Kept on disk too (when it changes): an agent restarted while its host is cut
+        // off has no registry to ask what to fence.
+        if let Err(e) = write_private(&self.desired_file(), &next) {
+            tracing::debug!(
+                error = format!("{e:#}"),
+                "keeping the desired state on disk"
+            );
+        }
+        *held = next;
+    }
+
+    fn desired_file(&self) -> PathBuf {
+        self.config.data_dir.join("desired.json")
+    }
+
+    /// Starts fencing before the node has registered: with the desired state kept on
+    /// disk, and the lease counted as held from now for one TTL (a restarted agent
+    /// that cannot reach the registry within a TTL stops what would be recovered
+    /// elsewhere, as if its lease had lapsed — which, for the registry, it has).
+    pub(crate) fn fence_from_start(self: &std::sync::Arc<Self>) -> tokio::task::JoinHandle<()> {
+        if let Ok(text) = std::fs::read(self.desired_file()) {
+            match serde_json::from_slice::<Desired>(&text) {
+                Ok(d) => *self.desired.lock().unwrap_or_else(|p| p.into_inner()) = d,
+                Err(e) => tracing::warn!(error = %e, "ignoring an unreadable desired.json"),
+            }
+        }
+        self.lease_held_since(Instant::now());
+        tokio::spawn(self.clone().fence_loop())
     }
 
     /// Stops every running stateful replica that would be recovered elsewhere, as soon

@@ -72,8 +72,9 @@ pub(crate) struct Inner {
     pub(crate) desired: std::sync::Mutex<Desired>,
 }
 
-/// Stacks and stateful replicas' assignments as last read from the registry.
-#[derive(Default, Clone)]
+/// Stacks and stateful replicas' assignments as last read from the registry (also
+/// kept in the data dir, so an agent restarted while cut off can still fence).
+#[derive(Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Desired {
     pub(crate) stacks: Vec<flotilla_core::stack::StackRecord>,
     pub(crate) assignments: flotilla_client::Assignments,

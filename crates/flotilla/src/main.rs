@@ -31,6 +31,11 @@ impl std::fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 fn main() -> ExitCode {
+    // One process-wide rustls provider (ring), chosen here rather than left to the
+    // crate features that happen to be enabled: with two providers compiled in (a test
+    // build unifies the dev-dependencies' features), rustls cannot pick one itself and
+    // every TLS client built from defaults (etcd's) would panic.
+    flotilla_client::install_crypto_provider();
     let cli = cli::Cli::parse();
     init_tracing(cli.log_level.as_deref());
     let mut builder = tokio::runtime::Builder::new_multi_thread();

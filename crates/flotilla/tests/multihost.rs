@@ -147,7 +147,6 @@ impl Cluster {
             self.token.exists()
         })
         .await;
-        let token = self.token.display().to_string();
         // Join as the server's printed line says: its URL, the token, the CA's pin.
         let server_log = self.dir.path().join("server.log");
         let mut pin = String::new();
@@ -162,49 +161,8 @@ impl Cluster {
             std::future::ready(pin.starts_with("sha256:"))
         })
         .await;
-        let mut agents = Vec::new();
-        for h in ["a", "b"] {
-            let data = self
-                .dir
-                .path()
-                .join(format!("agent-{h}"))
-                .display()
-                .to_string();
-            let mut args = vec![
-                "agent",
-                "--join",
-                &self.server_url,
-                "--token-file",
-                &token,
-                "--ca-hash",
-                &pin,
-                "--data-dir",
-                &data,
-                "--node",
-                h,
-                "--docker",
-                self.hosts.engine(h),
-                "--api-listen",
-                "0.0.0.0:7701",
-                "--lease-ttl",
-                "1s",
-            ];
-            // "{host}" in a flag stands for the agent's host, "{dir}" for the cluster's
-            // directory (per-host directories).
-            let root = self.dir.path().display().to_string();
-            let flags: Vec<String> = self
-                .agent_flags
-                .iter()
-                .map(|f| f.replace("{host}", h).replace("{dir}", &root))
-                .collect();
-            args.extend(flags.iter().map(String::as_str));
-            agents.push(flotilla_on(
-                &self.hosts,
-                h,
-                &args,
-                &self.dir.path().join(format!("agent-{h}.log")),
-            ));
-        }
+        let _ = self.pin.set(pin.clone());
+        let agents: Vec<Proc> = ["a", "b"].iter().map(|h| self.agent(h)).collect();
         let client = Client::with_tls(
             &self.server_url,
             Some(
@@ -215,7 +173,6 @@ impl Cluster {
             ),
             Some(flotilla_client::tls_config(&self.token.with_file_name("ca.pem")).unwrap()),
         );
-        let _ = self.pin.set(pin.clone());
         // The lb's own credential: an lb token for service web, in a directory with no
         // CA beside it (the lb pins the CA by hash, as the agents do).
         let lb_token = eventually(Duration::from_secs(10), "an lb token", || async {
@@ -250,6 +207,53 @@ impl Cluster {
             panic!("the agents did not join");
         }
         (agents, client)
+    }
+
+    /// Starts the agent of host `h` (joined with the pinned CA hash; lease TTL 1 s; the
+    /// API on every address; the cluster's extra flags, where "{host}" stands for the
+    /// host and "{dir}" for the cluster's directory), logging to `agent-h.log`
+    /// (appended to by a restart).
+    fn agent(&self, h: &str) -> Proc {
+        let token = self.token.display().to_string();
+        let pin = self.pin.get().expect("the CA pin is known").clone();
+        let data = self
+            .dir
+            .path()
+            .join(format!("agent-{h}"))
+            .display()
+            .to_string();
+        let mut args = vec![
+            "agent",
+            "--join",
+            &self.server_url,
+            "--token-file",
+            &token,
+            "--ca-hash",
+            &pin,
+            "--data-dir",
+            &data,
+            "--node",
+            h,
+            "--docker",
+            self.hosts.engine(h),
+            "--api-listen",
+            "0.0.0.0:7701",
+            "--lease-ttl",
+            "1s",
+        ];
+        let root = self.dir.path().display().to_string();
+        let flags: Vec<String> = self
+            .agent_flags
+            .iter()
+            .map(|f| f.replace("{host}", h).replace("{dir}", &root))
+            .collect();
+        args.extend(flags.iter().map(String::as_str));
+        flotilla_on(
+            &self.hosts,
+            h,
+            &args,
+            &self.dir.path().join(format!("agent-{h}.log")),
+        )
     }
 
     /// `flotilla ARGS` from the client namespace against this cluster; its stdout.
@@ -1068,7 +1072,14 @@ async fn running_notes(docker: &bollard::Docker) -> Vec<String> {
 /// orphan of an older generation.
 #[test]
 fn a_cut_off_host_s_stateful_replica_is_restored_elsewhere_and_its_old_copy_stays_stopped() {
-    cut_off_and_recover(66, 0, "3s", "2s");
+    cut_off_and_recover(66, 0, "3s", "2s", false);
+}
+
+/// As above, but the cut-off host's agent is restarted just as the host is cut off: it
+/// cannot reach the registry, and fences from the desired state it kept on disk.
+#[test]
+fn a_cut_off_host_fences_its_replica_even_when_its_agent_restarts_while_cut_off() {
+    cut_off_and_recover(70, 0, "3s", "2s", true);
 }
 
 /// The recovery figures of BENCHMARKS.md: as above with a 100 MiB volume, the default
@@ -1078,12 +1089,14 @@ fn a_cut_off_host_s_stateful_replica_is_restored_elsewhere_and_its_old_copy_stay
 #[test]
 #[ignore]
 fn recovery_figures_with_a_100_mib_volume() {
-    cut_off_and_recover(68, 100, "10s", "5s");
+    cut_off_and_recover(68, 100, "10s", "5s", false);
 }
 
 /// Cuts off the host of a notes replica with `mib` MiB in its volume (grace and backup
-/// interval as given) and checks the recovery (see the test above).
-fn cut_off_and_recover(subnet: u8, mib: u32, grace: &str, interval: &str) {
+/// interval as given) and checks the recovery (see the test above); with
+/// `restart_agent`, that host's agent is killed just before the cut and started again
+/// just after.
+fn cut_off_and_recover(subnet: u8, mib: u32, grace: &str, interval: &str, restart_agent: bool) {
     let cluster = Cluster::start_with(subnet, &["--backup-root", "{dir}/backups-{host}"]);
     let hosts = &cluster.hosts;
     let engines: std::collections::BTreeMap<&str, String> = ["a", "b"]
@@ -1091,7 +1104,7 @@ fn cut_off_and_recover(subnet: u8, mib: u32, grace: &str, interval: &str) {
         .map(|h| (h, hosts.engine(h).trim_start_matches("unix://").to_owned()))
         .collect();
     in_namespace(hosts, "client", async {
-        let (agents, client) = cluster.join().await;
+        let (mut agents, client) = cluster.join().await;
         let spec = notes_stack(
             &cluster.dir.path().join("notes"),
             &format!(
@@ -1185,7 +1198,14 @@ fn cut_off_and_recover(subnet: u8, mib: u32, grace: &str, interval: &str) {
                 }
             })
         };
+        let from_agent = if from == "a" { 0 } else { 1 };
+        if restart_agent {
+            agents[from_agent].kill();
+        }
         hosts.cut(&from).unwrap();
+        if restart_agent {
+            agents[from_agent] = cluster.agent(&from);
+        }
         let last_ack_ms = flotilla_core::record::unix_ms();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         writer.await.unwrap();
