@@ -94,7 +94,7 @@ update = {{ health_timeout = "6s", drain = "1s" }}
     );
     if !web_extra.contains("health") {
         spec.push_str(
-            "\n[service.web.health]\ntype = \"http\"\npath = \"/health\"\ninterval = \"300ms\"\n",
+            "\n[service.web.health]\ntype = \"http\"\npath = \"/health\"\ninterval = \"300ms\"\ntimeout = \"1s\"\n",
         );
     }
     if notes {
@@ -591,7 +591,10 @@ async fn failing_rolling_update_rolls_back_with_zero_failed_requests() {
     // its own replacement passes.
     let v3_text = std::fs::read_to_string(&v3)
         .unwrap()
-        .replace("drain = \"1s\" }", "drain = \"1s\", parallelism = 3 }");
+        .replace("drain = \"1s\" }", "drain = \"1s\", parallelism = 3 }")
+        // A version that must pass gets room for three containers starting at once on
+        // a loaded 2-core CI machine (6 s was seen to run out there).
+        .replace("health_timeout = \"6s\"", "health_timeout = \"30s\"");
     std::fs::write(&v3, v3_text).unwrap();
     ok(cli(
         &server,
