@@ -858,40 +858,8 @@ fn a_stateful_replica_migrates_between_hosts_with_every_acknowledged_write() {
     let addr_c = hosts.addr("c");
     in_namespace(hosts, "client", async {
         let (agents, client) = cluster.join().await;
-        let stack_dir = cluster.dir.path().join("notes");
-        std::fs::create_dir_all(&stack_dir).unwrap();
-        std::fs::write(stack_dir.join("health"), "ok\n").unwrap();
-        std::fs::write(stack_dir.join("append.cgi"), common::NOTES_APPEND_CGI).unwrap();
-        std::fs::write(stack_dir.join("read.cgi"), common::NOTES_READ_CGI).unwrap();
-        std::fs::write(
-            stack_dir.join("stack.toml"),
-            r#"name = "notes"
-
-[service.web]
-port = 8080
-command = ["httpd", "-f", "-p", "8080", "-h", "/www"]
-health = { type = "http", path = "/health", interval = "300ms" }
-
-[service.web.image]
-base = "busybox"
-file = [
-    { src = "append.cgi", dest = "/www/cgi-bin/append", mode = "0755" },
-    { src = "read.cgi", dest = "/www/cgi-bin/read", mode = "0755" },
-    { src = "health", dest = "/www/health" },
-]
-
-[[service.web.volume]]
-name = "data"
-path = "/data"
-"#,
-        )
-        .unwrap();
-        cluster.cli(&[
-            "deploy",
-            &stack_dir.join("stack.toml").display().to_string(),
-            "--timeout",
-            "90s",
-        ]);
+        let spec = notes_stack(&cluster.dir.path().join("notes"), "");
+        cluster.cli(&["deploy", &spec, "--timeout", "90s"]);
         let source = common::passing(&client, "web").await.remove(0);
         let from = source.node.clone().unwrap();
         let to = if from == "a" { "b" } else { "a" };
