@@ -70,6 +70,11 @@ struct Duty {
     /// them gone (monotonic: a new duty holder starts counting afresh, so a failover
     /// can delay a recovery by up to its grace but never hurry one).
     gone_since: HashMap<String, Instant>,
+    /// The desired-state and node indexes the assignments were last planned for, and
+    /// when: planning clones every stack, so it runs on a change, while a node is gone
+    /// (its grace is being timed) or a recover request waits, and
+    /// otherwise once a second (not on every tick).
+    last_assign: Option<(u64, u64, Instant)>,
 }
 
 impl Drop for Duty {
@@ -91,6 +96,7 @@ impl Duty {
             last_orphan_scan: None,
             last_compaction: None,
             gone_since: HashMap::new(),
+            last_assign: None,
         }
     }
 
@@ -188,6 +194,22 @@ impl Duty {
     /// Brings the stateful replicas' assignments in line with the stacks and the live
     /// nodes ([`flotilla_core::recovery::plan`]); writes only what changes.
     async fn assign(&mut self, now: Instant) {
+        let due = {
+            let catalog = self.shared.catalog();
+            let indexes = (catalog.stacks_index(), catalog.nodes_index());
+            let pending = !self.gone_since.is_empty() || !catalog.recoveries().is_empty();
+            let due = pending
+                || self.last_assign.is_none_or(|(s, n, at)| {
+                    (s, n) != indexes || now.saturating_duration_since(at) >= Duration::from_secs(1)
+                });
+            if due {
+                self.last_assign = Some((indexes.0, indexes.1, now));
+            }
+            due
+        };
+        if !due {
+            return;
+        }
         let now_ms = flotilla_core::record::unix_ms();
         let (changes, consumed) = {
             let catalog = self.shared.catalog();
