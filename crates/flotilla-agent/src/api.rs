@@ -9,16 +9,20 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::body::Body;
-use axum::extract::{Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use flotilla_core::stack::Consistency;
+use flotilla_client::agent::{
+    Applied, ApplyQuery, ArchiveEntry, BackupQuery, BackupsQuery, ContainerQuery, CopyKept,
+    ExecReply, ExecRequest, ImagePresence, ImagesLoaded, LogsQuery, Orphans, Released,
+    RestoreQuery, Restored, RetireQuery, Retired, StackContainers, TagQuery,
+};
+use flotilla_http::{ApiError, JsonBody, Query};
 use futures::StreamExt;
-use serde::Deserialize;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -29,31 +33,11 @@ use crate::state::Inner;
 /// Largest restore upload accepted.
 pub const MAX_UPLOAD: u64 = 64 << 30;
 
-struct AppError(StatusCode, String, Option<&'static str>);
-
-impl AppError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        AppError(status, message.into(), None)
-    }
-
-    /// Names the stage that failed (`"check"`: the archive was refused as input).
-    fn at(mut self, stage: &'static str) -> Self {
-        self.2 = Some(stage);
-        self
-    }
+fn bad(e: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request(e)
 }
-
-impl IntoResponse for AppError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1, "stage": self.2 }))).into_response()
-    }
-}
-
-fn bad(e: impl std::fmt::Display) -> AppError {
-    AppError::new(StatusCode::BAD_REQUEST, e.to_string())
-}
-fn failed(e: anyhow::Error) -> AppError {
-    AppError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+fn failed(e: anyhow::Error) -> ApiError {
+    ApiError::internal(format!("{e:#}"))
 }
 
 /// Binds the API's listener (none when `api_listen` is empty) and records the URL peers
@@ -137,12 +121,12 @@ async fn authorize(State(inner): State<Arc<Inner>>, req: Request, next: Next) ->
     if !given.is_empty() {
         return match inner.token_role(given).await {
             Some(flotilla_core::token::Role::Admin) => next.run(req).await,
-            Some(role) => AppError::new(
+            Some(role) => ApiError::new(
                 StatusCode::FORBIDDEN,
                 format!("a {} token may not use the agent API", role.name()),
             )
             .into_response(),
-            None => AppError::new(StatusCode::UNAUTHORIZED, "wrong or revoked bearer token")
+            None => ApiError::new(StatusCode::UNAUTHORIZED, "wrong or revoked bearer token")
                 .into_response(),
         };
     }
@@ -160,7 +144,7 @@ async fn authorize(State(inner): State<Arc<Inner>>, req: Request, next: Next) ->
             if image || peer_may_use_backups(&inner, &node, req.uri().path()).await {
                 next.run(req).await
             } else {
-                AppError::new(
+                ApiError::new(
                     StatusCode::FORBIDDEN,
                     format!(
                         "node {node:?}'s certificate may only fetch images from this agent \
@@ -173,23 +157,9 @@ async fn authorize(State(inner): State<Arc<Inner>>, req: Request, next: Next) ->
             }
         }
         _ => {
-            AppError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response()
+            ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response()
         }
     }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LogsQuery {
-    container: String,
-    #[serde(default)]
-    follow: bool,
-    /// Only lines since this unix time (seconds).
-    #[serde(default)]
-    since: Option<i64>,
-    /// Only the last N lines.
-    #[serde(default)]
-    tail: Option<u64>,
 }
 
 /// `GET /v1/logs?container=C&follow=&since=&tail=`: a container's output (stdout and
@@ -198,7 +168,7 @@ struct LogsQuery {
 async fn logs(
     State(inner): State<Arc<Inner>>,
     Query(q): Query<LogsQuery>,
-) -> Result<Response, AppError> {
+) -> Result<Response, ApiError> {
     let info = inspect(&inner, &q.container).await?;
     let id = info.id.unwrap_or_default();
     let opts = bollard::container::LogsOptions::<String> {
@@ -224,18 +194,6 @@ async fn logs(
     Ok(resp)
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ContainerQuery {
-    container: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExecBody {
-    cmd: Vec<String>,
-}
-
 /// Most output `POST /v1/exec` returns.
 const EXEC_OUTPUT_LIMIT: usize = 1 << 20;
 
@@ -245,8 +203,8 @@ const EXEC_OUTPUT_LIMIT: usize = 1 << 20;
 async fn exec(
     State(inner): State<Arc<Inner>>,
     Query(q): Query<ContainerQuery>,
-    Json(body): Json<ExecBody>,
-) -> Result<Json<serde_json::Value>, AppError> {
+    JsonBody(body): JsonBody<ExecRequest>,
+) -> Result<Json<ExecReply>, ApiError> {
     if body.cmd.is_empty() || body.cmd.len() > 256 || body.cmd.iter().any(|a| a.len() > 8192) {
         return Err(bad("cmd: 1..=256 arguments of at most 8192 bytes"));
     }
@@ -256,26 +214,25 @@ async fn exec(
         .await
         .map_err(|e| failed(e.into()))?;
     tracing::info!(container = q.container, cmd = ?body.cmd, code = r.code, "exec through the agent API");
-    Ok(Json(json!({
-        "exit_code": r.code,
-        "output": r.output,
-        "truncated": r.truncated,
-    })))
+    Ok(Json(ExecReply {
+        exit_code: r.code,
+        output: r.output,
+        truncated: r.truncated,
+    }))
 }
 
 /// `GET /v1/orphans`: stale copies of recovered replicas kept on this engine.
-async fn orphans_list(
-    State(inner): State<Arc<Inner>>,
-) -> Result<Json<serde_json::Value>, AppError> {
+async fn orphans_list(State(inner): State<Arc<Inner>>) -> Result<Json<Orphans>, ApiError> {
     let orphans = inner.orphans().await.map_err(failed)?;
-    Ok(Json(json!({ "node": inner.node, "orphans": orphans })))
+    Ok(Json(Orphans {
+        node: inner.node.clone(),
+        orphans,
+    }))
 }
 
 /// `DELETE /v1/orphans`: removes the stale copies with their volumes (the operator's
 /// decision: their data is older than the replica's recovered copy).
-async fn orphans_remove(
-    State(inner): State<Arc<Inner>>,
-) -> Result<Json<serde_json::Value>, AppError> {
+async fn orphans_remove(State(inner): State<Arc<Inner>>) -> Result<Json<Orphans>, ApiError> {
     let mut removed = Vec::new();
     for o in inner.orphans().await.map_err(failed)? {
         backup::remove_with_volumes(&inner.docker, &o.id)
@@ -288,7 +245,10 @@ async fn orphans_remove(
         );
         removed.push(o);
     }
-    Ok(Json(json!({ "node": inner.node, "removed": removed })))
+    Ok(Json(Orphans {
+        node: inner.node.clone(),
+        orphans: removed,
+    }))
 }
 
 /// Whether peer `node` may use backup route `path`: the copies and archives of a
@@ -324,26 +284,16 @@ async fn backup_dir(
     inner: &Inner,
     stack: &str,
     service: &str,
-) -> Result<flotilla_core::stack::BackupPolicy, AppError> {
+) -> Result<flotilla_core::stack::BackupPolicy, ApiError> {
     let stacks = inner.current_stacks().await;
     crate::copies::policy_of(&stacks, stack, service)
         .cloned()
         .ok_or_else(|| {
-            AppError::new(
+            ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!("{stack}/{service} has no backup policy"),
             )
         })
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BackupsQuery {
-    #[serde(default)]
-    replica: Option<u32>,
-    /// Read each archive whole and say whether it verifies.
-    #[serde(default)]
-    verify: bool,
 }
 
 /// `GET /v1/backups/{stack}/{service}[?replica=R]`: the archives of the service's
@@ -352,7 +302,7 @@ async fn backups_list(
     State(inner): State<Arc<Inner>>,
     axum::extract::Path((stack, service)): axum::extract::Path<(String, String)>,
     Query(q): Query<BackupsQuery>,
-) -> Result<Json<Vec<crate::copies::ArchiveEntry>>, AppError> {
+) -> Result<Json<Vec<ArchiveEntry>>, ApiError> {
     let policy = backup_dir(&inner, &stack, &service).await?;
     let dir = inner.config.backup_dir(&policy.dir);
     let mut list = crate::copies::archives_in(&dir, &stack, &service, q.replica).await;
@@ -372,7 +322,7 @@ async fn backups_list(
 async fn backup_file(
     State(inner): State<Arc<Inner>>,
     axum::extract::Path((stack, service, file)): axum::extract::Path<(String, String, String)>,
-) -> Result<Response, AppError> {
+) -> Result<Response, ApiError> {
     if crate::copies::parse_archive_name(&stack, &service, &file).is_none() {
         return Err(bad(format!(
             "{file:?} is not an archive of {stack}/{service}"
@@ -381,7 +331,7 @@ async fn backup_file(
     let policy = backup_dir(&inner, &stack, &service).await?;
     let f = tokio::fs::File::open(inner.config.backup_dir(&policy.dir).join(&file))
         .await
-        .map_err(|e| AppError::new(StatusCode::NOT_FOUND, format!("{file}: {e}")))?;
+        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, format!("{file}: {e}")))?;
     let s = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20);
     Ok(Body::from_stream(s).into_response())
 }
@@ -392,7 +342,7 @@ async fn backup_copy(
     State(inner): State<Arc<Inner>>,
     axum::extract::Path((stack, service, file)): axum::extract::Path<(String, String, String)>,
     body: Body,
-) -> Result<Json<serde_json::Value>, AppError> {
+) -> Result<Json<CopyKept>, ApiError> {
     let Some((r, _)) = crate::copies::parse_archive_name(&stack, &service, &file) else {
         return Err(bad(format!(
             "{file:?} is not an archive of {stack}/{service}"
@@ -412,38 +362,39 @@ async fn backup_copy(
         .await;
     let _ = tokio::fs::remove_dir_all(&spooled.dir).await;
     kept.map_err(failed)?;
-    Ok(Json(json!({ "kept": file, "bytes": spooled.total })))
+    Ok(Json(CopyKept {
+        kept: file,
+        bytes: spooled.total,
+    }))
 }
 
 async fn metrics(State(inner): State<Arc<Inner>>) -> String {
     inner.metrics.encode()
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TagQuery {
-    tag: String,
-}
-
 async fn image_present(
     State(inner): State<Arc<Inner>>,
     Query(q): Query<TagQuery>,
-) -> Json<serde_json::Value> {
+) -> Json<ImagePresence> {
     let id = inner
         .docker
         .inspect_image(&q.tag)
         .await
         .ok()
         .and_then(|i| i.id);
-    Json(json!({ "tag": q.tag, "present": id.is_some(), "id": id }))
+    Json(ImagePresence {
+        present: id.is_some(),
+        tag: q.tag,
+        id,
+    })
 }
 
 async fn image_save(
     State(inner): State<Arc<Inner>>,
     Query(q): Query<TagQuery>,
-) -> Result<Response, AppError> {
+) -> Result<Response, ApiError> {
     if inner.docker.inspect_image(&q.tag).await.is_err() {
-        return Err(AppError::new(
+        return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no image {:?}", q.tag),
         ));
@@ -458,7 +409,7 @@ async fn image_save(
 async fn image_load(
     State(inner): State<Arc<Inner>>,
     body: Body,
-) -> Result<Json<serde_json::Value>, AppError> {
+) -> Result<Json<ImagesLoaded>, ApiError> {
     let s = body
         .into_data_stream()
         .take_while(|r| futures::future::ready(r.is_ok()))
@@ -478,41 +429,16 @@ async fn image_load(
             loaded.push(s.trim().to_owned());
         }
     }
-    Ok(Json(json!({ "loaded": loaded })))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BackupQuery {
-    container: String,
-    #[serde(default)]
-    consistency: Option<Consistency>,
-    #[serde(default = "yes")]
-    image: bool,
-    #[serde(default)]
-    leave_stopped: bool,
-    /// Keep what each volume holds now under this id (a migration's pre-copy).
-    #[serde(default)]
-    snapshot: Option<String>,
-    /// Send only what changed since the snapshot with this id (its final pass).
-    #[serde(default)]
-    since: Option<String>,
-    /// Keep secret environment values in the archive (migrations; `backup --with-secrets`).
-    #[serde(default)]
-    secrets: bool,
+    Ok(Json(ImagesLoaded { loaded }))
 }
 
 /// Pre-copy snapshots older than this are dropped.
 const SNAPSHOT_TTL: Duration = Duration::from_secs(3600);
 
-fn yes() -> bool {
-    true
-}
-
 async fn backup_stream(
     State(inner): State<Arc<Inner>>,
     Query(q): Query<BackupQuery>,
-) -> Result<Response, AppError> {
+) -> Result<Response, ApiError> {
     let info = inspect(&inner, &q.container).await?;
     let id = info.id.unwrap_or_default();
     let name = info
@@ -533,13 +459,13 @@ async fn backup_stream(
         match snaps.remove(since) {
             Some(s) if s.container == id => delta.since = Some(s.volumes),
             Some(_) => {
-                return Err(AppError::new(
+                return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     format!("snapshot {since:?} belongs to another container"),
                 ))
             }
             None => {
-                return Err(AppError::new(
+                return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     format!("no snapshot {since:?} (expired, used, or taken by another agent)"),
                 ))
@@ -602,34 +528,12 @@ async fn backup_stream(
     Ok(Body::from_stream(data.chain(tail)).into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RestoreQuery {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default = "yes")]
-    start: bool,
-    /// Keep the stack labels: the restored container is the same replica, moved (a
-    /// migration). Without it the copy is a standalone container, which the stack's
-    /// reconcilers leave alone.
-    #[serde(default)]
-    keep_stack: bool,
-    /// Wait this long for the restored instance to pass its health check (registered
-    /// containers only); on failure everything created is removed. "0s" skips the gate.
-    #[serde(default)]
-    health_timeout: Option<String>,
-    /// Keep the reconciler's hands off the copy (a migration's pre-copy, stopped while
-    /// the source still serves the replica) until a final pass releases it.
-    #[serde(default)]
-    hold: bool,
-}
-
 async fn restore(
     State(inner): State<Arc<Inner>>,
     Query(q): Query<RestoreQuery>,
     body: Body,
-) -> Result<Json<serde_json::Value>, AppError> {
-    let gate = duration_param("health_timeout", &q.health_timeout, HEALTH_GATE)?;
+) -> Result<Json<Restored>, ApiError> {
+    let gate = q.health_timeout.unwrap_or(HEALTH_GATE);
     let Spooled {
         dir,
         path,
@@ -661,8 +565,11 @@ async fn restore(
     )
     .await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
-    let restored =
-        result.map_err(|e| AppError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
+    let restored = result.map_err(|e| match e {
+        backup::RestoreError::Refused(m) => ApiError::unprocessable(m).at("restore"),
+        backup::RestoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
+        backup::RestoreError::Failed(e) => failed(e),
+    })?;
     if q.hold {
         inner.hold(&restored.id).await;
     }
@@ -673,7 +580,7 @@ async fn restore(
             Ok(ms) => ms,
             Err(e) => {
                 let _ = backup::remove_with_volumes(&inner.docker, &restored.id).await;
-                return Err(AppError::new(
+                return Err(ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     format!("restored container {e}; removed it"),
                 ));
@@ -682,16 +589,16 @@ async fn restore(
     } else {
         None
     };
-    Ok(Json(json!({
-        "name": restored.name,
-        "id": restored.id,
-        "node": inner.node,
-        "volumes": restored.volumes,
-        "image_loaded": restored.image_loaded,
-        "bytes": total,
-        "passing_after_ms": passing_after_ms,
-        "manifest": restored.manifest,
-    })))
+    Ok(Json(Restored {
+        name: restored.name,
+        id: restored.id,
+        node: inner.node.clone(),
+        volumes: restored.volumes,
+        image_loaded: restored.image_loaded,
+        bytes: total,
+        passing_after_ms,
+        manifest: restored.manifest,
+    }))
 }
 
 /// An upload spooled to the work directory and checked whole.
@@ -709,7 +616,7 @@ struct Spooled {
 /// Spools an uploaded archive, checking it (digests, sizes, every volume entry) while it
 /// arrives; on any failure the spool is gone and the error says why (422 "check" for a
 /// refused archive).
-async fn spool_checked(inner: &Inner, body: Body) -> Result<Spooled, AppError> {
+async fn spool_checked(inner: &Inner, body: Body) -> Result<Spooled, ApiError> {
     // The upload is spooled, and checked whole (digests, sizes, every volume entry)
     // while it arrives; nothing is created unless the check passes.
     let dir = spool_dir(&inner.config.work_dir).map_err(failed)?;
@@ -740,7 +647,7 @@ async fn spool_checked(inner: &Inner, body: Body) -> Result<Spooled, AppError> {
             let chunk = chunk.map_err(|e| bad(format!("upload interrupted: {e}")))?;
             total += chunk.len() as u64;
             if total > MAX_UPLOAD {
-                return Err(AppError::new(
+                return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("larger than {MAX_UPLOAD} bytes"),
                 ));
@@ -768,7 +675,7 @@ async fn spool_checked(inner: &Inner, body: Body) -> Result<Spooled, AppError> {
         Ok(Ok(mc)) => mc,
         Ok(Err(e)) => {
             let _ = tokio::fs::remove_dir_all(&dir).await;
-            return Err(AppError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()).at("check"));
+            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()).at("check"));
         }
         Err(_) => {
             let _ = tokio::fs::remove_dir_all(&dir).await;
@@ -785,15 +692,6 @@ async fn spool_checked(inner: &Inner, body: Body) -> Result<Spooled, AppError> {
     })
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ApplyQuery {
-    /// The stopped copy made from the pre-copy.
-    container: String,
-    #[serde(default)]
-    health_timeout: Option<String>,
-}
-
 /// A migration's final pass: applies an uploaded delta over the pre-copy's container,
 /// starts it and waits for it to pass. Nothing is written unless the whole upload
 /// checks out; if anything after fails, the container and its volumes are removed (the
@@ -802,8 +700,8 @@ async fn apply(
     State(inner): State<Arc<Inner>>,
     Query(q): Query<ApplyQuery>,
     body: Body,
-) -> Result<Json<serde_json::Value>, AppError> {
-    let gate = duration_param("health_timeout", &q.health_timeout, HEALTH_GATE)?;
+) -> Result<Json<Applied>, ApiError> {
+    let gate = q.health_timeout.unwrap_or(HEALTH_GATE);
     let target = inspect(&inner, &q.container).await?;
     let id = target.id.unwrap_or_default();
     let Spooled {
@@ -824,35 +722,34 @@ async fn apply(
     };
     let applied = backup::apply_delta(&inner.docker, &id, &path, &manifest).await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
-    let outcome = async {
-        applied?;
+    // Each failure says what failed (the delta refused: 422; the copy not passing: 422;
+    // the engine: 500), and in every case the copy goes: the source has everything.
+    let outcome: Result<(), ApiError> = async {
+        applied.map_err(|e| match e {
+            backup::RestoreError::Failed(e) => failed(e.context("applying the delta")),
+            refused => ApiError::unprocessable(refused.to_string()).at("apply"),
+        })?;
         inner
             .docker
             .start_container::<String>(&id, None)
             .await
-            .context("starting")?;
-        health_gate(&inner, &id, gate).await.map(|_| ())
+            .map_err(|e| failed(anyhow::Error::new(e).context("starting")))?;
+        health_gate(&inner, &id, gate)
+            .await
+            .map(|_| ())
+            .map_err(|e| ApiError::unprocessable(format!("{e:#}")).at("health"))
     }
     .await;
     inner.unhold(&id).await;
     if let Err(e) = outcome {
         let _ = backup::remove_with_volumes(&inner.docker, &id).await;
-        return Err(AppError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("{e:#}; removed the copy"),
-        ));
+        return Err(e.with_message(|m| format!("{m}; removed the copy")));
     }
-    Ok(Json(
-        json!({ "id": id, "node": inner.node, "bytes": total }),
-    ))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RetireQuery {
-    container: String,
-    #[serde(default)]
-    drain: Option<String>,
+    Ok(Json(Applied {
+        id,
+        node: inner.node.clone(),
+        bytes: total,
+    }))
 }
 
 /// Deregisters a container, waits for in-flight requests (drain), then removes it with
@@ -860,13 +757,15 @@ struct RetireQuery {
 async fn retire(
     State(inner): State<Arc<Inner>>,
     Query(q): Query<RetireQuery>,
-) -> Result<Json<serde_json::Value>, AppError> {
-    let drain = duration_param("drain", &q.drain, Duration::from_secs(2))?;
+) -> Result<Json<Retired>, ApiError> {
+    let drain = q.drain.unwrap_or(Duration::from_secs(2));
     let info = inspect(&inner, &q.container).await?;
     let id = info.id.unwrap_or_default();
     inner.hold(&id).await;
     inner.retire(&id, drain).await.map_err(failed)?;
-    Ok(Json(json!({ "retired": q.container })))
+    Ok(Json(Retired {
+        retired: q.container,
+    }))
 }
 
 /// `GET /v1/stacks/{stack}/containers`: the containers of `stack` this node's agent
@@ -875,7 +774,7 @@ async fn retire(
 async fn stack_containers(
     State(inner): State<Arc<Inner>>,
     axum::extract::Path(stack): axum::extract::Path<String>,
-) -> Result<Json<serde_json::Value>, AppError> {
+) -> Result<Json<StackContainers>, ApiError> {
     let names: Vec<String> = inner
         .stack_containers()
         .await
@@ -884,7 +783,10 @@ async fn stack_containers(
         .filter(|l| l.stack == stack)
         .map(|l| l.name)
         .collect();
-    Ok(Json(json!({ "stack": stack, "containers": names })))
+    Ok(Json(StackContainers {
+        stack,
+        containers: names,
+    }))
 }
 
 /// Undoes the first step of a failed migration: lets the reconciler manage the
@@ -892,7 +794,7 @@ async fn stack_containers(
 async fn release(
     State(inner): State<Arc<Inner>>,
     Query(q): Query<RetireQuery>,
-) -> Result<Json<serde_json::Value>, AppError> {
+) -> Result<Json<Released>, ApiError> {
     let info = inspect(&inner, &q.container).await?;
     let id = info.id.unwrap_or_default();
     inner.unhold(&id).await;
@@ -904,23 +806,13 @@ async fn release(
             .await
             .map_err(|e| failed(e.into()))?;
     }
-    Ok(Json(json!({ "released": q.container })))
+    Ok(Json(Released {
+        released: q.container,
+    }))
 }
 
 /// How long a restored or migrated container gets to pass its health check.
 const HEALTH_GATE: Duration = Duration::from_secs(30);
-
-/// A duration query parameter ("2s", "500ms"), `default` when absent; 400 naming it.
-fn duration_param(
-    name: &str,
-    value: &Option<String>,
-    default: Duration,
-) -> Result<Duration, AppError> {
-    match value {
-        Some(t) => humantime::parse_duration(t).map_err(|e| bad(format!("{name}: {e}"))),
-        None => Ok(default),
-    }
-}
 
 /// Waits for a started container that registers itself to pass (a zero `gate` or an
 /// unregistered container passes at once). Returns how long it took, or what failed.
@@ -944,18 +836,18 @@ async fn health_gate(inner: &Inner, id: &str, gate: Duration) -> anyhow::Result<
 async fn inspect(
     inner: &Inner,
     container: &str,
-) -> Result<bollard::models::ContainerInspectResponse, AppError> {
+) -> Result<bollard::models::ContainerInspectResponse, ApiError> {
     let info = inner
         .docker
         .inspect_container(container, None)
         .await
-        .map_err(|_| AppError::new(StatusCode::NOT_FOUND, format!("no container {container:?}")))?;
+        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, format!("no container {container:?}")))?;
     let labels = info.config.as_ref().and_then(|c| c.labels.as_ref());
     let managed = labels.is_some_and(|l| {
         l.contains_key(crate::labels::SERVICE) || l.contains_key(crate::build::STACK)
     });
     if !managed {
-        return Err(AppError::new(
+        return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             format!(
                 "container {container:?} is not flotilla's (no {} or {} label): the agent API acts on flotilla's containers only",

@@ -582,6 +582,23 @@ pub struct RestoreOptions<'a> {
     pub publish_on: Option<std::net::IpAddr>,
 }
 
+/// Why a restore did not happen. Each kind is answered with its own status by the API:
+/// the caller learns whether to fix its input, pick another name, or retry later.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The archive was refused as input (it names something outside itself, its parts
+    /// disagree with its config, or it lacks an image the engine does not have):
+    /// nothing was created.
+    #[error("{0}")]
+    Refused(String),
+    /// Something of the name it would create exists on this engine: nothing was created.
+    #[error("{0}")]
+    Conflict(String),
+    /// The engine or the disk failed on the way; what was created has been removed.
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+}
+
 /// Restores the archive at `path`, already checked whole by
 /// [`backup::check_with_config`] (which returned `manifest` and `config`), as a new
 /// container. Creates nothing before this call, and removes what it created if a later
@@ -592,14 +609,14 @@ pub async fn restore_checked_archive(
     manifest: Manifest,
     config: &[u8],
     opts: &RestoreOptions<'_>,
-) -> anyhow::Result<Restored> {
+) -> Result<Restored, RestoreError> {
     let (name, start, relabel, strip) = (opts.name, opts.start, opts.relabel, opts.strip);
-    let mut saved: SavedContainer =
-        serde_json::from_slice(config).context("the archive's container config")?;
+    let mut saved: SavedContainer = serde_json::from_slice(config)
+        .map_err(|e| RestoreError::Refused(format!("the archive's container config: {e}")))?;
     // An archive names its own networks only: never the host's or another container's.
     for n in &saved.networks {
         flotilla_core::stack::validate_network_name("networks", n)
-            .map_err(|e| anyhow::anyhow!("the archive's config: {e}"))?;
+            .map_err(|e| RestoreError::Refused(format!("the archive's config: {e}")))?;
     }
     for (k, v) in relabel {
         if let Some(old) = saved.labels.get_mut(*k) {
@@ -615,12 +632,17 @@ pub async fn restore_checked_archive(
         .collect();
     let saved_mounts: Vec<&str> = saved.volumes.iter().map(|(_, m)| m.as_str()).collect();
     if volume_parts != saved_mounts {
-        bail!("the archive's volumes {volume_parts:?} do not match its config {saved_mounts:?}");
+        return Err(RestoreError::Refused(format!(
+            "the archive's volumes {volume_parts:?} do not match its config {saved_mounts:?}"
+        )));
     }
     let name = name.unwrap_or(&saved.name).to_owned();
-    flotilla_core::validate_node_name("name", &name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    flotilla_core::validate_node_name("name", &name)
+        .map_err(|e| RestoreError::Refused(e.to_string()))?;
     if docker.inspect_container(&name, None).await.is_ok() {
-        bail!("a container named {name:?} already exists on this engine");
+        return Err(RestoreError::Conflict(format!(
+            "a container named {name:?} already exists on this engine"
+        )));
     }
     let has_image = docker.inspect_image(&saved.image_id).await.is_ok();
     if !has_image
@@ -629,10 +651,10 @@ pub async fn restore_checked_archive(
             .iter()
             .any(|p| p.header.kind == PartKind::Image)
     {
-        bail!(
+        return Err(RestoreError::Refused(format!(
             "the engine lacks image {} and the archive does not carry it",
             saved.image
-        );
+        )));
     }
     let mut created = Created::default();
     let target = Target {
@@ -708,7 +730,7 @@ async fn restore_checked(
     has_image: bool,
     start: bool,
     created: &mut Created,
-) -> anyhow::Result<String> {
+) -> Result<String, RestoreError> {
     for (i, (vol, mount)) in saved.volumes.iter().enumerate() {
         // Keep the volume's name where it is free (a migration), else derive one.
         let wanted = if docker.inspect_volume(vol).await.is_err() {
@@ -717,7 +739,9 @@ async fn restore_checked(
             format!("{}-{i}", target.name)
         };
         if docker.inspect_volume(&wanted).await.is_ok() {
-            bail!("volume {wanted:?} already exists on this engine");
+            return Err(RestoreError::Conflict(format!(
+                "volume {wanted:?} already exists on this engine"
+            )));
         }
         docker
             .create_volume(CreateVolumeOptions {
@@ -951,11 +975,11 @@ pub async fn apply_delta(
     container: &str,
     path: &Path,
     manifest: &Manifest,
-) -> anyhow::Result<()> {
+) -> Result<(), RestoreError> {
     let info = docker
         .inspect_container(container, None)
         .await
-        .with_context(|| format!("no container {container:?}"))?;
+        .map_err(|_| RestoreError::Refused(format!("no container {container:?}")))?;
     let id = info.id.clone().unwrap_or_default();
     let mounts: HashMap<String, String> = info
         .mounts
@@ -965,6 +989,21 @@ pub async fn apply_delta(
         .collect();
     // Nothing is written unless every part is a delta for a volume this container has
     // and every path to remove stays inside its volume.
+    let volume_dirs = delta_targets(docker, &mounts, manifest)
+        .await
+        .map_err(|e| RestoreError::Refused(format!("{e:#}")))?;
+    write_delta(docker, &id, path, &volume_dirs)
+        .await
+        .map_err(RestoreError::Failed)
+}
+
+/// Where each volume part of a delta goes, checked before anything is written: only
+/// deltas, only for volumes `mounts` has, only removals inside them.
+async fn delta_targets(
+    docker: &Docker,
+    mounts: &HashMap<String, String>,
+    manifest: &Manifest,
+) -> anyhow::Result<HashMap<String, PathBuf>> {
     let mut volume_dirs: HashMap<String, PathBuf> = HashMap::new();
     for part in &manifest.parts {
         let h = &part.header;
@@ -995,6 +1034,16 @@ pub async fn apply_delta(
             volume_dirs.insert(mount.to_owned(), dir);
         }
     }
+    Ok(volume_dirs)
+}
+
+/// Writes a checked delta: per volume, removes the listed paths, then writes the parts.
+async fn write_delta(
+    docker: &Docker,
+    id: &str,
+    path: &Path,
+    volume_dirs: &HashMap<String, PathBuf>,
+) -> anyhow::Result<()> {
     let mut parts = PartStream::open(path);
     while let Some(header) = parts.next().await? {
         let (data_tx, data_rx) = mpsc::channel::<Bytes>(8);
@@ -1009,7 +1058,7 @@ pub async fn apply_delta(
                 }
                 Box::pin(write_volume(
                     docker,
-                    id.clone(),
+                    id.to_owned(),
                     mount,
                     tokio_stream_from(data_rx),
                 ))

@@ -14,27 +14,12 @@ use std::time::Duration;
 use anyhow::Context;
 use flotilla_core::stack::{BackupPolicy, StackRecord};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
 use crate::schedule::{archives_of, expired, list_dir, SUFFIX};
 use crate::state::Inner;
 
-/// One archive of a replica, as a node lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ArchiveEntry {
-    /// File name.
-    pub name: String,
-    /// Replica number.
-    pub replica: u32,
-    /// When it was taken (unix ms).
-    pub taken_ms: u64,
-    /// Size in bytes.
-    pub bytes: u64,
-    /// Whether it verified whole (digests, every volume entry), when asked to check.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verified: Option<bool>,
-}
+pub use flotilla_client::agent::ArchiveEntry;
 
 /// The replica and time an archive name stands for, if `file` is an archive of a
 /// replica of `stack`/`service` (and nothing else: no separators, no other suffix).
@@ -172,19 +157,11 @@ impl Inner {
                 tracing::warn!(node, "backup copies: the node serves no agent API");
                 continue;
             };
-            let url = format!("{api}/v1/backups/{stack}/{service}/{name}");
             let sent = async {
                 let f = tokio::fs::File::open(file).await?;
-                let body = reqwest::Body::from(f);
-                let resp = self
-                    .peer_request(reqwest::Method::PUT, &url)
-                    .body(body)
-                    .send()
+                self.peer(&api)
+                    .put_copy(stack, service, &name, reqwest::Body::from(f))
                     .await?;
-                if !resp.status().is_success() {
-                    let status = resp.status();
-                    anyhow::bail!("{status}: {}", resp.text().await.unwrap_or_default());
-                }
                 anyhow::Ok(())
             };
             match sent.await {
@@ -241,12 +218,7 @@ impl Inner {
         service: &str,
         name: &str,
     ) -> anyhow::Result<PathBuf> {
-        let url = format!("{api}/v1/backups/{stack}/{service}/{name}");
-        let resp = self.peer_request(reqwest::Method::GET, &url).send().await?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            anyhow::bail!("{status}: {}", resp.text().await.unwrap_or_default());
-        }
+        let resp = self.peer(api).backup_file(stack, service, name).await?;
         let dir = PathBuf::from(&self.config.work_dir).join("recovery");
         tokio::fs::create_dir_all(&dir).await?;
         let path = dir.join(format!("{}-{name}", std::process::id()));

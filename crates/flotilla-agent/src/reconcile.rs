@@ -585,16 +585,9 @@ impl Inner {
         let nodes = self.client.nodes().await?;
         for n in nodes.iter().filter(|n| n.name != self.node) {
             let Some(api) = &n.api else { continue };
-            let url = format!("{api}/v1/images/save");
-            let resp = self
-                .peer_request(reqwest::Method::GET, &url)
-                .query(&[("tag", &svc.image)])
-                .send()
-                .await;
-            let Ok(resp) = resp else { continue };
-            if !resp.status().is_success() {
+            let Ok(resp) = self.peer(api).save_image(&svc.image).await else {
                 continue;
-            }
+            };
             let body = resp
                 .bytes_stream()
                 .take_while(|r| futures::future::ready(r.is_ok()))

@@ -32,22 +32,7 @@ fn meta_label(key: &str) -> String {
     format!("flotilla.meta.{key}")
 }
 
-/// A stale copy kept on this engine (`GET /v1/orphans`).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Orphan {
-    /// `STACK/SERVICE/REPLICA`.
-    pub replica: String,
-    /// Container name.
-    pub container: String,
-    /// Container id.
-    pub id: String,
-    /// The generation it was made under.
-    pub generation: u64,
-    /// The replica's generation now.
-    pub current: u64,
-    /// Whether it runs (only until the reconciler's next pass stops it).
-    pub running: bool,
-}
+pub use flotilla_client::agent::Orphan;
 
 /// Writes `value` as JSON to `path` (mode 0600, via a temporary file and a rename).
 fn write_private<T: serde::Serialize>(path: &std::path::Path, value: &T) -> anyhow::Result<()> {
@@ -293,18 +278,11 @@ impl Inner {
         let nodes = self.client.nodes().await.unwrap_or_default();
         for n in nodes.iter().filter(|n| n.name != self.node) {
             let Some(api) = &n.api else { continue };
-            let url = format!("{api}/v1/backups/{stack}/{service}");
-            let listed = async {
-                let resp = self
-                    .peer_request(reqwest::Method::GET, &url)
-                    .query(&[("replica", r)])
-                    .timeout(Duration::from_secs(5))
-                    .send()
-                    .await?
-                    .error_for_status()?;
-                resp.json::<Vec<ArchiveEntry>>().await
+            let q = flotilla_client::agent::BackupsQuery {
+                replica: Some(r),
+                verify: false,
             };
-            match listed.await {
+            match self.peer(api).backups(stack, service, &q).await {
                 Ok(list) => out.extend(
                     list.into_iter()
                         .filter(|a| a.replica == r)

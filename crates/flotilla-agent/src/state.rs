@@ -127,19 +127,14 @@ impl Inner {
         })
     }
 
-    /// A request to a peer agent's API: with TLS the node certificate is the
+    /// A client of a peer agent's API at `api`: with TLS the node certificate is the
     /// credential (the token stays home); without, the cluster token.
-    pub(crate) fn peer_request(
-        &self,
-        method: reqwest::Method,
-        url: &str,
-    ) -> reqwest::RequestBuilder {
-        let req = self.http.request(method, url);
-        if self.tls.is_none() {
-            req.bearer_auth(&self.token)
-        } else {
-            req
-        }
+    pub(crate) fn peer(&self, api: &str) -> flotilla_client::agent::AgentClient {
+        flotilla_client::agent::AgentClient::new(
+            api,
+            self.http.clone(),
+            self.tls.is_none().then(|| self.token.clone()),
+        )
     }
 
     /// The desired state as the last reconcile pass read it.

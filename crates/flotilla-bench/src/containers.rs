@@ -122,6 +122,32 @@ fn drop_caches() {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
+/// Removes what the benchmark's stacks left on the engine (containers with their
+/// volumes, the stacks' named volumes) when it is dropped: a run that fails half-way
+/// leaves nothing behind either.
+struct Leftovers(&'static [&'static str]);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for stack in self.0 {
+            let label = format!("label=flotilla.stack={stack}");
+            if let Ok(ids) = docker(&["ps", "-aq", "--filter", &label]) {
+                for id in ids.split_whitespace() {
+                    let _ = docker(&["rm", "-f", "-v", id]);
+                }
+            }
+            if let Ok(vols) = docker(&["volume", "ls", "-q"]) {
+                for v in vols
+                    .split_whitespace()
+                    .filter(|v| v.starts_with(&format!("{stack}-")))
+                {
+                    let _ = docker(&["volume", "rm", v]);
+                }
+            }
+        }
+    }
+}
+
 /// Runs the benchmark.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut report = serde_json::Map::new();
@@ -134,6 +160,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let _agent = server.agent("bench-main")?;
     wait_nodes(&server, 1).await?;
     let net = DockerNetwork::create("flotilla-bench-ct")?;
+    // Declared after the network, so dropped before it: whatever way the run ends, the
+    // stacks' containers and volumes go first, then the network can.
+    let _leftovers = Leftovers(&["benchdeploy", "benchbackup"]);
     let stack = "benchdeploy";
     let spec = write_spec(
         &work.path().join("deploy"),

@@ -1,7 +1,10 @@
-//! A typed client of the registry's `/v1/` API.
+//! Typed clients of the registry's `/v1/` API and of the agents' API ([`agent`]).
 //!
 //! The agent, the CLI, the load balancer and the benchmarks all talk to the server the
 //! same way; keeping that in one place keeps auth, error decoding and URLs consistent.
+
+pub mod agent;
+pub mod migrate;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};

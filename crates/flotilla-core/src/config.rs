@@ -76,6 +76,66 @@ impl std::str::FromStr for StoreUrl {
     }
 }
 
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreUrl::Embedded => f.write_str("embedded"),
+            StoreUrl::Etcd { endpoints, tls } => write!(
+                f,
+                "{}://{}",
+                if *tls { "etcds" } else { "etcd" },
+                endpoints.join(",")
+            ),
+        }
+    }
+}
+
+impl Serialize for StoreUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for StoreUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|e: FieldError| serde::de::Error::custom(e.message))
+    }
+}
+
+/// `Option<SocketAddr>` written as `"ip:port"`, or `""` for a listener that is off
+/// (`#[serde(with = "off_or_addr")]`).
+pub mod off_or_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Parses `""` (off) or `ip:port`.
+    pub fn parse(s: &str) -> Result<Option<SocketAddr>, String> {
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse()
+            .map(Some)
+            .map_err(|_| format!("{s:?} is not ip:port (or \"\" to turn it off)"))
+    }
+
+    /// Serializes `None` as `""`.
+    pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str(""),
+        }
+    }
+
+    /// Deserializes `""` as `None`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// `flotilla server` settings (file `[server]`-less: the whole file is this table).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -87,10 +147,11 @@ pub struct ServerConfig {
     /// Bearer token file; created with a random token (mode 0600) if missing.
     /// Default: `DATA_DIR/token`.
     pub token_file: Option<PathBuf>,
-    /// `"embedded"` or `"etcd://host:port,host:port,..."`.
-    pub store: String,
-    /// DNS listener (UDP and TCP) for `NAME.service.DOMAIN`; empty string disables it.
-    pub dns_listen: String,
+    /// `"embedded"` or `"etcd://host:port,host:port,..."` (`"etcds://…"`: TLS).
+    pub store: StoreUrl,
+    /// DNS listener (UDP and TCP) for `NAME.service.DOMAIN`; `""` in the file: none.
+    #[serde(with = "off_or_addr")]
+    pub dns_listen: Option<SocketAddr>,
     /// DNS domain served.
     pub dns_domain: String,
     /// Serve GET requests without a token (writes always need one).
@@ -142,8 +203,8 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:7700".parse().unwrap(),
             data_dir: PathBuf::from("/var/lib/flotilla"),
             token_file: None,
-            store: "embedded".into(),
-            dns_listen: "127.0.0.1:8600".into(),
+            store: StoreUrl::Embedded,
+            dns_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8600))),
             dns_domain: "flotilla".into(),
             open_reads: false,
             leader_ttl: Duration::from_secs(3),
@@ -167,8 +228,7 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// Checks values after file and overrides are applied.
     pub fn validate(&self) -> Result<(), FieldError> {
-        let store: StoreUrl = self.store.parse()?;
-        let tls = matches!(store, StoreUrl::Etcd { tls: true, .. });
+        let tls = matches!(self.store, StoreUrl::Etcd { tls: true, .. });
         if tls && self.etcd_ca.is_none() {
             return Err(FieldError::new(
                 "etcd_ca",
@@ -178,7 +238,7 @@ impl ServerConfig {
         if !tls && (self.etcd_ca.is_some() || self.etcd_cert.is_some() || self.etcd_key.is_some()) {
             return Err(FieldError::new(
                 "store",
-                format!("{:?}: etcd TLS files are set; use etcds://", self.store),
+                format!("\"{}\": etcd TLS files are set; use etcds://", self.store),
             ));
         }
         if self.etcd_cert.is_some() != self.etcd_key.is_some() {
@@ -190,14 +250,6 @@ impl ServerConfig {
                 },
                 "etcd_cert and etcd_key go together",
             ));
-        }
-        if !self.dns_listen.is_empty() {
-            self.dns_listen.parse::<SocketAddr>().map_err(|_| {
-                FieldError::new(
-                    "dns_listen",
-                    format!("{:?} is not ip:port", self.dns_listen),
-                )
-            })?;
         }
         if self.dns_domain.is_empty()
             || self.dns_domain.contains("..")
@@ -550,6 +602,42 @@ mod tests {
         );
         assert!("etcd://nohost".parse::<StoreUrl>().is_err());
         assert!("redis://x:1".parse::<StoreUrl>().is_err());
+    }
+
+    #[test]
+    fn typed_fields_parse_once_from_the_file() {
+        let c: ServerConfig = parse_toml(
+            Path::new("s.toml"),
+            "store = \"etcds://a:2379,b:2379\"\ndns_listen = \"\"\netcd_ca = \"/ca.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.store,
+            StoreUrl::Etcd {
+                endpoints: vec!["a:2379".into(), "b:2379".into()],
+                tls: true
+            }
+        );
+        assert_eq!(c.store.to_string(), "etcds://a:2379,b:2379");
+        assert_eq!(c.dns_listen, None);
+        c.validate().unwrap();
+        let e = parse_toml::<ServerConfig>(Path::new("s.toml"), "\nstore = \"redis://x:1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("s.toml") && e.contains("line 2") && e.contains("redis://x:1"),
+            "{e}"
+        );
+        let e = parse_toml::<ServerConfig>(Path::new("s.toml"), "dns_listen = \"nowhere\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 1") && e.contains("\"nowhere\" is not ip:port"),
+            "{e}"
+        );
+        let back: ServerConfig =
+            toml::from_str(&toml::to_string(&ServerConfig::default()).unwrap()).unwrap();
+        assert_eq!(back.dns_listen, ServerConfig::default().dns_listen);
     }
 
     #[test]

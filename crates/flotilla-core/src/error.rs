@@ -63,3 +63,28 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// The body of every error answer of flotilla's HTTP APIs (registry and agent): what
+/// went wrong, and where known the request field or the stage that failed. Clients
+/// decode this one shape whichever API they called.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ErrorBody {
+    /// The message, naming the field first when one was wrong (`checks[0].interval: …`).
+    pub error: String,
+    /// The request field that was wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// The stage of a multi-step operation that failed (`"check"`: an uploaded archive
+    /// was refused as input, nothing was written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+}
+
+impl ErrorBody {
+    /// The message of an error answer's body: the decoded `error`, else the body as text.
+    pub fn message_of(body: &[u8]) -> String {
+        serde_json::from_slice::<ErrorBody>(body)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(body).trim().to_owned())
+    }
+}

@@ -76,8 +76,9 @@ impl RegistryConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// Address of the admin HTTP listener; "" disables it.
-    pub listen: String,
+    /// Address of the admin HTTP listener; `""` in the file: none.
+    #[serde(with = "flotilla_core::config::off_or_addr")]
+    pub listen: Option<SocketAddr>,
     /// 502/503/504 pages name the backend and the error (for debugging); off, they say
     /// only what went wrong.
     pub verbose_errors: bool,
@@ -86,7 +87,7 @@ pub struct AdminConfig {
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
-            listen: "127.0.0.1:9901".into(),
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9901))),
             verbose_errors: false,
         }
     }
@@ -529,14 +530,6 @@ impl LbConfig {
                     "needs a [registry] section",
                 ));
             }
-        }
-        if !self.admin.listen.is_empty() {
-            self.admin.listen.parse::<SocketAddr>().map_err(|_| {
-                FieldError::new(
-                    "admin.listen",
-                    format!("{:?} is not ip:port", self.admin.listen),
-                )
-            })?;
         }
         if let Some(r) = &self.registry {
             if let Some(h) = &r.ca_hash {

@@ -198,10 +198,10 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
         None => None,
     };
     let mut admin_addr = None;
-    if !config.admin.listen.is_empty() {
-        let tcp = tokio::net::TcpListener::bind(&config.admin.listen)
+    if let Some(listen) = config.admin.listen {
+        let tcp = tokio::net::TcpListener::bind(listen)
             .await
-            .with_context(|| format!("binding admin {}", config.admin.listen))?;
+            .with_context(|| format!("binding admin {listen}"))?;
         admin_addr = Some(tcp.local_addr()?);
         tasks.push(tokio::spawn(crate::admin::serve(
             tcp,

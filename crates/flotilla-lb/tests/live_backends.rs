@@ -26,7 +26,7 @@ async fn registry() -> Registry {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().join("data"),
         token_file: Some(dir.path().join("token")),
-        dns_listen: String::new(),
+        dns_listen: None,
         ..Default::default()
     };
     let store = flotilla_registry::open_store(&config).await.unwrap();

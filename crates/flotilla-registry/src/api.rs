@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -14,11 +14,10 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use flotilla_core::record::unix_ms;
 use flotilla_core::{
-    validate_instance_id, validate_node_name, validate_service_name, FieldError, InstanceRecord,
-    InstanceSpec, NodeRecord, RECORD_VERSION,
+    validate_instance_id, validate_node_name, validate_service_name, InstanceRecord, InstanceSpec,
+    NodeRecord, RECORD_VERSION,
 };
 use futures::{Stream, StreamExt};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_stream::wrappers::BroadcastStream;
@@ -34,120 +33,18 @@ pub const INDEX_HEADER: &str = "x-flotilla-index";
 /// Longest time a write waits for its own change to reach this server's catalog.
 const APPLY_WAIT: Duration = Duration::from_secs(5);
 
-/// An API error: status, message and the offending field.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    message: String,
-    field: Option<String>,
-    /// Seconds for a `Retry-After` header (the store refused a write as busy).
-    retry_after: Option<u32>,
-}
+pub use flotilla_http::{parse_json, ApiError, JsonBody};
 
-impl ApiError {
-    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-            field: None,
-            retry_after: None,
-        }
+/// A store error: 503, with `Retry-After` when the store refused the write as busy
+/// (nothing was written; the client backs off and sends it again).
+pub(crate) fn store_error(e: flotilla_store::StoreError) -> ApiError {
+    let busy = matches!(e, flotilla_store::StoreError::Busy { .. });
+    let err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}"));
+    if busy {
+        err.retry_after(1)
+    } else {
+        err
     }
-    pub(crate) fn field(
-        status: StatusCode,
-        field: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-            field: Some(field.into()),
-            retry_after: None,
-        }
-    }
-    pub(crate) fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, format!("{what} not found"))
-    }
-    /// A store error: 503, with `Retry-After` when the store refused the write as busy
-    /// (nothing was written; the client backs off and sends it again).
-    pub(crate) fn store(e: flotilla_store::StoreError) -> Self {
-        let busy = matches!(e, flotilla_store::StoreError::Busy { .. });
-        ApiError {
-            retry_after: busy.then_some(1),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}"))
-        }
-    }
-}
-
-impl From<FieldError> for ApiError {
-    fn from(e: FieldError) -> Self {
-        ApiError::field(StatusCode::BAD_REQUEST, e.field, e.message)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = match &self.field {
-            Some(f) => json!({ "error": format!("{}: {}", f, self.message), "field": f }),
-            None => json!({ "error": self.message }),
-        };
-        let mut resp = (self.status, Json(body)).into_response();
-        if let Some(secs) = self.retry_after {
-            resp.headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        resp
-    }
-}
-
-/// A JSON body parsed with the path of the offending field in errors.
-pub struct JsonBody<T>(pub T);
-
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::field(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body",
-                    "request body exceeds the size limit",
-                )
-            } else {
-                ApiError::field(StatusCode::BAD_REQUEST, "body", e.body_text())
-            }
-        })?;
-        parse_json(&bytes).map(JsonBody)
-    }
-}
-
-/// Parses JSON, naming the field that is wrong (`checks[0].interval`, `colour`...).
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let inner = e.inner().to_string();
-        if e.inner().is_syntax() || e.inner().is_eof() {
-            return ApiError::field(
-                StatusCode::BAD_REQUEST,
-                "body",
-                format!("malformed JSON: {inner}"),
-            );
-        }
-        let mut field = e.path().to_string();
-        // serde_path_to_error already puts an unknown field in the path, not a missing one.
-        if let Some(rest) = inner.strip_prefix("missing field `") {
-            let name = rest.split('`').next().unwrap_or_default();
-            field = if field == "." {
-                name.to_owned()
-            } else {
-                format!("{field}.{name}")
-            };
-        } else if field == "." || field == "?" {
-            field = "body".into();
-        }
-        ApiError::field(StatusCode::BAD_REQUEST, field, inner)
-    })
 }
 
 /// Builds the router with auth, body limit and metrics layers; `more` (the stacks API)
@@ -242,13 +139,11 @@ async fn admit_writes(State(shared): State<Arc<Shared>>, req: Request, next: Nex
     });
     if before >= shared.config.max_inflight_writes {
         shared.metrics.busy_writes.inc();
-        return ApiError {
-            retry_after: Some(1),
-            ..ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("server busy: {before} writes in flight; retry shortly"),
-            )
-        }
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("server busy: {before} writes in flight; retry shortly"),
+        )
+        .retry_after(1)
         .into_response();
     }
     next.run(req).await
@@ -400,7 +295,7 @@ pub(crate) async fn put_record<T: Serialize>(
         .store
         .put(key, serde_json::to_vec(rec).expect("records serialise"))
         .await
-        .map_err(ApiError::store)
+        .map_err(store_error)
 }
 
 /// Waits for a write to be applied locally, so the caller's next read sees it.
@@ -505,7 +400,7 @@ async fn resolve_caught_up(shared: &Shared, id_or_name: &str) -> Result<Option<S
             Ok(shared.catalog().resolve(id_or_name))
         }
         Ok(None) => Ok(None),
-        Err(e) => Err(ApiError::store(e)),
+        Err(e) => Err(store_error(e)),
     }
 }
 
@@ -526,9 +421,7 @@ async fn delete_instance(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = resolve(&shared, &id).await?;
-    let revision = remove_instance(&shared, &id)
-        .await
-        .map_err(ApiError::store)?;
+    let revision = remove_instance(&shared, &id).await.map_err(store_error)?;
     let index = match revision {
         Some(r) => applied(&shared, r).await?,
         None => shared.catalog().index(),
@@ -1021,7 +914,7 @@ async fn delete_node(
     if shared.catalog().node(&name).is_none() {
         return Err(ApiError::not_found("node"));
     }
-    let revision = remove_node(&shared, &name).await.map_err(ApiError::store)?;
+    let revision = remove_node(&shared, &name).await.map_err(store_error)?;
     let index = match revision {
         Some(r) => applied(&shared, r).await?,
         None => shared.catalog().index(),
@@ -1108,33 +1001,30 @@ mod tests {
             br#"{"service":"web","address":"198.18.0.1","port":"eighty"}"#,
         )
         .unwrap_err();
-        assert_eq!(e.field.as_deref(), Some("port"));
+        assert_eq!(e.field_name(), Some("port"));
         let e = parse_json::<InstanceSpec>(br#"{"service":"web","address":"198.18.0.1","port":1,"checks":[{"type":"http","path":"/","interval":"fast"}]}"#).unwrap_err();
-        assert!(
-            e.field.as_deref().unwrap().starts_with("checks[0]"),
-            "{e:?}"
-        );
+        assert!(e.field_name().unwrap().starts_with("checks[0]"), "{e:?}");
         let e = parse_json::<InstanceSpec>(br#"{"service":"web","port":1}"#).unwrap_err();
-        assert_eq!(e.field.as_deref(), Some("address"));
+        assert_eq!(e.field_name(), Some("address"));
         let e = parse_json::<InstanceSpec>(
             br#"{"service":"web","address":"198.18.0.1","port":1,"bogus":1}"#,
         )
         .unwrap_err();
-        assert_eq!(e.field.as_deref(), Some("bogus"));
+        assert_eq!(e.field_name(), Some("bogus"));
         let e = parse_json::<InstanceSpec>(b"{not json").unwrap_err();
-        assert_eq!(e.field.as_deref(), Some("body"));
+        assert_eq!(e.field_name(), Some("body"));
     }
 
     #[test]
     fn a_busy_store_answers_503_with_retry_after_and_other_store_errors_without() {
-        let busy = ApiError::store(flotilla_store::StoreError::Busy { queued: 9 }).into_response();
+        let busy = store_error(flotilla_store::StoreError::Busy { queued: 9 }).into_response();
         assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
             busy.headers().get(axum::http::header::RETRY_AFTER).unwrap(),
             "1"
         );
         let down =
-            ApiError::store(flotilla_store::StoreError::Unavailable("etcd".into())).into_response();
+            store_error(flotilla_store::StoreError::Unavailable("etcd".into())).into_response();
         assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(down
             .headers()

@@ -111,7 +111,7 @@ async fn read(
         .store
         .get(&keys::secrets(&name, &svc))
         .await
-        .map_err(ApiError::store)?
+        .map_err(crate::api::store_error)?
         .ok_or_else(|| ApiError::not_found(&format!("secrets of {name}/{svc}")))?;
     let record: SecretsRecord = serde_json::from_slice(&entry.value).map_err(|e| {
         ApiError::new(

@@ -104,8 +104,7 @@ fn print_join_line(config: &ServerConfig, bound: SocketAddr, hash: &str) {
 
 /// Opens the configured store. With etcd every key lives under `/flotilla/`.
 pub async fn open_store(config: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
-    let url: StoreUrl = config.store.parse()?;
-    Ok(match url {
+    Ok(match &config.store {
         StoreUrl::Embedded => {
             Arc::new(EmbeddedStore::open(&config.data_dir).with_context(|| {
                 format!(
@@ -115,7 +114,7 @@ pub async fn open_store(config: &ServerConfig) -> anyhow::Result<Arc<dyn Store>>
             })?)
         }
         StoreUrl::Etcd { endpoints, tls } => {
-            let tls = if tls {
+            let tls = if *tls {
                 let read = |p: &std::path::PathBuf| {
                     std::fs::read(p).with_context(|| format!("reading {}", p.display()))
                 };
@@ -130,7 +129,7 @@ pub async fn open_store(config: &ServerConfig) -> anyhow::Result<Arc<dyn Store>>
                 None
             };
             Arc::new(
-                EtcdStore::connect_with(&endpoints, "/flotilla/", tls)
+                EtcdStore::connect_with(endpoints, "/flotilla/", tls)
                     .await
                     .context("connecting to etcd")?,
             )
@@ -170,8 +169,7 @@ pub async fn start(config: ServerConfig, store: Arc<dyn Store>) -> anyhow::Resul
     .merge(crate::ui::routes());
     tasks.push(tokio::spawn(flotilla_tls::serve(listener, app, options)));
     let mut dns_addr = None;
-    if !config.dns_listen.is_empty() {
-        let addr: SocketAddr = config.dns_listen.parse()?;
+    if let Some(addr) = config.dns_listen {
         let mut dns = crate::dns::serve(shared.clone(), addr, &config.dns_domain)
             .await
             .with_context(|| format!("binding DNS on {addr}"))?;

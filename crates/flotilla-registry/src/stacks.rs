@@ -303,13 +303,13 @@ async fn remove(
             .store
             .delete(&keys::secrets(&name, &svc))
             .await
-            .map_err(ApiError::store)?;
+            .map_err(crate::api::store_error)?;
     }
     let revision = shared
         .store
         .delete(&keys::stack(&name))
         .await
-        .map_err(ApiError::store)?
+        .map_err(crate::api::store_error)?
         .unwrap_or(0);
     let index = applied(&shared, revision).await?;
     Ok(with_index(

@@ -53,7 +53,7 @@ async fn stored(shared: &Shared) -> Result<(Vec<SubnetRecord>, u64), ApiError> {
         .store
         .list(keys::SUBNETS)
         .await
-        .map_err(ApiError::store)?;
+        .map_err(crate::api::store_error)?;
     let records = snapshot
         .entries
         .iter()
@@ -86,7 +86,7 @@ async fn claim(
             Duration::from_secs(5),
         )
         .await
-        .map_err(ApiError::store)?;
+        .map_err(crate::api::store_error)?;
     let result = allocate_locked(&shared, &name, body.cluster_cidr).await;
     election.resign();
     let (record, revision) = result?;

@@ -38,7 +38,7 @@ impl ServerTls {
     /// and writes the CA certificate next to the token file for the CLI.
     pub async fn load(config: &ServerConfig, store: &Arc<dyn Store>) -> anyhow::Result<Arc<Self>> {
         let now = SystemTime::now();
-        let ca = match config.store.parse::<StoreUrl>()? {
+        let ca = match &config.store {
             StoreUrl::Embedded => ClusterCa::load_or_create(&config.data_dir, now)?,
             StoreUrl::Etcd { .. } => shared_ca(store.as_ref(), now).await?,
         };

@@ -140,7 +140,7 @@ async fn revoke(
         .store
         .delete(&keys::token(&id))
         .await
-        .map_err(ApiError::store)?;
+        .map_err(crate::api::store_error)?;
     if let Some(r) = revision {
         applied(&shared, r).await?;
     }

@@ -37,7 +37,7 @@ async fn serve_with(
         insecure_http: true,
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.to_owned(),
-        dns_listen: String::new(),
+        dns_listen: None,
         ..base
     };
     let server = start(config.clone(), store).await.unwrap();

@@ -89,10 +89,10 @@ pub struct ServerArgs {
     /// Store: "embedded", "etcd://host:port,host:port,..." or "etcds://…" (TLS)
     /// [default: embedded].
     #[arg(long)]
-    pub store: Option<String>,
+    pub store: Option<flotilla_core::config::StoreUrl>,
     /// DNS listener for NAME.service.flotilla; "" disables [default: 127.0.0.1:8600].
     #[arg(long)]
-    pub dns_listen: Option<String>,
+    pub dns_listen: Option<OffOrAddr>,
     /// Serve reads (GET) without a token.
     #[arg(long)]
     pub open_reads: bool,
@@ -189,7 +189,7 @@ pub struct UpArgs {
     pub listen: SocketAddr,
     /// DNS address; "" disables.
     #[arg(long, default_value = "127.0.0.1:8600")]
-    pub dns_listen: String,
+    pub dns_listen: OffOrAddr,
     /// Docker Engine endpoint.
     #[arg(long, default_value = "unix:///var/run/docker.sock")]
     pub docker: String,
@@ -204,7 +204,7 @@ pub struct UpArgs {
     pub lb_service: String,
     /// lb admin listener (/metrics, /status).
     #[arg(long, default_value = "127.0.0.1:9901")]
-    pub lb_admin: String,
+    pub lb_admin: OffOrAddr,
     /// Do not deploy the demo stack (examples/demo: `web` behind the lb, and `notes`).
     #[arg(long)]
     pub no_demo: bool,
@@ -413,8 +413,8 @@ pub struct BackupArgs {
     #[arg(long)]
     pub to: Option<PathBuf>,
     /// pause (default: out of rotation while volumes are read), stop, or live.
-    #[arg(long, default_value = "pause", value_parser = ["pause", "stop", "live"])]
-    pub consistency: String,
+    #[arg(long, default_value = "pause", value_parser = parse_consistency)]
+    pub consistency: flotilla_core::stack::Consistency,
     /// Leave the image out (restore only where the image exists).
     #[arg(long)]
     pub no_image: bool,
@@ -460,6 +460,9 @@ pub struct MigrateArgs {
     /// Drain time before a stateless source is stopped.
     #[arg(long, default_value = "2s")]
     pub drain: humantime::Duration,
+    /// Print what the migration did as JSON (for scripts).
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -499,4 +502,26 @@ pub struct TokenRevokeArgs {
     pub id: String,
     #[command(flatten)]
     pub client: ClientArgs,
+}
+
+/// `--consistency`: pause, stop or live.
+fn parse_consistency(s: &str) -> Result<flotilla_core::stack::Consistency, String> {
+    use flotilla_core::stack::Consistency;
+    match s {
+        "pause" => Ok(Consistency::Pause),
+        "stop" => Ok(Consistency::Stop),
+        "live" => Ok(Consistency::Live),
+        other => Err(format!("{other:?}: expected pause, stop or live")),
+    }
+}
+
+/// A listener address flag that `""` turns off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OffOrAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for OffOrAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        flotilla_core::config::off_or_addr::parse(s).map(OffOrAddr)
+    }
 }

@@ -12,13 +12,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use flotilla_agent::build::{build_service, Built};
+use flotilla_client::agent::{AgentClient, BackupQuery, RestoreQuery};
+use flotilla_client::migrate::{self, passing_of, MigrateOptions};
 use flotilla_client::Client;
-use flotilla_core::stack::{DeployedService, StackSpec};
-use flotilla_core::{HealthStatus, InstanceView, NodeView};
+use flotilla_core::stack::{Consistency, DeployedService, StackSpec};
+use flotilla_core::{InstanceView, NodeView};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
-use crate::agent_api::{token_of, AgentApi, AgentCreds};
+use crate::agent_api::{agent_of, token_of, AgentCreds};
 use crate::cli::{BackupArgs, BuildArgs, DeployArgs, MigrateArgs, RestoreArgs, RmArgs, ScaleArgs};
 use crate::home::client;
 
@@ -150,7 +152,7 @@ async fn push_images(
     built: &BTreeMap<String, Built>,
 ) -> anyhow::Result<()> {
     for n in nodes {
-        let Ok(api) = AgentApi::of(n, token) else {
+        let Ok(api) = agent_of(n, token) else {
             eprintln!(
                 "warning: node {} serves no agent API; it cannot run deployed replicas",
                 n.name
@@ -161,12 +163,9 @@ async fn push_images(
             if api.has_image(&b.tag).await? {
                 continue;
             }
-            api.json(
-                api.req(reqwest::Method::POST, "/v1/images")
-                    .body(b.archive.clone()),
-            )
-            .await
-            .with_context(|| format!("sending {} to node {}", b.tag, n.name))?;
+            api.load_image(reqwest::Body::from(b.archive.clone()))
+                .await
+                .with_context(|| format!("sending {} to node {}", b.tag, n.name))?;
         }
     }
     Ok(())
@@ -271,25 +270,6 @@ pub async fn deploy_file(
         wait_converged(c, &spec.name, within).await?;
     }
     Ok(())
-}
-
-/// Passing instances of `stack`'s `service` running version `hash`.
-fn passing_of<'a>(
-    list: &'a [InstanceView],
-    stack: &str,
-    service: &str,
-    hash: &str,
-) -> Vec<&'a InstanceView> {
-    list.iter()
-        .filter(|i| {
-            i.service == service
-                && i.meta.get("stack").map(String::as_str) == Some(stack)
-                && i.meta
-                    .get("spec")
-                    .is_some_and(|s| hash.starts_with(s.as_str()))
-                && i.health == HealthStatus::Passing
-        })
-        .collect()
 }
 
 /// Waits until every service of the stack has `replicas` passing instances of its
@@ -449,17 +429,11 @@ async fn stack_containers_left(
 ) -> anyhow::Result<Vec<String>> {
     let mut left = Vec::new();
     for node in c.nodes().await? {
-        let Ok(agent) = AgentApi::of(&node, token) else {
+        let Ok(agent) = agent_of(&node, token) else {
             continue;
         };
-        let reply = agent
-            .json(agent.req(
-                reqwest::Method::GET,
-                &format!("/v1/stacks/{stack}/containers"),
-            ))
-            .await?;
-        for name in reply["containers"].as_array().into_iter().flatten() {
-            left.push(format!("{}/{}", node.name, name.as_str().unwrap_or("?")));
+        for name in agent.stack_containers(stack).await?.containers {
+            left.push(format!("{}/{name}", node.name));
         }
     }
     Ok(left)
@@ -495,10 +469,7 @@ pub(crate) async fn node_of(c: &Client, name: &str) -> anyhow::Result<NodeView> 
 }
 
 pub(crate) fn container_of(i: &InstanceView) -> anyhow::Result<String> {
-    i.meta
-        .get("container_id")
-        .or_else(|| i.meta.get("container_name"))
-        .cloned()
+    flotilla_client::migrate::container_of(i)
         .with_context(|| format!("instance {} is not a container", i.id))
 }
 
@@ -527,7 +498,7 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     for inst in resolve(&c, &args.instance).await? {
         let node = node_of(&c, inst.node.as_deref().unwrap_or_default()).await?;
-        let api = AgentApi::of(&node, &token)?;
+        let api = agent_of(&node, &token)?;
         let container = container_of(&inst)?;
         let name = inst
             .meta
@@ -540,7 +511,7 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
         let manifest = fetch_backup(
             &api,
             &container,
-            &args.consistency,
+            args.consistency,
             !args.no_image,
             args.with_secrets,
             &file,
@@ -566,9 +537,9 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
 /// Streams a backup from an agent into `file`, checking it on the way; on any failure
 /// the partial file is removed.
 async fn fetch_backup(
-    api: &AgentApi,
+    api: &AgentClient,
     container: &str,
-    consistency: &str,
+    consistency: Consistency,
     image: bool,
     with_secrets: bool,
     file: &Path,
@@ -577,22 +548,14 @@ async fn fetch_backup(
     let part = file.with_extension("partial");
     let result = async {
         let resp = api
-            .req(reqwest::Method::GET, "/v1/backup")
-            .query(&[
-                ("container", container),
-                ("consistency", consistency),
-                ("image", if image { "true" } else { "false" }),
-                ("secrets", if with_secrets { "true" } else { "false" }),
-            ])
-            .send()
-            .await?;
-        if !resp.status().is_success() {
-            let v: serde_json::Value = resp.json().await.unwrap_or_default();
-            bail!(
-                "backup of {container}: {}",
-                v["error"].as_str().unwrap_or("failed")
-            );
-        }
+            .backup(&BackupQuery {
+                consistency: Some(consistency),
+                image,
+                secrets: with_secrets,
+                ..BackupQuery::of(container)
+            })
+            .await
+            .with_context(|| format!("backup of {container}"))?;
         let (tx, r) = flotilla_archive::backup::ChannelReader::<bytes::Bytes>::new(16);
         let checker = std::thread::spawn(move || {
             if full_check {
@@ -644,7 +607,7 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         None if nodes.len() == 1 => nodes[0].clone(),
         None => bail!("several nodes are up: say which with --node"),
     };
-    let api = AgentApi::of(&node, &token)?;
+    let api = agent_of(&node, &token)?;
     let f = tokio::fs::File::open(&args.archive).await?;
     let len = f.metadata().await?.len();
     let pb = progress("restore");
@@ -655,28 +618,22 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
             pb2.inc(b.len() as u64);
         }
     });
-    let mut q: Vec<(&str, String)> = vec![("start", (!args.no_start).to_string())];
-    if let Some(n) = &args.name {
-        q.push(("name", n.clone()));
-    }
+    let q = RestoreQuery {
+        start: !args.no_start,
+        name: args.name.clone(),
+        ..Default::default()
+    };
     let t0 = Instant::now();
-    let v = api
-        .json(
-            api.req(reqwest::Method::POST, "/v1/restore")
-                .query(&q)
-                .timeout(Duration::from_secs(3600))
-                .body(reqwest::Body::wrap_stream(stream)),
-        )
-        .await?;
+    let v = api.restore(&q, reqwest::Body::wrap_stream(stream)).await?;
     pb.finish_and_clear();
     println!(
         "restored {} on {} as {} ({} parts checked, {:.1}s{})",
         args.archive.display(),
         node.name,
-        v["name"].as_str().unwrap_or("?"),
+        v.name,
         manifest.parts.len(),
         t0.elapsed().as_secs_f64(),
-        match v["passing_after_ms"].as_u64() {
+        match v.passing_after_ms {
             Some(ms) => format!(", passing {ms} ms after start"),
             None => String::new(),
         }
@@ -684,102 +641,11 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `flotilla migrate INSTANCE --to NODE`.
-/// A migration's pre-copy: the source's snapshot id and the stopped copy on the target.
-struct PreCopy {
-    snapshot: String,
-    copy: String,
-    name: String,
-    bytes: f64,
-}
-
-impl PreCopy {
-    /// Removes the target's copy (the migration will not use it).
-    async fn discard(&self, dst: &AgentApi) -> anyhow::Result<()> {
-        dst.json(
-            dst.req(reqwest::Method::POST, "/v1/retire")
-                .query(&[("container", self.copy.as_str()), ("drain", "0s")]),
-        )
-        .await
-        .map(|_| ())
-    }
-}
-
-/// Copies `container` from `src` to `dst` while it runs (a live backup, its volumes'
-/// state recorded by the source under a fresh snapshot id), restored but not started.
-async fn pre_copy(
-    src: &AgentApi,
-    dst: &AgentApi,
-    container: &str,
-    image: &str,
-) -> anyhow::Result<PreCopy> {
-    let snapshot = format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos()
-    );
-    let resp = src
-        .req(reqwest::Method::GET, "/v1/backup")
-        .query(&[
-            ("container", container),
-            ("consistency", "live"),
-            ("image", image),
-            ("snapshot", snapshot.as_str()),
-            // A move within the cluster keeps the replica's secrets.
-            ("secrets", "true"),
-        ])
-        .send()
-        .await?
-        .error_for_status()?;
-    let v = dst
-        .json(
-            dst.req(reqwest::Method::POST, "/v1/restore")
-                .query(&[("start", "false"), ("keep_stack", "true"), ("hold", "true")])
-                .timeout(Duration::from_secs(3600))
-                .body(reqwest::Body::wrap_stream(resp.bytes_stream())),
-        )
-        .await?;
-    Ok(PreCopy {
-        snapshot,
-        copy: v["id"]
-            .as_str()
-            .context("restore answered no id")?
-            .to_owned(),
-        name: v["name"].as_str().unwrap_or("?").to_owned(),
-        bytes: v["bytes"].as_f64().unwrap_or(0.0),
-    })
-}
-
-/// Makes sure the target engine has image `tag`, copying it from the source's engine
-/// if not. Returns whether the target has it now.
-async fn stage_image(src: &AgentApi, dst: &AgentApi, tag: &str) -> anyhow::Result<bool> {
-    if dst.has_image(tag).await? {
-        return Ok(true);
-    }
-    if !src.has_image(tag).await? {
-        return Ok(false);
-    }
-    let saved = src
-        .req(reqwest::Method::GET, "/v1/images/save")
-        .query(&[("tag", tag)])
-        .send()
-        .await?
-        .error_for_status()?;
-    dst.json(
-        dst.req(reqwest::Method::POST, "/v1/images")
-            .timeout(Duration::from_secs(3600))
-            .body(reqwest::Body::wrap_stream(saved.bytes_stream())),
-    )
-    .await?;
-    dst.has_image(tag).await
-}
-
+/// `flotilla migrate INSTANCE --to NODE`: finds the instance, then
+/// [`flotilla_client::migrate::migrate`] does the work.
 pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let c = client(&args.client)?;
-    let token = token_of(&args.client)?;
+    let creds = token_of(&args.client)?;
     let inst = match resolve(&c, &args.instance).await?.as_slice() {
         [one] => one.clone(),
         many => bail!(
@@ -788,169 +654,45 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
             many.len()
         ),
     };
-    let from = inst.node.clone().context("the instance has no node")?;
-    if from == args.to {
-        return Err(usage(format!("{} already runs on {from}", inst.id)));
-    }
-    let source = node_of(&c, &from).await?;
-    let target = node_of(&c, &args.to).await?;
-    let src = AgentApi::of(&source, &token)?;
-    let dst = AgentApi::of(&target, &token)?;
-    let container = container_of(&inst)?;
-    let stack = inst.meta.get("stack").cloned();
-    let replica: Option<u32> = inst.meta.get("replica").and_then(|r| r.parse().ok());
-    let deployed = match &stack {
-        Some(s) => c.stack(s).await?.services.get(&inst.service).cloned(),
-        None => None,
+    let opts = MigrateOptions {
+        drain: Some(args.drain.into()),
+        ..Default::default()
     };
-    // Unknown (not a stack replica): its volumes, if any, are state.
-    let stateful = deployed.as_ref().is_none_or(|d| !d.spec.volumes.is_empty());
-    let drain = humantime::format_duration(args.drain.into()).to_string();
-    let t0 = Instant::now();
-    match (&stack, replica, stateful) {
-        (Some(s), Some(r), false) => {
-            // Stateless replica: pin it to the target; the target's agent starts it, and
-            // the source's agent drains and removes the old one once the new one passes.
-            c.pin(s, &inst.service, r, Some(&args.to)).await?;
-            let rec = c.stack(s).await?;
-            let hash = rec.services[&inst.service].spec_hash.clone();
-            loop {
-                let list = c.instances().await?;
-                let here = passing_of(&list, s, &inst.service, &hash).iter().any(|i| {
-                    i.node.as_deref() == Some(&args.to)
-                        && i.meta.get("replica") == Some(&r.to_string())
-                });
-                let old_gone = !list.iter().any(|i| i.id == inst.id);
-                if here && old_gone {
-                    break;
-                }
-                if t0.elapsed() > Duration::from_secs(120) {
-                    bail!("the replica did not move within 120s");
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            println!(
-                "migrated {} ({s}/{}/{r}, stateless) {from} -> {}: blue/green, no downtime, {:.1}s",
-                inst.id,
-                inst.service,
-                args.to,
-                t0.elapsed().as_secs_f64()
-            );
-        }
-        _ => {
-            // Stateful (or not a stack replica): the image goes first, while the source
-            // still serves, so the stopped window carries only the state; then stop,
-            // stream the final state straight into a restore on the target, retire the
-            // source.
-            let image_staged = match &deployed {
-                Some(d) => stage_image(&src, &dst, &d.image)
-                    .await
-                    .with_context(|| format!("sending image {} to {}", d.image, args.to))?,
-                None => false,
-            };
-            let consistency = if stateful { "stop" } else { "live" };
-            let image = if image_staged { "false" } else { "true" };
-            // Pre-copy while the source still serves: a live backup restored on the
-            // target, not started. The stopped window then carries only what changed
-            // since (the final delta). Any trouble here falls back to a whole copy.
-            let precopy = if stateful {
-                match pre_copy(&src, &dst, &container, image).await {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        eprintln!(
-                            "warning: pre-copy failed, moving everything while stopped: {e:#}"
-                        );
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            let mut backup_query = vec![
-                ("container", container.clone()),
-                ("consistency", consistency.to_owned()),
-                ("image", image.to_owned()),
-                (
-                    "leave_stopped",
-                    if stateful { "true" } else { "false" }.to_owned(),
-                ),
-                ("secrets", "true".to_owned()),
-            ];
-            if let Some(p) = &precopy {
-                backup_query.push(("since", p.snapshot.clone()));
-            }
-            let resp = src
-                .req(reqwest::Method::GET, "/v1/backup")
-                .query(&backup_query)
-                .send()
-                .await?;
-            if !resp.status().is_success() {
-                if let Some(p) = &precopy {
-                    let _ = p.discard(&dst).await;
-                }
-                let v: serde_json::Value = resp.json().await.unwrap_or_default();
-                bail!(
-                    "backup on {from}: {}",
-                    v["error"].as_str().unwrap_or("failed")
-                );
-            }
-            let stopped_at = Instant::now();
-            let upload = match &precopy {
-                Some(p) => dst
-                    .req(reqwest::Method::POST, "/v1/restore/apply")
-                    .query(&[("container", p.copy.as_str())]),
-                None => dst
-                    .req(reqwest::Method::POST, "/v1/restore")
-                    .query(&[("start", "true"), ("keep_stack", "true")]),
-            };
-            let restored = dst
-                .json(
-                    upload
-                        .timeout(Duration::from_secs(3600))
-                        .body(reqwest::Body::wrap_stream(resp.bytes_stream())),
-                )
-                .await;
-            let restored = match restored {
-                Ok(v) => v,
-                Err(e) => {
-                    // Put the source back into service.
-                    let _ = src
-                        .json(
-                            src.req(reqwest::Method::POST, "/v1/release")
-                                .query(&[("container", &container)]),
-                        )
-                        .await;
-                    return Err(
-                        e.context("restore on the target failed; the source was started again")
-                    );
-                }
-            };
-            let (copy_name, pre_bytes) = match &precopy {
-                Some(p) => (p.name.clone(), p.bytes),
-                None => (restored["name"].as_str().unwrap_or("?").to_owned(), 0.0),
-            };
-            let final_bytes = restored["bytes"].as_f64().unwrap_or(0.0);
-            let downtime = stopped_at.elapsed();
-            if let (Some(s), Some(r)) = (&stack, replica) {
-                c.pin(s, &inst.service, r, Some(&args.to)).await?;
-            }
-            src.json(src.req(reqwest::Method::POST, "/v1/retire").query(&[
-                ("container", container.as_str()),
-                ("drain", if stateful { "0s" } else { drain.as_str() }),
-            ]))
-            .await?;
-            println!(
-                "migrated {} ({}) {from} -> {} as {copy_name}: {:.1} MiB pre-copied while serving, {:.1} MiB moved while stopped, downtime {:.2}s ({}), total {:.1}s",
-                inst.id,
-                if stateful { "stateful, cold" } else { "stateless" },
-                args.to,
-                pre_bytes / 1048576.0,
-                final_bytes / 1048576.0,
-                if stateful { downtime.as_secs_f64() } else { 0.0 },
-                if stateful { "stopped → passing on the target" } else { "the source served until the target passed" },
-                t0.elapsed().as_secs_f64()
-            );
-        }
+    let r = match migrate::migrate(&c, &creds.connector()?, &inst, &args.to, &opts).await {
+        Ok(r) => r,
+        Err(migrate::MigrateError::Invalid(m)) => return Err(usage(m)),
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(why) = &r.pre_copy_failed {
+        eprintln!("warning: pre-copy failed, moved everything while stopped: {why}");
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / 1048576.0;
+    match r.kind {
+        migrate::MigrationKind::BlueGreen => println!(
+            "migrated {} ({}, stateless) {} -> {}: blue/green, no downtime, {:.1}s",
+            r.instance,
+            r.replica.as_deref().unwrap_or(&r.service),
+            r.from,
+            r.to,
+            r.total_s
+        ),
+        migrate::MigrationKind::Cold => println!(
+            "migrated {} ({}) {} -> {} as {}: {:.1} MiB pre-copied while serving, {:.1} MiB moved while stopped, downtime {:.2}s ({}), total {:.1}s",
+            r.instance,
+            if r.stateful { "stateful, cold" } else { "stateless" },
+            r.from,
+            r.to,
+            r.container.as_deref().unwrap_or("?"),
+            mib(r.pre_copied_bytes),
+            mib(r.final_bytes),
+            r.downtime_s.unwrap_or(0.0),
+            if r.stateful { "stopped → passing on the target" } else { "the source served until the target passed" },
+            r.total_s
+        ),
     }
     Ok(())
 }

@@ -5,11 +5,12 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use flotilla_client::agent::LogsQuery;
 use flotilla_client::Client;
 use flotilla_core::InstanceView;
 use futures::StreamExt;
 
-use crate::agent_api::{token_of, AgentApi, AgentCreds};
+use crate::agent_api::{agent_of, token_of, AgentCreds};
 use crate::cli::{ExecArgs, LogsArgs};
 use crate::containers::{container_of, node_of, resolve};
 
@@ -78,32 +79,17 @@ async fn follow_one(
     };
     loop {
         let node = node_of(c, inst.node.as_deref().unwrap_or_default()).await?;
-        let agent = AgentApi::of(&node, creds)?;
-        let mut query = vec![
-            ("container", container_of(&inst)?),
-            ("follow", follow.to_string()),
-        ];
-        if let Some(s) = since {
-            query.push(("since", s.to_string()));
-        }
-        if let Some(t) = tail {
-            query.push(("tail", t.to_string()));
-        }
+        let agent = agent_of(&node, creds)?;
+        let query = LogsQuery {
+            container: container_of(&inst)?,
+            follow,
+            since: since.map(|s| s as i64),
+            tail,
+        };
         let resp = agent
-            .req(reqwest::Method::GET, "/v1/logs")
-            .query(&query)
-            .timeout(Duration::from_secs(24 * 3600))
-            .send()
+            .logs(&query)
             .await
             .with_context(|| format!("logs of {} from node {}", inst.id, node.name))?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            bail!(
-                "logs of {}: {status}: {}",
-                inst.id,
-                resp.text().await.unwrap_or_default()
-            );
-        }
         let mut body = resp.bytes_stream();
         let mut partial = Vec::new();
         while let Some(chunk) = body.next().await {
@@ -156,21 +142,14 @@ pub async fn exec(args: ExecArgs) -> anyhow::Result<()> {
         );
     };
     let node = node_of(&c, inst.node.as_deref().unwrap_or_default()).await?;
-    let agent = AgentApi::of(&node, &creds)?;
-    let reply = agent
-        .json(
-            agent
-                .req(reqwest::Method::POST, "/v1/exec")
-                .query(&[("container", container_of(inst)?)])
-                .json(&serde_json::json!({ "cmd": args.cmd })),
-        )
-        .await?;
-    let code = reply["exit_code"].as_i64().unwrap_or(-1);
+    let agent = agent_of(&node, &creds)?;
+    let reply = agent.exec(&container_of(inst)?, args.cmd.clone()).await?;
+    let code = reply.exit_code;
     if args.client.json {
         println!("{}", serde_json::to_string_pretty(&reply)?);
     } else {
-        print!("{}", reply["output"].as_str().unwrap_or(""));
-        if reply["truncated"] == true {
+        print!("{}", reply.output);
+        if reply.truncated {
             eprintln!("(output cut at 1 MiB)");
         }
     }

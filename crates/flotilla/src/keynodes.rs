@@ -3,31 +3,46 @@
 //! `flotilla rm --orphans`. Each asks every live node's agent directly.
 
 use anyhow::Context;
+use flotilla_client::agent::{ArchiveEntry, BackupsQuery, Orphan};
 use flotilla_client::Client;
+use serde::Serialize;
 use serde_json::Value;
 
-use crate::agent_api::{token_of, AgentApi, AgentCreds};
+use crate::agent_api::{agent_of, token_of, AgentCreds};
+
+/// An orphan and the node it is on.
+#[derive(Debug, Serialize)]
+pub struct NodeOrphan {
+    /// The node.
+    pub node: String,
+    /// The orphan.
+    #[serde(flatten)]
+    pub orphan: Orphan,
+}
+
+/// An archive, the node keeping it and the service it is of (`STACK/SERVICE`).
+#[derive(Debug, Serialize)]
+struct BackupRow {
+    service: String,
+    node: String,
+    #[serde(flatten)]
+    archive: ArchiveEntry,
+}
 use crate::cli::{BackupsArgs, ClientArgs, RecoverArgs};
 
-/// Every live node's orphans (stale copies of recovered replicas), as
-/// `{"node", "replica", "container", "generation", "current", "running"}`; a node whose
+/// Every live node's orphans (stale copies of recovered replicas); a node whose
 /// agent cannot be asked is reported on stderr and left out.
-pub async fn orphans(c: &Client, creds: &AgentCreds) -> anyhow::Result<Vec<Value>> {
+pub async fn orphans(c: &Client, creds: &AgentCreds) -> anyhow::Result<Vec<NodeOrphan>> {
     let mut out = Vec::new();
     for node in c.nodes().await? {
-        let Ok(agent) = AgentApi::of(&node, creds) else {
+        let Ok(agent) = agent_of(&node, creds) else {
             continue;
         };
-        match agent
-            .json(agent.req(reqwest::Method::GET, "/v1/orphans"))
-            .await
-        {
-            Ok(v) => {
-                for mut o in v["orphans"].as_array().cloned().unwrap_or_default() {
-                    o["node"] = node.name.clone().into();
-                    out.push(o);
-                }
-            }
+        match agent.orphans().await {
+            Ok(v) => out.extend(v.orphans.into_iter().map(|orphan| NodeOrphan {
+                node: node.name.clone(),
+                orphan,
+            })),
             Err(e) => eprintln!("warning: orphans of node {}: {e:#}", node.name),
         }
     }
@@ -44,30 +59,26 @@ pub async fn rm_orphans(args: ClientArgs) -> anyhow::Result<()> {
     let (c, creds) = connect(&args)?;
     let mut removed = Vec::new();
     for node in c.nodes().await? {
-        let Ok(agent) = AgentApi::of(&node, &creds) else {
+        let Ok(agent) = agent_of(&node, &creds) else {
             continue;
         };
         let v = agent
-            .json(agent.req(reqwest::Method::DELETE, "/v1/orphans"))
+            .remove_orphans()
             .await
             .with_context(|| format!("removing the orphans of node {}", node.name))?;
-        for mut o in v["removed"].as_array().cloned().unwrap_or_default() {
-            o["node"] = node.name.clone().into();
-            removed.push(o);
-        }
+        removed.extend(v.orphans.into_iter().map(|orphan| NodeOrphan {
+            node: node.name.clone(),
+            orphan,
+        }));
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&removed)?);
         return Ok(());
     }
-    for o in &removed {
+    for NodeOrphan { node, orphan: o } in &removed {
         println!(
-            "removed {} on {} (replica {}, generation {} < {}) with its volumes",
-            o["container"].as_str().unwrap_or("?"),
-            o["node"].as_str().unwrap_or("?"),
-            o["replica"].as_str().unwrap_or("?"),
-            o["generation"],
-            o["current"]
+            "removed {} on {node} (replica {}, generation {} < {}) with its volumes",
+            o.container, o.replica, o.generation, o.current
         );
     }
     println!("{} orphans removed", removed.len());
@@ -95,35 +106,37 @@ pub async fn backups(args: BackupsArgs) -> anyhow::Result<()> {
                 continue;
             }
             for node in &nodes {
-                let Ok(agent) = AgentApi::of(node, &creds) else {
+                let Ok(agent) = agent_of(node, &creds) else {
                     continue;
                 };
-                let req = agent
-                    .req(
-                        reqwest::Method::GET,
-                        &format!("/v1/backups/{}/{name}", st.name),
-                    )
-                    .query(&[("verify", args.verify)]);
-                match agent.json(req).await {
-                    Ok(list) => {
-                        for mut a in list.as_array().cloned().unwrap_or_default() {
-                            a["node"] = node.name.clone().into();
-                            a["service"] = full.clone().into();
-                            rows.push(a);
-                        }
-                    }
+                let q = BackupsQuery {
+                    replica: None,
+                    verify: args.verify,
+                };
+                match agent.backups(&st.name, name, &q).await {
+                    Ok(list) => rows.extend(list.into_iter().map(|archive| BackupRow {
+                        service: full.clone(),
+                        node: node.name.clone(),
+                        archive,
+                    })),
                     Err(e) => eprintln!("warning: backups on node {}: {e:#}", node.name),
                 }
             }
         }
     }
-    rows.sort_by_key(|a| {
+    rows.sort_by(|a, b| {
         (
-            a["service"].as_str().unwrap_or("").to_owned(),
-            a["replica"].as_u64(),
-            std::cmp::Reverse(a["taken_ms"].as_u64()),
-            a["node"].as_str().unwrap_or("").to_owned(),
+            &a.service,
+            a.archive.replica,
+            std::cmp::Reverse(a.archive.taken_ms),
+            &a.node,
         )
+            .cmp(&(
+                &b.service,
+                b.archive.replica,
+                std::cmp::Reverse(b.archive.taken_ms),
+                &b.node,
+            ))
     });
     if args.client.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -133,25 +146,23 @@ pub async fn backups(args: BackupsArgs) -> anyhow::Result<()> {
         "{:<20} {:>3}  {:<10} {:<20} {:>12}  {:<8} ARCHIVE",
         "SERVICE", "R", "NODE", "TAKEN", "BYTES", "VERIFIED"
     );
-    for a in &rows {
-        let taken = a["taken_ms"].as_u64().unwrap_or(0);
+    for BackupRow {
+        service,
+        node,
+        archive: a,
+    } in &rows
+    {
         let at = humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + std::time::Duration::from_millis(taken),
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(a.taken_ms),
         );
-        let verified = match a["verified"].as_bool() {
+        let verified = match a.verified {
             Some(true) => "yes",
             Some(false) => "FAILED",
             None => "-",
         };
         println!(
             "{:<20} {:>3}  {:<10} {:<20} {:>12}  {:<8} {}",
-            a["service"].as_str().unwrap_or(""),
-            a["replica"],
-            a["node"].as_str().unwrap_or(""),
-            at,
-            a["bytes"],
-            verified,
-            a["name"].as_str().unwrap_or("")
+            service, a.replica, node, at, a.bytes, verified, a.name
         );
     }
     Ok(())

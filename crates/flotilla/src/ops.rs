@@ -164,19 +164,15 @@ pub async fn ps(args: PsArgs) -> anyhow::Result<()> {
             "{:<28} {:<12} {:<28} STALE (flotilla rm --orphans removes them)",
             "ORPHAN OF", "NODE", "CONTAINER"
         );
-        for o in &orphans {
+        for crate::keynodes::NodeOrphan { node, orphan: o } in &orphans {
             println!(
                 "{:<28} {:<12} {:<28} generation {} < {}{}",
-                o["replica"].as_str().unwrap_or("?"),
-                o["node"].as_str().unwrap_or("?"),
-                o["container"].as_str().unwrap_or("?"),
-                o["generation"],
-                o["current"],
-                if o["running"] == true {
-                    " (still running)"
-                } else {
-                    ""
-                }
+                o.replica,
+                node,
+                o.container,
+                o.generation,
+                o.current,
+                if o.running { " (still running)" } else { "" }
             );
         }
     }

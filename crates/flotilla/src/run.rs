@@ -75,8 +75,8 @@ pub fn server_config(args: &ServerArgs) -> anyhow::Result<ServerConfig> {
     if let Some(v) = &args.store {
         c.store = v.clone();
     }
-    if let Some(v) = &args.dns_listen {
-        c.dns_listen = v.clone();
+    if let Some(v) = args.dns_listen {
+        c.dns_listen = v.0;
     }
     c.open_reads |= args.open_reads;
     c.insecure_http |= args.insecure_http;
@@ -249,7 +249,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         listen: args.listen,
         data_dir: home.clone(),
         token_file: Some(home.join("token")),
-        dns_listen: args.dns_listen.clone(),
+        dns_listen: args.dns_listen.0,
         // Plain HTTP only while no other host can reach the API (docs/security.md).
         insecure_http: args.listen.ip().is_loopback(),
         ..ServerConfig::default()
@@ -294,7 +294,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     } else {
         let text = format!(
             "[admin]\nlisten = {:?}\n[registry]\nurl = {:?}\ntoken_file = {:?}\n[[listener]]\nname = {:?}\nbind = {:?}\nprotocol = \"http\"\nscheduler = \"p2c-ewma\"\nservice = {:?}\n",
-            args.lb_admin,
+            args.lb_admin.0.map(|a| a.to_string()).unwrap_or_default(),
             url,
             home.join("token").display().to_string(),
             args.lb_service,
@@ -354,6 +354,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             tls: tls.clone(),
         };
         let docker = args.docker.clone();
+        let lb_url = lb.as_ref().map(|l| format!("http://{}/", l.addrs[0]));
         tokio::spawn(async move {
             let spec = dir.join("stack.toml");
             let r = crate::containers::deploy_file(
@@ -365,7 +366,10 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             )
             .await;
             match r {
-                Ok(()) => println!("demo stack is up: curl http://127.0.0.1:8080/"),
+                Ok(()) => match lb_url {
+                    Some(u) => println!("demo stack is up: curl {u}"),
+                    None => println!("demo stack is up"),
+                },
                 Err(e) => eprintln!("demo stack: {e:#}"),
             }
         });

@@ -819,6 +819,22 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
         },
     )
     .await;
+    // A second restore under the same name is a conflict (409), in the one error shape,
+    // and changes nothing.
+    let volumes_before = docker(&["volume", "ls", "-q"]).unwrap();
+    let resp = server
+        .http()
+        .post(format!("{api}/v1/restore"))
+        .query(&[("name", restored.as_str())])
+        .bearer_auth(server.token())
+        .body(good.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 409);
+    let body: flotilla_core::error::ErrorBody = resp.json().await.unwrap();
+    assert!(body.error.contains("already exists"), "{body:?}");
+    assert_eq!(docker(&["volume", "ls", "-q"]).unwrap(), volumes_before);
     docker(&["rm", "-f", &restored]).unwrap();
     let _ = docker(&["volume", "rm", &vol]);
 }
@@ -1309,12 +1325,18 @@ update = {{ health_timeout = "20s", drain = "1s" }}
 
 /// `flotilla up` on its embedded defaults: registry, agent and lb in one process, and the
 /// demo stack built, deployed and answering through the lb; `ps` shows the stack.
+///
+/// On an engine of its own: the demo's names (`demo`, `flotilla-demo`) are the ones a
+/// user's own `flotilla up` uses, and whatever that left on the default engine must
+/// neither break this test nor be touched by it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_deploys_the_demo_stack_behind_the_lb() {
     let dir = tempfile::tempdir().unwrap();
+    let engine = Dockerd::start("up").unwrap();
+    let host = Some(engine.host.as_str());
     // The demo's network, made here so its addresses are the test's (198.18.0.0/15);
     // the agent uses a stack network that already exists.
-    let net = DockerNetwork::create_on(None, "flotilla-demo").unwrap();
+    let net = DockerNetwork::create_on(host, "flotilla-demo").unwrap();
     let home = dir.path().join("home");
     let lb_port = flotilla_testkit::free_port();
     let lb_listen = format!("127.0.0.1:{lb_port}");
@@ -1333,16 +1355,18 @@ async fn up_deploys_the_demo_stack_behind_the_lb() {
             "",
             "--api-listen",
             "127.0.0.1:0",
+            "--docker",
+            &engine.host,
         ],
         dir.path().join("up.log"),
     );
     let cleanup = || {
-        if let Ok(ids) = docker(&["ps", "-aq", "--filter", "label=flotilla.stack=demo"]) {
+        if let Ok(ids) = engine.docker(&["ps", "-aq", "--filter", "label=flotilla.stack=demo"]) {
             for id in ids.split_whitespace() {
-                let _ = docker(&["rm", "-f", "-v", id]);
+                let _ = engine.docker(&["rm", "-f", "-v", id]);
             }
         }
-        let _ = docker(&["volume", "rm", "demo-notes-0-data"]);
+        let _ = engine.docker(&["volume", "rm", "demo-notes-0-data"]);
     };
     eventually(
         Duration::from_secs(180),
@@ -1421,12 +1445,12 @@ async fn up_deploys_the_demo_stack_behind_the_lb() {
 
     let rm = flotilla(&["rm", "demo"]);
     assert!(rm.status.success(), "{}", text(&rm));
-    eventually(Duration::from_secs(30), "demo containers gone", || async {
-        docker(&["ps", "-aq", "--filter", "label=flotilla.stack=demo"])
-            .unwrap()
-            .is_empty()
-    })
-    .await;
+    // `rm` returns when every container of the stack is gone, and removes the network
+    // the agent made (this one was the test's, so it stays).
+    assert!(engine
+        .docker(&["ps", "-aq", "--filter", "label=flotilla.stack=demo"])
+        .unwrap()
+        .is_empty());
     up.kill();
     cleanup();
     drop(net);
@@ -1621,4 +1645,237 @@ async fn secret_env_reaches_the_container_and_nothing_else() {
             .and_then(|e| e.status()),
         Some(404)
     );
+}
+
+/// Two engines that share nothing, a server, an agent on each, and a stack whose
+/// stateful `notes` replica runs on node a with `writes` notes acknowledged; for the
+/// migration library's failure paths.
+struct NotesCluster {
+    dir: tempfile::TempDir,
+    da: Dockerd,
+    db: Dockerd,
+    server: Server,
+    client: Client,
+    stack: String,
+    node_a: String,
+    node_b: String,
+    _agents: (Proc, Proc),
+    _nets: (DockerNetwork, DockerNetwork),
+}
+
+impl NotesCluster {
+    async fn start(writes: u32) -> NotesCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let da = Dockerd::start("a").unwrap();
+        let db = Dockerd::start("b").unwrap();
+        let server = Server::start(dir.path(), "s", &[]);
+        let client = server.client();
+        let net_name = unique("flotilla-mf");
+        let na = DockerNetwork::create_on(Some(&da.host), &net_name).unwrap();
+        let nb = DockerNetwork::create_on(Some(&db.host), &net_name).unwrap();
+        let (node_a, node_b) = (unique("a").replace('_', "-"), unique("b").replace('_', "-"));
+        let agent_a = agent_on(dir.path(), &server, &node_a, None, Some(&da.host));
+        node_up(&client, 1).await;
+        let stack = unique("mf").replace('_', "-");
+        let spec = write_stack(
+            &dir.path().join("spec"),
+            &stack,
+            &net_name,
+            1,
+            "",
+            true,
+            None,
+        );
+        ok(cli(
+            &server,
+            dir.path(),
+            &["deploy", spec.to_str().unwrap(), "--timeout", "60s"],
+            &[],
+        )
+        .await);
+        let agent_b = agent_on(dir.path(), &server, &node_b, None, Some(&db.host));
+        node_up(&client, 2).await;
+        let cluster = NotesCluster {
+            dir,
+            da,
+            db,
+            server,
+            client,
+            stack,
+            node_a,
+            node_b,
+            _agents: (agent_a, agent_b),
+            _nets: (na, nb),
+        };
+        let notes = cluster.lb().await;
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        for n in 0..writes {
+            let r = http
+                .get(format!("http://{}/cgi-bin/append?w{n}", notes.addrs[0]))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.text().await.unwrap().trim(), "ok");
+        }
+        cluster
+    }
+
+    async fn lb(&self) -> flotilla_lb::RunningLb {
+        lb(&self.server, "notes", 1).await
+    }
+
+    /// The passing notes instance, once there is one on `node`.
+    async fn notes_on(&self, node: &str) -> InstanceView {
+        eventually(
+            Duration::from_secs(30),
+            &format!("notes passing on {node}"),
+            || async {
+                passing_in(&self.client, &self.stack, "notes")
+                    .await
+                    .iter()
+                    .any(|i| i.node.as_deref() == Some(node))
+            },
+        )
+        .await;
+        passing_in(&self.client, &self.stack, "notes")
+            .await
+            .into_iter()
+            .find(|i| i.node.as_deref() == Some(node))
+            .unwrap()
+    }
+
+    /// Every note written so far, read through a fresh lb.
+    async fn notes(&self) -> Vec<String> {
+        let lb = self.lb().await;
+        let body = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("http://{}/cgi-bin/read", lb.addrs[0]))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        body.lines().map(str::to_owned).collect()
+    }
+
+    /// Containers and volumes of the stack's `notes` on an engine.
+    fn notes_left(&self, engine: &Dockerd) -> (Vec<String>, Vec<String>) {
+        let filter = format!("label=flotilla.stack={}", self.stack);
+        let containers = engine
+            .docker(&["ps", "-a", "--filter", &filter, "--format", "{{.Names}}"])
+            .unwrap()
+            .split_whitespace()
+            .filter(|n| n.contains("notes"))
+            .map(str::to_owned)
+            .collect();
+        let volumes = engine
+            .docker(&["volume", "ls", "-q"])
+            .unwrap()
+            .split_whitespace()
+            .filter(|v| v.starts_with(&format!("{}-notes", self.stack)))
+            .map(str::to_owned)
+            .collect();
+        (containers, volumes)
+    }
+
+    fn agents(&self) -> flotilla_client::migrate::AgentConnector {
+        flotilla_client::migrate::AgentConnector {
+            http: self.server.http(),
+            token: Some(self.server.token()),
+        }
+    }
+}
+
+/// The migration library, its pre-copy stream broken mid-way (as a failing network
+/// would): the migration falls back to one whole copy while stopped, and every note
+/// arrives; the broken pre-copy leaves nothing on the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pre_copy_falls_back_to_a_whole_copy() {
+    use flotilla_client::migrate::{break_after, migrate, MigrateOptions, Stage};
+    let c = NotesCluster::start(20).await;
+    let _cleanup = &c.dir;
+    let on_a = c.notes_on(&c.node_a).await;
+    let opts = MigrateOptions {
+        tap: Some(break_after(Stage::PreCopy, 1500)),
+        ..Default::default()
+    };
+    let report = migrate(&c.client, &c.agents(), &on_a, &c.node_b, &opts)
+        .await
+        .expect("the migration falls back to a whole copy");
+    println!("{report:?}");
+    let why = report
+        .pre_copy_failed
+        .as_deref()
+        .expect("the pre-copy failed");
+    assert!(why.contains("pre-copy"), "{why}");
+    assert_eq!(report.pre_copied_bytes, 0);
+    assert!(report.final_bytes > 1500, "{report:?}");
+    assert_eq!(report.to, c.node_b);
+    c.notes_on(&c.node_b).await;
+    let notes = c.notes().await;
+    for n in 0..20 {
+        assert!(notes.contains(&format!("w{n}")), "w{n} lost: {notes:?}");
+    }
+    // One copy on b (the whole one), nothing left on a.
+    let (on_b, _) = c.notes_left(&c.db);
+    assert_eq!(on_b.len(), 1, "{on_b:?}");
+    assert_eq!(c.notes_left(&c.da), (vec![], vec![]));
+}
+
+/// The migration library, its final delta broken mid-way after the source stopped:
+/// the migration fails, the target's pre-copied container and its volumes are removed,
+/// and the source runs and passes again with every note; the replica stays on node a.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_final_delta_removes_the_target_copy_and_restarts_the_source() {
+    use flotilla_client::migrate::{break_after, migrate, MigrateOptions, Stage};
+    let c = NotesCluster::start(20).await;
+    let _cleanup = &c.dir;
+    let on_a = c.notes_on(&c.node_a).await;
+    let opts = MigrateOptions {
+        tap: Some(break_after(Stage::Final, 100)),
+        ..Default::default()
+    };
+    let err = migrate(&c.client, &c.agents(), &on_a, &c.node_b, &opts)
+        .await
+        .expect_err("a broken final delta fails the migration");
+    let msg = format!("{err}");
+    println!("{msg}");
+    assert!(msg.contains("the source was started again"), "{msg}");
+    // The source passes again, still on a, with every note; a new write is kept.
+    let again = c.notes_on(&c.node_a).await;
+    assert_eq!(again.meta.get("replica").map(String::as_str), Some("0"));
+    let notes = c.notes().await;
+    for n in 0..20 {
+        assert!(notes.contains(&format!("w{n}")), "w{n} lost: {notes:?}");
+    }
+    // Nothing of the replica is left on b: neither the pre-copy nor its volumes.
+    eventually(
+        Duration::from_secs(10),
+        "the target's copy removed",
+        || async { c.notes_left(&c.db) == (vec![], vec![]) },
+    )
+    .await;
+    // It was not pinned to b: the stack still places it on a.
+    let rec = c.client.stack(&c.stack).await.unwrap();
+    assert!(
+        rec.services["notes"].pins.is_empty(),
+        "{:?}",
+        rec.services["notes"].pins
+    );
+    // And it is not stuck held: a later migration without faults moves it.
+    let report = migrate(
+        &c.client,
+        &c.agents(),
+        &again,
+        &c.node_b,
+        &MigrateOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert!(report.pre_copied_bytes > 0, "{report:?}");
+    c.notes_on(&c.node_b).await;
+    assert_eq!(c.notes().await.len(), 20);
 }
