@@ -460,9 +460,6 @@ pub struct MigrateArgs {
     /// Drain time before a stateless source is stopped.
     #[arg(long, default_value = "2s")]
     pub drain: humantime::Duration,
-    /// Print what the migration did as JSON (for scripts).
-    #[arg(long)]
-    pub json: bool,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -523,5 +520,17 @@ impl std::str::FromStr for OffOrAddr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         flotilla_core::config::off_or_addr::parse(s).map(OffOrAddr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks a command's definition (unique names, valid defaults) only when that
+    /// command is parsed; this checks every command at once.
+    #[test]
+    fn every_command_is_well_formed() {
+        super::Cli::command().debug_assert();
     }
 }

@@ -666,7 +666,7 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     if let Some(why) = &r.pre_copy_failed {
         eprintln!("warning: pre-copy failed, moved everything while stopped: {why}");
     }
-    if args.json {
+    if args.client.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
