@@ -35,28 +35,7 @@ pub fn parse_archive_name(stack: &str, service: &str, file: &str) -> Option<(u32
     Some((r.parse().ok()?, ms.parse().ok()?))
 }
 
-/// The `copies` peers that keep a replica's archives besides its own node: ranked by a
-/// stable hash of the replica and the node, so the same peers are chosen every time
-/// while the nodes stay the same.
-pub fn copy_targets(prefix: &str, own: &str, live: &[String], copies: u32) -> Vec<String> {
-    let mut peers: Vec<(u64, &String)> = live
-        .iter()
-        .filter(|n| n.as_str() != own)
-        .map(|n| {
-            (
-                flotilla_core::hash::stable_hash(format!("{prefix}{n}").as_bytes()),
-                n,
-            )
-        })
-        .collect();
-    peers.sort_by(|a, b| b.cmp(a));
-    peers.dedup_by(|a, b| a.1 == b.1);
-    peers
-        .into_iter()
-        .take(copies as usize)
-        .map(|(_, n)| n.clone())
-        .collect()
-}
+pub use flotilla_core::recovery::copy_holders as copy_targets;
 
 /// The backup policy of `stack`/`service` in `stacks`.
 pub fn policy_of<'a>(

@@ -24,6 +24,35 @@ pub use crate::stack::{OnNodeLoss, RecoveryPolicy, MIN_GRACE};
 /// How long a fenced agent gives a replica to stop before it is killed.
 pub const FENCE_STOP_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The file-name prefix of replica `r`'s archives (`STACK-SERVICE-R-`).
+pub fn archive_prefix(stack: &str, service: &str, r: u32) -> String {
+    format!("{stack}-{service}-{r}-")
+}
+
+/// The `copies` peers that keep a replica's archives besides its own node `own`: ranked
+/// by a stable hash of the archive prefix and the node (rendezvous hashing), so the same
+/// peers are chosen every time while the nodes stay the same, and a node leaving moves
+/// only the copies it held.
+pub fn copy_holders(prefix: &str, own: &str, live: &[String], copies: u32) -> Vec<String> {
+    let mut peers: Vec<(u64, &String)> = live
+        .iter()
+        .filter(|n| n.as_str() != own)
+        .map(|n| {
+            (
+                crate::hash::stable_hash(format!("{prefix}{n}").as_bytes()),
+                n,
+            )
+        })
+        .collect();
+    peers.sort_by(|a, b| b.cmp(a));
+    peers.dedup_by(|a, b| a.1 == b.1);
+    peers
+        .into_iter()
+        .take(copies as usize)
+        .map(|(_, n)| n.clone())
+        .collect()
+}
+
 /// Whether a service is stateful (has volumes): its replicas are assigned, not placed.
 pub fn stateful(spec: &ServiceSpec) -> bool {
     !spec.volumes.is_empty()
@@ -141,15 +170,27 @@ pub fn plan(
             let Some(policy) = on_node_loss(&svc.spec) else {
                 continue;
             };
-            // After a loss, a replica goes where placement on the live nodes puts it.
+            // After a loss, a restored replica goes to a live node that holds copies of
+            // its archives (it restores from its own disk instead of fetching the archive
+            // over the LAN); else, and for the other policies, where placement on the live
+            // nodes puts it.
             let placed = place(name, svc, live);
+            let copies = match (&svc.spec.backup, policy) {
+                (Some(b), OnNodeLoss::Restore) => b.copies,
+                _ => 0,
+            };
             for r in 0..svc.spec.replicas {
                 let key = replica_key(&st.name, name, r);
                 desired.insert(key.clone());
                 let cur = current.get(&key);
+                let holder = cur.and_then(|c| {
+                    copy_holders(&archive_prefix(&st.name, name, r), &c.node, live, copies)
+                        .into_iter()
+                        .next()
+                });
                 let next = decide(
                     cur,
-                    placed.get(&r),
+                    holder.as_ref().or(placed.get(&r)),
                     svc.pins.get(&r),
                     live,
                     policy,
@@ -509,6 +550,59 @@ copies = 1
         assert!(plan(&st, &both, &|_| Duration::ZERO, &cur, 12_000).is_empty());
         assert!(!may_run(r, &home, Some(1)), "the returning copy is stale");
         assert!(may_run(r, other, Some(2)));
+    }
+
+    #[test]
+    fn a_restored_replica_goes_to_the_node_that_holds_its_copies() {
+        // Among many nodes, placement alone would often pick one without the copy; the
+        // copy holder is preferred (it restores from its own disk), for every replica
+        // number and whichever node held it.
+        let st = [stack("[service.notes.recovery]\ngrace = \"2s\"", 8)];
+        let all = nodes(&["a", "b", "c", "d", "e", "f"]);
+        let mut cur = BTreeMap::new();
+        step(&st, &all, &|_| Duration::ZERO, &mut cur, 1);
+        let mut moved_off_placement = 0;
+        for lost in ["a", "b", "c"] {
+            let mut after = cur.clone();
+            let live: Vec<String> = all.iter().filter(|n| *n != lost).cloned().collect();
+            step(&st, &live, &|_| Duration::from_secs(2), &mut after, 10);
+            let placed = place("notes", &st[0].services["notes"], &live);
+            for r in 0..8u32 {
+                let key = format!("db/notes/{r}");
+                if cur[&key].node != lost {
+                    assert_eq!(after[&key], cur[&key], "{key} was not on {lost}");
+                    continue;
+                }
+                // The copy holder chosen while `lost` was live, as its agent chose it.
+                let holder = &copy_holders(&archive_prefix("db", "notes", r), lost, &all, 1)[0];
+                assert_eq!(&after[&key].node, holder, "{key}");
+                assert_eq!(after[&key].generation, 2);
+                if placed[&r] != *holder {
+                    moved_off_placement += 1;
+                }
+            }
+        }
+        assert!(
+            moved_off_placement > 0,
+            "the test never distinguished the two"
+        );
+        // With the `empty` policy there is nothing to restore: placement decides.
+        let st = [stack(
+            "[service.notes.recovery]\ngrace = \"2s\"\non_node_loss = \"empty\"",
+            8,
+        )];
+        let mut cur = BTreeMap::new();
+        step(&st, &all, &|_| Duration::ZERO, &mut cur, 1);
+        let live: Vec<String> = all.iter().filter(|n| *n != "a").cloned().collect();
+        let placed = place("notes", &st[0].services["notes"], &live);
+        let before = cur.clone();
+        step(&st, &live, &|_| Duration::from_secs(2), &mut cur, 10);
+        for r in 0..8u32 {
+            let key = format!("db/notes/{r}");
+            if before[&key].node == "a" {
+                assert_eq!(cur[&key].node, placed[&r], "{key}");
+            }
+        }
     }
 
     #[test]
