@@ -102,6 +102,10 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
             authorize,
         ))
         .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            inner.metrics.http.clone(),
+            flotilla_http::metrics::record,
+        ))
         .with_state(inner)
 }
 
@@ -368,8 +372,9 @@ async fn backup_copy(
     }))
 }
 
-async fn metrics(State(inner): State<Arc<Inner>>) -> String {
-    inner.metrics.encode()
+/// `GET /metrics`: OpenMetrics when the scraper asks for it, else Prometheus text.
+async fn metrics(State(inner): State<Arc<Inner>>, headers: axum::http::HeaderMap) -> Response {
+    flotilla_http::metrics::exposition(&headers, inner.metrics.encode())
 }
 
 async fn image_present(

@@ -3,7 +3,7 @@
 //! and fetch a replica's archives from its peers when it has to restore it.
 //!
 //! Archives live in the service's backup `dir` on every node, under the same names
-//! (`STACK-SERVICE-REPLICA-UNIXMS.flotilla-backup`), so retention and `ls` work the same
+//! (`STACK-SERVICE-REPLICA-STAMP.flotilla-backup`, see [`flotilla_core::record::file_stamp`]), so retention and `ls` work the same
 //! on the copies. A peer never names a path: the directory comes from the stack record
 //! in the registry, the file name is checked against the replica's pattern, and an
 //! arriving copy is checked whole (digests, every volume entry) before it is kept.
@@ -27,12 +27,15 @@ pub fn parse_archive_name(stack: &str, service: &str, file: &str) -> Option<(u32
     let rest = file
         .strip_prefix(&format!("{stack}-{service}-"))?
         .strip_suffix(SUFFIX)?;
-    let (r, ms) = rest.split_once('-')?;
-    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(r) || !digits(ms) {
+    let (r, stamp) = rest.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(r) {
         return None;
     }
-    Some((r.parse().ok()?, ms.parse().ok()?))
+    Some((
+        r.parse().ok()?,
+        flotilla_core::record::parse_file_stamp(stamp)?,
+    ))
 }
 
 pub use flotilla_core::recovery::copy_holders as copy_targets;
@@ -228,6 +231,14 @@ mod tests {
             parse_archive_name("db", "notes", "db-notes-2-1700000000000.flotilla-backup"),
             Some((2, 1_700_000_000_000))
         );
+        assert_eq!(
+            parse_archive_name(
+                "db",
+                "notes",
+                "db-notes-2-20231114T221320.000Z.flotilla-backup"
+            ),
+            Some((2, 1_700_000_000_000))
+        );
         for bad in [
             "db-notes-2-1700.flotilla-backup.partial",
             "db-notes--1700.flotilla-backup",
@@ -236,6 +247,8 @@ mod tests {
             "db-other-2-1700.flotilla-backup",
             "../db-notes-2-1700.flotilla-backup",
             "db-notes-2-1700-1.flotilla-backup",
+            "db-notes-2-20231114T221320Z.flotilla-backup",
+            "db-notes-2-20231114T22:13:20.000Z.flotilla-backup",
         ] {
             assert_eq!(parse_archive_name("db", "notes", bad), None, "{bad}");
         }

@@ -7,6 +7,8 @@ use prometheus_client::registry::Registry;
 /// Agent metrics.
 pub struct Metrics {
     registry: Registry,
+    /// Requests the agent's API served, and how long they took to answer.
+    pub http: flotilla_http::metrics::RequestMetrics,
     /// Instances registered (including re-registrations on resync).
     pub registrations: Counter,
     /// Instances deregistered.
@@ -58,6 +60,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("flotilla_agent");
         let m = Metrics {
             registry: Registry::default(),
+            http: Default::default(),
             registrations: Counter::default(),
             deregistrations: Counter::default(),
             resyncs: Counter::default(),
@@ -158,6 +161,7 @@ impl Default for Metrics {
             "Full resyncs against the engine",
             m.resyncs.clone(),
         );
+        m.http.register(&mut registry);
         registry.register(
             "docker_events",
             "Docker events handled",

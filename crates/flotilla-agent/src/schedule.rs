@@ -2,7 +2,7 @@
 //! is backed up on its own node every `interval`, keeping `retention` archives.
 //!
 //! The schedule lives in the archive directory itself — files are named
-//! `STACK-SERVICE-REPLICA-UNIXMS.flotilla-backup` — so an agent restart neither skips
+//! `STACK-SERVICE-REPLICA-YYYYMMDDTHHMMSS.mmmZ.flotilla-backup` (UTC; older unix-ms names are still read) — so an agent restart neither skips
 //! nor repeats a backup, and an operator can see the schedule with `ls`.
 
 use std::path::{Path, PathBuf};
@@ -24,7 +24,9 @@ pub fn archives_of(prefix: &str, names: &[String]) -> Vec<(u64, String)> {
     let mut v: Vec<(u64, String)> = names
         .iter()
         .filter_map(|n| {
-            let ms = n.strip_prefix(prefix)?.strip_suffix(SUFFIX)?.parse().ok()?;
+            let ms = flotilla_core::record::parse_file_stamp(
+                n.strip_prefix(prefix)?.strip_suffix(SUFFIX)?,
+            )?;
             Some((ms, n.clone()))
         })
         .collect();
@@ -120,7 +122,8 @@ impl Inner {
         if !due(&archives_of(prefix, &names), now, policy.interval) {
             return Ok(None);
         }
-        let file = dir.join(format!("{prefix}{now}{SUFFIX}"));
+        let stamp = flotilla_core::record::file_stamp(now);
+        let file = dir.join(format!("{prefix}{stamp}{SUFFIX}"));
         let t0 = std::time::Instant::now();
         let m = self
             .backup_to_file(

@@ -195,3 +195,80 @@ pub fn unix_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// A UTC time as archive names carry it: `20261129T224915.123Z` — readable at a glance,
+/// fixed width, so name order is time order.
+pub fn file_stamp(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t)
+        .to_string()
+        .replace(['-', ':'], "")
+}
+
+/// The unix ms a [`file_stamp`] stands for; also accepts the plain unix-ms stamps older
+/// archive names carry. `None` for anything else.
+pub fn parse_file_stamp(s: &str) -> Option<u64> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if digits(s) && s.len() <= 20 {
+        return s.parse().ok();
+    }
+    let b = s.as_bytes();
+    let shaped = b.len() == 20
+        && digits(&s[..8])
+        && b[8] == b'T'
+        && digits(&s[9..15])
+        && b[15] == b'.'
+        && digits(&s[16..19])
+        && b[19] == b'Z';
+    if !shaped {
+        return None;
+    }
+    let rfc3339 = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &s[..4],
+        &s[4..6],
+        &s[6..8],
+        &s[9..11],
+        &s[11..13],
+        &s[13..19]
+    );
+    let t = humantime::parse_rfc3339(&rfc3339).ok()?;
+    t.duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod stamp_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn stamps_read_as_utc_and_old_unix_ms_stamps_still_parse() {
+        assert_eq!(file_stamp(1_764_456_555_123), "20251129T224915.123Z");
+        assert_eq!(
+            parse_file_stamp("20251129T224915.123Z"),
+            Some(1_764_456_555_123)
+        );
+        assert_eq!(parse_file_stamp("1764456555123"), Some(1_764_456_555_123));
+        for bad in [
+            "",
+            "2025-11-29",
+            "20251129T224915Z",
+            "20251129T2249x5.123Z",
+            "20251329T224915.123Z",
+            "../1",
+        ] {
+            assert_eq!(parse_file_stamp(bad), None, "{bad}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn stamps_round_trip_and_sort_as_time(a in 0u64..4_000_000_000_000, b in 0u64..4_000_000_000_000) {
+            prop_assert_eq!(parse_file_stamp(&file_stamp(a)), Some(a));
+            prop_assert_eq!(file_stamp(a).len(), 20);
+            prop_assert_eq!(file_stamp(a).cmp(&file_stamp(b)), a.cmp(&b));
+        }
+    }
+}

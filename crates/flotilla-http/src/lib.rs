@@ -6,6 +6,8 @@
 //! [`flotilla_core::error::ErrorBody`], and parse JSON bodies with [`JsonBody`], which
 //! names the offending field (and [`Query`] for query strings).
 
+pub mod metrics;
+
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderValue, StatusCode};

@@ -25,7 +25,6 @@ use tokio_stream::wrappers::BroadcastStream;
 use crate::catalog::CheckinRecord;
 use crate::duty::{remove_instance, remove_node};
 use crate::keys;
-use crate::metrics::HttpLabels;
 use crate::state::Shared;
 
 /// Header carrying the catalog index of a response (for the next blocking query).
@@ -89,39 +88,10 @@ pub fn router(shared: Arc<Shared>, more: Router<Arc<Shared>>) -> Router {
             shared.config.max_body_bytes,
         ))
         .layer(axum::middleware::from_fn_with_state(
-            shared.clone(),
-            count_requests,
+            shared.metrics.http.clone(),
+            flotilla_http::metrics::record,
         ))
         .with_state(shared)
-}
-
-/// The method label of the request counter: one of a fixed set, so a client sending
-/// made-up methods cannot grow the metrics without bound.
-pub(crate) fn method_label(method: &Method) -> &'static str {
-    match *method {
-        Method::GET => "GET",
-        Method::HEAD => "HEAD",
-        Method::PUT => "PUT",
-        Method::POST => "POST",
-        Method::DELETE => "DELETE",
-        Method::PATCH => "PATCH",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
-    }
-}
-
-async fn count_requests(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
-    let method = method_label(req.method()).to_owned();
-    let resp = next.run(req).await;
-    shared
-        .metrics
-        .http_requests
-        .get_or_create(&HttpLabels {
-            method,
-            status: resp.status().as_u16(),
-        })
-        .inc();
-    resp
 }
 
 /// Admission control for writes: past `max_inflight_writes` being worked on, a write is
@@ -981,14 +951,11 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str
     }
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+/// `GET /metrics`: OpenMetrics when the scraper asks for it (Prometheus does), else the
+/// Prometheus text format (`promtool check metrics`, curl).
+async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     shared.refresh_metrics();
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        axum::http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
-    (headers, shared.metrics.encode())
+    flotilla_http::metrics::exposition(&headers, shared.metrics.encode())
 }
 
 #[cfg(test)]

@@ -6,15 +6,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-/// Labels of HTTP request counters.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HttpLabels {
-    /// HTTP method.
-    pub method: String,
-    /// Status code.
-    pub status: u16,
-}
-
 /// Labels of probe counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabels {
@@ -28,7 +19,7 @@ pub struct ProbeLabels {
 pub struct Metrics {
     registry: Registry,
     /// HTTP requests by method and status.
-    pub http_requests: Family<HttpLabels, Counter>,
+    pub http: flotilla_http::metrics::RequestMetrics,
     /// Registered instances.
     pub instances: Gauge,
     /// Passing instances.
@@ -85,7 +76,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("flotilla_registry");
         let m = Metrics {
-            http_requests: Family::default(),
+            http: Default::default(),
             instances: Gauge::default(),
             passing: Gauge::default(),
             nodes: Gauge::default(),
@@ -113,11 +104,7 @@ impl Default for Metrics {
             compacted_revision: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "http_requests",
-            "HTTP requests served",
-            m.http_requests.clone(),
-        );
+        m.http.register(&mut registry);
         registry.register("instances", "Registered instances", m.instances.clone());
         registry.register(
             "passing_instances",

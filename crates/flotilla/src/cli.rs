@@ -62,12 +62,34 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Move an instance to another node (blue/green if stateless, cold if stateful).
     Migrate(MigrateArgs),
+    /// Print a shell completion script: `flotilla completions bash >
+    /// /etc/bash_completion.d/flotilla` (bash, zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
+    /// Write the man pages (flotilla.1 and one per command, flotilla-deploy.1 …) into a
+    /// directory, or flotilla.1 to stdout.
+    Man(ManArgs),
     /// Scoped API tokens: create (shown once), list, revoke (docs/security.md).
     #[command(subcommand)]
     Token(TokenCommand),
     /// Internal: the lb's crash guard (started by `flotilla lb` when `[ha]` is set).
     #[command(hide = true)]
     HaGuard,
+}
+
+/// Flags of `flotilla completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// Flags of `flotilla man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Directory for the pages (made if missing); without it flotilla.1 goes to stdout.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
 }
 
 /// Flags of `flotilla server`.
@@ -290,6 +312,9 @@ pub struct BuildArgs {
     /// Docker Engine to load into (and to read `image:` bases from).
     #[arg(long, default_value = "unix:///var/run/docker.sock")]
     pub docker: String,
+    /// Print the images built as JSON (for scripts).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of `flotilla deploy`.

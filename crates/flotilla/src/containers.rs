@@ -122,25 +122,43 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let mut rows = Vec::new();
     for (name, b) in built {
-        match (&args.out, &engine) {
+        let file = match (&args.out, &engine) {
             (Some(dir), _) => {
                 let file = dir.join(format!("{}-{name}.tar", spec.name));
                 std::fs::write(&file, &b.archive)?;
-                println!("{name}: {} {} -> {}", b.tag, b.id, file.display());
+                if !args.json {
+                    println!("{name}: {} {} -> {}", b.tag, b.id, file.display());
+                }
+                Some(file)
             }
             (None, Some(d)) => {
                 flotilla_agent::build::load(d, b.archive).await?;
-                println!(
-                    "{name}: {} {} ({} layers, spec {})",
-                    b.tag,
-                    b.id,
-                    b.diff_ids.len(),
-                    &b.spec_hash[..12]
-                );
+                if !args.json {
+                    println!(
+                        "{name}: {} {} ({} layers, spec {})",
+                        b.tag,
+                        b.id,
+                        b.diff_ids.len(),
+                        &b.spec_hash[..12]
+                    );
+                }
+                None
             }
             _ => unreachable!(),
-        }
+        };
+        rows.push(serde_json::json!({
+            "service": name,
+            "tag": b.tag,
+            "id": b.id,
+            "layers": b.diff_ids.len(),
+            "spec_hash": b.spec_hash,
+            "file": file,
+        }));
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
     }
     Ok(())
 }
@@ -203,14 +221,16 @@ fn read_secrets(
 }
 
 /// Deploys a stack file: builds, distributes images, stores the desired state, and
-/// (unless `detach`) waits until every replica of the new version passes.
+/// (with `wait`) waits until every replica of the new version passes; prints progress
+/// unless `quiet`.
 pub async fn deploy_file(
     c: &Client,
     token: &AgentCreds,
     path: &Path,
     docker: &str,
     wait: Option<Duration>,
-) -> anyhow::Result<()> {
+    quiet: bool,
+) -> anyhow::Result<Deployed> {
     let (spec, dir) = load_spec(path)?;
     // Secret values are read before anything is built or sent: a missing file stops the
     // deploy with nothing changed.
@@ -260,21 +280,48 @@ pub async fn deploy_file(
         })
         .collect();
     let r = c.deploy(&spec.name, &services).await?;
-    println!(
-        "stack {} generation {} stored; {} services",
-        spec.name,
-        r["generation"],
-        services.len()
-    );
-    if let Some(within) = wait {
-        wait_converged(c, &spec.name, within).await?;
+    let mut done = Deployed {
+        stack: spec.name.clone(),
+        generation: r["generation"].as_u64().unwrap_or(0),
+        services: services.keys().cloned().collect(),
+        converged_s: None,
+    };
+    if !quiet {
+        println!(
+            "stack {} generation {} stored; {} services",
+            done.stack,
+            done.generation,
+            done.services.len()
+        );
     }
-    Ok(())
+    if let Some(within) = wait {
+        done.converged_s = Some(wait_converged(c, &spec.name, within, quiet).await?);
+    }
+    Ok(done)
+}
+
+/// What `deploy` did (`--json`).
+#[derive(Debug, serde::Serialize)]
+pub struct Deployed {
+    /// The stack.
+    pub stack: String,
+    /// Its generation now.
+    pub generation: u64,
+    /// Its services.
+    pub services: Vec<String>,
+    /// Seconds until every replica passed (not waited for with `--detach`).
+    pub converged_s: Option<f64>,
 }
 
 /// Waits until every service of the stack has `replicas` passing instances of its
-/// desired version; fails if the server records a rollback.
-pub async fn wait_converged(c: &Client, stack: &str, within: Duration) -> anyhow::Result<()> {
+/// desired version (printing progress unless `quiet`); fails if the server records a
+/// rollback. Returns how long it took, in seconds.
+pub async fn wait_converged(
+    c: &Client,
+    stack: &str,
+    within: Duration,
+    quiet: bool,
+) -> anyhow::Result<f64> {
     let t0 = Instant::now();
     let mut last = String::new();
     loop {
@@ -292,15 +339,17 @@ pub async fn wait_converged(c: &Client, stack: &str, within: Duration) -> anyhow
         }
         let line = status.join(", ");
         if line != last {
-            println!("  {:>5.1}s  {line}", t0.elapsed().as_secs_f64());
+            if !quiet {
+                println!("  {:>5.1}s  {line}", t0.elapsed().as_secs_f64());
+            }
             last = line;
         }
         if done {
-            println!(
-                "stack {stack} converged in {:.1}s",
-                t0.elapsed().as_secs_f64()
-            );
-            return Ok(());
+            let secs = t0.elapsed().as_secs_f64();
+            if !quiet {
+                println!("stack {stack} converged in {secs:.1}s");
+            }
+            return Ok(secs);
         }
         if t0.elapsed() > within {
             bail!(
@@ -317,7 +366,12 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
     let c = client(&args.client)?;
     let token = token_of(&args.client)?;
     let wait = (!args.detach).then_some(args.timeout.into());
-    deploy_file(&c, &token, &args.spec, &args.docker, wait).await
+    let json = args.client.json;
+    let done = deploy_file(&c, &token, &args.spec, &args.docker, wait, json).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&done)?);
+    }
+    Ok(())
 }
 
 /// Finds the stack that has `service` (or `stack` if given).
@@ -354,18 +408,29 @@ pub async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
         let stack = stack_of(&c, args.stack.as_deref(), svc).await?;
         plan.push((stack, svc.to_owned(), n));
     }
+    let json = args.client.json;
+    let mut scaled = Vec::new();
     for (stack, svc, n) in &plan {
         c.scale(stack, svc, *n).await?;
-        println!("{stack}/{svc}: replicas = {n}");
+        if !json {
+            println!("{stack}/{svc}: replicas = {n}");
+        }
+        scaled.push(serde_json::json!({ "stack": stack, "service": svc, "replicas": n }));
     }
+    let mut converged = BTreeMap::new();
     if !args.detach {
         for stack in plan
             .iter()
             .map(|p| &p.0)
             .collect::<std::collections::BTreeSet<_>>()
         {
-            wait_converged(&c, stack, args.timeout.into()).await?;
+            let secs = wait_converged(&c, stack, args.timeout.into(), json).await?;
+            converged.insert(stack.clone(), secs);
         }
+    }
+    if json {
+        let out = serde_json::json!({ "scaled": scaled, "converged_s": converged });
+        println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(())
 }
@@ -375,10 +440,13 @@ pub async fn rm(args: RmArgs) -> anyhow::Result<()> {
     let c = client(&args.client)?;
     let stack = args.stack.clone().context("a stack name")?;
     c.remove_stack(&stack).await?;
-    println!(
-        "stack {} removed from the desired state; waiting for its replicas to stop",
-        stack
-    );
+    let json = args.client.json;
+    if !json {
+        println!(
+            "stack {} removed from the desired state; waiting for its replicas to stop",
+            stack
+        );
+    }
     let t0 = Instant::now();
     let token = token_of(&args.client)?;
     loop {
@@ -396,11 +464,15 @@ pub async fn rm(args: RmArgs) -> anyhow::Result<()> {
             Vec::new()
         };
         if left == 0 && containers.is_empty() {
-            println!(
-                "stack {} is gone ({:.1}s): its containers and networks removed, its volumes kept",
-                stack,
-                t0.elapsed().as_secs_f64()
-            );
+            let secs = t0.elapsed().as_secs_f64();
+            if json {
+                let out = serde_json::json!({ "stack": stack, "gone_s": secs });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!(
+                    "stack {stack} is gone ({secs:.1}s): its containers and networks removed, its volumes kept"
+                );
+            }
             return Ok(());
         }
         if t0.elapsed() > Duration::from_secs(60) {
@@ -496,6 +568,7 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let token = token_of(&args.client)?;
     let dir = args.to.clone().unwrap_or_else(|| PathBuf::from("."));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut rows = Vec::new();
     for inst in resolve(&c, &args.instance).await? {
         let node = node_of(&c, inst.node.as_deref().unwrap_or_default()).await?;
         let api = agent_of(&node, &token)?;
@@ -505,7 +578,7 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
             .get("container_name")
             .cloned()
             .unwrap_or(container.clone());
-        let stamp = flotilla_core::record::unix_ms();
+        let stamp = flotilla_core::record::file_stamp(flotilla_core::record::unix_ms());
         let file = dir.join(format!("{name}-{stamp}.flotilla-backup"));
         let t0 = Instant::now();
         let manifest = fetch_backup(
@@ -520,16 +593,29 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
         .await?;
         let secs = t0.elapsed().as_secs_f64();
         let size = std::fs::metadata(&file)?.len();
+        let mib = size as f64 / 1048576.0;
+        if args.client.json {
+            rows.push(serde_json::json!({
+                "instance": inst.id,
+                "archive": file,
+                "parts": manifest.parts.len(),
+                "bytes": size,
+                "consistency": manifest.consistency,
+                "seconds": secs,
+            }));
+            continue;
+        }
         println!(
-            "{}: {} ({} parts, {:.1} MiB, {} , {:.1}s, {:.0} MiB/s)",
+            "{}: {} ({} parts, {mib:.1} MiB, {} , {secs:.1}s, {:.0} MiB/s)",
             inst.id,
             file.display(),
             manifest.parts.len(),
-            size as f64 / 1048576.0,
             manifest.consistency,
-            secs,
-            size as f64 / 1048576.0 / secs.max(1e-9)
+            mib / secs.max(1e-9)
         );
+    }
+    if args.client.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
     }
     Ok(())
 }
@@ -626,6 +712,20 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let v = api.restore(&q, reqwest::Body::wrap_stream(stream)).await?;
     pb.finish_and_clear();
+    if args.client.json {
+        let out = serde_json::json!({
+            "archive": args.archive,
+            "node": node.name,
+            "name": v.name,
+            "id": v.id,
+            "parts_checked": manifest.parts.len(),
+            "bytes": v.bytes,
+            "seconds": t0.elapsed().as_secs_f64(),
+            "passing_after_ms": v.passing_after_ms,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
     println!(
         "restored {} on {} as {} ({} parts checked, {:.1}s{})",
         args.archive.display(),

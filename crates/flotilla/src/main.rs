@@ -7,6 +7,7 @@ mod containers;
 mod daily;
 mod home;
 mod keynodes;
+mod manuals;
 mod ops;
 mod run;
 

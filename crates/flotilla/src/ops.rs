@@ -232,6 +232,9 @@ pub async fn nodes(args: ClientArgs) -> anyhow::Result<()> {
 /// `flotilla deregister`.
 pub async fn deregister(args: DeregisterArgs) -> anyhow::Result<()> {
     let v = client(&args.client)?.deregister(&args.instance).await?;
+    if args.client.json {
+        return print_json(&v);
+    }
     println!(
         "deregistered {}",
         v.get("id")
@@ -253,6 +256,15 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
             .context("watching")?;
         if s.index != index {
             index = s.index;
+            if args.client.json {
+                // One JSON object a line (a stream a script can read line by line).
+                println!("{}", serde_json::to_string(&s)?);
+                seen += 1;
+                if args.count > 0 && seen >= args.count {
+                    return Ok(());
+                }
+                continue;
+            }
             let addrs: Vec<String> = s
                 .instances
                 .iter()
@@ -322,6 +334,9 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
         }
         TokenCommand::Revoke(args) => {
             client(&args.client)?.revoke_token(&args.id).await?;
+            if args.client.json {
+                return print_json(&serde_json::json!({ "revoked": args.id }));
+            }
             println!("revoked {}", args.id);
         }
     }

@@ -34,6 +34,11 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Restore(args) => crate::containers::restore(args).await,
         Command::Migrate(args) => crate::containers::migrate(args).await,
         Command::Token(cmd) => crate::ops::token(cmd).await,
+        Command::Completions(args) => {
+            crate::manuals::completions(args.shell, &mut std::io::stdout())?;
+            Ok(())
+        }
+        Command::Man(args) => crate::manuals::man(args.dir.as_deref()),
         Command::HaGuard => tokio::task::spawn_blocking(flotilla_ha::guard::run)
             .await?
             .map_err(anyhow::Error::msg),
@@ -363,10 +368,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
                 &spec,
                 &docker,
                 Some(std::time::Duration::from_secs(120)),
+                false,
             )
             .await;
             match r {
-                Ok(()) => match lb_url {
+                Ok(_) => match lb_url {
                     Some(u) => println!("demo stack is up: curl {u}"),
                     None => println!("demo stack is up"),
                 },

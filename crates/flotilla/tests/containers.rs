@@ -413,13 +413,24 @@ async fn deploy_scale_restart_and_rm_converge() {
     );
     let home = dir.path();
     let t0 = Instant::now();
-    ok(cli(
+    // `--json`: one JSON document on stdout, no progress lines.
+    let o = ok(cli(
         &server,
         home,
-        &["deploy", spec.to_str().unwrap(), "--timeout", "60s"],
+        &[
+            "deploy",
+            spec.to_str().unwrap(),
+            "--timeout",
+            "60s",
+            "--json",
+        ],
         &[],
     )
     .await);
+    let deployed: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("deploy --json: {e}: {}", text(&o)));
+    assert_eq!(deployed["stack"], stack.as_str(), "{deployed}");
+    assert!(deployed["converged_s"].as_f64().is_some(), "{deployed}");
     println!("deploy of 3 replicas converged in {:?}", t0.elapsed());
     assert_eq!(passing_in(&client, &stack, "web").await.len(), 3);
 
@@ -469,7 +480,10 @@ async fn deploy_scale_restart_and_rm_converge() {
     })
     .await;
 
-    ok(cli(&server, home, &["rm", &stack], &[]).await);
+    let o = ok(cli(&server, home, &["rm", &stack, "--json"], &[]).await);
+    let gone: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("rm --json: {e}: {}", text(&o)));
+    assert!(gone["gone_s"].as_f64().is_some(), "{gone}");
     // `rm` returns only when every container is removed (not when the replicas are
     // deregistered and still draining).
     assert_eq!(

@@ -1513,7 +1513,7 @@ grace = "3s"
                 let newer = archive_names(&copies_dir).iter().any(|name| {
                     name.strip_prefix("ctl-registry-0-")
                         .and_then(|r| r.strip_suffix(".flotilla-backup"))
-                        .and_then(|ms| ms.parse::<u64>().ok())
+                        .and_then(flotilla_core::record::parse_file_stamp)
                         .is_some_and(|ms| ms > written_ms)
                 });
                 std::future::ready(newer)

@@ -137,3 +137,128 @@ async fn logs_follow_a_container_across_a_restart_and_exec_returns_its_exit_code
         &seen[seen.len().saturating_sub(5)..]
     );
 }
+
+/// Runs `promtool check metrics` on `text`; its verdict and output.
+fn promtool(text: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is installed");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The server's, the agent's and the lb's `/metrics`, scraped as a plain client
+/// (Prometheus text) and as Prometheus does (OpenMetrics), after some traffic:
+/// `promtool check metrics` accepts each, every family has HELP text, requests are
+/// labelled `code` and timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metrics_endpoint_passes_promtool() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let _agent = agent(dir.path(), &server, "host-m", None);
+    eventually(Duration::from_secs(15), "the agent's node", || async {
+        client
+            .nodes()
+            .await
+            .is_ok_and(|n| n.len() == 1 && n[0].api.is_some())
+    })
+    .await;
+    let agent_api = client.nodes().await.unwrap()[0].api.clone().unwrap();
+    let lb_text = "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nbackends = [\"127.0.0.1:9\"]\n";
+    let lb_config: flotilla_lb::config::LbConfig =
+        flotilla_core::config::parse_toml(std::path::Path::new("lb.toml"), lb_text).unwrap();
+    let lb = flotilla_lb::start(lb_config).await.unwrap();
+    let http = server.http();
+    // Traffic on each: reads and a refused write on the server, a read on the agent, a
+    // request through the lb (to a closed port: a failure is a sample too).
+    client.instances().await.unwrap();
+    let _ = http
+        .put(format!("{}/v1/instances/x", server.url))
+        .send()
+        .await
+        .unwrap();
+    let _ = http
+        .get(format!("{agent_api}/v1/images?tag=none"))
+        .bearer_auth(server.token())
+        .send()
+        .await
+        .unwrap();
+    let _ = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://{}/", lb.addrs[0]))
+        .send()
+        .await;
+    let admin = lb.admin_addr.unwrap();
+    let endpoints = [
+        (
+            "server",
+            format!("{}/metrics", server.url),
+            "flotilla_registry_",
+        ),
+        ("agent", format!("{agent_api}/metrics"), "flotilla_agent_"),
+        ("lb", format!("http://{admin}/metrics"), "flotilla_lb_"),
+    ];
+    for (what, url, prefix) in endpoints {
+        for accept in [
+            "*/*",
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+        ] {
+            let resp = http
+                .get(&url)
+                .header("accept", accept)
+                .bearer_auth(server.token())
+                .send()
+                .await
+                .unwrap();
+            assert!(resp.status().is_success(), "{what}: {}", resp.status());
+            let kind = resp.headers()["content-type"].to_str().unwrap().to_owned();
+            let text = resp.text().await.unwrap();
+            assert!(text.contains(prefix), "{what}: {text}");
+            if kind.starts_with("application/openmetrics-text") {
+                // promtool 2.42 reads only the Prometheus text format; the OpenMetrics
+                // answer must end as OpenMetrics does and carry the same families.
+                assert!(text.ends_with("# EOF\n"), "{what}");
+                continue;
+            }
+            let (ok, out) = promtool(&text);
+            assert!(
+                ok,
+                "{what} ({kind}): promtool check metrics:\n{out}\n{text}"
+            );
+            println!("{what}: {} lines, promtool: ok", text.lines().count());
+            if what != "lb" {
+                assert!(
+                    text.contains(&format!(
+                        "{prefix}http_requests_total{{method=\"GET\",code=\"200\"}}"
+                    )),
+                    "{what}: {text}"
+                );
+                assert!(
+                    text.contains(&format!("{prefix}http_request_duration_seconds_bucket")),
+                    "{what}: {text}"
+                );
+            }
+        }
+    }
+}
