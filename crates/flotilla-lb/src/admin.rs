@@ -157,6 +157,7 @@ pub fn metrics(listeners: &[Arc<Listener>]) -> String {
             }
         }
     }
+    listener_metrics(&mut out, listeners);
     let name = "flotilla_lb_latency_seconds";
     let _ = writeln!(
         out,
@@ -173,6 +174,61 @@ pub fn metrics(listeners: &[Arc<Listener>]) -> String {
         }
     }
     out
+}
+
+/// Each listener's traffic: connections, bytes from and to clients, responses by class.
+fn listener_metrics(out: &mut String, listeners: &[Arc<Listener>]) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let families: [(&str, &str, &str); 4] = [
+        (
+            "flotilla_lb_connections_total",
+            "counter",
+            "Client connections accepted",
+        ),
+        (
+            "flotilla_lb_open_connections",
+            "gauge",
+            "Client connections open now",
+        ),
+        (
+            "flotilla_lb_received_bytes_total",
+            "counter",
+            "Bytes received from clients (TCP listeners: counted when a session ends)",
+        ),
+        (
+            "flotilla_lb_sent_bytes_total",
+            "counter",
+            "Bytes sent to clients (TCP listeners: counted when a session ends)",
+        ),
+    ];
+    for (name, kind, help) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for l in listeners {
+            let st = &l.stats;
+            let v = match name {
+                "flotilla_lb_connections_total" => st.connections.load(Relaxed) as i64,
+                "flotilla_lb_open_connections" => st.open.load(Relaxed),
+                "flotilla_lb_received_bytes_total" => st.bytes_in.load(Relaxed) as i64,
+                _ => st.bytes_out.load(Relaxed) as i64,
+            };
+            let _ = writeln!(out, "{name}{{listener=\"{}\"}} {v}", l.cfg.name);
+        }
+    }
+    let name = "flotilla_lb_responses_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} HTTP responses sent to clients, by status class (the lb's own errors included)\n# TYPE {name} counter"
+    );
+    for l in listeners {
+        for (class, n) in crate::stats::CLASSES.iter().zip(&l.stats.responses) {
+            let _ = writeln!(
+                out,
+                "{name}{{listener=\"{}\",code=\"{class}\"}} {}",
+                l.cfg.name,
+                n.load(Relaxed)
+            );
+        }
+    }
 }
 
 /// The VRRP router's part of `/metrics`.

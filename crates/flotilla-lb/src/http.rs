@@ -152,6 +152,8 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let idle = listener.cfg.idle_timeout;
+    let _open = listener.stats.connection();
+    let stream = crate::stats::Counted::new(stream, listener.stats.clone());
     // The client's address as a header value, made once per connection, not per request.
     let ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header");
     let svc = hyper::service::service_fn(move |req| {
@@ -161,7 +163,12 @@ where
             ip: ip.clone(),
             tls,
         };
-        async move { Ok::<_, std::convert::Infallible>(proxy(listener, client, req).await) }
+        async move {
+            let stats = listener.stats.clone();
+            let resp = proxy(listener, client, req).await;
+            stats.response(resp.status().as_u16());
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // Flattened writes: small responses go out in one plain write, not a writev.

@@ -18,6 +18,7 @@ pub mod pool;
 pub mod run;
 pub mod scheduler;
 pub mod splice;
+pub mod stats;
 pub mod tcp;
 pub mod tls;
 pub mod upstream;

@@ -27,6 +27,8 @@ pub struct Listener {
     /// Error pages name backends (`[admin] verbose_errors`); otherwise they say only what
     /// went wrong, so clients learn nothing of the addresses behind the lb.
     pub verbose_errors: bool,
+    /// Traffic counters (`/metrics`).
+    pub stats: Arc<crate::stats::ListenerStats>,
     backends: ArcSwap<Vec<Arc<Backend>>>,
     /// Backends removed from the set that still had requests in flight, for status.
     draining: std::sync::Mutex<Vec<Arc<Backend>>>,
@@ -53,6 +55,7 @@ impl Listener {
                 .collect(),
             verbose_errors,
             cfg,
+            stats: Default::default(),
             backends: ArcSwap::from_pointee(initial),
             draining: Default::default(),
         })

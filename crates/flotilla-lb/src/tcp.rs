@@ -11,6 +11,7 @@ use crate::listener::Listener;
 /// Proxies one accepted TCP connection.
 pub async fn serve_connection(listener: Arc<Listener>, client: TcpStream, peer: SocketAddr) {
     let cfg = &listener.cfg;
+    let _open = listener.stats.connection();
     let _ = client.set_nodelay(true);
     let key = if listener.hash.is_some() {
         crate::http::ip_key(peer)
@@ -55,6 +56,9 @@ pub async fn serve_connection(listener: Arc<Listener>, client: TcpStream, peer: 
         // write shutdown on its own, so a half-closed client still reads the answer.
         match crate::splice::relay(&client, &upstream, cfg.idle_timeout).await {
             Ok((up, down)) => {
+                use std::sync::atomic::Ordering::Relaxed;
+                listener.stats.bytes_in.fetch_add(up, Relaxed);
+                listener.stats.bytes_out.fetch_add(down, Relaxed);
                 tracing::debug!(backend = %backend.addr, up, down, secs = started.elapsed().as_secs_f64(), "tcp session done")
             }
             Err(e) => {

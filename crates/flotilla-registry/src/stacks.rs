@@ -21,9 +21,6 @@ use crate::api::{applied, block_until, put_record, with_index, ApiError, Blockin
 use crate::keys;
 use crate::state::Shared;
 
-/// Serialises read-modify-write of stack records on this server.
-static WRITE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 pub(crate) fn routes() -> Router<Arc<Shared>> {
     Router::new()
         .route("/v1/stacks", get(list))
@@ -245,7 +242,7 @@ async fn deploy(
         validate_service(svc, s)?;
         check_grace(&shared, svc, s)?;
     }
-    let _w = WRITE.lock().await;
+    let _w = shared.stack_write.lock().await;
     let old = shared.catalog().stack(&name).cloned();
     let mut services = body.services;
     let (generation, previous) = match &old {
@@ -289,7 +286,7 @@ async fn remove(
     State(shared): State<Arc<Shared>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let _w = WRITE.lock().await;
+    let _w = shared.stack_write.lock().await;
     let Some(services) = shared
         .catalog()
         .stack(&name)
@@ -325,7 +322,7 @@ async fn modify(
     svc: &str,
     f: impl FnOnce(&mut StackRecord) -> Result<(), ApiError>,
 ) -> Result<Response, ApiError> {
-    let _w = WRITE.lock().await;
+    let _w = shared.stack_write.lock().await;
     let mut rec = shared
         .catalog()
         .stack(name)

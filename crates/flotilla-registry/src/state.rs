@@ -57,6 +57,9 @@ pub struct Shared {
     /// Serialises subnet allocations within this server (the store's election
     /// serialises them between servers).
     pub(crate) subnet_lock: tokio::sync::Mutex<()>,
+    /// Serialises read-modify-write of stack records within this server (a process
+    /// running several servers, as the tests and benchmarks do, has one per server).
+    pub(crate) stack_write: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -80,6 +83,7 @@ impl Shared {
             http,
             tls: Default::default(),
             subnet_lock: Default::default(),
+            stack_write: Default::default(),
         })
     }
 
