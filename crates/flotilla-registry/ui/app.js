@@ -254,7 +254,9 @@ function render() {
   if (!state.token) return;
   const main = document.getElementById('main');
   const m = location.hash.match(/^#\/service\/(.+)$/);
-  const page = m ? servicePage(decodeURIComponent(m[1])) : overview();
+  const st = location.hash.match(/^#\/stack\/(.+)$/);
+  const page = m ? servicePage(decodeURIComponent(m[1]))
+    : st ? stackPage(decodeURIComponent(st[1])) : overview();
   main.replaceChildren(page);
 }
 
@@ -301,7 +303,8 @@ function overview() {
       const passing = passingOf(st.name, name, spec);
       const desired = svc.spec.replicas ?? 1;
       stackRows.push(el('tr', { 'data-stack': st.name + '/' + name, class: passing < desired ? 'critical' : '' },
-        el('td', {}, st.name), el('td', {}, el('a', { href: '#/service/' + encodeURIComponent(name) }, name)),
+        el('td', {}, el('a', { href: '#/stack/' + encodeURIComponent(st.name) }, st.name)),
+        el('td', {}, el('a', { href: '#/service/' + encodeURIComponent(name) }, name)),
         el('td', {}, svc.spec.version ?? '1'), el('td', { class: 'num' }, desired),
         el('td', { class: 'num' }, passing), el('td', { class: 'muted' }, spec),
         el('td', {}, st.rolled_back && st.rolled_back.startsWith(name) ? 'rolled back: ' + st.rolled_back : '')));
@@ -326,6 +329,49 @@ function overview() {
     el('h2', {}, 'Stacks'), stacks,
     el('h2', {}, 'Stateful replicas'), replicas,
     el('h2', {}, 'Recent changes'), events);
+}
+
+// One stack: per service the version running and the one before it, desired against
+// passing, a rollout in progress (replicas of the old version still up), pins and the
+// last rollback; and the stack's stateful replicas.
+function stackPage(name) {
+  const now = Date.now();
+  const st = state.stacks.find((s) => s.name === name);
+  if (!st) {
+    return el('div', {}, el('h1', {}, `Stack ${name}`),
+      el('p', { class: 'empty' }, 'No such stack (not deployed, or removed).'));
+  }
+  const rows = Object.entries(st.services).map(([svc, d]) => {
+    const spec = d.spec_hash.slice(0, 12);
+    const mine = (state.instances.get(svc) || []).filter((i) => i.meta.stack === name);
+    const current = mine.filter((i) => i.meta.spec === spec);
+    const passing = current.filter((i) => i.health === 'passing').length;
+    const old = mine.length - current.length;
+    const desired = d.spec.replicas ?? 1;
+    const rollout = old > 0 ? `rolling out: ${current.length} new, ${old} old`
+      : passing < desired ? 'converging' : 'steady';
+    const prev = st.previous && st.previous[svc] ? st.previous[svc].spec_hash.slice(0, 12) : '';
+    const pins = Object.entries(d.pins || {}).map(([r, n]) => `${r} → ${n}`).join(', ');
+    return el('tr', { 'data-stack-service': svc, class: passing < desired ? 'critical' : '' },
+      el('td', {}, el('a', { href: '#/service/' + encodeURIComponent(svc) }, svc)),
+      el('td', {}, d.spec.version ?? '1'), el('td', { class: 'muted' }, spec),
+      el('td', { class: 'num' }, desired), el('td', { class: 'num' }, passing),
+      el('td', {}, rollout), el('td', { class: 'muted' }, prev), el('td', {}, pins));
+  });
+  const replicas = table(['Replica', 'Node', 'Generation#', 'State'],
+    Object.entries(state.assignments).filter(([key]) => key.startsWith(name + '/'))
+      .map(([key, a]) => el('tr', { 'data-replica': key },
+        el('td', {}, key), el('td', {}, a.node), el('td', { class: 'num' }, a.generation),
+        el('td', {}, replicaState(a, now)))),
+    'No stateful replicas.');
+  return el('div', {},
+    el('h1', {}, `Stack ${name}`),
+    el('p', { class: 'muted' }, `generation ${st.generation}`),
+    st.rolled_back ? el('p', { id: 'rolled-back' }, el('span', { class: 'badge warn' }, 'rolled back'),
+      ' ' + st.rolled_back) : el('p', { class: 'muted' }, 'No rollback.'),
+    table(['Service', 'Version', 'Spec', 'Desired#', 'Passing#', 'Rollout', 'Previous', 'Pins'],
+      rows, 'No services.'),
+    el('h2', {}, 'Stateful replicas'), replicas);
 }
 
 function replicaState(a, now) {

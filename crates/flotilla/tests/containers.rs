@@ -911,20 +911,64 @@ fn evil_archive(good: &[u8], edit: impl Fn(&mut serde_json::Value), path: &str) 
     b.into_inner().unwrap()
 }
 
+/// Two engines that share nothing, a server, a network of one name on each engine, and
+/// node a's agent, up (node b's agent is the test's to start).
+struct TwoEngines {
+    dir: tempfile::TempDir,
+    da: Dockerd,
+    db: Dockerd,
+    server: Server,
+    client: Client,
+    net_name: String,
+    nets: (DockerNetwork, DockerNetwork),
+    node_a: String,
+    node_b: String,
+    agent_a: Proc,
+}
+
+impl TwoEngines {
+    async fn start(network: &str) -> TwoEngines {
+        let dir = tempfile::tempdir().unwrap();
+        let da = Dockerd::start("a").unwrap();
+        let db = Dockerd::start("b").unwrap();
+        let server = Server::start(dir.path(), "s", &[]);
+        let client = server.client();
+        let net_name = unique(network);
+        let na = DockerNetwork::create_on(Some(&da.host), &net_name).unwrap();
+        let nb = DockerNetwork::create_on(Some(&db.host), &net_name).unwrap();
+        let (node_a, node_b) = (unique("a").replace('_', "-"), unique("b").replace('_', "-"));
+        let agent_a = agent_on(dir.path(), &server, &node_a, None, Some(&da.host));
+        node_up(&client, 1).await;
+        TwoEngines {
+            dir,
+            da,
+            db,
+            server,
+            client,
+            net_name,
+            nets: (na, nb),
+            node_a,
+            node_b,
+            agent_a,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_move_between_engines_that_share_nothing() {
-    let dir = tempfile::tempdir().unwrap();
     let testsvc = common::testsvc_image();
-    let da = Dockerd::start("a").unwrap();
-    let db = Dockerd::start("b").unwrap();
-    let server = Server::start(dir.path(), "s", &[]);
-    let client = server.client();
-    let net_name = unique("flotilla-mig");
-    let _na = DockerNetwork::create_on(Some(&da.host), &net_name).unwrap();
-    let _nb = DockerNetwork::create_on(Some(&db.host), &net_name).unwrap();
-    let (node_a, node_b) = (unique("a").replace('_', "-"), unique("b").replace('_', "-"));
-    let _agent_a = agent_on(dir.path(), &server, &node_a, None, Some(&da.host));
-    node_up(&client, 1).await;
+    let TwoEngines {
+        dir,
+        da,
+        db,
+        server,
+        client,
+        net_name,
+        nets: (_na, _nb),
+        node_a,
+        node_b,
+        agent_a: _agent_a,
+    } = TwoEngines::start("flotilla-mig").await;
     let stack = unique("mig").replace('_', "-");
     let home = dir.path();
     let spec = write_stack(
@@ -1679,17 +1723,18 @@ struct NotesCluster {
 
 impl NotesCluster {
     async fn start(writes: u32) -> NotesCluster {
-        let dir = tempfile::tempdir().unwrap();
-        let da = Dockerd::start("a").unwrap();
-        let db = Dockerd::start("b").unwrap();
-        let server = Server::start(dir.path(), "s", &[]);
-        let client = server.client();
-        let net_name = unique("flotilla-mf");
-        let na = DockerNetwork::create_on(Some(&da.host), &net_name).unwrap();
-        let nb = DockerNetwork::create_on(Some(&db.host), &net_name).unwrap();
-        let (node_a, node_b) = (unique("a").replace('_', "-"), unique("b").replace('_', "-"));
-        let agent_a = agent_on(dir.path(), &server, &node_a, None, Some(&da.host));
-        node_up(&client, 1).await;
+        let TwoEngines {
+            dir,
+            da,
+            db,
+            server,
+            client,
+            net_name,
+            nets: (na, nb),
+            node_a,
+            node_b,
+            agent_a,
+        } = TwoEngines::start("flotilla-mf").await;
         let stack = unique("mf").replace('_', "-");
         let spec = write_stack(
             &dir.path().join("spec"),
@@ -1722,7 +1767,7 @@ impl NotesCluster {
             _nets: (na, nb),
         };
         let notes = cluster.lb().await;
-        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let http = common::direct_http();
         for n in 0..writes {
             let r = http
                 .get(format!("http://{}/cgi-bin/append?w{n}", notes.addrs[0]))
@@ -1761,10 +1806,7 @@ impl NotesCluster {
     /// Every note written so far, read through a fresh lb.
     async fn notes(&self) -> Vec<String> {
         let lb = self.lb().await;
-        let body = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .unwrap()
+        let body = common::direct_http()
             .get(format!("http://{}/cgi-bin/read", lb.addrs[0]))
             .send()
             .await
@@ -1795,10 +1837,42 @@ impl NotesCluster {
         (containers, volumes)
     }
 
-    fn agents(&self) -> flotilla_client::migrate::AgentConnector {
-        flotilla_client::migrate::AgentConnector {
+    /// Migrates the notes replica from node a to node b through the migration library,
+    /// with `stage`'s stream broken after `bytes` (as a failing network would).
+    async fn migrate_broken(
+        &self,
+        stage: flotilla_client::migrate::Stage,
+        bytes: u64,
+    ) -> Result<flotilla_client::migrate::MigrationReport, flotilla_client::migrate::MigrateError>
+    {
+        let tap = flotilla_client::migrate::break_after(stage, bytes);
+        self.migrate_to_b(Some(tap)).await
+    }
+
+    /// Migrates the notes replica from node a to node b through the migration library.
+    async fn migrate_to_b(
+        &self,
+        tap: Option<flotilla_client::migrate::StreamTap>,
+    ) -> Result<flotilla_client::migrate::MigrationReport, flotilla_client::migrate::MigrateError>
+    {
+        use flotilla_client::migrate::{migrate, AgentConnector, MigrateOptions};
+        let on_a = self.notes_on(&self.node_a).await;
+        let agents = AgentConnector {
             http: self.server.http(),
             token: Some(self.server.token()),
+        };
+        let opts = MigrateOptions {
+            tap,
+            ..Default::default()
+        };
+        migrate(&self.client, &agents, &on_a, &self.node_b, &opts).await
+    }
+
+    /// Every one of the first `n` notes written is there.
+    async fn assert_notes(&self, n: u32) {
+        let notes = self.notes().await;
+        for i in 0..n {
+            assert!(notes.contains(&format!("w{i}")), "w{i} lost: {notes:?}");
         }
     }
 }
@@ -1808,15 +1882,10 @@ impl NotesCluster {
 /// arrives; the broken pre-copy leaves nothing on the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_pre_copy_falls_back_to_a_whole_copy() {
-    use flotilla_client::migrate::{break_after, migrate, MigrateOptions, Stage};
     let c = NotesCluster::start(20).await;
     let _cleanup = &c.dir;
-    let on_a = c.notes_on(&c.node_a).await;
-    let opts = MigrateOptions {
-        tap: Some(break_after(Stage::PreCopy, 1500)),
-        ..Default::default()
-    };
-    let report = migrate(&c.client, &c.agents(), &on_a, &c.node_b, &opts)
+    let report = c
+        .migrate_broken(flotilla_client::migrate::Stage::PreCopy, 1500)
         .await
         .expect("the migration falls back to a whole copy");
     println!("{report:?}");
@@ -1829,10 +1898,7 @@ async fn a_failed_pre_copy_falls_back_to_a_whole_copy() {
     assert!(report.final_bytes > 1500, "{report:?}");
     assert_eq!(report.to, c.node_b);
     c.notes_on(&c.node_b).await;
-    let notes = c.notes().await;
-    for n in 0..20 {
-        assert!(notes.contains(&format!("w{n}")), "w{n} lost: {notes:?}");
-    }
+    c.assert_notes(20).await;
     // One copy on b (the whole one), nothing left on a.
     let (on_b, _) = c.notes_left(&c.db);
     assert_eq!(on_b.len(), 1, "{on_b:?}");
@@ -1844,15 +1910,10 @@ async fn a_failed_pre_copy_falls_back_to_a_whole_copy() {
 /// and the source runs and passes again with every note; the replica stays on node a.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_final_delta_removes_the_target_copy_and_restarts_the_source() {
-    use flotilla_client::migrate::{break_after, migrate, MigrateOptions, Stage};
     let c = NotesCluster::start(20).await;
     let _cleanup = &c.dir;
-    let on_a = c.notes_on(&c.node_a).await;
-    let opts = MigrateOptions {
-        tap: Some(break_after(Stage::Final, 100)),
-        ..Default::default()
-    };
-    let err = migrate(&c.client, &c.agents(), &on_a, &c.node_b, &opts)
+    let err = c
+        .migrate_broken(flotilla_client::migrate::Stage::Final, 100)
         .await
         .expect_err("a broken final delta fails the migration");
     let msg = format!("{err}");
@@ -1861,10 +1922,7 @@ async fn a_failed_final_delta_removes_the_target_copy_and_restarts_the_source() 
     // The source passes again, still on a, with every note; a new write is kept.
     let again = c.notes_on(&c.node_a).await;
     assert_eq!(again.meta.get("replica").map(String::as_str), Some("0"));
-    let notes = c.notes().await;
-    for n in 0..20 {
-        assert!(notes.contains(&format!("w{n}")), "w{n} lost: {notes:?}");
-    }
+    c.assert_notes(20).await;
     // Nothing of the replica is left on b: neither the pre-copy nor its volumes.
     eventually(
         Duration::from_secs(10),
@@ -1880,15 +1938,7 @@ async fn a_failed_final_delta_removes_the_target_copy_and_restarts_the_source() 
         rec.services["notes"].pins
     );
     // And it is not stuck held: a later migration without faults moves it.
-    let report = migrate(
-        &c.client,
-        &c.agents(),
-        &again,
-        &c.node_b,
-        &MigrateOptions::default(),
-    )
-    .await
-    .unwrap();
+    let report = c.migrate_to_b(None).await.unwrap();
     assert!(report.pre_copied_bytes > 0, "{report:?}");
     c.notes_on(&c.node_b).await;
     assert_eq!(c.notes().await.len(), 20);

@@ -1,6 +1,7 @@
 //! The dashboard (`/ui`) in a real browser: headless Chromium driven over WebDriver
 //! (chromedriver), against a real server, agent, engine and container. What an operator
-//! sees must change without a reload when the cluster does.
+//! sees must change without a reload when the cluster does: a service's instances, and
+//! a stack's versions, counts and rollbacks.
 
 mod common;
 
@@ -191,6 +192,72 @@ async fn the_dashboard_follows_the_cluster_live_and_refuses_a_wrong_token_clearl
     eventually(Duration::from_secs(20), "the row removed", || async {
         text(&b, &row).await.is_none()
             && text(&b, "p.empty").await.as_deref() == Some("No instances.")
+    })
+    .await;
+
+    // The stack page follows a stack's desired state live: a deploy, a new version (the
+    // old one kept for rollback), a scale, a rollback, a removal. The records are
+    // written straight to the server (their image exists nowhere, so no replica runs:
+    // the page shows 0 passing and converging).
+    let services = |hash: &str, replicas: u32| {
+        let text = format!(
+            "name = \"shop\"\n[service.api]\nport = 8080\nreplicas = {replicas}\nimage = {{ base = \"busybox\" }}\n"
+        );
+        let spec: flotilla_core::stack::StackSpec =
+            flotilla_core::config::parse_toml(std::path::Path::new("shop.toml"), &text).unwrap();
+        spec.services
+            .into_iter()
+            .map(|(n, spec)| {
+                let d = flotilla_core::stack::DeployedService {
+                    spec,
+                    image: format!("flotilla/shop-api:{hash}"),
+                    image_id: format!("sha256:{hash}"),
+                    spec_hash: hash.repeat(16),
+                    pins: Default::default(),
+                };
+                (n, d)
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    client.deploy("shop", &services("a", 2)).await.unwrap();
+    js(&b, "location.hash = '#/stack/shop'; return true").await;
+    let api = "tr[data-stack-service='api']";
+    let cell = |n: u32| format!("{api} td:nth-child({n})");
+    eventually(Duration::from_secs(10), "the stack page", || async {
+        text(&b, &cell(3)).await.as_deref() == Some("aaaaaaaaaaaa")
+            && text(&b, &cell(4)).await.as_deref() == Some("2")
+            && text(&b, &cell(6)).await.as_deref() == Some("converging")
+    })
+    .await;
+    client.deploy("shop", &services("b", 2)).await.unwrap();
+    client.scale("shop", "api", 3).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the new version, its predecessor and the new count",
+        || async {
+            text(&b, &cell(3)).await.as_deref() == Some("bbbbbbbbbbbb")
+                && text(&b, &cell(7)).await.as_deref() == Some("aaaaaaaaaaaa")
+                && text(&b, &cell(4)).await.as_deref() == Some("3")
+        },
+    )
+    .await;
+    client
+        .rollback("shop", "api", &"b".repeat(16), "health gate failed")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the rollback shown", || async {
+        text(&b, "#rolled-back")
+            .await
+            .is_some_and(|t| t.contains("api bbbbbbbbbbbb: health gate failed"))
+            && text(&b, &cell(3)).await.as_deref() == Some("aaaaaaaaaaaa")
+    })
+    .await;
+    screenshot(&b, "dashboard-stack").await;
+    client.remove_stack("shop").await.unwrap();
+    eventually(Duration::from_secs(10), "the stack gone", || async {
+        text(&b, "p.empty")
+            .await
+            .is_some_and(|t| t.starts_with("No such stack"))
     })
     .await;
     assert_eq!(

@@ -202,10 +202,7 @@ async fn every_metrics_endpoint_passes_promtool() {
         .send()
         .await
         .unwrap();
-    let _ = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
+    let _ = common::direct_http()
         .get(format!("http://{}/", lb.addrs[0]))
         .send()
         .await;

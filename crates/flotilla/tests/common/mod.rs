@@ -350,3 +350,9 @@ pub const NOTES_APPEND_CGI: &str = "#!/bin/sh\nprintf '%s\\n' \"$QUERY_STRING\" 
 /// A CGI answering the whole of `/data/notes`.
 pub const NOTES_READ_CGI: &str =
     "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\ncat /data/notes 2>/dev/null\n";
+
+/// An HTTP client that goes straight to the address it is given (no proxy from the
+/// environment: test traffic stays on loopback and the test's own networks).
+pub fn direct_http() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
