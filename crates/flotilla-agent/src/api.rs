@@ -354,7 +354,7 @@ async fn backup_copy(
     };
     let policy = backup_dir(&inner, &stack, &service).await?;
     let spooled = spool_checked(&inner, body).await?;
-    let prefix = format!("{stack}-{service}-{r}-");
+    let prefix = flotilla_core::recovery::archive_prefix(&stack, &service, r);
     let kept = inner
         .keep_copy(
             &spooled.path,

@@ -87,7 +87,7 @@ impl Inner {
             else {
                 continue;
             };
-            let prefix = format!("{}-{}-{}-", l.stack, l.service, l.replica);
+            let prefix = flotilla_core::recovery::archive_prefix(&l.stack, &l.service, l.replica);
             let due = self.backup_if_due(&l.id, &prefix, &policy).await;
             match due {
                 Ok(Some(file)) => {

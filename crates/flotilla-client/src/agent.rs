@@ -422,10 +422,10 @@ impl AgentClient {
             return Ok(resp);
         }
         let bytes = resp.bytes().await.unwrap_or_default();
-        let (message, stage) = match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(b) => (b.error, b.stage),
-            Err(_) => (ErrorBody::message_of(&bytes), None),
-        };
+        let stage = serde_json::from_slice::<ErrorBody>(&bytes)
+            .ok()
+            .and_then(|b| b.stage);
+        let message = ErrorBody::message_of(&bytes);
         Err(AgentError::Status {
             url: self.url.clone(),
             status: status.as_u16(),

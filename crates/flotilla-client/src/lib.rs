@@ -363,10 +363,7 @@ impl Client {
             message: flotilla_core::error::chain(&e),
         })?;
         if !status.is_success() {
-            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_owned());
+            let message = flotilla_core::error::ErrorBody::message_of(&bytes);
             return Err(ClientError::Status {
                 status: status.as_u16(),
                 message,

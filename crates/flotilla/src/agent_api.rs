@@ -27,19 +27,9 @@ impl AgentCreds {
     }
 }
 
-/// A client of `node`'s agent API.
+/// A client of `node`'s agent API (through the same connector a migration uses).
 pub(crate) fn agent_of(node: &NodeView, creds: &AgentCreds) -> anyhow::Result<AgentClient> {
-    let url = node
-        .api
-        .clone()
-        .with_context(|| format!("node {} serves no agent API", node.name))?;
-    Ok(AgentClient::new(
-        url,
-        flotilla_client::http_builder(creds.tls.clone())
-            .connect_timeout(Duration::from_secs(3))
-            .build()?,
-        Some(creds.token.clone()),
-    ))
+    Ok(creds.connector()?.to(node)?)
 }
 
 pub(crate) fn token_of(args: &crate::cli::ClientArgs) -> anyhow::Result<AgentCreds> {
