@@ -450,6 +450,13 @@ impl Inner {
 
     /// Anti-entropy: make the registry's view of this node exactly the engine's.
     async fn resync(self: &Arc<Self>) {
+        // The state lock is held from before the engine is listed to the end: the event
+        // loop waits, so an event that happens after the listing is applied after this
+        // pass. Taken only after the listings, a container started in between was
+        // registered by its event, then missing from the (older) listing, deregistered
+        // here, and left out until the next pass 30 s later (a rolling update's new
+        // replica then "did not pass its health check": seen once in CI).
+        let mut state = self.state.lock().await;
         let containers = match docker::labelled_running(&self.docker).await {
             Ok(c) => c,
             Err(e) => {
@@ -470,7 +477,6 @@ impl Inner {
                 return;
             }
         };
-        let mut state = self.state.lock().await;
         for view in &registered {
             if !desired.contains_key(&view.id) {
                 tracing::info!(id = view.id, "resync: not backed by a running container");

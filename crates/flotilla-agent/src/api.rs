@@ -550,7 +550,7 @@ async fn restore(
     let strip: &[&str] = if q.keep_stack {
         &[]
     } else {
-        &crate::reconcile::STACK_LABELS
+        &crate::labels::STACK_LABELS
     };
     // From before the container exists until it is held: the reconciler must not take
     // a migration's incoming copy for a replica not wanted here and retire it.
@@ -563,7 +563,7 @@ async fn restore(
         &backup::RestoreOptions {
             name: q.name.as_deref(),
             start: q.start,
-            relabel: &[(crate::reconcile::OWNER, &inner.node)],
+            relabel: &[(crate::labels::OWNER, &inner.node)],
             strip,
             publish_on: inner.advertise,
         },
@@ -849,7 +849,7 @@ async fn inspect(
         .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, format!("no container {container:?}")))?;
     let labels = info.config.as_ref().and_then(|c| c.labels.as_ref());
     let managed = labels.is_some_and(|l| {
-        l.contains_key(crate::labels::SERVICE) || l.contains_key(crate::build::STACK)
+        l.contains_key(crate::labels::SERVICE) || l.contains_key(crate::labels::STACK)
     });
     if !managed {
         return Err(ApiError::new(
@@ -857,7 +857,7 @@ async fn inspect(
             format!(
                 "container {container:?} is not flotilla's (no {} or {} label): the agent API acts on flotilla's containers only",
                 crate::labels::SERVICE,
-                crate::build::STACK
+                crate::labels::STACK
             ),
         ));
     }

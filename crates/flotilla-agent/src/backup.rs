@@ -491,7 +491,7 @@ fn saved_container(
     let config = info.config.clone().unwrap_or_default();
     let secret_names: Vec<String> = match (include_secrets, &config.labels) {
         (false, Some(labels)) => labels
-            .get(crate::build::SECRET_ENV)
+            .get(crate::labels::SECRET_ENV)
             .map(|v| v.split(',').map(|n| format!("{n}=")).collect())
             .unwrap_or_default(),
         _ => Vec::new(),

@@ -19,19 +19,7 @@ use flotilla_core::CheckKind;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
-/// Label: the stack a container or image belongs to.
-pub const STACK: &str = "flotilla.stack";
-/// Label naming a replica's secret environment variables (comma-separated): given at
-/// create time, left out of backups unless asked for.
-pub const SECRET_ENV: &str = "flotilla.secret_env";
-/// Label: replica number within its service.
-pub const REPLICA: &str = "flotilla.replica";
-/// Label: hash of the spec the image was built from.
-pub const SPEC_HASH: &str = "flotilla.spec-hash";
-/// Label: service version from the spec.
-pub const VERSION: &str = "flotilla.version";
-/// Label: build time (RFC 3339).
-pub const BUILD_TIME: &str = "flotilla.build-time";
+use crate::labels;
 
 /// A built image, ready to `docker load`.
 pub struct Built {
@@ -51,14 +39,14 @@ pub struct Built {
 /// the image, so every container of it has them.
 pub fn service_labels(service: &str, spec: &ServiceSpec) -> BTreeMap<String, String> {
     let mut l = BTreeMap::new();
-    l.insert(crate::labels::SERVICE.to_owned(), service.to_owned());
-    l.insert(crate::labels::PORT.to_owned(), spec.port.to_string());
+    l.insert(labels::SERVICE.to_owned(), service.to_owned());
+    l.insert(labels::PORT.to_owned(), spec.port.to_string());
     if let Some(w) = spec.weight {
-        l.insert(crate::labels::WEIGHT.to_owned(), w.to_string());
+        l.insert(labels::WEIGHT.to_owned(), w.to_string());
     }
     match &spec.health {
         None => {
-            l.insert("flotilla.check.tcp".into(), "true".into());
+            l.insert(labels::CHECK_TCP.into(), "true".into());
         }
         Some(h) => {
             let (k, v) = match &h.kind {
@@ -67,22 +55,22 @@ pub fn service_labels(service: &str, spec: &ServiceSpec) -> BTreeMap<String, Str
                 CheckKind::Ttl { ttl } => ("ttl", humantime::format_duration(*ttl).to_string()),
                 CheckKind::Exec { command } => ("exec", command.join(" ")),
             };
-            l.insert(format!("flotilla.check.{k}"), v);
+            l.insert(format!("{}{k}", labels::CHECK), v);
             l.insert(
-                "flotilla.check.interval".into(),
+                labels::CHECK_INTERVAL.into(),
                 humantime::format_duration(h.interval).to_string(),
             );
             if let Some(t) = h.timeout {
                 l.insert(
-                    "flotilla.check.timeout".into(),
+                    labels::CHECK_TIMEOUT.into(),
                     humantime::format_duration(t).to_string(),
                 );
             }
-            l.insert("flotilla.check.rise".into(), h.rise.to_string());
-            l.insert("flotilla.check.fall".into(), h.fall.to_string());
+            l.insert(labels::CHECK_RISE.into(), h.rise.to_string());
+            l.insert(labels::CHECK_FALL.into(), h.fall.to_string());
         }
     }
-    l.insert(VERSION.to_owned(), spec.version.clone());
+    l.insert(labels::VERSION.to_owned(), spec.version.clone());
     l
 }
 
@@ -181,9 +169,9 @@ pub async fn build_service(
     let spec_hash = hex::encode(hash.finalize());
     let tag = format!("flotilla/{stack}-{service}:{}", &spec_hash[..12]);
     let mut labels = service_labels(service, spec);
-    labels.insert(STACK.into(), stack.into());
-    labels.insert(SPEC_HASH.into(), spec_hash.clone());
-    labels.insert(BUILD_TIME.into(), image::rfc3339(created));
+    labels.insert(crate::labels::STACK.into(), stack.into());
+    labels.insert(crate::labels::SPEC_HASH.into(), spec_hash.clone());
+    labels.insert(crate::labels::BUILD_TIME.into(), image::rfc3339(created));
     let healthcheck = match (&spec.health, has_busybox) {
         (Some(h), true) => {
             let test = match &h.kind {

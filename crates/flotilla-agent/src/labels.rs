@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use flotilla_core::{CheckKind, CheckSpec, FieldError, InstanceSpec};
 
+// Every `flotilla.*` label name the agent reads or writes is defined here. Labels a
+// user puts on a container by hand (discovery) come first; then the ones the agent
+// sets on the images it builds and the stack replicas it creates.
+
 /// Label naming the service; a container without it is not ours.
 pub const SERVICE: &str = "flotilla.service";
 /// Label: port the service listens on inside the container's network.
@@ -25,6 +29,62 @@ pub const WEIGHT: &str = "flotilla.weight";
 pub const CHECK: &str = "flotilla.check.";
 /// Label prefix copied into instance metadata (`flotilla.meta.version=1.2`).
 pub const META: &str = "flotilla.meta.";
+/// `flotilla.check.tcp`: a TCP check (`true`: the service port, or a port number).
+pub const CHECK_TCP: &str = "flotilla.check.tcp";
+/// `flotilla.check.ttl`: a TTL check the service renews itself.
+pub const CHECK_TTL: &str = "flotilla.check.ttl";
+/// `flotilla.check.interval`: how often the check runs.
+pub const CHECK_INTERVAL: &str = "flotilla.check.interval";
+/// `flotilla.check.timeout`: how long one probe may take.
+pub const CHECK_TIMEOUT: &str = "flotilla.check.timeout";
+/// `flotilla.check.rise`: passes in a row that make an instance passing.
+pub const CHECK_RISE: &str = "flotilla.check.rise";
+/// `flotilla.check.fall`: failures in a row that make it critical.
+pub const CHECK_FALL: &str = "flotilla.check.fall";
+/// `flotilla.check.deregister_after`: critical this long, the instance is removed.
+pub const CHECK_DEREGISTER_AFTER: &str = "flotilla.check.deregister_after";
+
+/// Label: the stack a container or image belongs to.
+pub const STACK: &str = "flotilla.stack";
+/// Label naming a replica's secret environment variables (comma-separated): given at
+/// create time, left out of backups unless asked for.
+pub const SECRET_ENV: &str = "flotilla.secret_env";
+/// Label: replica number within its service.
+pub const REPLICA: &str = "flotilla.replica";
+/// Label: hash of the spec the image was built from.
+pub const SPEC_HASH: &str = "flotilla.spec-hash";
+/// Label: service version from the spec.
+pub const VERSION: &str = "flotilla.version";
+/// Label: build time (RFC 3339).
+pub const BUILD_TIME: &str = "flotilla.build-time";
+/// Label: the node whose reconciler manages the container.
+pub const OWNER: &str = "flotilla.node";
+/// Label: the assignment generation a stateful replica's container was made under
+/// ([`flotilla_core::recovery`]); a copy from an older generation is never started.
+pub const GENERATION: &str = "flotilla.generation";
+/// Metadata label: the replica's stack (`stack` in the registered instance).
+pub const META_STACK: &str = "flotilla.meta.stack";
+/// Metadata label: the replica's number (`replica` in the registered instance).
+pub const META_REPLICA: &str = "flotilla.meta.replica";
+/// Metadata label: the service version (`version` in the registered instance).
+pub const META_VERSION: &str = "flotilla.meta.version";
+/// Metadata label: the spec hash's first 12 characters (`spec`).
+pub const META_SPEC: &str = "flotilla.meta.spec";
+/// Label on the routed bridge network: the node's container subnet.
+pub const ROUTED: &str = "flotilla.routed";
+
+/// Labels that make a container a stack's replica (a restore relabels them).
+pub const STACK_LABELS: [&str; 8] = [
+    STACK,
+    OWNER,
+    REPLICA,
+    SPEC_HASH,
+    GENERATION,
+    META_STACK,
+    META_REPLICA,
+    META_SPEC,
+];
+
 /// Metadata keys the agent sets from the engine's facts; labels may not set them.
 pub const RESERVED_META: [&str; 5] = [
     "container_name",
@@ -214,9 +274,8 @@ pub fn spec_from_container(
         let port = match v.as_str() {
             "" | "true" | "yes" | "1" => None,
             p => Some(check_port(
-                "flotilla.check.tcp",
-                p.parse::<u16>()
-                    .map_err(|e| label_err("flotilla.check.tcp", p, e))?,
+                CHECK_TCP,
+                p.parse::<u16>().map_err(|e| label_err(CHECK_TCP, p, e))?,
             )?),
         };
         kinds.push(CheckKind::Tcp { port });
@@ -227,18 +286,18 @@ pub fn spec_from_container(
         });
     }
     if check("ttl").is_some() {
-        let ttl = parse_duration(&c.labels, "flotilla.check.ttl")?.unwrap_or_default();
+        let ttl = parse_duration(&c.labels, CHECK_TTL)?.unwrap_or_default();
         kinds.push(CheckKind::Ttl { ttl });
     }
     if kinds.is_empty() && check("none").is_none() {
         // A port with no stated check: at least make sure something accepts connections.
         kinds.push(CheckKind::Tcp { port: None });
     }
-    let interval = parse_duration(&c.labels, "flotilla.check.interval")?;
-    let timeout = parse_duration(&c.labels, "flotilla.check.timeout")?;
-    let rise = parse_num(&c.labels, "flotilla.check.rise")?;
-    let fall = parse_num(&c.labels, "flotilla.check.fall")?;
-    let deregister_after = parse_duration(&c.labels, "flotilla.check.deregister_after")?;
+    let interval = parse_duration(&c.labels, CHECK_INTERVAL)?;
+    let timeout = parse_duration(&c.labels, CHECK_TIMEOUT)?;
+    let rise = parse_num(&c.labels, CHECK_RISE)?;
+    let fall = parse_num(&c.labels, CHECK_FALL)?;
+    let deregister_after = parse_duration(&c.labels, CHECK_DEREGISTER_AFTER)?;
     let checks: Vec<CheckSpec> = kinds
         .into_iter()
         .map(|kind| {

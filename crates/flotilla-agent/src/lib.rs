@@ -20,6 +20,7 @@ pub mod labels;
 pub mod load;
 pub mod metrics;
 pub mod node_tls;
+mod plan;
 pub mod reconcile;
 pub(crate) mod recover;
 pub mod routed;

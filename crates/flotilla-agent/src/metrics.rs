@@ -31,6 +31,8 @@ pub struct Metrics {
     pub restarts: Counter,
     /// Rolling updates rolled back.
     pub rollbacks: Counter,
+    /// Replicas not created because their fixed host port was in use.
+    pub port_conflicts: Counter,
     /// Backups streamed.
     pub backups: Counter,
     /// Restores completed.
@@ -72,6 +74,7 @@ impl Default for Metrics {
             containers_started: Counter::default(),
             restarts: Counter::default(),
             rollbacks: Counter::default(),
+            port_conflicts: Counter::default(),
             backups: Counter::default(),
             restores: Counter::default(),
             checks_run: Counter::default(),
@@ -96,6 +99,11 @@ impl Default for Metrics {
                 &m.restarts,
             ),
             ("rollbacks", "Rolling updates rolled back", &m.rollbacks),
+            (
+                "port_conflicts",
+                "Replicas not created because their fixed host port was in use",
+                &m.port_conflicts,
+            ),
             ("backups", "Backups streamed", &m.backups),
             ("restores", "Restores completed", &m.restores),
             (

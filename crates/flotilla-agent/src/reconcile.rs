@@ -1,15 +1,15 @@
-//! Desired state → containers on this host.
+//! Desired state → containers on this host: the executor of [`crate::plan`].
 //!
-//! Every pass reads the stacks and the live nodes, computes with
-//! [`flotilla_core::stack::place`] which replicas belong here (every agent computes the
-//! same), and makes the engine agree: start what is missing, restart what exited (with
-//! backoff, per the restart policy), replace replicas whose spec changed — the new one
-//! first, the old one only after the new one passes its health check, deregistered and
-//! drained — and roll the service back when a new replica does not pass. A replica
-//! placed elsewhere is removed here only once it passes there, so a move is
-//! blue/green, never a gap.
+//! Every pass reads the stacks, the live nodes, the assignments and this engine's
+//! containers; [`plan::plan`] decides which replicas belong here (every agent computes
+//! the same), [`plan::step`] what each needs, [`plan::retirements`] what goes; this file
+//! makes the engine agree: start what is missing, restart what exited (with backoff, per
+//! the restart policy), replace replicas whose spec changed — the new one first, the old
+//! one only after the new one passes its health check, deregistered and drained — and
+//! roll the service back when a new replica does not pass. A replica placed elsewhere is
+//! removed here only once it passes there, so a move is blue/green, never a gap.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,47 +17,17 @@ use anyhow::Context;
 use bollard::container::{Config, CreateContainerOptions, ListContainersOptions};
 use bollard::models::{HostConfig, Mount, MountTypeEnum};
 use bollard::network::CreateNetworkOptions;
-use flotilla_core::recovery::{self, replica_key, AssignmentRecord};
-use flotilla_core::stack::{place, DeployedService, RestartPolicy, StackRecord};
-use flotilla_core::HealthStatus;
+use flotilla_core::recovery;
+use flotilla_core::recovery::ReplicaKey;
+use flotilla_core::stack::{DeployedService, Publish, StackRecord};
 use futures::StreamExt;
 
-use crate::build::{REPLICA, SPEC_HASH, STACK};
-use crate::labels::{instance_id, NETWORK, SERVICE};
+use crate::labels::{
+    instance_id, GENERATION, META_REPLICA, META_SPEC, META_STACK, META_VERSION, NETWORK, OWNER,
+    REPLICA, SECRET_ENV, SERVICE, SPEC_HASH, STACK,
+};
+use crate::plan::{self, Local, NodeFacts, Step, Wanted};
 use crate::state::Inner;
-
-/// Label: the node whose reconciler manages the container.
-pub const OWNER: &str = "flotilla.node";
-/// Label: the assignment generation a stateful replica's container was made under
-/// ([`flotilla_core::recovery`]); a copy from an older generation is never started.
-pub const GENERATION: &str = "flotilla.generation";
-
-/// Labels that make a container a stack's replica.
-pub const STACK_LABELS: [&str; 8] = [
-    STACK,
-    OWNER,
-    REPLICA,
-    SPEC_HASH,
-    GENERATION,
-    "flotilla.meta.stack",
-    "flotilla.meta.replica",
-    "flotilla.meta.spec",
-];
-
-/// A container of a stack on this engine.
-#[derive(Debug, Clone)]
-pub(crate) struct Local {
-    pub(crate) id: String,
-    pub(crate) name: String,
-    pub(crate) stack: String,
-    pub(crate) service: String,
-    pub(crate) replica: u32,
-    pub(crate) hash: String,
-    pub(crate) running: bool,
-    pub(crate) exit_code: i64,
-    /// The assignment generation it was made under (stateful replicas).
-    pub(crate) generation: Option<u64>,
-}
 
 /// Name of replica `r` of `service` in `stack` built from `hash`.
 pub fn container_name(stack: &str, service: &str, r: u32, hash: &str) -> String {
@@ -82,16 +52,6 @@ pub fn network_of(stack: &str, svc: &DeployedService) -> String {
         .clone()
         .unwrap_or_else(|| format!("flotilla-{stack}"))
 }
-
-/// A replica this node should run: its stack, service name, service, replica number,
-/// and assignment (stateful replicas).
-type Wanted<'a> = (
-    &'a StackRecord,
-    &'a str,
-    &'a DeployedService,
-    u32,
-    Option<&'a AssignmentRecord>,
-);
 
 impl Inner {
     /// Runs reconcile passes: on every change of desired state, and at least every second.
@@ -163,137 +123,72 @@ impl Inner {
         Ok(out)
     }
 
-    /// One pass over every stack.
+    /// One pass over every stack: read, [`plan`](crate::plan::plan), execute.
     pub(crate) async fn reconcile(&self, stacks: &[StackRecord]) -> anyhow::Result<()> {
         let nodes = self.client.nodes().await?;
         let live: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
         let instances = self.client.instances().await?;
-        // Where each replica passes: "stack/service/replica" → nodes.
-        let mut passing: HashMap<String, Vec<String>> = HashMap::new();
-        for i in &instances {
-            if i.health == HealthStatus::Passing {
-                if let (Some(s), Some(r)) = (i.meta.get("stack"), i.meta.get("replica")) {
-                    passing
-                        .entry(format!("{s}/{}/{r}", i.service))
-                        .or_default()
-                        .push(i.node.clone().unwrap_or_default());
-                }
-            }
-        }
+        let passing = plan::passing_replicas(&instances);
         let (_, assignments) = self.client.assignments(0, Duration::ZERO).await?;
         self.remember_desired(stacks, &assignments);
         let locals = self.stack_containers().await?;
-        let mut by_key: BTreeMap<String, Vec<Local>> = BTreeMap::new();
-        let mut stale = Vec::new();
-        for l in locals {
-            let key = replica_key(&l.stack, &l.service, l.replica);
-            // A copy from before its replica was recovered elsewhere is never started
-            // again, nor removed: it is kept, stopped, for an operator (an orphan).
-            if assignments
-                .get(&key)
-                .is_some_and(|a| l.generation.unwrap_or(1) < a.generation)
-            {
-                stale.push(l);
-                continue;
-            }
-            by_key.entry(key).or_default().push(l);
-        }
-        self.keep_stale(stale).await;
-        let mut wanted: BTreeMap<String, Wanted> = BTreeMap::new();
-        for st in stacks {
-            for (name, svc) in &st.services {
-                if recovery::stateful(&svc.spec) {
-                    // Stateful replicas run where they are assigned (by the elected
-                    // server), not wherever placement would put them today.
-                    for r in 0..svc.spec.replicas {
-                        let key = replica_key(&st.name, name, r);
-                        if let Some(a) = assignments.get(&key).filter(|a| a.node == self.node) {
-                            wanted.insert(key, (st, name, svc, r, Some(a)));
-                        }
-                    }
-                    continue;
-                }
-                for (r, node) in place(name, svc, &live) {
-                    if node == self.node {
-                        wanted.insert(replica_key(&st.name, name, r), (st, name, svc, r, None));
-                    }
-                }
-            }
-        }
-        // Replicas of one service converge `update.parallelism` at a time (a rolling
-        // update waits for each new replica's health check); services one after another.
-        let mut groups: BTreeMap<String, Vec<(String, Vec<Local>)>> = BTreeMap::new();
-        for (key, (st, name, _, _, _)) in &wanted {
-            let have = by_key.remove(key).unwrap_or_default();
-            groups
-                .entry(format!("{}/{name}", st.name))
-                .or_default()
-                .push((key.clone(), have));
-        }
-        for (_, members) in groups {
-            let parallel = members
-                .first()
-                .map(|(k, _)| wanted[k].2.spec.update.parallelism.max(1) as usize)
-                .unwrap_or(1);
-            futures::stream::iter(members)
-                .for_each_concurrent(parallel, |(key, have)| {
-                    let (st, name, svc, r, assigned) = wanted[&key];
-                    async move {
-                        let converged = self
-                            .converge_replica(st, name, svc, r, assigned, have)
-                            .await;
-                        if let Err(e) = converged {
-                            tracing::warn!(
-                                replica = key,
-                                error = format!("{e:#}"),
-                                "could not converge"
-                            );
-                        }
+        let plan = plan::plan(&self.node, stacks, &live, &assignments, locals);
+        self.keep_stale(plan.stale).await;
+        // Services one after another; a service's replicas `parallelism` at a time. Each
+        // replica's step is decided on facts read just before it (a migration may hold
+        // a container while an earlier replica's rolling update waits).
+        for group in plan.groups {
+            futures::stream::iter(group.members)
+                .for_each_concurrent(group.parallelism, |w| async move {
+                    let facts = self.node_facts().await;
+                    let step = plan::step(&w, &facts);
+                    if let Err(e) = self.execute(&w, step).await {
+                        tracing::warn!(
+                            replica = %w.key,
+                            error = format!("{e:#}"),
+                            "could not converge"
+                        );
                     }
                 })
                 .await;
         }
-        // What is left here is not wanted here. While a restore runs, its container may
-        // not be held yet: retire nothing this pass (the next one will).
-        if self.is_restoring() {
-            return Ok(());
-        }
-        for (key, have) in by_key {
-            let mut parts = key.splitn(3, '/');
-            let (stack, service) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let still_desired = stacks
-                .iter()
-                .find(|s| s.name == stack)
-                .and_then(|s| s.services.get(service))
-                .map(|svc| have.first().is_some_and(|l| l.replica < svc.spec.replicas))
-                .unwrap_or(false);
-            let elsewhere = passing
-                .get(&key)
-                .is_some_and(|nodes| nodes.iter().any(|n| *n != self.node));
-            for l in have {
-                if self.is_held(&l.id).await && still_desired {
-                    continue;
-                }
-                if !still_desired || elsewhere {
-                    let drain = stacks
-                        .iter()
-                        .find(|s| s.name == stack)
-                        .and_then(|s| s.services.get(service))
-                        .map(|s| s.spec.update.drain)
-                        .unwrap_or(Duration::from_secs(2));
-                    tracing::info!(container = l.name, "replica not wanted here: retiring");
-                    if let Err(e) = self.retire_keep_volumes(&l.id, drain).await {
-                        tracing::warn!(
-                            container = l.name,
-                            error = format!("{e:#}"),
-                            "retire failed"
-                        );
-                    }
-                }
+        let held = self.holds.lock().await.clone();
+        let retire = plan::retirements(
+            &self.node,
+            stacks,
+            plan.leftovers,
+            &passing,
+            &held,
+            self.is_restoring(),
+        );
+        for r in retire {
+            tracing::info!(
+                container = r.local.name,
+                "replica not wanted here: retiring"
+            );
+            if let Err(e) = self.retire_keep_volumes(&r.local.id, r.drain).await {
+                tracing::warn!(
+                    container = r.local.name,
+                    error = format!("{e:#}"),
+                    "retire failed"
+                );
             }
         }
         self.remove_unwanted_networks(stacks).await;
         Ok(())
+    }
+
+    /// What a replica's step is decided on, read now.
+    async fn node_facts(&self) -> NodeFacts {
+        NodeFacts {
+            lease_lapsed: self.fenced_now(),
+            held: self.holds.lock().await.clone(),
+            fenced: self
+                .fenced
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
     }
 
     /// Removes the networks this agent made for stacks that are no longer desired
@@ -328,99 +223,133 @@ impl Inner {
         }
     }
 
-    async fn converge_replica(
-        &self,
-        st: &StackRecord,
-        name: &str,
-        svc: &DeployedService,
-        r: u32,
-        assigned: Option<&AssignmentRecord>,
-        have: Vec<Local>,
-    ) -> anyhow::Result<()> {
-        // A node whose lease lapsed starts no replica another node may be given.
-        if assigned.is_some() && self.fenced_now() {
-            return Ok(());
-        }
-        let (current, old): (Vec<Local>, Vec<Local>) =
-            have.into_iter().partition(|l| l.hash == svc.spec_hash);
-        if let Some(c) = current.first() {
-            if !c.running && !self.is_held(&c.id).await {
-                let restart = match svc.spec.restart {
-                    RestartPolicy::Always => true,
-                    RestartPolicy::OnFailure => c.exit_code != 0,
-                    RestartPolicy::Never => false,
-                };
-                // A replica this node stopped itself when its lease lapsed comes back
-                // whatever its restart policy (it did not fail).
-                let fenced = self.unfence(&c.id);
-                if (restart || fenced) && self.backoff_allows(&c.id).await {
-                    tracing::info!(container = c.name, exit = c.exit_code, "restarting replica");
+    /// Does what [`plan::step`] decided for one replica.
+    async fn execute(&self, w: &Wanted<'_>, step: Step) -> anyhow::Result<()> {
+        let (st, name, svc, r) = (w.stack, w.service, w.svc, w.key.replica);
+        match step {
+            Step::Nothing => Ok(()),
+            Step::Restart { id, fenced } => {
+                if self.backoff_allows(&id).await {
+                    let exit = w.have.iter().find(|l| l.id == id).map(|l| l.exit_code);
+                    tracing::info!(container = id, exit, fenced, "restarting replica");
                     self.metrics.restarts.inc();
-                    self.docker.start_container::<String>(&c.id, None).await?;
+                    self.docker.start_container::<String>(&id, None).await?;
+                    // Its fence mark goes only once it runs again: a restart the
+                    // backoff put off keeps it, so a later pass still starts it.
+                    self.unfence(&id);
+                }
+                Ok(())
+            }
+            Step::RetireOldOncePassing { current, old } => {
+                if self.wait_passing(&current, Duration::ZERO).await {
+                    for o in &old {
+                        self.retire_keep_volumes(o, svc.spec.update.drain).await?;
+                    }
+                }
+                Ok(())
+            }
+            Step::Create {
+                restore,
+                replaces,
+                stop_first,
+            } => {
+                self.ensure_image(svc).await?;
+                if stop_first {
+                    tracing::info!(
+                        replica = %w.key,
+                        "fixed host port: the old version goes before the new one starts"
+                    );
+                    for o in &replaces {
+                        self.retire_keep_volumes(o, svc.spec.update.drain).await?;
+                    }
+                }
+                if let Publish::Port(port) = svc.spec.publish {
+                    self.host_port_free(port, &w.key).await?;
+                }
+                let generation = w.assigned.map(|a| a.generation).unwrap_or(1);
+                let id = match restore {
+                    Some(rc) if !self.has_volumes(&st.name, name, svc, r, generation).await => {
+                        self.restore_replica(st, name, svc, r, generation, &rc)
+                            .await?
+                    }
+                    _ => {
+                        self.create_replica(&st.name, name, svc, r, generation, Vec::new())
+                            .await?
+                    }
+                };
+                if let Err(e) = self.docker.start_container::<String>(&id, None).await {
+                    // Nothing half-made stays: a container that cannot start (its host
+                    // port taken, say) is removed; its volumes stay.
+                    let _ = self.docker.remove_container(&id, None).await;
+                    return Err(e).with_context(|| format!("starting replica {}", w.key));
+                }
+                self.metrics.containers_started.inc();
+                match (replaces.is_empty(), stop_first) {
+                    (true, _) => Ok(()),
+                    // Nothing left to retire, but a new version that does not pass is
+                    // still removed and rolled back.
+                    (false, true) => self.roll(w, &id, &[]).await,
+                    (false, false) => self.roll(w, &id, &replaces).await,
                 }
             }
-            if c.running && !old.is_empty() && self.wait_passing(&c.id, Duration::ZERO).await {
-                for o in &old {
-                    self.retire_keep_volumes(&o.id, svc.spec.update.drain)
-                        .await?;
-                }
-            }
-            return Ok(());
         }
-        // No container of the current version: create one. The first one of a
-        // generation recovered by restore is filled from the newest verified backup.
-        self.ensure_image(svc).await?;
-        let generation = assigned.map(|a| a.generation).unwrap_or(1);
-        let restore = assigned
-            .and_then(|a| a.recovered.as_ref())
-            .filter(|rc| rc.how == recovery::OnNodeLoss::Restore);
-        let id = match restore {
-            Some(rc) if !self.has_volumes(&st.name, name, svc, r, generation).await => {
-                self.restore_replica(st, name, svc, r, generation, rc)
-                    .await?
+    }
+
+    /// Refuses to create a replica whose fixed host port is already in use on this host
+    /// (by a process, or another container), naming the port: the engine would create
+    /// it and then fail to start it, or, without its userland proxy, start it while
+    /// another listener answers on that port.
+    async fn host_port_free(&self, port: u16, key: &ReplicaKey) -> anyhow::Result<()> {
+        let ip = self
+            .advertise
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        match tokio::net::TcpListener::bind((ip, port)).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.metrics.port_conflicts.inc();
+                anyhow::bail!(
+                    "publish port {port} of replica {key} is already in use on this host \
+                     ({ip}:{port}: {e}): free it, or set another `publish` for the service"
+                )
             }
-            _ => {
-                self.create_replica(&st.name, name, svc, r, generation, Vec::new())
-                    .await?
-            }
-        };
-        self.docker.start_container::<String>(&id, None).await?;
-        self.metrics.containers_started.inc();
-        if old.is_empty() {
-            return Ok(());
         }
-        // A rolling update: the old replica keeps serving until the new one passes.
+    }
+
+    /// A rolling update's second half: the old containers keep serving until the new
+    /// one passes; one that does not pass in time is removed and the service rolled back.
+    async fn roll(&self, w: &Wanted<'_>, id: &str, replaces: &[String]) -> anyhow::Result<()> {
+        let update = &w.svc.spec.update;
         let t0 = Instant::now();
-        if self.wait_passing(&id, svc.spec.update.health_timeout).await {
+        if self.wait_passing(id, update.health_timeout).await {
             tracing::info!(
-                replica = format!("{}/{name}/{r}", st.name),
+                replica = %w.key,
                 after_ms = t0.elapsed().as_millis() as u64,
                 "new version passes; retiring the old one"
             );
-            for o in &old {
-                self.retire_keep_volumes(&o.id, svc.spec.update.drain)
-                    .await?;
+            for o in replaces {
+                self.retire_keep_volumes(o, update.drain).await?;
             }
-        } else {
-            tracing::warn!(
-                replica = format!("{}/{name}/{r}", st.name),
-                "new version did not pass its health check: removing it"
+            return Ok(());
+        }
+        tracing::warn!(
+            replica = %w.key,
+            "new version did not pass its health check: removing it"
+        );
+        self.retire_keep_volumes(id, Duration::ZERO).await?;
+        if update.rollback {
+            self.metrics.rollbacks.inc();
+            let reason = format!(
+                "replica {} on {} did not pass its health check within {}",
+                w.key.replica,
+                self.node,
+                humantime::format_duration(update.health_timeout)
             );
-            self.retire_keep_volumes(&id, Duration::ZERO).await?;
-            if svc.spec.update.rollback {
-                self.metrics.rollbacks.inc();
-                let reason = format!(
-                    "replica {r} on {} did not pass its health check within {}",
-                    self.node,
-                    humantime::format_duration(svc.spec.update.health_timeout)
-                );
-                if let Err(e) = self
-                    .client
-                    .rollback(&st.name, name, &svc.spec_hash, &reason)
-                    .await
-                {
-                    tracing::warn!(error = %e, "rollback request failed");
-                }
+            if let Err(e) = self
+                .client
+                .rollback(&w.stack.name, w.service, &w.svc.spec_hash, &reason)
+                .await
+            {
+                tracing::warn!(error = %e, "rollback request failed");
             }
         }
         Ok(())
@@ -473,11 +402,11 @@ impl Inner {
         labels.insert(REPLICA.into(), r.to_string());
         labels.insert(SPEC_HASH.into(), svc.spec_hash.clone());
         labels.insert(NETWORK.into(), network.clone());
-        labels.insert("flotilla.meta.stack".into(), stack.into());
-        labels.insert("flotilla.meta.replica".into(), r.to_string());
-        labels.insert("flotilla.meta.version".into(), svc.spec.version.clone());
+        labels.insert(META_STACK.into(), stack.into());
+        labels.insert(META_REPLICA.into(), r.to_string());
+        labels.insert(META_VERSION.into(), svc.spec.version.clone());
         labels.insert(
-            "flotilla.meta.spec".into(),
+            META_SPEC.into(),
             svc.spec_hash[..svc.spec_hash.len().min(12)].to_owned(),
         );
         if recovery::stateful(&svc.spec) {
@@ -516,7 +445,7 @@ impl Inner {
                 vars.push(format!("{key}={value}"));
             }
             labels.insert(
-                crate::build::SECRET_ENV.into(),
+                SECRET_ENV.into(),
                 svc.spec
                     .secret_env
                     .keys()

@@ -23,13 +23,14 @@ use flotilla_core::stack::{DeployedService, StackRecord};
 
 use crate::backup;
 use crate::copies::{archives_in, ArchiveEntry};
-use crate::reconcile::{volume_name, Local};
+use crate::plan::Local;
+use crate::reconcile::volume_name;
 use crate::state::{Desired, Inner};
 
 /// The container label that becomes instance meta `key` (what a restored replica
 /// carries for `flotilla ps`: [`flotilla_core::recovery::meta`]).
 fn meta_label(key: &str) -> String {
-    format!("flotilla.meta.{key}")
+    format!("{}{key}", crate::labels::META)
 }
 
 pub use flotilla_client::agent::Orphan;

@@ -107,7 +107,7 @@ async fn ensure_network(inner: &Inner, subnet: Ipv4Net) -> anyhow::Result<()> {
                 ),
             ]
             .into(),
-            labels: [("flotilla.routed".to_owned(), subnet.to_string())].into(),
+            labels: [(crate::labels::ROUTED.to_owned(), subnet.to_string())].into(),
             ..Default::default()
         })
         .await

@@ -193,11 +193,6 @@ impl Inner {
         self.restores.load(std::sync::atomic::Ordering::SeqCst) > 0
     }
 
-    /// Whether a container is held.
-    pub(crate) async fn is_held(&self, id: &str) -> bool {
-        self.holds.lock().await.contains(id)
-    }
-
     /// Whether the agent registers this container (it carries a service label).
     pub(crate) async fn registers(&self, id: &str) -> bool {
         docker::inspect(&self.docker, id, self.advertise)

@@ -101,9 +101,76 @@ pub fn warnings(f: &str, spec: &ServiceSpec) -> Vec<String> {
     out
 }
 
-/// Key of one replica's assignment: `STACK/SERVICE/REPLICA`.
+/// Key of one replica's assignment: `STACK/SERVICE/REPLICA` (the wire and store form
+/// of a [`ReplicaKey`]).
 pub fn replica_key(stack: &str, service: &str, replica: u32) -> String {
-    format!("{stack}/{service}/{replica}")
+    ReplicaKey::new(stack, service, replica).to_string()
+}
+
+/// One replica of a stack's service: the identity the agents, the planner and the CLI
+/// share. Its text form `STACK/SERVICE/REPLICA` keys assignments in the store; stack and
+/// service names never hold a `/` (both are validated names), so it parses back whole.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReplicaKey {
+    /// The stack's name.
+    pub stack: String,
+    /// The service's name within the stack.
+    pub service: String,
+    /// The replica's number, from 0.
+    pub replica: u32,
+}
+
+impl ReplicaKey {
+    /// The key of replica `replica` of `stack`'s `service`.
+    pub fn new(stack: &str, service: &str, replica: u32) -> ReplicaKey {
+        ReplicaKey {
+            stack: stack.to_owned(),
+            service: service.to_owned(),
+            replica,
+        }
+    }
+
+    /// The key of the replica a registered instance is, from the metadata a stack's
+    /// agent sets (`stack`, `replica`); `None` for an instance outside any stack.
+    pub fn of_instance(service: &str, meta: &BTreeMap<String, String>) -> Option<ReplicaKey> {
+        Some(ReplicaKey::new(
+            meta.get("stack")?,
+            service,
+            meta.get("replica")?.parse().ok()?,
+        ))
+    }
+}
+
+impl std::fmt::Display for ReplicaKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.stack, self.service, self.replica)
+    }
+}
+
+impl std::str::FromStr for ReplicaKey {
+    type Err = crate::FieldError;
+
+    fn from_str(s: &str) -> Result<ReplicaKey, crate::FieldError> {
+        let bad = || {
+            crate::FieldError::new(
+                "replica",
+                format!("{s:?} is not STACK/SERVICE/REPLICA (REPLICA a number)"),
+            )
+        };
+        let mut parts = s.splitn(3, '/');
+        let (Some(stack), Some(service), Some(r)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        if stack.is_empty() || service.is_empty() {
+            return Err(bad());
+        }
+        Ok(ReplicaKey::new(
+            stack,
+            service,
+            r.parse().map_err(|_| bad())?,
+        ))
+    }
 }
 
 /// Where one stateful replica lives, as the elected server decided.
@@ -259,15 +326,17 @@ pub fn plan_with_requests(
             .map(|(_, r)| r.clone())
             .unwrap_or_else(|| current.get(key).cloned());
         let Some(cur) = after else { continue };
-        let mut parts = key.splitn(3, '/');
-        let (stack, service, r) = (parts.next(), parts.next(), parts.next());
-        let svc = stacks
-            .iter()
-            .find(|s| Some(s.name.as_str()) == stack)
-            .and_then(|s| service.and_then(|n| s.services.get(n).map(|svc| (n, svc))));
-        let (Some((name, svc)), Some(r)) = (svc, r.and_then(|r| r.parse::<u32>().ok())) else {
+        let Ok(replica) = key.parse::<ReplicaKey>() else {
             continue;
         };
+        let Some((name, svc)) = stacks
+            .iter()
+            .find(|s| s.name == replica.stack)
+            .and_then(|s| s.services.get_key_value(&replica.service))
+        else {
+            continue;
+        };
+        let r = replica.replica;
         if svc.spec.backup.is_none() {
             continue;
         }
@@ -777,7 +846,37 @@ copies = 1
         assert_eq!((how.from_node.as_str(), how.lost_at_ms), ("a", 5));
     }
 
+    #[test]
+    fn a_replica_key_refuses_what_is_not_stack_service_number() {
+        for bad in ["", "a", "a/b", "a/b/x", "/b/1", "a//1", "a/b/-1"] {
+            let e = bad.parse::<ReplicaKey>().unwrap_err();
+            assert_eq!(e.field, "replica", "{bad:?}");
+        }
+        let mut meta = BTreeMap::new();
+        assert_eq!(ReplicaKey::of_instance("web", &meta), None);
+        meta.insert("stack".to_owned(), "shop".to_owned());
+        meta.insert("replica".to_owned(), "2".to_owned());
+        assert_eq!(
+            ReplicaKey::of_instance("web", &meta),
+            Some(ReplicaKey::new("shop", "web", 2))
+        );
+    }
+
     proptest! {
+        /// A key's text form parses back to the same key, and is what `replica_key`
+        /// writes (the store's keys of assignments).
+        #[test]
+        fn replica_keys_round_trip(
+            stack in "[a-z][a-z0-9-]{0,20}",
+            service in "[a-z][a-z0-9_-]{0,20}",
+            replica in any::<u32>(),
+        ) {
+            let key = ReplicaKey::new(&stack, &service, replica);
+            let text = key.to_string();
+            prop_assert_eq!(&text, &replica_key(&stack, &service, replica));
+            prop_assert_eq!(text.parse::<ReplicaKey>().unwrap(), key);
+        }
+
         /// Whatever nodes come and go, a stateful replica is assigned to at most one
         /// node, its generation never goes down, and it only moves off a node that is
         /// gone (or to a pin).

@@ -700,8 +700,9 @@ fn validate_recovery(f: &str, spec: &ServiceSpec) -> Result<(), FieldError> {
 /// Deterministic in its inputs (every agent computes the same), spreads replicas
 /// evenly (at most ⌈replicas / nodes⌉ — or `max_per_node` — per node), honours pins to
 /// live nodes, and moves few replicas when a node joins or leaves: each replica goes to
-/// the highest-ranked node for it (rendezvous hashing) that still has room.
-/// Replicas that fit nowhere are left out.
+/// the highest-ranked node for it (rendezvous hashing) that still has room. A service
+/// published on a fixed host port has room for one replica per node (a host port
+/// holds one). Replicas that fit nowhere are left out.
 pub fn place(service: &str, svc: &DeployedService, live: &[String]) -> BTreeMap<u32, String> {
     let mut nodes: Vec<&String> = live
         .iter()
@@ -714,7 +715,10 @@ pub fn place(service: &str, svc: &DeployedService, live: &[String]) -> BTreeMap<
         return out;
     }
     let even = svc.spec.replicas.div_ceil(nodes.len() as u32).max(1);
-    let cap = svc.spec.placement.max_per_node.unwrap_or(even);
+    let cap = match svc.spec.publish {
+        Publish::Port(_) => 1,
+        _ => svc.spec.placement.max_per_node.unwrap_or(even),
+    };
     let mut load: BTreeMap<&String, u32> = nodes.iter().map(|n| (*n, 0)).collect();
     // Best (replica, node) pairs first: a replica keeps its favourite node unless a
     // replica that likes that node more took the last place, which keeps moves local.
@@ -900,6 +904,16 @@ dir = "/var/lib/flotilla/backups"
                 prop_assert!(moved - had <= others / 2, "moved {} had {}", moved, had);
             }
         }
+    }
+
+    #[test]
+    fn a_fixed_publish_port_places_one_replica_per_node() {
+        let mut svc = deployed(3, &[]);
+        svc.spec.publish = Publish::Port(18080);
+        let p = place("web", &svc, &["a".into(), "b".into()]);
+        assert_eq!(p.len(), 2, "the third replica fits nowhere: {p:?}");
+        assert_ne!(p.values().next(), p.values().nth(1));
+        assert_eq!(place("web", &svc, &names(3)).len(), 3);
     }
 
     #[test]

@@ -222,12 +222,10 @@ pub async fn recover(args: RecoverArgs) -> anyhow::Result<()> {
             let Some(a) = now.get(k).filter(|a| a.generation > before[k]) else {
                 continue;
             };
-            let mut parts = k.splitn(3, '/');
-            let (stack, service, r) = (parts.next(), parts.next(), parts.next());
+            let replica = k.parse::<flotilla_core::recovery::ReplicaKey>().ok();
             let passing = instances.iter().find(|i| {
-                Some(i.service.as_str()) == service
-                    && i.meta.get("stack").map(String::as_str) == stack
-                    && i.meta.get("replica").map(String::as_str) == r
+                flotilla_core::recovery::ReplicaKey::of_instance(&i.service, &i.meta) == replica
+                    && replica.is_some()
                     && i.node.as_deref() == Some(a.node.as_str())
                     && i.health == flotilla_core::HealthStatus::Passing
             });

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use flotilla_core::recovery::ReplicaKey;
 
 use crate::cli::{ClientArgs, DeregisterArgs, PsArgs, TokenCommand, WatchArgs};
 use crate::home::client;
@@ -72,28 +73,20 @@ pub async fn ps(args: PsArgs) -> anyhow::Result<()> {
     let now_ms = flotilla_core::record::unix_ms();
     let replicas: Vec<ReplicaRow> = assignments
         .iter()
-        .filter(|(key, _)| {
-            args.service
-                .as_ref()
-                .is_none_or(|s| key.split('/').nth(1) == Some(s.as_str()))
-        })
-        .map(|(key, a)| {
-            let mut parts = key.splitn(3, '/');
-            let (stack, service) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let replica = parts.next().unwrap_or("");
+        .filter_map(|(key, a)| Some((key, key.parse::<ReplicaKey>().ok()?, a)))
+        .filter(|(_, replica, _)| args.service.as_ref().is_none_or(|s| replica.service == *s))
+        .map(|(key, replica, a)| {
             let meta = all
                 .iter()
                 .find(|i| {
-                    i.service == service
-                        && i.meta.get("stack").map(String::as_str) == Some(stack)
-                        && i.meta.get("replica").map(String::as_str) == Some(replica)
+                    ReplicaKey::of_instance(&i.service, &i.meta).as_ref() == Some(&replica)
                         && i.node.as_deref() == Some(a.node.as_str())
                 })
                 .map(|i| &i.meta);
             let svc = stacks
                 .iter()
-                .find(|s| s.name == stack)
-                .and_then(|s| s.services.get(service));
+                .find(|s| s.name == replica.stack)
+                .and_then(|s| s.services.get(&replica.service));
             ReplicaRow {
                 replica: key.clone(),
                 node: a.node.clone(),

@@ -629,6 +629,115 @@ async fn failing_rolling_update_rolls_back_with_zero_failed_requests() {
     assert_eq!(failed, 0);
 }
 
+/// A service on a fixed host port: a port something else holds is refused with the
+/// port named and nothing left half-made; once freed the replica starts; an update
+/// replaces it in place (stop first: one host port cannot hold two versions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_host_port_is_checked_and_updated_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = unique("port").replace('_', "-");
+    let _cleanup = Cleanup(stack.clone());
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let net = DockerNetwork::create("flotilla-port").unwrap();
+    let node = unique("node").replace('_', "-");
+    let agent = agent_on(dir.path(), &server, &node, None, None);
+    node_up(&client, 1).await;
+    let home = dir.path();
+    let port = free_port();
+    let squatter = std::net::TcpListener::bind(("0.0.0.0", port)).unwrap();
+    let spec = |version: &str| {
+        write_stack(
+            &dir.path().join(format!("v{version}")),
+            &stack,
+            &net.name,
+            1,
+            &format!("publish = {port}\nversion = \"{version}\""),
+            false,
+            None,
+        )
+    };
+    let v1 = spec("1");
+    let o = cli(
+        &server,
+        home,
+        &["deploy", v1.to_str().unwrap(), "--timeout", "5s"],
+        &[],
+    )
+    .await;
+    assert!(!o.status.success(), "{}", text(&o));
+    let named = format!("publish port {port} of replica {stack}/web/0 is already in use");
+    eventually(
+        Duration::from_secs(10),
+        "the agent names the port",
+        || async { agent.log_text().contains(&named) },
+    )
+    .await;
+    let stack_label = format!("label=flotilla.stack={stack}");
+    assert_eq!(
+        docker(&["ps", "-aq", "--filter", &stack_label])
+            .unwrap()
+            .trim(),
+        "",
+        "no container is left half-made"
+    );
+    assert!(passing_in(&client, &stack, "web").await.is_empty());
+
+    drop(squatter);
+    let http = common::direct_http();
+    let url = format!("http://127.0.0.1:{port}/index.html");
+    eventually(
+        Duration::from_secs(30),
+        "v1 answers on its port",
+        || async {
+            passing_in(&client, &stack, "web").await.len() == 1
+                && http
+                    .get(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+        },
+    )
+    .await;
+    let first = passing_in(&client, &stack, "web").await[0].id.clone();
+
+    ok(cli(
+        &server,
+        home,
+        &["deploy", spec("2").to_str().unwrap(), "--timeout", "60s"],
+        &[],
+    )
+    .await);
+    eventually(
+        Duration::from_secs(30),
+        "v2 replaced v1 on the same port",
+        || async {
+            let list = passing_in(&client, &stack, "web").await;
+            list.len() == 1
+                && list[0].id != first
+                && list[0].meta["version"] == "2"
+                && list[0].port == port
+                && http
+                    .get(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+                && docker(&["ps", "-aq", "--filter", &stack_label])
+                    .unwrap()
+                    .lines()
+                    .count()
+                    == 1
+        },
+    )
+    .await;
+    assert!(
+        agent
+            .log_text()
+            .contains("fixed host port: the old version goes"),
+        "the update went stop-first"
+    );
+}
+
 /// Checksums, modes, owners and link targets of everything under /data.
 fn volume_fingerprint(host: Option<&str>, container: &str) -> String {
     docker_at(
