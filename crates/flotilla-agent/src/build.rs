@@ -54,6 +54,8 @@ pub fn service_labels(service: &str, spec: &ServiceSpec) -> BTreeMap<String, Str
                 CheckKind::Tcp { port } => ("tcp", port.map_or("true".into(), |p| p.to_string())),
                 CheckKind::Ttl { ttl } => ("ttl", humantime::format_duration(*ttl).to_string()),
                 CheckKind::Exec { command } => ("exec", command.join(" ")),
+                // Refused in stack specs (flotilla builds the HEALTHCHECK itself).
+                CheckKind::Docker => ("docker", "true".into()),
             };
             l.insert(format!("{}{k}", labels::CHECK), v);
             l.insert(

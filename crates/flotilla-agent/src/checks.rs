@@ -124,6 +124,7 @@ async fn probe(
         CheckKind::Exec { command } => {
             docker::exec_check(&inner.docker, container, command, timeout).await
         }
+        CheckKind::Docker => docker::engine_health(&inner.docker, container).await,
         kind => flotilla_check::probe(&inner.probe_http, kind, spec.address, spec.port, timeout)
             .await
             .unwrap_or_else(|| (false, "a TTL check is judged by the server".into())),

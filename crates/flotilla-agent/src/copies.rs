@@ -16,17 +16,19 @@ use flotilla_core::stack::{BackupPolicy, StackRecord};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
-use crate::schedule::{archives_of, expired, list_dir, SUFFIX};
+use crate::schedule::{list_dir, to_delete, DELTA_SUFFIX, SUFFIX};
 use crate::state::Inner;
 
 pub use flotilla_client::agent::ArchiveEntry;
 
-/// The replica and time an archive name stands for, if `file` is an archive of a
-/// replica of `stack`/`service` (and nothing else: no separators, no other suffix).
+/// The replica and time an archive name stands for, if `file` is an archive (full or
+/// delta) of a replica of `stack`/`service` (and nothing else: no separators, no other
+/// suffix).
 pub fn parse_archive_name(stack: &str, service: &str, file: &str) -> Option<(u32, u64)> {
-    let rest = file
-        .strip_prefix(&format!("{stack}-{service}-"))?
-        .strip_suffix(SUFFIX)?;
+    let rest = file.strip_prefix(&format!("{stack}-{service}-"))?;
+    let rest = rest
+        .strip_suffix(SUFFIX)
+        .or_else(|| rest.strip_suffix(DELTA_SUFFIX))?;
     let (r, stamp) = rest.split_once('-')?;
     let digits = |s: &str| !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit());
     if !digits(r) {
@@ -76,6 +78,7 @@ pub async fn archives_in(
             continue;
         };
         out.push(ArchiveEntry {
+            delta: name.ends_with(DELTA_SUFFIX),
             name,
             replica: r,
             taken_ms: ms,
@@ -185,7 +188,7 @@ impl Inner {
         tokio::fs::rename(&partial, dir.join(name)).await?;
         self.metrics.copies_received.inc();
         let names = list_dir(dir).await?;
-        for old in expired(&archives_of(prefix, &names), retention) {
+        for old in to_delete(prefix, &names, retention) {
             let _ = tokio::fs::remove_file(dir.join(&old)).await;
         }
         Ok(())
@@ -239,8 +242,18 @@ mod tests {
             ),
             Some((2, 1_700_000_000_000))
         );
+        assert_eq!(
+            parse_archive_name(
+                "db",
+                "notes",
+                "db-notes-2-20231114T221320.000Z.flotilla-delta"
+            ),
+            Some((2, 1_700_000_000_000))
+        );
         for bad in [
             "db-notes-2-1700.flotilla-backup.partial",
+            "db-notes-2-1700.flotilla-delta.partial",
+            "db-notes-2-1700.flotilla-deltas",
             "db-notes--1700.flotilla-backup",
             "db-notes-x-1700.flotilla-backup",
             "db-notes-2-17/00.flotilla-backup",

@@ -63,6 +63,12 @@ pub async fn inspect(
             (name, ip)
         })
         .collect();
+    // `["NONE"]` is how a container turns its image's HEALTHCHECK off.
+    let healthcheck = config
+        .healthcheck
+        .as_ref()
+        .and_then(|h| h.test.as_ref())
+        .is_some_and(|t| !t.is_empty() && t[0] != "NONE");
     Ok(Some(ContainerFacts {
         id: info.id.unwrap_or_else(|| id.to_owned()),
         name: info
@@ -74,7 +80,34 @@ pub async fn inspect(
         labels: config.labels.unwrap_or_default(),
         networks,
         published,
+        healthcheck,
     }))
+}
+
+/// The engine's verdict on a container's own `HEALTHCHECK`: passing while `healthy`;
+/// the output is the status and the last probe's output (what `docker inspect` shows).
+pub async fn engine_health(docker: &Docker, container: &str) -> (bool, String) {
+    let info = match docker
+        .inspect_container(container, None::<InspectContainerOptions>)
+        .await
+    {
+        Ok(i) => i,
+        Err(e) => return (false, format!("inspect failed: {e}")),
+    };
+    let Some(health) = info.state.and_then(|s| s.health) else {
+        return (false, "the container has no HEALTHCHECK".into());
+    };
+    let status = health
+        .status
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let last = health
+        .log
+        .and_then(|l| l.into_iter().last())
+        .and_then(|l| l.output)
+        .unwrap_or_default();
+    let passing = status == "healthy";
+    (passing, format!("docker health: {status}; {}", last.trim()))
 }
 
 /// TCP ports the engine published on all host addresses or on the advertise address:

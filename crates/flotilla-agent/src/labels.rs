@@ -29,6 +29,11 @@ pub const WEIGHT: &str = "flotilla.weight";
 pub const CHECK: &str = "flotilla.check.";
 /// Label prefix copied into instance metadata (`flotilla.meta.version=1.2`).
 pub const META: &str = "flotilla.meta.";
+/// `flotilla.check.docker`: the container's own Docker `HEALTHCHECK`, as the engine
+/// judges it (the default for a container that has one and no other check label).
+pub const CHECK_DOCKER: &str = "flotilla.check.docker";
+/// How often the engine's verdict on a `HEALTHCHECK` is read.
+pub const ENGINE_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 /// `flotilla.check.tcp`: a TCP check (`true`: the service port, or a port number).
 pub const CHECK_TCP: &str = "flotilla.check.tcp";
 /// `flotilla.check.ttl`: a TTL check the service renews itself.
@@ -111,6 +116,8 @@ pub struct ContainerFacts {
     /// address or on the agent's advertise address; one bound to another single
     /// address is left out, since other hosts may not reach it).
     pub published: BTreeMap<u16, u16>,
+    /// The container has a Docker `HEALTHCHECK` (its image's or its own).
+    pub healthcheck: bool,
 }
 
 /// How an instance's address was chosen (kept in its metadata as `address_mode`).
@@ -289,9 +296,32 @@ pub fn spec_from_container(
         let ttl = parse_duration(&c.labels, CHECK_TTL)?.unwrap_or_default();
         kinds.push(CheckKind::Ttl { ttl });
     }
+    let docker_health = match check("docker").map(String::as_str) {
+        None => false,
+        Some("" | "true" | "yes" | "1") if c.healthcheck => true,
+        Some(v) => {
+            return Err(label_err(
+                CHECK_DOCKER,
+                v,
+                if c.healthcheck {
+                    "expected true"
+                } else {
+                    "the container has no HEALTHCHECK"
+                },
+            ))
+        }
+    };
+    if docker_health {
+        kinds.push(CheckKind::Docker);
+    }
     if kinds.is_empty() && check("none").is_none() {
-        // A port with no stated check: at least make sure something accepts connections.
-        kinds.push(CheckKind::Tcp { port: None });
+        // No stated check: the container's own HEALTHCHECK if it has one (the engine
+        // judges it), else at least make sure something accepts connections.
+        kinds.push(if c.healthcheck {
+            CheckKind::Docker
+        } else {
+            CheckKind::Tcp { port: None }
+        });
     }
     let interval = parse_duration(&c.labels, CHECK_INTERVAL)?;
     let timeout = parse_duration(&c.labels, CHECK_TIMEOUT)?;
@@ -301,7 +331,15 @@ pub fn spec_from_container(
     let checks: Vec<CheckSpec> = kinds
         .into_iter()
         .map(|kind| {
+            let engine = kind == CheckKind::Docker;
             let mut spec = CheckSpec::new(kind);
+            if engine {
+                // The engine already applied the HEALTHCHECK's retries and start
+                // period: its verdict is taken as it is, read every second.
+                spec.interval = ENGINE_HEALTH_INTERVAL;
+                spec.rise = 1;
+                spec.fall = 1;
+            }
             if let Some(i) = interval {
                 spec.interval = i;
             }
@@ -376,6 +414,7 @@ mod tests {
                 .collect(),
             networks: [("front".to_string(), Some("198.18.5.2".parse().unwrap()))].into(),
             published: Default::default(),
+            healthcheck: false,
         }
     }
 
@@ -443,6 +482,36 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(s.checks[0].kind, CheckKind::Tcp { port: None });
+    }
+
+    #[test]
+    fn a_container_s_own_healthcheck_is_the_default_and_can_be_named() {
+        let base = [("flotilla.service", "web"), ("flotilla.port", "80")];
+        let mut f = facts(&base);
+        f.healthcheck = true;
+        let s = spec_from_container("n", &f, None, None).unwrap().unwrap();
+        assert_eq!(s.checks.len(), 1);
+        assert_eq!(s.checks[0].kind, CheckKind::Docker);
+        assert_eq!(
+            (s.checks[0].interval, s.checks[0].rise, s.checks[0].fall),
+            (ENGINE_HEALTH_INTERVAL, 1, 1),
+            "the engine's verdict is taken as it is"
+        );
+        assert!(s.node_checks, "the agent judges it");
+        // Another stated check replaces it; naming it adds it.
+        f.labels
+            .insert("flotilla.check.http".into(), "/health".into());
+        let s = spec_from_container("n", &f, None, None).unwrap().unwrap();
+        assert_eq!(s.checks.len(), 1);
+        f.labels
+            .insert("flotilla.check.docker".into(), "true".into());
+        let s = spec_from_container("n", &f, None, None).unwrap().unwrap();
+        assert_eq!(s.checks.len(), 2);
+        // Asked for on a container without one: refused, naming the label.
+        f.healthcheck = false;
+        let e = spec_from_container("n", &f, None, None).unwrap_err();
+        assert_eq!(e.field, "label flotilla.check.docker");
+        assert!(e.message.contains("no HEALTHCHECK"), "{}", e.message);
     }
 
     #[test]

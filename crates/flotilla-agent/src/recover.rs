@@ -55,7 +55,34 @@ fn write_private<T: serde::Serialize>(path: &std::path::Path, value: &T) -> anyh
     Ok(())
 }
 
+/// One delta of a restore's chain, checked and ready to apply.
+struct ChainLink {
+    name: String,
+    taken_ms: u64,
+    path: PathBuf,
+    /// Fetched from a peer into the work directory (removed afterwards).
+    fetched: bool,
+    manifest: flotilla_archive::Manifest,
+}
+
+/// The deltas a restore applies on top of its full archive.
+#[derive(Default)]
+struct DeltaChain {
+    links: Vec<ChainLink>,
+    /// Why the chain ends before the newest delta, if it does.
+    broken: Option<String>,
+}
+
+impl DeltaChain {
+    async fn remove_fetched(&self) {
+        for l in self.links.iter().filter(|l| l.fetched) {
+            let _ = tokio::fs::remove_file(&l.path).await;
+        }
+    }
+}
+
 /// Where an archive of a replica is.
+#[derive(Debug, Clone)]
 enum Source {
     /// In this node's backup directory.
     Here(PathBuf),
@@ -318,11 +345,25 @@ impl Inner {
             .backup
             .as_ref()
             .context("the service has no backup policy to restore from")?;
-        let mut candidates = self
+        let everything = self
             .archives_everywhere(&st.name, name, r, &policy.dir)
             .await;
+        let (deltas, mut candidates): (Vec<_>, Vec<_>) =
+            everything.into_iter().partition(|(a, _)| a.delta);
+        // `--from` a full archive restores exactly that point; `--from` a delta, the
+        // chain up to it (on the newest full before it).
+        let mut until = None;
         if let Some(wanted) = &recovered.archive {
-            candidates.retain(|(a, _)| &a.name == wanted);
+            match deltas.iter().find(|(a, _)| &a.name == wanted) {
+                Some((d, _)) => {
+                    until = Some(d.taken_ms);
+                    candidates.retain(|(a, _)| a.taken_ms < d.taken_ms);
+                }
+                None => {
+                    until = Some(0);
+                    candidates.retain(|(a, _)| &a.name == wanted);
+                }
+            }
         }
         // Archives refused (`NAME@NODE`): a copy of the same archive on another node is
         // a separate file and is tried on its own.
@@ -351,15 +392,26 @@ impl Inner {
                 Err(e) => Err(e),
                 Ok(_) => {
                     use flotilla_core::recovery::meta;
+                    // The deltas that follow this archive, checked before anything is
+                    // created: the container's labels say what it was restored to.
+                    let chain = self
+                        .delta_chain(&st.name, name, &archive, &deltas, until)
+                        .await;
+                    let (restored, taken_ms) = match chain.links.last() {
+                        Some(last) => (
+                            format!(
+                                "{}@{from} + {} deltas to {}",
+                                archive.name,
+                                chain.links.len(),
+                                last.name
+                            ),
+                            last.taken_ms,
+                        ),
+                        None => (format!("{}@{from}", archive.name), archive.taken_ms),
+                    };
                     let extra = vec![
-                        (
-                            meta_label(meta::RESTORED_FROM),
-                            format!("{}@{from}", archive.name),
-                        ),
-                        (
-                            meta_label(meta::RESTORED_TAKEN_MS),
-                            archive.taken_ms.to_string(),
-                        ),
+                        (meta_label(meta::RESTORED_FROM), restored),
+                        (meta_label(meta::RESTORED_TAKEN_MS), taken_ms.to_string()),
                         (
                             meta_label(meta::LOST_AT_MS),
                             recovered.lost_at_ms.to_string(),
@@ -370,9 +422,30 @@ impl Inner {
                         (!skipped.is_empty())
                             .then(|| (meta_label(meta::RESTORE_SKIPPED), skipped.join(","))),
                     )
+                    .chain(
+                        chain
+                            .broken
+                            .as_ref()
+                            .map(|why| (meta_label(meta::CHAIN_BROKEN), why.clone())),
+                    )
                     .collect();
-                    self.restore_into_new(st, name, svc, r, generation, extra, &path)
-                        .await
+                    let made = self
+                        .restore_into_new(st, name, svc, r, generation, extra, &path)
+                        .await;
+                    let applied = match made {
+                        Ok(id) => match self.apply_chain(&id, &chain).await {
+                            Ok(()) => Ok(id),
+                            Err(e) => {
+                                // Half a chain is no point in time: nothing stays, and
+                                // the next older archive is tried.
+                                let _ = backup::remove_with_volumes(&self.docker, &id).await;
+                                Err(e)
+                            }
+                        },
+                        Err(e) => Err(e),
+                    };
+                    chain.remove_fetched().await;
+                    applied
                 }
             };
             if fetched {
@@ -409,6 +482,113 @@ impl Inner {
             recovery::replica_key(&st.name, name, r),
             skipped
         )
+    }
+
+    /// The deltas that follow `full` in order (taken after it, up to `until` if set),
+    /// each fetched if it is on a peer, verified whole, and checked to name the link
+    /// before it as its base; the chain ends at the first that fails, and says why.
+    async fn delta_chain(
+        &self,
+        stack: &str,
+        service: &str,
+        full: &ArchiveEntry,
+        deltas: &[(ArchiveEntry, Source)],
+        until: Option<u64>,
+    ) -> DeltaChain {
+        // By time, then name; each with every place it is found (here first).
+        let mut by_name: std::collections::BTreeMap<(u64, String), Vec<&Source>> =
+            Default::default();
+        for (a, src) in deltas {
+            if a.taken_ms > full.taken_ms && until.is_none_or(|u| a.taken_ms <= u) {
+                by_name
+                    .entry((a.taken_ms, a.name.clone()))
+                    .or_default()
+                    .push(src);
+            }
+        }
+        let mut chain = DeltaChain::default();
+        let mut base = full.name.clone();
+        for ((taken_ms, name), sources) in by_name {
+            let mut last_error = String::from("not found");
+            let mut link = None;
+            for src in sources {
+                let (path, fetched) = match src {
+                    Source::Here(p) => (p.clone(), false),
+                    Source::Peer(_, api) => {
+                        match self.fetch_archive(api, stack, service, &name).await {
+                            Ok(p) => (p, true),
+                            Err(e) => {
+                                last_error = format!("fetching: {e:#}");
+                                continue;
+                            }
+                        }
+                    }
+                };
+                let check = path.clone();
+                let verified = tokio::task::spawn_blocking(move || backup::verify_file(&check))
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|r| r);
+                let manifest = match verified {
+                    Ok(m) => m,
+                    Err(e) => {
+                        last_error = format!("{e:#}");
+                        if fetched {
+                            let _ = tokio::fs::remove_file(&path).await;
+                        }
+                        continue;
+                    }
+                };
+                let named = manifest
+                    .source
+                    .get(crate::schedule::BASE_KEY)
+                    .and_then(|b| b.as_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                if named != base {
+                    last_error = format!("it follows {named:?}, not {base:?}");
+                    if fetched {
+                        let _ = tokio::fs::remove_file(&path).await;
+                    }
+                    continue;
+                }
+                link = Some(ChainLink {
+                    name: name.clone(),
+                    taken_ms,
+                    path,
+                    fetched,
+                    manifest,
+                });
+                break;
+            }
+            match link {
+                Some(l) => {
+                    base = l.name.clone();
+                    chain.links.push(l);
+                }
+                None => {
+                    tracing::warn!(
+                        delta = name,
+                        error = last_error,
+                        restored_to = base,
+                        "backup chain broken: restoring to the newest intact point"
+                    );
+                    chain.broken = Some(format!("{name}: {last_error}"));
+                    break;
+                }
+            }
+        }
+        chain
+    }
+
+    /// Applies a checked chain of deltas, in order, to the restored container `id`.
+    async fn apply_chain(&self, id: &str, chain: &DeltaChain) -> anyhow::Result<()> {
+        for l in &chain.links {
+            backup::apply_delta(&self.docker, id, &l.path, &l.manifest)
+                .await
+                .map_err(|e| anyhow::anyhow!("applying {}: {e}", l.name))?;
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]

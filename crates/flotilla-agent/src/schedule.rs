@@ -16,22 +16,92 @@ use tokio::io::AsyncWriteExt;
 use crate::backup::{self, BackupOptions};
 use crate::state::Inner;
 
-/// The file name suffix of an archive.
+/// The file name suffix of an archive (a full backup).
 pub const SUFFIX: &str = ".flotilla-backup";
+/// The file name suffix of an incremental backup: what changed since the archive (full
+/// or delta) its manifest names as `base`.
+pub const DELTA_SUFFIX: &str = ".flotilla-delta";
+/// The manifest `source` key naming the archive a delta follows.
+pub const BASE_KEY: &str = "base";
 
-/// Archives of one replica in `names` (file names), oldest first, with their times.
-pub fn archives_of(prefix: &str, names: &[String]) -> Vec<(u64, String)> {
+/// Files of one replica in `names` ending in `suffix`, oldest first, with their times.
+fn stamped(prefix: &str, names: &[String], suffix: &str) -> Vec<(u64, String)> {
     let mut v: Vec<(u64, String)> = names
         .iter()
         .filter_map(|n| {
             let ms = flotilla_core::record::parse_file_stamp(
-                n.strip_prefix(prefix)?.strip_suffix(SUFFIX)?,
+                n.strip_prefix(prefix)?.strip_suffix(suffix)?,
             )?;
             Some((ms, n.clone()))
         })
         .collect();
     v.sort();
     v
+}
+
+/// Full archives of one replica in `names` (file names), oldest first, with their times.
+pub fn archives_of(prefix: &str, names: &[String]) -> Vec<(u64, String)> {
+    stamped(prefix, names, SUFFIX)
+}
+
+/// Deltas of one replica in `names`, oldest first, with their times.
+pub fn deltas_of(prefix: &str, names: &[String]) -> Vec<(u64, String)> {
+    stamped(prefix, names, DELTA_SUFFIX)
+}
+
+/// Every backup of one replica in `names`, full or delta, oldest first.
+pub fn links_of(prefix: &str, names: &[String]) -> Vec<(u64, String)> {
+    let mut v = archives_of(prefix, names);
+    v.extend(deltas_of(prefix, names));
+    v.sort();
+    v
+}
+
+/// What an incremental schedule remembers of a replica's last backup: a delta can
+/// only follow a backup of the same container whose snapshot it holds.
+#[derive(Debug)]
+pub(crate) struct Chain {
+    /// The container the backups were taken of.
+    pub(crate) container: String,
+    /// The file name of the last backup (full or delta): the next delta's base.
+    pub(crate) last: String,
+    /// What each volume held then.
+    pub(crate) volumes: std::collections::HashMap<String, backup::VolumeSnapshot>,
+}
+
+/// Whether the next backup of `container` may be a delta: incremental backups are on,
+/// the last backup was of this container and is still in the directory (`names`), and
+/// the newest full archive is younger than `full_every`.
+pub(crate) fn next_is_delta(
+    policy: &BackupPolicy,
+    chain: Option<&Chain>,
+    container: &str,
+    names: &[String],
+    fulls: &[(u64, String)],
+    now_ms: u64,
+) -> bool {
+    let Some(every) = policy.full_every else {
+        return false;
+    };
+    chain.is_some_and(|c| c.container == container && names.contains(&c.last))
+        && fulls
+            .last()
+            .is_some_and(|(t, _)| now_ms.saturating_sub(*t) < every.as_millis() as u64)
+}
+
+/// The backups of one replica to delete so that `retention` full archives remain: the
+/// oldest fulls, and every delta older than the oldest full kept (nothing can restore
+/// from a delta whose full is gone).
+pub fn to_delete(prefix: &str, names: &[String], retention: u32) -> Vec<String> {
+    let fulls = archives_of(prefix, names);
+    let mut out = expired(&fulls, retention);
+    let oldest_kept = fulls.get(out.len()).map(|(t, _)| *t);
+    for (t, name) in deltas_of(prefix, names) {
+        if oldest_kept.is_none_or(|kept| t < kept) {
+            out.push(name);
+        }
+    }
+    out
 }
 
 /// Whether a backup is due at `now_ms` given the archives so far.
@@ -119,11 +189,35 @@ impl Inner {
             .with_context(|| format!("creating {}", dir.display()))?;
         let names = list_dir(&dir).await?;
         let now = flotilla_core::record::unix_ms();
-        if !due(&archives_of(prefix, &names), now, policy.interval) {
+        if !due(&links_of(prefix, &names), now, policy.interval) {
             return Ok(None);
         }
         let stamp = flotilla_core::record::file_stamp(now);
-        let file = dir.join(format!("{prefix}{stamp}{SUFFIX}"));
+        let mut chains = self.chains.lock().await;
+        let chain = chains.remove(prefix);
+        let incremental = next_is_delta(
+            policy,
+            chain.as_ref(),
+            id,
+            &names,
+            &archives_of(prefix, &names),
+            now,
+        );
+        let (file, mut delta, base) = match chain {
+            Some(c) if incremental => (
+                dir.join(format!("{prefix}{stamp}{DELTA_SUFFIX}")),
+                backup::Delta {
+                    since: Some(c.volumes),
+                    taken: Default::default(),
+                },
+                Some(c.last),
+            ),
+            _ => (
+                dir.join(format!("{prefix}{stamp}{SUFFIX}")),
+                backup::Delta::default(),
+                None,
+            ),
+        };
         let t0 = std::time::Instant::now();
         let m = self
             .backup_to_file(
@@ -131,21 +225,40 @@ impl Inner {
                 &file,
                 BackupOptions {
                     consistency: policy.consistency,
-                    include_image: true,
+                    // A delta follows a full archive, which carries the image.
+                    include_image: base.is_none(),
                     leave_stopped: false,
                     include_secrets: false,
                 },
+                &mut delta,
+                base.as_deref(),
             )
             .await?;
         tracing::info!(
             file = %file.display(),
             bytes = m.total_size(),
             consistency = m.consistency,
+            delta = base.is_some(),
             ms = t0.elapsed().as_millis() as u64,
             "scheduled backup written"
         );
+        if policy.full_every.is_some() {
+            let name = file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            chains.insert(
+                prefix.to_owned(),
+                Chain {
+                    container: id.to_owned(),
+                    last: name,
+                    volumes: delta.taken,
+                },
+            );
+        }
+        drop(chains);
         let names = list_dir(&dir).await?;
-        for old in expired(&archives_of(prefix, &names), policy.retention) {
+        for old in to_delete(prefix, &names, policy.retention) {
             let _ = tokio::fs::remove_file(dir.join(&old)).await;
         }
         Ok(Some(file))
@@ -153,11 +266,15 @@ impl Inner {
 
     /// Writes a backup of container `id` to `file` (via a `.partial` file, so a crash
     /// never leaves something that looks complete).
+    /// `delta.since` set: only what changed since (a delta whose manifest names `base`);
+    /// `delta.taken` is filled with what each volume holds now.
     pub(crate) async fn backup_to_file(
         &self,
         id: &str,
         file: &Path,
         opts: BackupOptions,
+        delta: &mut backup::Delta,
+        base: Option<&str>,
     ) -> anyhow::Result<flotilla_archive::Manifest> {
         let part = file.with_extension("partial");
         let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
@@ -173,9 +290,11 @@ impl Inner {
         source.insert("node".into(), self.node.clone().into());
         source.insert("container_id".into(), id.into());
         source.insert("scheduled".into(), true.into());
-        let mut whole = backup::Delta::default();
+        if let Some(base) = base {
+            source.insert(BASE_KEY.into(), base.into());
+        }
         let (m, w) = tokio::join!(
-            backup::backup(&self.docker, id, source, opts, &mut whole, tx),
+            backup::backup(&self.docker, id, source, opts, delta, tx),
             writer
         );
         match (m, w) {
@@ -227,5 +346,82 @@ mod tests {
         assert!(due(&[], 0, hour), "never backed up: due at once");
         assert!(expired(&a, 2).is_empty());
         assert_eq!(expired(&a, 1), vec!["demo-notes-0-1000.flotilla-backup"]);
+    }
+
+    fn policy(full_every: Option<u64>) -> BackupPolicy {
+        let text = match full_every {
+            Some(s) => format!("interval = \"1s\"\ndir = \"/b\"\nfull_every = \"{s}s\""),
+            None => "interval = \"1s\"\ndir = \"/b\"".to_owned(),
+        };
+        toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn a_delta_follows_only_its_own_chain_within_full_every() {
+        let names = names(&["db-n-0-1000.flotilla-backup", "db-n-0-2000.flotilla-delta"]);
+        let fulls = archives_of("db-n-0-", &names);
+        let chain = Chain {
+            container: "c1".into(),
+            last: "db-n-0-2000.flotilla-delta".into(),
+            volumes: Default::default(),
+        };
+        let p = policy(Some(60));
+        assert!(next_is_delta(&p, Some(&chain), "c1", &names, &fulls, 3000));
+        // Not incremental, no chain (an agent restart), another container, the last
+        // link gone from the directory, or the full too old: a full one.
+        assert!(!next_is_delta(
+            &policy(None),
+            Some(&chain),
+            "c1",
+            &names,
+            &fulls,
+            3000
+        ));
+        assert!(!next_is_delta(&p, None, "c1", &names, &fulls, 3000));
+        assert!(!next_is_delta(&p, Some(&chain), "c2", &names, &fulls, 3000));
+        assert!(!next_is_delta(
+            &p,
+            Some(&chain),
+            "c1",
+            &names[..1],
+            &fulls,
+            3000
+        ));
+        assert!(!next_is_delta(
+            &p,
+            Some(&chain),
+            "c1",
+            &names,
+            &fulls,
+            61_000
+        ));
+        // The schedule counts deltas too.
+        let links = links_of("db-n-0-", &names);
+        assert_eq!(links.len(), 2);
+        assert!(!due(&links, 2500, Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn retention_counts_fulls_and_takes_their_deltas_with_them() {
+        let names = names(&[
+            "db-n-0-1000.flotilla-backup",
+            "db-n-0-1500.flotilla-delta",
+            "db-n-0-2000.flotilla-backup",
+            "db-n-0-2500.flotilla-delta",
+            "db-n-0-3000.flotilla-delta",
+            "db-n-1-500.flotilla-delta",
+        ]);
+        let mut gone = to_delete("db-n-0-", &names, 1);
+        gone.sort();
+        assert_eq!(
+            gone,
+            ["db-n-0-1000.flotilla-backup", "db-n-0-1500.flotilla-delta"]
+        );
+        assert!(to_delete("db-n-0-", &names, 2).is_empty());
+        // Deltas with no full at all restore nothing.
+        assert_eq!(
+            to_delete("db-n-1-", &names, 7),
+            ["db-n-1-500.flotilla-delta"]
+        );
     }
 }

@@ -54,6 +54,8 @@ pub(crate) struct Inner {
     /// Volume snapshots of migration pre-copies, by the id the CLI gave: (taken at,
     /// container id, per volume). The final pass sends only what changed since.
     pub(crate) snapshots: Mutex<HashMap<String, crate::backup::Snapshots>>,
+    /// Incremental backup chains by replica archive prefix (`schedule.rs`).
+    pub(crate) chains: Mutex<HashMap<String, crate::schedule::Chain>>,
     /// Serialises event handling and resyncs so their decisions never interleave.
     pub(crate) state: Mutex<State>,
     pub(crate) resync_now: Notify,
@@ -121,6 +123,7 @@ impl Inner {
             api_bound: std::sync::OnceLock::new(),
             backoff: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
+            chains: Mutex::new(HashMap::new()),
             renewed_at: std::sync::Mutex::new(None),
             fenced: Default::default(),
             desired: Default::default(),

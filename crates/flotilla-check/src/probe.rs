@@ -52,7 +52,7 @@ pub async fn probe(
                 ),
             }
         }
-        CheckKind::Ttl { .. } | CheckKind::Exec { .. } => return None,
+        CheckKind::Ttl { .. } | CheckKind::Exec { .. } | CheckKind::Docker => return None,
     })
 }
 

@@ -360,6 +360,10 @@ pub struct ArchiveEntry {
     /// Whether it verified whole (digests, every volume entry), when asked to check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified: Option<bool>,
+    /// An incremental backup (`.flotilla-delta`): what changed since the archive its
+    /// manifest names; restored only on top of that one.
+    #[serde(default)]
+    pub delta: bool,
 }
 
 /// Reply of `PUT /v1/backups/{stack}/{service}/{file}`.

@@ -434,6 +434,8 @@ pub mod meta {
     pub const LOST_AT_MS: &str = "lost-at-ms";
     /// Newer archives refused by verification (`ARCHIVE@NODE,…`).
     pub const RESTORE_SKIPPED: &str = "restore-skipped";
+    /// Why the deltas after the restored point were not applied (`DELTA: reason`).
+    pub const CHAIN_BROKEN: &str = "restore-chain-broken";
 }
 
 /// What `flotilla ps` says of a stateful replica: waiting for its lost node, restored
@@ -481,6 +483,9 @@ pub fn describe(
             );
             if let Some(skipped) = get(meta::RESTORE_SKIPPED) {
                 s.push_str(&format!("; newer archives failed verification: {skipped}"));
+            }
+            if let Some(broken) = get(meta::CHAIN_BROKEN) {
+                s.push_str(&format!("; backup chain broken at {broken}"));
             }
             s
         }

@@ -77,6 +77,11 @@ pub enum CheckKind {
         /// argv of the command; exit 0 passes.
         command: Vec<String>,
     },
+    /// The container's own Docker `HEALTHCHECK` (from its image or its `docker run`):
+    /// passing while the engine says `healthy`. Read by the agent from the engine, so
+    /// its start period and retries are the engine's; what a labelled container with a
+    /// `HEALTHCHECK` and no `flotilla.check.*` label gets.
+    Docker,
 }
 
 /// One health check with its timing and hysteresis. (Unknown keys are rejected by the
@@ -186,7 +191,7 @@ impl CheckSpec {
                     ));
                 }
             }
-            CheckKind::Tcp { .. } => {}
+            CheckKind::Tcp { .. } | CheckKind::Docker => {}
         }
         Ok(())
     }

@@ -374,6 +374,16 @@ pub struct BackupPolicy {
     /// a replica's backups outlive its host.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub copies: u32,
+    /// Incremental backups: a full archive this often, and between two fulls each
+    /// `interval` writes (and ships) only what changed since the last backup — a
+    /// `.flotilla-delta` that names the archive it follows. A restore applies the full
+    /// archive and then its deltas in order. Unset: every backup is a full one.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub full_every: Option<Duration>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -576,6 +586,15 @@ impl ServiceSpec {
         }
         if let Some(h) = &self.health {
             h.validate(&format!("{f}.health"))?;
+            if h.kind == crate::CheckKind::Docker {
+                // flotilla builds the image, and with it the container's HEALTHCHECK
+                // from this very table: there is no other to defer to.
+                return Err(FieldError::new(
+                    format!("{f}.health.type"),
+                    "\"docker\" is for containers run outside stacks (their image's \
+                     HEALTHCHECK); a stack service states its check (http, tcp or exec)",
+                ));
+            }
         }
         if let Some(c) = self.resources.cpus {
             if !(c.is_finite() && c > 0.0 && c <= 1024.0) {
@@ -627,6 +646,12 @@ impl ServiceSpec {
                 return err(
                     "backup.copies",
                     format!("{} is more than {MAX_BACKUP_COPIES}", b.copies),
+                );
+            }
+            if b.full_every.is_some_and(|f| f < b.interval) {
+                return err(
+                    "backup.full_every",
+                    "must be at least the backup interval".into(),
                 );
             }
         }
@@ -845,6 +870,12 @@ dir = "/var/lib/flotilla/backups"
         assert!(e.contains("service.web.volume[0].path"), "{e}");
         let e = parse(&EXAMPLE.replace("64MiB", "lots")).unwrap_err();
         assert!(e.contains("service.web.resources.memory"), "{e}");
+        let e = parse(&EXAMPLE.replace(
+            "health = { type = \"http\", path = \"/index.html\", interval = \"500ms\" }",
+            "health = { type = \"docker\" }",
+        ))
+        .unwrap_err();
+        assert!(e.contains("service.web.health.type"), "{e}");
         let e = parse(&EXAMPLE.replace("service.web", "service.Web")).unwrap_err();
         assert!(e.contains("service.Web"), "{e}");
     }

@@ -468,6 +468,7 @@ fn kind_name(kind: &CheckKind) -> &'static str {
         CheckKind::Tcp { .. } => "tcp",
         CheckKind::Ttl { .. } => "ttl",
         CheckKind::Exec { .. } => "exec",
+        CheckKind::Docker => "docker",
     }
 }
 
@@ -488,7 +489,8 @@ async fn probe(
         .await
         .unwrap_or_else(|| (false, "not a network check".into())),
         CheckKind::Ttl { ttl } => pushed(shared, rec, run, *ttl, now),
-        CheckKind::Exec { .. } => {
+        // Judged where the container is; what the server sees is pushed to it.
+        CheckKind::Exec { .. } | CheckKind::Docker => {
             let freshness = run.spec.interval * 2 + Duration::from_secs(2);
             pushed(shared, rec, run, freshness, now)
         }

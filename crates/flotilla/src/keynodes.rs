@@ -143,8 +143,8 @@ pub async fn backups(args: BackupsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<20} {:>3}  {:<10} {:<20} {:>12}  {:<8} ARCHIVE",
-        "SERVICE", "R", "NODE", "TAKEN", "BYTES", "VERIFIED"
+        "{:<20} {:>3}  {:<10} {:<20} {:<5} {:>12}  {:<8} ARCHIVE",
+        "SERVICE", "R", "NODE", "TAKEN", "KIND", "BYTES", "VERIFIED"
     );
     for BackupRow {
         service,
@@ -160,9 +160,10 @@ pub async fn backups(args: BackupsArgs) -> anyhow::Result<()> {
             Some(false) => "FAILED",
             None => "-",
         };
+        let kind = if a.delta { "delta" } else { "full" };
         println!(
-            "{:<20} {:>3}  {:<10} {:<20} {:>12}  {:<8} {}",
-            service, a.replica, node, at, a.bytes, verified, a.name
+            "{:<20} {:>3}  {:<10} {:<20} {:<5} {:>12}  {:<8} {}",
+            service, a.replica, node, at, kind, a.bytes, verified, a.name
         );
     }
     Ok(())

@@ -120,6 +120,92 @@ async fn labelled_container_joins_passes_and_leaves_on_kill() {
     );
 }
 
+/// A labelled container with its own Docker `HEALTHCHECK` and no check label is judged
+/// by the engine's verdict: not passing while unhealthy, passing once healthy, critical
+/// again (with the engine's output) when its check fails.
+#[tokio::test]
+async fn a_container_s_own_healthcheck_decides_its_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let net = DockerNetwork::create("flotilla-hc").unwrap();
+    let _agent = agent(dir.path(), &server, "host-hc", None);
+    let service = "hc";
+    let label = format!("flotilla.service={service}");
+    let c = Container::run(
+        &unique("flotilla-hc"),
+        &[
+            "--network",
+            &net.name,
+            "-l",
+            &label,
+            "-l",
+            "flotilla.port=80",
+            "--health-cmd",
+            "test -f /tmp/ok",
+            "--health-interval",
+            "300ms",
+            "--health-retries",
+            "1",
+            busybox_image().unwrap(),
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    )
+    .unwrap();
+    let instance = || async {
+        client
+            .service(service, 0, Duration::ZERO, false)
+            .await
+            .ok()
+            .and_then(|s| s.instances.into_iter().next())
+    };
+    eventually(
+        Duration::from_secs(10),
+        "registered with the engine's check, not passing",
+        || async {
+            instance().await.is_some_and(|i| {
+                i.checks.len() == 1
+                    && i.checks[0].kind == flotilla_core::CheckKind::Docker
+                    && i.health != flotilla_core::HealthStatus::Passing
+            })
+        },
+    )
+    .await;
+    // httpd accepts connections all along: a TCP check would have passed by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let i = instance().await.unwrap();
+    assert_ne!(i.health, flotilla_core::HealthStatus::Passing, "{i:?}");
+    docker(&["exec", &c.name, "touch", "/tmp/ok"]).unwrap();
+    let took = eventually(
+        Duration::from_secs(5),
+        "passing once the engine says healthy",
+        || async {
+            instance()
+                .await
+                .is_some_and(|i| i.health == flotilla_core::HealthStatus::Passing)
+        },
+    )
+    .await;
+    eprintln!("FIGURE HEALTHCHECK healthy -> passing in the registry: {took:?}");
+    docker(&["exec", &c.name, "rm", "/tmp/ok"]).unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "critical again, with the engine's output",
+        || async {
+            instance().await.is_some_and(|i| {
+                i.health == flotilla_core::HealthStatus::Critical
+                    && i.output.contains("docker health: unhealthy")
+            })
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn exec_checks_stop_and_pause_follow_the_container() {
     let dir = tempfile::tempdir().unwrap();

@@ -1436,6 +1436,138 @@ fn policy_wait_holds_a_replica_and_recover_falls_back_past_a_corrupt_newest_back
     });
 }
 
+/// Incremental backups: after one full archive, each interval writes and ships only a
+/// delta (a small `.flotilla-delta` naming the archive it follows). The replica's host
+/// is cut off and an operator recovers it on the other host: the full archive and the
+/// chain of deltas are applied in order (every write made after the full is back), and
+/// a corrupt newest delta ends the chain at the link before it, which `ps` says.
+#[test]
+fn incremental_backups_ship_deltas_and_a_restore_applies_the_chain() {
+    let cluster = Cluster::start_with(71, &["--backup-root", "{dir}/backups-{host}"]);
+    let hosts = &cluster.hosts;
+    in_namespace(hosts, "client", async {
+        let (agents, client) = cluster.join().await;
+        let stack_dir = cluster.dir.path().join("notes");
+        let spec = notes_stack(
+            &stack_dir,
+            "\n[service.web.backup]\ninterval = \"1s\"\nfull_every = \"1h\"\ndir = \"/backups\"\ncopies = 1\n\
+             \n[service.web.recovery]\non_node_loss = \"wait\"\ngrace = \"2s\"\n",
+        );
+        cluster.cli(&["deploy", &spec, "--timeout", "90s"]);
+        let first = common::passing(&client, "web").await.remove(0);
+        let from = first.node.clone().unwrap();
+        let to = if from == "a" { "b" } else { "a" };
+        let base = format!("http://{}:{}", first.address, first.port);
+        let copies_dir = cluster.dir.path().join(format!("backups-{to}/backups"));
+        let named = |suffix: &str| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(&copies_dir)
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| n.ends_with(suffix))
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.sort();
+            v
+        };
+        // Every write below comes after the full archive: only deltas carry them.
+        eventually(
+            Duration::from_secs(30),
+            "a full archive copied to the other host",
+            || std::future::ready(!named(".flotilla-backup").is_empty()),
+        )
+        .await;
+        let deltas_before = named(".flotilla-delta").len();
+        for n in 0..10 {
+            assert_eq!(
+                get(&format!("{base}/cgi-bin/append?w{n}"))
+                    .await
+                    .unwrap()
+                    .trim(),
+                "ok"
+            );
+        }
+        // Two deltas after the writes: the last writes are in one that is not the newest.
+        eventually(
+            Duration::from_secs(30),
+            "deltas after the writes copied",
+            || std::future::ready(named(".flotilla-delta").len() >= deltas_before + 3),
+        )
+        .await;
+        let fulls = named(".flotilla-backup");
+        assert_eq!(
+            fulls.len(),
+            1,
+            "no second full within full_every: {fulls:?}"
+        );
+        let full_bytes = std::fs::metadata(copies_dir.join(&fulls[0])).unwrap().len();
+        let deltas = named(".flotilla-delta");
+        for d in &deltas {
+            let bytes = std::fs::metadata(copies_dir.join(d)).unwrap().len();
+            assert!(
+                bytes * 10 < full_bytes,
+                "a delta ({d}: {bytes} B) is a small part of the full ({full_bytes} B)"
+            );
+        }
+        let listed: serde_json::Value =
+            serde_json::from_str(&cluster.cli_output(&["backups", "web", "--json"])).unwrap();
+        let kinds: Vec<bool> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["node"] == to)
+            .map(|a| a["delta"].as_bool().unwrap())
+            .collect();
+        assert!(
+            kinds.iter().filter(|d| **d).count() >= 3 && kinds.iter().any(|d| !d),
+            "backups lists fulls and deltas: {listed}"
+        );
+
+        hosts.cut(&from).unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        // The newest delta copy is corrupted: the chain ends at the one before it.
+        let deltas = named(".flotilla-delta");
+        let newest = deltas.last().unwrap().clone();
+        let intact = deltas[deltas.len() - 2].clone();
+        let path = copies_dir.join(&newest);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        let out: serde_json::Value =
+            serde_json::from_str(&cluster.cli_output(&["recover", "web", "--json"])).unwrap();
+        assert_eq!(out[0]["node"], to, "{out}");
+        let restored = passing_on(&client, "web", to, Duration::from_secs(10)).await;
+        let from_meta = &restored.meta["restored-from"];
+        assert!(
+            from_meta.starts_with(&format!("{}@{to} + ", fulls[0]))
+                && from_meta.ends_with(&format!(" deltas to {intact}")),
+            "restored from the full and its chain up to the intact delta: {from_meta}"
+        );
+        let written = get(&format!(
+            "http://{}:{}/cgi-bin/read",
+            restored.address, restored.port
+        ))
+        .await
+        .unwrap();
+        for n in 0..10 {
+            assert!(
+                written.lines().any(|l| l == format!("w{n}")),
+                "w{n} in {written:?}"
+            );
+        }
+        let ps: serde_json::Value =
+            serde_json::from_str(&cluster.cli_output(&["ps", "--json"])).unwrap();
+        let state = ps["replicas"][0]["state"].as_str().unwrap().to_owned();
+        assert!(
+            state.contains(&format!("backup chain broken at {newest}")),
+            "{state}"
+        );
+        drop(agents);
+    });
+}
+
 /// flotilla's own key node: a registry server run as a stateful stack service (the
 /// `flotilla` base image, its catalog and token on a volume, backed up every 2 s with a
 /// copy on the other host). Its host is cut off; it is restored on the other host from
