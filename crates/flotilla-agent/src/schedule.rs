@@ -67,6 +67,9 @@ pub(crate) struct Chain {
     pub(crate) last: String,
     /// What each volume held then.
     pub(crate) volumes: std::collections::HashMap<String, backup::VolumeSnapshot>,
+    /// When the volumes were last looked at (unix ms): a delta that would carry nothing
+    /// is not kept, and the schedule counts from the look.
+    pub(crate) checked_ms: u64,
 }
 
 /// Whether the next backup of `container` may be a delta: incremental backups are on,
@@ -106,9 +109,13 @@ pub fn to_delete(prefix: &str, names: &[String], retention: u32) -> Vec<String> 
 
 /// Whether a backup is due at `now_ms` given the archives so far.
 pub fn due(archives: &[(u64, String)], now_ms: u64, interval: Duration) -> bool {
-    archives
-        .last()
-        .is_none_or(|(t, _)| now_ms.saturating_sub(*t) >= interval.as_millis() as u64)
+    due_since(archives.last().map(|(t, _)| *t), now_ms, interval)
+}
+
+/// Whether a backup is due at `now_ms` when the last one (or the last check that found
+/// nothing to back up) was at `last_ms`.
+pub fn due_since(last_ms: Option<u64>, now_ms: u64, interval: Duration) -> bool {
+    last_ms.is_none_or(|t| now_ms.saturating_sub(t) >= interval.as_millis() as u64)
 }
 
 /// The archives to delete so that `retention` remain (the oldest go).
@@ -189,11 +196,16 @@ impl Inner {
             .with_context(|| format!("creating {}", dir.display()))?;
         let names = list_dir(&dir).await?;
         let now = flotilla_core::record::unix_ms();
-        if !due(&links_of(prefix, &names), now, policy.interval) {
+        let mut chains = self.chains.lock().await;
+        let checked = chains
+            .get(prefix)
+            .filter(|c| c.container == id)
+            .map(|c| c.checked_ms);
+        let newest = links_of(prefix, &names).last().map(|(t, _)| *t);
+        if !due_since(newest.max(checked), now, policy.interval) {
             return Ok(None);
         }
         let stamp = flotilla_core::record::file_stamp(now);
-        let mut chains = self.chains.lock().await;
         let chain = chains.remove(prefix);
         let incremental = next_is_delta(
             policy,
@@ -219,6 +231,7 @@ impl Inner {
             ),
         };
         let t0 = std::time::Instant::now();
+        // On failure the chain stays removed: the next backup is a full one.
         let m = self
             .backup_to_file(
                 id,
@@ -234,6 +247,23 @@ impl Inner {
                 base.as_deref(),
             )
             .await?;
+        if let (Some(since), Some(base)) = (&delta.since, &base) {
+            if *since == delta.taken {
+                // Nothing changed: the last link already is this point in time.
+                let _ = tokio::fs::remove_file(&file).await;
+                tracing::debug!(replica = prefix, "no change since the last backup");
+                chains.insert(
+                    prefix.to_owned(),
+                    Chain {
+                        container: id.to_owned(),
+                        last: base.clone(),
+                        volumes: delta.taken,
+                        checked_ms: now,
+                    },
+                );
+                return Ok(None);
+            }
+        }
         tracing::info!(
             file = %file.display(),
             bytes = m.total_size(),
@@ -253,6 +283,7 @@ impl Inner {
                     container: id.to_owned(),
                     last: name,
                     volumes: delta.taken,
+                    checked_ms: now,
                 },
             );
         }
@@ -364,6 +395,7 @@ mod tests {
             container: "c1".into(),
             last: "db-n-0-2000.flotilla-delta".into(),
             volumes: Default::default(),
+            checked_ms: 2000,
         };
         let p = policy(Some(60));
         assert!(next_is_delta(&p, Some(&chain), "c1", &names, &fulls, 3000));
@@ -399,6 +431,11 @@ mod tests {
         let links = links_of("db-n-0-", &names);
         assert_eq!(links.len(), 2);
         assert!(!due(&links, 2500, Duration::from_secs(1)));
+        // A look that found nothing to keep counts as a backup for the schedule.
+        let second = Duration::from_secs(1);
+        assert!(due_since(Some(2000), 3000, second));
+        assert!(!due_since(Some(2000).max(Some(2600)), 3000, second));
+        assert!(due_since(None, 0, second));
     }
 
     #[test]

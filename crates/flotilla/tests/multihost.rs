@@ -987,6 +987,18 @@ fn archive_names(dir: &Path) -> Vec<String> {
     v
 }
 
+/// The backups in `dir`, full archives and deltas, by name.
+fn backup_names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".flotilla-backup") || n.ends_with(".flotilla-delta"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Waits (up to `within`) until `service` passes on `node`; returns that instance.
 async fn passing_on(
     client: &Client,
@@ -1040,14 +1052,14 @@ async fn running_notes(docker: &bollard::Docker) -> Vec<String> {
 /// orphan of an older generation.
 #[test]
 fn a_cut_off_host_s_stateful_replica_is_restored_elsewhere_and_its_old_copy_stays_stopped() {
-    cut_off_and_recover(66, 0, "3s", "2s", false);
+    cut_off_and_recover(66, 0, "3s", "2s", false, None);
 }
 
 /// As above, but the cut-off host's agent is restarted just as the host is cut off: it
 /// cannot reach the registry, and fences from the desired state it kept on disk.
 #[test]
 fn a_cut_off_host_fences_its_replica_even_when_its_agent_restarts_while_cut_off() {
-    cut_off_and_recover(70, 0, "3s", "2s", true);
+    cut_off_and_recover(70, 0, "3s", "2s", true, None);
 }
 
 /// The recovery figures of BENCHMARKS.md: as above with a 100 MiB volume, the default
@@ -1057,14 +1069,30 @@ fn a_cut_off_host_fences_its_replica_even_when_its_agent_restarts_while_cut_off(
 #[test]
 #[ignore]
 fn recovery_figures_with_a_100_mib_volume() {
-    cut_off_and_recover(68, 100, "10s", "5s", false);
+    cut_off_and_recover(68, 100, "10s", "5s", false, None);
+}
+
+/// The same with incremental backups (`full_every = "1h"`: one full archive, then a
+/// delta every 5 s), for the cost figures against the run above: run by hand,
+/// `cargo nextest run --release -p flotilla --test multihost --run-ignored only recovery_figures --no-capture`.
+#[test]
+#[ignore]
+fn recovery_figures_with_a_100_mib_volume_and_incremental_backups() {
+    cut_off_and_recover(72, 100, "10s", "5s", false, Some("1h"));
 }
 
 /// Cuts off the host of a notes replica with `mib` MiB in its volume (grace and backup
 /// interval as given) and checks the recovery (see the test above); with
 /// `restart_agent`, that host's agent is killed just before the cut and started again
 /// just after.
-fn cut_off_and_recover(subnet: u8, mib: u32, grace: &str, interval: &str, restart_agent: bool) {
+fn cut_off_and_recover(
+    subnet: u8,
+    mib: u32,
+    grace: &str,
+    interval: &str,
+    restart_agent: bool,
+    full_every: Option<&str>,
+) {
     let cluster = Cluster::start_with(subnet, &["--backup-root", "{dir}/backups-{host}"]);
     let hosts = &cluster.hosts;
     let engines: std::collections::BTreeMap<&str, String> = ["a", "b"]
@@ -1077,7 +1105,8 @@ fn cut_off_and_recover(subnet: u8, mib: u32, grace: &str, interval: &str, restar
             &cluster.dir.path().join("notes"),
             &format!(
                 "\n[service.web.backup]\ninterval = \"{interval}\"\ndir = \"/backups\"\n\
-                 copies = 1\nconsistency = \"pause\"\n\n[service.web.recovery]\ngrace = \"{grace}\"\n"
+                 copies = 1\nconsistency = \"pause\"\n{}\n[service.web.recovery]\ngrace = \"{grace}\"\n",
+                full_every.map_or(String::new(), |f| format!("full_every = \"{f}\"\n"))
             ),
         );
         cluster.cli(&["deploy", &spec, "--timeout", "90s"]);
@@ -1132,10 +1161,65 @@ fn cut_off_and_recover(subnet: u8, mib: u32, grace: &str, interval: &str, restar
         eventually(
             Duration::from_secs(90),
             "a backup copy on the other host",
-            || std::future::ready(archive_names(&copies_dir).len() >= 2),
+            || std::future::ready(backup_names(&copies_dir).len() >= 2),
         )
         .await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
+        // With a big volume, what a backup costs: 1 MiB of new data a minute (85 KiB
+        // every 5 s) for a while, the source agent's CPU and the archive bytes it wrote.
+        let from_agent = if from == "a" { 0 } else { 1 };
+        if mib > 0 {
+            let agent_log = cluster.dir.path().join(format!("agent-{from}.log"));
+            let written = || {
+                std::fs::read_to_string(&agent_log)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("scheduled backup written"))
+                    .filter_map(|l| {
+                        l.split_whitespace()
+                            .find_map(|w| w.strip_prefix("bytes="))
+                            .and_then(|b| b.parse::<u64>().ok())
+                    })
+                    .fold((0u64, 0u64), |(n, sum), b| (n + 1, sum + b))
+            };
+            let pid = agents[from_agent].child.as_ref().unwrap().id();
+            let cpu = || {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+                let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+                // utime and stime, in clock ticks (100 per second on Linux).
+                (fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()) as f64
+                    / 100.0
+            };
+            let container = first.meta["container_name"].clone();
+            let (before, cpu_before, t0) = (written(), cpu(), Instant::now());
+            for n in 0..12 {
+                hosts
+                    .docker(
+                        &from,
+                        &[
+                            "exec",
+                            &container,
+                            "dd",
+                            "if=/dev/urandom",
+                            &format!("of=/data/churn-{n}"),
+                            "bs=85k",
+                            "count=1",
+                        ],
+                    )
+                    .unwrap();
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            let (after, cpu_after, secs) = (written(), cpu(), t0.elapsed().as_secs_f64());
+            let per_hour = 3600.0 / secs;
+            eprintln!(
+                "FIGURE backup cost ({mib} MiB volume, 1 MiB/min of new data, every {interval}, \
+                 full_every {full_every:?}): {} backups in {secs:.0} s, {:.1} MiB written per \
+                 hour (as much again shipped to its 1 copy), source agent CPU {:.0} s per hour",
+                after.0 - before.0,
+                (after.1 - before.1) as f64 * per_hour / (1024.0 * 1024.0),
+                (cpu_after - cpu_before) * per_hour,
+            );
+        }
 
         // Sample both engines every 50 ms from now until the end of the test.
         let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -1166,7 +1250,6 @@ fn cut_off_and_recover(subnet: u8, mib: u32, grace: &str, interval: &str, restar
                 }
             })
         };
-        let from_agent = if from == "a" { 0 } else { 1 };
         if restart_agent {
             agents[from_agent].kill();
         }
@@ -1436,6 +1519,64 @@ fn policy_wait_holds_a_replica_and_recover_falls_back_past_a_corrupt_newest_back
     });
 }
 
+/// Policy `empty` (the data is declared expendable): a cut-off host's stateful replica
+/// starts on the other host after the grace with empty volumes of a new generation, and
+/// `ps` says so.
+#[test]
+fn policy_empty_starts_a_lost_replica_empty_on_another_host() {
+    let cluster = Cluster::start_with(73, &[]);
+    let hosts = &cluster.hosts;
+    in_namespace(hosts, "client", async {
+        let (agents, client) = cluster.join().await;
+        let spec = notes_stack(
+            &cluster.dir.path().join("notes"),
+            "\n[service.web.recovery]\non_node_loss = \"empty\"\ngrace = \"2s\"\n",
+        );
+        cluster.cli(&["deploy", &spec, "--timeout", "90s"]);
+        let first = common::passing(&client, "web").await.remove(0);
+        let from = first.node.clone().unwrap();
+        let to = if from == "a" { "b" } else { "a" };
+        let base = format!("http://{}:{}", first.address, first.port);
+        for n in 0..3 {
+            assert_eq!(
+                get(&format!("{base}/cgi-bin/append?w{n}"))
+                    .await
+                    .unwrap()
+                    .trim(),
+                "ok"
+            );
+        }
+        hosts.cut(&from).unwrap();
+        let moved = passing_on(&client, "web", to, Duration::from_secs(30)).await;
+        let read = get(&format!(
+            "http://{}:{}/cgi-bin/read",
+            moved.address, moved.port
+        ))
+        .await
+        .unwrap();
+        assert!(
+            !read.lines().any(|l| l.starts_with('w')),
+            "started empty: {read:?}"
+        );
+        let (_, assigned) = client.assignments(0, Duration::ZERO).await.unwrap();
+        let a = &assigned["notes/web/0"];
+        assert_eq!((a.node.as_str(), a.generation), (to, 2), "{a:?}");
+        assert_eq!(
+            a.recovered.as_ref().map(|r| r.how),
+            Some(flotilla_core::recovery::OnNodeLoss::Empty)
+        );
+        let ps: serde_json::Value =
+            serde_json::from_str(&cluster.cli_output(&["ps", "--json"])).unwrap();
+        let state = ps["replicas"][0]["state"].as_str().unwrap().to_owned();
+        assert_eq!(
+            state,
+            format!("started empty on {to} after node {from} was lost"),
+            "{ps}"
+        );
+        drop(agents);
+    });
+}
+
 /// Incremental backups: after one full archive, each interval writes and ships only a
 /// delta (a small `.flotilla-delta` naming the archive it follows). The replica's host
 /// is cut off and an operator recovers it on the other host: the full archive and the
@@ -1488,13 +1629,37 @@ fn incremental_backups_ship_deltas_and_a_restore_applies_the_chain() {
                 "ok"
             );
         }
-        // Two deltas after the writes: the last writes are in one that is not the newest.
+        // A writer keeps changing the volume, so deltas keep coming: w0..w9 end up in
+        // one that is not the newest.
+        let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let writer = {
+            let (writing, base) = (writing.clone(), base.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = get(&format!("{base}/cgi-bin/append?bg{n}")).await;
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            })
+        };
         eventually(
             Duration::from_secs(30),
             "deltas after the writes copied",
             || std::future::ready(named(".flotilla-delta").len() >= deltas_before + 3),
         )
         .await;
+        writing.store(false, std::sync::atomic::Ordering::Relaxed);
+        writer.await.unwrap();
+        // Nothing changes any more: no delta is written for nothing.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let settled = named(".flotilla-delta").len();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            named(".flotilla-delta").len(),
+            settled,
+            "no delta while the volume does not change"
+        );
         let fulls = named(".flotilla-backup");
         assert_eq!(
             fulls.len(),
