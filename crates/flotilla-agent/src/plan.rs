@@ -377,6 +377,18 @@ dir = "/var/lib/flotilla/backups"
         }
     }
 
+    /// Replica 0 of `web` (stateless), with `have` on this node.
+    fn web_0(stack: &StackRecord, have: Vec<Local>) -> Wanted<'_> {
+        Wanted {
+            key: ReplicaKey::new("s", "web", 0),
+            stack,
+            service: "web",
+            svc: &stack.services["web"],
+            assigned: None,
+            have,
+        }
+    }
+
     fn nodes(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
     }
@@ -437,15 +449,7 @@ dir = "/var/lib/flotilla/backups"
     #[test]
     fn steps_follow_the_restart_policy_holds_and_fencing() {
         let st = stacks("on-failure");
-        let svc = &st[0].services["web"];
-        let w = |have: Vec<Local>| Wanted {
-            key: ReplicaKey::new("s", "web", 0),
-            stack: &st[0],
-            service: "web",
-            svc,
-            assigned: None,
-            have,
-        };
+        let w = |have: Vec<Local>| web_0(&st[0], have);
         let facts = NodeFacts::default();
         // Nothing here: create.
         assert_eq!(
@@ -511,15 +515,7 @@ dir = "/var/lib/flotilla/backups"
         let mut st = stacks("always");
         let svc = st[0].services.get_mut("web").unwrap();
         svc.spec.publish = Publish::Port(18080);
-        let svc = &st[0].services["web"];
-        let w = |have: Vec<Local>| Wanted {
-            key: ReplicaKey::new("s", "web", 0),
-            stack: &st[0],
-            service: "web",
-            svc,
-            assigned: None,
-            have,
-        };
+        let w = |have: Vec<Local>| web_0(&st[0], have);
         let old = local("old", "web", 0, "bbbbbbbbbbbbbbbb", true);
         assert_eq!(
             step(&w(vec![old]), &NodeFacts::default()),

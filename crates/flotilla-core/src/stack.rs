@@ -629,6 +629,12 @@ impl ServiceSpec {
         if self.placement.max_per_node == Some(0) {
             return err("placement.max_per_node", "must be at least 1".into());
         }
+        if matches!(self.publish, Publish::Port(_)) && self.placement.max_per_node > Some(1) {
+            return err(
+                "placement.max_per_node",
+                "a fixed publish port holds one replica per host: at most 1".into(),
+            );
+        }
         if self.update.parallelism == 0 {
             return err("update.parallelism", "must be at least 1".into());
         }
@@ -876,6 +882,12 @@ dir = "/var/lib/flotilla/backups"
         ))
         .unwrap_err();
         assert!(e.contains("service.web.health.type"), "{e}");
+        let e = parse(&EXAMPLE.replace(
+            "replicas = 3",
+            "replicas = 3\npublish = 18080\nplacement = { max_per_node = 2 }",
+        ))
+        .unwrap_err();
+        assert!(e.contains("service.web.placement.max_per_node"), "{e}");
         let e = parse(&EXAMPLE.replace("service.web", "service.Web")).unwrap_err();
         assert!(e.contains("service.Web"), "{e}");
     }

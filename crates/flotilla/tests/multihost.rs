@@ -999,6 +999,42 @@ fn backup_names(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// What `flotilla ps` says of the cluster's one stateful replica.
+fn replica_state(cluster: &Cluster) -> String {
+    let ps: serde_json::Value =
+        serde_json::from_str(&cluster.cli_output(&["ps", "--json"])).unwrap();
+    ps["replicas"][0]["state"].as_str().unwrap().to_owned()
+}
+
+/// Appends `w0`..`w{count-1}` through the notes service at `base`, each acknowledged.
+async fn append_notes(base: &str, count: u32) {
+    for n in 0..count {
+        assert_eq!(
+            get(&format!("{base}/cgi-bin/append?w{n}"))
+                .await
+                .unwrap()
+                .trim(),
+            "ok"
+        );
+    }
+}
+
+/// Checks that the notes `instance` serves hold `w0`..`w{count-1}`.
+async fn assert_notes(instance: &flotilla_core::InstanceView, count: u32) {
+    let written = get(&format!(
+        "http://{}:{}/cgi-bin/read",
+        instance.address, instance.port
+    ))
+    .await
+    .unwrap();
+    for n in 0..count {
+        assert!(
+            written.lines().any(|l| l == format!("w{n}")),
+            "w{n} in {written:?}"
+        );
+    }
+}
+
 /// Waits (up to `within`) until `service` passes on `node`; returns that instance.
 async fn passing_on(
     client: &Client,
@@ -1429,15 +1465,7 @@ fn policy_wait_holds_a_replica_and_recover_falls_back_past_a_corrupt_newest_back
         let from = first.node.clone().unwrap();
         let to = if from == "a" { "b" } else { "a" };
         let base = format!("http://{}:{}", first.address, first.port);
-        for n in 0..5 {
-            assert_eq!(
-                get(&format!("{base}/cgi-bin/append?w{n}"))
-                    .await
-                    .unwrap()
-                    .trim(),
-                "ok"
-            );
-        }
+        append_notes(&base, 5).await;
         let copies_dir = cluster.dir.path().join(format!("backups-{to}/backups"));
         let archives = || archive_names(&copies_dir);
         eventually(
@@ -1452,9 +1480,7 @@ fn policy_wait_holds_a_replica_and_recover_falls_back_past_a_corrupt_newest_back
         let a = &assigned["notes/web/0"];
         assert_eq!((a.node.as_str(), a.generation), (from.as_str(), 1), "{a:?}");
         assert!(a.lost_at_ms.is_some(), "{a:?}");
-        let ps: serde_json::Value =
-            serde_json::from_str(&cluster.cli_output(&["ps", "--json"])).unwrap();
-        let state = ps["replicas"][0]["state"].as_str().unwrap().to_owned();
+        let state = replica_state(&cluster);
         assert!(
             state.starts_with(&format!("waiting for node {from} (lost ")),
             "{state}"
@@ -1495,21 +1521,8 @@ fn policy_wait_holds_a_replica_and_recover_falls_back_past_a_corrupt_newest_back
             format!("{previous}@{to}"),
             "the previous archive is used"
         );
-        let written = get(&format!(
-            "http://{}:{}/cgi-bin/read",
-            restored.address, restored.port
-        ))
-        .await
-        .unwrap();
-        for n in 0..5 {
-            assert!(
-                written.lines().any(|l| l == format!("w{n}")),
-                "w{n} in {written:?}"
-            );
-        }
-        let ps: serde_json::Value =
-            serde_json::from_str(&cluster.cli_output(&["ps", "--json"])).unwrap();
-        let state = ps["replicas"][0]["state"].as_str().unwrap().to_owned();
+        assert_notes(&restored, 5).await;
+        let state = replica_state(&cluster);
         assert!(
             state.contains("newer archives failed verification")
                 && state.contains(list.last().unwrap()),
@@ -1537,15 +1550,7 @@ fn policy_empty_starts_a_lost_replica_empty_on_another_host() {
         let from = first.node.clone().unwrap();
         let to = if from == "a" { "b" } else { "a" };
         let base = format!("http://{}:{}", first.address, first.port);
-        for n in 0..3 {
-            assert_eq!(
-                get(&format!("{base}/cgi-bin/append?w{n}"))
-                    .await
-                    .unwrap()
-                    .trim(),
-                "ok"
-            );
-        }
+        append_notes(&base, 3).await;
         hosts.cut(&from).unwrap();
         let moved = passing_on(&client, "web", to, Duration::from_secs(30)).await;
         let read = get(&format!(
@@ -1565,13 +1570,11 @@ fn policy_empty_starts_a_lost_replica_empty_on_another_host() {
             a.recovered.as_ref().map(|r| r.how),
             Some(flotilla_core::recovery::OnNodeLoss::Empty)
         );
-        let ps: serde_json::Value =
-            serde_json::from_str(&cluster.cli_output(&["ps", "--json"])).unwrap();
-        let state = ps["replicas"][0]["state"].as_str().unwrap().to_owned();
+        let state = replica_state(&cluster);
         assert_eq!(
             state,
             format!("started empty on {to} after node {from} was lost"),
-            "{ps}"
+            "{state}"
         );
         drop(agents);
     });
@@ -1620,15 +1623,7 @@ fn incremental_backups_ship_deltas_and_a_restore_applies_the_chain() {
         )
         .await;
         let deltas_before = named(".flotilla-delta").len();
-        for n in 0..10 {
-            assert_eq!(
-                get(&format!("{base}/cgi-bin/append?w{n}"))
-                    .await
-                    .unwrap()
-                    .trim(),
-                "ok"
-            );
-        }
+        append_notes(&base, 10).await;
         // A writer keeps changing the volume, so deltas keep coming: w0..w9 end up in
         // one that is not the newest.
         let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -1710,21 +1705,8 @@ fn incremental_backups_ship_deltas_and_a_restore_applies_the_chain() {
                 && from_meta.ends_with(&format!(" deltas to {intact}")),
             "restored from the full and its chain up to the intact delta: {from_meta}"
         );
-        let written = get(&format!(
-            "http://{}:{}/cgi-bin/read",
-            restored.address, restored.port
-        ))
-        .await
-        .unwrap();
-        for n in 0..10 {
-            assert!(
-                written.lines().any(|l| l == format!("w{n}")),
-                "w{n} in {written:?}"
-            );
-        }
-        let ps: serde_json::Value =
-            serde_json::from_str(&cluster.cli_output(&["ps", "--json"])).unwrap();
-        let state = ps["replicas"][0]["state"].as_str().unwrap().to_owned();
+        assert_notes(&restored, 10).await;
+        let state = replica_state(&cluster);
         assert!(
             state.contains(&format!("backup chain broken at {newest}")),
             "{state}"
