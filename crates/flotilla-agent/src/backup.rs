@@ -307,6 +307,21 @@ pub struct Snapshots {
     pub volumes: HashMap<String, VolumeSnapshot>,
 }
 
+/// What an incremental schedule remembers of a replica's last backup: a delta can
+/// only follow a backup of the same container whose snapshot it holds.
+#[derive(Debug)]
+pub(crate) struct Chain {
+    /// The container the backups were taken of.
+    pub(crate) container: String,
+    /// The file name of the last backup (full or delta): the next delta's base.
+    pub(crate) last: String,
+    /// What each volume held then.
+    pub(crate) volumes: std::collections::HashMap<String, VolumeSnapshot>,
+    /// When the volumes were last looked at (unix ms): a delta that would carry nothing
+    /// is not kept, and the schedule counts from the look.
+    pub(crate) checked_ms: u64,
+}
+
 /// Deltas across two backups of the same container (a migration's pre-copy and its
 /// final pass).
 #[derive(Debug, Default)]

@@ -13,7 +13,7 @@ use anyhow::Context;
 use flotilla_core::stack::BackupPolicy;
 use tokio::io::AsyncWriteExt;
 
-use crate::backup::{self, BackupOptions};
+use crate::backup::{self, BackupOptions, Chain};
 use crate::state::Inner;
 
 /// The file name suffix of an archive (a full backup).
@@ -55,21 +55,6 @@ pub fn links_of(prefix: &str, names: &[String]) -> Vec<(u64, String)> {
     v.extend(deltas_of(prefix, names));
     v.sort();
     v
-}
-
-/// What an incremental schedule remembers of a replica's last backup: a delta can
-/// only follow a backup of the same container whose snapshot it holds.
-#[derive(Debug)]
-pub(crate) struct Chain {
-    /// The container the backups were taken of.
-    pub(crate) container: String,
-    /// The file name of the last backup (full or delta): the next delta's base.
-    pub(crate) last: String,
-    /// What each volume held then.
-    pub(crate) volumes: std::collections::HashMap<String, backup::VolumeSnapshot>,
-    /// When the volumes were last looked at (unix ms): a delta that would carry nothing
-    /// is not kept, and the schedule counts from the look.
-    pub(crate) checked_ms: u64,
 }
 
 /// Whether the next backup of `container` may be a delta: incremental backups are on,

@@ -55,7 +55,7 @@ pub(crate) struct Inner {
     /// container id, per volume). The final pass sends only what changed since.
     pub(crate) snapshots: Mutex<HashMap<String, crate::backup::Snapshots>>,
     /// Incremental backup chains by replica archive prefix (`schedule.rs`).
-    pub(crate) chains: Mutex<HashMap<String, crate::schedule::Chain>>,
+    pub(crate) chains: Mutex<HashMap<String, crate::backup::Chain>>,
     /// Serialises event handling and resyncs so their decisions never interleave.
     pub(crate) state: Mutex<State>,
     pub(crate) resync_now: Notify,
