@@ -1532,6 +1532,110 @@ fn policy_wait_holds_a_replica_and_recover_falls_back_past_a_corrupt_newest_back
     });
 }
 
+/// `flotilla recover --to NODE --from ARCHIVE` by hand: three agents (the server's host
+/// runs one too); the replica's host is cut off (policy `wait`, so nothing moves by
+/// itself) and the operator restores an older archive than the newest on the node that
+/// holds no copy of it — the agent there fetches it from the copy holder.
+#[test]
+fn recover_to_a_node_from_an_archive_restores_that_point_there() {
+    let cluster = Cluster::start_with(74, &["--backup-root", "{dir}/backups-{host}"]);
+    let hosts = &cluster.hosts;
+    hosts
+        .load_image("c", flotilla_testkit::busybox_image().unwrap())
+        .unwrap();
+    in_namespace(hosts, "client", async {
+        let (mut agents, client) = cluster.join().await;
+        agents.push(cluster.agent("c"));
+        eventually(Duration::from_secs(30), "three agents joined", || async {
+            client.nodes().await.is_ok_and(|n| n.len() == 3)
+        })
+        .await;
+        let spec = notes_stack(
+            &cluster.dir.path().join("notes"),
+            "\n[service.web.backup]\ninterval = \"1s\"\ndir = \"/backups\"\ncopies = 1\n\
+             \n[service.web.recovery]\non_node_loss = \"wait\"\ngrace = \"2s\"\n",
+        );
+        cluster.cli(&["deploy", &spec, "--timeout", "90s"]);
+        let first = common::passing(&client, "web").await.remove(0);
+        let from = first.node.clone().unwrap();
+        let base = format!("http://{}:{}", first.address, first.port);
+        append_notes(&base, 3).await;
+        let written_at = flotilla_core::record::unix_ms();
+        // The copy holder is whichever other host receives the copies.
+        let copies =
+            |h: &str| archive_names(&cluster.dir.path().join(format!("backups-{h}/backups")));
+        let others: Vec<&str> = ["a", "b", "c"].into_iter().filter(|h| *h != from).collect();
+        let stamp_of = |name: &str| {
+            flotilla_core::record::parse_file_stamp(
+                name.trim_start_matches("notes-web-0-")
+                    .trim_end_matches(".flotilla-backup"),
+            )
+            .unwrap_or(0)
+        };
+        let mut holder = "";
+        eventually(
+            Duration::from_secs(30),
+            "a copy taken after the writes",
+            || {
+                holder = others
+                    .iter()
+                    .copied()
+                    .find(|h| copies(h).iter().any(|n| stamp_of(n) > written_at))
+                    .unwrap_or("");
+                std::future::ready(!holder.is_empty())
+            },
+        )
+        .await;
+        let chosen = copies(holder)
+            .into_iter()
+            .find(|n| stamp_of(n) > written_at)
+            .unwrap();
+        // A later write, then a newer copy: restoring the chosen archive must not have it.
+        assert_eq!(
+            get(&format!("{base}/cgi-bin/append?late"))
+                .await
+                .unwrap()
+                .trim(),
+            "ok"
+        );
+        let late_at = flotilla_core::record::unix_ms();
+        eventually(
+            Duration::from_secs(30),
+            "a copy with the late write",
+            || std::future::ready(copies(holder).iter().any(|n| stamp_of(n) > late_at)),
+        )
+        .await;
+        let target = others.iter().copied().find(|h| *h != holder).unwrap();
+        assert!(copies(target).is_empty(), "the target holds no copy");
+
+        hosts.cut(&from).unwrap();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let out: serde_json::Value = serde_json::from_str(&cluster.cli_output(&[
+            "recover", "web", "--to", target, "--from", &chosen, "--json",
+        ]))
+        .unwrap();
+        assert_eq!(out[0]["node"], target, "{out}");
+        let restored = passing_on(&client, "web", target, Duration::from_secs(20)).await;
+        assert_eq!(
+            restored.meta["restored-from"],
+            format!("{chosen}@{holder}"),
+            "the named archive, fetched from the copy holder"
+        );
+        assert_notes(&restored, 3).await;
+        let read = get(&format!(
+            "http://{}:{}/cgi-bin/read",
+            restored.address, restored.port
+        ))
+        .await
+        .unwrap();
+        assert!(
+            !read.lines().any(|l| l == "late"),
+            "not the newest archive: {read:?}"
+        );
+        drop(agents);
+    });
+}
+
 /// Policy `empty` (the data is declared expendable): a cut-off host's stateful replica
 /// starts on the other host after the grace with empty volumes of a new generation, and
 /// `ps` says so.
