@@ -1818,7 +1818,6 @@ async fn secret_env_reaches_the_container_and_nothing_else() {
 /// stateful `notes` replica runs on node a with `writes` notes acknowledged; for the
 /// migration library's failure paths.
 struct NotesCluster {
-    dir: tempfile::TempDir,
     da: Dockerd,
     db: Dockerd,
     server: Server,
@@ -1828,6 +1827,8 @@ struct NotesCluster {
     node_b: String,
     _agents: (Proc, Proc),
     _nets: (DockerNetwork, DockerNetwork),
+    /// Last: the processes' logs outlive them (a failing test prints their tails).
+    dir: tempfile::TempDir,
 }
 
 impl NotesCluster {
@@ -1912,18 +1913,32 @@ impl NotesCluster {
             .unwrap()
     }
 
-    /// Every note written so far, read through a fresh lb.
+    /// Every note written so far, read through a fresh lb. The read is retried for a
+    /// few seconds: right after a replica is started again the lb's view can still be
+    /// settling (seen once in CI: a 503 "no passing instance" just after the source
+    /// passed again following a failed migration); what is checked is the data.
     async fn notes(&self) -> Vec<String> {
         let lb = self.lb().await;
-        let body = common::direct_http()
-            .get(format!("http://{}/cgi-bin/read", lb.addrs[0]))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        body.lines().map(str::to_owned).collect()
+        let url = format!("http://{}/cgi-bin/read", lb.addrs[0]);
+        let t0 = Instant::now();
+        loop {
+            match common::direct_http().get(&url).send().await {
+                Ok(r) if r.status().is_success() => {
+                    let body = r.text().await.unwrap();
+                    return body.lines().map(str::to_owned).collect();
+                }
+                Ok(r) if t0.elapsed() > Duration::from_secs(10) => {
+                    panic!(
+                        "the notes read answers {}",
+                        r.text().await.unwrap_or_default()
+                    )
+                }
+                Err(e) if t0.elapsed() > Duration::from_secs(10) => {
+                    panic!("the notes read fails: {e}")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     /// Containers and volumes of the stack's `notes` on an engine.
