@@ -975,28 +975,27 @@ path = "/data"
 /// The archive file names in `dir` (a host's backup directory), oldest first (the
 /// names end in the time they were taken).
 fn archive_names(dir: &Path) -> Vec<String> {
+    names_ending(dir, &[".flotilla-backup"])
+}
+
+/// The backups in `dir`, full archives and deltas, by name.
+fn backup_names(dir: &Path) -> Vec<String> {
+    names_ending(dir, &[".flotilla-backup", ".flotilla-delta"])
+}
+
+/// The file names in `dir` ending in one of `suffixes`, sorted (backup names sort by
+/// the time they were taken).
+fn names_ending(dir: &Path, suffixes: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .map(|d| {
             d.filter_map(Result::ok)
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(".flotilla-backup"))
+                .filter(|n| suffixes.iter().any(|s| n.ends_with(s)))
                 .collect()
         })
         .unwrap_or_default();
     v.sort();
     v
-}
-
-/// The backups in `dir`, full archives and deltas, by name.
-fn backup_names(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(".flotilla-backup") || n.ends_with(".flotilla-delta"))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// What `flotilla ps` says of the cluster's one stateful replica.
@@ -1707,18 +1706,7 @@ fn incremental_backups_ship_deltas_and_a_restore_applies_the_chain() {
         let to = if from == "a" { "b" } else { "a" };
         let base = format!("http://{}:{}", first.address, first.port);
         let copies_dir = cluster.dir.path().join(format!("backups-{to}/backups"));
-        let named = |suffix: &str| -> Vec<String> {
-            let mut v: Vec<String> = std::fs::read_dir(&copies_dir)
-                .map(|d| {
-                    d.filter_map(Result::ok)
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .filter(|n| n.ends_with(suffix))
-                        .collect()
-                })
-                .unwrap_or_default();
-            v.sort();
-            v
-        };
+        let named = |suffix: &str| names_ending(&copies_dir, &[suffix]);
         // Every write below comes after the full archive: only deltas carry them.
         eventually(
             Duration::from_secs(30),
