@@ -6,6 +6,7 @@
 //! that no registration survives that the engine does not back — whatever crashed, in
 //! whatever order. Health checks of this host's instances run here (HTTP and TCP from the
 //! host, exec inside the container), and only verdict changes reach the registry.
+#![warn(missing_docs)]
 
 pub mod agent;
 pub mod api;

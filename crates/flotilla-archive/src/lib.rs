@@ -8,6 +8,7 @@
 //! sha256) and verifies a whole archive before the caller writes anything, and
 //! [`image`] builds byte-for-byte reproducible Docker image archives from a spec's
 //! files, so the same spec gives the same image on every host.
+#![warn(missing_docs)]
 
 pub mod backup;
 pub mod image;

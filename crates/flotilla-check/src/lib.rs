@@ -5,6 +5,7 @@
 //! checks of instances registered through the API without an agent. Both must judge
 //! the same way, so the rise/fall [`Hysteresis`] and the network [`probe`] live here and
 //! nowhere else.
+#![warn(missing_docs)]
 
 mod hysteresis;
 mod probe;

@@ -2,6 +2,7 @@
 //!
 //! The agent, the CLI, the load balancer and the benchmarks all talk to the server the
 //! same way; keeping that in one place keeps auth, error decoding and URLs consistent.
+#![warn(missing_docs)]
 
 pub mod agent;
 pub mod migrate;

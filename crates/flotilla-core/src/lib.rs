@@ -4,6 +4,7 @@
 //! health-check specs that agents register, the versioned records the registry persists,
 //! and TOML config loading that rejects unknown keys naming file, line and key. Nothing
 //! here does I/O beyond reading a config file, so all of it is unit-tested directly.
+#![warn(missing_docs)]
 
 pub mod auth;
 pub mod config;

@@ -6,6 +6,7 @@
 //! network; only [`net`] (raw sockets, gratuitous ARP) and [`vip`] (netlink) touch the
 //! host, and [`router`] drives them. Speaking the standard protocol lets a flotilla lb
 //! pair with Keepalived or a router.
+#![warn(missing_docs)]
 
 pub mod codec;
 pub mod config;

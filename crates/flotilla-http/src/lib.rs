@@ -5,6 +5,7 @@
 //! Both servers now answer with [`ApiError`], whose body is
 //! [`flotilla_core::error::ErrorBody`], and parse JSON bodies with [`JsonBody`], which
 //! names the offending field (and [`Query`] for query strings).
+#![warn(missing_docs)]
 
 pub mod metrics;
 

@@ -4,6 +4,7 @@
 //! schedulers behind one trait, backend sets swapped atomically as the registry changes
 //! (removed backends drain, new ones ramp up), passive outlier ejection, retries on
 //! another backend, and metrics on an admin listener.
+#![warn(missing_docs)]
 
 pub mod admin;
 pub mod backend;

@@ -46,12 +46,12 @@ impl Conn {
     }
 }
 
-/// Idle connections of one backend.
 /// Idle connections per worker thread: a connection is registered with the reactor of
 /// the thread that opened it, so handing it to another thread would turn every one of
 /// its wake-ups into a cross-thread one. Shards are indexed by worker (modulo).
 const SHARDS: usize = 16;
 
+/// Idle connections of one backend, sharded by worker thread.
 pub struct Pool {
     idle: [Mutex<Vec<Conn>>; SHARDS],
 }

@@ -5,6 +5,7 @@
 //! with hysteresis and expires silent nodes; every server keeps an in-memory catalog fed
 //! by the store's change stream and serves it over HTTP (with Consul-style blocking
 //! queries and SSE), DNS (A and SRV) and Prometheus metrics.
+#![warn(missing_docs)]
 
 pub mod api;
 pub mod catalog;

@@ -10,6 +10,7 @@
 //! Writes are group-committed (`group.rs`): every write that queues while a commit is in
 //! flight goes into the next one, so the write rate is bounded by commit throughput, not
 //! by commit latency, and a full queue refuses new writes with [`StoreError::Busy`].
+#![warn(missing_docs)]
 
 mod embedded;
 mod etcd;

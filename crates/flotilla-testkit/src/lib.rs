@@ -4,6 +4,7 @@
 //! `etcd-server`, the Docker Engine with images built locally from Debian's
 //! `busybox-static` (no registry can be reached), and Docker networks inside
 //! 198.18.0.0/15. Everything started here is torn down on drop.
+#![warn(missing_docs)]
 
 pub mod hosts;
 pub mod netns;

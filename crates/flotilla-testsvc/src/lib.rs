@@ -15,6 +15,7 @@
 //! real fork + exec of this binary, CGI-style: the cost of process churn is part of the
 //! request); `--cpu-dist pareto` draws each request's CPU from a heavy-tailed
 //! distribution with `--cpu-us` as its mean.
+#![warn(missing_docs)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -7,6 +7,7 @@
 //! then knows which node a request comes from without trusting anything the request
 //! says. This crate holds the pieces both ends share: the CA ([`ca`]), the rustls
 //! configurations ([`config`]) and the HTTPS accept loop with its limits ([`serve`]).
+#![warn(missing_docs)]
 
 pub mod ca;
 pub mod config;
