@@ -18,8 +18,8 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use flotilla_client::agent::{
     Applied, ApplyQuery, ArchiveEntry, BackupQuery, BackupsQuery, ContainerQuery, CopyKept,
-    ExecReply, ExecRequest, ImagePresence, ImagesLoaded, LogsQuery, Orphans, Released,
-    RestoreQuery, Restored, RetireQuery, Retired, StackContainers, TagQuery,
+    ExecReply, ExecRequest, ImagePresence, ImagesLoaded, LogsQuery, Orphans, PullRequest, Pulled,
+    Released, RestoreQuery, Restored, RetireQuery, Retired, StackContainers, TagQuery,
 };
 use flotilla_http::{ApiError, JsonBody, Query};
 use futures::StreamExt;
@@ -82,6 +82,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
     Router::new()
         .route("/v1/images", get(image_present).post(image_load))
         .route("/v1/images/save", get(image_save))
+        .route("/v1/images/pull", post(image_pull))
         .route("/v1/backup", get(backup_stream))
         .route("/v1/restore", post(restore))
         .route("/v1/restore/apply", post(apply))
@@ -409,6 +410,24 @@ async fn image_save(
         .export_image(&q.tag)
         .map(|r| r.map_err(std::io::Error::other));
     Ok(Body::from_stream(s).into_response())
+}
+
+async fn image_pull(
+    State(inner): State<Arc<Inner>>,
+    JsonBody(req): JsonBody<PullRequest>,
+) -> Result<Json<Pulled>, ApiError> {
+    let image: flotilla_core::stack::ImageRef = req.image.parse().map_err(bad)?;
+    let auth = inner.registry_auth().map_err(failed)?;
+    // The registry's refusal (unknown manifest, bad credentials, unreachable) is the
+    // caller's to fix, not a fault of this agent.
+    let pulled = crate::docker::pull(&inner.docker, &image, auth.as_ref())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("{e:#}")))?;
+    tracing::info!(image = %image, pinned = pulled.pinned, "image pulled");
+    Ok(Json(Pulled {
+        pinned: pulled.pinned,
+        id: pulled.id,
+    }))
 }
 
 async fn image_load(

@@ -87,11 +87,14 @@ pub async fn build_service(
     spec_dir: &Path,
     created: u64,
 ) -> anyhow::Result<Built> {
+    let Some(image_spec) = spec.image.built() else {
+        bail!("service.{service}.image: a registry image is pulled by the agents, not built");
+    };
     let mut hash = Sha256::new();
     hash.update(serde_json::to_vec(spec)?);
     let field = |i: usize| format!("service.{service}.image.file[{i}].src");
     let mut nodes = Vec::new();
-    for (i, f) in spec.image.files.iter().enumerate() {
+    for (i, f) in image_spec.files.iter().enumerate() {
         let path = spec_dir.join(&f.src);
         let data = std::fs::read(&path)
             .with_context(|| format!("{}: cannot read {}", field(i), path.display()))?;
@@ -102,7 +105,7 @@ pub async fn build_service(
             mode: f.mode_bits(),
         });
     }
-    let base_name = spec.image.base.as_str();
+    let base_name = image_spec.base.as_str();
     let (base, has_busybox) = match base_name {
         "scratch" => (Base::default(), false),
         "busybox" => {

@@ -363,3 +363,75 @@ mod tests {
         assert_eq!(got, [(80, 32768), (81, 32769)].into());
     }
 }
+
+/// A registry image on this engine, as a pull left it.
+#[derive(Debug, Clone)]
+pub struct PulledImage {
+    /// The reference pinned to what was pulled (`REPO@sha256:…`): every node that
+    /// pulls it gets these very bytes, whatever the tag points to by then.
+    pub pinned: String,
+    /// The image id (`sha256:…` of its config).
+    pub id: String,
+}
+
+/// Pulls `image` with the credential `auth` has for its registry (none if it has
+/// none). The error carries the registry's answer ("manifest unknown", "unauthorized",
+/// "connection refused") and names the image.
+pub async fn pull(
+    docker: &Docker,
+    image: &flotilla_core::stack::ImageRef,
+    auth: Option<&flotilla_core::registry_auth::RegistryAuth>,
+) -> anyhow::Result<PulledImage> {
+    let credentials = auth
+        .and_then(|a| a.for_registry(image.registry()))
+        .map(|c| bollard::auth::DockerCredentials {
+            username: Some(c.username.clone()),
+            password: Some(c.password.clone()),
+            serveraddress: Some(image.registry().to_owned()),
+            ..Default::default()
+        });
+    // Without a tag or digest the engine would pull every tag of the repository.
+    let from = if image.digest().is_none() && image.repository() == image.as_str() {
+        format!("{image}:latest")
+    } else {
+        image.to_string()
+    };
+    // A large image takes longer than the engine client's 30 s request timeout.
+    let engine = docker.clone().with_timeout(Duration::from_secs(900));
+    let mut s = engine.create_image(
+        Some(bollard::image::CreateImageOptions {
+            from_image: from.clone(),
+            ..Default::default()
+        }),
+        None,
+        credentials,
+    );
+    while let Some(item) = s.next().await {
+        let info = item.map_err(|e| anyhow::anyhow!("pulling {from}: {}", engine_message(e)))?;
+        if let Some(e) = info.error {
+            anyhow::bail!("pulling {from}: {e}");
+        }
+    }
+    let info = docker
+        .inspect_image(&from)
+        .await
+        .with_context(|| format!("{from} is not on the engine after its pull"))?;
+    let id = info.id.context("the engine reports no image id")?;
+    let repo = image.repository();
+    let digests = info.repo_digests.unwrap_or_default();
+    let pinned = digests
+        .iter()
+        .find(|d| d.split_once('@').is_some_and(|(r, _)| r == repo))
+        .or(digests.first())
+        .cloned()
+        .with_context(|| format!("the engine reports no registry digest for {from}"))?;
+    Ok(PulledImage { pinned, id })
+}
+
+/// The engine's own words from a bollard error (its message, not the HTTP framing).
+fn engine_message(e: bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { message, .. } => message,
+        other => other.to_string(),
+    }
+}

@@ -455,8 +455,20 @@ impl Inner {
             );
             env = Some(vars);
         }
+        // A built image carries the spec's command, environment, user and directory;
+        // a registry image does not know them, so its container is given them.
+        let from_registry = svc.spec.image.registry().is_some();
+        let or_none = |v: &Vec<String>| (from_registry && !v.is_empty()).then(|| v.clone());
+        if from_registry && !svc.spec.env.is_empty() {
+            let plain = svc.spec.env.iter().map(|(k, v)| format!("{k}={v}"));
+            env = Some(plain.chain(env.unwrap_or_default()).collect());
+        }
         let config = Config {
             image: Some(svc.image.clone()),
+            entrypoint: or_none(&svc.spec.entrypoint),
+            cmd: or_none(&svc.spec.command),
+            user: svc.spec.user.clone().filter(|_| from_registry),
+            working_dir: svc.spec.workdir.clone().filter(|_| from_registry),
             env,
             labels: Some(labels),
             exposed_ports: exposed,
@@ -511,6 +523,28 @@ impl Inner {
         if self.docker.inspect_image(&svc.image).await.is_ok() {
             return Ok(());
         }
+        // A registry image comes from its registry (pinned to the digest the deploy
+        // resolved); a peer's copy is the fallback when the registry cannot be reached.
+        let mut pull_error = None;
+        if svc.spec.image.registry().is_some() {
+            let pulled = match svc.image.parse::<flotilla_core::stack::ImageRef>() {
+                Ok(r) => match self.registry_auth() {
+                    Ok(auth) => crate::docker::pull(&self.docker, &r, auth.as_ref()).await,
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(anyhow::anyhow!(e)),
+            };
+            match pulled {
+                Ok(p) => {
+                    tracing::info!(image = p.pinned, "image pulled from its registry");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(image = svc.image, error = %format!("{e:#}"), "pull failed; asking peers");
+                    pull_error = Some(e);
+                }
+            }
+        }
         let nodes = self.client.nodes().await?;
         for n in nodes.iter().filter(|n| n.name != self.node) {
             let Some(api) = &n.api else { continue };
@@ -540,10 +574,13 @@ impl Inner {
                 return Ok(());
             }
         }
-        anyhow::bail!(
-            "image {} is not on this engine and no peer has it",
-            svc.image
-        )
+        match pull_error {
+            Some(e) => Err(e.context(format!("no peer has {} either", svc.image))),
+            None => anyhow::bail!(
+                "image {} is not on this engine and no peer has it",
+                svc.image
+            ),
+        }
     }
 
     async fn backoff_allows(&self, id: &str) -> bool {

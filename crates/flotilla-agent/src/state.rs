@@ -91,6 +91,19 @@ pub(crate) struct State {
 }
 
 impl Inner {
+    /// The registry credentials, read from their file now (so a rotated password
+    /// needs no restart); `None` when the agent has no file.
+    pub(crate) fn registry_auth(
+        &self,
+    ) -> anyhow::Result<Option<flotilla_core::registry_auth::RegistryAuth>> {
+        self.config
+            .registry_auth
+            .as_deref()
+            .map(flotilla_core::registry_auth::RegistryAuth::load)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+    }
+
     /// The shared state of an agent on `docker`, speaking to the registry through `client`.
     pub(crate) fn new(
         docker: Docker,

@@ -83,6 +83,22 @@ pub struct ImagePresence {
     pub id: Option<String>,
 }
 
+/// Body of `POST /v1/images/pull`: a registry image for the agent to pull.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PullRequest {
+    /// The reference (`reg.example:5000/app:1.2`, or `…@sha256:…`).
+    pub image: String,
+}
+
+/// Reply of `POST /v1/images/pull`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pulled {
+    /// The reference pinned to the pulled bytes (`REPO@sha256:…`).
+    pub pinned: String,
+    /// The image id.
+    pub id: String,
+}
+
 /// Reply of `POST /v1/images` (a `docker save` stream as the body).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ImagesLoaded {
@@ -461,6 +477,19 @@ impl AgentClient {
             .json(self.request(reqwest::Method::GET, "/v1/images").query(&q))
             .await?;
         Ok(p.present)
+    }
+
+    /// `POST /v1/images/pull`: the agent pulls a registry image with its own
+    /// credentials for that registry.
+    pub async fn pull_image(&self, image: &str) -> AgentResult<Pulled> {
+        self.json(
+            self.request(reqwest::Method::POST, "/v1/images/pull")
+                .timeout(TRANSFER)
+                .json(&PullRequest {
+                    image: image.into(),
+                }),
+        )
+        .await
     }
 
     /// `GET /v1/images/save`: the image as a `docker save` stream.

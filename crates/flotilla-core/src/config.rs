@@ -442,6 +442,9 @@ pub struct AgentConfig {
     /// file system) each need their own, or copies meant for other hosts land on the
     /// same files.
     pub backup_root: PathBuf,
+    /// Credentials for pulling registry images (`docker login`'s `config.json` format,
+    /// mode 0600), read again at every pull so a rotated password needs no restart.
+    pub registry_auth: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -465,6 +468,7 @@ impl Default for AgentConfig {
             ca_hash: None,
             cluster_cidr: None,
             backup_root: PathBuf::from("/"),
+            registry_auth: None,
         }
     }
 }
@@ -510,6 +514,10 @@ impl AgentConfig {
         }
         if let Some(n) = &self.node {
             crate::validate_node_name("node", n)?;
+        }
+        if let Some(p) = &self.registry_auth {
+            crate::registry_auth::RegistryAuth::load(p)
+                .map_err(|e| FieldError::new("registry_auth", e))?;
         }
         if !(self.docker.starts_with("unix://")
             || self.docker.starts_with("tcp://")

@@ -13,6 +13,7 @@ pub mod hash;
 pub mod id;
 pub mod record;
 pub mod recovery;
+pub mod registry_auth;
 pub mod spec;
 pub mod stack;
 pub mod subnet;

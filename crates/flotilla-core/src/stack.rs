@@ -124,8 +124,10 @@ pub struct ServiceSpec {
     /// Version label; change it to roll out the same spec again.
     #[serde(default = "default_version")]
     pub version: String,
-    /// How the image is built.
-    pub image: ImageSpec,
+    /// The image: a table says how flotilla builds it; a string names an image in a
+    /// registry (`"registry.example:5000/app:1.2"`, or pinned `…@sha256:…`) that each
+    /// agent pulls.
+    pub image: ImageSource,
     /// ENTRYPOINT (default: the base image's).
     #[serde(default)]
     pub entrypoint: Vec<String>,
@@ -198,8 +200,171 @@ fn one() -> u32 {
     1
 }
 
+/// Where a service's image comes from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum ImageSource {
+    /// Pulled from a registry by each agent that runs a replica.
+    Registry(ImageRef),
+    /// Built by flotilla from the spec (no Dockerfile, no registry).
+    Built(ImageSpec),
+}
+
+impl ImageSource {
+    /// The build table, unless the image comes from a registry.
+    pub fn built(&self) -> Option<&ImageSpec> {
+        match self {
+            ImageSource::Built(b) => Some(b),
+            ImageSource::Registry(_) => None,
+        }
+    }
+    /// The registry reference, if the image comes from one.
+    pub fn registry(&self) -> Option<&ImageRef> {
+        match self {
+            ImageSource::Registry(r) => Some(r),
+            ImageSource::Built(_) => None,
+        }
+    }
+}
+
+// By hand rather than `untagged`: an untagged enum answers every mistake inside the
+// table with "did not match any variant", losing the key the operator got wrong.
+impl<'de> Deserialize<'de> for ImageSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ImageSource;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a registry reference (\"host:5000/app:1.2\") or an image table")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ImageSource, E> {
+                v.parse().map(ImageSource::Registry).map_err(E::custom)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<ImageSource, A::Error> {
+                ImageSpec::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+                    .map(ImageSource::Built)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A registry image reference: `[HOST[:PORT]/]PATH[:TAG][@sha256:HEX]`, checked when
+/// the spec is read (so a typo fails at `deploy`, not on every node).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct ImageRef(String);
+
+impl ImageRef {
+    /// The reference as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// The registry it names (`docker.io` when the first component is not a host:
+    /// no `.` or `:` in it and not `localhost`), as credentials are keyed.
+    pub fn registry(&self) -> &str {
+        match self.0.split_once('/') {
+            Some((first, _))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                first
+            }
+            _ => "docker.io",
+        }
+    }
+    /// The reference without tag or digest (`host:5000/app`).
+    pub fn repository(&self) -> &str {
+        let no_digest = self.0.split_once('@').map_or(self.0.as_str(), |(r, _)| r);
+        match no_digest.rfind(':') {
+            // A colon after the last slash is the tag's; before it, a port's.
+            Some(i) if !no_digest[i..].contains('/') => &no_digest[..i],
+            _ => no_digest,
+        }
+    }
+    /// The pinned digest (`sha256:…`), if any.
+    pub fn digest(&self) -> Option<&str> {
+        self.0.split_once('@').map(|(_, d)| d)
+    }
+}
+
+impl std::fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for ImageRef {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| Err(format!("{s:?} is not an image reference: {why}"));
+        if s.is_empty() {
+            return bad("empty");
+        }
+        if s.len() > 512 {
+            return bad("longer than 512 bytes");
+        }
+        let (name, digest) = match s.split_once('@') {
+            Some((n, d)) => (n, Some(d)),
+            None => (s, None),
+        };
+        if let Some(d) = digest {
+            let hex = d.strip_prefix("sha256:").unwrap_or("");
+            if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                return bad("a digest is sha256: and 64 lowercase hex digits");
+            }
+        }
+        let r = ImageRef(s.to_owned());
+        let repo = r.repository().to_owned();
+        let tag = name
+            .strip_prefix(repo.as_str())
+            .and_then(|t| t.strip_prefix(':'));
+        if let Some(t) = tag {
+            let ok = t.len() <= 128
+                && t.bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+            if !ok {
+                return bad(&format!("tag {t:?}"));
+            }
+        }
+        let mut parts = repo.split('/').peekable();
+        if r.registry() != "docker.io" || repo.starts_with("docker.io/") {
+            let host = parts.next().unwrap_or("");
+            let ok = !host.is_empty()
+                && host.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
+                });
+            if !ok {
+                return bad(&format!("registry host {host:?}"));
+            }
+        }
+        if parts.peek().is_none() {
+            return bad("no repository path");
+        }
+        for c in parts {
+            let ok = !c.is_empty()
+                && c.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+                })
+                && c.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+                && c.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+            if !ok {
+                return bad(&format!(
+                    "path component {c:?} (lowercase letters, digits, . _ -)"
+                ));
+            }
+        }
+        Ok(r)
+    }
+}
+
 /// How an image is put together (no Dockerfile, no registry).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageSpec {
     /// `"scratch"`, `"busybox"` (the host's static busybox with its applets),
@@ -535,8 +700,11 @@ impl ServiceSpec {
                 return err(&format!("{field}.file"), "empty path".into());
             }
         }
-        let base = self.image.base.as_str();
-        let base_ok = matches!(base, "scratch" | "busybox" | "flotilla")
+        let no_build = ImageSpec::default();
+        let image = self.image.built().unwrap_or(&no_build);
+        let base = image.base.as_str();
+        let base_ok = self.image.registry().is_some()
+            || matches!(base, "scratch" | "busybox" | "flotilla")
             || base.strip_prefix("image:").is_some_and(|n| !n.is_empty())
             || base.strip_prefix("rootfs:").is_some_and(|n| !n.is_empty());
         if !base_ok {
@@ -545,13 +713,13 @@ impl ServiceSpec {
                 format!("{base:?}: expected \"scratch\", \"busybox\", \"flotilla\", \"image:NAME\" or \"rootfs:PATH\""),
             );
         }
-        if base == "scratch" && self.image.files.is_empty() {
+        if base == "scratch" && image.files.is_empty() {
             return err(
                 "image.file",
                 "a scratch image needs at least one file".into(),
             );
         }
-        for (i, file) in self.image.files.iter().enumerate() {
+        for (i, file) in image.files.iter().enumerate() {
             if !file.dest.starts_with('/') || file.dest.split('/').any(|c| c == "..") {
                 return err(
                     &format!("image.file[{i}].dest"),
@@ -586,13 +754,14 @@ impl ServiceSpec {
         }
         if let Some(h) = &self.health {
             h.validate(&format!("{f}.health"))?;
-            if h.kind == crate::CheckKind::Docker {
+            if h.kind == crate::CheckKind::Docker && self.image.registry().is_none() {
                 // flotilla builds the image, and with it the container's HEALTHCHECK
                 // from this very table: there is no other to defer to.
                 return Err(FieldError::new(
                     format!("{f}.health.type"),
-                    "\"docker\" is for containers run outside stacks (their image's \
-                     HEALTHCHECK); a stack service states its check (http, tcp or exec)",
+                    "\"docker\" defers to an image's own HEALTHCHECK: a registry image's, \
+                     or a container's run outside stacks; flotilla builds this image, so \
+                     state its check (http, tcp or exec)",
                 ));
             }
         }
@@ -666,7 +835,17 @@ impl ServiceSpec {
     }
 }
 
-/// A service as deployed: the spec plus the image built from it.
+/// The spec hash of a service whose image comes from a registry: its spec and the
+/// image id the deploy resolved (so the same spec on a moved tag is a new version).
+pub fn registry_spec_hash(spec: &ServiceSpec, image_id: &str) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(serde_json::to_vec(spec).expect("a spec serialises"));
+    h.update(image_id.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// A service as deployed: the spec plus the image built from it (or pulled).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeployedService {
     /// The spec.
@@ -890,6 +1069,68 @@ dir = "/var/lib/flotilla/backups"
         assert!(e.contains("service.web.placement.max_per_node"), "{e}");
         let e = parse(&EXAMPLE.replace("service.web", "service.Web")).unwrap_err();
         assert!(e.contains("service.Web"), "{e}");
+    }
+
+    #[test]
+    fn an_image_is_a_build_table_or_a_registry_reference() {
+        const BUILD: &str = "image = { base = \"busybox\", file = [{ src = \"www/index.html\", dest = \"/www/index.html\" }] }";
+        assert!(EXAMPLE.contains(BUILD));
+        let with = |image: &str| parse(&EXAMPLE.replace(BUILD, image));
+        let web = |image: &str| with(image).map(|s| s.services["web"].image.clone());
+        let r = web("image = \"127.0.0.1:5000/team/app:1.2\"").unwrap();
+        let r = r.registry().unwrap();
+        assert_eq!(r.registry(), "127.0.0.1:5000");
+        assert_eq!(r.repository(), "127.0.0.1:5000/team/app");
+        assert_eq!(r.digest(), None);
+        let pinned = format!("reg.example/app@sha256:{}", "ab".repeat(32));
+        let r = web(&format!("image = \"{pinned}\"")).unwrap();
+        let r = r.registry().unwrap();
+        assert_eq!(
+            (r.registry(), r.repository()),
+            ("reg.example", "reg.example/app")
+        );
+        assert_eq!(
+            r.digest(),
+            Some(format!("sha256:{}", "ab".repeat(32)).as_str())
+        );
+        let hub = "nginx:1.27".parse::<ImageRef>().unwrap();
+        assert_eq!((hub.registry(), hub.repository()), ("docker.io", "nginx"));
+        assert_eq!(
+            "localhost/app".parse::<ImageRef>().unwrap().registry(),
+            "localhost"
+        );
+        // It serialises back to the string (the stored record keeps the operator's shape).
+        assert_eq!(
+            serde_json::to_value(ImageSource::Registry(hub)).unwrap(),
+            serde_json::json!("nginx:1.27")
+        );
+        for (bad, why) in [
+            ("\"\"", "empty"),
+            ("\"Reg/App\"", "path component"),
+            ("\"reg:5000/app:\"", "tag"),
+            ("\"reg:5000/app@sha256:12\"", "digest"),
+            ("\"reg.example/\"", "path component"),
+        ] {
+            let e = with(&format!("image = {bad}")).unwrap_err();
+            assert!(e.contains("line 8") && e.contains(why), "{bad}: {e}");
+        }
+        // A mistake inside the table still names its key.
+        let e = with("image = { base = \"busybox\", files = [] }").unwrap_err();
+        assert!(e.contains("files"), "{e}");
+        // A registry image may defer to its own HEALTHCHECK; a built one may not.
+        let docker_check = |image: &str| {
+            with(image)
+                .map(|s| s.services["web"].clone())
+                .and_then(|mut w| {
+                    w.health = Some(crate::CheckSpec {
+                        kind: crate::CheckKind::Docker,
+                        ..w.health.clone().unwrap()
+                    });
+                    w.validate("service.web").map_err(|e| e.to_string())
+                })
+        };
+        assert!(docker_check("image = \"reg:5000/app:1\"").is_ok());
+        assert!(docker_check(BUILD).unwrap_err().contains("health.type"));
     }
 
     fn deployed(replicas: u32, pinned: &[&str]) -> DeployedService {

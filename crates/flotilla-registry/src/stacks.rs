@@ -193,16 +193,16 @@ fn validate_service(name: &str, s: &DeployedService) -> Result<(), ApiError> {
     let f = format!("services.{name}");
     validate_service_name(&f, name)?;
     s.spec.validate(&f)?;
-    let image_ok = !s.image.is_empty()
-        && s.image.len() <= 255
-        && s.image
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"/:._-".contains(&b));
-    if !image_ok {
+    let image = s
+        .image
+        .parse::<flotilla_core::stack::ImageRef>()
+        .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, format!("{f}.image"), e))?;
+    // Every node must run the same bytes: a registry image is stored pinned.
+    if s.spec.image.registry().is_some() && image.digest().is_none() {
         return Err(ApiError::field(
             StatusCode::BAD_REQUEST,
             format!("{f}.image"),
-            format!("{:?} is not an image reference", s.image),
+            format!("{image} is a registry image without a digest (REPO@sha256:…)"),
         ));
     }
     if !s.spec_hash.bytes().all(|b| b.is_ascii_hexdigit())

@@ -176,6 +176,10 @@ pub struct AgentArgs {
     /// The directory services' backup `dir`s are taken relative to [default: /].
     #[arg(long, value_name = "DIR")]
     pub backup_root: Option<PathBuf>,
+    /// Credentials for pulling registry images: `docker login`'s config.json format,
+    /// mode 0600 (e.g. ~/.docker/config.json).
+    #[arg(long, value_name = "FILE")]
+    pub registry_auth: Option<PathBuf>,
     /// This host's node name [default: the hostname].
     #[arg(long)]
     pub node: Option<String>,

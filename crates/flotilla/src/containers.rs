@@ -49,7 +49,8 @@ async fn build_all(
     let needs_docker = spec
         .services
         .values()
-        .any(|s| s.image.base.starts_with("image:"));
+        .filter_map(|s| s.image.built())
+        .any(|b| b.base.starts_with("image:"));
     let engine = if needs_docker {
         Some(flotilla_agent::docker::connect(docker).await?)
     } else {
@@ -57,7 +58,11 @@ async fn build_all(
     };
     let created = build_time();
     let mut out = BTreeMap::new();
-    for (name, svc) in &spec.services {
+    for (name, svc) in spec
+        .services
+        .iter()
+        .filter(|(_, s)| s.image.built().is_some())
+    {
         let built = build_service(engine.as_ref(), &spec.name, name, svc, dir, created)
             .await
             .map_err(|e| {
@@ -157,10 +162,75 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
             "file": file,
         }));
     }
+    for (name, s) in &spec.services {
+        let Some(r) = s.image.registry() else {
+            continue;
+        };
+        if !args.json {
+            println!("{name}: {r} (a registry image: each agent pulls it at deploy)");
+        }
+        rows.push(serde_json::json!({ "service": name, "registry_image": r.as_str() }));
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     }
     Ok(())
+}
+
+/// A registry image as every node pulled it.
+struct PulledImage {
+    /// Pinned to the digest the first node got (`REPO@sha256:…`).
+    pinned: String,
+    id: String,
+}
+
+/// Has every live node's agent pull each registry image of the stack, the first by the
+/// reference as written and the rest by the digest it resolved to, so all nodes run
+/// the same bytes. Any failure stops the deploy before anything is stored, naming the
+/// image, the node and the registry's answer.
+async fn pull_images(
+    spec: &StackSpec,
+    nodes: &[NodeView],
+    token: &AgentCreds,
+    quiet: bool,
+) -> anyhow::Result<BTreeMap<String, PulledImage>> {
+    let mut out = BTreeMap::new();
+    for (name, s) in &spec.services {
+        let Some(image) = s.image.registry() else {
+            continue;
+        };
+        let mut first: Option<PulledImage> = None;
+        for n in nodes {
+            let Ok(api) = agent_of(n, token) else {
+                continue;
+            };
+            let asked = first.as_ref().map_or(image.as_str(), |p| p.pinned.as_str());
+            let t0 = Instant::now();
+            let got = api.pull_image(asked).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "service.{name}.image: pulling {asked} on node {}: {e}",
+                    n.name
+                )
+            })?;
+            if !quiet {
+                println!(
+                    "{name}: node {} has {} ({:.1} s)",
+                    n.name,
+                    got.pinned,
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+            first.get_or_insert(PulledImage {
+                pinned: got.pinned,
+                id: got.id,
+            });
+        }
+        let pulled = first.with_context(|| {
+            format!("service.{name}.image: no live node serves an agent API to pull {image}")
+        })?;
+        out.insert(name.clone(), pulled);
+    }
+    Ok(out)
 }
 
 /// Sends each image to every live node that lacks it.
@@ -254,6 +324,7 @@ pub async fn deploy_file(
             );
         }
     }
+    let pulled = pull_images(&spec, &nodes, token, quiet).await?;
     // Stored apart from the stack, before it: the agents find them when they create
     // the replicas.
     for (service, values) in &secrets {
@@ -266,14 +337,23 @@ pub async fn deploy_file(
         .services
         .iter()
         .map(|(name, s)| {
-            let b = &built[name];
+            let (image, image_id, spec_hash) = match (built.get(name), pulled.get(name)) {
+                (Some(b), _) => (b.tag.clone(), b.id.clone(), b.spec_hash.clone()),
+                // The same spec on a moved tag is a new version: its replicas roll.
+                (None, Some(p)) => (
+                    p.pinned.clone(),
+                    p.id.clone(),
+                    flotilla_core::stack::registry_spec_hash(s, &p.id),
+                ),
+                (None, None) => unreachable!("every service is built or pulled"),
+            };
             (
                 name.clone(),
                 DeployedService {
                     spec: s.clone(),
-                    image: b.tag.clone(),
-                    image_id: b.id.clone(),
-                    spec_hash: b.spec_hash.clone(),
+                    image,
+                    image_id,
+                    spec_hash,
                     pins: Default::default(),
                 },
             )

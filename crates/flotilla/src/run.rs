@@ -140,6 +140,9 @@ pub fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
     if let Some(v) = &args.backup_root {
         c.backup_root = v.clone();
     }
+    if let Some(v) = &args.registry_auth {
+        c.registry_auth = Some(v.clone());
+    }
     if let Some(v) = &args.node {
         c.node = Some(v.clone());
     }
