@@ -1162,7 +1162,22 @@ async fn create_container(
         .collect();
     let mut endpoints = HashMap::new();
     if let Some(n) = saved.networks.first() {
-        endpoints.insert(n.clone(), EndpointSettings::default());
+        // A stack replica keeps the names its service is reached by (its own
+        // labels say which service of which stack it is; nothing else is taken).
+        let aliases = match (
+            saved.labels.get(crate::labels::STACK),
+            saved.labels.get(crate::labels::SERVICE),
+        ) {
+            (Some(stack), Some(service)) => Some(crate::docker::service_aliases(stack, service, n)),
+            _ => None,
+        };
+        endpoints.insert(
+            n.clone(),
+            EndpointSettings {
+                aliases,
+                ..Default::default()
+            },
+        );
     }
     let mut exposed = HashMap::new();
     let mut bindings = HashMap::new();

@@ -53,7 +53,13 @@ pub fn service_labels(service: &str, spec: &ServiceSpec) -> BTreeMap<String, Str
                 CheckKind::Http { path, .. } => ("http", path.clone()),
                 CheckKind::Tcp { port } => ("tcp", port.map_or("true".into(), |p| p.to_string())),
                 CheckKind::Ttl { ttl } => ("ttl", humantime::format_duration(*ttl).to_string()),
-                CheckKind::Exec { command } => ("exec", command.join(" ")),
+                // The label is a shell command (the agent runs it with `sh -c`): each
+                // argument quoted, or `sh -c "a b"` would come back as three words.
+                CheckKind::Exec { command } => (
+                    "exec",
+                    shlex::try_join(command.iter().map(String::as_str))
+                        .unwrap_or_else(|_| command.join(" ")),
+                ),
                 // Refused in stack specs (flotilla builds the HEALTHCHECK itself).
                 CheckKind::Docker => ("docker", "true".into()),
             };
@@ -379,5 +385,28 @@ mod tests {
         assert_eq!(elf_interpreter(b"\x7fELF\x02\x01"), None, "truncated");
         assert_eq!(elf_interpreter(&exe[..0x40]), None, "headers cut off");
         assert_eq!(elf_interpreter(b"#!/bin/sh\n"), None, "not ELF");
+    }
+
+    #[test]
+    fn an_exec_check_label_keeps_its_arguments_apart() {
+        let mut spec: ServiceSpec =
+            serde_json::from_value(serde_json::json!({"port": 80, "image": "reg:5000/app:1"}))
+                .unwrap();
+        let argv = [
+            "/bin/sh",
+            "-c",
+            "wget -q -O- http://127.0.0.1/ | grep -q ok",
+        ];
+        spec.health = Some(flotilla_core::CheckSpec::new(CheckKind::Exec {
+            command: argv.map(String::from).to_vec(),
+        }));
+        let labels = service_labels("web", &spec);
+        let label = &labels["flotilla.check.exec"];
+        // The agent runs the label with `sh -c`: a shell splits it back into argv.
+        assert_eq!(shlex::split(label).unwrap(), argv);
+        assert_eq!(
+            label,
+            "/bin/sh -c 'wget -q -O- http://127.0.0.1/ | grep -q ok'"
+        );
     }
 }

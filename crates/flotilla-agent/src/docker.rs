@@ -435,3 +435,25 @@ fn engine_message(e: bollard::errors::Error) -> String {
         other => other.to_string(),
     }
 }
+
+/// The names other containers on `network` reach a stack service's replicas by, as
+/// Compose users expect: `SERVICE.STACK` always, and the bare `SERVICE` on the stack's
+/// own network (`flotilla-STACK`; on a shared network it would mix stacks' services).
+pub(crate) fn service_aliases(stack: &str, service: &str, network: &str) -> Vec<String> {
+    let mut aliases = vec![format!("{service}.{stack}")];
+    if network == format!("flotilla-{stack}") {
+        aliases.push(service.to_owned());
+    }
+    aliases
+}
+
+/// The lowest TCP port an image on this engine EXPOSEs (`None` if it is not here or
+/// exposes none).
+pub async fn exposed_port(docker: &Docker, image: &str) -> Option<u16> {
+    let info = docker.inspect_image(image).await.ok()?;
+    info.config?
+        .exposed_ports?
+        .keys()
+        .filter_map(|k| k.strip_suffix("/tcp")?.parse::<u16>().ok())
+        .min()
+}

@@ -394,9 +394,9 @@ impl Inner {
                 .await
                 .with_context(|| format!("creating network {network}"))?;
         }
-        let mut labels: HashMap<String, String> = crate::build::service_labels(name, &svc.spec)
-            .into_iter()
-            .collect();
+        // The operator's labels first: flotilla's own (refused in the spec) win anyway.
+        let mut labels: HashMap<String, String> = svc.spec.labels.clone().into_iter().collect();
+        labels.extend(crate::build::service_labels(name, &svc.spec));
         labels.insert(STACK.into(), stack.into());
         labels.insert(OWNER.into(), self.node.clone());
         labels.insert(REPLICA.into(), r.to_string());
@@ -463,8 +463,19 @@ impl Inner {
             let plain = svc.spec.env.iter().map(|(k, v)| format!("{k}={v}"));
             env = Some(plain.chain(env.unwrap_or_default()).collect());
         }
+        let aliases = crate::docker::service_aliases(stack, name, &network);
+        let networking = bollard::container::NetworkingConfig {
+            endpoints_config: HashMap::from([(
+                network.clone(),
+                bollard::models::EndpointSettings {
+                    aliases: Some(aliases),
+                    ..Default::default()
+                },
+            )]),
+        };
         let config = Config {
             image: Some(svc.image.clone()),
+            networking_config: Some(networking),
             entrypoint: or_none(&svc.spec.entrypoint),
             cmd: or_none(&svc.spec.command),
             user: svc.spec.user.clone().filter(|_| from_registry),

@@ -114,7 +114,8 @@ impl RegistryAuth {
         Ok(RegistryAuth { by_host })
     }
 
-    /// The credential for `registry` (as [`crate::stack::ImageRef::registry`] names it).
+    /// The credential for `registry` (as an image reference names it: `host:port`, or
+    /// `docker.io`).
     pub fn for_registry(&self, registry: &str) -> Option<&Credential> {
         self.by_host.get(normalise(registry))
     }

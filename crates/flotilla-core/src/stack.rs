@@ -143,6 +143,10 @@ pub struct ServiceSpec {
     /// never served with the stack, left out of backups unless asked for.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub secret_env: BTreeMap<String, SecretSource>,
+    /// Labels given to every container of the service (not `flotilla.*`: those are
+    /// flotilla's own and say what the container is).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     /// User to run as (name or uid[:gid]).
     #[serde(default)]
     pub user: Option<String>,
@@ -700,6 +704,16 @@ impl ServiceSpec {
                 return err(&format!("{field}.file"), "empty path".into());
             }
         }
+        for key in self.labels.keys() {
+            let ok = !key.is_empty() && key.len() <= 256 && !key.chars().any(char::is_control);
+            if !ok || key.starts_with("flotilla.") {
+                return err(
+                    &format!("labels.{key:?}"),
+                    "a label key is 1-256 printable characters, not under flotilla. (flotilla's own)"
+                        .into(),
+                );
+            }
+        }
         let no_build = ImageSpec::default();
         let image = self.image.built().unwrap_or(&no_build);
         let base = image.base.as_str();
@@ -1131,6 +1145,23 @@ dir = "/var/lib/flotilla/backups"
         };
         assert!(docker_check("image = \"reg:5000/app:1\"").is_ok());
         assert!(docker_check(BUILD).unwrap_err().contains("health.type"));
+    }
+
+    #[test]
+    fn labels_are_the_operator_s_but_not_flotilla_s() {
+        let with = |l: &str| {
+            parse(&EXAMPLE.replace("replicas = 3", &format!("replicas = 3\nlabels = {l}")))
+        };
+        let s = with("{ \"com.example.team\" = \"shop\" }").unwrap();
+        assert_eq!(s.services["web"].labels["com.example.team"], "shop");
+        let e = with("{ \"flotilla.service\" = \"other\" }").unwrap_err();
+        assert!(
+            e.contains("service.web.labels") && e.contains("flotilla."),
+            "{e}"
+        );
+        // No labels: left out of the serialised spec (the image hash stays the same).
+        let json = serde_json::to_value(&parse(EXAMPLE).unwrap().services["web"]).unwrap();
+        assert!(json.get("labels").is_none());
     }
 
     fn deployed(replicas: u32, pinned: &[&str]) -> DeployedService {

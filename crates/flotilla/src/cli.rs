@@ -40,8 +40,12 @@ pub enum Command {
     Watch(WatchArgs),
     /// Build a stack's images from its spec (no Dockerfile, no registry) and load them.
     Build(BuildArgs),
-    /// Build, distribute and deploy a stack; wait until every replica passes.
+    /// Build, distribute and deploy a stack (or a Compose file); wait until every
+    /// replica passes.
     Deploy(DeployArgs),
+    /// Convert a Compose file into a stack spec (TOML on stdout; what it cannot carry
+    /// listed on stderr and at the spec's top).
+    Convert(ConvertArgs),
     /// Change the replica count of services: `flotilla scale web=5`.
     Scale(ScaleArgs),
     /// Remove a deployed stack (its containers stop; volumes are kept).
@@ -305,6 +309,23 @@ pub struct LbArgs {
     pub check: bool,
 }
 
+/// Flags of `flotilla convert`.
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// The Compose file (docker-compose.yml, compose.yaml).
+    pub file: PathBuf,
+    /// Stack name when the file has no `name:` [default: its directory's name].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Docker Engine asked for the port an image EXPOSEs (a service with neither
+    /// ports nor expose).
+    #[arg(long, default_value = "unix:///var/run/docker.sock")]
+    pub docker: String,
+    /// Print {name, toml, not_carried} as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Flags of `flotilla build`.
 #[derive(Debug, Args)]
 pub struct BuildArgs {
@@ -324,7 +345,8 @@ pub struct BuildArgs {
 /// Flags of `flotilla deploy`.
 #[derive(Debug, Args)]
 pub struct DeployArgs {
-    /// Stack spec (TOML, see docs/spec.md).
+    /// Stack spec (TOML, see docs/spec.md), or a Compose file (.yml/.yaml), converted
+    /// as `flotilla convert` does.
     pub spec: PathBuf,
     /// Return once the desired state is stored, without waiting for the replicas.
     #[arg(long)]

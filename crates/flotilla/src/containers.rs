@@ -32,8 +32,16 @@ fn build_time() -> u64 {
         .unwrap_or_else(|| flotilla_core::record::unix_ms() / 1000)
 }
 
-fn load_spec(path: &Path) -> anyhow::Result<(StackSpec, PathBuf)> {
-    let spec = StackSpec::load(path).map_err(usage)?;
+/// A stack spec, or a Compose file converted to one (what it could not carry is
+/// printed as warnings), with the directory its relative paths start from.
+async fn load_spec(path: &Path, docker: &str) -> anyhow::Result<(StackSpec, PathBuf)> {
+    let spec = if flotilla_compose::is_compose_file(path) {
+        let c = crate::compose::convert_file(path, None, docker).await?;
+        crate::compose::warn_not_carried(path, &c.not_carried);
+        c.spec
+    } else {
+        StackSpec::load(path).map_err(usage)?
+    };
     let dir = path
         .parent()
         .map(Path::to_path_buf)
@@ -117,7 +125,7 @@ pub fn write_demo(dir: &Path) -> anyhow::Result<()> {
 
 /// `flotilla build SPEC`.
 pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
-    let (spec, dir) = load_spec(&args.spec)?;
+    let (spec, dir) = load_spec(&args.spec, &args.docker).await?;
     let built = build_all(&spec, &dir, &args.docker).await?;
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out)?;
@@ -301,7 +309,7 @@ pub async fn deploy_file(
     wait: Option<Duration>,
     quiet: bool,
 ) -> anyhow::Result<Deployed> {
-    let (spec, dir) = load_spec(path)?;
+    let (spec, dir) = load_spec(path, docker).await?;
     // Secret values are read before anything is built or sent: a missing file stops the
     // deploy with nothing changed.
     let secrets = read_secrets(&spec, &dir)?;

@@ -3,6 +3,7 @@
 
 mod agent_api;
 mod cli;
+mod compose;
 mod containers;
 mod daily;
 mod home;

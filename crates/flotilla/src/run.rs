@@ -22,6 +22,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Deregister(args) => crate::ops::deregister(args).await,
         Command::Watch(args) => crate::ops::watch(args).await,
         Command::Build(args) => crate::containers::build(args).await,
+        Command::Convert(args) => crate::compose::convert(args).await,
         Command::Deploy(args) => crate::containers::deploy(args).await,
         Command::Scale(args) => crate::containers::scale(args).await,
         Command::Rm(args) if args.orphans => crate::keynodes::rm_orphans(args.client).await,

@@ -3,7 +3,9 @@
 //! reference is pulled by the agent with the credentials in its `--registry-auth` file,
 //! pinned to one digest, and given the spec's command and environment; a registry
 //! that is down, a digest that does not match and a wrong password each stop the deploy
-//! naming the image and the registry's answer, with nothing stored.
+//! naming the image and the registry's answer, with nothing stored. And a Compose file
+//! of the usual shape (web + database + cache from registry images), converted and
+//! deployed as it is, its services answering and reaching each other by name.
 
 mod common;
 
@@ -90,11 +92,40 @@ impl Registry {
 /// Imports a busybox root file system with `index` at /www/index.html as `reference`,
 /// pushes it, and removes it from the engine (so a deploy must pull it).
 fn push_image(reg: &Registry, dir: &Path, reference: &str, index: &str) {
+    push_image_with(
+        reg,
+        dir,
+        reference,
+        &[("www/index.html", index, 0o644)],
+        &[],
+        false,
+    );
+}
+
+/// Imports a busybox root file system (`sh` and `wget` linked) with `files` (path,
+/// content, mode) as `reference`, with Dockerfile-style `changes` (`EXPOSE 6379`),
+/// pushes it, and removes it from the engine unless `keep`.
+fn push_image_with(
+    reg: &Registry,
+    dir: &Path,
+    reference: &str,
+    files: &[(&str, &str, u32)],
+    changes: &[&str],
+    keep: bool,
+) {
     let root = dir.join(format!("rootfs-{}", unique("r")));
     std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::create_dir_all(root.join("www")).unwrap();
+    std::fs::create_dir_all(root.join("tmp")).unwrap();
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    std::fs::write(root.join("www/index.html"), index).unwrap();
+    for applet in ["sh", "wget"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    for (path, content, mode) in files {
+        let file = root.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, content).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(*mode)).unwrap();
+    }
     let tar = dir.join(format!("{}.tar", unique("rootfs")));
     let o = Command::new("tar")
         .arg("-C")
@@ -105,12 +136,22 @@ fn push_image(reg: &Registry, dir: &Path, reference: &str, index: &str) {
         .output()
         .unwrap();
     assert!(o.status.success());
-    let o = reg.docker(&["import", tar.to_str().unwrap(), reference]);
+    let mut import = vec!["import".to_owned()];
+    for c in changes {
+        import.push("--change".into());
+        import.push(c.to_string());
+    }
+    import.push(tar.to_str().unwrap().into());
+    import.push(reference.into());
+    let import: Vec<&str> = import.iter().map(String::as_str).collect();
+    let o = reg.docker(&import);
     assert!(o.status.success(), "{o:?}");
     let o = reg.docker(&["push", reference]);
     assert!(o.status.success(), "{o:?}");
-    let o = reg.docker(&["rmi", reference]);
-    assert!(o.status.success(), "{o:?}");
+    if !keep {
+        let o = reg.docker(&["rmi", reference]);
+        assert!(o.status.success(), "{o:?}");
+    }
 }
 
 fn write_spec(dir: &Path, stack: &str, image: &str) -> PathBuf {
@@ -363,6 +404,218 @@ async fn a_registry_image_is_pulled_with_the_agent_s_credentials_and_pinned() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(
         text(&o).contains("registry_auth") && text(&o).contains("chmod 600"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// The web tier's page: what it gets from the database and the cache, by their names.
+const CHECK_CGI: &str = "#!/bin/sh\necho 'Content-Type: text/plain'\necho\necho \"db: $(wget -qO- http://db:5432/)\"\necho \"cache: $(wget -qO- http://cache:6379/)\"\necho \"env: $SHOP_MODE\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compose_file_of_web_db_and_cache_deploys_and_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (user, password) = ("deployer", unique("pw"));
+    let reg = Registry::start(dir.path(), user, &password);
+    let project = unique("shop").replace('_', "-");
+    let repo = format!("{}/{project}", reg.host);
+    let _cleanup = Cleanup {
+        stacks: vec![project.clone()],
+        repository: format!("{repo}/*"),
+    };
+    // Build-less images, as a project pulls them: the web tier, a "database" and a
+    // "cache" (busybox httpd stand-ins that answer on their usual ports).
+    let web_image = format!("{repo}/web:1.0");
+    push_image_with(
+        &reg,
+        dir.path(),
+        &web_image,
+        &[
+            ("www/index.html", "shop front\n", 0o644),
+            ("www/cgi-bin/check", CHECK_CGI, 0o755),
+        ],
+        &[],
+        false,
+    );
+    let db_image = format!("{repo}/db:16");
+    push_image_with(
+        &reg,
+        dir.path(),
+        &db_image,
+        &[("www/index.html", "db ok\n", 0o644)],
+        &[],
+        false,
+    );
+    // The cache's image says its own port and command; the compose file does not.
+    let cache_image = format!("{repo}/cache:7");
+    push_image_with(
+        &reg,
+        dir.path(),
+        &cache_image,
+        &[("www/index.html", "cache ok\n", 0o644)],
+        &[
+            "EXPOSE 6379",
+            "CMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"6379\", \"-h\", \"/www\"]",
+        ],
+        true,
+    );
+    let compose_dir = dir.path().join(&project);
+    std::fs::create_dir_all(&compose_dir).unwrap();
+    let compose = compose_dir.join("docker-compose.yml");
+    std::fs::write(
+        &compose,
+        format!(
+            r#"x-restart: &restart
+  restart: unless-stopped
+services:
+  web:
+    <<: *restart
+    image: {web_image}
+    command: /bin/busybox httpd -f -p 80 -h /www
+    ports: ["80"]
+    environment:
+      SHOP_MODE: compose
+    depends_on: [db, cache]
+    healthcheck:
+      test: ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]
+      interval: 500ms
+      timeout: 1s
+      retries: 3
+    deploy:
+      replicas: 2
+      resources:
+        limits: {{ cpus: "0.5", memory: 64M }}
+  db:
+    <<: *restart
+    image: {db_image}
+    command: ["/bin/busybox", "httpd", "-f", "-p", "5432", "-h", "/www"]
+    expose: ["5432"]
+    volumes:
+      - db_data:/var/lib/data
+      - ./init:/docker-entrypoint-initdb.d:ro
+    healthcheck:
+      test: ["CMD-SHELL", "wget -q -O /dev/null http://127.0.0.1:5432/ && test -d /var/lib/data"]
+      interval: 500ms
+  cache:
+    image: {cache_image}
+    healthcheck:
+      test: wget -q -O /dev/null http://127.0.0.1:6379/
+      interval: 500ms
+volumes:
+  db_data: {{}}
+"#
+        ),
+    )
+    .unwrap();
+
+    // Converted: a spec that parses, with the bind mount and depends_on listed.
+    let o = Command::new(common::BIN)
+        .arg("convert")
+        .arg(&compose)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let spec = String::from_utf8_lossy(&o.stdout);
+    let listed = String::from_utf8_lossy(&o.stderr);
+    assert!(spec.contains(&format!("name = \"{project}\"")), "{spec}");
+    assert!(spec.contains("port = 6379"), "the cache's EXPOSE: {spec}");
+    assert!(listed.contains("services.web.depends_on"), "{listed}");
+    assert!(
+        listed.contains("services.db.volumes[1]") && listed.contains("bind mount"),
+        "{listed}"
+    );
+    let converted = dir.path().join("converted.toml");
+    std::fs::write(&converted, spec.as_bytes()).unwrap();
+    flotilla_core::stack::StackSpec::load(&converted).unwrap();
+
+    // Deployed as it is.
+    let auth = dir.path().join("registry-auth.json");
+    std::fs::copy(reg.auth_file(), &auth).unwrap();
+    std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let node = unique("node").replace('_', "-");
+    let _agent = agent_with(
+        dir.path(),
+        &server,
+        &node,
+        None,
+        None,
+        &[
+            "--api-listen",
+            "127.0.0.1:0",
+            "--registry-auth",
+            auth.to_str().unwrap(),
+        ],
+    );
+    eventually(Duration::from_secs(15), "agent registered", || async {
+        client
+            .nodes()
+            .await
+            .is_ok_and(|n| n.len() == 1 && n[0].api.is_some())
+    })
+    .await;
+    let o = deploy(&server, dir.path(), &compose);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("not carried: services.web.depends_on"),
+        "{}",
+        text(&o)
+    );
+    let passing = |svc: &'static str| {
+        let client = client.clone();
+        let project = project.clone();
+        async move {
+            client
+                .instances()
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|i| i.service == svc && i.health == HealthStatus::Passing)
+                .filter(|i| i.meta.get("stack") == Some(&project))
+                .count()
+        }
+    };
+    assert_eq!(passing("web").await, 2);
+    assert_eq!(passing("db").await, 1);
+    assert_eq!(passing("cache").await, 1);
+    // The web tier answers on the published port, and reaches db and cache by name.
+    let web = client
+        .instances()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|i| i.service == "web" && i.meta.get("stack") == Some(&project))
+        .unwrap();
+    let page = reqwest::get(format!("http://{}:{}/cgi-bin/check", web.address, web.port))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(page, "db: db ok\ncache: cache ok\nenv: compose\n", "{page}");
+    // The database's named volume is its own, per replica, and the limits applied.
+    let record = client.stack(&project).await.unwrap();
+    assert_eq!(record.services["db"].spec.volumes[0].name, "db-data");
+    let memory = docker(&[
+        "inspect",
+        "-f",
+        "{{.HostConfig.Memory}}",
+        &web.meta["container_id"],
+    ])
+    .unwrap();
+    assert_eq!(memory.trim(), (64u64 << 20).to_string());
+
+    // A compose file flotilla cannot take names the place, exit 2, nothing stored.
+    std::fs::write(
+        compose_dir.join("bad.yml"),
+        "services:\n  api:\n    build: ./api\n",
+    )
+    .unwrap();
+    let o = deploy(&server, dir.path(), &compose_dir.join("bad.yml"));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("bad.yml: services.api.build"),
         "{}",
         text(&o)
     );
