@@ -2067,3 +2067,123 @@ async fn a_failed_final_delta_removes_the_target_copy_and_restarts_the_source() 
     c.notes_on(&c.node_b).await;
     assert_eq!(c.notes().await.len(), 20);
 }
+
+/// A live backup reads a running container's volume through its host path, as root.
+/// A container that keeps swapping a directory and a file of its volume for symlinks to
+/// host paths (the agent would resolve them on the host) must never get host files
+/// into the archive: every backup either reads what is really in the volume or skips
+/// what changed under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_backup_never_follows_a_symlink_swapped_in_by_the_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = unique("swap");
+    // A host directory with a secret the container must not reach through the agent.
+    let host_dir = format!("/tmp/fl-host-{id}");
+    std::fs::create_dir_all(&host_dir).unwrap();
+    struct RemoveDir(String);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _host = RemoveDir(host_dir.clone());
+    let marker = format!("HOSTSECRET-{id}");
+    // Repeated: an archive chunk boundary cannot hide every copy.
+    std::fs::write(format!("{host_dir}/f"), format!("{marker}\n").repeat(2000)).unwrap();
+
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    let node = unique("node").replace('_', "-");
+    let _agent = agent_on(dir.path(), &server, &node, None, None);
+    node_up(&client, 1).await;
+    let api = client.nodes().await.unwrap()[0].api.clone().unwrap();
+    let name = format!("fl-{id}").replace('_', "-");
+    let volume = format!("{name}-data");
+    // The swapper: d/ (holding f) and d/f each turn into a symlink to the host's copy
+    // and back, as fast as a shell loop goes.
+    let script = format!(
+        "mkdir -p /data/d && echo inside > /data/d/f && (httpd -f -p 8080 -h /www &) && \
+         while true; do \
+           mv /data/d /data/d.real; ln -s {host_dir} /data/d; rm /data/d; mv /data/d.real /data/d; \
+           mv /data/d/f /data/d/f.real; ln -s {host_dir}/f /data/d/f; rm /data/d/f; mv /data/d/f.real /data/d/f; \
+         done"
+    );
+    let image = flotilla_testkit::busybox_image().unwrap();
+    let vol_arg = format!("{volume}:/data");
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "-l",
+        "flotilla.service=swapper",
+        "-l",
+        "flotilla.port=8080",
+        "-v",
+        &vol_arg,
+        image,
+        "sh",
+        "-c",
+        &script,
+    ])
+    .unwrap();
+    struct Remove(String, String);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = docker(&["rm", "-f", &self.0]);
+            let _ = docker(&["volume", "rm", &self.1]);
+        }
+    }
+    let _remove = Remove(name.clone(), volume.clone());
+    let container = docker(&["inspect", "-f", "{{.Id}}", &name]).unwrap();
+    let container = container.trim().to_owned();
+    eventually(Duration::from_secs(15), "swapper registered", || async {
+        client
+            .instances()
+            .await
+            .is_ok_and(|l| l.iter().any(|i| i.service == "swapper"))
+    })
+    .await;
+
+    let http = server.http();
+    let (mut archives, mut saw_inside, mut failed) = (0, 0, 0);
+    let t0 = Instant::now();
+    while archives < 40 && t0.elapsed() < Duration::from_secs(60) {
+        let r = http
+            .get(format!("{api}/v1/backup"))
+            .query(&[
+                ("container", container.as_str()),
+                ("consistency", "live"),
+                ("image", "false"),
+            ])
+            .bearer_auth(server.token())
+            .send()
+            .await
+            .unwrap();
+        if !r.status().is_success() {
+            failed += 1;
+            continue;
+        }
+        // A stream broken mid-way is a failed backup, not an archive.
+        let Ok(bytes) = r.bytes().await else {
+            failed += 1;
+            continue;
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            !text.contains(&marker),
+            "a host file reached archive {archives} ({} bytes)",
+            bytes.len()
+        );
+        if text.contains("inside\n") {
+            saw_inside += 1;
+        }
+        archives += 1;
+    }
+    // The race ran: archives were taken, and the walk reached the real file in some.
+    assert!(archives >= 10, "only {archives} archives ({failed} failed)");
+    assert!(saw_inside > 0, "no archive held d/f ({archives} taken)");
+    // The swapper is still running: nothing was stopped for a live backup.
+    let running = docker(&["inspect", "-f", "{{.State.Running}}", &name]).unwrap();
+    assert_eq!(running.trim(), "true");
+}
