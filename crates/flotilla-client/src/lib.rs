@@ -144,6 +144,20 @@ pub fn tls_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>> {
 pub type Assignments =
     std::collections::BTreeMap<String, flotilla_core::recovery::AssignmentRecord>;
 
+/// One lb as `GET /v1/lbs` lists it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct LbEntry {
+    /// The lb's name.
+    pub name: String,
+    /// ms since the server stored its report.
+    pub age_ms: u64,
+    /// Older than three of its periods: the lb stopped reporting.
+    pub stale: bool,
+    /// The report.
+    #[serde(flatten)]
+    pub report: flotilla_core::LbReport,
+}
+
 /// A registry client.
 #[derive(Clone)]
 pub struct Client {
@@ -468,6 +482,29 @@ impl Client {
     /// `GET /v1/nodes`.
     pub async fn nodes(&self) -> Result<Vec<NodeView>> {
         self.send(self.request(reqwest::Method::GET, "/v1/nodes", Self::SHORT))
+            .await
+    }
+
+    /// `PUT /v1/lbs/{name}`: an lb's own report (VRRP state, traffic).
+    pub async fn report_lb(
+        &self,
+        name: &str,
+        report: &flotilla_core::LbReport,
+    ) -> Result<serde_json::Value> {
+        self.send(
+            self.request(
+                reqwest::Method::PUT,
+                &format!("/v1/lbs/{name}"),
+                Self::SHORT,
+            )
+            .json(report),
+        )
+        .await
+    }
+
+    /// `GET /v1/lbs`: every lb's latest report, with its age.
+    pub async fn lbs(&self) -> Result<Vec<LbEntry>> {
+        self.send(self.request(reqwest::Method::GET, "/v1/lbs", Self::SHORT))
             .await
     }
 

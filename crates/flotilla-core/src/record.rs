@@ -128,6 +128,144 @@ pub struct LoadRecord {
     pub at_ms: u64,
 }
 
+/// What an lb reports about itself every few seconds (`PUT /v1/lbs/{name}`): its
+/// VRRP state and its traffic, for the dashboard's lb page and the request rate and
+/// p99 on each service's page. Soft state: a report older than a few periods means
+/// the lb is gone or cut off.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LbReport {
+    /// Record format version.
+    #[serde(default = "record_version")]
+    pub v: u32,
+    /// How often the lb reports, ms (a report older than 3 periods is stale).
+    pub period_ms: u64,
+    /// The VRRP member, when the lb runs `[ha]`.
+    #[serde(default)]
+    pub ha: Option<LbHa>,
+    /// One entry per listener.
+    pub listeners: Vec<LbListenerReport>,
+    /// When the server stored it (unix ms; set by the server, not the lb).
+    #[serde(default)]
+    pub at_ms: u64,
+}
+
+fn record_version() -> u32 {
+    RECORD_VERSION
+}
+
+/// An lb's VRRP member as it reports itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LbHa {
+    /// `init`, `backup`, `master` or `fault`.
+    pub state: String,
+    /// Effective priority (after tracking).
+    pub priority: u8,
+    /// The master it hears (or itself).
+    #[serde(default)]
+    pub master: Option<String>,
+    /// The virtual IPs of its router.
+    pub vips: Vec<String>,
+    /// State changes since it started.
+    pub transitions: u64,
+    /// The latest changes, oldest first.
+    #[serde(default)]
+    pub history: Vec<LbTransition>,
+}
+
+/// One VRRP state change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LbTransition {
+    /// When (unix ms, the lb's clock).
+    pub at_ms: u64,
+    /// The state left.
+    pub from: String,
+    /// The state entered.
+    pub to: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// One listener's traffic over the last report period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LbListenerReport {
+    /// Listener name.
+    pub name: String,
+    /// The service it fronts, if it follows one.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Requests sent to backends per second.
+    pub requests_per_s: f64,
+    /// Failed requests per second.
+    pub failures_per_s: f64,
+    /// 99th percentile of the backends' response times, ms (`None`: no requests), as
+    /// the upper bound of the histogram bucket it falls in.
+    #[serde(default)]
+    pub p99_ms: Option<f64>,
+    /// Backends in the set.
+    pub backends: u32,
+}
+
+const STATES: [&str; 4] = ["init", "backup", "master", "fault"];
+
+impl LbReport {
+    /// Checks the values an lb sent, naming the field.
+    pub fn validate(&self) -> Result<(), crate::FieldError> {
+        let err = |f: &str, m: String| Err(crate::FieldError::new(f, m));
+        if !(100..=600_000).contains(&self.period_ms) {
+            return err(
+                "period_ms",
+                format!("{} is not in 100..=600000", self.period_ms),
+            );
+        }
+        if self.listeners.len() > 256 {
+            return err("listeners", "more than 256".into());
+        }
+        let short = |s: &str| !s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control);
+        for (i, l) in self.listeners.iter().enumerate() {
+            let f = format!("listeners[{i}]");
+            if !short(&l.name) {
+                return err(
+                    &format!("{f}.name"),
+                    format!("{:?}: 1-128 printable characters", l.name),
+                );
+            }
+            if let Some(s) = &l.service {
+                crate::id::validate_service_name(&format!("{f}.service"), s)?;
+            }
+            let numbers = [l.requests_per_s, l.failures_per_s, l.p99_ms.unwrap_or(0.0)];
+            if numbers.iter().any(|n| !n.is_finite() || *n < 0.0) {
+                return err(&f, "rates and p99 are finite and not negative".into());
+            }
+        }
+        if let Some(h) = &self.ha {
+            let states = std::iter::once(h.state.as_str()).chain(
+                h.history
+                    .iter()
+                    .flat_map(|t| [t.from.as_str(), t.to.as_str()]),
+            );
+            for s in states {
+                if !STATES.contains(&s) {
+                    return err(
+                        "ha.state",
+                        format!("{s:?}: expected init, backup, master or fault"),
+                    );
+                }
+            }
+            if h.vips.len() > 64 || h.vips.iter().any(|v| !short(v)) {
+                return err("ha.vips", "at most 64 addresses".into());
+            }
+            if h.history.len() > 32 || h.history.iter().any(|t| t.reason.len() > 256) {
+                return err("ha.history", "at most 32 entries of short reasons".into());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Feedback weights of one service as the active lb published them, keyed by
 /// `address:port`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -270,5 +408,39 @@ mod stamp_tests {
             prop_assert_eq!(file_stamp(a).len(), 20);
             prop_assert_eq!(file_stamp(a).cmp(&file_stamp(b)), a.cmp(&b));
         }
+    }
+
+    #[test]
+    fn an_lb_report_is_checked_field_by_field() {
+        let good = |f: &dyn Fn(&mut LbReport)| {
+            let mut r: LbReport = serde_json::from_value(serde_json::json!({
+                "period_ms": 2000,
+                "ha": {"state": "master", "priority": 150, "vips": ["198.18.0.100/24"], "transitions": 2,
+                       "history": [{"at_ms": 1, "from": "backup", "to": "master", "reason": "master down"}]},
+                "listeners": [{"name": "web", "service": "web", "requests_per_s": 12.5,
+                               "failures_per_s": 0.0, "p99_ms": 5.0, "backends": 3}]
+            }))
+            .unwrap();
+            f(&mut r);
+            r.validate().map_err(|e| e.field)
+        };
+        assert_eq!(good(&|_| {}), Ok(()));
+        assert_eq!(good(&|r| r.period_ms = 5), Err("period_ms".into()));
+        assert_eq!(
+            good(&|r| r.listeners[0].requests_per_s = f64::NAN),
+            Err("listeners[0]".into())
+        );
+        assert_eq!(
+            good(&|r| r.listeners[0].service = Some("Web".into())),
+            Err("listeners[0].service".into())
+        );
+        assert_eq!(
+            good(&|r| r.ha.as_mut().unwrap().state = "boss".into()),
+            Err("ha.state".into())
+        );
+        assert!(serde_json::from_str::<LbReport>(
+            r#"{"period_ms": 1, "listeners": [], "extra": 1}"#
+        )
+        .is_err());
     }
 }

@@ -135,6 +135,8 @@ pub fn allows(role: Role, service: Option<&str>, method: &str, path: &str) -> bo
                 || (method == "PUT"
                     && matches!(segments.as_slice(), ["v1", "services", s, "weights"]
                         if service.is_none_or(|only| only == *s)))
+                // Its own report (VRRP state, traffic) for the dashboard.
+                || (method == "PUT" && matches!(segments.as_slice(), ["v1", "lbs", _]))
         }
         Role::Agent => {
             (method == "POST" && segments.as_slice() == ["v1", "certs"])
@@ -166,6 +168,10 @@ mod tests {
             (Lb, Some("web"), "PUT", "/v1/services/web/weights", true),
             (Lb, Some("web"), "PUT", "/v1/services/api/weights", false),
             (Lb, None, "PUT", "/v1/stacks/s", false),
+            (Lb, Some("web"), "PUT", "/v1/lbs/lb-a", true),
+            (Read, None, "PUT", "/v1/lbs/lb-a", false),
+            (Read, None, "GET", "/v1/lbs", true),
+            (Agent, None, "PUT", "/v1/lbs/lb-a", false),
             (Lb, None, "POST", "/v1/stacks/s/rollback", false),
             (Lb, None, "PUT", "/v1/instances/x", false),
             (Lb, None, "POST", "/v1/certs", false),

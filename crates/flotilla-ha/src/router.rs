@@ -41,6 +41,24 @@ pub struct Status {
     pub healthy: bool,
     /// Last error carrying out an action.
     pub last_error: Option<String>,
+    /// The latest state changes, oldest first (at most [`HISTORY`]): when, and to what.
+    pub history: Vec<Transition>,
+}
+
+/// How many state changes [`Status::history`] keeps.
+pub const HISTORY: usize = 10;
+
+/// One state change, for operators (the dashboard's lb page).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Transition {
+    /// Wall-clock time, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// The state before.
+    pub from: State,
+    /// The state entered.
+    pub to: State,
+    /// Why (the machine's reason).
+    pub reason: String,
 }
 
 /// A running virtual router; stopping it (or dropping it) hands over gracefully.
@@ -66,6 +84,7 @@ impl Router {
             dropped: BTreeMap::new(),
             healthy: true,
             last_error: None,
+            history: Vec::new(),
         }));
         let (health, health_rx) = watch::channel(true);
         let (stop, stop_rx) = oneshot::channel();
@@ -381,9 +400,21 @@ impl Driver {
                         reason,
                         "VRRP state change"
                     );
+                    let at_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
                     self.with_status(|s| {
                         s.state = to;
                         s.transitions += 1;
+                        if s.history.len() == HISTORY {
+                            s.history.remove(0);
+                        }
+                        s.history.push(Transition {
+                            at_ms,
+                            from,
+                            to,
+                            reason: reason.to_string(),
+                        });
                     });
                     self.notify(to);
                     Ok(())

@@ -58,6 +58,17 @@ pub struct RegistryConfig {
     /// the CA is fetched at start and used only if it matches.
     #[serde(default)]
     pub ca_hash: Option<String>,
+    /// The name this lb reports itself under (`PUT /v1/lbs/NAME`: VRRP state and
+    /// traffic for the dashboard) [default: the hostname].
+    #[serde(default)]
+    pub name: Option<String>,
+    /// How often it reports; `"0s"`: never.
+    #[serde(default = "default_report", with = "humantime_serde")]
+    pub report: std::time::Duration,
+}
+
+fn default_report() -> std::time::Duration {
+    std::time::Duration::from_secs(2)
 }
 
 impl RegistryConfig {
@@ -542,6 +553,15 @@ impl LbConfig {
             for (i, url) in r.urls.iter().enumerate() {
                 flotilla_core::config::parse_server_list(url)
                     .map_err(|e| FieldError::new(format!("registry.urls[{i}]"), e))?;
+            }
+            if let Some(n) = &r.name {
+                flotilla_core::validate_node_name("registry.name", n)?;
+            }
+            if !r.report.is_zero() && !(100..=600_000).contains(&r.report.as_millis()) {
+                return Err(FieldError::new(
+                    "registry.report",
+                    "0s (never), or 100ms..10m",
+                ));
             }
             if r.url.is_none() && r.urls.is_empty() {
                 return Err(FieldError::new(

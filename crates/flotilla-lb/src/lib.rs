@@ -16,6 +16,7 @@ pub mod feedback;
 pub mod http;
 pub mod listener;
 pub mod pool;
+pub mod report;
 pub mod run;
 pub mod scheduler;
 pub mod splice;

@@ -197,6 +197,26 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
         }
         None => None,
     };
+    if let (Some(client), Some(r)) = (client.clone(), &config.registry) {
+        match crate::report::report_name(r.name.as_deref()) {
+            _ if r.report.is_zero() => {}
+            Some(name) => {
+                let ha = ha
+                    .clone()
+                    .zip(config.ha.as_ref().map(|h| h.virtual_ips.clone()));
+                tasks.push(tokio::spawn(crate::report::report_loop(
+                    client,
+                    name,
+                    r.report,
+                    listeners.clone(),
+                    ha,
+                )));
+            }
+            None => tracing::warn!(
+                "the hostname is not a node name: set [registry] name to report this lb"
+            ),
+        }
+    }
     let mut admin_addr = None;
     if let Some(listen) = config.admin.listen {
         let tcp = tokio::net::TcpListener::bind(listen)

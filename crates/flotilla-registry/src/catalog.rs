@@ -50,6 +50,9 @@ pub struct Catalog {
     /// Operators' recover requests by `STACK/SERVICE/REPLICA` (until the duty acts).
     recoveries: BTreeMap<String, flotilla_core::recovery::RecoverRequest>,
     tokens: BTreeMap<String, flotilla_core::token::TokenRecord>,
+    /// Load balancers' own reports, by name.
+    lbs: BTreeMap<String, flotilla_core::LbReport>,
+    lbs_index: u64,
     index: u64,
     /// Instances that have checks (the duty runs one checker for each).
     checked: BTreeSet<String>,
@@ -93,6 +96,7 @@ impl Catalog {
         }
         c.nodes_index = snapshot.revision;
         c.stacks_index = snapshot.revision;
+        c.lbs_index = snapshot.revision;
         // Loads from a snapshot were not just seen arriving: age them by their wall-clock
         // stamp, so a resync does not make stale reports look fresh for another TTL.
         let now_ms = unix_ms();
@@ -153,6 +157,16 @@ impl Catalog {
     /// Recover requests waiting for the duty.
     pub fn recoveries(&self) -> &BTreeMap<String, flotilla_core::recovery::RecoverRequest> {
         &self.recoveries
+    }
+
+    /// Load balancers' reports, by name.
+    pub fn lbs(&self) -> &BTreeMap<String, flotilla_core::LbReport> {
+        &self.lbs
+    }
+
+    /// Revision of the last change to the lbs' reports.
+    pub fn lbs_index(&self) -> u64 {
+        self.lbs_index
     }
 
     /// One stack's desired state.
@@ -258,6 +272,12 @@ impl Catalog {
                 Some(rec) => self.recoveries.insert(replica.to_owned(), rec),
                 None => self.recoveries.remove(replica),
             };
+        } else if let Some(name) = key.strip_prefix(keys::LBS) {
+            match entry.and_then(|e| self.decode::<flotilla_core::LbReport>(e)) {
+                Some(rec) => self.lbs.insert(name.to_owned(), rec),
+                None => self.lbs.remove(name),
+            };
+            self.lbs_index = revision;
         } else if let Some(id) = key.strip_prefix(keys::CHECKINS) {
             match entry.and_then(|e| self.decode::<CheckinRecord>(e)) {
                 Some(rec) => self.checkins.insert(id.to_owned(), (rec, revision)),

@@ -30,6 +30,8 @@ pub const ASSIGNMENTS: &str = "assignments/";
 /// [`flotilla_core::recovery::RecoverRequest`]: an operator's `flotilla recover`,
 /// consumed by the duty.
 pub const RECOVERIES: &str = "recoveries/";
+/// `lbs/{name}` → [`flotilla_core::LbReport`] (each lb's own report; soft state)
+pub const LBS: &str = "lbs/";
 /// Election that serialises subnet allocations between servers.
 pub const SUBNET_ELECTION: &str = "election/subnets";
 /// Election name for the checking duty.
@@ -66,6 +68,10 @@ pub fn assignment(replica: &str) -> String {
 /// Key of an operator's recover request for a replica (`STACK/SERVICE/REPLICA`).
 pub fn recovery(replica: &str) -> String {
     format!("{RECOVERIES}{replica}")
+}
+/// Key of an lb's report.
+pub fn lb(name: &str) -> String {
+    format!("{LBS}{name}")
 }
 /// Key of an instance's latest load report.
 pub fn load(id: &str) -> String {

@@ -13,6 +13,7 @@ pub mod certs;
 pub mod dns;
 pub mod duty;
 pub mod keys;
+pub mod lbs;
 pub mod lease;
 pub mod metrics;
 pub mod secrets;

@@ -161,6 +161,7 @@ pub async fn start(config: ServerConfig, store: Arc<dyn Store>) -> anyhow::Resul
     let app = crate::api::router(
         shared.clone(),
         crate::stacks::routes()
+            .merge(crate::lbs::routes())
             .merge(crate::certs::routes())
             .merge(crate::tokens::routes())
             .merge(crate::secrets::routes())

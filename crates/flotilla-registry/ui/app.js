@@ -3,7 +3,8 @@
 // It reads the registry's API with the token the operator gives it (kept in this tab's
 // session storage only) and stays live: service changes arrive over the SSE stream
 // (/v1/events, read with fetch so the token goes in a header, never in a URL), the
-// service list, stacks and assignments over blocking queries, nodes every second.
+// service list, stacks, assignments and the lbs' own reports over blocking queries,
+// nodes every second.
 // Every string from the server is set as text, never as HTML.
 'use strict';
 
@@ -16,6 +17,9 @@ const state = {
   assignments: {},
   events: [], // newest first: {at, service, passing, total}
   history: new Map(), // service -> [{t, w: {id: weight}}]
+  lbs: [], // the lbs' latest reports (GET /v1/lbs)
+  lbsAt: 0, // when they arrived (their ages grow from there)
+  traffic: new Map(), // service -> [{t, rps, p99}] from the lbs' reports
   live: false,
   generation: 0, // bumped on logout: loops of an old session stop
 };
@@ -105,6 +109,7 @@ async function signIn(token) {
   follow(gen, watch('/v1/services', (b) => { state.summaries = b; }));
   follow(gen, watch('/v1/stacks', (b) => { state.stacks = b; }));
   follow(gen, watch('/v1/assignments', (b) => { state.assignments = b.assignments || {}; }));
+  follow(gen, watch('/v1/lbs', (b) => { state.lbs = b; state.lbsAt = Date.now(); rememberTraffic(b, state.lbsAt); }));
   follow(gen, pollNodes);
 }
 
@@ -118,10 +123,13 @@ async function follow(gen, loop) {
 }
 
 async function loadAll() {
-  const [services, nodes, stacks, assignments, instances] = await Promise.all([
+  const [services, nodes, stacks, assignments, instances, lbs] = await Promise.all([
     api('/v1/services'), api('/v1/nodes'), api('/v1/stacks'), api('/v1/assignments'),
-    api('/v1/instances'),
+    api('/v1/instances'), api('/v1/lbs'),
   ]);
+  state.lbs = lbs.body;
+  state.lbsAt = Date.now();
+  rememberTraffic(lbs.body, state.lbsAt);
   state.summaries = services.body;
   state.nodes = nodes.body;
   state.stacks = stacks.body;
@@ -256,7 +264,8 @@ function render() {
   const m = location.hash.match(/^#\/service\/(.+)$/);
   const st = location.hash.match(/^#\/stack\/(.+)$/);
   const page = m ? servicePage(decodeURIComponent(m[1]))
-    : st ? stackPage(decodeURIComponent(st[1])) : overview();
+    : st ? stackPage(decodeURIComponent(st[1]))
+      : location.hash === '#/lbs' ? lbsPage() : overview();
   main.replaceChildren(page);
 }
 
@@ -404,8 +413,112 @@ function servicePage(name) {
     el('p', { class: 'muted' }, `${list.filter((i) => i.health === 'passing').length} of ${list.length} passing`),
     table(['Instance', 'Node', 'Address', 'Health', 'Weight (static → feedback)#', 'CPU', 'Memory', 'Check output'],
       rows, 'No instances.'),
+    el('h2', {}, 'Traffic through the lbs'),
+    trafficOf(name),
     el('h2', {}, 'Weights over the last minutes'),
     weightPlot(name));
+}
+
+// ---- load balancers ------------------------------------------------------------
+
+// The fresh reports' listeners that front `service`.
+function frontsOf(service) {
+  return state.lbs.filter((lb) => !lb.stale).flatMap((lb) =>
+    lb.listeners.filter((l) => l.service === service).map((l) => ({ lb: lb.name, ...l })));
+}
+
+// Requests per second (all lbs summed) and the worst p99, per service over time.
+function rememberTraffic(lbs, now) {
+  const by = new Map();
+  for (const lb of lbs) {
+    if (lb.stale) continue;
+    for (const l of lb.listeners) {
+      if (!l.service) continue;
+      const t = by.get(l.service) || { rps: 0, p99: null };
+      t.rps += l.requests_per_s;
+      if (l.p99_ms != null) t.p99 = Math.max(t.p99 ?? 0, l.p99_ms);
+      by.set(l.service, t);
+    }
+  }
+  for (const [service, t] of by) {
+    const h = state.traffic.get(service) || [];
+    h.push({ t: now, rps: t.rps, p99: t.p99 });
+    while (h.length && h[0].t < now - HISTORY_MS) h.shift();
+    state.traffic.set(service, h);
+  }
+}
+
+function fmt(x, unit) {
+  return x == null ? '—' : `${x < 10 ? x.toFixed(1) : Math.round(x)} ${unit}`;
+}
+
+function trafficOf(service) {
+  const fronts = frontsOf(service);
+  if (!fronts.length) return el('p', { class: 'empty' }, 'No lb reports traffic for this service.');
+  const rps = fronts.reduce((a, f) => a + f.requests_per_s, 0);
+  const p99s = fronts.map((f) => f.p99_ms).filter((x) => x != null);
+  const summary = el('p', { id: 'traffic' },
+    el('strong', { 'data-rps': rps.toFixed(3) }, fmt(rps, 'req/s')),
+    ` · p99 ${fmt(p99s.length ? Math.max(...p99s) : null, 'ms')} (bucket bound)`,
+    ` · ${fronts.length} listener${fronts.length > 1 ? 's' : ''}: ${fronts.map((f) => `${f.lb}/${f.name}`).join(', ')}`);
+  return el('div', {}, summary, linePlot(state.traffic.get(service) || [], 'rps', 'req/s'));
+}
+
+// One series over the last minutes as an SVG polyline (no plotting library).
+function linePlot(points, key, unit) {
+  if (points.length < 2) return el('p', { class: 'empty' }, 'Plotted after two reports.');
+  const ns = 'http://www.w3.org/2000/svg';
+  const svg = document.createElementNS(ns, 'svg');
+  svg.setAttribute('class', 'plot');
+  svg.setAttribute('viewBox', '0 0 600 120');
+  svg.setAttribute('preserveAspectRatio', 'none');
+  const t0 = points[0].t;
+  const span = Math.max(1, points[points.length - 1].t - t0);
+  const max = Math.max(1e-9, ...points.map((p) => p[key] ?? 0));
+  const line = document.createElementNS(ns, 'polyline');
+  line.setAttribute('points', points.map((p) =>
+    `${(((p.t - t0) / span) * 600).toFixed(1)},${(110 - ((p[key] ?? 0) / max) * 100).toFixed(1)}`).join(' '));
+  line.setAttribute('fill', 'none');
+  line.setAttribute('stroke', COLORS[0]);
+  line.setAttribute('stroke-width', '2');
+  svg.append(line);
+  return el('div', {}, svg, el('p', { class: 'muted' }, `0 to ${fmt(max, unit)} over the last ${ago(span)}`));
+}
+
+function lbsPage() {
+  const now = Date.now();
+  if (!state.lbs.length) {
+    return el('div', {}, el('h1', {}, 'Load balancers'),
+      el('p', { class: 'empty' }, 'No lb reports to this registry ([registry] in the lb\'s config).'));
+  }
+  const sections = state.lbs.map((lb) => {
+    const ha = lb.ha;
+    // Ages as of now, not as of the answer (no report in a while is the news).
+    const age = lb.age_ms + (now - state.lbsAt);
+    const stale = age > 3 * lb.period_ms;
+    const vrrp = ha
+      ? el('p', {},
+        el('span', { class: 'badge ' + (ha.state === 'master' ? 'passing' : ha.state === 'fault' ? 'critical' : 'warn'), 'data-vrrp': ha.state }, ha.state),
+        ` priority ${ha.priority} · VIPs ${ha.vips.join(', ') || '—'} · master ${ha.master || '—'} · ${ha.transitions} transitions`)
+      : el('p', { class: 'muted' }, 'No VRRP ([ha] not configured).');
+    const history = ha && ha.history.length
+      ? table(['When', 'From', 'To', 'Why'], ha.history.slice().reverse().map((t) => el('tr', {},
+        el('td', {}, `${ago(now - t.at_ms)} ago`), el('td', {}, t.from), el('td', {}, t.to),
+        el('td', { class: 'muted' }, t.reason))), '')
+      : el('span');
+    const listeners = table(['Listener', 'Service', 'Req/s#', 'Failed/s#', 'p99#', 'Backends#'],
+      lb.listeners.map((l) => el('tr', { 'data-listener': l.name },
+        el('td', {}, l.name),
+        el('td', {}, l.service ? el('a', { href: '#/service/' + encodeURIComponent(l.service) }, l.service) : '—'),
+        el('td', { class: 'num' }, fmt(l.requests_per_s, '')), el('td', { class: 'num' }, fmt(l.failures_per_s, '')),
+        el('td', { class: 'num' }, fmt(l.p99_ms, 'ms')), el('td', { class: 'num' }, l.backends))),
+      'No listeners.');
+    return el('section', { 'data-lb': lb.name, class: stale ? 'stale' : '' },
+      el('h2', {}, lb.name, ' ', el('span', { class: 'muted' },
+        stale ? `silent for ${ago(age)}` : `reported ${ago(age)} ago`)),
+      vrrp, history, listeners);
+  });
+  return el('div', {}, el('h1', {}, 'Load balancers'), ...sections);
 }
 
 const COLORS = ['#2457a6', '#c62828', '#1a7f37', '#a15c00', '#6a3fa0', '#00838f', '#5d4037', '#ad1457'];

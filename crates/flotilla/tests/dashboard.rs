@@ -179,6 +179,80 @@ async fn the_dashboard_follows_the_cluster_live_and_refuses_a_wrong_token_clearl
     .await;
     screenshot(&b, "dashboard-service").await;
 
+    // An lb in front of web reports its traffic: the service page shows the rate, the
+    // lb page the lb and its listener.
+    let lb_config = format!(
+        "[admin]\nlisten = \"\"\n[registry]\nurl = \"{}\"\ntoken_file = \"{}\"\nname = \"lb-ui\"\nreport = \"500ms\"\n[[listener]]\nname = \"front\"\nbind = \"127.0.0.1:0\"\nservice = \"web\"\nslow_start = \"0s\"\n",
+        server.url,
+        server.token_file.display()
+    );
+    let lb_config: flotilla_lb::config::LbConfig =
+        flotilla_core::config::parse_toml(std::path::Path::new("lb.toml"), &lb_config).unwrap();
+    let lb = flotilla_lb::start(lb_config).await.unwrap();
+    let front = lb.addrs[0];
+    eventually(Duration::from_secs(10), "the lb sees web", || async {
+        lb.listeners[0].backends().len() == 1
+    })
+    .await;
+    // Traffic for a few report periods (bounded: 3 s at most).
+    let http = reqwest::Client::new();
+    let t0 = std::time::Instant::now();
+    let mut sent = 0;
+    while t0.elapsed() < Duration::from_secs(3) {
+        let r = http.get(format!("http://{front}/")).send().await.unwrap();
+        assert!(r.status().is_success());
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if sent >= 400 {
+            break;
+        }
+    }
+    eventually(Duration::from_secs(10), "the service's traffic", || async {
+        js(
+            &b,
+            "const s = document.querySelector('#traffic strong'); return s ? s.dataset.rps : null",
+        )
+        .await
+        .as_str()
+        .and_then(|r| r.parse::<f64>().ok())
+        .is_some_and(|rps| rps > 1.0)
+    })
+    .await;
+    screenshot(&b, "dashboard-traffic").await;
+    // A pair member's report as it comes from a VRRP lb (the lb side is proved in the
+    // ha_pair tests): the page shows its state, VIP and latest changes.
+    let pair: flotilla_core::LbReport = serde_json::from_value(serde_json::json!({
+        "period_ms": 60000,
+        "ha": {"state": "master", "priority": 150, "master": "198.18.5.1", "vips": ["198.18.5.100/24"],
+               "transitions": 2, "history": [
+                   {"at_ms": flotilla_core::record::unix_ms() - 5000, "from": "init", "to": "backup", "reason": "start"},
+                   {"at_ms": flotilla_core::record::unix_ms() - 2000, "from": "backup", "to": "master", "reason": "master down"}]},
+        "listeners": []
+    }))
+    .unwrap();
+    client.report_lb("lb-pair-a", &pair).await.unwrap();
+    js(&b, "location.hash = '#/lbs'; return true").await;
+    eventually(Duration::from_secs(10), "the lb page", || async {
+        text(&b, "section[data-lb='lb-pair-a'] [data-vrrp]")
+            .await
+            .as_deref()
+            == Some("master")
+            && text(
+                &b,
+                "section[data-lb='lb-ui'] tr[data-listener='front'] td:nth-child(2)",
+            )
+            .await
+            .as_deref()
+                == Some("web")
+            && text(&b, "section[data-lb='lb-pair-a'] table")
+                .await
+                .is_some_and(|t| t.contains("master down"))
+    })
+    .await;
+    screenshot(&b, "dashboard-lbs").await;
+    drop(lb);
+    js(&b, "location.hash = '#/service/web'; return true").await;
+
     // Its health check starts failing: the row turns critical.
     docker(&["exec", &c.name, "rm", "/www/health"]).unwrap();
     eventually(

@@ -362,6 +362,30 @@ fn the_pair_elects_by_priority_fails_over_on_a_crash_and_preempts_back() {
     p.wait_for_answer("lb1", Duration::from_secs(5));
     p.wait_state("lb2", "backup", Duration::from_secs(2));
     assert!(!p.holds_vip("lb2"));
+    // lb2's own account (what it reports to the registry for the dashboard): backup →
+    // master when lb1 went silent, master → backup when lb1 preempted, in that order.
+    let history = p.status("lb2")["ha"]["history"].clone();
+    let moves: Vec<(String, String)> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["from"].as_str().unwrap().into(),
+                t["to"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let tail: Vec<(&str, &str)> = moves[moves.len() - 2..]
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    assert_eq!(
+        tail,
+        [("backup", "master"), ("master", "backup")],
+        "{history}"
+    );
+    assert!(history[0]["at_ms"].as_u64().unwrap() > 0);
 }
 
 #[test]

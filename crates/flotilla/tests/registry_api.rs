@@ -692,6 +692,151 @@ async fn published_weights_are_validated_and_served_per_instance() {
     assert_eq!(view.instances[0].feedback_weight, Some(137.5));
 }
 
+/// An lb's report: an lb token may put it (whatever its service scope), a read token
+/// may not; a bad field is a 400 naming it with nothing stored; readers see it with
+/// its age, and a blocking list wakes on the next report.
+#[tokio::test]
+async fn lb_reports_are_checked_stored_and_listed_with_their_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let admin = server.client();
+    let lb_token = admin
+        .create_token(flotilla_core::token::Role::Lb, Some("web"), None)
+        .await
+        .unwrap()
+        .token;
+    let read_token = admin
+        .create_token(flotilla_core::token::Role::Read, None, None)
+        .await
+        .unwrap()
+        .token;
+    let url = format!("{}/v1/lbs/lb-a", server.url);
+    let good = serde_json::json!({
+        "period_ms": 1000,
+        "ha": {"state": "backup", "priority": 100, "vips": ["198.18.0.100/24"], "transitions": 1,
+               "history": [{"at_ms": 1, "from": "init", "to": "backup", "reason": "start"}]},
+        "listeners": [{"name": "front", "service": "web", "requests_per_s": 10.0,
+                       "failures_per_s": 0.0, "p99_ms": 2.0, "backends": 2}]
+    });
+    let mut bad = good.clone();
+    bad["listeners"][0]["p99_ms"] = serde_json::json!(-1.0);
+    let (s, v) = raw(
+        &server,
+        reqwest::Method::PUT,
+        &url,
+        Some(&lb_token),
+        Some(bad.to_string().into_bytes()),
+    )
+    .await;
+    assert_eq!((s, v["field"].as_str()), (400, Some("listeners[0]")), "{v}");
+    let mut bad = good.clone();
+    bad["ha"]["state"] = serde_json::json!("boss");
+    let (s, v) = raw(
+        &server,
+        reqwest::Method::PUT,
+        &url,
+        Some(&lb_token),
+        Some(bad.to_string().into_bytes()),
+    )
+    .await;
+    assert_eq!((s, v["field"].as_str()), (400, Some("ha.state")), "{v}");
+    let (s, _) = raw(
+        &server,
+        reqwest::Method::PUT,
+        &url,
+        Some(&read_token),
+        Some(good.to_string().into_bytes()),
+    )
+    .await;
+    assert_eq!(s, 403);
+    let bad_name = format!("{}/v1/lbs/.hidden", server.url);
+    let (s, _) = raw(
+        &server,
+        reqwest::Method::PUT,
+        &bad_name,
+        Some(&lb_token),
+        Some(good.to_string().into_bytes()),
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert!(
+        admin.lbs().await.unwrap().is_empty(),
+        "a refused report was stored"
+    );
+
+    let (s, v) = raw(
+        &server,
+        reqwest::Method::PUT,
+        &url,
+        Some(&lb_token),
+        Some(good.to_string().into_bytes()),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let reader = flotilla_client::Client::with_tls(&server.url, Some(read_token), server.tls());
+    let listed = reader.lbs().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    let lb = &listed[0];
+    assert_eq!(lb.name, "lb-a");
+    assert!(!lb.stale && lb.age_ms < 5_000, "{lb:?}");
+    assert!(lb.report.at_ms > 0, "stamped by the server");
+    assert_eq!(lb.report.ha.as_ref().unwrap().state, "backup");
+    assert_eq!(lb.report.listeners[0].service.as_deref(), Some("web"));
+    // A blocking list waits for the next report.
+    let index = raw(
+        &server,
+        reqwest::Method::GET,
+        &format!("{}/v1/lbs", server.url),
+        Some(&server.token()),
+        None,
+    )
+    .await;
+    assert_eq!(index.0, 200);
+    let resp = server
+        .http()
+        .get(format!("{}/v1/lbs", server.url))
+        .bearer_auth(server.token())
+        .send()
+        .await
+        .unwrap();
+    let at = resp.headers()["x-flotilla-index"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let waiting = {
+        let http = server.http();
+        let u = format!("{}/v1/lbs?index={at}&wait=10s", server.url);
+        let t = server.token();
+        tokio::spawn(async move {
+            http.get(u)
+                .bearer_auth(t)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut master = good.clone();
+    master["ha"]["state"] = serde_json::json!("master");
+    let (s, _) = raw(
+        &server,
+        reqwest::Method::PUT,
+        &url,
+        Some(&lb_token),
+        Some(master.to_string().into_bytes()),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let woke = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(woke[0]["ha"]["state"], "master", "{woke}");
+}
+
 /// A deploy refuses a recovery grace shorter than a live node's lease TTL (naming the
 /// field, storing nothing); the elected server assigns each stateful replica to a node;
 /// `recover` refuses a node that is not live, an archive that is not the replica's, and

@@ -1,0 +1,231 @@
+//! The lb's report to the registry (`PUT /v1/lbs/NAME` every `[registry] report`):
+//! its VRRP state, priority, virtual IPs and latest state changes, and each listener's
+//! request and failure rates and p99 over the last period — what the dashboard's lb
+//! page and each service's page show. The arithmetic over counter snapshots is pure
+//! ([`window`]); the loop only samples, computes and sends.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_core::{LbHa, LbListenerReport, LbReport, LbTransition};
+
+use crate::backend::{Backend, LATENCY_BUCKETS};
+use crate::listener::Listener;
+
+/// A backend's counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counters {
+    /// Requests sent.
+    pub requests: u64,
+    /// Requests failed.
+    pub failures: u64,
+    /// Cumulative latency bucket counts (as [`crate::backend::Histogram::snapshot`]).
+    pub buckets: Vec<u64>,
+}
+
+impl Counters {
+    fn of(b: &Backend) -> Counters {
+        Counters {
+            requests: b.requests.load(std::sync::atomic::Ordering::Relaxed),
+            failures: b.failures.load(std::sync::atomic::Ordering::Relaxed),
+            buckets: b.latency.snapshot().0,
+        }
+    }
+}
+
+/// Rates and p99 between two snapshots of a listener's backends (by address) taken
+/// `seconds` apart: requests/s, failures/s, and the upper bound (ms) of the latency
+/// bucket holding the 99th percentile of the responses in between (`None` if none; the
+/// last bound if it lies beyond the last bucket). A backend absent from `before`
+/// counts from zero (it joined); one absent from `after` is left out (it left).
+pub fn window(
+    before: &HashMap<String, Counters>,
+    after: &HashMap<String, Counters>,
+    seconds: f64,
+) -> (f64, f64, Option<f64>) {
+    let zero = Counters::default();
+    let (mut requests, mut failures) = (0u64, 0u64);
+    let mut per_bucket = vec![0u64; LATENCY_BUCKETS.len()];
+    for (addr, now) in after {
+        let then = before.get(addr).unwrap_or(&zero);
+        requests += now.requests.saturating_sub(then.requests);
+        failures += now.failures.saturating_sub(then.failures);
+        // Cumulative counts to per-bucket deltas.
+        let mut prev_now = 0;
+        let mut prev_then = 0;
+        for (i, slot) in per_bucket.iter_mut().enumerate() {
+            let c_now = now.buckets.get(i).copied().unwrap_or(prev_now);
+            let c_then = then.buckets.get(i).copied().unwrap_or(prev_then);
+            *slot += c_now
+                .saturating_sub(prev_now)
+                .saturating_sub(c_then.saturating_sub(prev_then));
+            prev_now = c_now;
+            prev_then = c_then;
+        }
+    }
+    let seconds = seconds.max(1e-3);
+    let total: u64 = per_bucket.iter().sum();
+    let p99 = (total > 0).then(|| {
+        let want = (total as f64 * 0.99).ceil() as u64;
+        let mut acc = 0;
+        for (i, n) in per_bucket.iter().enumerate() {
+            acc += n;
+            if acc >= want {
+                return LATENCY_BUCKETS[i] * 1e3;
+            }
+        }
+        LATENCY_BUCKETS[LATENCY_BUCKETS.len() - 1] * 1e3
+    });
+    (requests as f64 / seconds, failures as f64 / seconds, p99)
+}
+
+fn snapshot(l: &Listener) -> HashMap<String, Counters> {
+    l.backends()
+        .iter()
+        .cloned()
+        .chain(l.draining())
+        .map(|b| (b.addr.to_string(), Counters::of(&b)))
+        .collect()
+}
+
+/// The VRRP part of the report.
+fn ha_of(router: &flotilla_ha::router::Router, vips: &[String]) -> LbHa {
+    let s = router.status();
+    LbHa {
+        state: s.state.name().to_owned(),
+        priority: s.priority,
+        master: s.master.map(|m| m.to_string()),
+        vips: vips.to_vec(),
+        transitions: s.transitions,
+        history: s
+            .history
+            .iter()
+            .map(|t| LbTransition {
+                at_ms: t.at_ms,
+                from: t.from.name().to_owned(),
+                to: t.to.name().to_owned(),
+                reason: t.reason.chars().take(256).collect(),
+            })
+            .collect(),
+    }
+}
+
+/// The name an lb reports under: the configured one, else this host's name.
+pub fn report_name(configured: Option<&str>) -> Option<String> {
+    let name = match configured {
+        Some(n) => n.to_owned(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()?
+            .trim()
+            .to_owned(),
+    };
+    flotilla_core::validate_node_name("registry.name", &name)
+        .ok()
+        .map(|_| name)
+}
+
+/// Reports every `period` until the task is aborted. A failed report is logged and the
+/// next one tried: the registry being away must not touch the traffic.
+pub async fn report_loop(
+    client: flotilla_client::Client,
+    name: String,
+    period: Duration,
+    listeners: Arc<Vec<Arc<Listener>>>,
+    ha: Option<(Arc<flotilla_ha::router::Router>, Vec<String>)>,
+) {
+    let mut before: Vec<HashMap<String, Counters>> =
+        listeners.iter().map(|l| snapshot(l)).collect();
+    let mut at = Instant::now();
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let seconds = now.duration_since(at).as_secs_f64();
+        let after: Vec<HashMap<String, Counters>> = listeners.iter().map(|l| snapshot(l)).collect();
+        let reports = listeners
+            .iter()
+            .zip(before.iter().zip(&after))
+            .map(|(l, (b, a))| {
+                let (requests_per_s, failures_per_s, p99_ms) = window(b, a, seconds);
+                LbListenerReport {
+                    name: l.cfg.name.clone(),
+                    service: l.cfg.service.clone(),
+                    requests_per_s,
+                    failures_per_s,
+                    p99_ms,
+                    backends: l.backends().len() as u32,
+                }
+            })
+            .collect();
+        (before, at) = (after, now);
+        let report = LbReport {
+            v: flotilla_core::RECORD_VERSION,
+            period_ms: period.as_millis() as u64,
+            ha: ha.as_ref().map(|(r, vips)| ha_of(r, vips)),
+            listeners: reports,
+            at_ms: 0,
+        };
+        match client.report_lb(&name, &report).await {
+            Ok(_) if failing => {
+                tracing::info!(lb = name, "reporting to the registry again");
+                failing = false;
+            }
+            Ok(_) => {}
+            Err(e) if !failing => {
+                tracing::warn!(lb = name, error = %e, "lb report failed; retrying each period");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(requests: u64, failures: u64, per_bucket: &[u64]) -> Counters {
+        let mut acc = 0;
+        let mut buckets: Vec<u64> = per_bucket
+            .iter()
+            .map(|n| {
+                acc += n;
+                acc
+            })
+            .collect();
+        buckets.resize(LATENCY_BUCKETS.len(), acc);
+        Counters {
+            requests,
+            failures,
+            buckets,
+        }
+    }
+
+    #[test]
+    fn rates_and_p99_come_from_the_window_only() {
+        let before = HashMap::from([("a".to_owned(), c(100, 1, &[50, 50]))]);
+        // 200 more requests on a: 198 fast (bucket 0: 0.5 ms), 2 slow (bucket 7: 100 ms);
+        // b joined with 100, all at 1 ms.
+        let mut slow = vec![248, 50, 0, 0, 0, 0, 0, 2];
+        let after = HashMap::from([
+            ("a".to_owned(), c(300, 3, &slow)),
+            ("b".to_owned(), c(100, 0, &[0, 100])),
+        ]);
+        let (rps, fps, p99) = window(&before, &after, 2.0);
+        assert_eq!((rps, fps), (150.0, 1.0));
+        // 300 responses: 198 at ≤0.5 ms, 100 at ≤1 ms, 2 at ≤100 ms; the 297th is ≤1 ms.
+        assert_eq!(p99, Some(1.0));
+        // With 4 slow ones the 99th percentile falls in the slow bucket.
+        slow[7] = 4;
+        let after = HashMap::from([("a".to_owned(), c(300, 3, &slow))]);
+        let (_, _, p99) = window(&before, &after, 2.0);
+        assert_eq!(p99, Some(100.0));
+        // No traffic: no p99, zero rates; a backend that left is not negative.
+        let (rps, fps, p99) = window(&before, &HashMap::new(), 2.0);
+        assert_eq!((rps, fps, p99), (0.0, 0.0, None));
+    }
+}

@@ -1,0 +1,79 @@
+//! Load balancers' own reports: each lb (with an `lb` or admin token) puts its VRRP
+//! state and per-listener traffic every few seconds, and the dashboard reads them all
+//! (`GET /v1/lbs`, blocking on `?index=` like the other lists). Soft state: the server
+//! stamps each report when it stores it, and a reader sees how old it is.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use axum::routing::{get, put};
+use axum::Router;
+use flotilla_core::record::unix_ms;
+use flotilla_core::{validate_node_name, LbReport};
+use serde::Serialize;
+
+use crate::api::{applied, block_until, put_record, with_index, ApiError, Blocking, JsonBody};
+use crate::keys;
+use crate::state::Shared;
+
+pub(crate) fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/v1/lbs", get(list))
+        .route("/v1/lbs/{name}", put(report))
+}
+
+/// One lb as `GET /v1/lbs` lists it.
+#[derive(Debug, Serialize)]
+struct LbView<'a> {
+    name: &'a str,
+    /// ms since the server stored the report.
+    age_ms: u64,
+    /// Older than three of its periods: the lb stopped reporting (down, or cut off).
+    stale: bool,
+    #[serde(flatten)]
+    report: &'a LbReport,
+}
+
+async fn report(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    JsonBody(mut body): JsonBody<LbReport>,
+) -> Result<Response, ApiError> {
+    validate_node_name("name", &name)?;
+    body.validate()?;
+    body.v = flotilla_core::RECORD_VERSION;
+    body.at_ms = unix_ms();
+    let revision = put_record(&shared, &keys::lb(&name), &body).await?;
+    let index = applied(&shared, revision).await?;
+    Ok(with_index(
+        index,
+        serde_json::json!({ "lb": name, "index": index }),
+    ))
+}
+
+async fn list(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<Blocking>,
+) -> Result<Response, ApiError> {
+    block_until(&shared, &q, shared.index_watch(), |s| {
+        s.catalog().lbs_index()
+    })
+    .await?;
+    let c = shared.catalog();
+    let now = unix_ms();
+    let views: Vec<LbView> = c
+        .lbs()
+        .iter()
+        .map(|(name, report)| {
+            let age_ms = now.saturating_sub(report.at_ms);
+            LbView {
+                name,
+                age_ms,
+                stale: age_ms > 3 * report.period_ms,
+                report,
+            }
+        })
+        .collect();
+    Ok(with_index(c.lbs_index(), views))
+}
