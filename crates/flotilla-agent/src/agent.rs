@@ -119,6 +119,7 @@ impl Agent {
         }
         tasks.push(tokio::spawn(inner.clone().reconcile_loop()));
         tasks.push(tokio::spawn(inner.clone().backup_loop()));
+        tasks.push(tokio::spawn(inner.clone().inventory_loop()));
         // Subscribe to events before the first resync, so nothing between them is lost.
         let events = inner.subscribe_events();
         tasks.push(tokio::spawn(inner.clone().event_loop(events)));

@@ -17,6 +17,7 @@ pub mod build;
 pub(crate) mod checks;
 pub mod copies;
 pub mod docker;
+mod inventory;
 pub mod labels;
 pub mod load;
 pub mod metrics;

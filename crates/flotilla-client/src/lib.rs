@@ -144,6 +144,20 @@ pub fn tls_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>> {
 pub type Assignments =
     std::collections::BTreeMap<String, flotilla_core::recovery::AssignmentRecord>;
 
+/// One node's archives as `GET /v1/backups` lists them.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct InventoryEntry {
+    /// The node.
+    pub node: String,
+    /// ms since the server stored the inventory.
+    pub age_ms: u64,
+    /// Whether the node holds a lease now.
+    pub live: bool,
+    /// The archives.
+    #[serde(flatten)]
+    pub inventory: flotilla_core::BackupInventory,
+}
+
 /// One lb as `GET /v1/lbs` lists it.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct LbEntry {
@@ -500,6 +514,29 @@ impl Client {
             .json(report),
         )
         .await
+    }
+
+    /// `PUT /v1/nodes/{node}/backups`: the archives this node keeps.
+    pub async fn report_backups(
+        &self,
+        node: &str,
+        inventory: &flotilla_core::BackupInventory,
+    ) -> Result<serde_json::Value> {
+        self.send(
+            self.request(
+                reqwest::Method::PUT,
+                &format!("/v1/nodes/{node}/backups"),
+                Self::SHORT,
+            )
+            .json(inventory),
+        )
+        .await
+    }
+
+    /// `GET /v1/backups`: every node's archives, with the inventory's age.
+    pub async fn backup_inventories(&self) -> Result<Vec<InventoryEntry>> {
+        self.send(self.request(reqwest::Method::GET, "/v1/backups", Self::SHORT))
+            .await
     }
 
     /// `GET /v1/lbs`: every lb's latest report, with its age.

@@ -266,6 +266,77 @@ impl LbReport {
     }
 }
 
+/// The backup archives one node keeps (its replicas' own and copies of others'), as
+/// its agent reports them (`PUT /v1/nodes/{name}/backups`) for the dashboard's backups
+/// page: per replica, the newest, its size, whether it verified, and where the copies
+/// are. Sent when the set changes (and every minute).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupInventory {
+    /// Record format version.
+    #[serde(default = "record_version")]
+    pub v: u32,
+    /// The archives.
+    pub archives: Vec<HeldArchive>,
+    /// When the server stored it (unix ms; set by the server).
+    #[serde(default)]
+    pub at_ms: u64,
+}
+
+/// One archive a node keeps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldArchive {
+    /// Stack.
+    pub stack: String,
+    /// Service.
+    pub service: String,
+    /// Replica number.
+    pub replica: u32,
+    /// File name.
+    pub name: String,
+    /// When it was taken (unix ms).
+    pub taken_ms: u64,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// An incremental one (restored on top of the archive it follows).
+    pub delta: bool,
+    /// Whether the agent read it whole and every digest matched (`None`: not yet).
+    #[serde(default)]
+    pub verified: Option<bool>,
+}
+
+/// Most archives one inventory may list.
+pub const MAX_HELD_ARCHIVES: usize = 10_000;
+
+impl BackupInventory {
+    /// Checks what an agent sent, naming the field.
+    pub fn validate(&self) -> Result<(), crate::FieldError> {
+        if self.archives.len() > MAX_HELD_ARCHIVES {
+            return Err(crate::FieldError::new(
+                "archives",
+                format!("more than {MAX_HELD_ARCHIVES}"),
+            ));
+        }
+        for (i, a) in self.archives.iter().enumerate() {
+            let f = |k: &str| format!("archives[{i}].{k}");
+            crate::id::validate_service_name(&f("stack"), &a.stack)?;
+            crate::id::validate_service_name(&f("service"), &a.service)?;
+            let name_ok = !a.name.is_empty()
+                && a.name.len() <= 255
+                && !a.name.contains('/')
+                && !a.name.chars().any(char::is_control);
+            if !name_ok {
+                return Err(crate::FieldError::new(
+                    f("name"),
+                    format!("{:?} is not a file name", a.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Feedback weights of one service as the active lb published them, keyed by
 /// `address:port`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -442,5 +513,35 @@ mod stamp_tests {
             r#"{"period_ms": 1, "listeners": [], "extra": 1}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_backup_inventory_names_its_bad_entry() {
+        let inv = |name: &str, stack: &str| BackupInventory {
+            v: 1,
+            archives: vec![HeldArchive {
+                stack: stack.into(),
+                service: "db".into(),
+                replica: 0,
+                name: name.into(),
+                taken_ms: 1,
+                bytes: 10,
+                delta: false,
+                verified: Some(true),
+            }],
+            at_ms: 0,
+        };
+        assert_eq!(
+            inv("shop-db-0-1.flotilla-backup", "shop").validate(),
+            Ok(())
+        );
+        assert_eq!(
+            inv("../x", "shop").validate().unwrap_err().field,
+            "archives[0].name"
+        );
+        assert_eq!(
+            inv("a", "Shop").validate().unwrap_err().field,
+            "archives[0].stack"
+        );
     }
 }

@@ -221,7 +221,9 @@ async fn node_may(
     }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let allowed = match segments.as_slice() {
-        ["v1", "nodes", name] | ["v1", "nodes", name, "renew" | "subnet"] => *name == node,
+        ["v1", "nodes", name] | ["v1", "nodes", name, "renew" | "subnet" | "backups"] => {
+            *name == node
+        }
         ["v1", "instances", id] | ["v1", "instances", id, "renew" | "load" | "health"] => {
             match resolve_caught_up(shared, id).await? {
                 Some(full) => shared

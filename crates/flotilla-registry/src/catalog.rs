@@ -52,6 +52,9 @@ pub struct Catalog {
     tokens: BTreeMap<String, flotilla_core::token::TokenRecord>,
     /// Load balancers' own reports, by name.
     lbs: BTreeMap<String, flotilla_core::LbReport>,
+    /// Node name → the backup archives it keeps. Both lbs and inventories move
+    /// `lbs_index`: the dashboard's reports.
+    backups: BTreeMap<String, flotilla_core::BackupInventory>,
     lbs_index: u64,
     index: u64,
     /// Instances that have checks (the duty runs one checker for each).
@@ -164,7 +167,12 @@ impl Catalog {
         &self.lbs
     }
 
-    /// Revision of the last change to the lbs' reports.
+    /// The nodes' backup inventories.
+    pub fn backups(&self) -> &BTreeMap<String, flotilla_core::BackupInventory> {
+        &self.backups
+    }
+
+    /// Revision of the last change to the lbs' reports or the backup inventories.
     pub fn lbs_index(&self) -> u64 {
         self.lbs_index
     }
@@ -276,6 +284,12 @@ impl Catalog {
             match entry.and_then(|e| self.decode::<flotilla_core::LbReport>(e)) {
                 Some(rec) => self.lbs.insert(name.to_owned(), rec),
                 None => self.lbs.remove(name),
+            };
+            self.lbs_index = revision;
+        } else if let Some(node) = key.strip_prefix(keys::BACKUPS) {
+            match entry.and_then(|e| self.decode::<flotilla_core::BackupInventory>(e)) {
+                Some(rec) => self.backups.insert(node.to_owned(), rec),
+                None => self.backups.remove(node),
             };
             self.lbs_index = revision;
         } else if let Some(id) = key.strip_prefix(keys::CHECKINS) {

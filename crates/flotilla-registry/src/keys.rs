@@ -32,6 +32,8 @@ pub const ASSIGNMENTS: &str = "assignments/";
 pub const RECOVERIES: &str = "recoveries/";
 /// `lbs/{name}` → [`flotilla_core::LbReport`] (each lb's own report; soft state)
 pub const LBS: &str = "lbs/";
+/// `backups/{node}` → [`flotilla_core::BackupInventory`] (the archives a node keeps)
+pub const BACKUPS: &str = "backups/";
 /// Election that serialises subnet allocations between servers.
 pub const SUBNET_ELECTION: &str = "election/subnets";
 /// Election name for the checking duty.
@@ -68,6 +70,10 @@ pub fn assignment(replica: &str) -> String {
 /// Key of an operator's recover request for a replica (`STACK/SERVICE/REPLICA`).
 pub fn recovery(replica: &str) -> String {
     format!("{RECOVERIES}{replica}")
+}
+/// Key of a node's backup inventory.
+pub fn backups(node: &str) -> String {
+    format!("{BACKUPS}{node}")
 }
 /// Key of an lb's report.
 pub fn lb(name: &str) -> String {

@@ -19,6 +19,7 @@ const state = {
   history: new Map(), // service -> [{t, w: {id: weight}}]
   lbs: [], // the lbs' latest reports (GET /v1/lbs)
   lbsAt: 0, // when they arrived (their ages grow from there)
+  inventories: [], // per node, the backup archives it keeps (GET /v1/backups)
   traffic: new Map(), // service -> [{t, rps, p99}] from the lbs' reports
   live: false,
   generation: 0, // bumped on logout: loops of an old session stop
@@ -106,10 +107,21 @@ async function signIn(token) {
   document.getElementById('logout').hidden = false;
   render();
   follow(gen, streamEvents);
-  follow(gen, watch('/v1/services', (b) => { state.summaries = b; }));
-  follow(gen, watch('/v1/stacks', (b) => { state.stacks = b; }));
-  follow(gen, watch('/v1/assignments', (b) => { state.assignments = b.assignments || {}; }));
-  follow(gen, watch('/v1/lbs', (b) => { state.lbs = b; state.lbsAt = Date.now(); rememberTraffic(b, state.lbsAt); }));
+  // A browser keeps at most six HTTP/1.1 connections to one server, and every blocking
+  // query holds one for up to 30 s: lists that move the same index share one watch
+  // (assignments move with stacks, backup inventories with the lbs' reports), so the
+  // long-lived ones stay at four (with the event stream) and the rest keep a way in.
+  follow(gen, watch('/v1/services', async (b) => { state.summaries = b; }));
+  follow(gen, watch('/v1/stacks', async (b) => {
+    state.stacks = b;
+    state.assignments = (await api('/v1/assignments')).body.assignments || {};
+  }));
+  follow(gen, watch('/v1/lbs', async (b) => {
+    state.lbs = b;
+    state.lbsAt = Date.now();
+    rememberTraffic(b, state.lbsAt);
+    state.inventories = (await api('/v1/backups')).body;
+  }));
   follow(gen, pollNodes);
 }
 
@@ -123,10 +135,11 @@ async function follow(gen, loop) {
 }
 
 async function loadAll() {
-  const [services, nodes, stacks, assignments, instances, lbs] = await Promise.all([
+  const [services, nodes, stacks, assignments, instances, lbs, inventories] = await Promise.all([
     api('/v1/services'), api('/v1/nodes'), api('/v1/stacks'), api('/v1/assignments'),
-    api('/v1/instances'), api('/v1/lbs'),
+    api('/v1/instances'), api('/v1/lbs'), api('/v1/backups'),
   ]);
+  state.inventories = inventories.body;
   state.lbs = lbs.body;
   state.lbsAt = Date.now();
   rememberTraffic(lbs.body, state.lbsAt);
@@ -217,7 +230,7 @@ function watch(path, apply) {
       try {
         const r = await api(`${path}?index=${index}&wait=30s`);
         if (gen !== state.generation) return;
-        if (r.index !== index) { apply(r.body); scheduleRender(); }
+        if (r.index !== index) { await apply(r.body); scheduleRender(); }
         index = r.index;
       } catch (e) {
         if (e instanceof AuthError) throw e;
@@ -265,7 +278,8 @@ function render() {
   const st = location.hash.match(/^#\/stack\/(.+)$/);
   const page = m ? servicePage(decodeURIComponent(m[1]))
     : st ? stackPage(decodeURIComponent(st[1]))
-      : location.hash === '#/lbs' ? lbsPage() : overview();
+      : location.hash === '#/lbs' ? lbsPage()
+        : location.hash === '#/backups' ? backupsPage() : overview();
   main.replaceChildren(page);
 }
 
@@ -417,6 +431,61 @@ function servicePage(name) {
     trafficOf(name),
     el('h2', {}, 'Weights over the last minutes'),
     weightPlot(name));
+}
+
+// ---- backups --------------------------------------------------------------------
+
+function size(bytes) {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  let x = bytes;
+  while (x >= 1024 && i < units.length - 1) { x /= 1024; i += 1; }
+  return `${i ? x.toFixed(1) : x} ${units[i]}`;
+}
+
+// Per replica: its newest archive anywhere, whether that one verified, and every node
+// that keeps archives of it (a lost node's are out of reach: shown as such).
+function backupsPage() {
+  const now = Date.now();
+  const replicas = new Map(); // STACK/SERVICE/REPLICA -> {newest: [archive, node][], nodes: Map}
+  for (const inv of state.inventories) {
+    for (const a of inv.archives) {
+      const key = `${a.stack}/${a.service}/${a.replica}`;
+      const r = replicas.get(key) || { newest: [], nodes: new Map() };
+      const top = r.newest[0] && r.newest[0][0].taken_ms;
+      if (top === undefined || a.taken_ms > top) r.newest = [[a, inv]];
+      else if (a.taken_ms === top) r.newest.push([a, inv]);
+      const n = r.nodes.get(inv.node) || { count: 0, newest: 0, live: inv.live };
+      n.count += 1;
+      n.newest = Math.max(n.newest, a.taken_ms);
+      r.nodes.set(inv.node, n);
+      replicas.set(key, r);
+    }
+  }
+  const rows = [...replicas.keys()].sort().map((key) => {
+    const r = replicas.get(key);
+    const [a] = r.newest[0];
+    const verdicts = r.newest.map(([x]) => x.verified);
+    const verified = verdicts.includes(false) ? el('span', { class: 'badge critical' }, 'failed')
+      : verdicts.includes(true) ? el('span', { class: 'badge passing' }, 'verified')
+        : el('span', { class: 'muted' }, 'not yet read');
+    const runs = state.assignments[key];
+    const holders = [...r.nodes.entries()].sort().map(([node, n]) =>
+      el('span', { class: 'holder' + (n.live ? '' : ' lost'), 'data-node': node, title: `${n.count} archives, newest ${ago(now - n.newest)} ago` },
+        `${node} (${n.count})`));
+    return el('tr', { 'data-replica': key },
+      el('td', {}, key), el('td', {}, runs ? runs.node : '—'),
+      el('td', { class: 'num' }, `${ago(now - a.taken_ms)} ago`),
+      el('td', {}, a.delta ? 'incremental' : 'full'),
+      el('td', { class: 'num' }, size(a.bytes)), el('td', { class: 'verdict' }, verified),
+      el('td', {}, ...holders));
+  });
+  const silent = state.inventories.filter((i) => !i.live).map((i) => i.node);
+  return el('div', {}, el('h1', {}, 'Backups'),
+    el('p', { class: 'muted' }, 'Per stateful replica: its newest archive on any node, whether it read back whole, and the nodes that keep its archives (their count).'),
+    table(['Replica', 'Runs on', 'Newest#', 'Kind', 'Size#', 'Newest verified', 'Kept on'], rows,
+      'No node reports backup archives (a service needs [service.NAME.backup]).'),
+    silent.length ? el('p', { class: 'muted' }, `Nodes without a lease (their archives are out of reach): ${silent.join(', ')}`) : el('span'));
 }
 
 // ---- load balancers ------------------------------------------------------------

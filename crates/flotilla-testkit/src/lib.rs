@@ -576,6 +576,15 @@ pub fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
+/// Sends `sig` to every process in process group `pgid` (a child started with
+/// `process_group(0)` and whatever it started, such as chromedriver's browsers).
+pub fn signal_group(pgid: u32, sig: libc::c_int) {
+    // SAFETY: killpg(2) has no memory-safety preconditions; a stale group is an error.
+    unsafe {
+        libc::killpg(pgid as libc::pid_t, sig);
+    }
+}
+
 /// Unmounts (lazily) everything mounted under `root`: an engine's overlay and shm
 /// mounts may linger under its data root, and the directory cannot be deleted before.
 pub fn unmount_under(root: &std::path::Path) {

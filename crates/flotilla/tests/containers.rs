@@ -834,6 +834,28 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
         std::fs::metadata(p).unwrap().permissions().mode() & 0o777
     };
     assert_eq!(mode(&newest), 0o600, "scheduled archives are private");
+    // The agent reports what its node keeps (for the dashboard's backups page): this
+    // replica's archives, read back whole and verified.
+    eventually(
+        Duration::from_secs(30),
+        "the inventory with a verified archive",
+        || async {
+            client.backup_inventories().await.is_ok_and(|list| {
+                list.iter().any(|inv| {
+                    inv.node == node
+                        && inv.live
+                        && inv.inventory.archives.iter().any(|a| {
+                            a.stack == stack
+                                && a.service == "notes"
+                                && a.replica == 0
+                                && !a.delta
+                                && a.verified == Some(true)
+                        })
+                })
+            })
+        },
+    )
+    .await;
 
     let bdir = dir.path().join("backups");
     let o = ok(cli(

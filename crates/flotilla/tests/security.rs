@@ -209,6 +209,17 @@ async fn a_node_certificate_speaks_for_its_node_only() {
     assert!(has_instance(&admin, "n2-aaaaaaaaaaaa").await);
     let r = put(&node, "/v1/nodes/n2/renew", json!({})).await.unwrap();
     assert_eq!(status(r), 403);
+    // Another node's backup inventory (what the dashboard says n2 keeps).
+    let r = put(&node, "/v1/nodes/n2/backups", json!({"archives": []}))
+        .await
+        .unwrap();
+    assert_eq!(status(r), 403);
+    assert!(!admin
+        .backup_inventories()
+        .await
+        .unwrap()
+        .iter()
+        .any(|i| i.node == "n2"));
     let r = put(&node, "/v1/stacks/s", json!({"services": {}}))
         .await
         .unwrap();
@@ -223,9 +234,13 @@ async fn a_node_certificate_speaks_for_its_node_only() {
         .unwrap();
     assert_eq!(status(r), 403);
 
-    // Allowed: an instance on its own node; a renewal, which names n1 whatever the CSR
-    // asked for.
+    // Allowed: an instance on its own node; its own backup inventory; a renewal, which
+    // names n1 whatever the CSR asked for.
     let r = put(&node, "/v1/instances/n1-bbbbbbbbbbbb", spec("n1"))
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let r = put(&node, "/v1/nodes/n1/backups", json!({"archives": []}))
         .await
         .unwrap();
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
