@@ -39,32 +39,73 @@ struct InventoryView<'a> {
     inventory: &'a BackupInventory,
 }
 
+/// A report a component puts about itself: checked, then stamped by the server.
+trait Report: Serialize {
+    fn check(&self) -> Result<(), flotilla_core::FieldError>;
+    fn stamp(&mut self, at_ms: u64);
+}
+
+impl Report for LbReport {
+    fn check(&self) -> Result<(), flotilla_core::FieldError> {
+        self.validate()
+    }
+    fn stamp(&mut self, at_ms: u64) {
+        (self.v, self.at_ms) = (flotilla_core::RECORD_VERSION, at_ms);
+    }
+}
+
+impl Report for BackupInventory {
+    fn check(&self) -> Result<(), flotilla_core::FieldError> {
+        self.validate()
+    }
+    fn stamp(&mut self, at_ms: u64) {
+        (self.v, self.at_ms) = (flotilla_core::RECORD_VERSION, at_ms);
+    }
+}
+
+/// Stores `body`, the report of `name` (a node name), under `key`; answers
+/// `{WHO: name, "index"}` once it is applied.
+async fn store<T: Report>(
+    shared: &Shared,
+    who: &str,
+    name: &str,
+    key: String,
+    mut body: T,
+) -> Result<Response, ApiError> {
+    validate_node_name("name", name)?;
+    body.check()?;
+    body.stamp(unix_ms());
+    let revision = put_record(shared, &key, &body).await?;
+    let index = applied(shared, revision).await?;
+    Ok(with_index(
+        index,
+        serde_json::json!({ who: name, "index": index }),
+    ))
+}
+
+/// Waits (`?index=`) for the reports to change, then returns the catalog.
+async fn reports_after<'a>(
+    shared: &'a Arc<Shared>,
+    q: &Blocking,
+) -> Result<std::sync::RwLockReadGuard<'a, crate::catalog::Catalog>, ApiError> {
+    block_until(shared, q, shared.index_watch(), |s| s.catalog().lbs_index()).await?;
+    Ok(shared.catalog())
+}
+
 async fn report_backups(
     State(shared): State<Arc<Shared>>,
     Path(name): Path<String>,
-    JsonBody(mut body): JsonBody<BackupInventory>,
+    JsonBody(body): JsonBody<BackupInventory>,
 ) -> Result<Response, ApiError> {
-    validate_node_name("name", &name)?;
-    body.validate()?;
-    body.v = flotilla_core::RECORD_VERSION;
-    body.at_ms = unix_ms();
-    let revision = put_record(&shared, &keys::backups(&name), &body).await?;
-    let index = applied(&shared, revision).await?;
-    Ok(with_index(
-        index,
-        serde_json::json!({ "node": name, "index": index }),
-    ))
+    let key = keys::backups(&name);
+    store(&shared, "node", &name, key, body).await
 }
 
 async fn list_backups(
     State(shared): State<Arc<Shared>>,
     Query(q): Query<Blocking>,
 ) -> Result<Response, ApiError> {
-    block_until(&shared, &q, shared.index_watch(), |s| {
-        s.catalog().lbs_index()
-    })
-    .await?;
-    let c = shared.catalog();
+    let c = reports_after(&shared, &q).await?;
     let now = unix_ms();
     let views: Vec<InventoryView> = c
         .backups()
@@ -94,29 +135,17 @@ struct LbView<'a> {
 async fn report(
     State(shared): State<Arc<Shared>>,
     Path(name): Path<String>,
-    JsonBody(mut body): JsonBody<LbReport>,
+    JsonBody(body): JsonBody<LbReport>,
 ) -> Result<Response, ApiError> {
-    validate_node_name("name", &name)?;
-    body.validate()?;
-    body.v = flotilla_core::RECORD_VERSION;
-    body.at_ms = unix_ms();
-    let revision = put_record(&shared, &keys::lb(&name), &body).await?;
-    let index = applied(&shared, revision).await?;
-    Ok(with_index(
-        index,
-        serde_json::json!({ "lb": name, "index": index }),
-    ))
+    let key = keys::lb(&name);
+    store(&shared, "lb", &name, key, body).await
 }
 
 async fn list(
     State(shared): State<Arc<Shared>>,
     Query(q): Query<Blocking>,
 ) -> Result<Response, ApiError> {
-    block_until(&shared, &q, shared.index_watch(), |s| {
-        s.catalog().lbs_index()
-    })
-    .await?;
-    let c = shared.catalog();
+    let c = reports_after(&shared, &q).await?;
     let now = unix_ms();
     let views: Vec<LbView> = c
         .lbs()

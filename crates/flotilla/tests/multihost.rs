@@ -1798,7 +1798,14 @@ fn incremental_backups_ship_deltas_and_a_restore_applies_the_chain() {
             "restored from the full and its chain up to the intact delta: {from_meta}"
         );
         assert_notes(&restored, 10).await;
-        let state = replica_state(&cluster);
+        // `ps` joins the assignment with the restored instance's meta, which can trail
+        // the instance's passing by a moment (CI once read "restoring on b …" here).
+        let t0 = std::time::Instant::now();
+        let mut state = replica_state(&cluster);
+        while !state.contains("backup chain broken") && t0.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            state = replica_state(&cluster);
+        }
         assert!(
             state.contains(&format!("backup chain broken at {newest}")),
             "{state}"

@@ -32,6 +32,12 @@ async fn raw(
     )
 }
 
+/// `raw` PUT of a JSON body with `token`.
+async fn put(server: &Server, url: &str, token: &str, body: &Value) -> (u16, Value) {
+    let body = Some(body.to_string().into_bytes());
+    raw(server, reqwest::Method::PUT, url, Some(token), body).await
+}
+
 fn spec(port: u16) -> Value {
     json!({ "service": "api", "address": "127.0.0.1", "port": port })
 }
@@ -711,6 +717,7 @@ async fn lb_reports_are_checked_stored_and_listed_with_their_age() {
         .unwrap()
         .token;
     let url = format!("{}/v1/lbs/lb-a", server.url);
+
     let good = serde_json::json!({
         "period_ms": 1000,
         "ha": {"state": "backup", "priority": 100, "vips": ["198.18.0.100/24"], "transitions": 1,
@@ -720,58 +727,23 @@ async fn lb_reports_are_checked_stored_and_listed_with_their_age() {
     });
     let mut bad = good.clone();
     bad["listeners"][0]["p99_ms"] = serde_json::json!(-1.0);
-    let (s, v) = raw(
-        &server,
-        reqwest::Method::PUT,
-        &url,
-        Some(&lb_token),
-        Some(bad.to_string().into_bytes()),
-    )
-    .await;
+    let (s, v) = put(&server, &url, &lb_token, &bad).await;
     assert_eq!((s, v["field"].as_str()), (400, Some("listeners[0]")), "{v}");
     let mut bad = good.clone();
     bad["ha"]["state"] = serde_json::json!("boss");
-    let (s, v) = raw(
-        &server,
-        reqwest::Method::PUT,
-        &url,
-        Some(&lb_token),
-        Some(bad.to_string().into_bytes()),
-    )
-    .await;
+    let (s, v) = put(&server, &url, &lb_token, &bad).await;
     assert_eq!((s, v["field"].as_str()), (400, Some("ha.state")), "{v}");
-    let (s, _) = raw(
-        &server,
-        reqwest::Method::PUT,
-        &url,
-        Some(&read_token),
-        Some(good.to_string().into_bytes()),
-    )
-    .await;
+    let (s, _) = put(&server, &url, &read_token, &good).await;
     assert_eq!(s, 403);
     let bad_name = format!("{}/v1/lbs/.hidden", server.url);
-    let (s, _) = raw(
-        &server,
-        reqwest::Method::PUT,
-        &bad_name,
-        Some(&lb_token),
-        Some(good.to_string().into_bytes()),
-    )
-    .await;
+    let (s, _) = put(&server, &bad_name, &lb_token, &good).await;
     assert_eq!(s, 400);
     assert!(
         admin.lbs().await.unwrap().is_empty(),
         "a refused report was stored"
     );
 
-    let (s, v) = raw(
-        &server,
-        reqwest::Method::PUT,
-        &url,
-        Some(&lb_token),
-        Some(good.to_string().into_bytes()),
-    )
-    .await;
+    let (s, v) = put(&server, &url, &lb_token, &good).await;
     assert_eq!(s, 200, "{v}");
     let reader = flotilla_client::Client::with_tls(&server.url, Some(read_token), server.tls());
     let listed = reader.lbs().await.unwrap();
@@ -821,14 +793,7 @@ async fn lb_reports_are_checked_stored_and_listed_with_their_age() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut master = good.clone();
     master["ha"]["state"] = serde_json::json!("master");
-    let (s, _) = raw(
-        &server,
-        reqwest::Method::PUT,
-        &url,
-        Some(&lb_token),
-        Some(master.to_string().into_bytes()),
-    )
-    .await;
+    let (s, _) = put(&server, &url, &lb_token, &master).await;
     assert_eq!(s, 200);
     let woke = tokio::time::timeout(Duration::from_secs(5), waiting)
         .await

@@ -154,6 +154,34 @@ fn push_image_with(
     }
 }
 
+/// A server and one agent pulling with the credentials in `auth`, its node up.
+async fn cluster(dir: &Path, auth: &Path) -> (Server, Proc) {
+    let server = Server::start(dir, "s", &[]);
+    let client = server.client();
+    let node = unique("node").replace('_', "-");
+    let agent = agent_with(
+        dir,
+        &server,
+        &node,
+        None,
+        None,
+        &[
+            "--api-listen",
+            "127.0.0.1:0",
+            "--registry-auth",
+            auth.to_str().unwrap(),
+        ],
+    );
+    eventually(Duration::from_secs(15), "agent registered", || async {
+        client
+            .nodes()
+            .await
+            .is_ok_and(|n| n.len() == 1 && n[0].api.is_some())
+    })
+    .await;
+    (server, agent)
+}
+
 fn write_spec(dir: &Path, stack: &str, image: &str) -> PathBuf {
     let path = dir.join(format!("{stack}.toml"));
     std::fs::write(
@@ -253,29 +281,8 @@ async fn a_registry_image_is_pulled_with_the_agent_s_credentials_and_pinned() {
         std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).unwrap();
     };
     write_auth("wrong");
-    let server = Server::start(dir.path(), "s", &[]);
+    let (server, _agent) = cluster(dir.path(), &auth).await;
     let client = server.client();
-    let node = unique("node").replace('_', "-");
-    let _agent = agent_with(
-        dir.path(),
-        &server,
-        &node,
-        None,
-        None,
-        &[
-            "--api-listen",
-            "127.0.0.1:0",
-            "--registry-auth",
-            auth.to_str().unwrap(),
-        ],
-    );
-    eventually(Duration::from_secs(15), "agent registered", || async {
-        client
-            .nodes()
-            .await
-            .is_ok_and(|n| n.len() == 1 && n[0].api.is_some())
-    })
-    .await;
     let home = dir.path();
     let spec = write_spec(dir.path(), &stack, &tag);
     let o = deploy(&server, home, &spec);
@@ -532,29 +539,8 @@ volumes:
     let auth = dir.path().join("registry-auth.json");
     std::fs::copy(reg.auth_file(), &auth).unwrap();
     std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let server = Server::start(dir.path(), "s", &[]);
+    let (server, _agent) = cluster(dir.path(), &auth).await;
     let client = server.client();
-    let node = unique("node").replace('_', "-");
-    let _agent = agent_with(
-        dir.path(),
-        &server,
-        &node,
-        None,
-        None,
-        &[
-            "--api-listen",
-            "127.0.0.1:0",
-            "--registry-auth",
-            auth.to_str().unwrap(),
-        ],
-    );
-    eventually(Duration::from_secs(15), "agent registered", || async {
-        client
-            .nodes()
-            .await
-            .is_ok_and(|n| n.len() == 1 && n[0].api.is_some())
-    })
-    .await;
     let o = deploy(&server, dir.path(), &compose);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
