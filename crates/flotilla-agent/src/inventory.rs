@@ -3,12 +3,13 @@
 //! /v1/nodes/{node}/backups`) for the dashboard's backups page. Each archive is read
 //! whole once (digests and every entry, as a restore would) and reported verified or
 //! not; a file whose size changes is read again. The report goes when the set
-//! changes, and at least every minute so its age says the node is still there.
+//! changes, and only then: a store write per change, none in a steady state (whether
+//! the node is still there is its lease's to say).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flotilla_core::{BackupInventory, HeldArchive};
 
@@ -16,8 +17,6 @@ use crate::state::Inner;
 
 /// How often the archive directories are looked at.
 const PASS: Duration = Duration::from_secs(5);
-/// The report goes at least this often.
-const HEARTBEAT: Duration = Duration::from_secs(60);
 /// Archives read whole per pass at most (the rest wait for the next).
 const VERIFY_PER_PASS: usize = 4;
 
@@ -26,7 +25,7 @@ impl Inner {
     pub(crate) async fn inventory_loop(self: Arc<Self>) {
         // Path → (size when read, verified).
         let mut checked: HashMap<PathBuf, (u64, bool)> = HashMap::new();
-        let mut sent: Option<(Vec<HeldArchive>, Instant)> = None;
+        let mut sent: Option<Vec<HeldArchive>> = None;
         let mut failing = false;
         let mut tick = tokio::time::interval(PASS);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -74,11 +73,7 @@ impl Inner {
                 archives[i].verified = Some(ok);
             }
             checked.retain(|p, _| paths.contains(p));
-            let due = match &sent {
-                None => true,
-                Some((last, at)) => *last != archives || at.elapsed() >= HEARTBEAT,
-            };
-            if !due {
+            if sent.as_ref() == Some(&archives) {
                 continue;
             }
             let inventory = BackupInventory {
@@ -92,7 +87,7 @@ impl Inner {
                         tracing::info!("backup inventory reported again");
                     }
                     failing = false;
-                    sent = Some((archives, Instant::now()));
+                    sent = Some(archives);
                 }
                 Err(e) => {
                     if !failing {

@@ -138,7 +138,8 @@ pub struct LbReport {
     /// Record format version.
     #[serde(default = "record_version")]
     pub v: u32,
-    /// How often the lb reports, ms (a report older than 3 periods is stale).
+    /// The longest time between the lb's reports, ms (it reports sooner when something
+    /// changes); a report older than 3 of these is stale.
     pub period_ms: u64,
     /// The VRRP member, when the lb runs `[ha]`.
     #[serde(default)]
@@ -269,7 +270,7 @@ impl LbReport {
 /// The backup archives one node keeps (its replicas' own and copies of others'), as
 /// its agent reports them (`PUT /v1/nodes/{name}/backups`) for the dashboard's backups
 /// page: per replica, the newest, its size, whether it verified, and where the copies
-/// are. Sent when the set changes (and every minute).
+/// are. Sent when the set changes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackupInventory {

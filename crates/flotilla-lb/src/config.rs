@@ -62,7 +62,8 @@ pub struct RegistryConfig {
     /// traffic for the dashboard) [default: the hostname].
     #[serde(default)]
     pub name: Option<String>,
-    /// How often it reports; `"0s"`: never.
+    /// How often it samples its counters for the report (sent when something moved,
+    /// and at least every 30 s); `"0s"`: never.
     #[serde(default = "default_report", with = "humantime_serde")]
     pub report: std::time::Duration,
 }

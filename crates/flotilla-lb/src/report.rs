@@ -1,8 +1,11 @@
-//! The lb's report to the registry (`PUT /v1/lbs/NAME` every `[registry] report`):
-//! its VRRP state, priority, virtual IPs and latest state changes, and each listener's
-//! request and failure rates and p99 over the last period — what the dashboard's lb
-//! page and each service's page show. The arithmetic over counter snapshots is pure
-//! ([`window`]); the loop only samples, computes and sends.
+//! The lb's report to the registry (`PUT /v1/lbs/NAME`): its VRRP state, priority,
+//! virtual IPs and latest state changes, and each listener's request and failure rates
+//! and p99 over the last sampling period (`[registry] report`) — what the dashboard's
+//! lb page and each service's page show. Every report is a store write, so one goes
+//! only when something moved past a dead band ([`worth_sending`]) or [`HEARTBEAT`]
+//! passed: a steady lb costs the store one write per heartbeat, not one per sample.
+//! The arithmetic over counter snapshots is pure ([`window`]); the loop only samples,
+//! decides and sends.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -80,6 +83,33 @@ pub fn window(
     (requests as f64 / seconds, failures as f64 / seconds, p99)
 }
 
+/// The longest time between two reports (readers call a report older than three of
+/// these stale).
+pub const HEARTBEAT: Duration = Duration::from_secs(30);
+
+/// Whether `next` differs from the last report sent enough to be worth a store write:
+/// any VRRP change, a listener's backend count or p99 bucket, or a rate that moved by
+/// more than 20 % (and more than 1 per second); else only once `since` reaches
+/// `heartbeat`.
+pub fn worth_sending(
+    last: Option<&LbReport>,
+    next: &LbReport,
+    since: Duration,
+    heartbeat: Duration,
+) -> bool {
+    let Some(last) = last else { return true };
+    if since >= heartbeat || last.ha != next.ha || last.listeners.len() != next.listeners.len() {
+        return true;
+    }
+    let moved = |a: f64, b: f64| (a - b).abs() > 1.0 && (a - b).abs() > 0.2 * a.max(b);
+    last.listeners.iter().zip(&next.listeners).any(|(a, b)| {
+        a.backends != b.backends
+            || a.p99_ms != b.p99_ms
+            || moved(a.requests_per_s, b.requests_per_s)
+            || moved(a.failures_per_s, b.failures_per_s)
+    })
+}
+
 fn snapshot(l: &Listener) -> HashMap<String, Counters> {
     l.backends()
         .iter()
@@ -141,6 +171,8 @@ pub async fn report_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     let mut failing = false;
+    let heartbeat = HEARTBEAT.max(period);
+    let mut last: Option<(LbReport, Instant)> = None;
     loop {
         tick.tick().await;
         let now = Instant::now();
@@ -164,17 +196,23 @@ pub async fn report_loop(
         (before, at) = (after, now);
         let report = LbReport {
             v: flotilla_core::RECORD_VERSION,
-            period_ms: period.as_millis() as u64,
+            period_ms: heartbeat.as_millis() as u64,
             ha: ha.as_ref().map(|(r, vips)| ha_of(r, vips)),
             listeners: reports,
             at_ms: 0,
         };
+        let since = last.as_ref().map_or(heartbeat, |(_, at)| at.elapsed());
+        if !worth_sending(last.as_ref().map(|(r, _)| r), &report, since, heartbeat) {
+            continue;
+        }
         match client.report_lb(&name, &report).await {
-            Ok(_) if failing => {
-                tracing::info!(lb = name, "reporting to the registry again");
+            Ok(_) => {
+                if failing {
+                    tracing::info!(lb = name, "reporting to the registry again");
+                }
                 failing = false;
+                last = Some((report, Instant::now()));
             }
-            Ok(_) => {}
             Err(e) if !failing => {
                 tracing::warn!(lb = name, error = %e, "lb report failed; retrying each period");
                 failing = true;
@@ -203,6 +241,48 @@ mod tests {
             failures,
             buckets,
         }
+    }
+
+    #[test]
+    fn a_report_goes_on_a_real_change_or_the_heartbeat_only() {
+        let hb = Duration::from_secs(30);
+        let report = |rps: f64, p99: Option<f64>| LbReport {
+            v: 1,
+            period_ms: 30_000,
+            ha: None,
+            listeners: vec![LbListenerReport {
+                name: "web".into(),
+                service: Some("web".into()),
+                requests_per_s: rps,
+                failures_per_s: 0.0,
+                p99_ms: p99,
+                backends: 2,
+            }],
+            at_ms: 0,
+        };
+        let s = Duration::from_secs(2);
+        let base = report(100.0, Some(5.0));
+        assert!(worth_sending(None, &base, s, hb));
+        assert!(
+            !worth_sending(Some(&base), &report(110.0, Some(5.0)), s, hb),
+            "10 %: noise"
+        );
+        assert!(
+            worth_sending(Some(&base), &report(130.0, Some(5.0)), s, hb),
+            "30 %"
+        );
+        assert!(
+            worth_sending(Some(&base), &report(100.0, Some(10.0)), s, hb),
+            "p99 bucket"
+        );
+        assert!(
+            !worth_sending(Some(&report(0.5, None)), &report(1.2, None), s, hb),
+            "< 1/s"
+        );
+        assert!(worth_sending(Some(&base), &base, hb, hb), "heartbeat");
+        let mut more = base.clone();
+        more.listeners[0].backends = 3;
+        assert!(worth_sending(Some(&base), &more, s, hb));
     }
 
     #[test]
