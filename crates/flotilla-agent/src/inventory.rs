@@ -33,7 +33,8 @@ impl Inner {
             tick.tick().await;
             let mut archives = Vec::new();
             let mut paths = Vec::new();
-            for stack in self.current_stacks().await {
+            // The desired state the reconciler already follows: no registry read per pass.
+            for stack in self.desired_now().stacks {
                 for (service, d) in &stack.services {
                     let Some(policy) = &d.spec.backup else {
                         continue;
@@ -72,7 +73,8 @@ impl Inner {
                 checked.insert(paths[i].clone(), (archives[i].bytes, ok));
                 archives[i].verified = Some(ok);
             }
-            checked.retain(|p, _| paths.contains(p));
+            let listed: std::collections::HashSet<&PathBuf> = paths.iter().collect();
+            checked.retain(|p, _| listed.contains(p));
             if sent.as_ref() == Some(&archives) {
                 continue;
             }
