@@ -65,6 +65,10 @@ pub struct Args {
     /// server runs `--insecure-http`, so one session can compare the two.
     #[arg(long)]
     tls: bool,
+    /// How watchers read: `delta` (`?delta=true`: only the instances that changed since
+    /// the watcher's index, as the lb reads) or `full` (the whole service every time).
+    #[arg(long, default_value = "delta", value_parser = ["delta", "full"])]
+    watch: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -74,6 +78,8 @@ struct Outcome {
     phase: String,
     instances: usize,
     watchers: usize,
+    /// "delta" or "full" (see `--watch`).
+    watch: String,
     rate: u64,
     seconds: f64,
     changes_sent: u64,
@@ -273,6 +279,7 @@ async fn measure(args: &Args, server: &Server, rate: u64, phase: &str) -> anyhow
     let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut watchers = Vec::new();
+    let delta = args.watch == "delta";
     for s in 0..services {
         let (client, latencies, stop) = (client.clone(), latencies.clone(), stop.clone());
         watchers.push(tokio::spawn(async move {
@@ -288,10 +295,15 @@ async fn measure(args: &Args, server: &Server, rate: u64, phase: &str) -> anyhow
                 .collect();
             let mut index = first.index;
             while !stop.load(Ordering::Relaxed) {
-                let Ok(r) = client
-                    .service(&name, index, Duration::from_secs(2), false)
-                    .await
-                else {
+                let wait = Duration::from_secs(2);
+                // A delta answer holds only changed instances; the stamp test below
+                // picks the changed ones out of a whole answer, so it serves both.
+                let read = if delta {
+                    client.service_changes(&name, index, wait, false).await
+                } else {
+                    client.service(&name, index, wait, false).await
+                };
+                let Ok(r) = read else {
                     continue;
                 };
                 let now_us = start.elapsed().as_micros() as u64;
@@ -373,6 +385,7 @@ async fn measure(args: &Args, server: &Server, rate: u64, phase: &str) -> anyhow
         phase: phase.to_owned(),
         instances,
         watchers: services,
+        watch: args.watch.clone(),
         rate,
         seconds,
         changes_sent: sent,
@@ -507,9 +520,10 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
             }
         }
         println!(
-            "({} instances, {} watchers, {} s per rate)",
+            "({} instances, {} {} watchers, {} s per rate)",
             args.instances,
             args.watchers,
+            args.watch,
             Duration::from(args.duration).as_secs()
         );
         if let Some(dir) = &args.plots {

@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod follow;
 pub mod migrate;
 
 use std::path::Path;
@@ -670,11 +671,40 @@ impl Client {
         wait: Duration,
         passing_only: bool,
     ) -> Result<ServiceInstances> {
-        let query = [
+        self.service_query(name, index, wait, passing_only, false)
+            .await
+    }
+
+    /// Like [`Client::service`], but the answer may be a delta: with `delta` set in the
+    /// reply, `instances` holds only what changed since `index` and `removed` the ids
+    /// gone (see [`follow::ServiceFollower`], which keeps the whole set).
+    pub async fn service_changes(
+        &self,
+        name: &str,
+        index: u64,
+        wait: Duration,
+        passing_only: bool,
+    ) -> Result<ServiceInstances> {
+        self.service_query(name, index, wait, passing_only, true)
+            .await
+    }
+
+    async fn service_query(
+        &self,
+        name: &str,
+        index: u64,
+        wait: Duration,
+        passing_only: bool,
+        delta: bool,
+    ) -> Result<ServiceInstances> {
+        let mut query = vec![
             ("index", index.to_string()),
             ("wait", format!("{}ms", wait.as_millis())),
             ("passing", passing_only.to_string()),
         ];
+        if delta {
+            query.push(("delta", "true".into()));
+        }
         let req = self
             .request(
                 reqwest::Method::GET,

@@ -373,8 +373,17 @@ pub struct ServiceInstances {
     pub service: String,
     /// Index of the service's last change.
     pub index: u64,
-    /// Instances (only passing ones with `?passing=true`).
+    /// Instances (only passing ones with `?passing=true`). In a delta answer only the
+    /// instances that changed since the query's `index`, with their whole current view.
     pub instances: Vec<InstanceView>,
+    /// Whether this is a delta answer (`?delta=true` and the server's change log reached
+    /// back to the query's `index`); otherwise `instances` is the whole service.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delta: bool,
+    /// In a delta answer: ids gone since the query's `index` (deregistered, moved to
+    /// another service, or — with `?passing=true` — no longer passing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
 }
 
 /// A node as `GET /v1/nodes` serves it.

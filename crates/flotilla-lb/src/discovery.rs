@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use flotilla_client::follow::ServiceFollower;
 use flotilla_client::Client;
 use flotilla_core::HealthStatus;
 
@@ -16,20 +17,22 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// Watches `service` forever, updating `listener`.
 pub async fn follow(client: Client, service: String, listener: Arc<Listener>) {
-    let mut index = 0;
+    // Delta watches: each answer carries only the instances that changed, so a service
+    // of hundreds of backends costs one instance per change on both sides.
+    let mut follower = ServiceFollower::new(client, service.clone(), true);
     let mut initial = true;
     let mut backoff = Duration::from_millis(100);
     loop {
-        match client.service(&service, index, WAIT, true).await {
+        let index = follower.index();
+        match follower.next(WAIT).await {
             Ok(s) => {
                 backoff = Duration::from_millis(100);
                 if s.index == index && !initial {
                     continue;
                 }
-                index = s.index;
-                let wanted: Vec<StaticBackend> = s
-                    .instances
-                    .iter()
+                let index = s.index;
+                let wanted: Vec<StaticBackend> = follower
+                    .instances()
                     .filter(|i| i.health == HealthStatus::Passing)
                     .map(|i| StaticBackend {
                         addr: std::net::SocketAddr::new(i.address, i.port),
@@ -40,9 +43,8 @@ pub async fn follow(client: Client, service: String, listener: Arc<Listener>) {
                 // Warm start: weights the active lb published seed this lb's controller.
                 for b in listener.backends().iter() {
                     if b.dynamic_weight().is_none() {
-                        if let Some(w) = s
-                            .instances
-                            .iter()
+                        if let Some(w) = follower
+                            .instances()
                             .find(|i| std::net::SocketAddr::new(i.address, i.port) == b.addr)
                             .and_then(|i| i.feedback_weight)
                         {
@@ -66,7 +68,7 @@ pub async fn follow(client: Client, service: String, listener: Arc<Listener>) {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 // Start over: the registry may have been rebuilt with lower indexes.
-                index = 0;
+                follower.reset();
             }
         }
     }

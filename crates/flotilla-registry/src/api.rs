@@ -587,6 +587,9 @@ pub(crate) struct Blocking {
     index: Option<u64>,
     wait: Option<String>,
     passing: Option<bool>,
+    /// Services only: answer with what changed since `index` when the change log
+    /// reaches back that far (see [`Catalog::service_delta_json`]).
+    delta: Option<bool>,
 }
 
 impl Blocking {
@@ -724,9 +727,19 @@ async fn get_service(
     let (index, body) = {
         let catalog = shared.catalog();
         let index = catalog.service_index(&name);
+        let passing = q.passing.unwrap_or(false);
+        let delta = match (q.delta, q.index) {
+            (Some(true), Some(since)) if since > 0 => {
+                catalog.service_delta_json(&name, since, passing)
+            }
+            _ => None,
+        };
+        if delta.is_some() {
+            shared.metrics.delta_answers.inc();
+        }
         (
             index,
-            catalog.service_json(&name, q.passing.unwrap_or(false)),
+            delta.unwrap_or_else(|| catalog.service_json(&name, passing)),
         )
     };
     let mut resp = (

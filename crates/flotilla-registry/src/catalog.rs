@@ -2,7 +2,7 @@
 //! and kept current by the store's event stream. Every server (leader or not) keeps one,
 //! so reads, blocking queries and DNS never touch the store.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use flotilla_core::record::unix_ms;
 use flotilla_core::{
@@ -15,6 +15,22 @@ use crate::keys;
 
 /// Load reports older than this are not served (the agent reports every second).
 pub const LOAD_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How many changes each service's log keeps for delta watches. A watcher further
+/// behind than this gets the whole service again (as it would without `delta`): at
+/// 1,000 changes/s over 100 services that is 100 s of history per service.
+pub const CHANGE_LOG_LEN: usize = 1024;
+
+/// One service's recent changes, oldest first, so a watcher that has seen index N can be
+/// sent only the instances that changed after N instead of the whole service.
+#[derive(Debug, Default)]
+struct ChangeLog {
+    /// `(index, instance id)`; `None` means every instance (the lbs' feedback weights,
+    /// which are part of every instance's view, changed).
+    entries: VecDeque<(u64, Option<String>)>,
+    /// The log holds every change after this index (older entries were dropped).
+    floor: u64,
+}
 
 /// A pushed check result: a TTL renewal or an exec check the agent ran.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +72,10 @@ pub struct Catalog {
     /// `lbs_index`: the dashboard's reports.
     backups: BTreeMap<String, flotilla_core::BackupInventory>,
     lbs_index: u64,
+    /// Per service, what changed at which index (for delta watches).
+    changes: HashMap<String, ChangeLog>,
+    /// The index this catalog was built at: no change log reaches before it.
+    base: u64,
     index: u64,
     /// Instances that have checks (the duty runs one checker for each).
     checked: BTreeSet<String>,
@@ -94,6 +114,8 @@ impl Catalog {
             c.apply(&Event::Put(e.clone()));
         }
         c.index = snapshot.revision;
+        c.base = snapshot.revision;
+        c.changes.clear();
         for idx in c.service_index.values_mut() {
             *idx = snapshot.revision;
         }
@@ -204,6 +226,7 @@ impl Catalog {
         if let Some(id) = key.strip_prefix(keys::INSTANCES) {
             if let Some(old) = self.instances.remove(id) {
                 self.unindex(&old);
+                self.log_change(&old.spec.service, Some(id), revision);
                 changes.services.insert(old.spec.service.clone());
             }
             if self.checked.remove(id) {
@@ -214,6 +237,7 @@ impl Catalog {
                     .entry(rec.spec.service.clone())
                     .or_default()
                     .insert(id.to_owned());
+                self.log_change(&rec.spec.service, Some(id), revision);
                 changes.services.insert(rec.spec.service.clone());
                 // The server checks what no agent checks for it.
                 if !rec.spec.checks.is_empty() && !rec.spec.node_checks {
@@ -227,8 +251,9 @@ impl Catalog {
                 Some(rec) => self.health.insert(id.to_owned(), rec),
                 None => self.health.remove(id),
             };
-            if let Some(inst) = self.instances.get(id) {
-                changes.services.insert(inst.spec.service.clone());
+            if let Some(service) = self.instances.get(id).map(|i| i.spec.service.clone()) {
+                self.log_change(&service, Some(id), revision);
+                changes.services.insert(service);
             }
         } else if let Some(name) = key.strip_prefix(keys::NODES) {
             match entry.and_then(|e| self.decode::<NodeRecord>(e)) {
@@ -255,6 +280,7 @@ impl Catalog {
                 Some(rec) => self.weights.insert(service.to_owned(), rec),
                 None => self.weights.remove(service),
             };
+            self.log_change(service, None, revision);
             changes.services.insert(service.to_owned());
         } else if let Some(id) = key.strip_prefix(keys::TOKENS) {
             match entry.and_then(|e| self.decode::<flotilla_core::token::TokenRecord>(e)) {
@@ -303,6 +329,83 @@ impl Catalog {
             self.service_index.insert(s.clone(), revision);
         }
         changes
+    }
+
+    /// Notes that `id` (or, with `None`, every instance) of `service` changed at `index`.
+    fn log_change(&mut self, service: &str, id: Option<&str>, index: u64) {
+        let log = match self.changes.get_mut(service) {
+            Some(log) => log,
+            None => self.changes.entry(service.to_owned()).or_insert(ChangeLog {
+                entries: VecDeque::new(),
+                floor: self.base,
+            }),
+        };
+        // A move between services logs the id once in each; the same id twice at one
+        // index (an instance replaced in place) needs one entry.
+        if log
+            .entries
+            .back()
+            .is_some_and(|(i, e)| *i == index && e.as_deref() == id)
+        {
+            return;
+        }
+        log.entries.push_back((index, id.map(str::to_owned)));
+        while log.entries.len() > CHANGE_LOG_LEN {
+            if let Some((dropped, _)) = log.entries.pop_front() {
+                // A watcher that has seen `dropped` needs nothing older.
+                log.floor = log.floor.max(dropped);
+            }
+        }
+    }
+
+    /// `GET /v1/services/{name}?delta=true`'s body for a watcher that has seen `since`:
+    /// only the instances whose view changed after `since` (their current view, or their
+    /// id under `removed` when gone, moved to another service, or — with `passing_only` —
+    /// no longer passing). `None` when the log cannot say (the watcher is from before
+    /// this catalog or further behind than the log reaches, or the lbs' weights changed,
+    /// which is every instance): then the whole service is the answer.
+    pub fn service_delta_json(
+        &self,
+        name: &str,
+        since: u64,
+        passing_only: bool,
+    ) -> Option<Vec<u8>> {
+        let index = self.service_index(name);
+        if since < self.base || since > index {
+            return None;
+        }
+        let mut touched = BTreeSet::new();
+        if let Some(log) = self.changes.get(name) {
+            if since < log.floor {
+                return None;
+            }
+            for (at, id) in log.entries.iter().rev() {
+                if *at <= since {
+                    break;
+                }
+                touched.insert(id.as_deref()?);
+            }
+        }
+        let (mut current, mut removed) = (Vec::new(), Vec::new());
+        for id in touched {
+            match self.instances.get(id) {
+                Some(rec)
+                    if rec.spec.service == name
+                        && (!passing_only || self.health_ref(rec).0 == HealthStatus::Passing) =>
+                {
+                    current.push(ViewRef { catalog: self, rec })
+                }
+                _ => removed.push(id),
+            }
+        }
+        let body = DeltaRef {
+            service: name,
+            index,
+            delta: true,
+            instances: current,
+            removed,
+        };
+        Some(serde_json::to_vec(&body).expect("catalog records serialise"))
     }
 
     /// A node's renewal vouches that its load reports held as of `loads_ms`: each of its
@@ -598,6 +701,16 @@ impl Serialize for InstancesRef<'_, '_> {
     }
 }
 
+/// A delta answer, serialised as [`flotilla_core::ServiceInstances`] with `delta` set.
+#[derive(Serialize)]
+struct DeltaRef<'a> {
+    service: &'a str,
+    index: u64,
+    delta: bool,
+    instances: Vec<ViewRef<'a>>,
+    removed: Vec<&'a str>,
+}
+
 /// One instance, serialised exactly as [`InstanceView`] (a test holds them equal).
 struct ViewRef<'a> {
     catalog: &'a Catalog,
@@ -714,6 +827,8 @@ mod tests {
                 service: "web".into(),
                 index: c.service_index("web"),
                 instances: c.service("web", passing),
+                delta: false,
+                removed: Vec::new(),
             })
             .unwrap();
             assert_eq!(strip_age(direct), strip_age(viewed), "passing={passing}");
@@ -780,5 +895,184 @@ mod tests {
         }));
         assert!(c.instance("x").is_none());
         assert!(c.undecodable.contains("instances/x"));
+    }
+
+    /// One step of the delta property test.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Put { id: u8, service: u8, checks: bool },
+        Delete { id: u8 },
+        Health { id: u8, passing: bool },
+        Weights { service: u8 },
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0..12u8, 0..2u8, any::<bool>()).prop_map(|(id, service, checks)| Step::Put {
+                id,
+                service,
+                checks
+            }),
+            (0..12u8).prop_map(|id| Step::Delete { id }),
+            (0..12u8, any::<bool>()).prop_map(|(id, passing)| Step::Health { id, passing }),
+            (0..2u8).prop_map(|service| Step::Weights { service }),
+        ]
+    }
+
+    fn event(step: &Step, revision: u64) -> Event {
+        let service = |s: u8| ["web", "api"][s as usize];
+        match step {
+            Step::Put {
+                id,
+                service: s,
+                checks,
+            } => put(
+                &format!("instances/i{id}"),
+                instance(&format!("i{id}"), service(*s), *checks),
+                revision,
+            ),
+            Step::Delete { id } => Event::Delete {
+                key: format!("instances/i{id}"),
+                revision,
+            },
+            Step::Health { id, passing } => {
+                let status = if *passing {
+                    HealthStatus::Passing
+                } else {
+                    HealthStatus::Critical
+                };
+                put(
+                    &format!("health/i{id}"),
+                    health_record(status, format!("r{revision}")),
+                    revision,
+                )
+            }
+            Step::Weights { service: s } => put(
+                &keys::weights(service(*s)),
+                flotilla_core::WeightsRecord {
+                    v: 1,
+                    weights: [("198.18.0.2:80".to_string(), revision as f64)].into(),
+                    from: "lb".into(),
+                    at_ms: 0,
+                },
+                revision,
+            ),
+        }
+    }
+
+    /// Instances of one answer by id.
+    fn by_id(body: &[u8]) -> (serde_json::Value, BTreeMap<String, serde_json::Value>) {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        let map = v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| (i["id"].as_str().unwrap().to_owned(), i.clone()))
+            .collect();
+        (v, map)
+    }
+
+    proptest::proptest! {
+        /// A watcher that saw the whole service at any earlier index and applies the
+        /// delta answer holds exactly what a whole answer would give now — across
+        /// moves between services, deletes, health flips (with and without
+        /// `passing`), weight changes (which force a whole answer) and a log that
+        /// drops its oldest entries.
+        #[test]
+        fn a_delta_applied_to_an_earlier_view_is_the_current_view(
+            steps in proptest::collection::vec(step(), 1..80),
+            base in 0..3u64,
+            small_log in proptest::prelude::any::<bool>(),
+        ) {
+            let mut c = Catalog {
+                base,
+                ..Default::default()
+            };
+            // What a watcher holds: each service's index when it read, and its views
+            // (web, web passing, api, api passing).
+            type Views = [BTreeMap<String, serde_json::Value>; 4];
+            const QUERIES: [(&str, bool); 4] =
+                [("web", false), ("web", true), ("api", false), ("api", true)];
+            let views = |c: &Catalog| -> Views {
+                let mut out: Views = Default::default();
+                for (k, (name, passing)) in QUERIES.iter().enumerate() {
+                    out[k] = by_id(&c.service_json(name, *passing)).1;
+                }
+                out
+            };
+            let mut seen: Vec<([u64; 2], Views)> =
+                vec![([c.service_index("web"), c.service_index("api")], views(&c))];
+            for (n, st) in steps.iter().enumerate() {
+                let revision = base + 1 + n as u64;
+                c.apply(&event(st, revision));
+                if small_log {
+                    // Exercise the dropped-history path with a short log.
+                    for log in c.changes.values_mut() {
+                        while log.entries.len() > 5 {
+                            let (dropped, _) = log.entries.pop_front().unwrap();
+                            log.floor = log.floor.max(dropped);
+                        }
+                    }
+                }
+                let now = views(&c);
+                for (indexes, then) in &seen {
+                    for (k, (name, passing)) in QUERIES.iter().enumerate() {
+                        let since = indexes[k / 2];
+                        let Some(body) = c.service_delta_json(name, since, *passing) else {
+                            continue;
+                        };
+                        let (v, delta) = by_id(&body);
+                        proptest::prop_assert_eq!(v["delta"].as_bool(), Some(true));
+                        proptest::prop_assert_eq!(v["index"].as_u64(), Some(c.service_index(name)));
+                        let mut view = then[k].clone();
+                        for id in v["removed"].as_array().unwrap() {
+                            view.remove(id.as_str().unwrap());
+                        }
+                        view.extend(delta);
+                        proptest::prop_assert_eq!(&view, &now[k], "{} passing={} since {}", name, passing, since);
+                    }
+                }
+                seen.push(([c.service_index("web"), c.service_index("api")], now));
+            }
+        }
+    }
+
+    #[test]
+    fn a_delta_is_refused_where_the_log_cannot_answer() {
+        let mut c = Catalog::default();
+        c.apply(&put("instances/a", instance("a", "web", false), 1));
+        c.apply(&put("instances/b", instance("b", "web", false), 2));
+        let (v, ids) = by_id(&c.service_delta_json("web", 1, false).unwrap());
+        assert_eq!(ids.keys().collect::<Vec<_>>(), ["b"]);
+        assert_eq!(v["removed"], serde_json::json!([]));
+        // Ahead of the catalog (a watcher from another catalog): whole answer.
+        assert!(c.service_delta_json("web", 9, false).is_none());
+        // The lbs' weights are in every instance's view: whole answer.
+        c.apply(&put(
+            &keys::weights("web"),
+            flotilla_core::WeightsRecord {
+                v: 1,
+                weights: Default::default(),
+                from: "lb".into(),
+                at_ms: 0,
+            },
+            3,
+        ));
+        assert!(c.service_delta_json("web", 2, false).is_none());
+        assert!(c.service_delta_json("web", 3, false).is_some());
+        // A catalog rebuilt from a snapshot at 3 knows nothing older.
+        let fresh = Catalog::from_snapshot(&Snapshot {
+            revision: 3,
+            entries: vec![],
+        });
+        assert!(fresh.service_delta_json("web", 2, false).is_none());
+        assert!(fresh.service_delta_json("web", 3, false).is_some());
+        // Past the log's length the oldest changes are gone.
+        for r in 4..(4 + CHANGE_LOG_LEN as u64 + 1) {
+            c.apply(&put("instances/a", instance("a", "web", r % 2 == 0), r));
+        }
+        assert!(c.service_delta_json("web", 3, false).is_none());
+        assert!(c.service_delta_json("web", 5, false).is_some());
     }
 }

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub reaped: Counter,
     /// Blocking queries currently waiting.
     pub waiting: Gauge,
+    /// Service reads answered with only what changed (`?delta=true` within the log).
+    pub delta_answers: Counter,
     /// Store errors seen.
     pub store_errors: Counter,
     /// Catalog resyncs from a fresh snapshot.
@@ -87,6 +89,7 @@ impl Default for Metrics {
             node_expirations: Counter::default(),
             reaped: Counter::default(),
             waiting: Gauge::default(),
+            delta_answers: Counter::default(),
             store_errors: Counter::default(),
             resyncs: Counter::default(),
             dns_queries: Counter::default(),
@@ -142,6 +145,11 @@ impl Default for Metrics {
             "blocking_waiters",
             "Blocking queries waiting",
             m.waiting.clone(),
+        );
+        registry.register(
+            "service_delta_answers",
+            "Service reads answered with only the instances that changed",
+            m.delta_answers.clone(),
         );
         registry.register(
             "store_errors",

@@ -295,6 +295,98 @@ async fn blocking_query_wakes_on_change_and_times_out() {
     eprintln!("blocking watcher woke {latency:?} after the change was sent");
 }
 
+#[tokio::test]
+async fn a_delta_watch_sends_only_what_changed_and_the_follower_keeps_the_whole_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let client = server.client();
+    for (id, port) in [("a1", 1), ("a2", 2)] {
+        client
+            .register(id, &serde_json::from_value(spec(port)).unwrap())
+            .await
+            .unwrap();
+    }
+    let mut follower = flotilla_client::follow::ServiceFollower::new(client.clone(), "api", false);
+    let first = follower.next(Duration::ZERO).await.unwrap();
+    assert!(
+        !first.delta,
+        "a follower that saw nothing gets the whole service"
+    );
+    assert_eq!(follower.len(), 2);
+
+    // A third instance: the answer carries it alone.
+    let mut f = follower.clone();
+    let watcher = tokio::spawn(async move {
+        let r = f.next(Duration::from_secs(20)).await.unwrap();
+        (r, f)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client
+        .register("a3", &serde_json::from_value(spec(3)).unwrap())
+        .await
+        .unwrap();
+    let (r, mut follower) = watcher.await.unwrap();
+    assert!(r.delta, "{r:?}");
+    let ids: Vec<_> = r.instances.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids, ["a3"]);
+    assert!(r.removed.is_empty());
+    assert_eq!(follower.len(), 3);
+
+    // A deregistration: the id under `removed`, nothing else.
+    client.deregister("a1").await.unwrap();
+    let r = follower.next(Duration::from_secs(20)).await.unwrap();
+    assert!(r.delta && r.instances.is_empty(), "{r:?}");
+    assert_eq!(r.removed, ["a1"]);
+    let whole = client
+        .service("api", 0, Duration::ZERO, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        follower.instances().cloned().collect::<Vec<_>>(),
+        whole.instances,
+        "the follower holds what a whole read gives"
+    );
+
+    // Unchanged after the wait: an empty delta at the same index.
+    let r = follower.next(Duration::from_millis(300)).await.unwrap();
+    assert!(r.delta && r.instances.is_empty() && r.removed.is_empty());
+    assert_eq!(r.index, whole.index);
+
+    // An index from another catalog (ahead of this one): the whole service.
+    let r = client
+        .service_changes("api", whole.index + 1000, Duration::ZERO, false)
+        .await
+        .unwrap();
+    assert!(!r.delta);
+    assert_eq!(r.instances.len(), 2);
+
+    let (status, body) = raw(
+        &server,
+        reqwest::Method::GET,
+        &format!("{}/v1/services/api?index=1&delta=maybe", server.url),
+        Some(&server.token()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("delta"), "{body}");
+    let (_, metrics) = raw(
+        &server,
+        reqwest::Method::GET,
+        &format!("{}/metrics", server.url),
+        Some(&server.token()),
+        None,
+    )
+    .await;
+    let answered = metrics
+        .as_str()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("flotilla_registry_service_delta_answers_total "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(answered, Some(3.0), "three delta answers so far");
+}
+
 fn dig(port: u16, name: &str, qtype: &str) -> String {
     let out = Command::new("dig")
         .args([
