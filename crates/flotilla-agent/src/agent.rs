@@ -267,7 +267,15 @@ impl Inner {
     async fn load_loop(self: Arc<Self>) {
         let mut tracker = crate::load::LoadTracker::default();
         let mut sent: HashMap<String, crate::load::Load> = HashMap::new();
-        let mut quotas: std::collections::HashMap<String, Option<f64>> = Default::default();
+        // Per container: its quota and first process (read once), and its cgroup files.
+        let mut facts: HashMap<String, (docker::LoadFacts, Option<crate::cgroup::Files>)> =
+            HashMap::new();
+        let cgroups = crate::cgroup::CgroupReader::from_host();
+        if cgroups.is_none() {
+            tracing::info!(
+                "no cgroup hierarchy readable here: load samples go through the engine's stats API"
+            );
+        }
         let mut tick = tokio::time::interval(self.config.load_period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -287,7 +295,7 @@ impl Inner {
             sent.retain(|id, _| registered.iter().any(|(rid, _)| rid == id));
             let changed =
                 std::mem::take(&mut *self.quota_changed.lock().unwrap_or_else(|p| p.into_inner()));
-            quotas.retain(|c, _| {
+            facts.retain(|c, _| {
                 registered.iter().any(|(_, rc)| rc == c)
                     && !changed.contains(&None)
                     && !changed
@@ -296,10 +304,14 @@ impl Inner {
                         .any(|id| id.starts_with(c.as_str()) || c.starts_with(id.as_str()))
             });
             for (_, container) in &registered {
-                if !quotas.contains_key(container) {
-                    match docker::cpu_quota(&self.docker, container).await {
-                        Ok(q) => {
-                            quotas.insert(container.clone(), q);
+                if !facts.contains_key(container) {
+                    match docker::load_facts(&self.docker, container).await {
+                        Ok(f) => {
+                            let files = cgroups
+                                .as_ref()
+                                .zip(f.pid)
+                                .and_then(|(r, pid)| r.files_of_pid(pid));
+                            facts.insert(container.clone(), (f, files));
                         }
                         Err(e) => {
                             tracing::debug!(container, error = %e, "inspect for the CPU quota failed")
@@ -307,15 +319,41 @@ impl Inner {
                     }
                 }
             }
-            // One-shot stats take about a second each (the engine waits for a second
-            // sample): all containers are sampled at once, or a host with many would
-            // report each one only every N seconds.
-            let samples = futures::future::join_all(registered.iter().filter_map(|(id, c)| {
-                let quota = *quotas.get(c)?;
-                let docker = &self.docker;
-                Some(async move { (id, c, docker::sample(docker, c, quota).await) })
-            }))
-            .await;
+            // From the cgroup files where they are readable (microseconds); else through
+            // the engine, whose one-shot stats take about a second each (it waits for a
+            // second sample): those are taken all at once, or a host with many
+            // containers would report each one only every N seconds.
+            let mut samples = Vec::with_capacity(registered.len());
+            let mut from_engine = Vec::new();
+            for (id, c) in &registered {
+                let Some((f, files)) = facts.get_mut(c) else {
+                    continue;
+                };
+                if let (Some(r), Some(fs)) = (&cgroups, files.as_ref()) {
+                    match r.sample(fs, f.quota) {
+                        Ok(s) => {
+                            self.metrics.load_samples_cgroup.inc();
+                            samples.push((id, c, Ok(s)));
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::debug!(container = c, error = %e, "cgroup read failed; sampling through the engine");
+                            *files = None;
+                        }
+                    }
+                }
+                from_engine.push((id, c, f.quota));
+            }
+            self.metrics
+                .load_samples_engine
+                .inc_by(from_engine.len() as u64);
+            samples.extend(
+                futures::future::join_all(from_engine.into_iter().map(|(id, c, quota)| {
+                    let docker = &self.docker;
+                    async move { (id, c, docker::sample(docker, c, quota).await) }
+                }))
+                .await,
+            );
             let mut all_held = samples.len() == registered.len();
             for (id, container, sample) in samples {
                 match sample {

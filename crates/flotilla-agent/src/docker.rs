@@ -243,22 +243,40 @@ pub async fn exec_check(
     }
 }
 
-/// The container's CPU quota in cores, `None` when it has none. Read once per
-/// container by the load loop (a quota changes only with `docker update`).
-pub async fn cpu_quota(docker: &Docker, container: &str) -> anyhow::Result<Option<f64>> {
+/// What the load loop reads of a container once (until the engine says it changed).
+#[derive(Debug, Clone, Copy)]
+pub struct LoadFacts {
+    /// The CPU quota in cores, `None` when it has none.
+    pub quota: Option<f64>,
+    /// The container's first process, whose cgroup holds its counters.
+    pub pid: Option<u32>,
+}
+
+/// The container's CPU quota and first process. Read once per container by the load
+/// loop (a quota changes only with `docker update`, the process with a restart — both
+/// are engine events that make the loop read it again).
+pub async fn load_facts(docker: &Docker, container: &str) -> anyhow::Result<LoadFacts> {
     let info = docker
         .inspect_container(container, None::<InspectContainerOptions>)
         .await?;
+    let pid = info
+        .state
+        .as_ref()
+        .and_then(|s| s.pid)
+        .filter(|p| *p > 0)
+        .and_then(|p| u32::try_from(p).ok());
     let host = info.host_config.unwrap_or_default();
-    Ok(match (host.nano_cpus, host.cpu_quota, host.cpu_period) {
+    let quota = match (host.nano_cpus, host.cpu_quota, host.cpu_period) {
         (Some(n), _, _) if n > 0 => Some(n as f64 / 1e9),
         (_, Some(q), Some(p)) if q > 0 && p > 0 => Some(q as f64 / p as f64),
         (_, Some(q), _) if q > 0 => Some(q as f64 / 100_000.0),
         _ => None,
-    })
+    };
+    Ok(LoadFacts { quota, pid })
 }
 
-/// One load sample of a container, given its quota (else the host's CPUs count).
+/// One load sample of a container through the engine's stats API, given its quota (else
+/// the host's CPUs count); the fall-back of [`crate::cgroup::CgroupReader::sample`].
 pub async fn sample(
     docker: &Docker,
     container: &str,

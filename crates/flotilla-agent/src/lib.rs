@@ -14,6 +14,7 @@ pub mod backoff;
 pub mod backup;
 pub mod beneath;
 pub mod build;
+pub mod cgroup;
 pub(crate) mod checks;
 pub mod copies;
 pub mod docker;

@@ -43,6 +43,10 @@ pub struct Metrics {
     pub verdicts_reported: Counter,
     /// Load reports sent (a load that stayed within the dead band is not sent).
     pub load_reports: Counter,
+    /// Load samples read from the containers' cgroup files.
+    pub load_samples_cgroup: Counter,
+    /// Load samples taken through the engine's stats API (where no cgroup was readable).
+    pub load_samples_engine: Counter,
     /// Stateful replicas restored from a backup after their node was lost.
     pub recoveries: Counter,
     /// Backups that failed verification when a recovery tried them.
@@ -80,6 +84,8 @@ impl Default for Metrics {
             checks_run: Counter::default(),
             verdicts_reported: Counter::default(),
             load_reports: Counter::default(),
+            load_samples_cgroup: Counter::default(),
+            load_samples_engine: Counter::default(),
             recoveries: Counter::default(),
             recovery_refused: Counter::default(),
             fenced: Counter::default(),
@@ -150,6 +156,16 @@ impl Default for Metrics {
                 "load_reports",
                 "Load reports sent (loads within the dead band are not resent)",
                 &m.load_reports,
+            ),
+            (
+                "load_samples_cgroup",
+                "Container load samples read from cgroup files",
+                &m.load_samples_cgroup,
+            ),
+            (
+                "load_samples_engine",
+                "Container load samples taken through the engine's stats API",
+                &m.load_samples_engine,
             ),
         ] {
             registry.register(name, help, c.clone());

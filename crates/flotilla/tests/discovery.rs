@@ -416,7 +416,7 @@ async fn agent_reports_cpu_share_of_the_quota() {
     burn_args.extend(labels);
     burn_args.extend([image, "sh", "-c", "while :; do :; done"]);
     let burner = Container::run(&unique("flotilla-burn"), &burn_args).unwrap();
-    let mut idle_args = vec!["--network", net.name.as_str(), "--cpus", "0.5"];
+    let mut idle_args = vec!["--network", net.name.as_str(), "--cpus", "0.5", "-m", "64m"];
     idle_args.extend(labels);
     idle_args.extend([image, "sleep", "600"]);
     let idle = Container::run(&unique("flotilla-idle"), &idle_args).unwrap();
@@ -448,5 +448,25 @@ async fn agent_reports_cpu_share_of_the_quota() {
         "a busy loop under a 0.5-CPU quota uses ~100 % of it: {b:?}"
     );
     assert!(i.cpu < 0.2, "{i:?}");
+    // The idle shell's memory against its 64 MiB limit; the burner has none, so the
+    // host's memory counts and its share is tiny.
+    assert!(i.memory > 0.0 && i.memory < 0.5, "{i:?}");
+    assert!(b.memory < 0.01, "{b:?}");
     assert!(b.age_ms < 5_000);
+    // Read from the containers' cgroup files, not through the engine's stats API.
+    let api = client.nodes().await.unwrap()[0].api.clone().unwrap();
+    let text = server
+        .http()
+        .get(format!("{api}/metrics"))
+        .bearer_auth(server.token())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let cgroup = flotilla_testkit::metric_value(&text, "flotilla_agent_load_samples_cgroup_total");
+    let engine = flotilla_testkit::metric_value(&text, "flotilla_agent_load_samples_engine_total");
+    assert!(cgroup.is_some_and(|n| n >= 4.0), "{cgroup:?}");
+    assert_eq!(engine, Some(0.0));
 }
