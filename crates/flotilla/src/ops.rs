@@ -76,17 +76,21 @@ pub async fn ps(args: PsArgs) -> anyhow::Result<()> {
         .filter_map(|(key, a)| Some((key, key.parse::<ReplicaKey>().ok()?, a)))
         .filter(|(_, replica, _)| args.service.as_ref().is_none_or(|s| replica.service == *s))
         .map(|(key, replica, a)| {
-            let meta = all
-                .iter()
-                .find(|i| {
-                    ReplicaKey::of_instance(&i.service, &i.meta).as_ref() == Some(&replica)
-                        && i.node.as_deref() == Some(a.node.as_str())
-                })
-                .map(|i| &i.meta);
             let svc = stacks
                 .iter()
                 .find(|s| s.name == replica.stack)
                 .and_then(|s| s.services.get(&replica.service));
+            // During a rolling update the old and the new version's containers of one
+            // replica both run on its node: describe the current version's.
+            let current = svc.map(|s| &s.spec_hash[..12.min(s.spec_hash.len())]);
+            let meta = all
+                .iter()
+                .filter(|i| {
+                    ReplicaKey::of_instance(&i.service, &i.meta).as_ref() == Some(&replica)
+                        && i.node.as_deref() == Some(a.node.as_str())
+                })
+                .max_by_key(|i| i.meta.get("spec").map(String::as_str) == current)
+                .map(|i| &i.meta);
             ReplicaRow {
                 replica: key.clone(),
                 node: a.node.clone(),

@@ -1913,3 +1913,123 @@ grace = "3s"
         drop(agents);
     });
 }
+
+/// The key nodes move between hosts that share only the LAN: a flotilla server run as a
+/// stack service migrates with its volume (its token and catalog arrive with it, and
+/// the downtime is the final delta alone: the image was staged first), and an lb run as
+/// a stack service moves blue/green and serves on the target by its published port.
+#[test]
+fn the_flotilla_server_and_lb_migrate_between_hosts() {
+    let cluster = Cluster::start(75);
+    let hosts = &cluster.hosts;
+    in_namespace(hosts, "client", async {
+        let (agents, client) = cluster.join().await;
+        let stack_dir = cluster.dir.path().join("keys");
+        std::fs::create_dir_all(&stack_dir).unwrap();
+        // The lb proxies its own admin endpoint, so its health check goes through the
+        // data plane.
+        std::fs::write(
+            stack_dir.join("lb.toml"),
+            "[admin]\nlisten = \"127.0.0.1:9901\"\n\n[[listener]]\nname = \"self\"\nbind = \"0.0.0.0:8080\"\nbackends = [\"127.0.0.1:9901\"]\n",
+        )
+        .unwrap();
+        std::fs::write(
+            stack_dir.join("stack.toml"),
+            r#"name = "keys"
+
+[service.registry]
+port = 7700
+command = ["server", "--listen", "0.0.0.0:7700", "--data-dir", "/var/lib/flotilla", "--dns-listen", "", "--insecure-http"]
+image = { base = "flotilla" }
+health = { type = "http", path = "/healthz", interval = "300ms" }
+
+[[service.registry.volume]]
+name = "data"
+path = "/var/lib/flotilla"
+
+[service.edge]
+port = 8080
+command = ["lb", "--config", "/etc/flotilla/lb.toml"]
+image = { base = "flotilla", file = [{ src = "lb.toml", dest = "/etc/flotilla/lb.toml" }] }
+health = { type = "http", path = "/healthz", interval = "300ms" }
+update = { health_timeout = "20s", drain = "1s" }
+"#,
+        )
+        .unwrap();
+        cluster.cli(&[
+            "deploy",
+            &stack_dir.join("stack.toml").display().to_string(),
+            "--timeout",
+            "120s",
+        ]);
+        let other = |node: &str| if node == "a" { "b" } else { "a" };
+
+        // The registry, with a record in its catalog written with the token it made on
+        // its volume.
+        let reg = common::passing(&client, "registry").await.remove(0);
+        let from = reg.node.clone().unwrap();
+        let to = other(&from);
+        let token = hosts
+            .docker(
+                &from,
+                &[
+                    "exec",
+                    &reg.meta["container_name"],
+                    "cat",
+                    "/var/lib/flotilla/token",
+                ],
+            )
+            .unwrap()
+            .trim()
+            .to_owned();
+        let inner = |i: &flotilla_core::InstanceView| {
+            Client::new(
+                &format!("http://{}:{}", i.address, i.port),
+                Some(token.clone()),
+            )
+        };
+        let services = client.stack("keys").await.unwrap().services;
+        inner(&reg).deploy("kept", &services).await.unwrap();
+        let out = cluster.cli_output(&["migrate", &reg.id, "--to", to]);
+        let downtime: f64 = out
+            .split("downtime ")
+            .nth(1)
+            .and_then(|s| s.split('s').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no downtime in {out:?}"));
+        assert!(downtime < 5.0, "{out}");
+        let moved = passing_on(&client, "registry", to, Duration::from_secs(30)).await;
+        assert_ne!(
+            moved.address, reg.address,
+            "reached on the target host's address"
+        );
+        let record = inner(&moved)
+            .stack("kept")
+            .await
+            .expect("the catalog and the token moved with the volume");
+        assert_eq!(record.services, services);
+
+        // The lb: blue/green onto the other host, serving through its listener there.
+        let edge = common::passing(&client, "edge").await.remove(0);
+        let edge_to = other(edge.node.as_deref().unwrap());
+        cluster.cli(&["migrate", &edge.id, "--to", edge_to]);
+        let moved = passing_on(&client, "edge", edge_to, Duration::from_secs(30)).await;
+        eventually(
+            Duration::from_secs(30),
+            "the lb on the target alone",
+            || async { common::passing(&client, "edge").await.len() == 1 },
+        )
+        .await;
+        assert_eq!(
+            get(&format!("http://{}:{}/healthz", moved.address, moved.port))
+                .await
+                .unwrap(),
+            "ok\n"
+        );
+        eprintln!(
+            "FIGURE key-node migration across the LAN: registry {from} -> {to}, downtime {downtime:.2} s"
+        );
+        cluster.cli(&["rm", "keys"]);
+        drop(agents);
+    });
+}
