@@ -58,7 +58,7 @@ impl Agent {
         let tls = crate::node_tls::NodeTls::obtain(&config, &node, Some(&token)).await?;
         // With a node certificate the agent speaks for its node only: no token.
         let client = match &tls {
-            Some(t) => Client::with_tls(&config.server, None, Some(t.client.clone())),
+            Some(t) => Client::with_tls(&config.server, None, Some(t.client())),
             None => Client::new(&config.server, Some(token.clone())),
         };
         let advertise = match config.advertise {
@@ -110,7 +110,8 @@ impl Agent {
         }
         if let Some(tls) = &inner.tls {
             tasks.push(tokio::spawn(
-                tls.clone()
+                tls.identity
+                    .clone()
                     .renew_loop(inner.client.clone(), Some(inner.token.clone())),
             ));
         }

@@ -126,7 +126,7 @@ impl Inner {
             quota_changed: Default::default(),
             token,
             token_roles: Default::default(),
-            http: flotilla_client::http_builder(tls.as_ref().map(|t| t.client.clone())).build()?,
+            http: flotilla_client::http_builder(tls.as_ref().map(|t| t.client())).build()?,
             probe_http: flotilla_check::probe_client(),
             routed: Default::default(),
             loads_confirmed: std::sync::Mutex::new(None),

@@ -39,8 +39,47 @@ pub struct Args {
     json: Option<std::path::PathBuf>,
 }
 
+/// The kernel's ARP table thresholds, raised for the bench and put back when dropped.
+///
+/// Here every engine shares the machine's one network namespace, so the agents' probes
+/// reach all N containers from it: with the default `gc_thresh2` of 512 the table
+/// overflowed ("neighbor table overflow!") and exactly 512 containers could be probed,
+/// the rest timing out. On real hosts each host's table holds its own containers only.
+struct NeighbourRoom {
+    saved: Vec<(String, String)>,
+}
+
+impl NeighbourRoom {
+    const KEYS: [&'static str; 3] = ["gc_thresh1", "gc_thresh2", "gc_thresh3"];
+
+    fn ensure(entries: usize) -> anyhow::Result<Self> {
+        let path = |k: &str| format!("/proc/sys/net/ipv4/neigh/default/{k}");
+        let mut saved = Vec::new();
+        let want = [entries * 2, entries * 4, entries * 8];
+        for (k, w) in Self::KEYS.iter().zip(want) {
+            let now = std::fs::read_to_string(path(k))?.trim().to_owned();
+            if now.parse::<usize>().unwrap_or(0) < w {
+                std::fs::write(path(k), w.to_string())
+                    .with_context(|| format!("raising net.ipv4.neigh.default.{k}"))?;
+                eprintln!("net.ipv4.neigh.default.{k}: {now} -> {w} for this run");
+                saved.push((path(k), now));
+            }
+        }
+        Ok(NeighbourRoom { saved })
+    }
+}
+
+impl Drop for NeighbourRoom {
+    fn drop(&mut self) {
+        for (path, value) in &self.saved {
+            let _ = std::fs::write(path, value);
+        }
+    }
+}
+
 /// Runs the bench.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let _room = NeighbourRoom::ensure(args.instances)?;
     let image = flotilla_testkit::busybox_image()?;
     let server = ServerProc::start().await?;
     let mut engines = Vec::new();

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod follow;
+pub mod identity;
 pub mod migrate;
 
 use std::path::Path;
@@ -955,8 +956,18 @@ impl Client {
         .await
     }
 
-    /// `POST /v1/certs/renew`: a new certificate for the node whose certificate this
-    /// client presents.
+    /// `POST /v1/certs` as an lb: a certificate for lb `name`, bound to the lb token this
+    /// client holds.
+    pub async fn join_lb(&self, name: &str, csr_pem: &str) -> Result<CertReply> {
+        self.send(
+            self.request(reqwest::Method::POST, "/v1/certs", Self::SHORT)
+                .json(&json!({ "lb": name, "csr": csr_pem })),
+        )
+        .await
+    }
+
+    /// `POST /v1/certs/renew`: a new certificate for the node (or lb) whose certificate
+    /// this client presents.
     pub async fn renew_cert(&self, csr_pem: &str) -> Result<CertReply> {
         self.send(
             self.request(reqwest::Method::POST, "/v1/certs/renew", Self::SHORT)

@@ -137,6 +137,8 @@ pub fn allows(role: Role, service: Option<&str>, method: &str, path: &str) -> bo
                         if service.is_none_or(|only| only == *s)))
                 // Its own report (VRRP state, traffic) for the dashboard.
                 || (method == "PUT" && matches!(segments.as_slice(), ["v1", "lbs", _]))
+                // Its own certificate, bound to this token (`[registry] cert_dir`).
+                || (method == "POST" && segments.as_slice() == ["v1", "certs"])
         }
         Role::Agent => {
             (method == "POST" && segments.as_slice() == ["v1", "certs"])
@@ -169,12 +171,16 @@ mod tests {
             (Lb, Some("web"), "PUT", "/v1/services/api/weights", false),
             (Lb, None, "PUT", "/v1/stacks/s", false),
             (Lb, Some("web"), "PUT", "/v1/lbs/lb-a", true),
+            (Lb, Some("web"), "POST", "/v1/certs", true),
+            (Lb, Some("web"), "POST", "/v1/certs/renew", false),
+            (Read, None, "POST", "/v1/certs", false),
             (Read, None, "PUT", "/v1/lbs/lb-a", false),
             (Read, None, "GET", "/v1/lbs", true),
             (Agent, None, "PUT", "/v1/lbs/lb-a", false),
             (Lb, None, "POST", "/v1/stacks/s/rollback", false),
             (Lb, None, "PUT", "/v1/instances/x", false),
-            (Lb, None, "POST", "/v1/certs", false),
+            // An lb certificate only: the join handler refuses a node join with it.
+            (Lb, None, "POST", "/v1/certs", true),
             (Agent, None, "POST", "/v1/certs", true),
             (Agent, None, "GET", "/v1/ca", true),
             (Agent, None, "GET", "/v1/instances", false),

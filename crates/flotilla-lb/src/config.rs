@@ -58,8 +58,16 @@ pub struct RegistryConfig {
     /// the CA is fetched at start and used only if it matches.
     #[serde(default)]
     pub ca_hash: Option<String>,
+    /// A directory (made 0700) for the lb's own certificate: with it and `https://`
+    /// registry URLs the lb joins with its lb token (as an agent does), keeps the
+    /// certificate here, renews it at half its lifetime, and from then on talks mutual
+    /// TLS sending no token. The certificate is bound to that token: revoking the token
+    /// cuts the lb off at once. Without it the lb sends its token on every request.
+    #[serde(default)]
+    pub cert_dir: Option<PathBuf>,
     /// The name this lb reports itself under (`PUT /v1/lbs/NAME`: VRRP state and
-    /// traffic for the dashboard) [default: the hostname].
+    /// traffic for the dashboard), and its certificate's name with `cert_dir`
+    /// [default: the hostname].
     #[serde(default)]
     pub name: Option<String>,
     /// How often it samples its counters for the report (sent when something moved,
@@ -558,6 +566,27 @@ impl LbConfig {
             if let Some(n) = &r.name {
                 flotilla_core::validate_node_name("registry.name", n)?;
             }
+            if r.cert_dir.is_some() {
+                if !r.server_list().contains("https://") {
+                    return Err(FieldError::new(
+                        "registry.cert_dir",
+                        "a certificate is for https:// registry URLs",
+                    ));
+                }
+                if r.token_file.is_none() {
+                    return Err(FieldError::new(
+                        "registry.cert_dir",
+                        "joining needs the lb token: set registry.token_file",
+                    ));
+                }
+                let name = crate::report::report_name(r.name.as_deref()).unwrap_or_default();
+                if !flotilla_tls::ca::valid_node_name(&name) {
+                    return Err(FieldError::new(
+                        "registry.name",
+                        format!("{name:?} cannot name a certificate (letters, digits, `-`, `_`): set it"),
+                    ));
+                }
+            }
             if !r.report.is_zero() && !(100..=600_000).contains(&r.report.as_millis()) {
                 return Err(FieldError::new(
                     "registry.report",
@@ -645,6 +674,20 @@ backends = ["127.0.0.1:9001", "127.0.0.1:9002 weight=3"]
         let e = parse("[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nservice = \"web\"\n")
             .unwrap_err();
         assert!(e.contains("registry"), "{e}");
+    }
+
+    #[test]
+    fn a_cert_dir_needs_https_a_token_and_a_certificate_name() {
+        let listener = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nservice = \"web\"\n";
+        let with = |registry: &str| parse(&format!("[registry]\n{registry}\n{listener}"));
+        let good = "url = \"https://198.18.0.1:7700\"\ntoken_file = \"/t\"\ncert_dir = \"/c\"\nname = \"edge-1\"";
+        with(good).unwrap();
+        let e = with(&good.replace("https", "http")).unwrap_err();
+        assert!(e.contains("registry.cert_dir") && e.contains("https"), "{e}");
+        let e = with(&good.replace("token_file = \"/t\"\n", "")).unwrap_err();
+        assert!(e.contains("registry.cert_dir") && e.contains("token_file"), "{e}");
+        let e = with(&good.replace("edge-1", "edge.example")).unwrap_err();
+        assert!(e.contains("registry.name"), "{e}");
     }
 
     #[test]

@@ -101,6 +101,7 @@ pub fn load_tls(config: &LbConfig) -> anyhow::Result<Vec<Option<ListenerTls>>> {
 
 /// Starts the lb on the current runtime. `config` must be validated.
 pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
+    let mut renewal = None;
     let client = match &config.registry {
         Some(r) => {
             let token = match &r.token_file {
@@ -114,25 +115,52 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
                     .filter(|f| f.exists())
             });
             let https = r.server_list().contains("https://");
-            let tls = match (ca, &r.ca_hash) {
-                (Some(f), _) if https => Some(flotilla_client::tls_config(&f)?),
-                // Joins the way an agent does: the CA fetched from a server and kept
-                // only if it matches the pinned hash, before the token is sent.
-                (None, Some(pin)) if https => {
-                    let servers = flotilla_core::config::parse_server_list(&r.server_list())
-                        .map_err(anyhow::Error::msg)?;
-                    let pem = flotilla_client::fetch_pinned_ca(&servers, pin)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("registry.ca_hash: {e}"))?;
-                    Some(flotilla_tls::client_config(&pem, None)?)
-                }
-                _ => None,
-            };
-            Some(flotilla_client::Client::with_tls(
-                &r.server_list(),
-                token,
-                tls,
-            ))
+            if let (Some(dir), true) = (&r.cert_dir, https) {
+                // Its own certificate, bound to its lb token: mutual TLS, no token sent.
+                let name = crate::report::report_name(r.name.as_deref())
+                    .context("registry.name: no usable name for the lb's certificate")?;
+                let source = flotilla_client::identity::CaSource {
+                    file: ca,
+                    hash: r.ca_hash.clone(),
+                };
+                let identity = flotilla_client::identity::ClusterIdentity::obtain(
+                    dir,
+                    &r.server_list(),
+                    flotilla_client::identity::Holder::Lb(name),
+                    &source,
+                    token.as_deref(),
+                )
+                .await
+                .context("registry.cert_dir: joining with the lb token")?
+                .context("registry.cert_dir needs https:// registry URLs")?;
+                let client = flotilla_client::Client::with_tls(
+                    &r.server_list(),
+                    None,
+                    Some(identity.client.clone()),
+                );
+                renewal = Some((identity, client.clone(), token));
+                Some(client)
+            } else {
+                let tls = match (ca, &r.ca_hash) {
+                    (Some(f), _) if https => Some(flotilla_client::tls_config(&f)?),
+                    // Joins the way an agent does: the CA fetched from a server and kept
+                    // only if it matches the pinned hash, before the token is sent.
+                    (None, Some(pin)) if https => {
+                        let servers = flotilla_core::config::parse_server_list(&r.server_list())
+                            .map_err(anyhow::Error::msg)?;
+                        let pem = flotilla_client::fetch_pinned_ca(&servers, pin)
+                            .await
+                            .map_err(|e| anyhow::anyhow!("registry.ca_hash: {e}"))?;
+                        Some(flotilla_tls::client_config(&pem, None)?)
+                    }
+                    _ => None,
+                };
+                Some(flotilla_client::Client::with_tls(
+                    &r.server_list(),
+                    token,
+                    tls,
+                ))
+            }
         }
         None => None,
     };
@@ -157,6 +185,9 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
         config.runtime.worker_threads,
     )?);
     let mut tasks = Vec::new();
+    if let Some((identity, client, token)) = renewal {
+        tasks.push(tokio::spawn(identity.renew_loop(client, token)));
+    }
     let mut addrs = Vec::new();
     for ((socket, listener), tls) in sockets.into_iter().zip(listeners.iter().cloned()).zip(tls) {
         addrs.push(socket.local_addr()?);

@@ -159,6 +159,30 @@ async fn authorize(State(shared): State<Arc<Shared>>, mut req: Request, next: Ne
             }
         },
         (None, Some(flotilla_tls::PeerIdentity::Node(n))) => Caller::Node(n),
+        // An lb's certificate does what the lb token it joined with may do, for as long
+        // as that token exists, and reports under its own name only.
+        (None, Some(flotilla_tls::PeerIdentity::Lb { name, token })) => {
+            let view = shared
+                .catalog()
+                .token(&token)
+                .map(flotilla_core::token::TokenView::from);
+            let Some(view) = view else {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    format!("lb {name:?}'s certificate was issued for token {token}, which is revoked: join again with a valid lb token"),
+                )
+                .into_response();
+            };
+            if let Err(e) = lb_cert_may(&name, req.method(), req.uri().path()) {
+                shared.metrics.refused_token_requests.inc();
+                return e.into_response();
+            }
+            if req.method() == Method::POST && req.uri().path() == "/v1/certs/renew" {
+                req.extensions_mut().insert(Caller::Token(view));
+                return next.run(req).await;
+            }
+            Caller::Token(view)
+        }
         // The CA certificate is public: a joining agent fetches it before it trusts the
         // connection enough to send its token.
         (None, _) if read && (shared.config.open_reads || req.uri().path() == "/v1/ca") => {
@@ -195,6 +219,19 @@ async fn authorize(State(shared): State<Arc<Shared>>, mut req: Request, next: Ne
     }
     req.extensions_mut().insert(caller);
     next.run(req).await
+}
+
+/// What an lb certificate may do beyond its token's role: renew itself; and what it may
+/// not: report under another lb's name.
+fn lb_cert_may(name: &str, method: &Method, path: &str) -> Result<(), ApiError> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["v1", "lbs", other] if *method == Method::PUT && *other != name => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("lb {name:?}'s certificate may not report as lb {other:?}"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The scoped token `token` names, if it exists and matches its stored hash.

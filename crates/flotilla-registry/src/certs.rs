@@ -1,6 +1,8 @@
-//! Certificates for agents: the CA's certificate (public, for the joining agent to
+//! Certificates for agents and lbs: the CA's certificate (public, for the joiner to
 //! check against its pinned hash), node certificates for a CSR with the cluster token
-//! (a join), and renewals made with the node certificate itself.
+//! or an agent token (a join), lb certificates for a CSR with an lb token (bound to
+//! that token: revoking it revokes them), and renewals made with the certificate
+//! itself.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -40,11 +42,14 @@ async fn ca(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
     Ok(Json(json!({ "ca": tls.ca.cert_pem(), "hash": tls.ca.hash() })).into_response())
 }
 
-/// A join: the node's name and a CSR for its key.
+/// A join: the node's (or the lb's) name and a CSR for its key.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JoinBody {
-    node: String,
+    #[serde(default)]
+    node: Option<String>,
+    #[serde(default)]
+    lb: Option<String>,
     csr: String,
 }
 
@@ -71,11 +76,68 @@ fn sign(shared: &Shared, node: &str, csr: &str) -> Result<Response, ApiError> {
     Ok(Json(json!({ "cert": cert, "ca": tls.ca.cert_pem() })).into_response())
 }
 
+/// An lb certificate for `name`, bound to the lb token `token_id`.
+fn sign_lb(shared: &Shared, name: &str, token_id: &str, csr: &str) -> Result<Response, ApiError> {
+    let tls = tls(shared)?;
+    let cert = tls
+        .ca
+        .sign_lb_csr(
+            csr,
+            name,
+            token_id,
+            SystemTime::now(),
+            shared.config.node_cert_lifetime,
+        )
+        .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, "csr", format!("{e:#}")))?;
+    shared.metrics.node_certs_issued.inc();
+    tracing::info!(lb = name, token = token_id, "issued an lb certificate");
+    Ok(Json(json!({ "cert": cert, "ca": tls.ca.cert_pem() })).into_response())
+}
+
+/// An lb's join: only with an lb token, whose id the certificate carries.
+fn join_lb(shared: &Shared, caller: &Caller, name: &str, csr: &str) -> Result<Response, ApiError> {
+    validate_node_name("lb", name)?;
+    if !flotilla_tls::ca::valid_node_name(name) {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "lb",
+            format!("{name:?} cannot name an lb certificate (letters, digits, `-`, `_`)"),
+        ));
+    }
+    match caller {
+        Caller::Token(t) if t.role == flotilla_core::token::Role::Lb => {
+            sign_lb(shared, name, &t.id, csr)
+        }
+        _ => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "an lb joins as {name:?} with an lb token (`flotilla token create --role lb`), \
+                 which its certificate is bound to"
+            ),
+        )),
+    }
+}
+
 async fn join(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
     JsonBody(body): JsonBody<JoinBody>,
 ) -> Result<Response, ApiError> {
+    let node = match (body.node, body.lb) {
+        (Some(node), None) => node,
+        (None, Some(lb)) => return join_lb(&shared, &caller, &lb, &body.csr),
+        _ => {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "node",
+                "a join names either a node or an lb (one of `node`, `lb`)",
+            ))
+        }
+    };
+    let body = NodeJoin {
+        node,
+        csr: body.csr,
+    };
     validate_node_name("node", &body.node)?;
     let allowed = match &caller {
         Caller::Admin => true,
@@ -107,16 +169,29 @@ async fn join(
     sign(&shared, &body.node, &body.csr)
 }
 
+/// A node's join, once the body named a node.
+struct NodeJoin {
+    node: String,
+    csr: String,
+}
+
 async fn renew(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
+    peer: Option<Extension<flotilla_tls::Peer>>,
     JsonBody(body): JsonBody<RenewBody>,
 ) -> Result<Response, ApiError> {
-    match caller {
-        Caller::Node(node) => sign(&shared, &node, &body.csr),
+    let lb = peer.and_then(|Extension(p)| match p.identity {
+        Some(flotilla_tls::PeerIdentity::Lb { name, token }) => Some((name, token)),
+        _ => None,
+    });
+    match (caller, lb) {
+        (Caller::Node(node), _) => sign(&shared, &node, &body.csr),
+        // The auth layer let this lb certificate through: its token is still valid.
+        (Caller::Token(_), Some((name, token))) => sign_lb(&shared, &name, &token, &body.csr),
         _ => Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "renewal needs the node's own certificate",
+            "renewal needs the node's (or the lb's) own certificate",
         )),
     }
 }

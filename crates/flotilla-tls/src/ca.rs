@@ -3,7 +3,11 @@
 //!
 //! - a *server* certificate (DNS name [`SERVER_NAME`]) for the registry servers;
 //! - a *node* certificate (DNS name `NODE.node.flotilla`, [`node_dns_name`]) for each
-//!   agent, from the agent's CSR, after the server checked the join token.
+//!   agent, from the agent's CSR, after the server checked the join token;
+//! - an *lb* certificate (DNS name `NAME.TOKEN.lb.flotilla`, [`lb_dns_name`]) for a load
+//!   balancer, from its CSR, after the server checked its lb token — bound to that
+//!   token's id, so the certificate can do what the token may (its service scope) and
+//!   stops working the moment the token is revoked. Client use only.
 //!
 //! Peers check the name kind, not a host name: operators reach servers by whatever
 //! address their LAN gives them (the same idea as Consul's `server.<dc>.consul`).
@@ -25,6 +29,8 @@ use sha2::{Digest, Sha256};
 pub const SERVER_NAME: &str = "server.flotilla";
 /// The suffix of the DNS name in every node certificate.
 pub const NODE_SUFFIX: &str = ".node.flotilla";
+/// The suffix of the DNS name in every lb certificate.
+pub const LB_SUFFIX: &str = ".lb.flotilla";
 /// File of the CA certificate in a directory holding it.
 pub const CA_CERT_FILE: &str = "ca.pem";
 /// File of the CA key (mode 0600).
@@ -40,6 +46,17 @@ pub fn node_dns_name(node: &str) -> String {
     format!("{node}{NODE_SUFFIX}")
 }
 
+/// The DNS name in the certificate of lb `name` that joined with token `token_id`.
+pub fn lb_dns_name(name: &str, token_id: &str) -> String {
+    format!("{name}.{token_id}{LB_SUFFIX}")
+}
+
+/// Whether `id` can be a token id in an lb certificate's name (a scoped token's id:
+/// hex digits, at most 32).
+pub fn valid_token_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// What a certificate the cluster CA issued says its holder is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerIdentity {
@@ -47,6 +64,14 @@ pub enum PeerIdentity {
     Server,
     /// The agent of this node.
     Node(String),
+    /// A load balancer, by the name it joined under and the id of the lb token it
+    /// joined with (the token's role and scope are what it may do).
+    Lb {
+        /// The lb's name (its reports go under it).
+        name: String,
+        /// The id of the lb token the certificate was issued for.
+        token: String,
+    },
 }
 
 /// A certificate and its private key, PEM-encoded.
@@ -197,13 +222,56 @@ impl ClusterCa {
             valid_node_name(node),
             "node name {node:?} cannot be put in a certificate (letters, digits, `-` and `_` only)"
         );
+        self.sign_csr(csr_pem, node, &node_dns_name(node), now, lifetime, true)
+    }
+
+    /// Signs an lb's CSR: the certificate names only `name` and the lb token it joined
+    /// with (`token_id`), for client use, valid from `now` for `lifetime`.
+    pub fn sign_lb_csr(
+        &self,
+        csr_pem: &str,
+        name: &str,
+        token_id: &str,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> anyhow::Result<String> {
+        anyhow::ensure!(
+            valid_node_name(name),
+            "lb name {name:?} cannot be put in a certificate (letters, digits, `-` and `_` only)"
+        );
+        anyhow::ensure!(valid_token_id(token_id), "bad token id {token_id:?}");
+        self.sign_csr(
+            csr_pem,
+            name,
+            &lb_dns_name(name, token_id),
+            now,
+            lifetime,
+            false,
+        )
+    }
+
+    fn sign_csr(
+        &self,
+        csr_pem: &str,
+        common_name: &str,
+        dns_name: &str,
+        now: SystemTime,
+        lifetime: Duration,
+        server_auth: bool,
+    ) -> anyhow::Result<String> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .context("the certificate request is not a valid PEM CSR")?;
         // Nothing the requester asked for is kept: names, usages and lifetime are ours.
-        csr.params = leaf_params(node, vec![dns(&node_dns_name(node))?], now, lifetime, true);
+        csr.params = leaf_params(
+            common_name,
+            vec![dns(dns_name)?],
+            now,
+            lifetime,
+            server_auth,
+        );
         let cert = csr
             .signed_by(&self.cert, &self.key)
-            .context("signing a node certificate")?;
+            .context("signing a certificate")?;
         Ok(cert.pem())
     }
 }
@@ -307,6 +375,15 @@ pub fn identity_of(cert: &[u8]) -> Option<PeerIdentity> {
                 if valid_node_name(node) {
                     found = Some(PeerIdentity::Node(node.to_owned()));
                 }
+            } else if let Some((name, token)) =
+                n.strip_suffix(LB_SUFFIX).and_then(|r| r.split_once('.'))
+            {
+                if valid_node_name(name) && valid_token_id(token) {
+                    found = Some(PeerIdentity::Lb {
+                        name: name.to_owned(),
+                        token: token.to_owned(),
+                    });
+                }
             }
         }
     }
@@ -389,6 +466,38 @@ mod tests {
         );
         let left = validity(&cert).unwrap().1.duration_since(now).unwrap();
         assert!(left <= Duration::from_secs(60) && left >= Duration::from_secs(58));
+    }
+
+    #[test]
+    fn an_lb_certificate_names_the_lb_and_its_token_and_serves_nothing() {
+        let now = SystemTime::now();
+        let ca = ClusterCa::generate(now).unwrap();
+        let csr = node_csr("whatever").unwrap();
+        let cert = ca
+            .sign_lb_csr(
+                &csr.cert_pem,
+                "edge-1",
+                "0a1b2c",
+                now,
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        assert_eq!(
+            identity_of(&parse(&cert)),
+            Some(PeerIdentity::Lb {
+                name: "edge-1".into(),
+                token: "0a1b2c".into()
+            })
+        );
+        let der = parse(&cert);
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let eku = parsed.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth);
+        for (name, token) in [("a.b", "00"), ("edge", "not-hex"), ("edge", "")] {
+            assert!(ca
+                .sign_lb_csr(&csr.cert_pem, name, token, now, Duration::from_secs(60))
+                .is_err());
+        }
     }
 
     #[test]

@@ -111,7 +111,8 @@ impl ServerCertVerifier for ClusterVerifier {
         let expected = match identity_of(end_entity.as_ref()) {
             Some(PeerIdentity::Server) => SERVER_NAME.to_owned(),
             Some(PeerIdentity::Node(n)) => node_dns_name(&n),
-            None => {
+            // An lb's certificate is for client use: it serves nothing.
+            Some(PeerIdentity::Lb { .. }) | None => {
                 return Err(rustls::Error::General(
                     "the peer's certificate names no flotilla server or node".into(),
                 ))
@@ -253,13 +254,10 @@ pub fn unverified_fetch_config() -> Arc<ClientConfig> {
 }
 
 /// Checks that `cert_pem` chains to `ca_pem`, is valid at `now` and names a cluster
-/// identity (used on a stored certificate before trusting it again).
+/// identity (used on a stored certificate before trusting it again): as a server
+/// certificate for servers and nodes, as a client certificate for an lb's (which is
+/// for client use only).
 pub fn verify_chain(ca_pem: &str, cert_pem: &str, now: SystemTime) -> anyhow::Result<()> {
-    let verifier = ClusterVerifier {
-        inner: WebPkiServerVerifier::builder_with_provider(roots(ca_pem)?, provider())
-            .build()
-            .context("building the certificate verifier")?,
-    };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<_, _>>()
         .context("bad PEM certificate")?;
@@ -267,16 +265,30 @@ pub fn verify_chain(ca_pem: &str, cert_pem: &str, now: SystemTime) -> anyhow::Re
     let since = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .context("clock before 1970")?;
-    verifier
-        .verify_server_cert(
-            leaf,
-            rest,
-            &ServerName::try_from(SERVER_NAME).expect("static name"),
-            &[],
-            UnixTime::since_unix_epoch(since),
-        )
-        .map(|_| ())
-        .map_err(|e| anyhow::anyhow!("certificate not valid: {e}"))
+    let at = UnixTime::since_unix_epoch(since);
+    let checked = if matches!(identity_of(leaf.as_ref()), Some(PeerIdentity::Lb { .. })) {
+        WebPkiClientVerifier::builder_with_provider(roots(ca_pem)?, provider())
+            .build()
+            .context("building the certificate verifier")?
+            .verify_client_cert(leaf, rest, at)
+            .map(|_| ())
+    } else {
+        let verifier = ClusterVerifier {
+            inner: WebPkiServerVerifier::builder_with_provider(roots(ca_pem)?, provider())
+                .build()
+                .context("building the certificate verifier")?,
+        };
+        verifier
+            .verify_server_cert(
+                leaf,
+                rest,
+                &ServerName::try_from(SERVER_NAME).expect("static name"),
+                &[],
+                at,
+            )
+            .map(|_| ())
+    };
+    checked.map_err(|e| anyhow::anyhow!("certificate not valid: {e}"))
 }
 
 #[cfg(test)]

@@ -541,3 +541,154 @@ async fn scoped_tokens_do_their_job_only() {
         Some(401)
     );
 }
+
+/// An lb with `[registry] cert_dir` joins with its lb token (scoped to `web`) and then
+/// talks mutual TLS with its own certificate: it follows `web` and reports itself, the
+/// certificate may do what the token may and nothing else (another service's weights,
+/// another lb's report, a stack: 403), renews itself, and stops working the moment the
+/// token is revoked. Only an lb token can make an lb certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_lb_joins_with_its_token_and_its_certificate_does_that_token_s_job_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let admin = server.client();
+    let lb_token = admin
+        .create_token(flotilla_core::token::Role::Lb, Some("web"), None)
+        .await
+        .unwrap();
+    let token_file = dir.path().join("lb-token");
+    std::fs::write(&token_file, &lb_token.token).unwrap();
+    admin
+        .register(
+            "w1",
+            &serde_json::from_value(json!({"service": "web", "address": "127.0.0.1", "port": 9}))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let cert_dir = dir.path().join("lb-cert");
+    let text = format!(
+        "[admin]\nlisten = \"\"\n[registry]\nurl = \"{}\"\ntoken_file = \"{}\"\nca_hash = \"{}\"\n\
+         cert_dir = \"{}\"\nname = \"edge-1\"\nreport = \"200ms\"\n\
+         [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nservice = \"web\"\n",
+        server.url,
+        token_file.display(),
+        printed_pin(&server),
+        cert_dir.display()
+    );
+    let config: flotilla_lb::config::LbConfig =
+        flotilla_core::config::parse_toml(Path::new("lb.toml"), &text).unwrap();
+    let lb = flotilla_lb::start(config).await.unwrap();
+    eventually(Duration::from_secs(10), "the lb follows web", || async {
+        lb.listeners[0].backends().len() == 1
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the lb's report", || async {
+        admin
+            .lbs()
+            .await
+            .is_ok_and(|l| l.iter().any(|e| e.name == "edge-1"))
+    })
+    .await;
+    let (cert, key) = (
+        read(&cert_dir.join("lb.pem")),
+        read(&cert_dir.join("lb.key")),
+    );
+    let mode = std::fs::metadata(cert_dir.join("lb.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let der = rustls_pki_types::pem::PemObject::from_pem_slice(cert.as_bytes())
+        .map(|d: rustls_pki_types::CertificateDer<'static>| d.as_ref().to_vec())
+        .unwrap();
+    assert_eq!(
+        flotilla_tls::identity_of(&der),
+        Some(flotilla_tls::PeerIdentity::Lb {
+            name: "edge-1".into(),
+            token: lb_token.id.clone()
+        })
+    );
+
+    // The certificate alone, no token: the lb token's job and nothing more.
+    let ca = read(&server.ca_file());
+    let http = client_with(&ca, &cert, &key);
+    let status = |r: reqwest::Response| r.status().as_u16();
+    let url = |p: &str| format!("{}{p}", server.url);
+    let weights = json!({"weights": {"127.0.0.1:9": 2.0}});
+    let put = |p: &str, body: &serde_json::Value| http.put(url(p)).json(body).send();
+    assert_eq!(
+        status(http.get(url("/v1/services/web")).send().await.unwrap()),
+        200
+    );
+    assert_eq!(
+        status(put("/v1/services/web/weights", &weights).await.unwrap()),
+        200
+    );
+    assert_eq!(
+        status(put("/v1/services/api/weights", &weights).await.unwrap()),
+        403
+    );
+    let report = json!({"v": 1, "at_ms": 0});
+    assert_eq!(status(put("/v1/lbs/other", &report).await.unwrap()), 403);
+    assert_eq!(status(put("/v1/stacks/x", &json!({})).await.unwrap()), 403);
+    assert_eq!(
+        status(http.get(url("/v1/tokens")).send().await.unwrap()),
+        403
+    );
+
+    // It renews itself with itself.
+    let csr = flotilla_tls::node_csr("edge-1").unwrap();
+    let renewed = http
+        .post(url("/v1/certs/renew"))
+        .json(&json!({ "csr": csr.cert_pem }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(renewed.status().as_u16(), 200);
+    let renewed: serde_json::Value = renewed.json().await.unwrap();
+    let der = rustls_pki_types::pem::PemObject::from_pem_slice(
+        renewed["cert"].as_str().unwrap().as_bytes(),
+    )
+    .map(|d: rustls_pki_types::CertificateDer<'static>| d.as_ref().to_vec())
+    .unwrap();
+    assert!(matches!(
+        flotilla_tls::identity_of(&der),
+        Some(flotilla_tls::PeerIdentity::Lb { name, .. }) if name == "edge-1"
+    ));
+
+    // Only an lb token makes an lb certificate.
+    let join_as_lb = |token: String| {
+        let c = flotilla_client::Client::with_tls(&server.url, Some(token), server.tls());
+        let pem = csr.cert_pem.clone();
+        async move {
+            c.join_lb("edge-2", &pem)
+                .await
+                .err()
+                .and_then(|e| e.status())
+        }
+    };
+    let agent_token = admin
+        .create_token(flotilla_core::token::Role::Agent, None, Some("n1"))
+        .await
+        .unwrap();
+    assert_eq!(join_as_lb(server.token()).await, Some(403));
+    assert_eq!(join_as_lb(agent_token.token).await, Some(403));
+    // ... and an lb token makes no node certificate.
+    let as_lb =
+        flotilla_client::Client::with_tls(&server.url, Some(lb_token.token.clone()), server.tls());
+    let refused = as_lb
+        .join_node("n9", &csr.cert_pem)
+        .await
+        .err()
+        .and_then(|e| e.status());
+    assert_eq!(refused, Some(403));
+
+    // Revoking the token cuts the certificate off at once.
+    admin.revoke_token(&lb_token.id).await.unwrap();
+    let r = http.get(url("/v1/services/web")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(r.text().await.unwrap().contains("revoked"));
+    drop(lb);
+}
