@@ -683,9 +683,15 @@ backends = ["127.0.0.1:9001", "127.0.0.1:9002 weight=3"]
         let good = "url = \"https://198.18.0.1:7700\"\ntoken_file = \"/t\"\ncert_dir = \"/c\"\nname = \"edge-1\"";
         with(good).unwrap();
         let e = with(&good.replace("https", "http")).unwrap_err();
-        assert!(e.contains("registry.cert_dir") && e.contains("https"), "{e}");
+        assert!(
+            e.contains("registry.cert_dir") && e.contains("https"),
+            "{e}"
+        );
         let e = with(&good.replace("token_file = \"/t\"\n", "")).unwrap_err();
-        assert!(e.contains("registry.cert_dir") && e.contains("token_file"), "{e}");
+        assert!(
+            e.contains("registry.cert_dir") && e.contains("token_file"),
+            "{e}"
+        );
         let e = with(&good.replace("edge-1", "edge.example")).unwrap_err();
         assert!(e.contains("registry.name"), "{e}");
     }
