@@ -924,6 +924,21 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/certs/revoke`: node `node`'s certificates issued until now stop working.
+    pub async fn revoke_node_certs(&self, node: &str) -> Result<serde_json::Value> {
+        self.send(
+            self.request(reqwest::Method::POST, "/v1/certs/revoke", Self::SHORT)
+                .json(&json!({ "node": node })),
+        )
+        .await
+    }
+
+    /// `GET /v1/certs/revoked`: the node certificate revocations in force.
+    pub async fn cert_revocations(&self) -> Result<Vec<flotilla_core::CertRevocation>> {
+        self.send(self.request(reqwest::Method::GET, "/v1/certs/revoked", Self::SHORT))
+            .await
+    }
+
     /// `DELETE /v1/tokens/{id}`.
     pub async fn revoke_token(&self, id: &str) -> Result<serde_json::Value> {
         self.send(self.request(

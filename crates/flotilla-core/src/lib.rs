@@ -22,8 +22,8 @@ pub mod token;
 pub use error::{ConfigError, FieldError};
 pub use id::{validate_instance_id, validate_node_name, validate_service_name};
 pub use record::{
-    BackupInventory, HealthRecord, HealthStatus, HeldArchive, InstanceLoad, InstanceRecord,
-    InstanceView, LbHa, LbListenerReport, LbReport, LbTransition, LoadRecord, NodeRecord, NodeView,
-    ServiceInstances, ServiceSummary, WeightsRecord, RECORD_VERSION,
+    BackupInventory, CertRevocation, HealthRecord, HealthStatus, HeldArchive, InstanceLoad,
+    InstanceRecord, InstanceView, LbHa, LbListenerReport, LbReport, LbTransition, LoadRecord,
+    NodeRecord, NodeView, ServiceInstances, ServiceSummary, WeightsRecord, RECORD_VERSION,
 };
 pub use spec::{CheckKind, CheckSpec, InstanceSpec};

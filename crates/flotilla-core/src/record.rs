@@ -208,6 +208,10 @@ pub struct LbListenerReport {
     pub p99_ms: Option<f64>,
     /// Backends in the set.
     pub backends: u32,
+    /// Each backend's p99 over the period, ms (bucket bound), by `ip:port`; backends
+    /// that answered nothing in the period are left out.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub backend_p99_ms: std::collections::BTreeMap<String, f64>,
 }
 
 const STATES: [&str; 4] = ["init", "backup", "master", "fault"];
@@ -240,6 +244,17 @@ impl LbReport {
             let numbers = [l.requests_per_s, l.failures_per_s, l.p99_ms.unwrap_or(0.0)];
             if numbers.iter().any(|n| !n.is_finite() || *n < 0.0) {
                 return err(&f, "rates and p99 are finite and not negative".into());
+            }
+            if l.backend_p99_ms.len() > 4096 {
+                return err(&format!("{f}.backend_p99_ms"), "more than 4096".into());
+            }
+            for (addr, p99) in &l.backend_p99_ms {
+                if addr.parse::<std::net::SocketAddr>().is_err() || !p99.is_finite() || *p99 < 0.0 {
+                    return err(
+                        &format!("{f}.backend_p99_ms.{addr}"),
+                        format!("{p99} for {addr:?}: keys are ip:port, values finite ms"),
+                    );
+                }
             }
         }
         if let Some(h) = &self.ha {
@@ -351,6 +366,19 @@ pub struct WeightsRecord {
     pub from: String,
     /// Wall-clock time of publication (unix ms).
     pub at_ms: u64,
+}
+
+/// The node certificates of one node that are revoked: every one issued up to
+/// `before_ms` (`flotilla cert revoke NODE`). A certificate issued later — the node
+/// joined again with a token — is good.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRevocation {
+    /// Record format version.
+    pub v: u32,
+    /// The node.
+    pub node: String,
+    /// Certificates issued at or before this time (unix ms) are refused.
+    pub before_ms: u64,
 }
 
 /// Summary of one service, as `GET /v1/services` serves it.

@@ -81,6 +81,21 @@ fn default_report() -> std::time::Duration {
 }
 
 impl RegistryConfig {
+    /// The name this lb reports under and its certificate names: `name`, else this
+    /// host's name; `None` if that is no valid node name.
+    pub fn lb_name(&self) -> Option<String> {
+        let name = match &self.name {
+            Some(n) => n.to_owned(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()?
+                .trim()
+                .to_owned(),
+        };
+        flotilla_core::validate_node_name("registry.name", &name)
+            .ok()
+            .map(|_| name)
+    }
+
     /// Every server URL, `url` first, as the client's comma-separated list.
     pub fn server_list(&self) -> String {
         self.url
@@ -579,7 +594,7 @@ impl LbConfig {
                         "joining needs the lb token: set registry.token_file",
                     ));
                 }
-                let name = crate::report::report_name(r.name.as_deref()).unwrap_or_default();
+                let name = r.lb_name().unwrap_or_default();
                 if !flotilla_tls::ca::valid_node_name(&name) {
                     return Err(FieldError::new(
                         "registry.name",

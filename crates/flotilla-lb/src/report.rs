@@ -37,39 +37,71 @@ impl Counters {
     }
 }
 
+/// What a listener did between two snapshots of its backends.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Window {
+    /// Requests sent to backends per second.
+    pub requests_per_s: f64,
+    /// Failed requests per second.
+    pub failures_per_s: f64,
+    /// The listener's p99, ms (bucket bound); `None` without responses.
+    pub p99_ms: Option<f64>,
+    /// Each backend's p99, ms, for the backends that answered in the window.
+    pub backend_p99_ms: std::collections::BTreeMap<String, f64>,
+}
+
 /// Rates and p99 between two snapshots of a listener's backends (by address) taken
 /// `seconds` apart: requests/s, failures/s, and the upper bound (ms) of the latency
 /// bucket holding the 99th percentile of the responses in between (`None` if none; the
-/// last bound if it lies beyond the last bucket). A backend absent from `before`
-/// counts from zero (it joined); one absent from `after` is left out (it left).
+/// last bound if it lies beyond the last bucket), for the listener and per backend. A
+/// backend absent from `before` counts from zero (it joined); one absent from `after`
+/// is left out (it left).
 pub fn window(
     before: &HashMap<String, Counters>,
     after: &HashMap<String, Counters>,
     seconds: f64,
-) -> (f64, f64, Option<f64>) {
+) -> Window {
     let zero = Counters::default();
     let (mut requests, mut failures) = (0u64, 0u64);
     let mut per_bucket = vec![0u64; LATENCY_BUCKETS.len()];
+    let mut backend_p99_ms = std::collections::BTreeMap::new();
     for (addr, now) in after {
         let then = before.get(addr).unwrap_or(&zero);
         requests += now.requests.saturating_sub(then.requests);
         failures += now.failures.saturating_sub(then.failures);
         // Cumulative counts to per-bucket deltas.
+        let mut own = vec![0u64; LATENCY_BUCKETS.len()];
         let mut prev_now = 0;
         let mut prev_then = 0;
-        for (i, slot) in per_bucket.iter_mut().enumerate() {
+        for (i, slot) in own.iter_mut().enumerate() {
             let c_now = now.buckets.get(i).copied().unwrap_or(prev_now);
             let c_then = then.buckets.get(i).copied().unwrap_or(prev_then);
-            *slot += c_now
+            *slot = c_now
                 .saturating_sub(prev_now)
                 .saturating_sub(c_then.saturating_sub(prev_then));
             prev_now = c_now;
             prev_then = c_then;
         }
+        for (sum, n) in per_bucket.iter_mut().zip(&own) {
+            *sum += n;
+        }
+        if let Some(p99) = p99_of(&own) {
+            backend_p99_ms.insert(addr.clone(), p99);
+        }
     }
     let seconds = seconds.max(1e-3);
+    Window {
+        requests_per_s: requests as f64 / seconds,
+        failures_per_s: failures as f64 / seconds,
+        p99_ms: p99_of(&per_bucket),
+        backend_p99_ms,
+    }
+}
+
+/// The upper bound (ms) of the bucket holding the 99th percentile of per-bucket counts.
+fn p99_of(per_bucket: &[u64]) -> Option<f64> {
     let total: u64 = per_bucket.iter().sum();
-    let p99 = (total > 0).then(|| {
+    (total > 0).then(|| {
         let want = (total as f64 * 0.99).ceil() as u64;
         let mut acc = 0;
         for (i, n) in per_bucket.iter().enumerate() {
@@ -79,8 +111,7 @@ pub fn window(
             }
         }
         LATENCY_BUCKETS[LATENCY_BUCKETS.len() - 1] * 1e3
-    });
-    (requests as f64 / seconds, failures as f64 / seconds, p99)
+    })
 }
 
 /// The longest time between two reports (readers call a report older than three of
@@ -141,20 +172,6 @@ fn ha_of(router: &flotilla_ha::router::Router, vips: &[String]) -> LbHa {
     }
 }
 
-/// The name an lb reports under: the configured one, else this host's name.
-pub fn report_name(configured: Option<&str>) -> Option<String> {
-    let name = match configured {
-        Some(n) => n.to_owned(),
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()?
-            .trim()
-            .to_owned(),
-    };
-    flotilla_core::validate_node_name("registry.name", &name)
-        .ok()
-        .map(|_| name)
-}
-
 /// Reports every `period` until the task is aborted. A failed report is logged and the
 /// next one tried: the registry being away must not touch the traffic.
 pub async fn report_loop(
@@ -182,14 +199,15 @@ pub async fn report_loop(
             .iter()
             .zip(before.iter().zip(&after))
             .map(|(l, (b, a))| {
-                let (requests_per_s, failures_per_s, p99_ms) = window(b, a, seconds);
+                let w = window(b, a, seconds);
                 LbListenerReport {
                     name: l.cfg.name.clone(),
                     service: l.cfg.service.clone(),
-                    requests_per_s,
-                    failures_per_s,
-                    p99_ms,
+                    requests_per_s: w.requests_per_s,
+                    failures_per_s: w.failures_per_s,
+                    p99_ms: w.p99_ms,
                     backends: l.backends().len() as u32,
+                    backend_p99_ms: w.backend_p99_ms,
                 }
             })
             .collect();
@@ -257,6 +275,7 @@ mod tests {
                 failures_per_s: 0.0,
                 p99_ms: p99,
                 backends: 2,
+                backend_p99_ms: Default::default(),
             }],
             at_ms: 0,
         };
@@ -295,17 +314,22 @@ mod tests {
             ("a".to_owned(), c(300, 3, &slow)),
             ("b".to_owned(), c(100, 0, &[0, 100])),
         ]);
-        let (rps, fps, p99) = window(&before, &after, 2.0);
-        assert_eq!((rps, fps), (150.0, 1.0));
+        let w = window(&before, &after, 2.0);
+        assert_eq!((w.requests_per_s, w.failures_per_s), (150.0, 1.0));
         // 300 responses: 198 at ≤0.5 ms, 100 at ≤1 ms, 2 at ≤100 ms; the 297th is ≤1 ms.
-        assert_eq!(p99, Some(1.0));
+        assert_eq!(w.p99_ms, Some(1.0));
+        // Per backend: a's 200 include 2 at ≤100 ms (its 198th is ≤0.5 ms); b's are ≤1 ms.
+        assert_eq!(
+            w.backend_p99_ms,
+            [("a".to_owned(), 0.5), ("b".to_owned(), 1.0)].into()
+        );
         // With 4 slow ones the 99th percentile falls in the slow bucket.
         slow[7] = 4;
         let after = HashMap::from([("a".to_owned(), c(300, 3, &slow))]);
-        let (_, _, p99) = window(&before, &after, 2.0);
-        assert_eq!(p99, Some(100.0));
+        let w = window(&before, &after, 2.0);
+        assert_eq!(w.p99_ms, Some(100.0));
+        assert_eq!(w.backend_p99_ms["a"], 100.0);
         // No traffic: no p99, zero rates; a backend that left is not negative.
-        let (rps, fps, p99) = window(&before, &HashMap::new(), 2.0);
-        assert_eq!((rps, fps, p99), (0.0, 0.0, None));
+        assert_eq!(window(&before, &HashMap::new(), 2.0), Window::default());
     }
 }

@@ -117,7 +117,8 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
             let https = r.server_list().contains("https://");
             if let (Some(dir), true) = (&r.cert_dir, https) {
                 // Its own certificate, bound to its lb token: mutual TLS, no token sent.
-                let name = crate::report::report_name(r.name.as_deref())
+                let name = r
+                    .lb_name()
                     .context("registry.name: no usable name for the lb's certificate")?;
                 let source = flotilla_client::identity::CaSource {
                     file: ca,
@@ -229,7 +230,7 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
         None => None,
     };
     if let (Some(client), Some(r)) = (client.clone(), &config.registry) {
-        match crate::report::report_name(r.name.as_deref()) {
+        match r.lb_name() {
             _ if r.report.is_zero() => {}
             Some(name) => {
                 let ha = ha

@@ -197,6 +197,21 @@ async fn authorize(State(shared): State<Arc<Shared>>, mut req: Request, next: Ne
         }
     };
     if let Caller::Node(node) = &caller {
+        let issued = req
+            .extensions()
+            .get::<flotilla_tls::Peer>()
+            .and_then(|p| p.issued);
+        if let Some(e) = revoked(&shared, node, issued) {
+            shared.metrics.refused_node_requests.inc();
+            // Closed after this answer: a node that joins again gets a new certificate,
+            // and its kept-alive connections would go on presenting the old one.
+            let mut resp = e.into_response();
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                HeaderValue::from_static("close"),
+            );
+            return resp;
+        }
         if let Err(e) = node_may(&shared, node, req.method(), req.uri().path()).await {
             shared.metrics.refused_node_requests.inc();
             return e.into_response();
@@ -219,6 +234,23 @@ async fn authorize(State(shared): State<Arc<Shared>>, mut req: Request, next: Ne
     }
     req.extensions_mut().insert(caller);
     next.run(req).await
+}
+
+/// The refusal of node `node`'s certificate issued at `issued` if an admin revoked the
+/// node's certificates since (`POST /v1/certs/revoke`). Certificates carry their time to
+/// the second: one issued in the second of the revocation (or later) is good, so a node
+/// that joins again right after is not caught by it.
+fn revoked(shared: &Shared, node: &str, issued: Option<std::time::SystemTime>) -> Option<ApiError> {
+    let before_ms = shared.catalog().revocation(node)?.before_ms;
+    let issued_s = issued
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    (issued_s < before_ms / 1000).then(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("node {node:?}'s certificates issued before {before_ms} (unix ms) are revoked: join again with a token"),
+        )
+    })
 }
 
 /// What an lb certificate may do beyond its token's role: renew itself; and what it may

@@ -72,6 +72,8 @@ pub struct Catalog {
     /// `lbs_index`: the dashboard's reports.
     backups: BTreeMap<String, flotilla_core::BackupInventory>,
     lbs_index: u64,
+    /// Node certificate revocations, by node.
+    revoked: BTreeMap<String, flotilla_core::CertRevocation>,
     /// Per service, what changed at which index (for delta watches).
     changes: HashMap<String, ChangeLog>,
     /// The index this catalog was built at: no change log reaches before it.
@@ -204,6 +206,16 @@ impl Catalog {
         self.stacks.get(name)
     }
 
+    /// The revocation of node `node`'s certificates, if any.
+    pub fn revocation(&self, node: &str) -> Option<&flotilla_core::CertRevocation> {
+        self.revoked.get(node)
+    }
+
+    /// Every node certificate revocation.
+    pub fn revocations(&self) -> impl Iterator<Item = &flotilla_core::CertRevocation> {
+        self.revoked.values()
+    }
+
     /// A scoped token's record by id.
     pub fn token(&self, id: &str) -> Option<&flotilla_core::token::TokenRecord> {
         self.tokens.get(id)
@@ -318,6 +330,11 @@ impl Catalog {
                 None => self.backups.remove(node),
             };
             self.lbs_index = revision;
+        } else if let Some(node) = key.strip_prefix(keys::REVOKED) {
+            match entry.and_then(|e| self.decode::<flotilla_core::CertRevocation>(e)) {
+                Some(rec) => self.revoked.insert(node.to_owned(), rec),
+                None => self.revoked.remove(node),
+            };
         } else if let Some(id) = key.strip_prefix(keys::CHECKINS) {
             match entry.and_then(|e| self.decode::<CheckinRecord>(e)) {
                 Some(rec) => self.checkins.insert(id.to_owned(), (rec, revision)),

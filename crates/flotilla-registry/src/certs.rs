@@ -16,7 +16,7 @@ use flotilla_core::validate_node_name;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::api::{ApiError, Caller, JsonBody};
+use crate::api::{applied, put_record, with_index, ApiError, Caller, JsonBody};
 use crate::state::Shared;
 use crate::tls::ServerTls;
 
@@ -26,6 +26,8 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/v1/ca", get(ca))
         .route("/v1/certs", post(join))
         .route("/v1/certs/renew", post(renew))
+        .route("/v1/certs/revoke", post(revoke))
+        .route("/v1/certs/revoked", get(revoked))
 }
 
 fn tls(shared: &Shared) -> Result<&Arc<ServerTls>, ApiError> {
@@ -194,4 +196,47 @@ async fn renew(
             "renewal needs the node's (or the lb's) own certificate",
         )),
     }
+}
+
+/// A revocation: the node whose certificates issued until now stop working.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    node: String,
+}
+
+/// `POST /v1/certs/revoke` (admin): every certificate of the node issued until now is
+/// refused from here on, by every server; the node is back only once it joins again
+/// with a token (revoke or rotate that too where it may be stolen).
+async fn revoke(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+    JsonBody(body): JsonBody<RevokeBody>,
+) -> Result<Response, ApiError> {
+    if caller != Caller::Admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "revoking certificates needs an admin token",
+        ));
+    }
+    validate_node_name("node", &body.node)?;
+    let rec = flotilla_core::CertRevocation {
+        v: flotilla_core::RECORD_VERSION,
+        node: body.node.clone(),
+        before_ms: flotilla_core::record::unix_ms(),
+    };
+    let revision = put_record(&shared, &crate::keys::revoked(&body.node), &rec).await?;
+    let index = applied(&shared, revision).await?;
+    tracing::warn!(node = body.node, "node certificates revoked");
+    Ok(with_index(
+        index,
+        json!({ "node": body.node, "before_ms": rec.before_ms }),
+    ))
+}
+
+/// `GET /v1/certs/revoked`: the revocations in force.
+async fn revoked(State(shared): State<Arc<Shared>>) -> Response {
+    let catalog = shared.catalog();
+    let list: Vec<_> = catalog.revocations().cloned().collect();
+    with_index(catalog.index(), list)
 }

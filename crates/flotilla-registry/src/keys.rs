@@ -34,6 +34,8 @@ pub const RECOVERIES: &str = "recoveries/";
 pub const LBS: &str = "lbs/";
 /// `backups/{node}` → [`flotilla_core::BackupInventory`] (the archives a node keeps)
 pub const BACKUPS: &str = "backups/";
+/// `revoked/{node}` → [`flotilla_core::CertRevocation`] (node certificates refused)
+pub const REVOKED: &str = "revoked/";
 /// Election that serialises subnet allocations between servers.
 pub const SUBNET_ELECTION: &str = "election/subnets";
 /// Election name for the checking duty.
@@ -74,6 +76,10 @@ pub fn recovery(replica: &str) -> String {
 /// Key of a node's backup inventory.
 pub fn backups(node: &str) -> String {
     format!("{BACKUPS}{node}")
+}
+/// Key of a node's certificate revocation.
+pub fn revoked(node: &str) -> String {
+    format!("{REVOKED}{node}")
 }
 /// Key of an lb's report.
 pub fn lb(name: &str) -> String {

@@ -21,6 +21,7 @@ const state = {
   lbsAt: 0, // when they arrived (their ages grow from there)
   inventories: [], // per node, the backup archives it keeps (GET /v1/backups)
   traffic: new Map(), // service -> [{t, rps, p99}] from the lbs' reports
+  latency: new Map(), // service -> [{t, w: {'ip:port': p99 ms}}] per backend, from the lbs
   live: false,
   generation: 0, // bumped on logout: loops of an old session stop
 };
@@ -430,7 +431,9 @@ function servicePage(name) {
     el('h2', {}, 'Traffic through the lbs'),
     trafficOf(name),
     el('h2', {}, 'Weights over the last minutes'),
-    weightPlot(name));
+    weightPlot(name),
+    el('h2', {}, 'Latency per backend (p99 through the lbs)'),
+    latencyPlot(name));
 }
 
 // ---- backups --------------------------------------------------------------------
@@ -503,17 +506,25 @@ function rememberTraffic(lbs, now) {
     if (lb.stale) continue;
     for (const l of lb.listeners) {
       if (!l.service) continue;
-      const t = by.get(l.service) || { rps: 0, p99: null };
+      const t = by.get(l.service) || { rps: 0, p99: null, backends: {} };
       t.rps += l.requests_per_s;
       if (l.p99_ms != null) t.p99 = Math.max(t.p99 ?? 0, l.p99_ms);
+      // Per backend, the worst p99 any lb saw.
+      for (const [addr, ms] of Object.entries(l.backend_p99_ms || {})) {
+        t.backends[addr] = Math.max(t.backends[addr] ?? 0, ms);
+      }
       by.set(l.service, t);
     }
   }
-  for (const [service, t] of by) {
-    const h = state.traffic.get(service) || [];
-    h.push({ t: now, rps: t.rps, p99: t.p99 });
+  const keep = (map, service, point) => {
+    const h = map.get(service) || [];
+    h.push(point);
     while (h.length && h[0].t < now - HISTORY_MS) h.shift();
-    state.traffic.set(service, h);
+    map.set(service, h);
+  };
+  for (const [service, t] of by) {
+    keep(state.traffic, service, { t: now, rps: t.rps, p99: t.p99 });
+    if (Object.keys(t.backends).length) keep(state.latency, service, { t: now, w: t.backends });
   }
 }
 
@@ -593,19 +604,35 @@ function lbsPage() {
 const COLORS = ['#2457a6', '#c62828', '#1a7f37', '#a15c00', '#6a3fa0', '#00838f', '#5d4037', '#ad1457'];
 
 function weightPlot(service) {
-  const h = state.history.get(service) || [];
+  return seriesPlot(state.history.get(service) || [], 'data-instance', (id) => id,
+    'No weights seen yet.',
+    (max, span) => `0 to ${Math.round(max)} over the last ${ago(span)}; the feedback weight where the lb published one, else the static weight`);
+}
+
+// Each backend's p99 as the lbs report it, labelled by the instance at that address.
+function latencyPlot(service) {
+  const byAddr = new Map((state.instances.get(service) || []).map((i) => [`${i.address}:${i.port}`, i.id]));
+  return seriesPlot(state.latency.get(service) || [], 'data-backend',
+    (addr) => byAddr.has(addr) ? `${byAddr.get(addr)} (${addr})` : addr,
+    'No lb has reported this service\'s backends yet.',
+    (max, span) => `0 to ${fmt(max, 'ms')} over the last ${ago(span)}; the bucket bound of each backend's 99th percentile per lb report, the worst of the lbs`);
+}
+
+// Several series over the last minutes, one step line per key of `w`
+// (history: [{t, w: {key: value}}]), as SVG (no plotting library).
+function seriesPlot(h, attr, label, empty, caption) {
   const ns = 'http://www.w3.org/2000/svg';
   const svg = document.createElementNS(ns, 'svg');
   svg.setAttribute('class', 'plot');
   svg.setAttribute('viewBox', '0 0 600 180');
   svg.setAttribute('preserveAspectRatio', 'none');
   const ids = [...new Set(h.flatMap((p) => Object.keys(p.w)))].sort();
-  if (!h.length || !ids.length) return el('p', { class: 'empty' }, 'No weights seen yet.');
+  if (!h.length || !ids.length) return el('p', { class: 'empty' }, empty);
   const now = Date.now();
   // The last five minutes, or since the page began watching if that is shorter.
   const t0 = Math.max(now - HISTORY_MS, Math.min(h[0].t, now - 10000));
   const span = now - t0;
-  const max = Math.max(1, ...h.flatMap((p) => Object.values(p.w)));
+  const max = Math.max(1e-9, ...h.flatMap((p) => Object.values(p.w)));
   const x = (t) => ((t - t0) / span) * 600;
   const y = (w) => 170 - (w / max) * 160;
   const legend = el('div', { class: 'legend' });
@@ -624,13 +651,11 @@ function weightPlot(service) {
     line.setAttribute('fill', 'none');
     line.setAttribute('stroke', COLORS[k % COLORS.length]);
     line.setAttribute('stroke-width', '2');
-    line.setAttribute('data-instance', id);
+    line.setAttribute(attr, id);
     svg.append(line);
-    legend.append(el('span', {}, el('i', { style: `background:${COLORS[k % COLORS.length]}` }), id));
+    legend.append(el('span', {}, el('i', { style: `background:${COLORS[k % COLORS.length]}` }), label(id)));
   });
-  const scale = el('p', { class: 'muted' },
-    `0 to ${Math.round(max)} over the last ${ago(span)}; the feedback weight where the lb published one, else the static weight`);
-  return el('div', {}, svg, legend, scale);
+  return el('div', {}, svg, legend, el('p', { class: 'muted' }, caption(max, span)));
 }
 
 window.addEventListener('hashchange', () => {

@@ -390,6 +390,14 @@ pub fn identity_of(cert: &[u8]) -> Option<PeerIdentity> {
     found
 }
 
+/// When a certificate (DER) the cluster CA made was issued: its `not_before` plus the
+/// [`BACKDATE`] every certificate is made with.
+pub fn issued_of(cert: &[u8]) -> Option<SystemTime> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let secs = u64::try_from(parsed.validity().not_before.timestamp()).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + BACKDATE)
+}
+
 /// When the first certificate in `pem` starts and stops being valid.
 pub fn validity(pem: &str) -> anyhow::Result<(SystemTime, SystemTime)> {
     let der = CertificateDer::from_pem_slice(pem.as_bytes()).context("no PEM certificate")?;

@@ -183,6 +183,12 @@ pub fn server_config(ca_pem: &str, identity: Arc<CertSlot>) -> anyhow::Result<Ar
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(identity);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // No session resumption: a resumed session carries the client certificate of the
+    // session it resumes, so a node that joined again after a revocation (or renewed)
+    // would go on presenting its old certificate. Clients keep their connections alive,
+    // so full handshakes are rare.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 

@@ -62,6 +62,8 @@ pub struct Peer {
     /// Who its client certificate says it is (verified against the cluster CA in the
     /// handshake); `None` without TLS or without a certificate.
     pub identity: Option<PeerIdentity>,
+    /// When that certificate was issued (for revocations by time).
+    pub issued: Option<std::time::SystemTime>,
 }
 
 /// Serves `app` on `listener` until the task is dropped.
@@ -102,16 +104,17 @@ pub async fn serve(listener: TcpListener, app: Router, options: ServeOptions) {
                             return;
                         }
                     };
-                    let identity = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .and_then(|c| identity_of(c.as_ref()));
+                    let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+                    let identity = leaf.and_then(|c| identity_of(c.as_ref()));
+                    let issued = leaf.and_then(|c| crate::ca::issued_of(c.as_ref()));
                     connection(
                         TokioIo::new(tls),
                         app,
-                        Peer { addr, identity },
+                        Peer {
+                            addr,
+                            identity,
+                            issued,
+                        },
                         header_timeout,
                     )
                     .await
@@ -120,6 +123,7 @@ pub async fn serve(listener: TcpListener, app: Router, options: ServeOptions) {
                     let peer = Peer {
                         addr,
                         identity: None,
+                        issued: None,
                     };
                     connection(TokioIo::new(stream), app, peer, header_timeout).await
                 }

@@ -75,6 +75,9 @@ pub enum Command {
     /// Scoped API tokens: create (shown once), list, revoke (docs/security.md).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Node certificates: revoke a node's, list the revocations.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Internal: the lb's crash guard (started by `flotilla lb` when `[ha]` is set).
     #[command(hide = true)]
     HaGuard,
@@ -524,6 +527,26 @@ pub enum TokenCommand {
     List(ClientArgs),
     /// Revoke a token by id: it stops working at once.
     Revoke(TokenRevokeArgs),
+}
+
+/// `flotilla cert …`.
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Revoke every certificate of a node issued until now: every server refuses them at
+    /// once; the node is back only when it joins again with a token (revoke its join
+    /// token too if that may be stolen).
+    Revoke(CertRevokeArgs),
+    /// List the revocations in force.
+    List(ClientArgs),
+}
+
+/// Flags of `flotilla cert revoke`.
+#[derive(Debug, Args)]
+pub struct CertRevokeArgs {
+    /// The node.
+    pub node: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 /// Flags of `flotilla token create`.

@@ -241,12 +241,20 @@ async fn pull_images(
     Ok(out)
 }
 
-/// Sends each image to every live node that lacks it.
+/// Sends each image to every live node that lacks it, one node at a time, showing the
+/// transfer (a progress bar on a terminal; a line per node unless `quiet`). The archive
+/// is held once and sent in zero-copy chunks (it was copied whole for every node).
 async fn push_images(
     nodes: &[NodeView],
     token: &AgentCreds,
-    built: &BTreeMap<String, Built>,
+    built: &mut BTreeMap<String, Built>,
+    quiet: bool,
 ) -> anyhow::Result<()> {
+    // The archives are not needed after this: moved out, not copied.
+    let archives: BTreeMap<String, bytes::Bytes> = built
+        .iter_mut()
+        .map(|(name, b)| (name.clone(), std::mem::take(&mut b.archive).into()))
+        .collect();
     for n in nodes {
         let Ok(api) = agent_of(n, token) else {
             eprintln!(
@@ -255,16 +263,50 @@ async fn push_images(
             );
             continue;
         };
-        for b in built.values() {
+        for (name, b) in built.iter() {
             if api.has_image(&b.tag).await? {
                 continue;
             }
-            api.load_image(reqwest::Body::from(b.archive.clone()))
+            let archive = archives[name].clone();
+            let total = archive.len() as u64;
+            let pb = if quiet {
+                indicatif::ProgressBar::hidden()
+            } else {
+                progress(&format!("{name}: sending {} to node {}", b.tag, n.name))
+            };
+            pb.set_length(total);
+            let t0 = Instant::now();
+            api.load_image(reqwest::Body::wrap_stream(chunks(archive, pb.clone())))
                 .await
                 .with_context(|| format!("sending {} to node {}", b.tag, n.name))?;
+            pb.finish_and_clear();
+            if !quiet {
+                let secs = t0.elapsed().as_secs_f64();
+                println!(
+                    "{name}: node {} loaded {} ({:.1} MB in {secs:.1} s, {:.0} MB/s)",
+                    n.name,
+                    b.tag,
+                    total as f64 / 1e6,
+                    total as f64 / 1e6 / secs.max(1e-3)
+                );
+            }
         }
     }
     Ok(())
+}
+
+/// `archive` as a stream of 256 KiB slices of it (no copies), moving `pb` along.
+fn chunks(
+    archive: bytes::Bytes,
+    pb: indicatif::ProgressBar,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
+    const CHUNK: usize = 256 * 1024;
+    let len = archive.len();
+    futures::stream::iter((0..len).step_by(CHUNK).map(move |at| {
+        let part = archive.slice(at..(at + CHUNK).min(len));
+        pb.inc(part.len() as u64);
+        Ok(part)
+    }))
 }
 
 /// The secret values of every service that has some, read from their files (relative
@@ -313,7 +355,7 @@ pub async fn deploy_file(
     // Secret values are read before anything is built or sent: a missing file stops the
     // deploy with nothing changed.
     let secrets = read_secrets(&spec, &dir)?;
-    let built = build_all(&spec, &dir, docker).await?;
+    let mut built = build_all(&spec, &dir, docker).await?;
     let nodes = c.nodes().await?;
     if nodes.is_empty() {
         bail!("no live nodes: start an agent first");
@@ -340,7 +382,7 @@ pub async fn deploy_file(
             .await
             .with_context(|| format!("storing the secrets of service {service}"))?;
     }
-    push_images(&nodes, token, &built).await?;
+    push_images(&nodes, token, &mut built, quiet).await?;
     let services: BTreeMap<String, DeployedService> = spec
         .services
         .iter()

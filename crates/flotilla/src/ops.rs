@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use flotilla_core::recovery::ReplicaKey;
 
-use crate::cli::{ClientArgs, DeregisterArgs, PsArgs, TokenCommand, WatchArgs};
+use crate::cli::{CertCommand, ClientArgs, DeregisterArgs, PsArgs, TokenCommand, WatchArgs};
 use crate::home::client;
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
@@ -335,6 +335,35 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
                 return print_json(&serde_json::json!({ "revoked": args.id }));
             }
             println!("revoked {}", args.id);
+        }
+    }
+    Ok(())
+}
+
+/// `flotilla cert revoke|list`.
+pub async fn cert(cmd: CertCommand) -> anyhow::Result<()> {
+    match cmd {
+        CertCommand::Revoke(args) => {
+            let r = client(&args.client)?.revoke_node_certs(&args.node).await?;
+            if args.client.json {
+                return print_json(&r);
+            }
+            println!(
+                "node {}'s certificates issued until now are revoked; it is back when it joins again with a token",
+                args.node
+            );
+        }
+        CertCommand::List(args) => {
+            let list = client(&args)?.cert_revocations().await?;
+            if args.json {
+                return print_json(&list);
+            }
+            println!("{:<24} REVOKED", "NODE");
+            let now = flotilla_core::record::unix_ms();
+            for r in list {
+                let age = Duration::from_secs(now.saturating_sub(r.before_ms) / 1000);
+                println!("{:<24} {} ago", r.node, humantime::format_duration(age));
+            }
         }
     }
     Ok(())

@@ -35,6 +35,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Restore(args) => crate::containers::restore(args).await,
         Command::Migrate(args) => crate::containers::migrate(args).await,
         Command::Token(cmd) => crate::ops::token(cmd).await,
+        Command::Cert(cmd) => crate::ops::cert(cmd).await,
         Command::Completions(args) => {
             crate::manuals::completions(args.shell, &mut std::io::stdout())?;
             Ok(())

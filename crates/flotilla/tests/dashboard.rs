@@ -238,7 +238,29 @@ async fn the_dashboard_follows_the_cluster_live_and_refuses_a_wrong_token_clearl
         .is_some_and(|rps| rps > 1.0)
     })
     .await;
+    // Each backend's latency as the lb measured it, plotted under its instance.
+    let backend = format!("{}:{}", instance.address, instance.port);
+    eventually(
+        Duration::from_secs(10),
+        "the backend's latency plotted",
+        || async {
+            js(
+                &b,
+                &format!("return !!document.querySelector(\"polyline[data-backend='{backend}']\")"),
+            )
+            .await
+                == serde_json::Value::Bool(true)
+        },
+    )
+    .await;
     screenshot(&b, "dashboard-traffic").await;
+    js(
+        &b,
+        "window.scrollTo(0, document.body.scrollHeight); return true",
+    )
+    .await;
+    screenshot(&b, "dashboard-latency").await;
+    js(&b, "window.scrollTo(0, 0); return true").await;
     // A pair member's report as it comes from a VRRP lb (the lb side is proved in the
     // ha_pair tests): the page shows its state, VIP and latest changes.
     let pair: flotilla_core::LbReport = serde_json::from_value(serde_json::json!({

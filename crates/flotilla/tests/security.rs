@@ -692,3 +692,149 @@ async fn an_lb_joins_with_its_token_and_its_certificate_does_that_token_s_job_on
     assert!(r.text().await.unwrap().contains("revoked"));
     drop(lb);
 }
+
+/// `flotilla cert revoke NODE`: the node's certificates issued until then are refused
+/// by the server at once (so its lease lapses), only an admin may revoke, and the node
+/// is back once it joins again with its token (here when its short-lived certificate
+/// expires) — with a new certificate, the old one still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_node_certificate_is_refused_until_the_node_joins_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &["--node-cert-lifetime", "10s"]);
+    let pin = printed_pin(&server);
+    let _agent = join(
+        dir.path(),
+        &server.url,
+        &server.token_file,
+        &pin,
+        "n1",
+        &["--lease-ttl", "1s"],
+    );
+    eventually(Duration::from_secs(20), "n1 joined", || {
+        node_is_up(&server, "n1")
+    })
+    .await;
+    let data = dir.path().join("agent-n1");
+    let (cert, key) = (read(&data.join("node.pem")), read(&data.join("node.key")));
+    let ca = read(&server.ca_file());
+    let stolen = client_with(&ca, &cert, &key);
+    let get = |c: &reqwest::Client| c.get(format!("{}/v1/services", server.url)).send();
+    assert_eq!(get(&stolen).await.unwrap().status().as_u16(), 200);
+    // Certificates carry their time to the second: revoke in a later one.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let reader = create_token(&server, &["--role", "read"]);
+    let as_reader = flotilla_client::Client::with_tls(&server.url, Some(reader), server.tls());
+    assert_eq!(code(as_reader.revoke_node_certs("n1").await), Some(403));
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .args(["--server", &server.url, "--token-file"])
+            .arg(&server.token_file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let said = cli(&["cert", "revoke", "n1"]);
+    assert!(said.contains("revoked"), "{said}");
+    let r = get(&stolen).await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(r.text().await.unwrap().contains("revoked"));
+    let listed: serde_json::Value =
+        serde_json::from_str(&cli(&["cert", "list", "--json"])).unwrap();
+    assert_eq!(listed[0]["node"], "n1", "{listed}");
+    // The agent's own requests are refused too: its lease lapses.
+    eventually(Duration::from_secs(10), "n1's lease lapsed", || async {
+        !node_is_up(&server, "n1").await
+    })
+    .await;
+    // Its certificate expires, it joins again with its token: back, with a new one.
+    eventually(Duration::from_secs(30), "n1 joined again", || {
+        node_is_up(&server, "n1")
+    })
+    .await;
+    let renewed = read(&data.join("node.pem"));
+    assert_ne!(renewed, cert);
+    let fresh = client_with(&ca, &renewed, &read(&data.join("node.key")));
+    assert_eq!(get(&fresh).await.unwrap().status().as_u16(), 200);
+    // The old one is refused still (401, or by now expired in the handshake).
+    let stolen = client_with(&ca, &cert, &key);
+    let old = get(&stolen).await.map(|r| r.status().as_u16());
+    assert!(!matches!(old, Ok(200)), "{old:?}");
+}
+
+/// `flotilla up --listen` on an address other hosts can reach serves TLS only (plain
+/// HTTP is for loopback): on a LAN of two network namespaces, a peer's plain request
+/// gets no answer, a TLS one trusting the CA `up` wrote gets `/healthz`, and the URL
+/// `up` prints and writes is `https://`.
+#[test]
+fn up_on_a_lan_address_serves_tls_only() {
+    let lan = flotilla_testkit::netns::Lan::create(&["up", "peer"], 77).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let listen = format!("{}:7700", lan.addr("up"));
+    let _up = Proc::spawn_command(
+        lan.command("up", BIN),
+        &[
+            "up",
+            "--listen",
+            &listen,
+            "--no-agent",
+            "--no-demo",
+            "--data-dir",
+            &home.display().to_string(),
+            "--dns-listen",
+            "",
+            "--lb-listen",
+            "",
+            "--lb-admin",
+            "",
+        ],
+        dir.path().join("up.log"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !home.join("server").exists() {
+        assert!(Instant::now() < deadline, "flotilla up wrote no server URL");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let url = read(&home.join("server")).trim().to_owned();
+    assert_eq!(url, format!("https://{listen}"));
+    let ca = read(&home.join("ca.pem"));
+    let (plain, tls) = lan
+        .run_in("peer", move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async move {
+                    let plain = reqwest::Client::builder()
+                        .no_proxy()
+                        .timeout(Duration::from_secs(3))
+                        .build()
+                        .unwrap()
+                        .get(format!("http://{listen}/healthz"))
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16());
+                    let config = flotilla_tls::client_config(&ca, None).unwrap();
+                    let tls = flotilla_client::http_builder(Some(config))
+                        .timeout(Duration::from_secs(3))
+                        .build()
+                        .unwrap()
+                        .get(format!("https://{listen}/healthz"))
+                        .send()
+                        .await
+                        .unwrap();
+                    (plain, (tls.status().as_u16(), tls.text().await.unwrap()))
+                })
+        })
+        .join()
+        .unwrap();
+    assert!(plain.is_err(), "plain HTTP answered: {plain:?}");
+    assert_eq!(tls.0, 200, "{}", tls.1);
+}
