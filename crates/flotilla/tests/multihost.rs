@@ -1814,6 +1814,43 @@ fn incremental_backups_ship_deltas_and_a_restore_applies_the_chain() {
     });
 }
 
+/// A flotilla server as a stack service: its catalog and token on a volume.
+const REGISTRY_SERVICE: &str = r#"[service.registry]
+port = 7700
+command = ["server", "--listen", "0.0.0.0:7700", "--data-dir", "/var/lib/flotilla", "--dns-listen", "", "--insecure-http"]
+image = { base = "flotilla" }
+health = { type = "http", path = "/healthz", interval = "300ms" }
+
+[[service.registry.volume]]
+name = "data"
+path = "/var/lib/flotilla"
+"#;
+
+/// The token the inner registry `reg` (running on `host`) made on its volume.
+fn inner_token(hosts: &Hosts, host: &str, reg: &flotilla_core::InstanceView) -> String {
+    hosts
+        .docker(
+            host,
+            &[
+                "exec",
+                &reg.meta["container_name"],
+                "cat",
+                "/var/lib/flotilla/token",
+            ],
+        )
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// A client of the inner registry instance `i`, by its registered address.
+fn inner_client(i: &flotilla_core::InstanceView, token: &str) -> Client {
+    Client::new(
+        &format!("http://{}:{}", i.address, i.port),
+        Some(token.to_owned()),
+    )
+}
+
 /// flotilla's own key node: a registry server run as a stateful stack service (the
 /// `flotilla` base image, its catalog and token on a volume, backed up every 2 s with a
 /// copy on the other host). Its host is cut off; it is restored on the other host from
@@ -1828,18 +1865,10 @@ fn a_registry_run_as_a_stack_service_is_restored_with_its_token_and_catalog() {
         std::fs::create_dir_all(&stack_dir).unwrap();
         std::fs::write(
             stack_dir.join("stack.toml"),
-            r#"name = "ctl"
+            format!(
+                r#"name = "ctl"
 
-[service.registry]
-port = 7700
-command = ["server", "--listen", "0.0.0.0:7700", "--data-dir", "/var/lib/flotilla", "--dns-listen", "", "--insecure-http"]
-image = { base = "flotilla" }
-health = { type = "http", path = "/healthz", interval = "300ms" }
-
-[[service.registry.volume]]
-name = "data"
-path = "/var/lib/flotilla"
-
+{REGISTRY_SERVICE}
 [service.registry.backup]
 interval = "2s"
 dir = "/backups"
@@ -1847,7 +1876,8 @@ copies = 1
 
 [service.registry.recovery]
 grace = "3s"
-"#,
+"#
+            ),
         )
         .unwrap();
         cluster.cli(&[
@@ -1859,25 +1889,8 @@ grace = "3s"
         let reg = common::passing(&client, "registry").await.remove(0);
         let from = reg.node.clone().unwrap();
         let to = if from == "a" { "b" } else { "a" };
-        let token = hosts
-            .docker(
-                &from,
-                &[
-                    "exec",
-                    &reg.meta["container_name"],
-                    "cat",
-                    "/var/lib/flotilla/token",
-                ],
-            )
-            .unwrap()
-            .trim()
-            .to_owned();
-        let inner = |i: &flotilla_core::InstanceView| {
-            Client::new(
-                &format!("http://{}:{}", i.address, i.port),
-                Some(token.clone()),
-            )
-        };
+        let token = inner_token(hosts, &from, &reg);
+        let inner = |i: &flotilla_core::InstanceView| inner_client(i, &token);
         // A record in the inner registry's catalog: this stack itself, kept as "kept".
         let services = client.stack("ctl").await.unwrap().services;
         inner(&reg).deploy("kept", &services).await.unwrap();
@@ -1935,25 +1948,18 @@ fn the_flotilla_server_and_lb_migrate_between_hosts() {
         .unwrap();
         std::fs::write(
             stack_dir.join("stack.toml"),
-            r#"name = "keys"
+            format!(
+                r#"name = "keys"
 
-[service.registry]
-port = 7700
-command = ["server", "--listen", "0.0.0.0:7700", "--data-dir", "/var/lib/flotilla", "--dns-listen", "", "--insecure-http"]
-image = { base = "flotilla" }
-health = { type = "http", path = "/healthz", interval = "300ms" }
-
-[[service.registry.volume]]
-name = "data"
-path = "/var/lib/flotilla"
-
+{REGISTRY_SERVICE}
 [service.edge]
 port = 8080
 command = ["lb", "--config", "/etc/flotilla/lb.toml"]
-image = { base = "flotilla", file = [{ src = "lb.toml", dest = "/etc/flotilla/lb.toml" }] }
-health = { type = "http", path = "/healthz", interval = "300ms" }
-update = { health_timeout = "20s", drain = "1s" }
-"#,
+image = {{ base = "flotilla", file = [{{ src = "lb.toml", dest = "/etc/flotilla/lb.toml" }}] }}
+health = {{ type = "http", path = "/healthz", interval = "300ms" }}
+update = {{ health_timeout = "20s", drain = "1s" }}
+"#
+            ),
         )
         .unwrap();
         cluster.cli(&[
@@ -1969,25 +1975,8 @@ update = { health_timeout = "20s", drain = "1s" }
         let reg = common::passing(&client, "registry").await.remove(0);
         let from = reg.node.clone().unwrap();
         let to = other(&from);
-        let token = hosts
-            .docker(
-                &from,
-                &[
-                    "exec",
-                    &reg.meta["container_name"],
-                    "cat",
-                    "/var/lib/flotilla/token",
-                ],
-            )
-            .unwrap()
-            .trim()
-            .to_owned();
-        let inner = |i: &flotilla_core::InstanceView| {
-            Client::new(
-                &format!("http://{}:{}", i.address, i.port),
-                Some(token.clone()),
-            )
-        };
+        let token = inner_token(hosts, &from, &reg);
+        let inner = |i: &flotilla_core::InstanceView| inner_client(i, &token);
         let services = client.stack("keys").await.unwrap().services;
         inner(&reg).deploy("kept", &services).await.unwrap();
         let out = cluster.cli_output(&["migrate", &reg.id, "--to", to]);
