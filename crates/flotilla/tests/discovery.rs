@@ -455,16 +455,7 @@ async fn agent_reports_cpu_share_of_the_quota() {
     assert!(b.age_ms < 5_000);
     // Read from the containers' cgroup files, not through the engine's stats API.
     let api = client.nodes().await.unwrap()[0].api.clone().unwrap();
-    let text = server
-        .http()
-        .get(format!("{api}/metrics"))
-        .bearer_auth(server.token())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.get_text(&format!("{api}/metrics")).await;
     let cgroup = flotilla_testkit::metric_value(&text, "flotilla_agent_load_samples_cgroup_total");
     let engine = flotilla_testkit::metric_value(&text, "flotilla_agent_load_samples_engine_total");
     assert!(cgroup.is_some_and(|n| n >= 4.0), "{cgroup:?}");

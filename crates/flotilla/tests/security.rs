@@ -46,6 +46,24 @@ fn join(dir: &Path, url: &str, token_file: &Path, pin: &str, node: &str, extra: 
     Proc::spawn(&args, dir.join(format!("agent-{node}.log")))
 }
 
+/// Node n1's agent joined `server` by the printed pin, with a 1 s lease.
+async fn join_n1(dir: &Path, server: &Server) -> Proc {
+    let pin = printed_pin(server);
+    let agent = join(
+        dir,
+        &server.url,
+        &server.token_file,
+        &pin,
+        "n1",
+        &["--lease-ttl", "1s"],
+    );
+    eventually(Duration::from_secs(20), "n1 joined", || {
+        node_is_up(server, "n1")
+    })
+    .await;
+    agent
+}
+
 async fn node_is_up(server: &Server, node: &str) -> bool {
     server
         .client()
@@ -321,19 +339,7 @@ async fn a_node_certificate_speaks_for_its_node_only() {
 async fn node_certificates_renew_without_the_lease_lapsing() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), "s", &["--node-cert-lifetime", "10s"]);
-    let pin = printed_pin(&server);
-    let _agent = join(
-        dir.path(),
-        &server.url,
-        &server.token_file,
-        &pin,
-        "n1",
-        &["--lease-ttl", "1s"],
-    );
-    eventually(Duration::from_secs(20), "n1 joined", || {
-        node_is_up(&server, "n1")
-    })
-    .await;
+    let _agent = join_n1(dir.path(), &server).await;
     let cert_file = dir.path().join("agent-n1/node.pem");
     let first = read(&cert_file);
     let client = server.client();
@@ -354,15 +360,7 @@ async fn node_certificates_renew_without_the_lease_lapsing() {
         "{} certificates in 13 s with a 10 s lifetime",
         certs.len()
     );
-    let metrics = server
-        .http()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.get_text(&format!("{}/metrics", server.url)).await;
     assert!(metrics.contains("node_certs_issued_total"), "{metrics}");
 }
 
@@ -701,19 +699,7 @@ async fn an_lb_joins_with_its_token_and_its_certificate_does_that_token_s_job_on
 async fn a_revoked_node_certificate_is_refused_until_the_node_joins_again() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), "s", &["--node-cert-lifetime", "10s"]);
-    let pin = printed_pin(&server);
-    let _agent = join(
-        dir.path(),
-        &server.url,
-        &server.token_file,
-        &pin,
-        "n1",
-        &["--lease-ttl", "1s"],
-    );
-    eventually(Duration::from_secs(20), "n1 joined", || {
-        node_is_up(&server, "n1")
-    })
-    .await;
+    let _agent = join_n1(dir.path(), &server).await;
     let data = dir.path().join("agent-n1");
     let (cert, key) = (read(&data.join("node.pem")), read(&data.join("node.key")));
     let ca = read(&server.ca_file());

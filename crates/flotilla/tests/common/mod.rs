@@ -228,6 +228,19 @@ impl Server {
     pub fn client(&self) -> Client {
         Client::with_tls(&self.url, Some(self.token()), self.tls())
     }
+
+    /// The body of a GET of `url` (this server's, or an agent's) with the admin token.
+    pub async fn get_text(&self, url: &str) -> String {
+        self.http()
+            .get(url)
+            .bearer_auth(self.token())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
 }
 
 /// Minimal blocking GET returning the status, for readiness polling without a runtime.
