@@ -118,6 +118,7 @@ impl Agent {
         if let Some(l) = api {
             tasks.push(crate::api::serve(inner.clone(), l));
         }
+        tasks.push(tokio::spawn(inner.clone().token_watch_loop()));
         tasks.push(tokio::spawn(inner.clone().reconcile_loop()));
         tasks.push(tokio::spawn(inner.clone().backup_loop()));
         tasks.push(tokio::spawn(inner.clone().inventory_loop()));

@@ -185,7 +185,9 @@ impl Inner {
     }
 
     /// The role of `token` (presented to the agent's API), asked of the registry and
-    /// kept for 10 s; `None` if the registry does not know it (or cannot be reached).
+    /// kept for 10 s — dropped sooner by [`Inner::token_watch_loop`] as soon as any
+    /// token is made or revoked; `None` if the registry does not know it (or cannot be
+    /// reached).
     pub(crate) async fn token_role(&self, token: &str) -> Option<flotilla_core::token::Role> {
         const KEEP: Duration = Duration::from_secs(10);
         let now = std::time::Instant::now();
@@ -202,6 +204,38 @@ impl Inner {
             roles.insert(token.to_owned(), (info.role, now));
         }
         Some(info.role)
+    }
+
+    /// Follows the registry's token index and forgets every kept role when it moves, so
+    /// a revoked token stops at this agent's API as soon as at the servers (the 10 s
+    /// keep only bounds it while the registry cannot be reached).
+    pub(crate) async fn token_watch_loop(self: std::sync::Arc<Self>) {
+        let mut index = 0;
+        let mut pause = Duration::from_millis(200);
+        loop {
+            match self
+                .client
+                .tokens_index(index, Duration::from_secs(60))
+                .await
+            {
+                Ok(now) => {
+                    pause = Duration::from_millis(200);
+                    if now != index {
+                        self.token_roles
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clear();
+                        index = now;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "token index watch failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                    index = 0;
+                }
+            }
+        }
     }
 
     /// Whether a restore is under way.

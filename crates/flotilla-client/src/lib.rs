@@ -961,6 +961,27 @@ impl Client {
         .await
     }
 
+    /// `GET /v1/tokens/index`, blocking while the revision of the last token change is
+    /// still `index` (at most `wait`); returns the revision.
+    pub async fn tokens_index(&self, index: u64, wait: Duration) -> Result<u64> {
+        #[derive(serde::Deserialize)]
+        struct Reply {
+            index: u64,
+        }
+        let req = self
+            .request(
+                reqwest::Method::GET,
+                "/v1/tokens/index",
+                wait + Duration::from_secs(10),
+            )
+            .query(&[
+                ("index", index.to_string()),
+                ("wait", format!("{}ms", wait.as_millis())),
+            ]);
+        let r: Reply = self.send(req).await?;
+        Ok(r.index)
+    }
+
     /// `POST /v1/certs`: a node certificate for `node` from `csr_pem` (needs the cluster
     /// token). Answers the certificate and the CA's, PEM.
     pub async fn join_node(&self, node: &str, csr_pem: &str) -> Result<CertReply> {

@@ -662,6 +662,103 @@ async fn stale_pooled_connections_are_retried_without_sending_twice() {
     assert_eq!(conns.load(Ordering::SeqCst), 3);
 }
 
+/// A backend that answers `200 ok` keep-alive and closes a connection after 100 ms of
+/// silence, recording each request as (connection number, method, body) — the body read
+/// by its `content-length`.
+async fn recording_backend() -> (
+    std::net::SocketAddr,
+    Arc<std::sync::Mutex<Vec<(u64, String, String)>>>,
+) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        for n in 1u64.. {
+            let (mut s, _) = l.accept().await.unwrap();
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let head_end = loop {
+                        if let Some(e) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break e;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut chunk))
+                            .await
+                        {
+                            Ok(Ok(k)) if k > 0 => buf.extend_from_slice(&chunk[..k]),
+                            _ => return, // idle or closed: close without a word
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                    buf.drain(..head_end + 4);
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < len {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(k) if k > 0 => buf.extend_from_slice(&chunk[..k]),
+                            _ => return,
+                        }
+                    }
+                    let body: Vec<u8> = buf.drain(..len).collect();
+                    let method = head.split_whitespace().next().unwrap_or("").to_owned();
+                    record.lock().unwrap().push((
+                        n,
+                        method,
+                        String::from_utf8_lossy(&body).into_owned(),
+                    ));
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// The review's finding: a request with a body retried after a stale pooled connection
+/// went out again without its body. A request with a body now gets a connection known to
+/// be open, so it arrives once, with its body, even when the pooled connection was
+/// closed behind the lb's back (this fails with the old reuse-then-retry: the backend
+/// records a POST with an empty body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_a_body_is_never_sent_again_without_it() {
+    let (addr, seen) = recording_backend().await;
+    let (_lb, url) = lb(&format!(
+        "retries = 0\n{}",
+        backends_line(&[addr.to_string()])
+    ))
+    .await;
+    let c = client();
+    assert_eq!(get(&c, &url).await, (200, "ok".into()));
+    // The backend has now closed the pooled connection behind the lb's back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = c.post(&url).body("hello").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            (1, "GET".to_string(), String::new()),
+            (2, "POST".to_string(), "hello".to_string())
+        ],
+        "the POST went out once, on a new connection, with its body"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_clients_are_closed_after_the_idle_timeout() {
     let (addr, _, _) = scripted_backend(None).await;

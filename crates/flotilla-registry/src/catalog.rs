@@ -72,6 +72,8 @@ pub struct Catalog {
     /// `lbs_index`: the dashboard's reports.
     backups: BTreeMap<String, flotilla_core::BackupInventory>,
     lbs_index: u64,
+    /// Revision of the last change to a scoped token (agents drop the roles they keep).
+    tokens_index: u64,
     /// Node certificate revocations, by node.
     revoked: BTreeMap<String, flotilla_core::CertRevocation>,
     /// Per service, what changed at which index (for delta watches).
@@ -124,6 +126,7 @@ impl Catalog {
         c.nodes_index = snapshot.revision;
         c.stacks_index = snapshot.revision;
         c.lbs_index = snapshot.revision;
+        c.tokens_index = snapshot.revision;
         // Loads from a snapshot were not just seen arriving: age them by their wall-clock
         // stamp, so a resync does not make stale reports look fresh for another TTL.
         let now_ms = unix_ms();
@@ -216,6 +219,11 @@ impl Catalog {
         self.revoked.values()
     }
 
+    /// Revision of the last token change (a made or revoked token).
+    pub fn tokens_index(&self) -> u64 {
+        self.tokens_index
+    }
+
     /// A scoped token's record by id.
     pub fn token(&self, id: &str) -> Option<&flotilla_core::token::TokenRecord> {
         self.tokens.get(id)
@@ -299,6 +307,7 @@ impl Catalog {
                 Some(rec) => self.tokens.insert(id.to_owned(), rec),
                 None => self.tokens.remove(id),
             };
+            self.tokens_index = revision;
         } else if let Some(name) = key.strip_prefix(keys::STACKS) {
             match entry.and_then(|e| self.decode::<flotilla_core::stack::StackRecord>(e)) {
                 Some(rec) => self.stacks.insert(name.to_owned(), rec),

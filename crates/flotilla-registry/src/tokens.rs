@@ -16,7 +16,9 @@ use rand::RngCore;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::api::{applied, put_record, ApiError, Caller, JsonBody};
+use crate::api::{
+    applied, block_until, put_record, with_index, ApiError, Blocking, Caller, JsonBody,
+};
 use crate::keys;
 use crate::state::Shared;
 
@@ -25,6 +27,7 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
     Router::new()
         .route("/v1/tokens", get(list).post(create))
         .route("/v1/tokens/self", get(whoami))
+        .route("/v1/tokens/index", get(index))
         .route("/v1/tokens/{id}", delete(revoke))
 }
 
@@ -125,6 +128,21 @@ async fn whoami(Extension(caller): Extension<Caller>) -> Result<Response, ApiErr
         }
     };
     Ok(Json(view).into_response())
+}
+
+/// `GET /v1/tokens/index[?index=N&wait=D]`: the revision of the last token change,
+/// blocking while it is still `N`. Agents follow it to drop the token roles they keep
+/// the moment a token is made or revoked; it says nothing about any token.
+async fn index(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Query(q): axum::extract::Query<Blocking>,
+) -> Result<Response, ApiError> {
+    block_until(&shared, &q, shared.index_watch(), |s| {
+        s.catalog().tokens_index()
+    })
+    .await?;
+    let index = shared.catalog().tokens_index();
+    Ok(with_index(index, json!({ "index": index })))
 }
 
 async fn revoke(

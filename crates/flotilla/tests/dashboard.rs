@@ -77,6 +77,25 @@ async fn text(b: &Browser, css: &str) -> Option<String> {
 
 /// Writes a screenshot to docs/img/NAME.png when FLOTILLA_SCREENSHOTS is set (how the
 /// README's pictures are made).
+/// `eventually`, but a timeout also says what the page showed (its address and text):
+/// CI once saw the overview not appear within 20 s, which never happened here.
+async fn shown<F, Fut>(b: &Browser, within: Duration, what: &str, f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let waited =
+        futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(eventually(within, what, f)))
+            .await;
+    if waited.is_err() {
+        let page = js(b, "return location.href + '\\n' + document.body.innerText").await;
+        panic!(
+            "timed out after {within:?} waiting for: {what}; the page:\n{}",
+            page.as_str().unwrap_or("(no answer from the browser)")
+        );
+    }
+}
+
 async fn screenshot(b: &Browser, name: &str) {
     if std::env::var_os("FLOTILLA_SCREENSHOTS").is_none() {
         return;
@@ -148,8 +167,9 @@ async fn the_dashboard_follows_the_cluster_live_and_refuses_a_wrong_token_clearl
     b.goto(&format!("{}/ui#token={}", server.url, server.token()))
         .await
         .unwrap();
-    eventually(
-        Duration::from_secs(20),
+    shown(
+        &b,
+        Duration::from_secs(30),
         "overview with node and service",
         || async {
             text(&b, "tr[data-service='web'] td:nth-child(2)")

@@ -497,7 +497,23 @@ async fn scoped_tokens_do_their_job_only() {
     assert_eq!(ask(server.token()).await, 200);
     assert_eq!(ask(lb_token.clone()).await, 403);
     let admin2 = create_token(&server, &["--role", "admin"]);
-    assert_eq!(ask(admin2).await, 200);
+    assert_eq!(ask(admin2.clone()).await, 200);
+    // Revoked, it stops at the agent's API too — at once, not after the agent's 10 s
+    // keep of the role it just learned (the agent follows the registry's token index).
+    let admin2_id = flotilla_core::token::token_id(&admin2).unwrap().to_owned();
+    admin.revoke_token(&admin2_id).await.unwrap();
+    let stopped = eventually(
+        Duration::from_secs(3),
+        "admin2 refused at the agent",
+        || {
+            let (ask, t) = (&ask, admin2.clone());
+            async move { ask(t).await == 401 }
+        },
+    )
+    .await;
+    eprintln!(
+        "a revoked admin token was refused at the agent's API {stopped:?} after the revocation"
+    );
 
     // Listing shows ids and roles, never the tokens; a revoked token stops at once.
     let out = Command::new(BIN)
