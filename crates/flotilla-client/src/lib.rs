@@ -698,22 +698,24 @@ impl Client {
         passing_only: bool,
         delta: bool,
     ) -> Result<ServiceInstances> {
-        let mut query = vec![
-            ("index", index.to_string()),
-            ("wait", format!("{}ms", wait.as_millis())),
-            ("passing", passing_only.to_string()),
-        ];
+        let mut query = vec![("passing", passing_only.to_string())];
         if delta {
             query.push(("delta", "true".into()));
         }
         let req = self
-            .request(
-                reqwest::Method::GET,
-                &format!("/v1/services/{name}"),
-                wait + Duration::from_secs(10),
-            )
+            .blocking_get(&format!("/v1/services/{name}"), index, wait)
             .query(&query);
         self.send(req).await
+    }
+
+    /// A blocking GET of `path`: answered once its index moves past `index`, or after
+    /// `wait` (the request's own timeout a little longer).
+    fn blocking_get(&self, path: &str, index: u64, wait: Duration) -> reqwest::RequestBuilder {
+        self.request(reqwest::Method::GET, path, wait + Duration::from_secs(10))
+            .query(&[
+                ("index", index.to_string()),
+                ("wait", format!("{}ms", wait.as_millis())),
+            ])
     }
 
     /// `GET /v1/stacks`, blocking while the stacks' index is still `index` (at most
@@ -723,16 +725,7 @@ impl Client {
         index: u64,
         wait: Duration,
     ) -> Result<(u64, Vec<flotilla_core::stack::StackRecord>)> {
-        let req = self
-            .request(
-                reqwest::Method::GET,
-                "/v1/stacks",
-                wait + Duration::from_secs(10),
-            )
-            .query(&[
-                ("index", index.to_string()),
-                ("wait", format!("{}ms", wait.as_millis())),
-            ]);
+        let req = self.blocking_get("/v1/stacks", index, wait);
         self.send_with_index(req).await
     }
 
@@ -744,16 +737,7 @@ impl Client {
         struct Reply {
             assignments: Assignments,
         }
-        let req = self
-            .request(
-                reqwest::Method::GET,
-                "/v1/assignments",
-                wait + Duration::from_secs(10),
-            )
-            .query(&[
-                ("index", index.to_string()),
-                ("wait", format!("{}ms", wait.as_millis())),
-            ]);
+        let req = self.blocking_get("/v1/assignments", index, wait);
         let (i, r): (u64, Reply) = self.send_with_index(req).await?;
         Ok((i, r.assignments))
     }
@@ -968,16 +952,7 @@ impl Client {
         struct Reply {
             index: u64,
         }
-        let req = self
-            .request(
-                reqwest::Method::GET,
-                "/v1/tokens/index",
-                wait + Duration::from_secs(10),
-            )
-            .query(&[
-                ("index", index.to_string()),
-                ("wait", format!("{}ms", wait.as_millis())),
-            ]);
+        let req = self.blocking_get("/v1/tokens/index", index, wait);
         let r: Reply = self.send(req).await?;
         Ok(r.index)
     }

@@ -366,18 +366,27 @@ async fn node_certificates_renew_without_the_lease_lapsing() {
 
 /// `flotilla token create` through the CLI, as an operator would; the token printed.
 fn create_token(server: &Server, args: &[&str]) -> String {
+    let args: Vec<&str> = ["token", "create"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    cli(server, &args).trim().to_owned()
+}
+
+/// `flotilla ARGS --server … --token-file …` as an operator would; must succeed; its stdout.
+fn cli(server: &Server, args: &[&str]) -> String {
     let out = Command::new(BIN)
-        .args(["token", "create", "--server", &server.url, "--token-file"])
-        .arg(&server.token_file)
         .args(args)
+        .args(["--server", &server.url, "--token-file"])
+        .arg(&server.token_file)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "flotilla {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    String::from_utf8(out.stdout).unwrap()
 }
 
 fn code(r: Result<serde_json::Value, flotilla_client::ClientError>) -> Option<u16> {
@@ -516,19 +525,7 @@ async fn scoped_tokens_do_their_job_only() {
     );
 
     // Listing shows ids and roles, never the tokens; a revoked token stops at once.
-    let out = Command::new(BIN)
-        .args([
-            "token",
-            "list",
-            "--json",
-            "--server",
-            &server.url,
-            "--token-file",
-        ])
-        .arg(&server.token_file)
-        .output()
-        .unwrap();
-    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    let listed = cli(&server, &["token", "list", "--json"]);
     assert!(
         listed.contains("\"lb\"") && listed.contains("\"web\""),
         "{listed}"
@@ -537,19 +534,7 @@ async fn scoped_tokens_do_their_job_only() {
     let id = flotilla_core::token::token_id(&lb_token)
         .unwrap()
         .to_owned();
-    let out = Command::new(BIN)
-        .args([
-            "token",
-            "revoke",
-            &id,
-            "--server",
-            &server.url,
-            "--token-file",
-        ])
-        .arg(&server.token_file)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    cli(&server, &["token", "revoke", &id]);
     assert_eq!(
         lb.services().await.err().and_then(|e| e.status()),
         Some(401)
@@ -728,20 +713,7 @@ async fn a_revoked_node_certificate_is_refused_until_the_node_joins_again() {
     let reader = create_token(&server, &["--role", "read"]);
     let as_reader = flotilla_client::Client::with_tls(&server.url, Some(reader), server.tls());
     assert_eq!(code(as_reader.revoke_node_certs("n1").await), Some(403));
-    let cli = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .args(args)
-            .args(["--server", &server.url, "--token-file"])
-            .arg(&server.token_file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let cli = |args: &[&str]| cli(&server, args);
     let said = cli(&["cert", "revoke", "n1"]);
     assert!(said.contains("revoked"), "{said}");
     let r = get(&stolen).await.unwrap();
