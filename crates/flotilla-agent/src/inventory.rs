@@ -56,6 +56,10 @@ fn load_verdicts(file: &Path) -> HashMap<PathBuf, Verdict> {
 /// Keeps the verdicts (written whole to a temporary file, then renamed over).
 fn save_verdicts(file: &Path, verdicts: &HashMap<PathBuf, Verdict>) {
     let tmp = file.with_extension("json.tmp");
+    // Without TLS nothing else makes the data directory.
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
     let written = serde_json::to_vec(verdicts)
         .map_err(std::io::Error::other)
         .and_then(|b| std::fs::write(&tmp, b))

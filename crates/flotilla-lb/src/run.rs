@@ -102,6 +102,8 @@ pub fn load_tls(config: &LbConfig) -> anyhow::Result<Vec<Option<ListenerTls>>> {
 /// Starts the lb on the current runtime. `config` must be validated.
 pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
     let mut renewal = None;
+    // Its report's name and its certificate's (the hostname read once).
+    let lb_name = config.registry.as_ref().and_then(|r| r.lb_name());
     let client = match &config.registry {
         Some(r) => {
             let token = match &r.token_file {
@@ -117,8 +119,8 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
             let https = r.server_list().contains("https://");
             if let (Some(dir), true) = (&r.cert_dir, https) {
                 // Its own certificate, bound to its lb token: mutual TLS, no token sent.
-                let name = r
-                    .lb_name()
+                let name = lb_name
+                    .clone()
                     .context("registry.name: no usable name for the lb's certificate")?;
                 let source = flotilla_client::identity::CaSource {
                     file: ca,
@@ -230,7 +232,7 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
         None => None,
     };
     if let (Some(client), Some(r)) = (client.clone(), &config.registry) {
-        match r.lb_name() {
+        match lb_name {
             _ if r.report.is_zero() => {}
             Some(name) => {
                 let ha = ha

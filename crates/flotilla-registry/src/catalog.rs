@@ -77,7 +77,7 @@ pub struct Catalog {
     /// Node certificate revocations, by node.
     revoked: BTreeMap<String, flotilla_core::CertRevocation>,
     /// Per service, what changed at which index (for delta watches).
-    changes: HashMap<String, ChangeLog>,
+    change_logs: HashMap<String, ChangeLog>,
     /// The index this catalog was built at: no change log reaches before it.
     base: u64,
     index: u64,
@@ -119,7 +119,7 @@ impl Catalog {
         }
         c.index = snapshot.revision;
         c.base = snapshot.revision;
-        c.changes.clear();
+        c.change_logs.clear();
         for idx in c.service_index.values_mut() {
             *idx = snapshot.revision;
         }
@@ -359,12 +359,15 @@ impl Catalog {
 
     /// Notes that `id` (or, with `None`, every instance) of `service` changed at `index`.
     fn log_change(&mut self, service: &str, id: Option<&str>, index: u64) {
-        let log = match self.changes.get_mut(service) {
+        let log = match self.change_logs.get_mut(service) {
             Some(log) => log,
-            None => self.changes.entry(service.to_owned()).or_insert(ChangeLog {
-                entries: VecDeque::new(),
-                floor: self.base,
-            }),
+            None => self
+                .change_logs
+                .entry(service.to_owned())
+                .or_insert(ChangeLog {
+                    entries: VecDeque::new(),
+                    floor: self.base,
+                }),
         };
         // A move between services logs the id once in each; the same id twice at one
         // index (an instance replaced in place) needs one entry.
@@ -401,7 +404,7 @@ impl Catalog {
             return None;
         }
         let mut touched = BTreeSet::new();
-        if let Some(log) = self.changes.get(name) {
+        if let Some(log) = self.change_logs.get(name) {
             if since < log.floor {
                 return None;
             }
@@ -1034,7 +1037,7 @@ mod tests {
                 c.apply(&event(st, revision));
                 if small_log {
                     // Exercise the dropped-history path with a short log.
-                    for log in c.changes.values_mut() {
+                    for log in c.change_logs.values_mut() {
                         while log.entries.len() > 5 {
                             let (dropped, _) = log.entries.pop_front().unwrap();
                             log.floor = log.floor.max(dropped);

@@ -125,8 +125,8 @@ async fn join(
     Extension(caller): Extension<Caller>,
     JsonBody(body): JsonBody<JoinBody>,
 ) -> Result<Response, ApiError> {
-    let node = match (body.node, body.lb) {
-        (Some(node), None) => node,
+    let (node, csr) = match (body.node, body.lb) {
+        (Some(node), None) => (node, body.csr),
         (None, Some(lb)) => return join_lb(&shared, &caller, &lb, &body.csr),
         _ => {
             return Err(ApiError::field(
@@ -136,45 +136,29 @@ async fn join(
             ))
         }
     };
-    let body = NodeJoin {
-        node,
-        csr: body.csr,
-    };
-    validate_node_name("node", &body.node)?;
+    validate_node_name("node", &node)?;
     let allowed = match &caller {
         Caller::Admin => true,
         Caller::Token(t) => {
             t.role == flotilla_core::token::Role::Agent
-                && t.node.as_ref().is_none_or(|n| *n == body.node)
+                && t.node.as_ref().is_none_or(|n| *n == node)
         }
         _ => false,
     };
     if !allowed {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            format!(
-                "joining as {:?} needs the cluster token or an agent token for that node",
-                body.node
-            ),
+            format!("joining as {node:?} needs the cluster token or an agent token for that node"),
         ));
     }
-    if !flotilla_tls::ca::valid_node_name(&body.node) {
+    if !flotilla_tls::ca::valid_node_name(&node) {
         return Err(ApiError::field(
             StatusCode::BAD_REQUEST,
             "node",
-            format!(
-                "{:?} cannot name a node certificate (letters, digits, `-`, `_`)",
-                body.node
-            ),
+            format!("{node:?} cannot name a node certificate (letters, digits, `-`, `_`)"),
         ));
     }
-    sign(&shared, &body.node, &body.csr)
-}
-
-/// A node's join, once the body named a node.
-struct NodeJoin {
-    node: String,
-    csr: String,
+    sign(&shared, &node, &csr)
 }
 
 async fn renew(

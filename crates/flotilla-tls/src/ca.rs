@@ -365,6 +365,23 @@ pub fn check_ca_hash(pem: &str, pinned: &str) -> anyhow::Result<()> {
 /// and validity must have been checked already (the TLS handshake does that).
 pub fn identity_of(cert: &[u8]) -> Option<PeerIdentity> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    identity_in(&parsed)
+}
+
+/// Who a peer's certificate (DER) names and when it was issued (its `not_before` plus
+/// the [`BACKDATE`] every certificate is made with), from one parse: the server reads
+/// both on every connection (the issue time for revocations).
+pub fn peer_facts(cert: &[u8]) -> (Option<PeerIdentity>, Option<SystemTime>) {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {
+        return (None, None);
+    };
+    let issued = u64::try_from(parsed.validity().not_before.timestamp())
+        .ok()
+        .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + BACKDATE);
+    (identity_in(&parsed), issued)
+}
+
+fn identity_in(parsed: &x509_parser::certificate::X509Certificate<'_>) -> Option<PeerIdentity> {
     let san = parsed.subject_alternative_name().ok().flatten()?;
     let mut found = None;
     for name in &san.value.general_names {
@@ -388,14 +405,6 @@ pub fn identity_of(cert: &[u8]) -> Option<PeerIdentity> {
         }
     }
     found
-}
-
-/// When a certificate (DER) the cluster CA made was issued: its `not_before` plus the
-/// [`BACKDATE`] every certificate is made with.
-pub fn issued_of(cert: &[u8]) -> Option<SystemTime> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
-    let secs = u64::try_from(parsed.validity().not_before.timestamp()).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + BACKDATE)
 }
 
 /// When the first certificate in `pem` starts and stops being valid.

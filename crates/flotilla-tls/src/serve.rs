@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
-use crate::ca::{identity_of, PeerIdentity};
+use crate::ca::{peer_facts, PeerIdentity};
 
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -105,8 +105,7 @@ pub async fn serve(listener: TcpListener, app: Router, options: ServeOptions) {
                         }
                     };
                     let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
-                    let identity = leaf.and_then(|c| identity_of(c.as_ref()));
-                    let issued = leaf.and_then(|c| crate::ca::issued_of(c.as_ref()));
+                    let (identity, issued) = leaf.map_or((None, None), |c| peer_facts(c.as_ref()));
                     connection(
                         TokioIo::new(tls),
                         app,
