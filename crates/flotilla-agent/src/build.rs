@@ -6,14 +6,19 @@
 //! service, port, health check (as `flotilla.check.*`, so even a plain `docker run` of
 //! it self-registers), version, spec hash and build time — and, when the image has a
 //! busybox to run it with, the matching Docker `HEALTHCHECK`.
+//!
+//! A build holds no image in memory: layers are written to files in a scratch
+//! directory that lives as long as the [`Built`] image, and the `docker load` archive is
+//! read out of them as it is sent ([`archive_stream`]).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use bollard::image::ImportImageOptions;
 use bollard::Docker;
-use flotilla_archive::image::{self, Base, ImageConfig, Node};
+use flotilla_archive::image::{self, Archive, Base, ImageConfig, Layer, Node};
 use flotilla_core::stack::ServiceSpec;
 use flotilla_core::CheckKind;
 use futures::StreamExt;
@@ -31,8 +36,11 @@ pub struct Built {
     pub spec_hash: String,
     /// Layer digests.
     pub diff_ids: Vec<String>,
-    /// The `docker load` archive.
-    pub archive: Vec<u8>,
+    /// The `docker load` archive; its layers are files in `scratch` (or the spec's
+    /// rootfs tar).
+    pub archive: Archive,
+    /// The layers written for this build: removed when the image is dropped.
+    _scratch: tempfile::TempDir,
 }
 
 /// Labels a container of `service` carries so the agent registers it; they go into
@@ -99,24 +107,37 @@ pub async fn build_service(
     let mut hash = Sha256::new();
     hash.update(serde_json::to_vec(spec)?);
     let field = |i: usize| format!("service.{service}.image.file[{i}].src");
+    let scratch = tempfile::Builder::new()
+        .prefix("flotilla-build-")
+        .tempdir()
+        .context("making a scratch directory for the image's layers")?;
     let mut nodes = Vec::new();
     for (i, f) in image_spec.files.iter().enumerate() {
         let path = spec_dir.join(&f.src);
-        let data = std::fs::read(&path)
-            .with_context(|| format!("{}: cannot read {}", field(i), path.display()))?;
-        hash.update(Sha256::digest(&data));
-        nodes.push(Node::File {
+        let digest = blocking({
+            let path = path.clone();
+            move || file_digest(&path)
+        })
+        .await
+        .with_context(|| format!("{}: cannot read {}", field(i), path.display()))?;
+        hash.update(digest);
+        nodes.push(Node::HostFile {
             path: f.dest.clone(),
-            data,
+            src: path,
             mode: f.mode_bits(),
         });
     }
     let base_name = image_spec.base.as_str();
+    let at = |name: &str| scratch.path().join(name);
     let (base, has_busybox) = match base_name {
         "scratch" => (Base::default(), false),
         "busybox" => {
-            let layer = busybox_layer()?;
-            hash.update(Sha256::digest(&layer));
+            let layer = blocking({
+                let to = at("busybox.tar");
+                move || busybox_layer(&to)
+            })
+            .await?;
+            hash.update(layer.digest);
             (
                 Base {
                     layers: vec![layer],
@@ -126,9 +147,13 @@ pub async fn build_service(
             )
         }
         "flotilla" => {
-            let (busybox, own) = (busybox_layer()?, flotilla_layer()?);
-            hash.update(Sha256::digest(&busybox));
-            hash.update(Sha256::digest(&own));
+            let (busybox, own) = blocking({
+                let (b, o) = (at("busybox.tar"), at("flotilla.tar"));
+                move || Ok((busybox_layer(&b)?, flotilla_layer(&o)?))
+            })
+            .await?;
+            hash.update(busybox.digest);
+            hash.update(own.digest);
             (
                 Base {
                     layers: vec![busybox, own],
@@ -143,14 +168,20 @@ pub async fn build_service(
         other if other.starts_with("rootfs:") => {
             let rel = &other["rootfs:".len()..];
             let path = spec_dir.join(rel);
-            let layer = std::fs::read(&path).with_context(|| {
+            // The rootfs tar is the layer as it is: hashed, never copied.
+            let layer = blocking({
+                let path = path.clone();
+                move || Ok(Layer::of_file(&path)?)
+            })
+            .await
+            .with_context(|| {
                 format!(
                     "service.{service}.image.base: cannot read {}",
                     path.display()
                 )
             })?;
-            hash.update(Sha256::digest(&layer));
-            let busybox = tar_has(&layer, "bin/busybox");
+            hash.update(layer.digest);
+            let busybox = layer.has("bin/busybox");
             (
                 Base {
                     layers: vec![layer],
@@ -166,14 +197,20 @@ pub async fn build_service(
                 format!("service.{service}.image.base: no local image {name:?}")
             })?;
             hash.update(info.id.unwrap_or_default().as_bytes());
-            let mut saved = Vec::new();
+            // `docker save` to a file; its layers are used as ranges of it.
+            let saved = at("base.tar");
+            let mut out = tokio::io::BufWriter::new(tokio::fs::File::create(&saved).await?);
             let mut s = docker.export_image(name);
             while let Some(chunk) = s.next().await {
-                saved.extend_from_slice(&chunk?);
+                tokio::io::AsyncWriteExt::write_all(&mut out, &chunk?).await?;
             }
-            let base = image::base_from_saved(&saved)
-                .map_err(|e| anyhow::anyhow!("reading base image {name}: {e}"))?;
-            let busybox = base.layers.iter().any(|l| tar_has(l, "bin/busybox"));
+            tokio::io::AsyncWriteExt::flush(&mut out).await?;
+            let base = blocking(move || {
+                image::base_from_saved(&saved).map_err(|e| anyhow::anyhow!("{e}"))
+            })
+            .await
+            .with_context(|| format!("reading base image {name}"))?;
+            let busybox = base.layers.iter().any(|l| l.has("bin/busybox"));
             (base, busybox)
         }
     };
@@ -229,7 +266,12 @@ pub async fn build_service(
     let layers = if nodes.is_empty() {
         vec![]
     } else {
-        vec![image::layer(&nodes)]
+        let to = at("files.tar");
+        vec![
+            blocking(move || Ok(Layer::write(&to, |w| image::write_layer(&nodes, w))?))
+                .await
+                .with_context(|| format!("service.{service}.image.file"))?,
+        ]
     };
     if base.layers.is_empty() && layers.is_empty() {
         bail!("service.{service}: the image would be empty");
@@ -237,16 +279,78 @@ pub async fn build_service(
     let a = image::docker_archive(&base, &layers, &config, &tag);
     Ok(Built {
         tag,
-        id: a.id,
+        id: a.id.clone(),
         spec_hash,
-        diff_ids: a.diff_ids,
-        archive: a.bytes,
+        diff_ids: a.diff_ids.clone(),
+        archive: a,
+        _scratch: scratch,
     })
 }
 
-/// Loads an image archive into the engine (`docker load`).
-pub async fn load(docker: &Docker, archive: Vec<u8>) -> anyhow::Result<()> {
-    let body = futures::stream::once(async move { bytes::Bytes::from(archive) });
+/// Runs blocking file work (hashing, writing layers) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("a build step panicked")?
+}
+
+/// SHA-256 of a file, read in pieces.
+fn file_digest(path: &Path) -> anyhow::Result<[u8; 32]> {
+    let mut h = image::Hashing::new(std::io::sink());
+    std::io::copy(&mut std::fs::File::open(path)?, &mut h)?;
+    Ok(h.finish().1)
+}
+
+/// An archive's bytes as a stream of 256 KiB chunks, read from its files on a blocking
+/// thread a few chunks ahead of the consumer (so at most ~1 MiB of it is in memory).
+/// A read error ends the stream with that error.
+pub fn archive_stream(
+    archive: &Archive,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+    const CHUNK: usize = 256 * 1024;
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    let mut r = archive.reader();
+    tokio::task::spawn_blocking(move || loop {
+        let mut buf = vec![0u8; CHUNK];
+        let mut filled = 0;
+        let sent = loop {
+            match r.read(&mut buf[filled..]) {
+                Ok(0) => break None,
+                Ok(n) => {
+                    filled += n;
+                    if filled == CHUNK {
+                        break None;
+                    }
+                }
+                Err(e) => break Some(e),
+            }
+        };
+        let done = filled < CHUNK;
+        buf.truncate(filled);
+        if filled > 0 && tx.blocking_send(Ok(buf.into())).is_err() {
+            return;
+        }
+        if let Some(e) = sent {
+            let _ = tx.blocking_send(Err(e));
+            return;
+        }
+        if done {
+            return;
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+}
+
+/// Loads an image archive into the engine (`docker load`), streamed from its files.
+pub async fn load(docker: &Docker, archive: &Archive) -> anyhow::Result<()> {
+    let body = archive_stream(archive).filter_map(|c| async move {
+        // bollard's body takes bytes only: a read error ends the upload short, and the
+        // engine refuses the truncated archive; the error is logged here.
+        c.map_err(|e| tracing::error!(error = %e, "reading the image archive"))
+            .ok()
+    });
     let mut s = docker.import_image_stream(ImportImageOptions { quiet: true }, body, None);
     while let Some(item) = s.next().await {
         let info = item.context("docker load")?;
@@ -258,19 +362,19 @@ pub async fn load(docker: &Docker, archive: Vec<u8>) -> anyhow::Result<()> {
 }
 
 /// The busybox base layer: the host's static busybox, a link per applet, `/tmp`, and
-/// minimal `/etc/passwd` and `/etc/group` so `user = "nobody"` works.
-pub fn busybox_layer() -> anyhow::Result<Vec<u8>> {
+/// minimal `/etc/passwd` and `/etc/group` so `user = "nobody"` works; written to `to`.
+pub fn busybox_layer(to: &Path) -> anyhow::Result<Layer> {
     let path = Path::new("/bin/busybox");
-    let data = std::fs::read(path)
+    std::fs::metadata(path)
         .context("reading /bin/busybox for a busybox base (install busybox-static)")?;
     let out = std::process::Command::new(path)
         .arg("--list")
         .output()
         .context("running /bin/busybox --list")?;
     let mut nodes = vec![
-        Node::File {
+        Node::HostFile {
             path: "/bin/busybox".into(),
-            data,
+            src: path.into(),
             mode: 0o755,
         },
         Node::Dir {
@@ -297,19 +401,30 @@ pub fn busybox_layer() -> anyhow::Result<Vec<u8>> {
             });
         }
     }
-    Ok(image::layer(&nodes))
+    write_layer(to, &nodes)
+}
+
+/// Writes `nodes` as a layer file at `to`.
+fn write_layer(to: &Path, nodes: &[Node]) -> anyhow::Result<Layer> {
+    Layer::write(to, |w| image::write_layer(nodes, w))
+        .with_context(|| format!("writing the layer {}", to.display()))
 }
 
 /// The `flotilla` base's own layer: the running flotilla binary as
 /// `/usr/local/bin/flotilla`, and at their host paths its ELF interpreter and every
 /// shared object it has mapped (`/proc/self/maps`: exactly what it runs with, no
 /// `ldd` guesswork). The dynamic loader finds them in its default directories, so the
-/// image needs no `ld.so.cache`.
-pub fn flotilla_layer() -> anyhow::Result<Vec<u8>> {
+/// image needs no `ld.so.cache`. Written to `to`.
+pub fn flotilla_layer(to: &Path) -> anyhow::Result<Layer> {
     let exe = std::env::current_exe().context("locating the flotilla binary")?;
-    let binary = std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?;
+    // The ELF and program headers and the interpreter's path are at the start of the
+    // file: its first MiB is read, not all of it.
+    let mut head = Vec::new();
+    std::fs::File::open(&exe)
+        .and_then(|f| f.take(1 << 20).read_to_end(&mut head))
+        .with_context(|| format!("reading {}", exe.display()))?;
     let mut libraries = std::collections::BTreeSet::new();
-    if let Some(interpreter) = elf_interpreter(&binary) {
+    if let Some(interpreter) = elf_interpreter(&head) {
         libraries.insert(interpreter);
     }
     let maps = std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?;
@@ -320,20 +435,19 @@ pub fn flotilla_layer() -> anyhow::Result<Vec<u8>> {
             }
         }
     }
-    let mut nodes = vec![Node::File {
+    let mut nodes = vec![Node::HostFile {
         path: "/usr/local/bin/flotilla".into(),
-        data: binary,
+        src: exe,
         mode: 0o755,
     }];
     for path in libraries {
-        let data = std::fs::read(&path).with_context(|| format!("reading {path}"))?;
-        nodes.push(Node::File {
+        nodes.push(Node::HostFile {
+            src: PathBuf::from(&path),
             path,
-            data,
             mode: 0o755,
         });
     }
-    Ok(image::layer(&nodes))
+    write_layer(to, &nodes)
 }
 
 /// The `PT_INTERP` path of a 64-bit little-endian ELF executable, if it has one.
@@ -354,18 +468,6 @@ fn elf_interpreter(elf: &[u8]) -> Option<String> {
         let (offset, size) = (u64_at(ph + 8)? as usize, u64_at(ph + 0x20)? as usize);
         let raw = elf.get(offset..offset.checked_add(size)?)?;
         Some(String::from_utf8_lossy(raw.strip_suffix(&[0]).unwrap_or(raw)).into_owned())
-    })
-}
-
-fn tar_has(layer: &[u8], want: &str) -> bool {
-    let mut a = tar::Archive::new(layer);
-    let Ok(entries) = a.entries() else {
-        return false;
-    };
-    entries.flatten().any(|e| {
-        e.path()
-            .map(|p| p.to_string_lossy().trim_start_matches("./") == want)
-            .unwrap_or(false)
     })
 }
 

@@ -76,8 +76,12 @@ pub struct Catalog {
     tokens_index: u64,
     /// Node certificate revocations, by node.
     revoked: BTreeMap<String, flotilla_core::CertRevocation>,
-    /// Per service, what changed at which index (for delta watches).
+    /// Per service, what changed at which index (for delta watches). A service's log is
+    /// dropped when its last instance leaves, so names that come and go do not pile up.
     change_logs: HashMap<String, ChangeLog>,
+    /// The highest index at which a log was dropped: a service without a log has had
+    /// no change since then only, so a watcher from before it gets the whole service.
+    dropped_logs_floor: u64,
     /// The index this catalog was built at: no change log reaches before it.
     base: u64,
     index: u64,
@@ -120,6 +124,7 @@ impl Catalog {
         c.index = snapshot.revision;
         c.base = snapshot.revision;
         c.change_logs.clear();
+        c.dropped_logs_floor = 0;
         for idx in c.service_index.values_mut() {
             *idx = snapshot.revision;
         }
@@ -244,8 +249,9 @@ impl Catalog {
             Event::Delete { key, .. } => (key.as_str(), None),
         };
         if let Some(id) = key.strip_prefix(keys::INSTANCES) {
-            if let Some(old) = self.instances.remove(id) {
-                self.unindex(&old);
+            let old = self.instances.remove(id);
+            if let Some(old) = &old {
+                self.unindex(old);
                 self.log_change(&old.spec.service, Some(id), revision);
                 changes.services.insert(old.spec.service.clone());
             }
@@ -265,6 +271,11 @@ impl Catalog {
                     self.checks_version += 1;
                 }
                 self.instances.insert(id.to_owned(), rec);
+            }
+            if let Some(old) = old.filter(|o| !self.by_service.contains_key(&o.spec.service)) {
+                // Its last instance left: the log goes, and the floor says so.
+                self.change_logs.remove(&old.spec.service);
+                self.dropped_logs_floor = self.dropped_logs_floor.max(revision);
             }
         } else if let Some(id) = key.strip_prefix(keys::HEALTH) {
             match entry.and_then(|e| self.decode::<HealthRecord>(e)) {
@@ -366,7 +377,7 @@ impl Catalog {
                 .entry(service.to_owned())
                 .or_insert(ChangeLog {
                     entries: VecDeque::new(),
-                    floor: self.base,
+                    floor: self.base.max(self.dropped_logs_floor),
                 }),
         };
         // A move between services logs the id once in each; the same id twice at one
@@ -404,10 +415,14 @@ impl Catalog {
             return None;
         }
         let mut touched = BTreeSet::new();
+        let floor = self
+            .change_logs
+            .get(name)
+            .map_or(self.dropped_logs_floor, |log| log.floor);
+        if since < floor {
+            return None;
+        }
         if let Some(log) = self.change_logs.get(name) {
-            if since < log.floor {
-                return None;
-            }
             for (at, id) in log.entries.iter().rev() {
                 if *at <= since {
                     break;
@@ -1103,5 +1118,33 @@ mod tests {
         }
         assert!(c.service_delta_json("web", 3, false).is_none());
         assert!(c.service_delta_json("web", 5, false).is_some());
+    }
+
+    #[test]
+    fn a_service_whose_last_instance_left_keeps_no_log_and_answers_from_then_on() {
+        let mut c = Catalog::default();
+        c.apply(&put("instances/a", instance("a", "web", false), 1));
+        c.apply(&put("instances/b", instance("b", "api", false), 2));
+        c.apply(&Event::Delete {
+            key: "instances/a".into(),
+            revision: 3,
+        });
+        assert!(
+            !c.change_logs.contains_key("web"),
+            "dropped with web's last instance"
+        );
+        assert!(c.change_logs.contains_key("api"));
+        // Before the drop nothing can be said; from it on, nothing changed.
+        assert!(c.service_delta_json("web", 2, false).is_none());
+        let (v, ids) = by_id(&c.service_delta_json("web", 3, false).unwrap());
+        assert!(ids.is_empty());
+        assert_eq!(v["removed"], serde_json::json!([]));
+        // A logless service inherits the floor; one with a log keeps its own.
+        assert!(c.service_delta_json("api", 1, false).is_some());
+        // web comes back: its new log starts at the floor.
+        c.apply(&put("instances/c", instance("c", "web", false), 4));
+        assert!(c.service_delta_json("web", 2, false).is_none());
+        let (_, ids) = by_id(&c.service_delta_json("web", 3, false).unwrap());
+        assert_eq!(ids.keys().collect::<Vec<_>>(), ["c"]);
     }
 }

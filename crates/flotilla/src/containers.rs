@@ -140,14 +140,20 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
         let file = match (&args.out, &engine) {
             (Some(dir), _) => {
                 let file = dir.join(format!("{}-{name}.tar", spec.name));
-                std::fs::write(&file, &b.archive)?;
+                let mut out = std::io::BufWriter::new(
+                    std::fs::File::create(&file)
+                        .with_context(|| format!("creating {}", file.display()))?,
+                );
+                std::io::copy(&mut b.archive.reader(), &mut out)
+                    .and_then(|_| std::io::Write::flush(&mut out))
+                    .with_context(|| format!("writing {}", file.display()))?;
                 if !args.json {
                     println!("{name}: {} {} -> {}", b.tag, b.id, file.display());
                 }
                 Some(file)
             }
             (None, Some(d)) => {
-                flotilla_agent::build::load(d, b.archive).await?;
+                flotilla_agent::build::load(d, &b.archive).await?;
                 if !args.json {
                     println!(
                         "{name}: {} {} ({} layers, spec {})",
@@ -242,19 +248,14 @@ async fn pull_images(
 }
 
 /// Sends each image to every live node that lacks it, one node at a time, showing the
-/// transfer (a progress bar on a terminal; a line per node unless `quiet`). The archive
-/// is held once and sent in zero-copy chunks (it was copied whole for every node).
+/// transfer (a progress bar on a terminal; a line per node unless `quiet`). Each
+/// archive is read from its layer files as it is sent: never whole in memory.
 async fn push_images(
     nodes: &[NodeView],
     token: &AgentCreds,
-    built: &mut BTreeMap<String, Built>,
+    built: &BTreeMap<String, Built>,
     quiet: bool,
 ) -> anyhow::Result<()> {
-    // The archives are not needed after this: moved out, not copied.
-    let archives: BTreeMap<String, bytes::Bytes> = built
-        .iter_mut()
-        .map(|(name, b)| (name.clone(), std::mem::take(&mut b.archive).into()))
-        .collect();
     for n in nodes {
         let Ok(api) = agent_of(n, token) else {
             eprintln!(
@@ -267,16 +268,23 @@ async fn push_images(
             if api.has_image(&b.tag).await? {
                 continue;
             }
-            let archive = archives[name].clone();
-            let total = archive.len() as u64;
+            let total = b.archive.len();
             let pb = if quiet {
                 indicatif::ProgressBar::hidden()
             } else {
                 progress(&format!("{name}: sending {} to node {}", b.tag, n.name))
             };
             pb.set_length(total);
+            // Drawn now: a small image is sent before the first steady tick.
+            pb.tick();
             let t0 = Instant::now();
-            api.load_image(reqwest::Body::wrap_stream(chunks(archive, pb.clone())))
+            let pb_sent = pb.clone();
+            let body = flotilla_agent::build::archive_stream(&b.archive).inspect(move |c| {
+                if let Ok(c) = c {
+                    pb_sent.inc(c.len() as u64);
+                }
+            });
+            api.load_image(reqwest::Body::wrap_stream(body))
                 .await
                 .with_context(|| format!("sending {} to node {}", b.tag, n.name))?;
             pb.finish_and_clear();
@@ -293,20 +301,6 @@ async fn push_images(
         }
     }
     Ok(())
-}
-
-/// `archive` as a stream of 256 KiB slices of it (no copies), moving `pb` along.
-fn chunks(
-    archive: bytes::Bytes,
-    pb: indicatif::ProgressBar,
-) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
-    const CHUNK: usize = 256 * 1024;
-    let len = archive.len();
-    futures::stream::iter((0..len).step_by(CHUNK).map(move |at| {
-        let part = archive.slice(at..(at + CHUNK).min(len));
-        pb.inc(part.len() as u64);
-        Ok(part)
-    }))
 }
 
 /// The secret values of every service that has some, read from their files (relative
@@ -355,7 +349,7 @@ pub async fn deploy_file(
     // Secret values are read before anything is built or sent: a missing file stops the
     // deploy with nothing changed.
     let secrets = read_secrets(&spec, &dir)?;
-    let mut built = build_all(&spec, &dir, docker).await?;
+    let built = build_all(&spec, &dir, docker).await?;
     let nodes = c.nodes().await?;
     if nodes.is_empty() {
         bail!("no live nodes: start an agent first");
@@ -382,7 +376,7 @@ pub async fn deploy_file(
             .await
             .with_context(|| format!("storing the secrets of service {service}"))?;
     }
-    push_images(&nodes, token, &mut built, quiet).await?;
+    push_images(&nodes, token, &built, quiet).await?;
     let services: BTreeMap<String, DeployedService> = spec
         .services
         .iter()

@@ -33,6 +33,32 @@ async fn cli(server: &Server, home: &Path, args: &[&str], env: &[(&str, &str)]) 
         .unwrap()
 }
 
+/// [`cli`] on a terminal (a pseudo-terminal from util-linux's `script`), where the CLI
+/// draws its progress bars; stdout and stderr both come back as stdout.
+async fn cli_on_terminal(
+    server: &Server,
+    home: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
+    let command = std::iter::once(common::BIN)
+        .chain(args.iter().copied())
+        .map(|a| shlex::try_quote(a).unwrap().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    tokio::process::Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env("FLOTILLA_SERVER", &server.url)
+        .env("FLOTILLA_TOKEN_FILE", &server.token_file)
+        .env("FLOTILLA_HOME", home)
+        .env_remove("FLOTILLA_TOKEN")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap()
+}
+
 /// The output of a command that must succeed (its output in the panic message if not).
 fn ok(o: Output) -> Output {
     assert!(o.status.success(), "{}", text(&o));
@@ -317,9 +343,63 @@ async fn build_is_reproducible_labelled_and_runs() {
         "same spec, same build time: byte-identical image archive"
     );
     assert_ne!(a, c, "another build time is another image config");
-    let la = flotilla_archive::image::base_from_saved(&a).unwrap().layers;
-    let lc = flotilla_archive::image::base_from_saved(&c).unwrap().layers;
-    assert_eq!(la, lc, "but the same layer content");
+    let digests = |out: &Path| -> Vec<[u8; 32]> {
+        flotilla_archive::image::base_from_saved(&out.join(&file))
+            .unwrap()
+            .layers
+            .iter()
+            .map(|l| l.digest)
+            .collect()
+    };
+    assert_eq!(digests(&out1), digests(&out3), "but the same layer content");
+
+    // A rootfs base is the layer as it is (hashed, not rewritten), and a busybox in it
+    // gets the image a Docker health check.
+    let rootfs = dir.path().join("spec/root.tar");
+    let mut t = tar::Builder::new(std::fs::File::create(&rootfs).unwrap());
+    t.append_path_with_name("/bin/busybox", "bin/busybox")
+        .unwrap();
+    t.into_inner().unwrap();
+    let rootfs_spec = dir.path().join("spec/rootfs.toml");
+    std::fs::write(
+        &rootfs_spec,
+        std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace(r#"base = "busybox""#, r#"base = "rootfs:root.tar""#)
+            .replace(r#"["httpd","#, r#"["/bin/busybox", "httpd","#),
+    )
+    .unwrap();
+    let out4 = dir.path().join("o4");
+    ok(cli(
+        &server,
+        home,
+        &[
+            "build",
+            rootfs_spec.to_str().unwrap(),
+            "--out",
+            out4.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await);
+    let layers = flotilla_archive::image::base_from_saved(&out4.join(&file))
+        .unwrap()
+        .layers;
+    assert_eq!(layers.len(), 2, "the rootfs and the files");
+    let whole = std::fs::read(&rootfs).unwrap();
+    let mut from_archive = Vec::new();
+    std::io::Read::read_to_end(&mut layers[0].range.open().unwrap(), &mut from_archive).unwrap();
+    assert!(
+        from_archive == whole,
+        "the rootfs tar is the bottom layer, byte for byte"
+    );
+    let config = flotilla_archive::image::base_from_saved(&out4.join(&file))
+        .unwrap()
+        .config;
+    assert!(
+        config["Healthcheck"]["Test"].to_string().contains("wget"),
+        "{config}"
+    );
 
     // Loaded into the engine: standard labels and health check, and it serves.
     let o = ok(cli(&server, home, &["build", spec.to_str().unwrap()], &[]).await);
@@ -799,10 +879,13 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
     .unwrap();
     let before = volume_fingerprint(None, &container);
 
-    // The schedule runs: archives appear every interval, never more than the retention.
+    // The schedule runs: archives keep appearing, never more than the retention. How
+    // fast depends on how long one takes (24 MiB hashed by a debug build on a busy CI
+    // machine took 3.4 s once): three are waited for, up to 30 s, with the retention
+    // checked all the while.
     let t0 = Instant::now();
     let mut seen = std::collections::BTreeSet::new();
-    while t0.elapsed() < Duration::from_secs(7) {
+    while seen.len() < 3 && t0.elapsed() < Duration::from_secs(30) {
         let names: Vec<String> = std::fs::read_dir(&scheduled)
             .map(|d| {
                 d.flatten()
@@ -819,7 +902,10 @@ async fn backup_destroy_restore_is_identical_and_bad_archives_write_nothing() {
         seen.extend(done.into_iter().cloned());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(seen.len() >= 3, "expected a backup every 2 s: {seen:?}");
+    assert!(
+        seen.len() >= 3,
+        "expected scheduled backups to keep coming: {seen:?}"
+    );
     let newest = std::fs::read_dir(&scheduled)
         .unwrap()
         .flatten()
@@ -1111,7 +1197,8 @@ async fn replicas_move_between_engines_that_share_nothing() {
         true,
         Some(&testsvc),
     );
-    let o = cli(
+    // On a terminal, as an operator runs it: the transfers get progress bars.
+    let o = cli_on_terminal(
         &server,
         home,
         &["deploy", spec.to_str().unwrap(), "--timeout", "60s"],
@@ -1124,11 +1211,17 @@ async fn replicas_move_between_engines_that_share_nothing() {
         text(&o),
         std::fs::read_to_string(dir.path().join(format!("agent-{node_a}.log"))).unwrap_or_default()
     );
-    // Each image the node lacked was sent to it, with the transfer shown.
+    // Each image the node lacked was sent to it, with the transfer shown: a bar while
+    // it runs, a line when it is done.
     let out = text(&o);
     assert!(
         out.contains(&format!("node {node_a} loaded flotilla/")) && out.contains("MB/s"),
         "{out}"
+    );
+    assert!(
+        out.contains(&format!("web: sending flotilla/{stack}-web:"))
+            && out.contains(&format!("to node {node_a}")),
+        "no progress bar on a terminal: {out}"
     );
 
     // Node b joins after the deploy, so it never received the images: its agent fetches
