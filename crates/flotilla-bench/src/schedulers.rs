@@ -266,6 +266,10 @@ struct RunResult {
     /// Per-backend samples four times a second.
     #[serde(default)]
     trace: Vec<Sample>,
+    /// p99 ms of the requests sent in each second of the run (first second first): where
+    /// in the run the tail is (a cold start, a degradation, steady queueing).
+    #[serde(default)]
+    p99_by_second: Vec<f64>,
 }
 
 /// One backend at one instant of a run: what the lb had in force and saw, and what the
@@ -346,7 +350,7 @@ async fn drive(
     secs: u64,
     new_connections: bool,
     on_half: impl FnOnce(),
-) -> (Vec<f64>, u64, u64, f64) {
+) -> Driven {
     let client = load_client(new_connections);
     let results = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
@@ -373,7 +377,7 @@ async fn drive(
             };
             // Latency from the intended send time: queueing anywhere counts.
             let latency = due.elapsed().as_secs_f64() * 1000.0;
-            results.lock().unwrap().push((ok, latency));
+            results.lock().unwrap().push((ok, latency, t));
         }));
         t += 1.0 / rate;
     }
@@ -383,18 +387,45 @@ async fn drive(
     let elapsed = start.elapsed().as_secs_f64();
     let results = results.lock().unwrap().clone();
     let ok = results.iter().filter(|r| r.0).count() as u64;
-    let mut lat: Vec<f64> = results
-        .iter()
-        .map(|(ok, l)| {
-            if *ok {
-                *l
-            } else {
-                l.max(TIMEOUT.as_secs_f64() * 1000.0)
-            }
+    let counted = |(ok, l, _): &(bool, f64, f64)| {
+        if *ok {
+            *l
+        } else {
+            l.max(TIMEOUT.as_secs_f64() * 1000.0)
+        }
+    };
+    let mut lat: Vec<f64> = results.iter().map(counted).collect();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let p99_by_second = (0..secs)
+        .map(|second| {
+            let mut in_it: Vec<f64> = results
+                .iter()
+                .filter(|r| r.2 as u64 == second)
+                .map(counted)
+                .collect();
+            in_it.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            percentile(&in_it, 0.99)
         })
         .collect();
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (lat, ok, sent, elapsed)
+    Driven {
+        latencies: lat,
+        ok,
+        sent,
+        elapsed,
+        p99_by_second,
+    }
+}
+
+/// What one open-loop run measured.
+struct Driven {
+    /// Every request's latency, ms, sorted (a failure counts as the timeout).
+    latencies: Vec<f64>,
+    ok: u64,
+    sent: u64,
+    /// Seconds from the first send to the last answer.
+    elapsed: f64,
+    /// p99 ms of the requests sent in each second.
+    p99_by_second: Vec<f64>,
 }
 
 fn haproxy(
@@ -592,7 +623,13 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
                     .degrade
                     .map(|share| (containers[0].name.clone(), sc.backends[0].0 * share));
                 let secs = args.seconds;
-                let (lat, ok, sent, elapsed) = drive(
+                let Driven {
+                    latencies: lat,
+                    ok,
+                    sent,
+                    elapsed,
+                    p99_by_second,
+                } = drive(
                     &balancer.url,
                     capacity,
                     load,
@@ -637,9 +674,10 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
                     weights,
                     level,
                     trace,
+                    p99_by_second,
                 };
                 eprintln!(
-                    "{:>16} {:>5} {:>19}: {:.0}/{:.0} req/s ok, success {:.1} %, p50 {:.1} ms, p99 {:.1} ms",
+                    "{:>16} {:>5} {:>19}: {:.0}/{:.0} req/s ok, success {:.1} %, p50 {:.1} ms, p99 {:.1} ms (by second: {})",
                     r.scenario,
                     level.map(|l| format!("{:.0}%", l * 100.0)).unwrap_or_default(),
                     r.scheduler,
@@ -647,7 +685,12 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
                     r.offered_rps,
                     r.success * 100.0,
                     r.p50_ms,
-                    r.p99_ms
+                    r.p99_ms,
+                    r.p99_by_second
+                        .iter()
+                        .map(|p| format!("{p:.0}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
                 );
                 all.push(r);
                 if let Some(path) = &args.json {
@@ -1108,6 +1151,7 @@ fn medians(all: &[RunResult]) -> Vec<RunResult> {
             weights: r.weights.clone(),
             level: r.level,
             trace: Vec::new(),
+            p99_by_second: Vec::new(),
         });
     }
     out
