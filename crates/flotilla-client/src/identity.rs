@@ -94,7 +94,7 @@ impl ClusterIdentity {
             return Ok(None);
         }
         create_private_dir(dir)?;
-        let ca_pem = cluster_ca(ca, dir, &list).await?;
+        let ca_pem = ca.resolve(Some(dir), &list).await?;
         let slot = CertSlot::new();
         let identity = Arc::new(ClusterIdentity {
             client: flotilla_tls::client_config(&ca_pem, Some(slot.clone()))?,
@@ -270,29 +270,37 @@ pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("making {} private", dir.display()))
 }
 
-/// The cluster CA: the operator's file, else the one pinned on an earlier join, else
-/// fetched from the servers and checked against the pinned hash. A configured hash is
-/// checked whichever way the CA came.
-async fn cluster_ca(ca: &CaSource, dir: &Path, servers: &[String]) -> anyhow::Result<String> {
-    let stored = dir.join(CA_FILE);
-    let pem = if let Some(f) = &ca.file {
-        flotilla_tls::ca::read(f)?
-    } else if let Ok(pem) = std::fs::read_to_string(&stored) {
-        pem
-    } else {
-        let pinned = ca.hash.as_deref().context(
-            "an https:// server needs the cluster CA: --ca FILE, or --ca-hash sha256:… as printed by `flotilla server`",
-        )?;
-        let pem = crate::fetch_pinned_ca(servers, pinned)
-            .await
-            .map_err(|e| anyhow::anyhow!("fetching the CA: {e}"))?;
-        flotilla_tls::ca::write_public(&stored, &pem)?;
-        pem
-    };
-    if let Some(h) = &ca.hash {
-        flotilla_tls::check_ca_hash(&pem, h)?;
+impl CaSource {
+    /// The cluster CA, PEM: the operator's file, else the copy kept in `dir` from an
+    /// earlier fetch, else fetched from the servers (`https://host:port`, no token
+    /// sent) and kept only if it matches the pinned hash — stored in `dir` when there
+    /// is one. A configured hash is checked whichever way the CA came.
+    pub async fn resolve(&self, dir: Option<&Path>, servers: &[String]) -> anyhow::Result<String> {
+        let stored = dir.map(|d| d.join(CA_FILE));
+        let pem = if let Some(f) = &self.file {
+            flotilla_tls::ca::read(f)?
+        } else if let Some(pem) = stored
+            .as_ref()
+            .and_then(|s| std::fs::read_to_string(s).ok())
+        {
+            pem
+        } else {
+            let pinned = self.hash.as_deref().context(
+                "an https:// server needs the cluster CA: --ca FILE, or --ca-hash sha256:… as printed by `flotilla server`",
+            )?;
+            let pem = crate::fetch_pinned_ca(servers, pinned)
+                .await
+                .map_err(|e| anyhow::anyhow!("fetching the CA: {e}"))?;
+            if let Some(stored) = &stored {
+                flotilla_tls::ca::write_public(stored, &pem)?;
+            }
+            pem
+        };
+        if let Some(h) = &self.hash {
+            flotilla_tls::check_ca_hash(&pem, h)?;
+        }
+        Ok(pem)
     }
-    Ok(pem)
 }
 
 #[cfg(test)]

@@ -117,15 +117,15 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
                     .filter(|f| f.exists())
             });
             let https = r.server_list().contains("https://");
+            let source = flotilla_client::identity::CaSource {
+                file: ca,
+                hash: r.ca_hash.clone(),
+            };
             if let (Some(dir), true) = (&r.cert_dir, https) {
                 // Its own certificate, bound to its lb token: mutual TLS, no token sent.
                 let name = lb_name
                     .clone()
                     .context("registry.name: no usable name for the lb's certificate")?;
-                let source = flotilla_client::identity::CaSource {
-                    file: ca,
-                    hash: r.ca_hash.clone(),
-                };
                 let identity = flotilla_client::identity::ClusterIdentity::obtain(
                     dir,
                     &r.server_list(),
@@ -144,16 +144,17 @@ pub async fn start(config: LbConfig) -> anyhow::Result<RunningLb> {
                 renewal = Some((identity, client.clone(), token));
                 Some(client)
             } else {
-                let tls = match (ca, &r.ca_hash) {
-                    (Some(f), _) if https => Some(flotilla_client::tls_config(&f)?),
-                    // Joins the way an agent does: the CA fetched from a server and kept
-                    // only if it matches the pinned hash, before the token is sent.
-                    (None, Some(pin)) if https => {
+                // The CA found the way an agent finds it (a file, or fetched from a server
+                // and kept only if it matches the pinned hash) before the token is sent.
+                let tls = match (&source.file, &source.hash) {
+                    (None, None) => None,
+                    _ if https => {
                         let servers = flotilla_core::config::parse_server_list(&r.server_list())
                             .map_err(anyhow::Error::msg)?;
-                        let pem = flotilla_client::fetch_pinned_ca(&servers, pin)
+                        let pem = source
+                            .resolve(None, &servers)
                             .await
-                            .map_err(|e| anyhow::anyhow!("registry.ca_hash: {e}"))?;
+                            .context("registry.ca / registry.ca_hash")?;
                         Some(flotilla_tls::client_config(&pem, None)?)
                     }
                     _ => None,

@@ -566,6 +566,23 @@ async fn an_lb_joins_with_its_token_and_its_certificate_does_that_token_s_job_on
         )
         .await
         .unwrap();
+    // Without a certificate directory the lb sends its token, so it must find the CA
+    // first: a pin that no server's CA matches stops it before any token is sent.
+    let wrong_pin = format!("sha256:{}", "0".repeat(64));
+    let text = format!(
+        "[admin]\nlisten = \"\"\n[registry]\nurl = \"{}\"\ntoken_file = \"{}\"\nca_hash = \"{wrong_pin}\"\n\
+         [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nservice = \"web\"\n",
+        server.url,
+        token_file.display(),
+    );
+    let config: flotilla_lb::config::LbConfig =
+        flotilla_core::config::parse_toml(Path::new("lb.toml"), &text).unwrap();
+    let err = format!("{:#}", flotilla_lb::start(config).await.err().unwrap());
+    assert!(
+        err.contains("registry.ca") && err.contains("pinned"),
+        "{err}"
+    );
+
     let cert_dir = dir.path().join("lb-cert");
     let text = format!(
         "[admin]\nlisten = \"\"\n[registry]\nurl = \"{}\"\ntoken_file = \"{}\"\nca_hash = \"{}\"\n\
