@@ -670,7 +670,10 @@ mod tests {
                                          start2 in 0u64..1000, cut_at in 0u64..1500,
                                          cut_len in 0u64..2000) {
             let heal = cut_at + cut_len;
-            let horizon = heal + 1200;
+            // Both routers must have started and had time to act: a router started late
+            // takes over a master-down interval (≤ 400 ms here) after its start, which
+            // may be after the heal (start2 = 866 with no cut once ended the run first).
+            let horizon = heal.max(start2) + 1200;
             let (r, masters) = simulate(p1, p2, preempt, start2, (cut_at, heal), horizon);
             for (ms, n) in &masters {
                 if *ms > heal + 800 {
