@@ -169,9 +169,13 @@ pub async fn build_service(
             let rel = &other["rootfs:".len()..];
             let path = spec_dir.join(rel);
             // The rootfs tar is the layer as it is: hashed, never copied.
-            let layer = blocking({
+            let (layer, busybox) = blocking({
                 let path = path.clone();
-                move || Ok(Layer::of_file(&path)?)
+                move || {
+                    let layer = Layer::of_file(&path)?;
+                    let busybox = layer.has("bin/busybox");
+                    Ok((layer, busybox))
+                }
             })
             .await
             .with_context(|| {
@@ -181,7 +185,6 @@ pub async fn build_service(
                 )
             })?;
             hash.update(layer.digest);
-            let busybox = layer.has("bin/busybox");
             (
                 Base {
                     layers: vec![layer],
@@ -205,13 +208,13 @@ pub async fn build_service(
                 tokio::io::AsyncWriteExt::write_all(&mut out, &chunk?).await?;
             }
             tokio::io::AsyncWriteExt::flush(&mut out).await?;
-            let base = blocking(move || {
-                image::base_from_saved(&saved).map_err(|e| anyhow::anyhow!("{e}"))
+            blocking(move || {
+                let base = image::base_from_saved(&saved).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let busybox = base.layers.iter().any(|l| l.has("bin/busybox"));
+                Ok((base, busybox))
             })
             .await
-            .with_context(|| format!("reading base image {name}"))?;
-            let busybox = base.layers.iter().any(|l| l.has("bin/busybox"));
-            (base, busybox)
+            .with_context(|| format!("reading base image {name}"))?
         }
     };
     let spec_hash = hex::encode(hash.finalize());

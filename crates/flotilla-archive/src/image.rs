@@ -134,7 +134,7 @@ pub fn write_layer<W: Write>(nodes: &[Node], out: W) -> io::Result<W> {
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_mode(*mode);
                 h.set_size(len);
-                b.append_data(&mut h, &path, Exact::new(f, len, src))?;
+                b.append_data(&mut h, &path, Exact::new(f, len, src, true))?;
             }
             Some(Node::Symlink { target, .. }) => {
                 h.set_entry_type(tar::EntryType::Symlink);
@@ -147,35 +147,41 @@ pub fn write_layer<W: Write>(nodes: &[Node], out: W) -> io::Result<W> {
     b.into_inner()
 }
 
-/// Reads exactly `len` bytes of a file and fails if it has fewer or more: a tar entry's
-/// size is written before its data, so a file that changes size while it is copied
-/// would otherwise make a corrupt layer.
-struct Exact<'a> {
+/// Reads exactly `left` bytes of a file from where it stands, and fails if the file
+/// ends first or — when `whole` — goes on after them: a tar entry's size is written
+/// before its data, so a file that changes size while it is copied would otherwise make
+/// a corrupt layer.
+struct Exact {
     file: File,
     left: u64,
-    name: &'a Path,
+    path: PathBuf,
+    whole: bool,
 }
 
-impl<'a> Exact<'a> {
-    fn new(file: File, len: u64, name: &'a Path) -> Self {
+impl Exact {
+    fn new(file: File, len: u64, path: &Path, whole: bool) -> Self {
         Exact {
             file,
             left: len,
-            name,
+            path: path.to_owned(),
+            whole,
         }
     }
 
     fn changed(&self) -> io::Error {
         io::Error::new(
             io::ErrorKind::UnexpectedEof,
-            format!("{}: changed size while it was read", self.name.display()),
+            format!("{}: changed size while it was read", self.path.display()),
         )
     }
 }
 
-impl Read for Exact<'_> {
+impl Read for Exact {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.left == 0 {
+            if !self.whole {
+                return Ok(0);
+            }
             // At the end: the file must be too.
             let mut probe = [0u8; 1];
             return match self.file.read(&mut probe)? {
@@ -210,36 +216,7 @@ impl FileRange {
         let mut f = File::open(&self.path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))?;
         f.seek(SeekFrom::Start(self.offset))?;
-        Ok(RangeReader {
-            file: f,
-            left: self.len,
-            path: self.path.clone(),
-        })
-    }
-}
-
-/// [`FileRange::open`]'s reader: stops after the range, fails if the file ends first.
-struct RangeReader {
-    file: File,
-    left: u64,
-    path: PathBuf,
-}
-
-impl Read for RangeReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.left == 0 {
-            return Ok(0);
-        }
-        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
-        let n = self.file.read(&mut buf[..want])?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("{}: shorter than when it was read", self.path.display()),
-            ));
-        }
-        self.left -= n as u64;
-        Ok(n)
+        Ok(Exact::new(f, self.len, &self.path, false))
     }
 }
 
@@ -802,10 +779,10 @@ mod tests {
         .unwrap();
         assert!(missing.to_string().contains("absent"), "{missing}");
         // A file that grows while it is copied is refused, not cut.
-        let mut short = Exact::new(std::fs::File::open(&src).unwrap(), 10, &src);
+        let mut short = Exact::new(std::fs::File::open(&src).unwrap(), 10, &src, true);
         let err = io::copy(&mut short, &mut io::sink()).unwrap_err();
         assert!(err.to_string().contains("changed size"), "{err}");
-        let mut long = Exact::new(std::fs::File::open(&src).unwrap(), 400_000, &src);
+        let mut long = Exact::new(std::fs::File::open(&src).unwrap(), 400_000, &src, true);
         assert!(io::copy(&mut long, &mut io::sink()).is_err());
     }
 
