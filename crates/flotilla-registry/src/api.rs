@@ -133,6 +133,21 @@ pub enum Caller {
     Anonymous,
 }
 
+impl Caller {
+    /// Refuses (403) anyone but the cluster token's holder: `doing` says what needs it
+    /// ("writing secrets", …). For what no scoped role may do at all.
+    pub(crate) fn admin_only(&self, doing: &str) -> Result<(), ApiError> {
+        if *self == Caller::Admin {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("{doing} needs an admin token"),
+            ))
+        }
+    }
+}
+
 async fn authorize(State(shared): State<Arc<Shared>>, mut req: Request, next: Next) -> Response {
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
     let given = flotilla_core::auth::bearer(

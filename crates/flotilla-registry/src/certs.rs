@@ -197,12 +197,7 @@ async fn revoke(
     Extension(caller): Extension<Caller>,
     JsonBody(body): JsonBody<RevokeBody>,
 ) -> Result<Response, ApiError> {
-    if caller != Caller::Admin {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "revoking certificates needs an admin token",
-        ));
-    }
+    caller.admin_only("revoking certificates")?;
     validate_node_name("node", &body.node)?;
     let rec = flotilla_core::CertRevocation {
         v: flotilla_core::RECORD_VERSION,

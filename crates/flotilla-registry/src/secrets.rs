@@ -41,12 +41,7 @@ async fn store(
     Path((name, svc)): Path<(String, String)>,
     JsonBody(body): JsonBody<SecretsBody>,
 ) -> Result<Response, ApiError> {
-    if caller != Caller::Admin {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "writing secrets needs an admin token",
-        ));
-    }
+    caller.admin_only("writing secrets")?;
     validate_service_name("name", &name)?;
     validate_service_name("svc", &svc)?;
     for (k, v) in &body.values {

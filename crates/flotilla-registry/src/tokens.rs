@@ -31,17 +31,6 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/v1/tokens/{id}", delete(revoke))
 }
 
-fn admin_only(caller: &Caller) -> Result<(), ApiError> {
-    if *caller == Caller::Admin {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "managing tokens needs an admin token",
-        ))
-    }
-}
-
 /// A new token's role and scope.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,7 +47,7 @@ async fn create(
     Extension(caller): Extension<Caller>,
     JsonBody(body): JsonBody<CreateBody>,
 ) -> Result<Response, ApiError> {
-    admin_only(&caller)?;
+    caller.admin_only("managing tokens")?;
     if let Some(s) = &body.service {
         if body.role != Role::Lb {
             return Err(ApiError::field(
@@ -106,7 +95,7 @@ async fn list(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Response, ApiError> {
-    admin_only(&caller)?;
+    caller.admin_only("managing tokens")?;
     Ok(Json(shared.catalog().tokens()).into_response())
 }
 
@@ -150,7 +139,7 @@ async fn revoke(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    admin_only(&caller)?;
+    caller.admin_only("managing tokens")?;
     if shared.catalog().token(&id).is_none() {
         return Err(ApiError::not_found(&format!("token {id:?}")));
     }
