@@ -634,18 +634,27 @@ async fn backend_messages_are_framed_by_length_chunks_or_close() {
     assert_eq!(requests.load(Ordering::SeqCst), 7);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stale_pooled_connections_are_retried_without_sending_twice() {
-    let (addr, requests, conns) = scripted_backend(Some(Duration::from_millis(100))).await;
-    let (_lb, url) = lb(&format!(
+/// An lb (no retries) in front of `backend`, one request through it so it pools the
+/// connection, and time for the backend (which closes idle connections after 100 ms) to
+/// close it behind the lb's back.
+async fn lb_with_a_stale_pooled_connection(
+    backend: std::net::SocketAddr,
+) -> (flotilla_lb::RunningLb, String, reqwest::Client) {
+    let (lb, url) = lb(&format!(
         "retries = 0\n{}",
-        backends_line(&[addr.to_string()])
+        backends_line(&[backend.to_string()])
     ))
     .await;
     let c = client();
     assert_eq!(get(&c, &url).await, (200, "ok".into()));
-    // The backend has now closed the pooled connection behind the lb's back.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    (lb, url, c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_pooled_connections_are_retried_without_sending_twice() {
+    let (addr, requests, conns) = scripted_backend(Some(Duration::from_millis(100))).await;
+    let (_lb, url, c) = lb_with_a_stale_pooled_connection(addr).await;
     assert_eq!(
         get(&c, &url).await,
         (200, "ok".into()),
@@ -737,15 +746,7 @@ async fn recording_backend() -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_with_a_body_is_never_sent_again_without_it() {
     let (addr, seen) = recording_backend().await;
-    let (_lb, url) = lb(&format!(
-        "retries = 0\n{}",
-        backends_line(&[addr.to_string()])
-    ))
-    .await;
-    let c = client();
-    assert_eq!(get(&c, &url).await, (200, "ok".into()));
-    // The backend has now closed the pooled connection behind the lb's back.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_lb, url, c) = lb_with_a_stale_pooled_connection(addr).await;
     let r = c.post(&url).body("hello").send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let seen = seen.lock().unwrap().clone();
