@@ -677,7 +677,9 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
                         let rps = median(runs);
                         eprintln!(
                             "{:>16} {:>19}: closed-loop saturation, median of {}: {rps:.0} req/s",
-                            sc.name, sched, args.saturation_rounds
+                            sc.name,
+                            sched,
+                            args.saturation_rounds.max(1)
                         );
                         rps
                     })
@@ -1420,4 +1422,30 @@ where
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rotated;
+
+    #[test]
+    fn every_round_runs_each_scheduler_once_starting_one_further_along() {
+        let order: Vec<(usize, usize)> = rotated(3, 3).collect();
+        assert_eq!(
+            order,
+            [
+                (0, 0),
+                (0, 1),
+                (0, 2),
+                (1, 1),
+                (1, 2),
+                (1, 0),
+                (2, 2),
+                (2, 0),
+                (2, 1)
+            ]
+        );
+        // No rounds asked for is still one round.
+        assert_eq!(rotated(2, 0).count(), 2);
+    }
 }
