@@ -134,7 +134,7 @@ pub fn write_layer<W: Write>(nodes: &[Node], out: W) -> io::Result<W> {
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_mode(*mode);
                 h.set_size(len);
-                b.append_data(&mut h, &path, Exact::new(f, len, src, true))?;
+                b.append_data(&mut h, &path, Exact::whole(f, len, src))?;
             }
             Some(Node::Symlink { target, .. }) => {
                 h.set_entry_type(tar::EntryType::Symlink);
@@ -159,6 +159,16 @@ struct Exact {
 }
 
 impl Exact {
+    /// A whole file of `len` bytes: more or fewer is an error.
+    fn whole(file: File, len: u64, path: &Path) -> Self {
+        Self::new(file, len, path, true)
+    }
+
+    /// `len` bytes from where `file` stands (a range of it): fewer is an error.
+    fn range(file: File, len: u64, path: &Path) -> Self {
+        Self::new(file, len, path, false)
+    }
+
     fn new(file: File, len: u64, path: &Path, whole: bool) -> Self {
         Exact {
             file,
@@ -216,7 +226,7 @@ impl FileRange {
         let mut f = File::open(&self.path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))?;
         f.seek(SeekFrom::Start(self.offset))?;
-        Ok(Exact::new(f, self.len, &self.path, false))
+        Ok(Exact::range(f, self.len, &self.path))
     }
 }
 
@@ -779,10 +789,10 @@ mod tests {
         .unwrap();
         assert!(missing.to_string().contains("absent"), "{missing}");
         // A file that grows while it is copied is refused, not cut.
-        let mut short = Exact::new(std::fs::File::open(&src).unwrap(), 10, &src, true);
+        let mut short = Exact::whole(std::fs::File::open(&src).unwrap(), 10, &src);
         let err = io::copy(&mut short, &mut io::sink()).unwrap_err();
         assert!(err.to_string().contains("changed size"), "{err}");
-        let mut long = Exact::new(std::fs::File::open(&src).unwrap(), 400_000, &src, true);
+        let mut long = Exact::whole(std::fs::File::open(&src).unwrap(), 400_000, &src);
         assert!(io::copy(&mut long, &mut io::sink()).is_err());
     }
 
