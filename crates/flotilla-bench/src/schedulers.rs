@@ -147,11 +147,11 @@ impl Workload {
     /// cost per request gives the same throughput every second, so 5 s is plenty. A
     /// capped Pareto cost (shape 1.5, cap 50×) has a standard deviation 2.2× its mean:
     /// over the ~1,800 requests of 5 s the mean cost is known to ±5 % (one standard
-    /// error), and the best of five schedulers' samples is the luckiest — simulating the
-    /// draws, it over-estimates the throughput by 6 % (median), and the sweep of
-    /// 2026-11-30 measured 403 req/s where the quotas allow ~370, so its "95 %" was
-    /// overload. Samples of 10 s, the median of three per scheduler, then the best
-    /// scheduler: 3 %.
+    /// error), and the best of five schedulers' samples is the luckiest, 6 % above the
+    /// true throughput (median; the sweep of 2026-11-30 measured 403 req/s where the
+    /// quotas allow ~370, so its "95 %" was overload). Samples of 10 s, the median of
+    /// three per scheduler, then the best scheduler: 3 %. Figures from
+    /// `python3 docs/bench/heavy-tailed-dispatch.py --saturation` (BENCHMARKS.md).
     fn saturation_seconds(self) -> u64 {
         match self {
             Workload::Spin | Workload::Fork => 5,
