@@ -169,12 +169,15 @@ pub async fn build_service(
             let rel = &other["rootfs:".len()..];
             let path = spec_dir.join(rel);
             // The rootfs tar is the layer as it is: hashed, never copied.
-            let (layer, busybox) = blocking({
+            let (base, busybox) = blocking({
                 let path = path.clone();
                 move || {
-                    let layer = Layer::of_file(&path)?;
-                    let busybox = layer.has("bin/busybox");
-                    Ok((layer, busybox))
+                    let base = Base {
+                        layers: vec![Layer::of_file(&path)?],
+                        config: serde_json::Value::Null,
+                    };
+                    let busybox = base.has("bin/busybox");
+                    Ok((base, busybox))
                 }
             })
             .await
@@ -184,14 +187,8 @@ pub async fn build_service(
                     path.display()
                 )
             })?;
-            hash.update(layer.digest);
-            (
-                Base {
-                    layers: vec![layer],
-                    config: serde_json::Value::Null,
-                },
-                busybox,
-            )
+            hash.update(base.layers[0].digest);
+            (base, busybox)
         }
         other => {
             let name = other.trim_start_matches("image:");
@@ -210,7 +207,7 @@ pub async fn build_service(
             tokio::io::AsyncWriteExt::flush(&mut out).await?;
             blocking(move || {
                 let base = image::base_from_saved(&saved).map_err(|e| anyhow::anyhow!("{e}"))?;
-                let busybox = base.layers.iter().any(|l| l.has("bin/busybox"));
+                let busybox = base.has("bin/busybox");
                 Ok((base, busybox))
             })
             .await

@@ -374,6 +374,14 @@ pub struct Base {
     pub config: Value,
 }
 
+impl Base {
+    /// Whether any layer holds an entry at `want` (reads the layers: call it off the
+    /// async threads).
+    pub fn has(&self, want: &str) -> bool {
+        self.layers.iter().any(|l| l.has(want))
+    }
+}
+
 /// Reads the first image of a `docker save` archive in the file `saved`: its config,
 /// and its layers as byte ranges of that file (hashed, not copied).
 pub fn base_from_saved(saved: &Path) -> Result<Base, String> {
