@@ -387,6 +387,7 @@ impl Client {
             .get("x-flotilla-index")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
+            .map(flotilla_core::record::watchable)
             .unwrap_or(0);
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
@@ -954,7 +955,7 @@ impl Client {
         }
         let req = self.blocking_get("/v1/tokens/index", index, wait);
         let r: Reply = self.send(req).await?;
-        Ok(r.index)
+        Ok(flotilla_core::record::watchable(r.index))
     }
 
     /// `POST /v1/certs`: a node certificate for `node` from `csr_pem` (needs the cluster

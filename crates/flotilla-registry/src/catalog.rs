@@ -151,7 +151,7 @@ impl Catalog {
 
     /// Index of the last applied change (the store revision).
     pub fn index(&self) -> u64 {
-        self.index
+        flotilla_core::record::watchable(self.index)
     }
 
     /// Index of the last change to `service`. A service never seen answers with the
@@ -161,7 +161,8 @@ impl Catalog {
         self.service_index
             .get(service)
             .copied()
-            .unwrap_or(self.index)
+            .map(flotilla_core::record::watchable)
+            .unwrap_or(self.index())
     }
 
     /// Whether `service` has (or had) instances.
@@ -171,12 +172,12 @@ impl Catalog {
 
     /// Index of the last change to any node.
     pub fn nodes_index(&self) -> u64 {
-        self.nodes_index
+        flotilla_core::record::watchable(self.nodes_index)
     }
 
     /// Index of the last change to any stack's desired state.
     pub fn stacks_index(&self) -> u64 {
-        self.stacks_index
+        flotilla_core::record::watchable(self.stacks_index)
     }
 
     /// Every stack's desired state.
@@ -206,7 +207,7 @@ impl Catalog {
 
     /// Revision of the last change to the lbs' reports or the backup inventories.
     pub fn lbs_index(&self) -> u64 {
-        self.lbs_index
+        flotilla_core::record::watchable(self.lbs_index)
     }
 
     /// One stack's desired state.
@@ -226,7 +227,7 @@ impl Catalog {
 
     /// Revision of the last token change (a made or revoked token).
     pub fn tokens_index(&self) -> u64 {
-        self.tokens_index
+        flotilla_core::record::watchable(self.tokens_index)
     }
 
     /// A scoped token's record by id.

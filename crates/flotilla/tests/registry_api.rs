@@ -295,6 +295,55 @@ async fn blocking_query_wakes_on_change_and_times_out() {
     eprintln!("blocking watcher woke {latency:?} after the change was sent");
 }
 
+/// A watch on a part nothing has written yet (a fresh store: no stacks, no token
+/// changes, a service never registered) must block like any other: the index a reply
+/// hands out is never 0, since index 0 asks for no wait. Before this held, an idle agent
+/// fed back 0 and spun: ~560 requests a second to its engine and the registry.
+#[tokio::test]
+async fn a_watch_on_a_part_nothing_has_written_yet_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "s", &[]);
+    let token = std::fs::read_to_string(&server.token_file).unwrap();
+    let token = token.trim();
+    for path in ["/v1/stacks", "/v1/tokens/index", "/v1/services/never-seen"] {
+        let url = format!("{}{path}?index=0", server.url);
+        let resp = server
+            .http()
+            .get(&url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{path}");
+        let header: u64 = resp.headers()["x-flotilla-index"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(header >= 1, "{path} handed out index {header}");
+        let body: Value = resp.json().await.unwrap();
+        if let Some(i) = body.get("index").and_then(Value::as_u64) {
+            assert_eq!(i, header, "{path}: body and header disagree");
+        }
+        // Fed back, the index blocks for the wait instead of answering at once.
+        let url = format!("{}{path}?index={header}&wait=700ms", server.url);
+        let t = Instant::now();
+        let resp = server
+            .http()
+            .get(&url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let waited = t.elapsed();
+        assert_eq!(resp.status().as_u16(), 200, "{path}");
+        assert!(
+            waited >= Duration::from_millis(650),
+            "{path} with index {header} answered after {waited:?}: a watcher would spin"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_delta_watch_sends_only_what_changed_and_the_follower_keeps_the_whole_set() {
     let dir = tempfile::tempdir().unwrap();
