@@ -1037,7 +1037,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "store": shared.store.kind(),
         "leader": shared.is_leader(),
         "synced": shared.is_synced(),
-        "index": catalog.index(),
+        "index": catalog.revision(),
         "undecodable_records": catalog.undecodable.len(),
     }))
 }

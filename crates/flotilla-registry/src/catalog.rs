@@ -149,9 +149,16 @@ impl Catalog {
         c
     }
 
-    /// Index of the last applied change (the store revision).
+    /// Index of the last applied change (the store revision), as a watch handle: at
+    /// least 1, since a watch on index 0 would not wait.
     pub fn index(&self) -> u64 {
         flotilla_core::record::watchable(self.index)
+    }
+
+    /// The store revision last applied, 0 when nothing has been written — what
+    /// `/v1/status` reports (a fact about the store, not a watch handle).
+    pub fn revision(&self) -> u64 {
+        self.index
     }
 
     /// Index of the last change to `service`. A service never seen answers with the
