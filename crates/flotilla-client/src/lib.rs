@@ -387,7 +387,6 @@ impl Client {
             .get("x-flotilla-index")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
-            .map(flotilla_core::record::watchable)
             .unwrap_or(0);
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
@@ -955,7 +954,7 @@ impl Client {
         }
         let req = self.blocking_get("/v1/tokens/index", index, wait);
         let r: Reply = self.send(req).await?;
-        Ok(flotilla_core::record::watchable(r.index))
+        Ok(r.index)
     }
 
     /// `POST /v1/certs`: a node certificate for `node` from `csr_pem` (needs the cluster

@@ -10,15 +10,6 @@ use crate::InstanceSpec;
 /// Current version of persisted records.
 pub const RECORD_VERSION: u32 = 1;
 
-/// An index as a reply hands it out: never 0. A blocking query with index 0 asks for no
-/// wait, so a watcher that feeds back a 0 (an empty store, or a part nothing has written
-/// yet: no stacks, no token changes) would be answered at once, forever: a busy loop
-/// (measured: an idle agent at 64 % of a core and dockerd at 42 % from its reconcile
-/// passes). 1 makes the next query block until the part really moves past it.
-pub fn watchable(index: u64) -> u64 {
-    index.max(1)
-}
-
 /// A registered instance as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceRecord {

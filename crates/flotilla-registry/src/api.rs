@@ -973,7 +973,7 @@ async fn get_node(
         .into_iter()
         .find(|n| n.name == name)
         .ok_or_else(|| ApiError::not_found("node"))?;
-    Ok(with_index(catalog.nodes_index(), node))
+    Ok(with_index(catalog.watch_index(catalog.nodes_index()), node))
 }
 
 async fn delete_node(
@@ -994,7 +994,7 @@ async fn delete_node(
 
 async fn list_nodes(State(shared): State<Arc<Shared>>) -> Response {
     let catalog = shared.catalog();
-    with_index(catalog.nodes_index(), catalog.nodes())
+    with_index(catalog.watch_index(catalog.nodes_index()), catalog.nodes())
 }
 
 #[derive(Debug, Deserialize)]
@@ -1037,7 +1037,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "store": shared.store.kind(),
         "leader": shared.is_leader(),
         "synced": shared.is_synced(),
-        "index": catalog.revision(),
+        "index": catalog.index(),
         "undecodable_records": catalog.undecodable.len(),
     }))
 }

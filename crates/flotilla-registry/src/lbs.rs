@@ -117,7 +117,7 @@ async fn list_backups(
             inventory,
         })
         .collect();
-    Ok(with_index(c.lbs_index(), views))
+    Ok(with_index(c.watch_index(c.lbs_index()), views))
 }
 
 /// One lb as `GET /v1/lbs` lists it.
@@ -160,5 +160,5 @@ async fn list(
             }
         })
         .collect();
-    Ok(with_index(c.lbs_index(), views))
+    Ok(with_index(c.watch_index(c.lbs_index()), views))
 }

@@ -123,7 +123,7 @@ async fn assignments(
     .await?;
     let c = shared.catalog();
     Ok(with_index(
-        c.stacks_index(),
+        c.watch_index(c.stacks_index()),
         json!({ "assignments": c.assignments() }),
     ))
 }
@@ -167,7 +167,7 @@ async fn list(
     })
     .await?;
     let c = shared.catalog();
-    Ok(with_index(c.stacks_index(), c.stacks()))
+    Ok(with_index(c.watch_index(c.stacks_index()), c.stacks()))
 }
 
 async fn get_one(
@@ -179,7 +179,7 @@ async fn get_one(
         .stack(&name)
         .cloned()
         .ok_or_else(|| ApiError::not_found(&format!("stack {name:?}")))?;
-    Ok(with_index(c.stacks_index(), s))
+    Ok(with_index(c.watch_index(c.stacks_index()), s))
 }
 
 /// Body of `PUT /v1/stacks/{name}`.

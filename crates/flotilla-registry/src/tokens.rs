@@ -130,7 +130,10 @@ async fn index(
         s.catalog().tokens_index()
     })
     .await?;
-    let index = shared.catalog().tokens_index();
+    let index = {
+        let c = shared.catalog();
+        c.watch_index(c.tokens_index())
+    };
     Ok(with_index(index, json!({ "index": index })))
 }
 

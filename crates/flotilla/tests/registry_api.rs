@@ -305,43 +305,77 @@ async fn a_watch_on_a_part_nothing_has_written_yet_blocks() {
     let server = Server::start(dir.path(), "s", &[]);
     let token = std::fs::read_to_string(&server.token_file).unwrap();
     let token = token.trim();
+    let client = server.client();
+    // A cluster's first write is an agent's registration; stacks and tokens stay unwritten.
+    client
+        .register("a1", &serde_json::from_value(spec(1)).unwrap())
+        .await
+        .unwrap();
+    let get = |url: String| {
+        let req = server.http().get(url).bearer_auth(token);
+        async move { req.send().await.unwrap() }
+    };
+    let mut handed = std::collections::HashMap::new();
     for path in ["/v1/stacks", "/v1/tokens/index", "/v1/services/never-seen"] {
-        let url = format!("{}{path}?index=0", server.url);
-        let resp = server
-            .http()
-            .get(&url)
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
+        let resp = get(format!("{}{path}?index=0", server.url)).await;
         assert_eq!(resp.status().as_u16(), 200, "{path}");
         let header: u64 = resp.headers()["x-flotilla-index"]
             .to_str()
             .unwrap()
             .parse()
             .unwrap();
+        // 0 would mean "do not wait" when fed back: a watcher would spin.
         assert!(header >= 1, "{path} handed out index {header}");
         let body: Value = resp.json().await.unwrap();
         if let Some(i) = body.get("index").and_then(Value::as_u64) {
             assert_eq!(i, header, "{path}: body and header disagree");
         }
         // Fed back, the index blocks for the wait instead of answering at once.
-        let url = format!("{}{path}?index={header}&wait=700ms", server.url);
         let t = Instant::now();
-        let resp = server
-            .http()
-            .get(&url)
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
+        let resp = get(format!("{}{path}?index={header}&wait=700ms", server.url)).await;
         let waited = t.elapsed();
         assert_eq!(resp.status().as_u16(), 200, "{path}");
         assert!(
             waited >= Duration::from_millis(650),
             "{path} with index {header} answered after {waited:?}: a watcher would spin"
         );
+        handed.insert(path, header);
     }
+
+    // The token watch waits on tokens alone: another service's write does not wake it,
+    // and the first token made does (the handed-out index is below that write's).
+    let since = handed["/v1/tokens/index"];
+    let watcher = {
+        let c = client.clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let i = c
+                .tokens_index(since, Duration::from_secs(20))
+                .await
+                .unwrap();
+            (i, t.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client
+        .register("a2", &serde_json::from_value(spec(2)).unwrap())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !watcher.is_finished(),
+        "an instance write woke the token watch"
+    );
+    client
+        .create_token(flotilla_core::token::Role::Read, None, None)
+        .await
+        .unwrap();
+    let (index, waited) = tokio::time::timeout(Duration::from_secs(5), watcher)
+        .await
+        .expect("the first token made did not wake the token watch")
+        .unwrap();
+    assert!(index > since, "token index {index} after {since}");
+    assert!(waited < Duration::from_secs(5), "woke after {waited:?}");
 }
 
 #[tokio::test]
