@@ -33,13 +33,20 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     })
 }
 
-/// A free loopback TCP port (bound and released; good enough for tests).
+/// A loopback port free for both TCP and UDP (bound and released; good enough for
+/// tests). Both, because a server binds its DNS on the API's port number: a port free
+/// for TCP alone failed a CI run with "binding DNS on …: Address already in use".
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Waits until something accepts TCP connections on `addr`.
