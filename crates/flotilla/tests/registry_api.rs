@@ -295,10 +295,11 @@ async fn blocking_query_wakes_on_change_and_times_out() {
     eprintln!("blocking watcher woke {latency:?} after the change was sent");
 }
 
-/// A watch on a part nothing has written yet (a fresh store: no stacks, no token
-/// changes, a service never registered) must block like any other: the index a reply
-/// hands out is never 0, since index 0 asks for no wait. Before this held, an idle agent
-/// fed back 0 and spun: ~560 requests a second to its engine and the registry.
+/// A watch on a part nothing has written yet (no stacks, no token changes, a service
+/// never registered) must block like any other: once the store holds any write, the
+/// index such a part hands out is the store's revision, never 0 (index 0 asks for no
+/// wait). Before this held, an idle agent fed back 0 and spun: ~560 requests a second to
+/// its engine and the registry.
 #[tokio::test]
 async fn a_watch_on_a_part_nothing_has_written_yet_blocks() {
     let dir = tempfile::tempdir().unwrap();
