@@ -141,10 +141,19 @@ impl Scheduler for Feedback {
                     index,
                     weight,
                     credit,
-                    // in_flight / total_in_flight > weight / total_weight. Some backend
-                    // is always at or under its share (the shares sum to the total).
+                    // Already holding its share of everything in flight once this
+                    // request is counted: in_flight ≥ weight / total_weight ×
+                    // (total_in_flight + 1). Counting the new request is what lets a
+                    // large backend take a second request while a small one is idle
+                    // (weighted least-request: (n + 1) / w); without it, at the one or
+                    // two requests in flight of a cluster below saturation, whichever
+                    // backend held the one request was "over its share", and the
+                    // largest backend's picks went to the smallest, which then ran out
+                    // of its CPU quota (issue 17: b0 sent 15 % against a 12.5 % weight).
+                    // Some backend is always under its share: the shares of
+                    // total_in_flight + 1 sum to more than total_in_flight.
                     over_share: in_flight as i128 * total_weight as i128
-                        > total_in_flight as i128 * weight as i128,
+                        >= (total_in_flight as i128 + 1) * weight as i128,
                     // Recently much slower than the fastest (a CFS throttle, a neighbour
                     // burning the CPU): the reaction within requests that per-period
                     // weights cannot have; it fades when no slow answer follows.
@@ -596,6 +605,24 @@ mod tests {
     }
 
     #[test]
+    fn feedback_lets_a_large_backend_take_a_second_request_a_small_one_may_not() {
+        let now = Instant::now();
+        let bs = backends(&[1, 1, 1], now);
+        for (b, w) in bs.iter().zip([10.0, 20.0, 40.0]) {
+            b.set_dynamic_weight(w);
+        }
+        let s = Feedback::default();
+        // The largest backend holds the one request in flight: it still gets its share
+        // of the picks (4 of 7), not the smallest backend's quota.
+        let held = bs[2].start();
+        assert_eq!(counts(&s, &bs, 700, now), [100, 200, 400]);
+        drop(held);
+        // The smallest holds it: one request is already more than its share of two.
+        let _held = bs[0].start();
+        assert_eq!(counts(&s, &bs, 60, now)[0], 0);
+    }
+
+    #[test]
     fn feedback_passes_over_a_recently_slow_backend_until_that_fades() {
         let t0 = Instant::now();
         let bs = backends(&[1, 1, 1], t0);
@@ -746,8 +773,9 @@ mod tests {
             }
         }
 
-        /// `feedback` never sends to a backend over its share of the requests in flight,
-        /// and with nothing in flight follows the controller's weights exactly per cycle.
+        /// `feedback` never sends to a backend already holding its share of the requests
+        /// in flight counting the new one, and with nothing in flight follows the
+        /// controller's weights exactly per cycle.
         #[test]
         fn feedback_respects_shares(
             weights in proptest::collection::vec(1u32..20, 1..8),
@@ -763,7 +791,7 @@ mod tests {
             let ctx = PickContext { now, key: 0, skip: &[] };
             for _ in 0..20 {
                 let i = s.pick(&bs, &ctx).unwrap();
-                prop_assert!(bs[i].in_flight() as usize * total as usize <= f * weights[i] as usize,
+                prop_assert!((bs[i].in_flight() as usize * total as usize) < (f + 1) * weights[i] as usize,
                     "picked {} with {} of {} in flight, weight {}/{}", i, bs[i].in_flight(), f, weights[i], total);
             }
         }
