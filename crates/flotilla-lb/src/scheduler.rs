@@ -67,8 +67,8 @@ const SLOW_MARGIN_NS: f64 = 5e6;
 const SLOW_FADE: Duration = Duration::from_millis(250);
 
 /// `feedback`: smooth weighted round robin on the feedback controller's weights, that
-/// passes over a backend holding more than its weighted share of the requests in
-/// flight.
+/// passes over a backend already holding its weighted share of the requests in flight,
+/// counting the one being placed.
 ///
 /// Why this shape (BENCHMARKS.md, issue 4): the weights carry what the controller
 /// learned per period; rotation spreads each backend's requests evenly in time, which
