@@ -503,8 +503,7 @@ impl ListenerConfig {
                 "min_fraction in (0, 1], scale ≥ 1, smoothing in [0, 1)",
             ));
         }
-        if fb.quota_period < Duration::from_millis(1) || fb.quota_period > Duration::from_secs(1)
-        {
+        if fb.quota_period < Duration::from_millis(1) || fb.quota_period > Duration::from_secs(1) {
             // Docker's --cpu-period allows 1 ms to 1 s.
             return Err(FieldError::new(f("feedback.quota_period"), "1ms..=1s"));
         }
@@ -707,13 +706,25 @@ backends = ["127.0.0.1:9001", "127.0.0.1:9002 weight=3"]
         let listener = |fb: &str| {
             format!("[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nscheduler = \"feedback\"\nbackends = [\"127.0.0.1:2\"]\nfeedback = {{ {fb} }}\n")
         };
-        let c = parse(&listener("quota_period = \"50ms\", headroom_min_load = 0.5")).unwrap();
-        assert_eq!(c.listeners[0].feedback.quota_period, Duration::from_millis(50));
+        let c = parse(&listener(
+            "quota_period = \"50ms\", headroom_min_load = 0.5",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.listeners[0].feedback.quota_period,
+            Duration::from_millis(50)
+        );
         assert_eq!(c.listeners[0].feedback.headroom_min_load, 0.5);
         let d = parse(&listener("")).unwrap();
-        assert_eq!(d.listeners[0].feedback.quota_period, Duration::from_millis(100));
+        assert_eq!(
+            d.listeners[0].feedback.quota_period,
+            Duration::from_millis(100)
+        );
         let e = parse(&listener("quota_period = \"2s\"")).unwrap_err();
-        assert!(e.contains("feedback.quota_period") && e.contains("1ms..=1s"), "{e}");
+        assert!(
+            e.contains("feedback.quota_period") && e.contains("1ms..=1s"),
+            "{e}"
+        );
         let e = parse(&listener("headroom_min_load = 1.5")).unwrap_err();
         assert!(e.contains("feedback.headroom_min_load"), "{e}");
     }
