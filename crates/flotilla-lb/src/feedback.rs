@@ -263,15 +263,12 @@ impl Controller {
                 ))
             })
             .collect();
-        let mean_base = if known.is_empty() {
-            0.0
-        } else {
-            known.iter().map(|k| k.2).sum::<f64>() / known.len() as f64
-        };
+        let mean_base = mean(known.iter().map(|&(_, _, base, _)| base));
         // The capacity share each measured backend is aimed at: its capacity less
         // square-root headroom for the load offered (never sized for less than
         // `headroom_min_load` of the total).
-        let finished = known.iter().map(|k| k.3).sum::<u64>() as f64 / cfg.period.as_secs_f64();
+        let finished =
+            known.iter().map(|&(.., done)| done).sum::<u64>() as f64 / cfg.period.as_secs_f64();
         let offered = match self.offered {
             Some(prev) if !known.is_empty() => {
                 cfg.smoothing * prev + (1.0 - cfg.smoothing) * finished
@@ -279,19 +276,16 @@ impl Controller {
             _ => finished,
         };
         self.offered = (!known.is_empty()).then_some(offered);
-        let capacities: Vec<f64> = known.iter().map(|k| k.1).collect();
+        let capacities: Vec<f64> = known.iter().map(|&(_, cap, ..)| cap).collect();
         let total_capacity: f64 = capacities.iter().sum();
         let sized_for = offered.max(cfg.headroom_min_load * total_capacity);
         let mut targets = headroom_targets(&capacities, sized_for, cfg.quota_period);
         if targets.iter().sum::<f64>() <= 0.0 {
             targets = capacities;
         }
-        let mean_target = if targets.is_empty() {
-            0.0
-        } else {
-            targets.iter().sum::<f64>() / targets.len() as f64
-        };
-        let target: HashMap<SocketAddr, f64> = known.iter().map(|k| k.0).zip(targets).collect();
+        let mean_target = mean(targets.iter().copied());
+        let target: HashMap<SocketAddr, f64> =
+            known.iter().map(|&(addr, ..)| addr).zip(targets).collect();
 
         // 2. Feedback trim: what capacity does not explain (latency, errors, memory
         //    pressure, someone else's CPU load) through the log-domain LVS rule.
@@ -371,6 +365,16 @@ impl Controller {
     /// Current (unpublished) weights, for status.
     pub fn weights(&self) -> HashMap<SocketAddr, f64> {
         self.state.iter().map(|(a, s)| (*a, s.weight)).collect()
+    }
+}
+
+/// Arithmetic mean; 0 for none.
+fn mean(xs: impl ExactSizeIterator<Item = f64>) -> f64 {
+    let n = xs.len();
+    if n == 0 {
+        0.0
+    } else {
+        xs.sum::<f64>() / n as f64
     }
 }
 

@@ -555,14 +555,20 @@ mod tests {
         assert!(c[3] < 100, "slow backend still got {c:?}");
     }
 
-    #[test]
-    fn feedback_rotates_by_the_controller_weights() {
-        let now = Instant::now();
+    /// Three backends of equal static weight to which the controller gave 10 / 20 / 40.
+    fn one_two_four(now: Instant) -> Vec<Arc<Backend>> {
         let bs = backends(&[1, 1, 1], now);
-        // Static weights are equal; the controller says 1:2:4.
         for (b, w) in bs.iter().zip([10.0, 20.0, 40.0]) {
             b.set_dynamic_weight(w);
         }
+        bs
+    }
+
+    #[test]
+    fn feedback_rotates_by_the_controller_weights() {
+        let now = Instant::now();
+        // Static weights are equal; the controller says 1:2:4.
+        let bs = one_two_four(now);
         let s = Feedback::default();
         assert_eq!(counts(&s, &bs, 700, now), [100, 200, 400]);
         // Spread in time, not in runs: no backend gets more than its share in a row.
@@ -607,10 +613,7 @@ mod tests {
     #[test]
     fn feedback_lets_a_large_backend_take_a_second_request_a_small_one_may_not() {
         let now = Instant::now();
-        let bs = backends(&[1, 1, 1], now);
-        for (b, w) in bs.iter().zip([10.0, 20.0, 40.0]) {
-            b.set_dynamic_weight(w);
-        }
+        let bs = one_two_four(now);
         let s = Feedback::default();
         // The largest backend holds the one request in flight: it still gets its share
         // of the picks (4 of 7), not the smallest backend's quota.
@@ -646,10 +649,7 @@ mod tests {
     #[test]
     fn feedback_passes_over_a_backend_stuck_on_a_long_request_within_its_share() {
         let t0 = Instant::now();
-        let bs = backends(&[1, 1, 1], t0);
-        for (b, w) in bs.iter().zip([10.0, 20.0, 40.0]) {
-            b.set_dynamic_weight(w);
-        }
+        let bs = one_two_four(t0);
         // In flight 1:2:4, exactly the weights: nobody is over its share. Backends 1
         // and 2 keep answering in 3 ms; backend 0 has answered nothing for 100 ms (a
         // single-threaded backend busy with one request from a heavy tail).
